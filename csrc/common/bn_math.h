@@ -1,0 +1,50 @@
+// Batch-norm algebra shared by the CPU and CUDA kernels of the fused dense block.
+//
+// A BN followed by ReLU is folded into one per-channel affine map: u = relu(a*x + b) with
+// a = gamma*invstd and b = beta - mean*a. The backward of all BN readers of a channel is merged:
+// each reader r adds a_r*du_r to the channel's gradient and gamma_r*dbeta_r, gamma_r*dgamma_r to
+// two per-channel scalars S1, S2; once every reader is done the channel is finalised with
+// g -= invstd/n * (S1 + xhat*S2).  (DESIGN.md section 3.)
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cmath>
+
+namespace dnf {
+
+template <typename T>
+C10_HOST_DEVICE inline T invstd_from_var(T var, double eps) {
+  return T(1) / ::sqrt(var + static_cast<T>(eps));
+}
+
+// Folded BN scale and shift of one channel.
+template <typename T>
+C10_HOST_DEVICE inline void fold_bn(T gamma, T beta, T mean, T invstd, T& a, T& b) {
+  a = gamma * invstd;
+  b = beta - mean * a;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T relu(T v) {
+  return v > T(0) ? v : T(0);
+}
+
+// Final correction of a channel's gradient once every training-mode BN reader has contributed.
+template <typename T>
+C10_HOST_DEVICE inline T finalize_grad(T g, T xhat, T invstd_over_n, T s1, T s2) {
+  return g - invstd_over_n * (s1 + xhat * s2);
+}
+
+// Full training-mode BN backward of one element given the channel's reduced sums.
+template <typename T>
+C10_HOST_DEVICE inline T bn_backward_train(T dy, T xhat, T a, T sum_dy_over_n, T sum_dy_xhat_over_n) {
+  return a * (dy - sum_dy_over_n - xhat * sum_dy_xhat_over_n);
+}
+
+// Unbiased variance for running_var updates, as nn.BatchNorm2d does.
+template <typename T>
+C10_HOST_DEVICE inline T unbiased_var(T biased_var, int64_t n) {
+  return n > 1 ? biased_var * T(n) / T(n - 1) : biased_var;
+}
+
+}  // namespace dnf

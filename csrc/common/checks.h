@@ -1,0 +1,141 @@
+// Argument validation shared by every backend of the dense-block operators. Messages name the
+// argument, the expected and the actual value, like PyTorch's own operators.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace dnf {
+
+// Geometry of a dense block: the buffer holds Ct = C0 + L*k channels, layer l reads the prefix
+// [0, C0 + l*k), its bottleneck has `inter` = bn_size*k channels.
+struct BlockGeometry {
+  int64_t N, C0, H, W, L, k, inter, Ct;
+  int64_t rows() const { return N * H * W; }
+  int64_t in_channels(int64_t l) const { return C0 + l * k; }
+};
+
+inline void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
+              " (the dtype of input), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+              " (the device of input), got ", t.device());
+}
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const std::string& name) {
+  TORCH_CHECK(t.sizes().equals(expected), name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+inline void check_input_4d(const at::Tensor& input, const char* name, bool training) {
+  TORCH_CHECK(input.dim() == 4, name, ": expected a 4-D tensor [N, C, H, W], got ", input.dim(),
+              "-D with shape ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), name,
+              ": expected a floating-point dtype (float32, float64; float16/bfloat16 on CUDA), got ",
+              input.scalar_type());
+  TORCH_CHECK(input.size(0) > 0, name, ": expected a non-empty batch, got batch size 0 (shape ",
+              input.sizes(), ")");
+  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, name,
+              ": expected a non-zero spatial size, got H=", input.size(2), ", W=", input.size(3));
+  TORCH_CHECK(input.size(1) > 0, name, ": expected at least one channel, got 0");
+  if (training) {
+    TORCH_CHECK(input.size(0) * input.size(2) * input.size(3) > 1,
+                "Expected more than 1 value per channel when training, got input size ",
+                input.sizes());
+  }
+}
+
+inline void check_list_len(at::TensorList list, int64_t L, const char* name) {
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == L, name, ": expected ", L,
+              " tensors (one per layer, from norm1_weight), got ", list.size());
+}
+
+// Validates every argument of dense_block_forward / dense_block_backward and returns the geometry.
+inline BlockGeometry check_dense_block_args(
+    const at::Tensor& input, at::TensorList norm1_weight, at::TensorList norm1_bias,
+    at::TensorList conv1_weight, at::TensorList norm2_weight, at::TensorList norm2_bias,
+    at::TensorList conv2_weight, at::TensorList norm1_running_mean,
+    at::TensorList norm1_running_var, at::TensorList norm2_running_mean,
+    at::TensorList norm2_running_var, const c10::optional<at::Tensor>& dropout_mask,
+    double drop_rate, bool training, double eps) {
+  check_input_4d(input, "input", training);
+  BlockGeometry g{};
+  g.N = input.size(0);
+  g.C0 = input.size(1);
+  g.H = input.size(2);
+  g.W = input.size(3);
+  g.L = static_cast<int64_t>(norm1_weight.size());
+  TORCH_CHECK(g.L >= 1, "norm1_weight: expected at least one layer, got an empty list");
+  check_list_len(norm1_bias, g.L, "norm1_bias");
+  check_list_len(conv1_weight, g.L, "conv1_weight");
+  check_list_len(norm2_weight, g.L, "norm2_weight");
+  check_list_len(norm2_bias, g.L, "norm2_bias");
+  check_list_len(conv2_weight, g.L, "conv2_weight");
+  TORCH_CHECK(conv2_weight[0].dim() == 4, "conv2_weight[0]: expected a 4-D weight [k, inter, 3, 3], got shape ",
+              conv2_weight[0].sizes());
+  TORCH_CHECK(conv1_weight[0].dim() == 4, "conv1_weight[0]: expected a 4-D weight [inter, C0, 1, 1], got shape ",
+              conv1_weight[0].sizes());
+  g.k = conv2_weight[0].size(0);
+  g.inter = conv1_weight[0].size(0);
+  TORCH_CHECK(g.k >= 1 && g.inter >= 1, "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, got k=",
+              g.k, ", inter=", g.inter);
+  g.Ct = g.C0 + g.L * g.k;
+  for (int64_t l = 0; l < g.L; ++l) {
+    const int64_t c = g.in_channels(l);
+    const std::string i = "[" + std::to_string(l) + "]";
+    for (auto* p : {&norm1_weight, &norm1_bias}) {
+      const std::string name = (p == &norm1_weight ? "norm1_weight" : "norm1_bias") + i;
+      check_float_tensor((*p)[l], name.c_str(), input);
+      check_shape((*p)[l], {c}, name + " (layer input channels C0 + l*growth_rate)");
+    }
+    check_float_tensor(conv1_weight[l], ("conv1_weight" + i).c_str(), input);
+    check_shape(conv1_weight[l], {g.inter, c, 1, 1}, "conv1_weight" + i);
+    for (auto* p : {&norm2_weight, &norm2_bias}) {
+      const std::string name = (p == &norm2_weight ? "norm2_weight" : "norm2_bias") + i;
+      check_float_tensor((*p)[l], name.c_str(), input);
+      check_shape((*p)[l], {g.inter}, name);
+    }
+    check_float_tensor(conv2_weight[l], ("conv2_weight" + i).c_str(), input);
+    check_shape(conv2_weight[l], {g.k, g.inter, 3, 3}, "conv2_weight" + i);
+  }
+  if (!training) {
+    check_list_len(norm1_running_mean, g.L, "norm1_running_mean");
+    check_list_len(norm1_running_var, g.L, "norm1_running_var");
+    check_list_len(norm2_running_mean, g.L, "norm2_running_mean");
+    check_list_len(norm2_running_var, g.L, "norm2_running_var");
+    for (int64_t l = 0; l < g.L; ++l) {
+      const std::string i = "[" + std::to_string(l) + "]";
+      check_float_tensor(norm1_running_mean[l], ("norm1_running_mean" + i).c_str(), input);
+      check_shape(norm1_running_mean[l], {g.in_channels(l)}, "norm1_running_mean" + i);
+      check_float_tensor(norm1_running_var[l], ("norm1_running_var" + i).c_str(), input);
+      check_shape(norm1_running_var[l], {g.in_channels(l)}, "norm1_running_var" + i);
+      check_float_tensor(norm2_running_mean[l], ("norm2_running_mean" + i).c_str(), input);
+      check_shape(norm2_running_mean[l], {g.inter}, "norm2_running_mean" + i);
+      check_float_tensor(norm2_running_var[l], ("norm2_running_var" + i).c_str(), input);
+      check_shape(norm2_running_var[l], {g.inter}, "norm2_running_var" + i);
+    }
+  }
+  TORCH_CHECK(drop_rate >= 0.0 && drop_rate < 1.0, "drop_rate: expected a value in [0, 1), got ", drop_rate);
+  TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);
+  if (dropout_mask.has_value() && dropout_mask->defined()) {
+    const auto& m = *dropout_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "dropout_mask: expected dtype torch.bool, got ", m.scalar_type());
+    TORCH_CHECK(m.device() == input.device(), "dropout_mask: expected a tensor on ", input.device(), ", got ", m.device());
+    check_shape(m, {g.N, g.L * g.k, g.H, g.W}, "dropout_mask");
+  }
+  return g;
+}
+
+// Validates the arguments of the BN-ReLU "tail" readers (transition and final norm).
+inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                            const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_input_4d(input, "input", /*training=*/false);
+  const int64_t C = input.size(1);
+  for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var),
+                    std::make_pair("weight", &weight), std::make_pair("bias", &bias)}) {
+    check_float_tensor(*item.second, item.first, input);
+    check_shape(*item.second, {C}, item.first);
+  }
+  TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);
+}
+
+}  // namespace dnf

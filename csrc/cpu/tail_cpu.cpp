@@ -1,0 +1,266 @@
+// CPU kernels of the BN-ReLU readers that follow a dense block: the transition
+// (BN -> ReLU -> 1x1 conv -> 2x2 avg pool) and the final norm (BN -> ReLU -> global avg pool).
+// Both take the BN statistics as arguments (the block's shared batch statistics in training) and
+// never store their BN/ReLU output; the backward recomputes it tile by tile.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "common/checks.h"
+#include "cpu/kernels.h"
+
+namespace dnf::cpu {
+namespace {
+
+using at::Tensor;
+
+struct Folded {
+  Tensor a, b, invstd;  // per-channel, dtype of the input
+};
+
+template <typename T>
+Folded fold(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = mean.numel();
+  Folded f{at::empty({C}, mean.options()), at::empty({C}, mean.options()), at::empty({C}, mean.options())};
+  const Tensor m = mean.contiguous(), v = var.contiguous(), w = weight.contiguous(), bi = bias.contiguous();
+  fold_channels<T>(C, w.data_ptr<T>(), bi.data_ptr<T>(), m.data_ptr<T>(), v.data_ptr<T>(), eps,
+                   f.a.data_ptr<T>(), f.b.data_ptr<T>(), f.invstd.data_ptr<T>());
+  return f;
+}
+
+void check_cpu(const Tensor& input) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
+}
+
+void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                      const Tensor& bias, const Tensor& conv_weight, double eps) {
+  check_tail_args(input, mean, var, weight, bias, eps);
+  check_cpu(input);
+  check_float_tensor(conv_weight, "conv_weight", input);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
+                  conv_weight.size(3) == 1,
+              "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
+  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
+              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
+              ", W=", input.size(3));
+}
+
+// P[r, :] for output rows [q0, q0+nr): the 2x2 average of relu(a*x + b) (avg_pool2d, floor mode).
+template <typename T>
+void pooled_tile(const T* X, int64_t C, int64_t H, int64_t W, int64_t H2, int64_t W2, int64_t q0, int64_t nr,
+                 const T* a, const T* b, T* P) {
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t q = q0 + r, n = q / (H2 * W2), oh = (q / W2) % H2, ow = q % W2;
+    const int64_t base = (n * H + 2 * oh) * W + 2 * ow;
+    const T* x00 = X + base * C;
+    const T* x01 = x00 + C;
+    const T* x10 = X + (base + W) * C;
+    const T* x11 = x10 + C;
+    T* pr = P + r * C;
+    for (int64_t j = 0; j < C; ++j) {
+      const T s = relu<T>(x00[j] * a[j] + b[j]) + relu<T>(x01[j] * a[j] + b[j]) +
+                  relu<T>(x10[j] * a[j] + b[j]) + relu<T>(x11[j] * a[j] + b[j]);
+      pr[j] = s / T(4);
+    }
+  }
+}
+
+Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                              const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps) {
+  check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t H2 = H / 2, W2 = W / 2, M2 = N * H2 * W2, Cout = conv_weight.size(0);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor out = at::empty({N, Cout, H2, W2}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "transition_forward_cpu", [&] {
+    using T = scalar_t;
+    const Folded f = fold<T>(mean, var, weight, bias, eps);
+    const Tensor Wc = conv_weight.contiguous();
+    const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>(), *Wp = Wc.data_ptr<T>();
+    T* O = out.data_ptr<T>();
+    const int64_t tr = tile_rows(C, sizeof(T));
+    const int64_t ntiles = (M2 + tr - 1) / tr;
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> P(tr * C);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
+        pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
+        gemm('T', 'N', Cout, nr, C, T(1), Wp, C, P.data(), C, T(0), O + q0 * Cout, Cout);
+      }
+    });
+  });
+  return out;
+}
+
+// Shared BN-ReLU backward of a reader whose gradient w.r.t. the ReLU output at input row r is
+// scale * up[r] (a row of C values, or nullptr where the row received none). Writes dX, dgamma, dbeta.
+template <typename T, typename UpRow>
+void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, const T* mean, const T* invstd,
+                      bool training, T scale, UpRow up, T* dX, T* dgamma, T* dbeta) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t nchunks = (M + kReduceChunk - 1) / kReduceChunk;
+  std::vector<acc_t> part(nchunks * 2 * C, acc_t(0));
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      acc_t* s = part.data() + ch * 2 * C;
+      for (int64_t r = ch * kReduceChunk; r < std::min(M, (ch + 1) * kReduceChunk); ++r) {
+        const T* u = up(r);
+        if (u == nullptr) continue;
+        const T* xr = X + r * C;
+        for (int64_t j = 0; j < C; ++j) {
+          const T d = xr[j] * a[j] + b[j] > T(0) ? scale * u[j] : T(0);
+          s[j] += d;
+          s[C + j] += d * (xr[j] - mean[j]) * invstd[j];
+        }
+      }
+    }
+  });
+  std::vector<acc_t> sums(2 * C, acc_t(0));
+  for (int64_t ch = 0; ch < nchunks; ++ch)
+    for (int64_t j = 0; j < 2 * C; ++j) sums[j] += part[ch * 2 * C + j];
+  std::vector<T> m1(C), m2(C);
+  for (int64_t j = 0; j < C; ++j) {
+    dbeta[j] = static_cast<T>(sums[j]);
+    dgamma[j] = static_cast<T>(sums[C + j]);
+    m1[j] = training ? static_cast<T>(sums[j] / M) : T(0);
+    m2[j] = training ? static_cast<T>(sums[C + j] / M) : T(0);
+  }
+  at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* u = up(r);
+      const T* xr = X + r * C;
+      T* dr = dX + r * C;
+      for (int64_t j = 0; j < C; ++j) {
+        const T d = (u != nullptr && xr[j] * a[j] + b[j] > T(0)) ? scale * u[j] : T(0);
+        const T xhat = (xr[j] - mean[j]) * invstd[j];
+        dr[j] = bn_backward_train<T>(d, xhat, a[j], m1[j], m2[j]);
+      }
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+    const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
+  check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t H2 = H / 2, W2 = W / 2, M2 = N * H2 * W2, M = N * H * W, Cout = conv_weight.size(0);
+  check_shape(grad_output, {N, Cout, H2, W2}, "grad_output");
+  check_float_tensor(grad_output, "grad_output", input);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor dO = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor dX = at::empty_like(X, at::MemoryFormat::ChannelsLast);
+  Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
+  Tensor dWc = at::empty_like(conv_weight, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "transition_backward_cpu", [&] {
+    using T = scalar_t;
+    const Folded f = fold<T>(mean, var, weight, bias, eps);
+    const Tensor Wc = conv_weight.contiguous(), mu = mean.contiguous();
+    const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>(), *Wp = Wc.data_ptr<T>();
+    const T* dOp = dO.data_ptr<T>();
+    // dP = dOut * Wc (pooled-input gradient, a quarter of the block's size) and dWc = dOut^T * P.
+    Tensor dP = at::empty({M2, C}, input.options());
+    T* dPp = dP.data_ptr<T>();
+    const int64_t tr = tile_rows(C, sizeof(T));
+    const int64_t ntiles = (M2 + tr - 1) / tr;
+    ThreadPartials<T> pw(Cout * C);
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<T> P(tr * C);
+      T* dw = pw.mine();
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
+        pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
+        gemm('N', 'T', C, Cout, nr, T(1), P.data(), C, dOp + q0 * Cout, Cout, T(1), dw, C);
+        gemm('N', 'N', C, nr, Cout, T(1), Wp, C, dOp + q0 * Cout, Cout, T(0), dPp + q0 * C, C);
+      }
+    });
+    pw.reduce_into(dWc.data_ptr<T>());
+    auto up = [&](int64_t r) -> const T* {
+      const int64_t n = r / (H * W), h = (r / W) % H, w = r % W;
+      if (h >= 2 * H2 || w >= 2 * W2) return nullptr;  // dropped by the floor-mode pool
+      return dPp + ((n * H2 + h / 2) * W2 + w / 2) * C;
+    };
+    bn_relu_backward<T>(Xp, M, C, a, b, mu.data_ptr<T>(), f.invstd.data_ptr<T>(), training, T(0.25), up,
+                        dX.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>());
+  });
+  return {dX, dgamma, dbeta, dWc};
+}
+
+Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                  const Tensor& bias, bool /*training*/, double eps) {
+  check_tail_args(input, mean, var, weight, bias, eps);
+  check_cpu(input);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor out = at::empty({N, C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_pool_forward_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = typename Acc<T>::type;
+    const Folded f = fold<T>(mean, var, weight, bias, eps);
+    const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>();
+    T* O = out.data_ptr<T>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<acc_t> s(C);
+      for (int64_t n = n0; n < n1; ++n) {
+        std::fill(s.begin(), s.end(), acc_t(0));
+        for (int64_t p = 0; p < HW; ++p) {
+          const T* xr = Xp + (n * HW + p) * C;
+          for (int64_t j = 0; j < C; ++j) s[j] += relu<T>(xr[j] * a[j] + b[j]);
+        }
+        for (int64_t j = 0; j < C; ++j) O[n * C + j] = static_cast<T>(s[j] / HW);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                               const Tensor& mean, const Tensor& var,
+                                                               const Tensor& weight, const Tensor& bias,
+                                                               bool training, double eps) {
+  check_tail_args(input, mean, var, weight, bias, eps);
+  check_cpu(input);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  check_shape(grad_output, {N, C}, "grad_output");
+  check_float_tensor(grad_output, "grad_output", input);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor dO = grad_output.contiguous();
+  Tensor dX = at::empty_like(X, at::MemoryFormat::ChannelsLast);
+  Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_pool_backward_cpu", [&] {
+    using T = scalar_t;
+    const Folded f = fold<T>(mean, var, weight, bias, eps);
+    const Tensor mu = mean.contiguous();
+    const T* dOp = dO.data_ptr<T>();
+    auto up = [&](int64_t r) -> const T* { return dOp + (r / HW) * C; };
+    bn_relu_backward<T>(X.data_ptr<T>(), N * HW, C, f.a.data_ptr<T>(), f.b.data_ptr<T>(), mu.data_ptr<T>(),
+                        f.invstd.data_ptr<T>(), training, T(1) / T(HW), up, dX.data_ptr<T>(),
+                        dgamma.data_ptr<T>(), dbeta.data_ptr<T>());
+  });
+  return {dX, dgamma, dbeta};
+}
+
+std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
+  check_input_4d(input, "input", /*training=*/false);
+  check_cpu(input);
+  const int64_t C = input.size(1);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor mean = at::empty({C}, input.options()), var = at::empty({C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_moments_cpu", [&] {
+    column_moments<scalar_t>(X.data_ptr<scalar_t>(), X.numel() / C, C, 0, C, mean.data_ptr<scalar_t>(),
+                             var.data_ptr<scalar_t>());
+  });
+  return {mean, var};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("transition_forward", &transition_forward_cpu);
+  m.impl("transition_backward", &transition_backward_cpu);
+  m.impl("norm_relu_pool_forward", &norm_relu_pool_forward_cpu);
+  m.impl("norm_relu_pool_backward", &norm_relu_pool_backward_cpu);
+  m.impl("channel_moments", &channel_moments_cpu);
+}
+
+}  // namespace dnf::cpu

@@ -1,0 +1,77 @@
+// Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/;
+// fake (meta) implementations and autograd are registered from Python (densenet_fast/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(densenet_fast, m) {
+  // A whole dense block. Returns the block buffer [N, C0 + L*k, H, W] (channels_last), and in
+  // training the batch statistics: per-channel mean/biased var of the buffer (shared by every BN1
+  // reader) and per-layer BN2 mean/biased var [L, bn_size*k]. In eval the statistics are empty.
+  // dropout_mask: bool [N, L*k, H, W] (keep = true) or None; new features are scaled by 1/(1-p).
+  m.def(
+      "dense_block_forward(Tensor input, Tensor[] norm1_weight, Tensor[] norm1_bias, "
+      "Tensor[] conv1_weight, Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
+      "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
+      "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps) "
+      "-> (Tensor buffer, Tensor mean, Tensor var, Tensor mean2, Tensor var2)");
+  // Recompute-based backward: one reverse sweep over the layers with a block-level gradient buffer.
+  m.def(
+      "dense_block_backward(Tensor grad_buffer, Tensor buffer, Tensor mean, Tensor var, Tensor mean2, "
+      "Tensor var2, Tensor[] norm1_weight, Tensor[] norm1_bias, Tensor[] conv1_weight, "
+      "Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
+      "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
+      "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps, "
+      "int num_input_features) -> (Tensor grad_input, Tensor[] grad_norm1_weight, "
+      "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, Tensor[] grad_norm2_weight, "
+      "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)");
+  // `training` = mean/var are the batch statistics of input: the backward then includes their own
+  // gradient terms (mean/var get no gradient). In eval they are running statistics.
+  // Transition: avg_pool2x2(conv1x1(relu(bn(input)))) with BN statistics given (the block's shared
+  // batch statistics in training, running statistics in eval). Pools before the 1x1 conv (both are
+  // linear), so it does a quarter of the GEMM work and never stores the BN/ReLU output.
+  m.def(
+      "transition_forward(Tensor input, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
+      "Tensor conv_weight, bool training, float eps) -> Tensor");
+    m.def(
+      "transition_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor weight, "
+      "Tensor bias, Tensor conv_weight, bool training, float eps) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_conv_weight)");
+  // Final norm: mean_hw(relu(bn(input))) -> [N, C], the input of a DenseNet's classifier.
+  m.def(
+      "norm_relu_pool_forward(Tensor input, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
+      "bool training, float eps) -> Tensor");
+  m.def(
+      "norm_relu_pool_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
+      "Tensor weight, Tensor bias, bool training, float eps) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Per-channel mean and biased variance [C] of a 4-D tensor (fp32 accumulation or better).
+  m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
+}
+
+#ifndef DNF_TORCH_VERSION
+#define DNF_TORCH_VERSION "unknown"
+#endif
+#ifndef DNF_CUDA_ARCHS
+#define DNF_CUDA_ARCHS ""
+#endif
+#ifndef DNF_WITH_CUDA
+#define DNF_WITH_CUDA 0
+#endif
+
+// `import densenet_fast._C` loads this library, which registers the operators above. The module
+// also records what was compiled in, for densenet_fast.build_info().
+static struct PyModuleDef dnf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&dnf_module);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddStringConstant(mod, "TORCH_VERSION", DNF_TORCH_VERSION);
+  PyModule_AddStringConstant(mod, "CUDA_ARCHS", DNF_CUDA_ARCHS);
+  PyModule_AddIntConstant(mod, "WITH_CUDA", DNF_WITH_CUDA);
+#ifdef _OPENMP
+  PyModule_AddIntConstant(mod, "WITH_OPENMP", 1);
+#else
+  PyModule_AddIntConstant(mod, "WITH_OPENMP", 0);
+#endif
+  return mod;
+}

@@ -1,0 +1,18 @@
+"""densenet_fast: memory-efficient DenseNet and squeeze-and-excitation for PyTorch.
+
+Importing never needs a GPU and never compiles: it loads the prebuilt extension ``densenet_fast._C``
+(which registers ``torch.ops.densenet_fast.*``) and raises an ImportError with rebuild instructions if
+it is missing or was built against another torch.
+"""
+from densenet_fast._version import __version__
+from densenet_fast._extension import build_info, load_extension
+
+load_extension()
+
+from densenet_fast import ops  # noqa: E402  (registers fake kernels and autograd)
+from densenet_fast.models import (DenseNet, densenet121, densenet161, densenet169, densenet201,  # noqa: E402
+                                  densenet_bc)
+from densenet_fast.nn import DenseBlock, DenseLayer, Transition  # noqa: E402
+
+__all__ = ["__version__", "build_info", "ops", "DenseNet", "densenet121", "densenet161", "densenet169",
+           "densenet201", "densenet_bc", "DenseBlock", "DenseLayer", "Transition"]

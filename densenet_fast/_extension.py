@@ -1,0 +1,58 @@
+"""Loads the compiled operator library and reports what it was built with."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+_REBUILD = "pip install --no-build-isolation -e . (from a densenet_fast checkout, with this torch installed)"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def load_extension():
+    """Imports ``densenet_fast._C`` (which registers ``torch.ops.densenet_fast.*``).
+
+    Raises ImportError saying how to rebuild when the extension is missing or was compiled
+    against another torch release (whose C++ ABI is not compatible).
+    """
+    try:
+        ext = importlib.import_module("densenet_fast._C")
+    except ImportError as err:
+        raise ImportError(
+            f"densenet_fast: the compiled extension densenet_fast._C could not be loaded ({err}). "
+            f"It is missing or was built against another torch than the installed {torch.__version__}. "
+            f"Rebuild it with: {_REBUILD}") from err
+    built = getattr(ext, "TORCH_VERSION", "unknown")
+    if built != "unknown" and _major_minor(built) != _major_minor(torch.__version__):
+        raise ImportError(
+            f"densenet_fast: the compiled extension was built against torch {built} but torch "
+            f"{torch.__version__} is installed. Rebuild it with: {_REBUILD}")
+    return ext
+
+
+def build_info() -> dict[str, Any]:
+    """What the installed extension was compiled with.
+
+    Returns a dict: ``version``, ``torch_built`` (torch version compiled against), ``torch_runtime``,
+    ``cuda`` (CUDA kernels compiled in), ``cuda_archs``, ``openmp``, and ``cuda_kernels_registered``
+    (whether the dispatcher holds CUDA kernels for the dense-block operator).
+    """
+    from densenet_fast._version import __version__
+
+    ext = load_extension()
+    return {
+        "version": __version__,
+        "torch_built": ext.TORCH_VERSION,
+        "torch_runtime": torch.__version__,
+        "cuda": bool(ext.WITH_CUDA),
+        "cuda_archs": ext.CUDA_ARCHS,
+        "openmp": bool(ext.WITH_OPENMP),
+        "cuda_kernels_registered": torch._C._dispatch_has_kernel_for_dispatch_key(
+            "densenet_fast::dense_block_forward", "CUDA"),
+        "cuda_available": torch.cuda.is_available(),
+    }

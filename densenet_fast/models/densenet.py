@@ -1,0 +1,207 @@
+"""DenseNet models with torchvision's constructors, module trees and ``state_dict`` keys.
+
+``DenseNet(...)`` takes torchvision's arguments; ``densenet121/161/169/201`` its factory signature;
+``densenet_bc`` builds the CIFAR DenseNet-BC of Huang et al. Every dense block runs the fused
+operator unless ``impl="reference"``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl
+from densenet_fast.nn.fused_features import features_to_pooled
+
+__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc",
+           "remap_legacy_keys", "load_weights"]
+
+# Old torchvision checkpoints name layer children "norm.1", "conv.2", ...
+_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
+    """Returns a copy of ``state_dict`` with legacy ``denselayerN.norm.1.weight`` keys renamed as torchvision does."""
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        match = _LEGACY_KEY.match(key)
+        out[match.group(1) + match.group(2) if match else key] = value
+    return out
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+    return value
+
+
+class DenseNet(nn.Module):
+    """Densely connected network (Huang et al., 2017), torchvision-compatible.
+
+    Args (torchvision's): growth_rate, block_config, num_init_features, bn_size, drop_rate, num_classes,
+        memory_efficient (kept for compatibility; the fused path is memory efficient by construction and
+        the reference path checkpoints as torchvision does).
+    Keyword-only extras: ``impl`` ("fused" or "reference"), ``compression`` (transition width factor,
+        0.5 in torchvision), ``stem`` ("imagenet": 7x7/2 conv + BN + ReLU + max-pool; "cifar": one 3x3 conv),
+        ``in_channels``.
+
+    forward(x: [N, in_channels, H, W]) -> logits [N, num_classes].
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0, num_classes: int = 1000,
+                 memory_efficient: bool = False, *, impl: str = "fused", compression: float = 0.5,
+                 stem: str = "imagenet", in_channels: int = 3) -> None:
+        super().__init__()
+        _positive_int("growth_rate", growth_rate)
+        _positive_int("num_init_features", num_init_features)
+        _positive_int("bn_size", bn_size)
+        _positive_int("num_classes", num_classes)
+        _positive_int("in_channels", in_channels)
+        if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or len(block_config) == 0:
+            raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
+        for n in block_config:
+            _positive_int("block_config entries", n)
+        if not 0.0 <= float(drop_rate) < 1.0:
+            raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+        if not 0.0 < float(compression) <= 1.0:
+            raise ValueError(f"compression: expected a value in (0, 1], got {compression!r}")
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem: expected 'imagenet' or 'cifar', got {stem!r}")
+        self.impl = check_impl(impl)
+
+        if stem == "imagenet":
+            self.features = nn.Sequential(OrderedDict([
+                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]))
+        else:
+            self.features = nn.Sequential(OrderedDict([
+                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)),
+            ]))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(num_layers=num_layers, num_input_features=num_features, bn_size=bn_size,
+                               growth_rate=growth_rate, drop_rate=drop_rate, memory_efficient=memory_efficient,
+                               impl=impl)
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                out_features = int(num_features * compression) if compression != 0.5 else num_features // 2
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features, impl=impl))
+                num_features = out_features
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+        self._register_load_state_dict_pre_hook(self._remap_legacy_keys_hook)
+
+    @staticmethod
+    def _remap_legacy_keys_hook(state_dict, prefix, *args) -> None:
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            match = _LEGACY_KEY.match(key)
+            if match:
+                state_dict[match.group(1) + match.group(2)] = state_dict.pop(key)
+
+    def set_impl(self, impl: str) -> "DenseNet":
+        """Switches every block and transition between "fused" and "reference"; returns self."""
+        self.impl = check_impl(impl)
+        for m in self.modules():
+            if isinstance(m, (DenseBlock, Transition)):
+                m.impl = impl
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "fused":
+            out = features_to_pooled(self.features, x)
+        else:
+            out = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x), inplace=True), (1, 1)), 1)
+        return self.classifier(out)
+
+
+WeightsLike = Union[None, str, "os.PathLike[str]", Mapping[str, Tensor], Any]
+
+
+def load_weights(model: nn.Module, weights: WeightsLike, progress: bool = True) -> nn.Module:
+    """Loads ``weights`` (a torchvision weights enum, a file path or a state dict) into ``model`` (strict)."""
+    if weights is None:
+        return model
+    if isinstance(weights, (str, os.PathLike)):
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"weights: expected a path to a saved state dict, got {os.fspath(weights)!r} "
+                                    "(no such file)")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+    elif isinstance(weights, Mapping):
+        state = weights
+    elif hasattr(weights, "get_state_dict"):  # torchvision WeightsEnum
+        try:
+            state = weights.get_state_dict(progress=progress, check_hash=True)
+        except Exception as err:  # no network, proxy, hash mismatch, ...
+            raise RuntimeError(
+                f"weights: could not download {weights} ({type(err).__name__}: {err}). Without network access, "
+                "download the file elsewhere and pass its path, or pass a state dict.") from err
+    else:
+        raise TypeError("weights: expected None, a torchvision weights enum, a file path or a state dict, "
+                        f"got {type(weights).__name__}")
+    model.load_state_dict(remap_legacy_keys(state), strict=True)
+    return model
+
+
+def _densenet(growth_rate: int, block_config: Sequence[int], num_init_features: int, weights: WeightsLike,
+              progress: bool, **kwargs: Any) -> DenseNet:
+    if weights is not None and hasattr(weights, "meta") and "categories" in getattr(weights, "meta", {}):
+        kwargs.setdefault("num_classes", len(weights.meta["categories"]))
+    model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    return load_weights(model, weights, progress)
+
+
+def densenet121(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16). ``weights``: torchvision enum, file path or state dict."""
+    return _densenet(32, (6, 12, 24, 16), 64, weights, progress, **kwargs)
+
+
+def densenet161(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem features)."""
+    return _densenet(48, (6, 12, 36, 24), 96, weights, progress, **kwargs)
+
+
+def densenet169(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32)."""
+    return _densenet(32, (6, 12, 32, 32), 64, weights, progress, **kwargs)
+
+
+def densenet201(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32)."""
+    return _densenet(32, (6, 12, 48, 32), 64, weights, progress, **kwargs)
+
+
+def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, compression: float = 0.5,
+                bn_size: int = 4, drop_rate: float = 0.0, memory_efficient: bool = False, *, impl: str = "fused",
+                weights: WeightsLike = None, in_channels: int = 3) -> DenseNet:
+    """CIFAR DenseNet-BC (Huang et al.): 3x3 stem with 2k channels, three blocks of (depth-4)/6 layers,
+    transitions compressing by ``compression``, no max-pool. Input [N, 3, 32, 32] -> [N, num_classes].
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"depth: DenseNet-BC needs depth = 6*n + 4 with n >= 1 layers per block "
+                         f"(e.g. 40, 100, 190, 250), got {depth!r}")
+    _positive_int("growth_rate", growth_rate)
+    n = (depth - 4) // 6
+    model = DenseNet(growth_rate, (n, n, n), 2 * growth_rate, bn_size, drop_rate, num_classes, memory_efficient,
+                     impl=impl, compression=compression, stem="cifar", in_channels=in_channels)
+    return load_weights(model, weights)

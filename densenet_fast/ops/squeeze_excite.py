@@ -1,0 +1,302 @@
+"""Squeeze-and-excitation gating as registered custom operators (design notes §4).
+
+Operators (``torch.ops.densenet_fast.*``)::
+
+    se_forward(x, w1, b1?, w2, b2?) -> (y, s, g)
+    se_backward(dy, x, s, g, w1, b1?, w2) -> (dx, dw1, db1, dw2, db2)
+
+with ``x``/``y``/``dy``/``dx`` ``[N, C, H, W]`` (any strides; ``y``/``dx`` are laid out like
+``torch.empty_like(x)``, so channels_last stays channels_last), ``w1 [R, C]``, ``b1 [R]``,
+``w2 [C, R]``, ``b2 [C]`` in x's dtype, and ``s = mean_hw(x)``, ``g = sigmoid(W2·relu(W1·s+b1)+b2)``
+returned as ``[N, C]`` in the accumulation dtype (fp32; fp64 for fp64 inputs). ``s`` and ``g``
+are saved for the backward and are not differentiable. Use :func:`se_gate` for ``y`` alone.
+
+Kernels, selected through the dispatcher (no device branching around it):
+
+* CPU (and any non-CUDA device): plain PyTorch math with fp32 accumulation.
+* CUDA: the Triton kernels of :mod:`densenet_fast.ops.triton.se_kernels` (fp16/bf16/fp32;
+  fp64 uses the PyTorch math).
+
+Environment variable ``DENSENET_FAST_SE_BACKEND`` (read at every call):
+
+* ``auto`` (default): as above.
+* ``torch``: PyTorch math on every device (debugging, reference numbers).
+* ``triton``: Triton kernels on every device; for CPU tensors this needs ``TRITON_INTERPRET=1``
+  set before the kernels are first used (tests run the kernels this way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import triton as _triton
+
+__all__ = ["se_gate", "se_forward", "se_backward", "BACKEND_ENV", "backend_for"]
+
+BACKEND_ENV = "DENSENET_FAST_SE_BACKEND"
+_BACKENDS = ("auto", "torch", "triton")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def backend_for(device: torch.device, dtype: torch.dtype) -> str:
+    """``"torch"`` or ``"triton"``: which kernel the SE ops use for tensors of this kind."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in _BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {_BACKENDS}, got {choice!r}")
+    if choice == "torch" or dtype not in _TRITON_DTYPES:
+        return "torch"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and _triton.is_available() else "torch"
+    # choice == "triton"
+    if not _triton.is_available():
+        raise RuntimeError(f"{BACKEND_ENV}=triton but the `triton` package is not installed")
+    if device.type != "cuda" and not _triton.interpreter_enabled():
+        raise RuntimeError(
+            f"{BACKEND_ENV}=triton on {device.type} tensors needs TRITON_INTERPRET=1 in the "
+            "environment before the kernels are first used (Triton's CPU interpreter)")
+    return "triton"
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# input validation (shared by the real kernels and the fake ones, so compile fails early too)
+# --------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t: object, op: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_same(name: str, t: Tensor, x: Tensor, op: str) -> None:
+    if t.device != x.device:
+        raise RuntimeError(f"{op}: {name} must be on the same device as x ({x.device}), "
+                           f"got {t.device}")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+
+
+def _check_shape(name: str, t: Tensor, expected: tuple, what: str, op: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {list(expected)} ({what}), "
+                         f"got {list(t.shape)}")
+
+
+def _check_x(x: object, op: str, name: str = "x") -> Tensor:
+    x = _check_tensor(name, x, op)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: {name} must be a 4-D [N, C, H, W] tensor, got {x.dim()}-D "
+                         f"with shape {list(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, "
+                        f"float32 or float64), got {x.dtype}")
+    n, c, h, w = x.shape
+    if n == 0:
+        raise ValueError(f"{op}: {name} must have a non-empty batch, got N=0 "
+                         f"(shape {list(x.shape)})")
+    if c == 0:
+        raise ValueError(f"{op}: {name} must have at least one channel, got C=0 "
+                         f"(shape {list(x.shape)})")
+    if h * w == 0:
+        raise ValueError(f"{op}: {name} must have a non-empty spatial size H*W >= 1, got "
+                         f"H={h}, W={w}")
+    return x
+
+
+def _check_params(x: Tensor, w1: object, b1: object, w2: object, b2: object, op: str) -> None:
+    c = x.shape[1]
+    w1 = _check_tensor("w1", w1, op)
+    w2 = _check_tensor("w2", w2, op)
+    if w1.dim() != 2:
+        raise ValueError(f"{op}: w1 must be a 2-D [R, C] tensor, got {w1.dim()}-D with shape "
+                         f"{list(w1.shape)} (flatten a 1x1 conv weight with .flatten(1))")
+    r = w1.shape[0]
+    if r == 0:
+        raise ValueError(f"{op}: w1 must have at least one output row (R >= 1), got shape "
+                         f"{list(w1.shape)}")
+    if w1.shape[1] != c:
+        raise ValueError(f"{op}: channel mismatch: x has C={c} channels but w1 has shape "
+                         f"{list(w1.shape)}; expected w1 of shape [R, {c}]")
+    _check_shape("w2", w2, (c, r), f"[C, R] with C={c} channels of x and R={r} rows of w1", op)
+    _check_same("w1", w1, x, op)
+    _check_same("w2", w2, x, op)
+    for name, b, n in (("b1", b1, r), ("b2", b2, c)):
+        if b is None:
+            continue
+        b = _check_tensor(name, b, op)
+        _check_shape(name, b, (n,), "one bias per output", op)
+        _check_same(name, b, x, op)
+
+
+def _check_forward(x, w1, b1, w2, b2) -> None:
+    op = "densenet_fast::se_forward"
+    x = _check_x(x, op)
+    _check_params(x, w1, b1, w2, b2, op)
+
+
+def _check_backward(dy, x, s, g, w1, b1, w2) -> None:
+    op = "densenet_fast::se_backward"
+    x = _check_x(x, op)
+    _check_params(x, w1, b1, w2, None, op)
+    dy = _check_tensor("dy", dy, op)
+    _check_shape("dy", dy, tuple(x.shape), "the shape of x", op)
+    _check_same("dy", dy, x, op)
+    n, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    for name, t in (("s", s), ("g", g)):
+        t = _check_tensor(name, t, op)
+        _check_shape(name, t, (n, c), "[N, C] from se_forward", op)
+        if t.device != x.device:
+            raise RuntimeError(f"{op}: {name} must be on the same device as x ({x.device}), "
+                               f"got {t.device}")
+        if t.dtype != acc:
+            raise TypeError(f"{op}: {name} must have dtype {acc} (from se_forward), "
+                            f"got {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference kernels (CPU); fp32 accumulation, single rounding of the big outputs
+# --------------------------------------------------------------------------------------------
+def _excite_torch(s: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                  b2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    acc = s.dtype
+    cast = lambda t: None if t is None else t.to(acc)  # noqa: E731
+    hid = torch.relu(torch.nn.functional.linear(s, w1.to(acc), cast(b1)))
+    g = torch.sigmoid(torch.nn.functional.linear(hid, w2.to(acc), cast(b2)))
+    return hid, g
+
+
+def _forward_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+                   b2: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(x.dtype)
+    s = x.mean(dim=(2, 3), dtype=acc)
+    _, g = _excite_torch(s, w1, b1, w2, b2)
+    y = torch.empty_like(x)
+    torch.mul(x, g[:, :, None, None], out=y)  # computed in `acc`, rounded once into y
+    return y, s, g
+
+
+def _backward_torch(dy: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor,
+                    b1: Optional[Tensor], w2: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    acc = s.dtype
+    hw = x.shape[2] * x.shape[3]
+    hid, _ = _excite_torch(s, w1, b1, w2, None)  # recompute the tiny hidden activation
+    dg = (dy.to(acc) * x).sum(dim=(2, 3))
+    dz2 = dg * g * (1 - g)
+    dz1 = (dz2 @ w2.to(acc)) * (hid > 0)
+    ds = dz1 @ w1.to(acc)
+    dx = torch.empty_like(x)
+    torch.add(dy * g[:, :, None, None], (ds / hw)[:, :, None, None], out=dx)
+    wd = w1.dtype
+    return (dx, (dz1.t() @ s).to(wd), dz1.sum(0).to(wd),
+            (dz2.t() @ hid).to(wd), dz2.sum(0).to(wd))
+
+
+def _no_autocast(device: torch.device):
+    # Kernels run below the autocast dispatch key only for C++ ops; a Python impl would see
+    # F.linear autocast to bf16/fp16, breaking the fp32 accumulation (and the fake dtypes).
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _forward_impl(x, w1, b1, w2, b2):
+    _check_forward(x, w1, b1, w2, b2)
+    with _no_autocast(x.device):
+        if backend_for(x.device, x.dtype) == "triton":
+            return _triton.load_se_kernels().se_forward_triton(x, w1, b1, w2, b2)
+        return _forward_torch(x, w1, b1, w2, b2)
+
+
+def _backward_impl(dy, x, s, g, w1, b1, w2):
+    _check_backward(dy, x, s, g, w1, b1, w2)
+    with _no_autocast(x.device):
+        if backend_for(x.device, x.dtype) == "triton":
+            return _triton.load_se_kernels().se_backward_triton(dy, x, s, g, w1, b1, w2)
+        return _backward_torch(dy, x, s, g, w1, b1, w2)
+
+
+# --------------------------------------------------------------------------------------------
+# operator registration
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("densenet_fast::se_forward", mutates_args=())
+def se_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+               b2: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """SE gating forward: returns ``(y, s, g)``; see the module docstring for shapes."""
+    return _forward_impl(x, w1, b1, w2, b2)
+
+
+@torch.library.custom_op("densenet_fast::se_backward", mutates_args=())
+def se_backward(dy: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: Optional[Tensor],
+                w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SE gating backward: returns ``(dx, dw1, db1, dw2, db2)`` (db* computed even if no bias)."""
+    return _backward_impl(dy, x, s, g, w1, b1, w2)
+
+
+# The default kernels above serve every device; CUDA gets its own registration so the
+# dispatcher (not a device branch) routes it. Both share the implementation, which picks
+# Triton for CUDA under `auto`.
+se_forward.register_kernel("cuda")(_forward_impl)
+se_backward.register_kernel("cuda")(_backward_impl)
+
+
+@se_forward.register_fake
+def _se_forward_fake(x, w1, b1, w2, b2):
+    _check_forward(x, w1, b1, w2, b2)
+    n, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    return (torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc))
+
+
+@se_backward.register_fake
+def _se_backward_fake(dy, x, s, g, w1, b1, w2):
+    _check_backward(dy, x, s, g, w1, b1, w2)
+    r, c = w1.shape
+    return (torch.empty_like(x), torch.empty_like(w1, memory_format=torch.contiguous_format),
+            w1.new_empty((r,)), torch.empty_like(w2, memory_format=torch.contiguous_format),
+            w2.new_empty((c,)))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2 = inputs
+    _, s, g = output
+    ctx.save_for_backward(x, w1, b1, w2, s, g)
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    ctx.mark_non_differentiable(s, g)
+
+
+def _backward(ctx, dy, _ds, _dg):
+    x, w1, b1, w2, s, g = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = torch.ops.densenet_fast.se_backward(dy, x, s, g, w1, b1, w2)
+    has_b1, has_b2 = ctx.has_bias
+    return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None
+
+
+se_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def se_gate(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+            b2: Optional[Tensor] = None) -> Tensor:
+    """``y = x * sigmoid(W2 relu(W1 mean_hw(x) + b1) + b2)``, differentiable.
+
+    Args:
+        x: ``[N, C, H, W]`` float tensor, any strides (NCHW or channels_last).
+        w1: ``[R, C]`` (a 1x1 conv weight ``[R, C, 1, 1]`` is flattened), b1: ``[R]`` or None.
+        w2: ``[C, R]`` (or ``[C, R, 1, 1]``), b2: ``[C]`` or None. Same dtype/device as x.
+
+    Returns:
+        ``y`` with x's shape, dtype and memory format.
+    """
+    if isinstance(w1, Tensor) and w1.dim() == 4 and w1.shape[2:] == (1, 1):
+        w1 = w1.flatten(1)
+    if isinstance(w2, Tensor) and w2.dim() == 4 and w2.shape[2:] == (1, 1):
+        w2 = w2.flatten(1)
+    return torch.ops.densenet_fast.se_forward(x, w1, b1, w2, b2)[0]

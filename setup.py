@@ -1,0 +1,78 @@
+"""Build script for densenet_fast's C++/CUDA extension (``densenet_fast._C``).
+
+Environment switches:
+  FORCE_CUDA=1            build the CUDA kernels even where torch has no CUDA runtime or no GPU is present
+  FORCE_CPU=1             never build the CUDA kernels
+  TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;8.6;9.0+PTX": Ampere and Hopper, PTX for the newest)
+  MAX_JOBS                parallel compile jobs (read by torch's build_ext)
+  DEBUG=1                 -O0 -g, no NDEBUG
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
+
+
+def read_version() -> str:
+    with open(os.path.join(ROOT, "densenet_fast", "_version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def want_cuda() -> bool:
+    """CUDA sources are built when torch was built with CUDA and nvcc is found, or on FORCE_CUDA=1.
+
+    Deliberately not ``torch.cuda.is_available()``: a build machine needs no GPU.
+    """
+    if os.environ.get("FORCE_CPU", "0") == "1":
+        return False
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def extension():
+    debug = os.environ.get("DEBUG", "0") == "1"
+    with_cuda = want_cuda()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    archs = ""
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fopenmp",
+                 f'-DDNF_TORCH_VERSION="{torch.__version__}"',
+                 f'-DDNF_CUDA_ARCHS="{archs}"',
+                 f"-DDNF_WITH_CUDA={int(with_cuda)}"]
+    if not debug:
+        cxx.append("-DNDEBUG")
+    extra = {"cxx": cxx}
+    macros = []
+    if with_cuda:
+        extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo",
+                               f"-DDNF_WITH_CUDA=1"]
+        macros.append(("DNF_HAS_CUDA_KERNELS", "1"))
+    cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return cls(
+        name="densenet_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["densenet_fast", "densenet_fast.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
