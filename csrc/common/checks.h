@@ -14,10 +14,19 @@ struct BlockGeometry {
   int64_t in_channels(int64_t l) const { return C0 + l * k; }
 };
 
-inline void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+// dtype of BN parameters, running and batch statistics for an input dtype: float32 for the
+// half-precision dtypes (BN runs in fp32 under autocast), the input's own dtype otherwise.
+inline at::ScalarType stats_dtype(at::ScalarType input) {
+  return (input == at::kHalf || input == at::kBFloat16) ? at::kFloat : input;
+}
+
+inline void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                               bool bn_tensor = false) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
-              " (the dtype of input), got ", t.scalar_type());
+  const at::ScalarType want = bn_tensor ? stats_dtype(ref.scalar_type()) : ref.scalar_type();
+  TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype ", want,
+              bn_tensor ? " (the BatchNorm dtype for input's dtype)" : " (the dtype of input)", ", got ",
+              t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
               " (the device of input), got ", t.device());
 }
@@ -84,14 +93,14 @@ inline BlockGeometry check_dense_block_args(
     const std::string i = "[" + std::to_string(l) + "]";
     for (auto* p : {&norm1_weight, &norm1_bias}) {
       const std::string name = (p == &norm1_weight ? "norm1_weight" : "norm1_bias") + i;
-      check_float_tensor((*p)[l], name.c_str(), input);
+      check_float_tensor((*p)[l], name.c_str(), input, true);
       check_shape((*p)[l], {c}, name + " (layer input channels C0 + l*growth_rate)");
     }
     check_float_tensor(conv1_weight[l], ("conv1_weight" + i).c_str(), input);
     check_shape(conv1_weight[l], {g.inter, c, 1, 1}, "conv1_weight" + i);
     for (auto* p : {&norm2_weight, &norm2_bias}) {
       const std::string name = (p == &norm2_weight ? "norm2_weight" : "norm2_bias") + i;
-      check_float_tensor((*p)[l], name.c_str(), input);
+      check_float_tensor((*p)[l], name.c_str(), input, true);
       check_shape((*p)[l], {g.inter}, name);
     }
     check_float_tensor(conv2_weight[l], ("conv2_weight" + i).c_str(), input);
@@ -104,13 +113,13 @@ inline BlockGeometry check_dense_block_args(
     check_list_len(norm2_running_var, g.L, "norm2_running_var");
     for (int64_t l = 0; l < g.L; ++l) {
       const std::string i = "[" + std::to_string(l) + "]";
-      check_float_tensor(norm1_running_mean[l], ("norm1_running_mean" + i).c_str(), input);
+      check_float_tensor(norm1_running_mean[l], ("norm1_running_mean" + i).c_str(), input, true);
       check_shape(norm1_running_mean[l], {g.in_channels(l)}, "norm1_running_mean" + i);
-      check_float_tensor(norm1_running_var[l], ("norm1_running_var" + i).c_str(), input);
+      check_float_tensor(norm1_running_var[l], ("norm1_running_var" + i).c_str(), input, true);
       check_shape(norm1_running_var[l], {g.in_channels(l)}, "norm1_running_var" + i);
-      check_float_tensor(norm2_running_mean[l], ("norm2_running_mean" + i).c_str(), input);
+      check_float_tensor(norm2_running_mean[l], ("norm2_running_mean" + i).c_str(), input, true);
       check_shape(norm2_running_mean[l], {g.inter}, "norm2_running_mean" + i);
-      check_float_tensor(norm2_running_var[l], ("norm2_running_var" + i).c_str(), input);
+      check_float_tensor(norm2_running_var[l], ("norm2_running_var" + i).c_str(), input, true);
       check_shape(norm2_running_var[l], {g.inter}, "norm2_running_var" + i);
     }
   }
@@ -132,7 +141,7 @@ inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, con
   const int64_t C = input.size(1);
   for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var),
                     std::make_pair("weight", &weight), std::make_pair("bias", &bias)}) {
-    check_float_tensor(*item.second, item.first, input);
+    check_float_tensor(*item.second, item.first, input, /*bn_tensor=*/true);
     check_shape(*item.second, {C}, item.first);
   }
   TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);

@@ -268,7 +268,7 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   check_cpu_dtype(buffer);
   TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
   check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  check_float_tensor(grad_buffer, "grad_buffer", buffer);
+  check_float_tensor(grad_buffer, "grad_buffer", buffer);  // stats dtype == buffer dtype on CPU
   if (training) {
     check_shape(mean, {g.Ct}, "mean");
     check_shape(var, {g.Ct}, "var");

@@ -17,6 +17,11 @@ _ops = torch.ops.densenet_fast
 _CL = torch.channels_last
 
 
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of BN parameters and statistics for an input dtype (float32 for float16/bfloat16)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _empty_cl(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
 
@@ -27,9 +32,10 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
     N, C0, H, W = input.shape
     L, k, inter = len(conv2_weight), conv2_weight[0].shape[0], conv1_weight[0].shape[0]
     Ct = C0 + L * k
-    n_stats = Ct if training else 0
-    return (_empty_cl((N, Ct, H, W), input), input.new_empty(n_stats), input.new_empty(n_stats),
-            input.new_empty((L if training else 0, inter)), input.new_empty((L if training else 0, inter)))
+    n_stats, sd = (Ct if training else 0), stats_dtype(input.dtype)
+    return (_empty_cl((N, Ct, H, W), input), input.new_empty(n_stats, dtype=sd), input.new_empty(n_stats, dtype=sd),
+            input.new_empty((L if training else 0, inter), dtype=sd),
+            input.new_empty((L if training else 0, inter), dtype=sd))
 
 
 @torch.library.register_fake("densenet_fast::dense_block_backward")

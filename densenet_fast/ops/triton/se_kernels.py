@@ -48,9 +48,12 @@ _FIN_SCALE, _FIN_SIGMOID_BWD = 0, 1
 @triton.jit
 def _spatial_offsets(hw, W, s_h, s_w, FLAT: tl.constexpr):
     # hw is int64; FLAT means the spatial dims collapse to one stride (s_w), skipping the div/mod.
+    # (Single return: early returns inside constexpr ifs are not portable across triton versions.)
     if FLAT:
-        return hw * s_w
-    return (hw // W) * s_h + (hw % W) * s_w
+        off = hw * s_w
+    else:
+        off = (hw // W) * s_h + (hw % W) * s_w
+    return off
 
 
 @triton.jit
@@ -279,7 +282,8 @@ def _channel_sums(a: torch.Tensor, b: Optional[torch.Tensor],
                   num_splits: Optional[int]) -> tuple[torch.Tensor, int]:
     """Launch `_channel_sum`; returns (part[split, N, C] fp32, split)."""
     n, c, h, w = a.shape
-    block_c, block_hw = _tiles(a)
+    # Tile along x's fast axis (b is x in the backward; dy may be e.g. an expanded tensor).
+    block_c, block_hw = _tiles(a if b is None else b)
     split, hw_per_split = _num_splits(a, block_c, block_hw, num_splits)
     part = torch.empty((split, n, c), device=a.device, dtype=torch.float32)
     flat_a, a_sh, a_sw = _spatial(a)
@@ -348,7 +352,7 @@ def _scale_into(out: torch.Tensor, x: torch.Tensor, g: torch.Tensor,
                 add: Optional[torch.Tensor]) -> None:
     n, c, h, w = x.shape
     hw = h * w
-    block_c, block_hw = _tiles(x)
+    block_c, block_hw = _tiles(out)  # out is laid out like the forward's x
     n_hw_blocks = triton.cdiv(hw, block_hw)
     flat_x, x_sh, x_sw = _spatial(x)
     flat_o, o_sh, o_sw = _spatial(out)
