@@ -12,7 +12,7 @@ load_extension()
 from densenet_fast import ops  # noqa: E402  (registers fake kernels and autograd)
 from densenet_fast.models import (DenseNet, densenet121, densenet161, densenet169, densenet201,  # noqa: E402
                                   densenet_bc)
-from densenet_fast.nn import DenseBlock, DenseLayer, Transition  # noqa: E402
+from densenet_fast.nn import DenseBlock, DenseLayer, SqueezeExcite, Transition  # noqa: E402
 
 __all__ = ["__version__", "build_info", "ops", "DenseNet", "densenet121", "densenet161", "densenet169",
-           "densenet201", "densenet_bc", "DenseBlock", "DenseLayer", "Transition"]
+           "densenet201", "densenet_bc", "DenseBlock", "DenseLayer", "Transition", "SqueezeExcite"]

@@ -281,6 +281,39 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(se_ops.se_gate, args)
 
 
+def _formula_fp64(x, w1, b1, w2, b2):
+    d = lambda t: None if t is None else t.detach().double().requires_grad_(True)  # noqa: E731
+    leaves = [d(t) for t in (x, w1, b1, w2, b2)]
+    xd, w1d, b1d, w2d, b2d = leaves
+    s = xd.mean((2, 3))
+    g = torch.sigmoid(nn.functional.linear(torch.relu(nn.functional.linear(s, w1d, b1d)), w2d, b2d))
+    return xd * g[:, :, None, None], leaves
+
+
+def test_random_shapes_property():
+    """Random small shapes/layouts/bias: op forward and every grad vs the fp64 formula."""
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=25, deadline=None, derandomize=True)
+    @hyp.given(n=st.integers(1, 3), c=st.integers(1, 20), h=st.integers(1, 6),
+               w=st.integers(1, 6), r=st.integers(1, 9), bias=st.booleans(),
+               layout=st.sampled_from(["contiguous", "channels_last", "sliced"]))
+    def check(n, c, h, w, r, bias, layout):
+        args = _op_args(n, c, h, w, r, bias=bias, layout=layout)
+        y = se_ops.se_gate(*args)
+        y_ref, leaves = _formula_fp64(*args)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        y_ref.backward(dy.double())
+        assert _rel_err(y, y_ref) <= 1e-5
+        for a, b in zip(args, leaves):
+            if a is not None:
+                assert _rel_err(a.grad, b.grad) <= 1e-4
+
+    check()
+
+
 def test_gate_outputs_match_reference():
     x, w1, b1, w2, b2 = (a.detach() for a in _op_args())
     _, s, g = torch.ops.densenet_fast.se_forward(x, w1, b1, w2, b2)

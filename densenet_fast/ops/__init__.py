@@ -1,5 +1,7 @@
 """Registered operators (``torch.ops.densenet_fast.*``): fake kernels, autograd and Python entry points."""
 from densenet_fast.ops.dense_block import BlockOutput, BlockParams, fused_dense_block
+from densenet_fast.ops import squeeze_excite  # noqa: F401  (registers the SE operators)
+from densenet_fast.ops.squeeze_excite import se_gate
 from densenet_fast.ops.tail import channel_moments, norm_relu_pool, transition
 
-__all__ = ["BlockOutput", "BlockParams", "fused_dense_block", "channel_moments", "norm_relu_pool", "transition"]
+__all__ = ["BlockOutput", "BlockParams", "fused_dense_block", "channel_moments", "norm_relu_pool", "transition", "se_gate"]

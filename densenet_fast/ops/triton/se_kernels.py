@@ -322,7 +322,7 @@ def _linear(inp: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], act: 
     m = w.shape[1] if transpose else w.shape[0]
     out = torch.empty((n, m), device=inp.device, dtype=torch.float32)
     block_m = min(_next_pow2(m), 64)
-    block_k = min(_next_pow2(k), 128)
+    block_k = min(_next_pow2(k), 64)
     _rowwise_linear[(n, triton.cdiv(m, block_m))](
         inp, w, out if b is None else b, out if aux is None else aux, out,
         m, k, w_sm, w_sk, scale,
