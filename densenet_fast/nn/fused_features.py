@@ -13,8 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms
-from densenet_fast.nn.dense_block import DenseBlock, Transition, fused_norm_relu_pool
+from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok,
+                                          fused_norm_relu_pool)
 from densenet_fast.ops.dense_block import BlockOutput
+
+
+def _final_norm_can_fuse(x: Tensor) -> bool:
+    return x.dim() == 4 and _fused_device_ok(_autocast_dtype_fix(x))
 
 
 def features_to_pooled(features: nn.Sequential, x: Tensor) -> Tensor:
@@ -37,6 +42,9 @@ def features_to_pooled(features: nn.Sequential, x: Tensor) -> Tensor:
         if isinstance(m, DenseBlock) and m.can_fuse(x):
             pending = m.fused_forward(x)
             continue
+        if i == len(mods) - 1 and type(m) is nn.BatchNorm2d and fusable_norms([m]) and _final_norm_can_fuse(x):
+            # No block statistics to reuse (e.g. an SE gate ran in between): the fused reader computes them.
+            return fused_norm_relu_pool(m, x)
         x = m(x)
     if pending is not None:
         x = pending.buffer
