@@ -35,7 +35,15 @@ def want_cuda() -> bool:
         return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    home = cpp_extension.CUDA_HOME
+    if torch.version.cuda is None or home is None:
+        return False
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper without a toolkit behind it is not enough.
+    if not os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+        print(f"densenet_fast: no CUDA headers under CUDA_HOME={home}; building the CPU kernels only "
+              "(set CUDA_HOME to a CUDA toolkit, or FORCE_CUDA=1)")
+        return False
+    return True
 
 
 def extension():
