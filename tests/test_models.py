@@ -36,7 +36,7 @@ def _train_steps(model, xs, lr=0.01):
     return outs, grads
 
 
-def _compare_models(ref, ours, xs, tol_out, tol_grad, tol_buf):
+def _compare_models(ref, ours, xs, tol_out, tol_grad, tol_buf, tol_eval=None):
     ref_outs, ref_grads = _train_steps(ref, xs)
     our_outs, our_grads = _train_steps(ours, xs)
     for i, ((yr, gr), (yo, go)) in enumerate(zip(ref_outs, our_outs)):
@@ -52,15 +52,15 @@ def _compare_models(ref, ours, xs, tol_out, tol_grad, tol_buf):
             assert_close_rel(b, ref_bufs[n], tol_buf, f"buffer {n}")
     ref.eval(), ours.eval()
     with torch.no_grad():
-        # eval after a few steps runs on barely-trained running stats, which amplify roundoff: 10x slack
-        assert_close_rel(ours(xs[0]), ref(xs[0]), 10 * tol_out, "eval output")
+        assert_close_rel(ours(xs[0]), ref(xs[0]), tol_eval or tol_out, "eval output")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_imagenet_configs_match_torchvision_fp64(name):
     ref, ours = _pair(name, num_classes=7)
     xs = [torch.randn(2, 3, 64, 48, dtype=torch.float64) for _ in range(2)]
-    _compare_models(ref, ours, xs, tol_out=1e-7, tol_grad=1e-7, tol_buf=1e-8)
+    # fp64: eval after a few steps runs on barely-trained running stats, which amplify roundoff
+    _compare_models(ref, ours, xs, tol_out=1e-7, tol_grad=1e-7, tol_buf=1e-8, tol_eval=1e-6)
 
 
 @pytest.mark.parametrize("name", ["densenet121"])
