@@ -24,9 +24,17 @@ C10_HOST_DEVICE inline void fold_bn(T gamma, T beta, T mean, T invstd, T& a, T& 
   b = beta - mean * a;
 }
 
+// NaN propagates, as torch.relu (clamp_min) does: only values < 0 are replaced.
 template <typename T>
 C10_HOST_DEVICE inline T relu(T v) {
-  return v > T(0) ? v : T(0);
+  return v < T(0) ? T(0) : v;
+}
+
+// Gradient through a ReLU given its output, as torch's threshold_backward(grad, result, 0): zero
+// where the output is <= 0, passed through elsewhere (including where the output is NaN).
+template <typename T>
+C10_HOST_DEVICE inline T relu_grad(T out, T grad) {
+  return out <= T(0) ? T(0) : grad;
 }
 
 // Final correction of a channel's gradient once every training-mode BN reader has contributed.

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+#include <limits>
+
 namespace dnf {
 
 // Geometry of a dense block: the buffer holds Ct = C0 + L*k channels, layer l reads the prefix
@@ -47,10 +50,20 @@ inline void check_input_4d(const at::Tensor& input, const char* name, bool train
               ": expected a non-zero spatial size, got H=", input.size(2), ", W=", input.size(3));
   TORCH_CHECK(input.size(1) > 0, name, ": expected at least one channel, got 0");
   if (training) {
-    TORCH_CHECK(input.size(0) * input.size(2) * input.size(3) > 1,
+    // ValueError with nn.BatchNorm2d's own message.
+    TORCH_CHECK_VALUE(input.size(0) * input.size(2) * input.size(3) > 1,
                 "Expected more than 1 value per channel when training, got input size ",
                 input.sizes());
   }
+}
+
+// The CPU kernels hand channel counts (GEMM sizes and leading dimensions) to a BLAS with 32-bit int
+// arguments; rows are tiled and every offset is int64. Checked before anything is allocated.
+constexpr int64_t kMaxChannels = std::numeric_limits<int32_t>::max();
+
+inline void check_channels_fit(int64_t channels, const char* what) {
+  TORCH_CHECK(channels <= kMaxChannels, what, ": expected at most ", kMaxChannels,
+              " channels (GEMM dimensions are 32-bit), got ", channels);
 }
 
 inline void check_list_len(at::TensorList list, int64_t L, const char* name) {
@@ -87,6 +100,10 @@ inline BlockGeometry check_dense_block_args(
   g.inter = conv1_weight[0].size(0);
   TORCH_CHECK(g.k >= 1 && g.inter >= 1, "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, got k=",
               g.k, ", inter=", g.inter);
+  check_channels_fit(g.C0, "input");
+  check_channels_fit(g.inter, "conv1_weight[0] (bn_size*growth_rate)");
+  TORCH_CHECK(g.L <= (kMaxChannels - g.C0) / g.k, "input, conv2_weight: the block buffer would hold C0 + L*k = ",
+              g.C0, " + ", g.L, "*", g.k, " channels, more than ", kMaxChannels, " (GEMM dimensions are 32-bit)");
   g.Ct = g.C0 + g.L * g.k;
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t c = g.in_channels(l);
@@ -134,11 +151,25 @@ inline BlockGeometry check_dense_block_args(
   return g;
 }
 
+// Batch statistics handed to dense_block_backward (the forward's outputs) in training.
+inline void check_block_stats(const BlockGeometry& g, const at::Tensor& ref, const at::Tensor& mean,
+                              const at::Tensor& var, const at::Tensor& mean2, const at::Tensor& var2) {
+  check_float_tensor(mean, "mean", ref, true);
+  check_shape(mean, {g.Ct}, "mean");
+  check_float_tensor(var, "var", ref, true);
+  check_shape(var, {g.Ct}, "var");
+  check_float_tensor(mean2, "mean2", ref, true);
+  check_shape(mean2, {g.L, g.inter}, "mean2");
+  check_float_tensor(var2, "var2", ref, true);
+  check_shape(var2, {g.L, g.inter}, "var2");
+}
+
 // Validates the arguments of the BN-ReLU "tail" readers (transition and final norm).
 inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_input_4d(input, "input", /*training=*/false);
   const int64_t C = input.size(1);
+  check_channels_fit(C, "input");
   for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var),
                     std::make_pair("weight", &weight), std::make_pair("bias", &bias)}) {
     check_float_tensor(*item.second, item.first, input, /*bn_tensor=*/true);

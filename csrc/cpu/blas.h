@@ -6,6 +6,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
@@ -18,6 +20,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace dnf::cpu {
 
 namespace detail {
+// Fortran BLAS takes 32-bit int sizes: refuse (instead of truncating) anything that does not fit.
+inline void check_blas_dims(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(m <= kMax && n <= kMax && k <= kMax && lda <= kMax && ldb <= kMax && ldc <= kMax,
+              "densenet_fast: GEMM dimension exceeds the 32-bit BLAS limit (m=", m, ", n=", n, ", k=", k,
+              ", lda=", lda, ", ldb=", ldb, ", ldc=", ldc, ")");
+}
+
 // Same product through ATen, for BLAS builds that do not export the Fortran symbols.
 template <typename T>
 void gemm_aten(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
@@ -44,6 +54,7 @@ void gemm_aten(char ta, char tb, int64_t m, int64_t n, int64_t k, T alpha, const
 inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  detail::check_blas_dims(m, n, k, lda, ldb, ldc);
   if (sgemm_ != nullptr) {
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
     sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
@@ -55,6 +66,7 @@ inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha,
 inline void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                  int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  detail::check_blas_dims(m, n, k, lda, ldb, ldc);
   if (dgemm_ != nullptr) {
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
     dgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);

@@ -142,7 +142,10 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
   std::vector<T> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
-    finalize(c, g.k);  // every reader of layer l's channels is done: their gradient is final
+    // Every reader of layer l's channels is done: their gradient is final. The last layer's channels
+    // have no reader in the block, so there is nothing to finalise (and 0 * a non-finite xhat must
+    // not turn their gradient into NaN).
+    if (l < g.L - 1) finalize(c, g.k);
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous(), W1 = w1[l].contiguous();
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
@@ -174,7 +177,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
       acc_t* s = p2.mine();
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t j = 0; j < inter; ++j) {
-          const T dz = V[r * inter + j] > T(0) ? dV[r * inter + j] : T(0);
+          const T dz = relu_grad<T>(V[r * inter + j], dV[r * inter + j]);
           dV[r * inter + j] = dz;
           s[j] += dz;
           s[inter + j] += dz * (Y[r * inter + j] - mu2[j]) * is2[j];
@@ -197,8 +200,10 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
       at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r)
           for (int64_t j = 0; j < inter; ++j) {
+            // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
             const T xhat = (Y[r * inter + j] - mu2[j]) * is2[j];
-            dV[r * inter + j] = bn_backward_train<T>(dV[r * inter + j], xhat, a2[j], m1[j], m2[j]);
+            dV[r * inter + j] = training ? bn_backward_train<T>(dV[r * inter + j], xhat, a2[j], m1[j], m2[j])
+                                         : a2[j] * dV[r * inter + j];
           }
       });
     }
@@ -226,7 +231,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           const T* ur = U.data() + r * c;
           const T* dur = dU.data() + r * c;
           for (int64_t j = 0; j < c; ++j) {
-            const T d = ur[j] > T(0) ? dur[j] : T(0);
+            const T d = relu_grad<T>(ur[j], dur[j]);
             ts[j] += d;
             ts[c + j] += d * (xr[j] - mu1[j]) * is[j];
             gr[j] += a[j] * d;
@@ -269,12 +274,7 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
   check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
   check_float_tensor(grad_buffer, "grad_buffer", buffer);  // stats dtype == buffer dtype on CPU
-  if (training) {
-    check_shape(mean, {g.Ct}, "mean");
-    check_shape(var, {g.Ct}, "var");
-    check_shape(mean2, {g.L, g.inter}, "mean2");
-    check_shape(var2, {g.L, g.inter}, "var2");
-  }
+  if (training) check_block_stats(g, buffer, mean, var, mean2, var2);
   const Tensor X = buffer.contiguous(at::MemoryFormat::ChannelsLast);
   Tensor G = empty_cl(g.N, g.Ct, g.H, g.W, buffer.options());
   G.copy_(grad_buffer);

@@ -40,6 +40,9 @@ void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var
   TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
                   conv_weight.size(3) == 1,
               "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
+  TORCH_CHECK(conv_weight.size(0) >= 1, "conv_weight: expected at least one output channel, got shape ",
+              conv_weight.sizes());
+  check_channels_fit(conv_weight.size(0), "conv_weight");
   TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
               "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
               ", W=", input.size(3));
@@ -108,7 +111,7 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
         if (u == nullptr) continue;
         const T* xr = X + r * C;
         for (int64_t j = 0; j < C; ++j) {
-          const T d = xr[j] * a[j] + b[j] > T(0) ? scale * u[j] : T(0);
+          const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
           s[j] += d;
           s[C + j] += d * (xr[j] - mean[j]) * invstd[j];
         }
@@ -131,9 +134,10 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
       const T* xr = X + r * C;
       T* dr = dX + r * C;
       for (int64_t j = 0; j < C; ++j) {
-        const T d = (u != nullptr && xr[j] * a[j] + b[j] > T(0)) ? scale * u[j] : T(0);
+        const T d = u != nullptr ? relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]) : T(0);
         const T xhat = (xr[j] - mean[j]) * invstd[j];
-        dr[j] = bn_backward_train<T>(d, xhat, a[j], m1[j], m2[j]);
+        // Eval: a*d exactly (no xhat term, so a non-finite input does not poison its gradient).
+        dr[j] = training ? bn_backward_train<T>(d, xhat, a[j], m1[j], m2[j]) : a[j] * d;
       }
     }
   });

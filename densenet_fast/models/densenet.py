@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl
+from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate, check_impl, check_int
 from densenet_fast.nn.fused_features import features_to_pooled
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc",
@@ -35,9 +35,8 @@ def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
+    """TypeError for a non-integer (or bool), ValueError for an integer < 1."""
+    return check_int(name, value)
 
 
 class DenseNet(nn.Module):
@@ -63,12 +62,16 @@ class DenseNet(nn.Module):
         _positive_int("bn_size", bn_size)
         _positive_int("num_classes", num_classes)
         _positive_int("in_channels", in_channels)
-        if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence) or len(block_config) == 0:
+        if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence):
+            raise TypeError(f"block_config: expected a sequence of layer counts, got {type(block_config).__name__} "
+                            f"{block_config!r}")
+        if len(block_config) == 0:
             raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
-        for n in block_config:
-            _positive_int("block_config entries", n)
-        if not 0.0 <= float(drop_rate) < 1.0:
-            raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+        for i, n in enumerate(block_config):
+            _positive_int(f"block_config[{i}]", n)
+        check_drop_rate(drop_rate)
+        if isinstance(compression, bool) or not isinstance(compression, (int, float)):
+            raise TypeError(f"compression: expected a float in (0, 1], got {type(compression).__name__} {compression!r}")
         if not 0.0 < float(compression) <= 1.0:
             raise ValueError(f"compression: expected a value in (0, 1], got {compression!r}")
         if stem not in ("imagenet", "cifar"):

@@ -45,10 +45,49 @@ def _fused_device_ok(x: Tensor) -> bool:
 
 
 def _autocast_dtype_fix(x: Tensor) -> Tensor:
-    """Under autocast the fused block computes in float32 (BN precision rule); returns x cast to it."""
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+    """Under CPU autocast the fused block computes in float32 (BN precision rule); returns x cast to it.
+
+    Without autocast a float16/bfloat16 CPU input is left as is: it either matches the module's
+    parameters (reference path, with a warning) or is rejected, as torchvision's modules do.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_autocast_enabled("cpu")):
         return x.float()
     return x
+
+
+def _check_module_input(x: Tensor, weight: Tensor, owner: str) -> None:
+    """Errors no path of a fused module accepts (RuntimeError, as torch's own modules raise for these):
+    a non-tensor, a device other than the parameters', a non-floating dtype, or (outside autocast) a
+    dtype other than the parameters'. ``weight``: the module's first conv weight."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner}: input: expected a Tensor, got {type(x).__name__}")
+    if x.device != weight.device:
+        raise RuntimeError(f"{owner}: input: expected a tensor on {weight.device} (the device of the module's "
+                           f"parameters), got {x.device}")
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"{owner}: input: expected a floating-point dtype (float32, float64; float16/bfloat16 "
+                           f"under autocast), got {x.dtype}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise RuntimeError(f"{owner}: input: expected dtype {weight.dtype} (the dtype of the module's parameters; "
+                           f"use torch.autocast for mixed precision), got {x.dtype}")
+
+
+def check_int(name: str, value, low: int = 1) -> int:
+    """TypeError unless ``value`` is an int (not a bool); ValueError unless it is >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an integer >= {low}, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return value
+
+
+def check_drop_rate(drop_rate) -> float:
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
+        raise TypeError(f"drop_rate: expected a float in [0, 1), got {type(drop_rate).__name__} {drop_rate!r}")
+    if not 0.0 <= float(drop_rate) < 1.0:
+        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+    return float(drop_rate)
 
 
 def check_batch_for_training(x: Tensor, training: bool) -> None:
@@ -66,6 +105,10 @@ class DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool = False) -> None:
         super().__init__()
+        check_int("num_input_features", num_input_features)
+        check_int("growth_rate", growth_rate)
+        check_int("bn_size", bn_size)
+        check_drop_rate(drop_rate)
         self.norm1 = nn.BatchNorm2d(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
@@ -104,12 +147,10 @@ class DenseBlock(nn.ModuleDict):
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, memory_efficient: bool = False, impl: str = "fused") -> None:
         super().__init__()
-        for name, value, low in (("num_layers", num_layers, 1), ("num_input_features", num_input_features, 1),
-                                 ("bn_size", bn_size, 1), ("growth_rate", growth_rate, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-        if not 0.0 <= float(drop_rate) < 1.0:
-            raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+        for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
+                            ("bn_size", bn_size), ("growth_rate", growth_rate)):
+            check_int(name, value)
+        check_drop_rate(drop_rate)
         self.impl = check_impl(impl)
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
@@ -120,10 +161,18 @@ class DenseBlock(nn.ModuleDict):
         return list(self.values())
 
     def can_fuse(self, x: Tensor) -> bool:
-        """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured."""
+        """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured.
+
+        Raises (RuntimeError) for inputs no path accepts: wrong device, non-floating dtype, or a dtype
+        other than the parameters' outside autocast. An empty batch runs the reference path (as
+        torchvision: empty output, ``num_batches_tracked`` counted), without a warning.
+        """
         if getattr(self, "impl", "fused") != "fused":
             return False
         layers = self._layers()
+        _check_module_input(x, layers[0].conv1.weight, "DenseBlock")
+        if x.dim() == 4 and x.shape[0] == 0:
+            return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
         reason = None
         if not fusable_norms(norms):
@@ -132,6 +181,8 @@ class DenseBlock(nn.ModuleDict):
             reason = "its BatchNorms are in mixed train/eval modes"
         elif len({layer.drop_rate for layer in layers}) != 1:
             reason = "its layers have different drop rates"
+        elif layers[0].drop_rate > 0 and {layer.training for layer in layers} != {norms[0].training}:
+            reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
         elif not _fused_device_ok(_autocast_dtype_fix(x)):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         if reason is not None:
@@ -179,16 +230,24 @@ class DenseBlock(nn.ModuleDict):
 
 
 def bn_stats(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
-             batch_var: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, bool]:
+             batch_var: Optional[Tensor] = None, update: bool = True) -> Tuple[Tensor, Tensor, bool]:
     """Statistics a BN reader of ``x`` uses: batch statistics (given, or computed here) in training,
-    after updating ``bn``'s running statistics once; running statistics in eval."""
+    after updating ``bn``'s running statistics once (unless ``update=False``: then the caller calls
+    :func:`commit_bn_stats` once its operator has succeeded); running statistics in eval."""
     if not bn.training:
         return bn.running_mean, bn.running_var, False
     check_batch_for_training(x, True)
     if batch_mean is None or batch_mean.numel() == 0:
         batch_mean, batch_var = _tail_ops.channel_moments(x.detach())
-    update_running_stats([bn], [batch_mean], [batch_var], x.shape[0] * x.shape[2] * x.shape[3])
+    if update:
+        commit_bn_stats(bn, x, batch_mean, batch_var, True)
     return batch_mean, batch_var, True
+
+
+def commit_bn_stats(bn: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor, training: bool) -> None:
+    """Running-statistics update of a BN reader whose operator has run (no-op in eval)."""
+    if training:
+        update_running_stats([bn], [mean], [var], x.shape[0] * x.shape[2] * x.shape[3])
 
 
 class Transition(nn.Sequential):
@@ -200,6 +259,8 @@ class Transition(nn.Sequential):
 
     def __init__(self, num_input_features: int, num_output_features: int, impl: str = "fused") -> None:
         super().__init__()
+        check_int("num_input_features", num_input_features)
+        check_int("num_output_features", num_output_features)
         self.norm = nn.BatchNorm2d(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
@@ -207,8 +268,24 @@ class Transition(nn.Sequential):
         self.impl = check_impl(impl)
 
     def can_fuse(self, x: Tensor) -> bool:
-        return (getattr(self, "impl", "fused") == "fused" and fusable_norms([self.norm])
-                and _fused_device_ok(_autocast_dtype_fix(x)) and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
+        """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured
+        for the module's configuration. Inputs the fused operator rejects but torchvision's modules
+        handle or report themselves (not 4-D, empty batch, H or W < 2) take the reference path."""
+        if getattr(self, "impl", "fused") != "fused":
+            return False
+        _check_module_input(x, self.conv.weight, "Transition")
+        if x.dim() != 4 or x.shape[0] == 0 or x.shape[2] < 2 or x.shape[3] < 2:
+            return False
+        reason = None
+        if not fusable_norms([self.norm]):
+            reason = "its BatchNorm is not affine with running statistics"
+        elif not _fused_device_ok(_autocast_dtype_fix(x)):
+            reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
+        if reason is not None:
+            _warn_once(f"transition:{reason}", "densenet_fast.Transition: using the reference PyTorch path because "
+                       f"{reason}.")
+            return False
+        return True
 
     def fused_forward(self, x: Tensor, batch_mean: Optional[Tensor] = None,
                       batch_var: Optional[Tensor] = None) -> Tensor:
@@ -217,9 +294,11 @@ class Transition(nn.Sequential):
             raise ValueError(f"input: expected {self.norm.num_features} channels, got shape {tuple(x.shape)}")
         x = _autocast_dtype_fix(x)
         with torch.autocast(x.device.type, enabled=False):
-            mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var)
-            return _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
-                                        training=training, eps=self.norm.eps)
+            mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
+            out = _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
+                                       training=training, eps=self.norm.eps)
+        commit_bn_stats(self.norm, x, mean, var, training)  # only once the operator has succeeded
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         if self.can_fuse(x):
@@ -232,5 +311,7 @@ def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Ten
     """flatten(adaptive_avg_pool2d(relu(bn(x)), 1)) as one operator: [N, C, H, W] -> [N, C]."""
     x = _autocast_dtype_fix(x)
     with torch.autocast(x.device.type, enabled=False):
-        mean, var, training = bn_stats(bn, x, batch_mean, batch_var)
-        return _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps)
+        mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
+        out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps)
+    commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
+    return out

@@ -26,11 +26,100 @@ def _empty_cl(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
 
 
+# -- argument validation of the fake (meta) kernels -------------------------------------------------
+# The same checks, with the same argument names, as csrc/common/checks.h: a call with meta tensors, or
+# one traced by torch.compile, fails like the real kernels instead of returning made-up shapes.
+# Errors are RuntimeError (as TORCH_CHECK), except the BatchNorm batch-size rule (ValueError).
+_MAX_CHANNELS = 2**31 - 1  # channel counts are GEMM dimensions of a 32-bit BLAS
+
+
+def _check(cond, msg) -> None:
+    torch._check(cond, msg)  # RuntimeError; defers to a runtime assert for symbolic sizes
+
+
+def check_input_4d(input: Tensor, name: str, training: bool) -> None:
+    _check(input.dim() == 4, lambda: f"{name}: expected a 4-D tensor [N, C, H, W], got {input.dim()}-D with "
+           f"shape {list(input.shape)}")
+    _check(input.dtype.is_floating_point, lambda: f"{name}: expected a floating-point dtype (float32, float64; "
+           f"float16/bfloat16 on CUDA), got {input.dtype}")
+    N, C, H, W = input.shape
+    _check(N > 0, lambda: f"{name}: expected a non-empty batch, got batch size 0 (shape {list(input.shape)})")
+    _check(H > 0 and W > 0, lambda: f"{name}: expected a non-zero spatial size, got H={H}, W={W}")
+    _check(C > 0, lambda: f"{name}: expected at least one channel, got 0")
+    _check(C <= _MAX_CHANNELS, lambda: f"{name}: expected at most {_MAX_CHANNELS} channels (GEMM dimensions are "
+           f"32-bit), got {C}")
+    if training:
+        torch._check_value(N * H * W > 1, lambda: "Expected more than 1 value per channel when training, got "
+                           f"input size {input.size()}")
+
+
+def check_tensor(t: Tensor, name: str, ref: Tensor, shape, bn_tensor: bool = False) -> None:
+    """dtype (the input's, or the BatchNorm dtype for it), device (the input's) and shape of an argument."""
+    _check(isinstance(t, Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
+    want = stats_dtype(ref.dtype) if bn_tensor else ref.dtype
+    _check(t.dtype == want, lambda: f"{name}: expected dtype {want} "
+           f"({'the BatchNorm dtype for input' if bn_tensor else 'the dtype of input'}'s dtype), got {t.dtype}")
+    _check(t.device == ref.device, lambda: f"{name}: expected a tensor on {ref.device} (the device of input), "
+           f"got {t.device}")
+    if shape is not None:
+        _check(list(t.shape) == list(shape), lambda: f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
+
+
+def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias, conv2_weight,
+                           rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
+    """Python twin of ``dnf::check_dense_block_args``; returns (L, k, inter)."""
+    check_input_4d(input, "input", training)
+    N, C0, H, W = input.shape
+    L = len(norm1_weight)
+    _check(L >= 1, lambda: "norm1_weight: expected at least one layer, got an empty list")
+    for name, lst in (("norm1_bias", norm1_bias), ("conv1_weight", conv1_weight), ("norm2_weight", norm2_weight),
+                      ("norm2_bias", norm2_bias), ("conv2_weight", conv2_weight)):
+        _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
+    _check(conv2_weight[0].dim() == 4, lambda: "conv2_weight[0]: expected a 4-D weight [k, inter, 3, 3], got shape "
+           f"{list(conv2_weight[0].shape)}")
+    _check(conv1_weight[0].dim() == 4, lambda: "conv1_weight[0]: expected a 4-D weight [inter, C0, 1, 1], got shape "
+           f"{list(conv1_weight[0].shape)}")
+    k, inter = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
+    _check(k >= 1 and inter >= 1, lambda: "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, "
+           f"got k={k}, inter={inter}")
+    _check(inter <= _MAX_CHANNELS, lambda: f"conv1_weight[0] (bn_size*growth_rate): expected at most "
+           f"{_MAX_CHANNELS} channels (GEMM dimensions are 32-bit), got {inter}")
+    _check(C0 + L * k <= _MAX_CHANNELS, lambda: f"input, conv2_weight: the block buffer would hold C0 + L*k = {C0} + "
+           f"{L}*{k} channels, more than {_MAX_CHANNELS} (GEMM dimensions are 32-bit)")
+    for l in range(L):
+        c = C0 + l * k
+        check_tensor(norm1_weight[l], f"norm1_weight[{l}]", input, [c], bn_tensor=True)
+        check_tensor(norm1_bias[l], f"norm1_bias[{l}]", input, [c], bn_tensor=True)
+        check_tensor(conv1_weight[l], f"conv1_weight[{l}]", input, [inter, c, 1, 1])
+        check_tensor(norm2_weight[l], f"norm2_weight[{l}]", input, [inter], bn_tensor=True)
+        check_tensor(norm2_bias[l], f"norm2_bias[{l}]", input, [inter], bn_tensor=True)
+        check_tensor(conv2_weight[l], f"conv2_weight[{l}]", input, [k, inter, 3, 3])
+    if not training:
+        for name, lst in (("norm1_running_mean", rm1), ("norm1_running_var", rv1), ("norm2_running_mean", rm2),
+                          ("norm2_running_var", rv2)):
+            _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), "
+                   f"got {len(lst)}")
+            for l, t in enumerate(lst):
+                check_tensor(t, f"{name}[{l}]", input, [C0 + l * k] if name.startswith("norm1") else [inter],
+                             bn_tensor=True)
+    _check(0.0 <= drop_rate < 1.0, lambda: f"drop_rate: expected a value in [0, 1), got {drop_rate}")
+    _check(eps > 0.0, lambda: f"eps: expected a positive value, got {eps}")
+    if dropout_mask is not None:
+        _check(dropout_mask.dtype == torch.bool, lambda: f"dropout_mask: expected dtype torch.bool, got "
+               f"{dropout_mask.dtype}")
+        _check(dropout_mask.device == input.device, lambda: f"dropout_mask: expected a tensor on {input.device}, "
+               f"got {dropout_mask.device}")
+        _check(list(dropout_mask.shape) == [N, L * k, H, W], lambda: f"dropout_mask: expected shape "
+               f"{[N, L * k, H, W]}, got {list(dropout_mask.shape)}")
+    return L, k, inter
+
+
 @torch.library.register_fake("densenet_fast::dense_block_forward")
 def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
                               conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
+    L, k, inter = check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+                                         conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps)
     N, C0, H, W = input.shape
-    L, k, inter = len(conv2_weight), conv2_weight[0].shape[0], conv1_weight[0].shape[0]
     Ct = C0 + L * k
     n_stats, sd = (Ct if training else 0), stats_dtype(input.dtype)
     return (_empty_cl((N, Ct, H, W), input), input.new_empty(n_stats, dtype=sd), input.new_empty(n_stats, dtype=sd),
@@ -42,6 +131,19 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
 def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
                                conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
                                dropout_mask, drop_rate, training, eps, num_input_features):
+    _check(buffer.dim() == 4, lambda: f"buffer: expected a 4-D tensor, got {buffer.dim()}-D")
+    _check(1 <= num_input_features < buffer.shape[1], lambda: f"num_input_features: expected a value in [1, "
+           f"{buffer.shape[1]}), got {num_input_features}")
+    L, k, inter = check_dense_block_args(buffer.narrow(1, 0, num_input_features), norm1_weight, norm1_bias,
+                                         conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
+                                         dropout_mask, drop_rate, training, eps)
+    Ct = num_input_features + L * k
+    _check(buffer.shape[1] == Ct, lambda: f"buffer: expected {Ct} channels (C0 + L*k), got {buffer.shape[1]}")
+    check_tensor(grad_buffer, "grad_buffer", buffer, list(buffer.shape))
+    if training:
+        for name, t, shape in (("mean", mean, [Ct]), ("var", var, [Ct]), ("mean2", mean2, [L, inter]),
+                               ("var2", var2, [L, inter])):
+            check_tensor(t, name, buffer, shape, bn_tensor=True)
     N, _, H, W = buffer.shape
     like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
     return (_empty_cl((N, num_input_features, H, W), buffer), like(norm1_weight), like(norm1_bias),
@@ -126,9 +228,21 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
         training: batch statistics (training) or running statistics (eval).
         drop_rate: dropout probability applied to each layer's new features (training only).
         dropout_mask: bool [N, L*k, H, W], True = keep; drawn here when None and dropout is active.
+
+    Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
+    actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``). The
+    operator is functional: it never writes to its arguments and its outputs are new tensors, so
+    arguments may alias each other (e.g. the input sharing storage with a parameter).
     """
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
+    if not isinstance(params, tuple) or len(params) != len(BlockParams._fields):
+        raise TypeError(f"params: expected a BlockParams ({len(BlockParams._fields)} lists of per-layer tensors), "
+                        f"got {type(params).__name__}")
+    if not 0.0 <= float(drop_rate) < 1.0:
+        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
     L = len(params.conv2_weight)
-    if training and drop_rate > 0 and dropout_mask is None:
+    if training and drop_rate > 0 and dropout_mask is None and input.dim() == 4 and L > 0:
         N, _, H, W = input.shape
         k = params.conv2_weight[0].shape[0]
         dropout_mask = torch.empty((N, L * k, H, W), device=input.device).bernoulli_(1.0 - drop_rate).bool()

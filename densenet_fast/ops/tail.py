@@ -11,13 +11,37 @@ from __future__ import annotations
 import torch
 
 from densenet_fast._extension import load_extension
+from densenet_fast.ops.dense_block import _MAX_CHANNELS, _check, check_input_4d, check_tensor
 
 load_extension()
 _ops = torch.ops.densenet_fast
 
 
+def _check_tail_args(input, mean, var, weight, bias, eps) -> None:
+    """Python twin of ``dnf::check_tail_args`` (for the fake kernels)."""
+    check_input_4d(input, "input", training=False)
+    C = input.shape[1]
+    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        check_tensor(t, name, input, [C], bn_tensor=True)
+    _check(eps > 0.0, lambda: f"eps: expected a positive value, got {eps}")
+
+
+def _check_transition_args(input, mean, var, weight, bias, conv_weight, eps) -> None:
+    _check_tail_args(input, mean, var, weight, bias, eps)
+    check_tensor(conv_weight, "conv_weight", input, None)
+    C = input.shape[1]
+    _check(conv_weight.dim() == 4 and conv_weight.shape[1] == C and conv_weight.shape[2] == 1
+           and conv_weight.shape[3] == 1, lambda: f"conv_weight: expected shape [C_out, {C}, 1, 1], got "
+           f"{list(conv_weight.shape)}")
+    _check(1 <= conv_weight.shape[0] <= _MAX_CHANNELS, lambda: "conv_weight: expected between 1 and "
+           f"{_MAX_CHANNELS} output channels, got shape {list(conv_weight.shape)}")
+    _check(input.shape[2] >= 2 and input.shape[3] >= 2, lambda: "input: the transition's 2x2 average pool needs "
+           f"H >= 2 and W >= 2, got H={input.shape[2]}, W={input.shape[3]}")
+
+
 @torch.library.register_fake("densenet_fast::transition_forward")
 def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps):
+    _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
     N, _, H, W = input.shape
     return torch.empty((N, conv_weight.shape[0], H // 2, W // 2), dtype=input.dtype, device=input.device,
                        memory_format=torch.channels_last)
@@ -25,23 +49,30 @@ def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, traini
 
 @torch.library.register_fake("densenet_fast::transition_backward")
 def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps):
+    _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
+    N, _, H, W = input.shape
+    check_tensor(grad_output, "grad_output", input, [N, conv_weight.shape[0], H // 2, W // 2])
     return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_forward")
 def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps):
+    _check_tail_args(input, mean, var, weight, bias, eps)
     return input.new_empty((input.shape[0], input.shape[1]))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_backward")
 def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps):
+    _check_tail_args(input, mean, var, weight, bias, eps)
+    check_tensor(grad_output, "grad_output", input, [input.shape[0], input.shape[1]])
     return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
             torch.empty_like(bias))
 
 
 @torch.library.register_fake("densenet_fast::channel_moments")
 def _channel_moments_fake(input):
+    check_input_4d(input, "input", training=False)
     return input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
 
 
