@@ -38,6 +38,15 @@ inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const std
   TORCH_CHECK(t.sizes().equals(expected), name, ": expected shape ", expected, ", got ", t.sizes());
 }
 
+// The CPU kernels hand channel counts (GEMM sizes and leading dimensions) to a BLAS with 32-bit int
+// arguments; rows are tiled and every offset is int64. Checked before anything is allocated.
+constexpr int64_t kMaxChannels = std::numeric_limits<int32_t>::max();
+
+inline void check_channels_fit(int64_t channels, const char* what) {
+  TORCH_CHECK(channels <= kMaxChannels, what, ": expected at most ", kMaxChannels,
+              " channels (GEMM dimensions are 32-bit), got ", channels);
+}
+
 inline void check_input_4d(const at::Tensor& input, const char* name, bool training) {
   TORCH_CHECK(input.dim() == 4, name, ": expected a 4-D tensor [N, C, H, W], got ", input.dim(),
               "-D with shape ", input.sizes());
@@ -49,21 +58,13 @@ inline void check_input_4d(const at::Tensor& input, const char* name, bool train
   TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, name,
               ": expected a non-zero spatial size, got H=", input.size(2), ", W=", input.size(3));
   TORCH_CHECK(input.size(1) > 0, name, ": expected at least one channel, got 0");
+  check_channels_fit(input.size(1), name);
   if (training) {
     // ValueError with nn.BatchNorm2d's own message.
     TORCH_CHECK_VALUE(input.size(0) * input.size(2) * input.size(3) > 1,
-                "Expected more than 1 value per channel when training, got input size ",
-                input.sizes());
+                "Expected more than 1 value per channel when training, got input size torch.Size(",
+                input.sizes(), ")");
   }
-}
-
-// The CPU kernels hand channel counts (GEMM sizes and leading dimensions) to a BLAS with 32-bit int
-// arguments; rows are tiled and every offset is int64. Checked before anything is allocated.
-constexpr int64_t kMaxChannels = std::numeric_limits<int32_t>::max();
-
-inline void check_channels_fit(int64_t channels, const char* what) {
-  TORCH_CHECK(channels <= kMaxChannels, what, ": expected at most ", kMaxChannels,
-              " channels (GEMM dimensions are 32-bit), got ", channels);
 }
 
 inline void check_list_len(at::TensorList list, int64_t L, const char* name) {
@@ -79,7 +80,7 @@ inline BlockGeometry check_dense_block_args(
     at::TensorList norm1_running_var, at::TensorList norm2_running_mean,
     at::TensorList norm2_running_var, const c10::optional<at::Tensor>& dropout_mask,
     double drop_rate, bool training, double eps) {
-  check_input_4d(input, "input", training);
+  check_input_4d(input, "input", training);  // includes C0 <= kMaxChannels
   BlockGeometry g{};
   g.N = input.size(0);
   g.C0 = input.size(1);
@@ -100,7 +101,6 @@ inline BlockGeometry check_dense_block_args(
   g.inter = conv1_weight[0].size(0);
   TORCH_CHECK(g.k >= 1 && g.inter >= 1, "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, got k=",
               g.k, ", inter=", g.inter);
-  check_channels_fit(g.C0, "input");
   check_channels_fit(g.inter, "conv1_weight[0] (bn_size*growth_rate)");
   TORCH_CHECK(g.L <= (kMaxChannels - g.C0) / g.k, "input, conv2_weight: the block buffer would hold C0 + L*k = ",
               g.C0, " + ", g.L, "*", g.k, " channels, more than ", kMaxChannels, " (GEMM dimensions are 32-bit)");
@@ -169,7 +169,6 @@ inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, con
                             const at::Tensor& weight, const at::Tensor& bias, double eps) {
   check_input_4d(input, "input", /*training=*/false);
   const int64_t C = input.size(1);
-  check_channels_fit(C, "input");
   for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var),
                     std::make_pair("weight", &weight), std::make_pair("bias", &bias)}) {
     check_float_tensor(*item.second, item.first, input, /*bn_tensor=*/true);

@@ -5,6 +5,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
+
 #include "common/checks.h"
 #include "cpu/kernels.h"
 
@@ -108,8 +111,13 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
       acc_t* s = part.data() + ch * 2 * C;
       for (int64_t r = ch * kReduceChunk; r < std::min(M, (ch + 1) * kReduceChunk); ++r) {
         const T* u = up(r);
-        if (u == nullptr) continue;
         const T* xr = X + r * C;
+        if (u == nullptr) {
+          // A row the floor-mode pool drops gets a zero gradient; torch still adds 0 * xhat to
+          // dgamma, which is NaN where xhat is not finite.
+          for (int64_t j = 0; j < C; ++j) s[C + j] += T(0) * ((xr[j] - mean[j]) * invstd[j]);
+          continue;
+        }
         for (int64_t j = 0; j < C; ++j) {
           const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
           s[j] += d;
@@ -179,6 +187,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       }
     });
     pw.reduce_into(dWc.data_ptr<T>());
+    if (H % 2 != 0 || W % 2 != 0) {
+      // torch convolves before pooling, so its dWc also holds 0 * relu(bn(x)) of the pixels the
+      // floor-mode pool drops: NaN in column j wherever such a value is not finite. Same here.
+      std::vector<char> nonfinite(C, 0);
+      auto scan = [&](int64_t n, int64_t h, int64_t w) {
+        const T* xr = Xp + ((n * H + h) * W + w) * C;
+        for (int64_t j = 0; j < C; ++j) nonfinite[j] |= !std::isfinite(relu<T>(xr[j] * a[j] + b[j]));
+      };
+      for (int64_t n = 0; n < N; ++n) {
+        if (H % 2 != 0) for (int64_t w = 0; w < W; ++w) scan(n, H - 1, w);
+        if (W % 2 != 0) for (int64_t h = 0; h < H; ++h) scan(n, h, W - 1);
+      }
+      T* dW = dWc.data_ptr<T>();
+      for (int64_t j = 0; j < C; ++j)
+        if (nonfinite[j])
+          for (int64_t o = 0; o < Cout; ++o) dW[o * C + j] = std::numeric_limits<T>::quiet_NaN();
+    }
     auto up = [&](int64_t r) -> const T* {
       const int64_t n = r / (H * W), h = (r / W) % H, w = r % W;
       if (h >= 2 * H2 || w >= 2 * W2) return nullptr;  // dropped by the floor-mode pool

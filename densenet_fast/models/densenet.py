@@ -128,7 +128,50 @@ class DenseNet(nn.Module):
                 m.impl = impl
         return self
 
+    def _check_training_sizes(self, x: Tensor) -> None:
+        """In training, rejects up front an input whose feature maps get too small for a BatchNorm (one
+        value per channel) or a 2x2 pool, before any module has updated its running statistics. Same
+        errors as torchvision raises midway (ValueError from nn.BatchNorm2d, RuntimeError from pooling).
+        Walks the stem (Conv2d/MaxPool2d/AvgPool2d/BatchNorm2d/ReLU), blocks and transitions; stops at
+        any other module."""
+        if x.dim() != 4:
+            return
+        n, h, w = x.shape[0], x.shape[2], x.shape[3]
+
+        def out_size(size: int, m: nn.Module, i: int) -> int:  # floor-mode output size along dim i
+            def pick(v):
+                return v[i] if isinstance(v, (tuple, list)) else v
+            k, st, p, d = m.kernel_size, m.stride, m.padding, getattr(m, "dilation", 1)
+            return (size + 2 * pick(p) - pick(d) * (pick(k) - 1) - 1) // pick(st) + 1
+
+        def bn_check(bn: nn.Module) -> None:
+            if bn.training and n * h * w == 1:  # nn.BatchNorm2d's rule (an empty batch is fine)
+                raise ValueError("Expected more than 1 value per channel when training, got input size "
+                                 f"{torch.Size([n, bn.num_features, h, w])}")
+
+        for m in self.features.children():
+            if isinstance(m, DenseBlock):
+                for layer in m.values():
+                    bn_check(layer.norm1)
+                    bn_check(layer.norm2)
+            elif isinstance(m, Transition):
+                bn_check(m.norm)
+                if h < 2 or w < 2:
+                    raise RuntimeError(f"input: a {tuple(x.shape[2:])} input leaves a {h}x{w} feature map at "
+                                       "a transition, too small for its 2x2 average pool")
+                h, w = h // 2, w // 2
+            elif isinstance(m, nn.BatchNorm2d):
+                bn_check(m)
+            elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and not getattr(m, "ceil_mode", False):
+                h, w = out_size(h, m, 0), out_size(w, m, 1)
+                if h < 1 or w < 1:
+                    return  # the module itself reports it, before any BatchNorm ran
+            elif not isinstance(m, nn.ReLU):
+                return
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self._check_training_sizes(x)
         if self.impl == "fused":
             out = features_to_pooled(self.features, x)
         else:

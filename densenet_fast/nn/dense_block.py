@@ -221,6 +221,12 @@ class DenseBlock(nn.ModuleDict):
 
     # -- module API -------------------------------------------------------------------------------
     def forward(self, init_features: Tensor) -> Tensor:
+        # nn.BatchNorm2d counts num_batches_tracked before raising this error; check first, so a call
+        # that raises leaves every buffer as it was, on the fused and on the reference path.
+        x = init_features
+        if (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1
+                and any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
+            check_batch_for_training(x, True)
         if self.can_fuse(init_features):
             return self.fused_forward(init_features).buffer
         features = [init_features]
@@ -301,6 +307,8 @@ class Transition(nn.Sequential):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and self.norm.training:
+            check_batch_for_training(x, True)  # before nn.BatchNorm2d would count the batch
         if self.can_fuse(x):
             return self.fused_forward(x)
         return super().forward(x)
