@@ -478,6 +478,8 @@ MODULE_CASES = [
     ("model-device", _small_densenet, (N, 3, 8, 8), lambda x: x.to("meta"), RuntimeError, r"meta"),
     ("model-batch1-tiny", _small_densenet, (N, 3, 8, 8), lambda x: x[:1, :, :4, :4], ValueError,
      r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 5, 1, 1\]\)$"),
+    ("se-model-batch1-tiny", lambda: _small_densenet(se_ratio=0.5), (N, 3, 8, 8), lambda x: x[:1, :, :4, :4],
+     ValueError, r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 5, 1, 1\]\)$"),
     ("model-pool-too-small", _small_densenet, (N, 3, 8, 8), lambda x: x[:, :, :2, :2], RuntimeError,
      r"too small for its 2x2 average pool"),
 ]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate, check_impl, check_int
 from densenet_fast.nn.fused_features import features_to_pooled
+from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc",
            "remap_legacy_keys", "load_weights"]
@@ -166,7 +167,7 @@ class DenseNet(nn.Module):
                 h, w = out_size(h, m, 0), out_size(w, m, 1)
                 if h < 1 or w < 1:
                     return  # the module itself reports it, before any BatchNorm ran
-            elif not isinstance(m, nn.ReLU):
+            elif not isinstance(m, (nn.ReLU, SqueezeExcite)):  # those keep the size and hold no BatchNorm
                 return
 
     def forward(self, x: Tensor) -> Tensor:

@@ -316,7 +316,11 @@ class Transition(nn.Sequential):
 
 def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
                          batch_var: Optional[Tensor] = None) -> Tensor:
-    """flatten(adaptive_avg_pool2d(relu(bn(x)), 1)) as one operator: [N, C, H, W] -> [N, C]."""
+    """flatten(adaptive_avg_pool2d(relu(bn(x)), 1)) as one operator: [N, C, H, W] -> [N, C].
+
+    An empty batch (which the operator refuses) gets torchvision's computation and empty result."""
+    if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
+        return torch.flatten(F.adaptive_avg_pool2d(F.relu(bn(x)), (1, 1)), 1)
     x = _autocast_dtype_fix(x)
     with torch.autocast(x.device.type, enabled=False):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
