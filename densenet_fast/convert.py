@@ -316,12 +316,12 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
         if fuse_head and type(m) is nn.Sequential and any(isinstance(c, DenseBlock) for c in m.children()):
             new = _adopt(FusedFeatures.from_sequential(m), m)
             report.converted.append((name, "FusedFeatures <- nn.Sequential (block -> transition / final norm fusion)"))
+        if fuse_head:
+            _fuse_densenet_head(m, name, report)
         memo[id(m)] = new
         return new
 
     root = visit(model, "")
-    if fuse_head:
-        _fuse_root(root, report)
     if warn and report.left_alone:
         warnings.warn("densenet_fast.convert: left unconverted (they run unchanged, unfused):\n" + "\n".join(
             f"  {n or '<root>'}: {why}" for n, why in report.left_alone), UserWarning, stacklevel=2)
@@ -329,7 +329,7 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
     return root
 
 
-def _fuse_root(root: nn.Module, report: ConversionReport) -> None:
+def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) -> None:
     """Swaps the class of an exact torchvision / timm DenseNet for the fused-head subclass."""
     from densenet_fast.nn import converted as _conv
     tv_cls = _cls("torchvision.models.densenet", "DenseNet")
@@ -348,16 +348,16 @@ def _fuse_root(root: nn.Module, report: ConversionReport) -> None:
         return
     features = getattr(root, "features", None)
     if not isinstance(features, FusedFeatures):
-        report.left_alone.append(("", f"{kind} DenseNet head: features has no convertible dense block"))
+        report.left_alone.append((name, f"{kind} DenseNet head: features has no convertible dense block"))
         return
     if not exact:
-        report.left_alone.append(("", f"{kind} DenseNet head: {type(root).__name__} is a subclass, its forward "
+        report.left_alone.append((name, f"{kind} DenseNet head: {type(root).__name__} is a subclass, its forward "
                                       "is kept (final norm + ReLU + pool unfused)"))
         return
     last = list(features.children())[-1] if len(features) else None
     if last is None or not (norm_ok(last) or _is_sync_bn(last)):
-        report.left_alone.append(("", f"{kind} DenseNet head: final norm {type(last).__name__} is not a fusable "
+        report.left_alone.append((name, f"{kind} DenseNet head: final norm {type(last).__name__} is not a fusable "
                                       "BatchNorm(+ReLU)"))
         return
     root.__class__ = target
-    report.converted.append(("", f"{target.__name__} <- {kind} DenseNet (final norm + ReLU + global pool fused)"))
+    report.converted.append((name, f"{target.__name__} <- {kind} DenseNet (final norm + ReLU + global pool fused)"))
