@@ -38,7 +38,7 @@ from torch import nn
 from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
 from densenet_fast.nn.dense_block import DenseBlock, Transition
 
-__all__ = ["convert", "ConversionReport", "conversion_report"]
+__all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
 
 REPORT_ATTR = "densenet_fast_conversion"
 
@@ -361,3 +361,17 @@ def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) ->
         return
     root.__class__ = target
     report.converted.append((name, f"{target.__name__} <- {kind} DenseNet (final norm + ReLU + global pool fused)"))
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Switches every densenet_fast module in ``model`` (converted or not) between ``"fused"`` and
+    ``"reference"`` (the plain per-layer PyTorch computation, e.g. for double backward); returns ``model``."""
+    from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
+    from densenet_fast.nn.dense_block import check_impl
+    check_impl(impl)
+    for m in model.modules():
+        if isinstance(m, _DnfDenseNet):
+            m.impl = impl
+        if isinstance(m, (DenseBlock, Transition, FusedFeatures)):
+            m.impl = impl
+    return model

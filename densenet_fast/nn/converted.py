@@ -61,7 +61,11 @@ class FusedFeatures(nn.Sequential):
     final norm (+ ReLU + pool) with the last block.
     """
 
+    impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
+
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
+        if self.impl != "fused":
+            return super().forward(x), False
         mods = list(self._modules.values())
         pending = None  # a fused block's BlockOutput not yet consumed
         for i, m in enumerate(mods):
