@@ -364,3 +364,24 @@ def test_deepcopy():
     train_steps([clone, ref], [_x(dtype=torch.float64)], tol_out=1e-9, tol_grad=1e-8)
     # the original was not touched by training the clone
     assert int(model.features.norm5.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_sync_batchnorm_models_convert_and_match_without_process_group(family):
+    # Without an initialised process group SyncBatchNorm computes plain batch norm: the converted model's
+    # reference path must match the unconverted one (the 2-process test is in test_training_stack.py).
+    if family == "torchvision":
+        base = tv_small(torch.float64)
+        to_sync = nn.SyncBatchNorm.convert_sync_batchnorm
+    else:
+        from timm.layers import convert_sync_batchnorm as to_sync
+        base = timm_small(torch.float64)
+    model = to_sync(randomize_bn(base))
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        convert(model)
+        report = conversion_report(model)
+        assert report.count("DenseBlock") == 2 and "SyncBatchNorm" in str(report)
+        train_steps([model, ref], [_x(dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-10, tol_grad=1e-9)
+    assert_state_close(model, ref, 1e-10)
