@@ -175,7 +175,10 @@ class DenseBlock(nn.ModuleDict):
             return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
         reason = None
-        if not fusable_norms(norms):
+        if any(isinstance(bn, nn.SyncBatchNorm) for bn in norms):
+            reason = ("its BatchNorms are nn.SyncBatchNorm (the fused kernels compute per-process batch statistics; "
+                      "the reference path synchronises them across processes)")
+        elif not fusable_norms(norms):
             reason = "its BatchNorms are not all affine with running statistics and one eps"
         elif len({bn.training for bn in norms}) != 1:
             reason = "its BatchNorms are in mixed train/eval modes"

@@ -1,0 +1,377 @@
+"""``convert(model)``: make torchvision / timm DenseNets (and timm SE modules) use the fused kernels.
+
+Walks any ``nn.Module`` and replaces, in place,
+
+* torchvision ``_DenseBlock`` and timm ``DenseBlock``  -> :class:`densenet_fast.nn.DenseBlock`
+* torchvision ``_Transition`` and timm ``DenseTransition`` (average-pool ones) -> :class:`densenet_fast.nn.Transition`
+* an ``nn.Sequential`` holding dense blocks (a DenseNet's ``features``) -> :class:`~densenet_fast.nn.converted.FusedFeatures`
+  (block -> transition fusion: the transition reuses the block's batch statistics)
+* an exact torchvision / timm ``DenseNet`` root gets a subclass whose ``forward`` also fuses the final
+  norm + ReLU + global average pool (``__class__`` swap; ``isinstance`` still holds)
+* timm ``SEModule`` -> :class:`densenet_fast.nn.squeeze_excite.SqueezeExcite` (``from_timm``)
+
+The new container modules hold the **same** child modules as the ones they replace: every Parameter and
+buffer is the same object as before, so ``state_dict`` keys and values are unchanged and an optimizer
+built before the conversion keeps working. Dense layers themselves (``_DenseLayer`` / timm
+``DenseLayer``) are kept as they are: the fused block reads their ``norm1/conv1/norm2/conv2``, and its
+reference path (used when the fused kernels cannot run) calls them exactly as torchvision/timm do.
+
+Blocks that cannot be fused exactly (non-ReLU activations, blur-pool transitions, unusual convolutions,
+``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
+
+SyncBatchNorm: the fused kernels compute per-process batch statistics, so a block whose norms are
+``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before or after ``convert``, or timm's
+``convert_sync_batchnorm``) runs the reference per-layer path, which synchronises statistics exactly as
+the unconverted model would; a one-time ``RuntimeWarning`` says so. The model stays convertible both ways.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
+from densenet_fast.nn.dense_block import DenseBlock, Transition
+
+__all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
+
+REPORT_ATTR = "densenet_fast_conversion"
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert` did. Entries are ``(qualified module name, description)``."""
+
+    converted: List[Tuple[str, str]] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def count(self, kind: str) -> int:
+        return sum(1 for _, what in self.converted if what.startswith(kind))
+
+    def __str__(self) -> str:
+        lines = [f"densenet_fast.convert: {len(self.converted)} module(s) converted, "
+                 f"{len(self.left_alone)} left alone"]
+        lines += [f"  converted   {name or '<root>'}: {what}" for name, what in self.converted]
+        lines += [f"  left alone  {name or '<root>'}: {why}" for name, why in self.left_alone]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> Optional[ConversionReport]:
+    """The report :func:`convert` attached to ``model`` (``None`` if it was never converted)."""
+    return getattr(model, REPORT_ATTR, None)
+
+
+# -- recognising torchvision / timm classes (without importing either) --------------------------------
+
+
+def _cls(module_name: str, name: str):
+    mod = sys.modules.get(module_name)
+    return getattr(mod, name, None) if mod is not None else None
+
+
+def _is(m: nn.Module, module_name: str, name: str) -> bool:
+    cls = _cls(module_name, name)
+    return cls is not None and isinstance(m, cls)
+
+
+def _tv(m, name):
+    return _is(m, "torchvision.models.densenet", name)
+
+
+def _timm(m, name):
+    return _is(m, "timm.models.densenet", name)
+
+
+def _same_forward(m: nn.Module, module_name: str, name: str) -> bool:
+    """``m``'s class uses the original forward (a subclass that overrides forward is not ours to fuse)."""
+    return type(m).forward is _cls(module_name, name).forward
+
+
+def _is_sync_bn(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.SyncBatchNorm)
+
+
+def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module]) -> Optional[str]:
+    """Why ``bn`` (+ the ReLU that follows it, if separate) is not BN->ReLU the fused kernels compute."""
+    if _is_sync_bn(bn):
+        if not (bn.affine and bn.track_running_stats):
+            return f"{what} is a SyncBatchNorm without affine parameters or running statistics"
+        if type(bn) is not nn.SyncBatchNorm:  # timm SyncBatchNormAct: check its activation
+            act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+            if type(act) is not nn.ReLU or type(drop) is not nn.Identity:
+                return f"{what} ({type(bn).__name__}) activation is {type(act).__name__}, not ReLU"
+        elif separate_relu is not None and type(separate_relu) is not nn.ReLU:
+            return f"{what} is followed by {type(separate_relu).__name__}, not nn.ReLU"
+        return None
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"{what} is {type(bn).__name__}, not BatchNorm2d"
+    if not (bn.affine and bn.track_running_stats):
+        return f"{what} needs affine=True and track_running_stats=True"
+    kind = norm_relu_kind(bn)
+    if kind == "bn":
+        if separate_relu is None or type(separate_relu) is not nn.ReLU:
+            return f"{what} is followed by {type(separate_relu).__name__}, not nn.ReLU"
+        return None
+    if kind == "bn_relu":
+        return None
+    act = getattr(bn, "act", None)
+    return (f"{what} ({type(bn).__name__}) activation is {type(act).__name__}"
+            f"{'' if type(getattr(bn, 'drop', nn.Identity())) is nn.Identity else ' with a drop layer'}, "
+            "not a plain ReLU")
+
+
+def _conv_problem(conv: nn.Module, what: str, k: int, pad: int) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return f"{what} is {type(conv).__name__}, not nn.Conv2d"
+    if (conv.kernel_size != (k, k) or conv.stride != (1, 1) or conv.padding != (pad, pad) or conv.dilation != (1, 1)
+            or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"):
+        return f"{what} is not a bias-free {k}x{k} convolution with stride 1 and padding {pad}"
+    return None
+
+
+# -- per-module conversion -----------------------------------------------------------------------------
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Gives ``new`` ``old``'s training flag, hook dictionaries (same objects: handles keep working)
+    and any extra instance attributes."""
+    new.training = old.training
+    for key, value in vars(old).items():
+        if "hook" in key or key not in vars(new):
+            object.__setattr__(new, key, value)
+    return new
+
+
+def _block_problem(block: nn.Module) -> Optional[str]:
+    layers = list(block.children())
+    if not layers:
+        return "empty block"
+    tv = _tv(block, "_DenseBlock")
+    mod, layer_cls = ("torchvision.models.densenet", "_DenseLayer") if tv else ("timm.models.densenet", "DenseLayer")
+    if not _same_forward(block, mod, "_DenseBlock" if tv else "DenseBlock"):
+        return f"{type(block).__name__} overrides forward"
+    growth, inter, c0 = None, None, None
+    eps, sync = set(), set()
+    for i, layer in enumerate(layers):
+        where = f"layer {i + 1}"
+        if not _is(layer, mod, layer_cls) or not _same_forward(layer, mod, layer_cls):
+            return f"{where} is {type(layer).__name__}, not an unmodified {layer_cls}"
+        for attr in ("norm1", "conv1", "norm2", "conv2"):
+            if not isinstance(getattr(layer, attr, None), nn.Module):
+                return f"{where} has no {attr}"
+        n1, c1, n2, c2 = layer.norm1, layer.conv1, layer.norm2, layer.conv2
+        for bn, name, relu in ((n1, "norm1", getattr(layer, "relu1", None)), (n2, "norm2", getattr(layer, "relu2", None))):
+            p = _norm_problem(bn, f"{where} {name}", relu if tv else None)
+            if p:
+                return p
+            eps.add(bn.eps)
+            sync.add(_is_sync_bn(bn))
+        for conv, name, k, pad in ((c1, "conv1", 1, 0), (c2, "conv2", 3, 1)):
+            p = _conv_problem(conv, f"{where} {name}", k, pad)
+            if p:
+                return p
+        if i == 0:
+            c0, growth, inter = n1.num_features, c2.out_channels, c1.out_channels
+        if (n1.num_features != c0 + i * growth or c1.in_channels != n1.num_features or c1.out_channels != inter
+                or n2.num_features != inter or c2.in_channels != inter or c2.out_channels != growth):
+            return f"{where} channel counts do not follow C0 + i*k (a dense block with one growth rate and bn_size)"
+        if float(getattr(layer, "drop_rate", 0.0)) != float(getattr(layers[0], "drop_rate", 0.0)):
+            return "its layers have different drop rates"
+    if len(eps) != 1:
+        return "its BatchNorms do not share one eps"
+    if len(sync) != 1:
+        return "it mixes SyncBatchNorm and BatchNorm2d"
+    return None
+
+
+def _convert_block(block: nn.Module) -> DenseBlock:
+    new = DenseBlock.__new__(DenseBlock)
+    nn.ModuleDict.__init__(new, OrderedDict(block._modules))
+    new.impl = "fused"
+    return _adopt(new, block)
+
+
+def _transition_problem(t: nn.Module) -> Optional[str]:
+    tv = _tv(t, "_Transition")
+    if tv and not _same_forward(t, "torchvision.models.densenet", "_Transition"):
+        return f"{type(t).__name__} overrides forward"
+    if not tv and not _same_forward(t, "timm.models.densenet", "DenseTransition"):
+        return f"{type(t).__name__} overrides forward"
+    names = list(t._modules)
+    expected = ["norm", "relu", "conv", "pool"] if tv else ["norm", "conv", "pool"]
+    if names != expected:
+        return f"children {names} are not {expected}"
+    p = _norm_problem(t.norm, "norm", t.relu if tv else None) or _conv_problem(t.conv, "conv", 1, 0)
+    if p:
+        return p
+    pool = t.pool
+    if type(pool) is not nn.AvgPool2d:
+        return f"pool is {type(pool).__name__} (e.g. a blur pool), which the fused transition does not compute"
+    ks = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
+    st = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
+    pd = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * 2
+    if ks != (2, 2) or st != (2, 2) or pd != (0, 0) or pool.ceil_mode or pool.divisor_override is not None:
+        return "pool is not AvgPool2d(kernel_size=2, stride=2)"
+    return None
+
+
+def _convert_transition(t: nn.Module) -> Transition:
+    new = Transition.__new__(Transition)
+    nn.Sequential.__init__(new, OrderedDict(t._modules))
+    new.impl = "fused"
+    return _adopt(new, t)
+
+
+def _se_class():
+    try:
+        from densenet_fast.nn.squeeze_excite import SqueezeExcite
+    except ImportError:  # HOOK: SqueezeExcite not available in this build -> timm SE modules are left alone
+        return None
+    return SqueezeExcite if hasattr(SqueezeExcite, "from_timm") else None
+
+
+def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, squeeze_excite: bool = True,
+            warn: bool = True) -> nn.Module:
+    """Converts torchvision/timm dense blocks, transitions, DenseNet heads and timm SE modules in ``model``.
+
+    Args:
+        model: any ``nn.Module`` (a whole DenseNet, a backbone inside a larger model, a single block, ...).
+        inplace: convert ``model`` itself (default) or a ``copy.deepcopy`` of it.
+        fuse_head: swap ``features`` Sequentials for :class:`FusedFeatures` and the class of an exact
+            torchvision/timm ``DenseNet`` root for one whose forward fuses the final norm + ReLU + pool.
+        squeeze_excite: replace timm ``SEModule`` instances with ``SqueezeExcite.from_timm``.
+        warn: issue a ``UserWarning`` listing the dense blocks/transitions that could not be converted.
+
+    Returns:
+        The converted model: ``model`` itself unless the root module had to be replaced (e.g. ``model`` is
+        a ``_DenseBlock``) or ``inplace=False``. A :class:`ConversionReport` is attached to it as
+        ``densenet_fast_conversion`` (see :func:`conversion_report`); ``print`` it for a summary.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace: expected a bool, got {type(inplace).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    memo: Dict[int, nn.Module] = {}
+    se_cls = _se_class() if squeeze_excite else None
+    if squeeze_excite and se_cls is None and _cls("timm.layers.squeeze_excite", "SEModule") is not None:
+        report.notes.append("densenet_fast.SqueezeExcite.from_timm is not available: timm SEModules left alone")
+
+    def visit(m: nn.Module, name: str) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        new = m
+        from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
+        if isinstance(m, _DnfDenseNet):
+            report.notes.append(f"{name or '<root>'} is already a densenet_fast.DenseNet")
+            memo[id(m)] = m
+            return m
+        if isinstance(m, (DenseBlock, Transition)):
+            memo[id(m)] = m
+            return m  # already ours
+        if _tv(m, "_DenseBlock") or _timm(m, "DenseBlock"):
+            problem = _block_problem(m)
+            if problem:
+                report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
+            else:
+                new = _convert_block(m)
+                src = "torchvision _DenseBlock" if _tv(m, "_DenseBlock") else "timm DenseBlock"
+                report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers)"))
+                if _is_sync_bn(new._layers()[0].norm1):  # DenseBlock.can_fuse warns once at run time
+                    report.notes.append(f"{name}: SyncBatchNorm -> runs the reference (per-layer) path")
+            memo[id(m)] = new
+            return new
+        if _tv(m, "_Transition") or _timm(m, "DenseTransition"):
+            problem = _transition_problem(m)
+            if problem:
+                report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
+            else:
+                new = _convert_transition(m)
+                src = "torchvision _Transition" if _tv(m, "_Transition") else "timm DenseTransition"
+                report.converted.append((name, f"Transition <- {src}"))
+            memo[id(m)] = new
+            return new
+        if se_cls is not None and type(m) is _cls("timm.layers.squeeze_excite", "SEModule"):
+            new = _adopt(se_cls.from_timm(m), m)
+            report.converted.append((name, f"SqueezeExcite <- timm SEModule"
+                                           f"{'' if new.fused else ' (plain path: ' + str(new._unfused_reason()) + ')'}"))
+            memo[id(m)] = new
+            return new
+        # generic container: recurse
+        for child_name, child in list(m._modules.items()):
+            if child is None:
+                continue
+            new_child = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new_child is not child:
+                m._modules[child_name] = new_child
+        if fuse_head and type(m) is nn.Sequential and any(isinstance(c, DenseBlock) for c in m.children()):
+            new = _adopt(FusedFeatures.from_sequential(m), m)
+            report.converted.append((name, "FusedFeatures <- nn.Sequential (block -> transition / final norm fusion)"))
+        if fuse_head:
+            _fuse_densenet_head(m, name, report)
+        memo[id(m)] = new
+        return new
+
+    root = visit(model, "")
+    if warn and report.left_alone:
+        warnings.warn("densenet_fast.convert: left unconverted (they run unchanged, unfused):\n" + "\n".join(
+            f"  {n or '<root>'}: {why}" for n, why in report.left_alone), UserWarning, stacklevel=2)
+    object.__setattr__(root, REPORT_ATTR, report)
+    return root
+
+
+def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) -> None:
+    """Swaps the class of an exact torchvision / timm DenseNet for the fused-head subclass."""
+    from densenet_fast.nn import converted as _conv
+    tv_cls = _cls("torchvision.models.densenet", "DenseNet")
+    timm_cls = _cls("timm.models.densenet", "DenseNet")
+    if tv_cls is not None and isinstance(root, tv_cls):
+        target, kind = _conv.FusedTorchvisionDenseNet, "torchvision"
+        exact = type(root) is tv_cls
+        norm_ok = lambda bn: norm_relu_kind(bn) == "bn"  # noqa: E731
+    elif timm_cls is not None and isinstance(root, timm_cls):
+        target, kind = _conv.FusedTimmDenseNet, "timm"
+        exact = type(root) is timm_cls
+        norm_ok = lambda bn: norm_relu_kind(bn) == "bn_relu"  # noqa: E731
+    else:
+        return
+    if type(root) is target:
+        return
+    features = getattr(root, "features", None)
+    if not isinstance(features, FusedFeatures):
+        report.left_alone.append((name, f"{kind} DenseNet head: features has no convertible dense block"))
+        return
+    if not exact:
+        report.left_alone.append((name, f"{kind} DenseNet head: {type(root).__name__} is a subclass, its forward "
+                                      "is kept (final norm + ReLU + pool unfused)"))
+        return
+    last = list(features.children())[-1] if len(features) else None
+    if last is None or not (norm_ok(last) or _is_sync_bn(last)):
+        report.left_alone.append((name, f"{kind} DenseNet head: final norm {type(last).__name__} is not a fusable "
+                                      "BatchNorm(+ReLU)"))
+        return
+    root.__class__ = target
+    report.converted.append((name, f"{target.__name__} <- {kind} DenseNet (final norm + ReLU + global pool fused)"))
+
+
+def set_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Switches every densenet_fast module in ``model`` (converted or not) between ``"fused"`` and
+    ``"reference"`` (the plain per-layer PyTorch computation, e.g. for double backward); returns ``model``."""
+    from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
+    from densenet_fast.nn.dense_block import check_impl
+    check_impl(impl)
+    for m in model.modules():
+        if isinstance(m, _DnfDenseNet):
+            m.impl = impl
+        if isinstance(m, (DenseBlock, Transition, FusedFeatures)):
+            m.impl = impl
+    return model
