@@ -353,3 +353,50 @@ def test_channel_moments_dtype_follows_fake(emu):
     fm, fv = tail_ops._channel_moments_fake(x)
     assert mean.dtype == fm.dtype and var.dtype == fv.dtype
     torch.testing.assert_close(mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=1e-2)
+
+
+# --- output metadata = the fake kernels' (what opcheck would check on a GPU) ----------------------
+
+def _meta(x):
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.stride(), x.dtype)
+    return [_meta(t) for t in x]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 1, 1, 2), (3, 2, 1, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_metadata_matches_fake_kernels(emu, dtype, shape, training):
+    N, C0, H, W = shape
+    if training and N * H * W == 1:
+        pytest.skip("training needs more than one value per channel")
+    L, k, bs = 2, 1 if C0 == 1 else 3, 2
+    P = make_params(C0, L, k, bs, dtype=dtype)
+    x = torch.randn(shape).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=layout)
+        running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+        args = (x, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5)
+        out = emu.dense_block_forward(*args)
+        assert _meta(out) == _meta(block_ops._dense_block_forward_fake(*args))
+        bargs = (torch.randn(out[0].shape).to(dtype), *out, *[P[n] for n in ORDER], *running, None, 0.0, training,
+                 1e-5, C0)
+        assert _meta(emu.dense_block_backward(*bargs)) == _meta(block_ops._dense_block_backward_fake(*bargs))
+
+        sd = block_ops.stats_dtype(dtype)
+        C = C0
+        mean, var = (torch.rand(C) + 0.5).to(sd), (torch.rand(C) + 0.5).to(sd)
+        weight, bias = tail_args(C, dtype)
+        cw = torch.randn(4, C, 1, 1).to(dtype)
+        assert _meta(emu.channel_moments(x)) == _meta(tail_ops._channel_moments_fake(x))
+        nargs = (x, mean, var, weight, bias, training, 1e-5)
+        out = emu.norm_relu_pool_forward(*nargs)
+        assert _meta(out) == _meta(tail_ops._norm_relu_pool_forward_fake(*nargs))
+        gargs = (torch.randn(out.shape).to(dtype), *nargs)
+        assert _meta(emu.norm_relu_pool_backward(*gargs)) == _meta(tail_ops._norm_relu_pool_backward_fake(*gargs))
+        if H >= 2 and W >= 2:
+            targs = (x, mean, var, weight, bias, cw, training, 1e-5)
+            out = emu.transition_forward(*targs)
+            assert _meta(out) == _meta(tail_ops._transition_forward_fake(*targs))
+            gargs = (torch.randn(out.shape).to(dtype), *targs)
+            assert _meta(emu.transition_backward(*gargs)) == _meta(tail_ops._transition_backward_fake(*gargs))
