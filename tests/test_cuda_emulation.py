@@ -400,3 +400,27 @@ def test_output_metadata_matches_fake_kernels(emu, dtype, shape, training):
             assert _meta(out) == _meta(tail_ops._transition_forward_fake(*targs))
             gargs = (torch.randn(out.shape).to(dtype), *targs)
             assert _meta(emu.transition_backward(*gargs)) == _meta(tail_ops._transition_backward_fake(*gargs))
+
+
+# --- the fused BN+GEMM kernel (bn_gemm.cu), block by block ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,ld,c,n_out", [
+    (200, 64, 48, 128),    # 16-byte path, partial row tile, two K steps
+    (130, 40, 40, 128),    # 16-byte path, c not a multiple of BK
+    (100, 37, 29, 50),     # element path (odd everything)
+    (64, 256, 232, 200),   # two column blocks, many K steps
+    (1, 8, 8, 1),
+])
+def test_fused_bn_gemm_kernel(emu, dtype, M, ld, c, n_out):
+    g = torch.Generator().manual_seed(M + c)
+    X = (torch.randn(M, ld, generator=g) * 2).to(dtype)
+    W = (torch.randn(n_out, c, generator=g) / c ** 0.5).to(dtype)
+    a = torch.rand(c, generator=g) + 0.5
+    b = torch.rand(c, generator=g) - 0.5
+    Y = emu.bn_relu_gemm(X, c, a, b, W)
+    U = torch.relu(a * X[:, :c].float() + b).to(dtype)  # rounded as the kernel stages it
+    ref = (U.double() @ W.double().t())
+    assert Y.dtype == dtype and Y.shape == (M, n_out)
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    torch.testing.assert_close(Y.double(), ref, rtol=ulp, atol=1e-5 * ref.abs().max().item())
