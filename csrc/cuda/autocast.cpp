@@ -1,0 +1,63 @@
+// AutocastCUDA kernels: under torch.autocast("cuda", dtype=D) the dense block and the transition
+// run with their input and conv weights cast to D (cached casts, as for F.conv2d), while every
+// BatchNorm tensor (weights, biases, running statistics) stays float32: the kernels compute BN in
+// float32 for float16/bfloat16 data and the argument checks expect float32 BN tensors there.
+// float64 inputs, and tensors autocast does not handle, pass through unchanged. The other operators
+// (BN-only readers, statistics, backward ops) fall through to their CUDA kernels in the dtypes given.
+// The casts happen above the Autograd key, so gradients flow back to the float32 master weights.
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace dnf::cuda {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+constexpr auto kCUDA = c10::DeviceType::CUDA;
+
+using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
+    TensorList, TensorList, const std::optional<Tensor>&, double, bool, double);
+using TransitionForwardFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, bool, double);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_autocast(
+    const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2, TensorList w2,
+    TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2, const std::optional<Tensor>& mask, double p,
+    bool training, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("densenet_fast::dense_block_forward", "")
+                       .typed<BlockForwardFn>();
+  if (!at::autocast::is_eligible(input, kCUDA))
+    return op.call(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  const std::vector<Tensor> w1c = at::autocast::cached_cast(dtype, w1, kCUDA);
+  const std::vector<Tensor> w2c = at::autocast::cached_cast(dtype, w2, kCUDA);
+  return op.call(at::autocast::cached_cast(dtype, input, kCUDA), g1, b1, w1c, g2, b2, w2c, rm1, rv1, rm2, rv2,
+                 mask, p, training, eps);
+}
+
+Tensor transition_forward_autocast(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                   const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("densenet_fast::transition_forward", "")
+                       .typed<TransitionForwardFn>();
+  if (!at::autocast::is_eligible(input, kCUDA))
+    return op.call(input, mean, var, weight, bias, conv_weight, training, eps);
+  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  return op.call(at::autocast::cached_cast(dtype, input, kCUDA), mean, var, weight, bias,
+                 at::autocast::cached_cast(dtype, conv_weight, kCUDA), training, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fast, AutocastCUDA, m) {
+  m.impl("dense_block_forward", &dense_block_forward_autocast);
+  m.impl("transition_forward", &transition_forward_autocast);
+}
+
+}  // namespace dnf::cuda

@@ -1,0 +1,279 @@
+// Index functors of the CUDA dense-block and tail kernels (launched by for_each, launch.cuh).
+//
+// Every activation is channels_last, i.e. a row-major matrix [rows = N*H*W, ld] whose columns are
+// channels; a functor over a [rows, width] range decodes i -> (r = i / width, j = i % width), so
+// consecutive threads touch consecutive channels of one row (coalesced). Math is in acc_t (float
+// for float/half/bfloat16, double for double) with the folded-BN algebra of common/bn_math.h; values
+// are rounded to the data type T once, where they are stored.
+#pragma once
+
+#include "common/bn_math.h"
+#include "cuda/launch.cuh"
+
+namespace dnf::DNF_CUDA_NS {
+
+// a = gamma*invstd, b = beta - mean*a, invstd = 1/sqrt(var + eps) per channel. With gamma == nullptr
+// only invstd is written.
+template <typename acc_t>
+struct FoldBn {
+  const acc_t *gamma, *beta, *mean, *var;
+  double eps;
+  acc_t *a, *b, *invstd;
+  C10_HOST_DEVICE void operator()(int64_t j) const {
+    const acc_t is = invstd_from_var<acc_t>(var[j], eps);
+    invstd[j] = is;
+    if (gamma != nullptr) fold_bn<acc_t>(gamma[j], beta[j], mean[j], is, a[j], b[j]);
+  }
+};
+
+// out[r, j] = relu(a[j]*x[r, j] + b[j]) for j < width; x and out may alias (in place).
+template <typename T, typename acc_t>
+struct BnReluApply {
+  const T* x;
+  int64_t ldx;
+  T* out;
+  int64_t ldo, width;
+  const acc_t *a, *b;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / width, j = i - r * width;
+    out[r * ldo + j] = static_cast<T>(relu<acc_t>(a[j] * static_cast<acc_t>(x[r * ldx + j]) + b[j]));
+  }
+};
+
+// Element (r, channel ch0 + j) of a bool dropout mask [N, C, H, W] of any strides (keep = true).
+struct MaskView {
+  const bool* p = nullptr;
+  int64_t sN = 0, sC = 0, sH = 0, sW = 0, HW = 1, W = 1, ch0 = 0;
+  C10_HOST_DEVICE bool keep(int64_t r, int64_t j) const {
+    const int64_t n = r / HW, hw = r - n * HW, h = hw / W, w = hw - h * W;
+    return p[n * sN + (ch0 + j) * sC + h * sH + w * sW];
+  }
+};
+
+// Writes a layer's k new channels into the block buffer: dst[r, c0 + j] = src[r, j] (times the
+// dropout mask / (1 - p), as F.dropout computes it, when a mask is given).
+template <typename T, typename acc_t>
+struct StoreNewFeatures {
+  const T* src;
+  T* dst;
+  int64_t ld, c0, k;
+  MaskView mask;
+  acc_t inv_keep;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / k, j = i - r * k;
+    acc_t v = static_cast<acc_t>(src[i]);
+    if (mask.p != nullptr) v = mask.keep(r, j) ? v * inv_keep : acc_t(0);
+    dst[r * ld + c0 + j] = static_cast<T>(v);
+  }
+};
+
+// Gradient of a layer's conv2 output: dout[r, j] = G[r, c0 + j] (times mask / (1 - p)), in T.
+template <typename T, typename acc_t>
+struct GradOfNewFeatures {
+  const acc_t* G;
+  T* dout;
+  int64_t ld, c0, k;
+  MaskView mask;
+  acc_t inv_keep;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / k, j = i - r * k;
+    acc_t v = G[r * ld + c0 + j];
+    if (mask.p != nullptr) v = mask.keep(r, j) ? v * inv_keep : acc_t(0);
+    dout[i] = static_cast<T>(v);
+  }
+};
+
+// BN2 + ReLU backward sums of a [rows, width] bottleneck: dz = dV where V > 0;
+// s0 += dz, s1 += dz * xhat2.
+template <typename T, typename acc_t>
+struct Bn2BackwardTerm {
+  const T *V, *dV, *Y;
+  const acc_t *mean, *invstd;
+  int64_t width;
+  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
+    const int64_t i = r * width + j;
+    const acc_t dz = static_cast<acc_t>(V[i]) > acc_t(0) ? static_cast<acc_t>(dV[i]) : acc_t(0);
+    s[0] += dz;
+    s[1] += dz * (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
+  }
+};
+
+// Per-channel epilogue of a BN backward reduction, sums = [2, width] (sum dz, sum dz*xhat):
+// dbeta, dgamma; m = [2, width] the training-mode mean terms (zero in eval) when m != nullptr;
+// S1 += gamma*dbeta, S2 += gamma*dgamma (the merged BN1 backward scalars) when S1 != nullptr.
+template <typename acc_t>
+struct BnGradEpilogue {
+  const acc_t* sums;
+  int64_t width, rows;
+  bool training;
+  acc_t *dbeta, *dgamma, *m;
+  const acc_t* gamma;
+  acc_t *S1, *S2;
+  C10_HOST_DEVICE void operator()(int64_t j) const {
+    const acc_t s0 = sums[j], s1 = sums[width + j];
+    dbeta[j] = s0;
+    dgamma[j] = s1;
+    if (m != nullptr) {
+      m[j] = training ? s0 / static_cast<acc_t>(rows) : acc_t(0);
+      m[width + j] = training ? s1 / static_cast<acc_t>(rows) : acc_t(0);
+    }
+    if (S1 != nullptr) {
+      S1[j] += gamma[j] * s0;
+      S2[j] += gamma[j] * s1;
+    }
+  }
+};
+
+// In place dV -> dY: the full BN2 + ReLU backward of one element.
+template <typename T, typename acc_t>
+struct Bn2BackwardApply {
+  const T *V, *Y;
+  T* dV;
+  const acc_t *mean, *invstd, *a, *m;
+  int64_t width;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / width, j = i - r * width;
+    (void)r;
+    const acc_t dz = static_cast<acc_t>(V[i]) > acc_t(0) ? static_cast<acc_t>(dV[i]) : acc_t(0);
+    const acc_t xhat = (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
+    dV[i] = static_cast<T>(bn_backward_train<acc_t>(dz, xhat, a[j], m[j], m[width + j]));
+  }
+};
+
+// BN1 + ReLU backward of one layer over its input columns [0, c): dU is the gradient of
+// U = relu(a*X + b) ([rows, c]); the ReLU mask is recomputed from X exactly as the forward rounded
+// U. Adds a*d to the block gradient buffer G (each (r, j) is visited once) and accumulates
+// s0 += d, s1 += d * xhat.
+template <typename T, typename acc_t>
+struct Bn1BackwardTerm {
+  const T* X;
+  int64_t ld;
+  const T* dU;
+  int64_t c;
+  const acc_t *a, *b, *mean, *invstd;
+  acc_t* G;
+  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
+    const acc_t x = static_cast<acc_t>(X[r * ld + j]);
+    const T u = static_cast<T>(relu<acc_t>(a[j] * x + b[j]));
+    const acc_t d = static_cast<acc_t>(u) > acc_t(0) ? static_cast<acc_t>(dU[r * c + j]) : acc_t(0);
+    G[r * ld + j] += a[j] * d;
+    s[0] += d;
+    s[1] += d * (x - mean[j]) * invstd[j];
+  }
+};
+
+// Merged BN1 backward of every reader of columns [c0, c0 + width), once all of them are done:
+// G -= invstd/n * (S1 + xhat*S2).
+template <typename T, typename acc_t>
+struct FinalizeGrad {
+  acc_t* G;
+  const T* X;
+  int64_t ld, c0, width, rows;
+  const acc_t *mean, *invstd, *S1, *S2;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / width, j = c0 + (i - r * width);
+    const int64_t e = r * ld + j;
+    const acc_t xhat = (static_cast<acc_t>(X[e]) - mean[j]) * invstd[j];
+    G[e] = finalize_grad<acc_t>(G[e], xhat, invstd[j] / static_cast<acc_t>(rows), S1[j], S2[j]);
+  }
+};
+
+// --- tails: transition (BN-ReLU-conv1x1-avgpool2) and final norm (BN-ReLU-global avg pool) --------
+
+struct PoolGeometry {
+  int64_t H, W, H2, W2;
+};
+
+// P[q, j] = 2x2 average (floor mode) of relu(a*x + b) around output position q.
+template <typename T, typename acc_t>
+struct PoolBnRelu {
+  const T* X;
+  int64_t C;
+  PoolGeometry g;
+  const acc_t *a, *b;
+  T* P;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t q = i / C, j = i - q * C;
+    const int64_t n = q / (g.H2 * g.W2), rem = q - n * g.H2 * g.W2, oh = rem / g.W2, ow = rem - oh * g.W2;
+    const int64_t base = (n * g.H + 2 * oh) * g.W + 2 * ow;
+    const acc_t aj = a[j], bj = b[j];
+    const acc_t s = relu<acc_t>(aj * static_cast<acc_t>(X[base * C + j]) + bj) +
+                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + 1) * C + j]) + bj) +
+                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W) * C + j]) + bj) +
+                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W + 1) * C + j]) + bj);
+    P[i] = static_cast<T>(s / acc_t(4));
+  }
+};
+
+// out[n, j] = mean over the HW positions of relu(a*x + b).
+template <typename T, typename acc_t>
+struct NormReluPool {
+  const T* X;
+  int64_t HW, C;
+  const acc_t *a, *b;
+  T* out;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t n = i / C, j = i - n * C;
+    const T* x = X + n * HW * C + j;
+    acc_t s = acc_t(0);
+    for (int64_t p = 0; p < HW; ++p) s += relu<acc_t>(a[j] * static_cast<acc_t>(x[p * C]) + b[j]);
+    out[i] = static_cast<T>(s / static_cast<acc_t>(HW));
+  }
+};
+
+// Gradient w.r.t. the ReLU output of the final norm: dO[n, j] / HW.
+template <typename T, typename acc_t>
+struct GlobalPoolUp {
+  const T* dO;
+  int64_t HW, C;
+  C10_HOST_DEVICE acc_t operator()(int64_t r, int64_t j) const {
+    return static_cast<acc_t>(dO[(r / HW) * C + j]) / static_cast<acc_t>(HW);
+  }
+};
+
+// Gradient w.r.t. the ReLU output of the transition: dP[pooled position, j] / 4, zero for the rows
+// and columns a floor-mode 2x2 pool drops.
+template <typename T, typename acc_t>
+struct AvgPool2Up {
+  const T* dP;
+  PoolGeometry g;
+  int64_t C;
+  C10_HOST_DEVICE acc_t operator()(int64_t r, int64_t j) const {
+    const int64_t HW = g.H * g.W, n = r / HW, hw = r - n * HW, h = hw / g.W, w = hw - h * g.W;
+    if (h >= 2 * g.H2 || w >= 2 * g.W2) return acc_t(0);
+    return static_cast<acc_t>(dP[((n * g.H2 + h / 2) * g.W2 + w / 2) * C + j]) / acc_t(4);
+  }
+};
+
+// BN + ReLU backward sums of a tail reader: d = up where a*x + b > 0; s0 += d, s1 += d*xhat.
+template <typename T, typename acc_t, class Up>
+struct TailBackwardTerm {
+  const T* X;
+  int64_t C;
+  const acc_t *a, *b, *mean, *invstd;
+  Up up;
+  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
+    const acc_t x = static_cast<acc_t>(X[r * C + j]);
+    const acc_t d = a[j] * x + b[j] > acc_t(0) ? up(r, j) : acc_t(0);
+    s[0] += d;
+    s[1] += d * (x - mean[j]) * invstd[j];
+  }
+};
+
+template <typename T, typename acc_t, class Up>
+struct TailBackwardApply {
+  const T* X;
+  int64_t C;
+  const acc_t *a, *b, *mean, *invstd, *m;
+  Up up;
+  T* dX;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    const int64_t r = i / C, j = i - r * C;
+    const acc_t x = static_cast<acc_t>(X[i]);
+    const acc_t d = a[j] * x + b[j] > acc_t(0) ? up(r, j) : acc_t(0);
+    const acc_t xhat = (x - mean[j]) * invstd[j];
+    dX[i] = static_cast<T>(bn_backward_train<acc_t>(d, xhat, a[j], m[j], m[C + j]));
+  }
+};
+
+}  // namespace dnf::DNF_CUDA_NS

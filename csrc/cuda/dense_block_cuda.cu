@@ -1,0 +1,13 @@
+// CUDA kernels of densenet_fast::dense_block_forward / dense_block_backward (see dense_block_impl.h).
+#include <torch/library.h>
+
+#include "cuda/dense_block_impl.h"
+
+namespace dnf::cuda {
+
+TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
+  m.impl("dense_block_forward", &dense_block_forward);
+  m.impl("dense_block_backward", &dense_block_backward);
+}
+
+}  // namespace dnf::cuda

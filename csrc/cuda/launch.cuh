@@ -1,0 +1,90 @@
+// Execution layer of the CUDA kernels: every custom kernel of csrc/cuda is an *index functor*
+// (`C10_HOST_DEVICE void operator()(int64_t i) const`) that handles one independent work item and
+// writes only locations owned by that item. `for_each(n, f)` runs f(0..n-1):
+//
+//   * CUDA build: one generic grid-stride kernel on the current stream of the current device
+//     (C10_CUDA_KERNEL_LAUNCH_CHECK after every launch, int64 indices throughout);
+//   * DNF_CUDA_EMULATE build (host only, used by tests/test_cuda_emulation.py): a serial loop over a
+//     permutation of the indices, so the whole CUDA code path (indexing, orchestration, ATen calls)
+//     is executable and testable on a machine without a GPU, and any hidden dependency between
+//     work items (which would be a race on the GPU) changes the result.
+//
+// No kernel uses atomics or shared-memory reductions: reductions are fixed-shape trees of such
+// functors (see reduce.cuh), so every result is bitwise deterministic run to run.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+
+#ifndef DNF_CUDA_EMULATE
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+// The emulation build lives in its own namespace, so it can never be confused with the real one.
+#ifdef DNF_CUDA_EMULATE
+#define DNF_CUDA_NS cuda_emu
+#else
+#define DNF_CUDA_NS cuda
+#endif
+
+namespace dnf::DNF_CUDA_NS {
+
+constexpr int kThreads = 256;
+
+#ifdef DNF_CUDA_EMULATE
+
+// Sets nothing: the emulation runs on the host.
+struct DeviceScope {
+  explicit DeviceScope(const at::Tensor&) {}
+};
+
+inline bool is_emulation() { return true; }
+
+template <class F>
+void for_each(int64_t n, const F& f) {
+  if (n <= 0) return;
+  // Visit the indices in the order i*p mod n (p prime, coprime with n): a permutation that is far
+  // from sequential, so an item that reads another item's output gets caught by the tests.
+  int64_t p = 1000003;
+  while (std::gcd(p, n) != 1) ++p;
+  int64_t i = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    f(i);
+    i = (i + p) % n;
+  }
+}
+
+#else
+
+// Makes the input's device current for the op (kernels and ATen calls then use its current stream).
+struct DeviceScope {
+  c10::cuda::CUDAGuard guard;
+  explicit DeviceScope(const at::Tensor& t) : guard(t.device()) {}
+};
+
+inline bool is_emulation() { return false; }
+
+template <class F>
+__global__ void __launch_bounds__(kThreads) for_each_kernel(int64_t n, F f) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
+}
+
+template <class F>
+void for_each(int64_t n, const F& f) {
+  if (n <= 0) return;
+  // Items are independent, so the grid size does not affect results; cap it and grid-stride.
+  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20);
+  for_each_kernel<F><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif
+
+}  // namespace dnf::DNF_CUDA_NS

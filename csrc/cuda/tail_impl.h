@@ -1,0 +1,180 @@
+// The CUDA kernels of the BN-ReLU readers that follow a dense block (csrc/cpu/tail_cpu.cpp is the
+// specification): transition_forward/backward, norm_relu_pool_forward/backward, channel_moments.
+// Neither reader stores its BN/ReLU output: the transition pools relu(bn(x)) first (a quarter of
+// the rows) and runs its 1x1 conv as a cuBLAS GEMM on the pooled rows; the backward recomputes.
+#pragma once
+
+#include "cuda/block_kernels.cuh"
+#include "cuda/common_impl.h"
+#include "cuda/reduce.cuh"
+
+namespace dnf::DNF_CUDA_NS {
+
+// Folded BN of a tail reader: acc_t [3, C] = (a, b, invstd).
+template <typename T>
+Tensor fold_tail(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps,
+                 std::vector<Tensor>& keep) {
+  using acc_t = acc_type<T>;
+  const int64_t C = mean.numel();
+  Tensor f = at::empty({3, C}, acc_options<T>(mean));
+  acc_t* p = f.data_ptr<acc_t>();
+  for_each(C, FoldBn<acc_t>{vec_ptr<acc_t>(weight, keep), vec_ptr<acc_t>(bias, keep), vec_ptr<acc_t>(mean, keep),
+                            vec_ptr<acc_t>(var, keep), eps, p, p + C, p + 2 * C});
+  return f;
+}
+
+inline void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                             const Tensor& bias, const Tensor& conv_weight, double eps) {
+  check_cuda_input(input, "input");
+  check_tail_args(input, mean, var, weight, bias, eps);
+  check_float_tensor(conv_weight, "conv_weight", input);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
+                  conv_weight.size(3) == 1,
+              "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
+  TORCH_CHECK(conv_weight.size(0) >= 1, "conv_weight: expected at least one output channel, got shape ",
+              conv_weight.sizes());
+  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
+              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
+              ", W=", input.size(3));
+}
+
+// P = avgpool2(relu(bn(X))) as a [N*H2*W2, C] matrix.
+template <typename T>
+Tensor pooled_input(const Tensor& X, const Tensor& f, const PoolGeometry& pg) {
+  using acc_t = acc_type<T>;
+  const int64_t N = X.size(0), C = X.size(1), M2 = N * pg.H2 * pg.W2;
+  Tensor P = at::empty({M2, C}, X.options().memory_format(at::MemoryFormat::Contiguous));
+  const acc_t* fp = f.data_ptr<acc_t>();
+  for_each(M2 * C, PoolBnRelu<T, acc_t>{X.data_ptr<T>(), C, pg, fp, fp + C, P.data_ptr<T>()});
+  return P;
+}
+
+inline Tensor transition_forward(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                 const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps) {
+  check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  const DeviceScope scope(input);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), Cout = conv_weight.size(0);
+  const PoolGeometry pg{H, W, H / 2, W / 2};
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor out = empty_cl(N, Cout, pg.H2, pg.W2, input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "transition_forward_cuda", [&] {
+    std::vector<Tensor> keep;
+    const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
+    const Tensor P = pooled_input<scalar_t>(X, f, pg);
+    Tensor out2d = rows_view(out);
+    at::mm_out(out2d, P, conv_weight.contiguous().view({Cout, C}).t());
+  });
+  return out;
+}
+
+// Shared BN + ReLU backward of a tail reader given the gradient w.r.t. its ReLU output (`up`).
+template <typename T, class Up>
+void tail_bn_backward(const Tensor& X, const Tensor& f, const Tensor& mean, bool training, const Up& up, Tensor& dX,
+                      Tensor& dgamma, Tensor& dbeta, std::vector<Tensor>& keep) {
+  using acc_t = acc_type<T>;
+  const int64_t C = X.size(1), M = X.numel() / C;
+  const auto acc_opts = acc_options<T>(X);
+  const acc_t *a = f.data_ptr<acc_t>(), *b = a + C, *is = a + 2 * C;
+  const acc_t* mu = vec_ptr<acc_t>(mean, keep);
+  const T* Xp = X.data_ptr<T>();
+  const Tensor sums = column_sums<acc_t, 2>(M, C, TailBackwardTerm<T, acc_t, Up>{Xp, C, a, b, mu, is, up}, acc_opts);
+  Tensor m = at::empty({2, C}, acc_opts);
+  for_each(C, BnGradEpilogue<acc_t>{sums.data_ptr<acc_t>(), C, M, training, dbeta.data_ptr<acc_t>(),
+                                    dgamma.data_ptr<acc_t>(), m.data_ptr<acc_t>(), nullptr, nullptr, nullptr});
+  for_each(M * C, TailBackwardApply<T, acc_t, Up>{Xp, C, a, b, mu, is, m.data_ptr<acc_t>(), up, dX.data_ptr<T>()});
+}
+
+inline std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(const Tensor& grad_output, const Tensor& input,
+                                                                      const Tensor& mean, const Tensor& var,
+                                                                      const Tensor& weight, const Tensor& bias,
+                                                                      const Tensor& conv_weight, bool training,
+                                                                      double eps) {
+  check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), Cout = conv_weight.size(0);
+  const PoolGeometry pg{H, W, H / 2, W / 2};
+  check_shape(grad_output, {N, Cout, pg.H2, pg.W2}, "grad_output");
+  check_float_tensor(grad_output, "grad_output", input);
+  const DeviceScope scope(input);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor dO = rows_view(grad_output.contiguous(at::MemoryFormat::ChannelsLast));  // [M2, Cout]
+  const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
+  Tensor dX = empty_cl(N, C, H, W, input.options());
+  Tensor dgamma = at::empty({C}, sopts), dbeta = at::empty({C}, sopts);
+  Tensor dWc = at::empty({Cout, C, 1, 1}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "transition_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<Tensor> keep;
+    const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
+    // dWc = dOut^T P (P recomputed), dP = dOut Wc: the pooled gradient, a quarter of the input's size.
+    const Tensor P = pooled_input<scalar_t>(X, f, pg);
+    Tensor dWc2d = dWc.view({Cout, C});
+    at::mm_out(dWc2d, dO.t(), P);
+    const Tensor dP = at::mm(dO, conv_weight.contiguous().view({Cout, C}));
+    tail_bn_backward<scalar_t>(X, f, mean, training, AvgPool2Up<scalar_t, acc_t>{dP.data_ptr<scalar_t>(), pg, C}, dX,
+                               dgamma, dbeta, keep);
+  });
+  return {dX, dgamma, dbeta, dWc};
+}
+
+inline Tensor norm_relu_pool_forward(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                     const Tensor& bias, bool /*training*/, double eps) {
+  check_cuda_input(input, "input");
+  check_tail_args(input, mean, var, weight, bias, eps);
+  const DeviceScope scope(input);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor out = at::empty({N, C}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_relu_pool_forward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<Tensor> keep;
+    const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
+    const acc_t* fp = f.data_ptr<acc_t>();
+    for_each(N * C, NormReluPool<scalar_t, acc_t>{X.data_ptr<scalar_t>(), HW, C, fp, fp + C, out.data_ptr<scalar_t>()});
+  });
+  return out;
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward(const Tensor& grad_output, const Tensor& input,
+                                                                  const Tensor& mean, const Tensor& var,
+                                                                  const Tensor& weight, const Tensor& bias,
+                                                                  bool training, double eps) {
+  check_cuda_input(input, "input");
+  check_tail_args(input, mean, var, weight, bias, eps);
+  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  check_shape(grad_output, {N, C}, "grad_output");
+  check_float_tensor(grad_output, "grad_output", input);
+  const DeviceScope scope(input);
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor dO = grad_output.contiguous();
+  const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
+  Tensor dX = empty_cl(N, C, H, W, input.options());
+  Tensor dgamma = at::empty({C}, sopts), dbeta = at::empty({C}, sopts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_relu_pool_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    std::vector<Tensor> keep;
+    const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
+    tail_bn_backward<scalar_t>(X, f, mean, training, GlobalPoolUp<scalar_t, acc_t>{dO.data_ptr<scalar_t>(), H * W, C},
+                               dX, dgamma, dbeta, keep);
+  });
+  return {dX, dgamma, dbeta};
+}
+
+// Per-channel mean and biased variance. Returned in the input's dtype, as the fake kernel
+// (densenet_fast/ops/tail.py) declares; accumulated in float (double for double).
+inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
+  check_cuda_input(input, "input");
+  check_input_4d(input, "input", /*training=*/false);
+  const DeviceScope scope(input);
+  const int64_t C = input.size(1), M = input.numel() / C;
+  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor mean = at::empty({C}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor var = at::empty({C}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_moments_cuda", [&] {
+    column_moments<scalar_t, acc_type<scalar_t>, scalar_t>(X.data_ptr<scalar_t>(), M, C, 0, C,
+                                                           mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
+                                                           acc_options<scalar_t>(input));
+  });
+  return {mean, var};
+}
+
+}  // namespace dnf::DNF_CUDA_NS

@@ -1,0 +1,501 @@
+"""CUDA kernels of the dense block and its tails: parity with torchvision, gradients against fp64,
+opcheck, bad inputs, determinism, streams, autocast, the fused BN+GEMM path.
+
+Every test that needs a GPU asks for the ``cuda`` fixture, which skips inside the test body: nothing
+touches CUDA at import or collection time. The registration test runs everywhere the extension was
+built with CUDA kernels (a GPU is not needed for it).
+
+Tolerances: fp32 outputs and running statistics within 1e-4 (relative) of torchvision with TF32
+off. Gradients are compared against an fp64 reference: our error must be within a small factor of
+torchvision's own error in the same dtype (a deep BN network amplifies roundoff, so a fixed
+tolerance would be either meaningless or flaky).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# Deterministic cuBLAS workspaces; read when cuBLAS is first used (setting it is not a CUDA call).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import densenet_fast as dnf  # noqa: E402
+from densenet_fast.nn.batchnorm_stats import update_running_stats  # noqa: E402
+from densenet_fast.ops import dense_block as block_ops  # noqa: E402
+
+tv_densenet = pytest.importorskip("torchvision.models.densenet")
+
+OPS = torch.ops.densenet_fast
+ALL_OPS = ("dense_block_forward", "dense_block_backward", "transition_forward", "transition_backward",
+           "norm_relu_pool_forward", "norm_relu_pool_backward", "channel_moments")
+FUSED_ENV = "DNF_CUDA_BN_GEMM"
+
+
+def test_cuda_kernels_registered():
+    info = dnf.build_info()
+    if not info["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    assert info["cuda_kernels_registered"]
+    for op in ALL_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{op}", "CUDA"), op
+    for op in ("dense_block_forward", "transition_forward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{op}", "AutocastCUDA"), op
+
+
+@pytest.fixture
+def cuda():
+    """The CUDA device; skips (inside the test, never at collection) without a GPU or kernels."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if not dnf.build_info()["cuda_kernels_registered"]:
+        pytest.skip("extension built without CUDA kernels")
+    torch.manual_seed(0)
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity at 1e-4 needs true fp32 GEMMs/convs
+    torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def simple_path(monkeypatch):
+    monkeypatch.setenv(FUSED_ENV, "simple")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def tv_block(L, C0, bs, k, device, seed=0):
+    """torchvision _DenseBlock with non-trivial BN parameters and running statistics."""
+    torch.manual_seed(seed)
+    blk = tv_densenet._DenseBlock(num_layers=L, num_input_features=C0, bn_size=bs, growth_rate=k, drop_rate=0.0)
+    with torch.no_grad():
+        for m in blk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return blk.to(device)
+
+
+def ours_like(blk, L, C0, bs, k):
+    ours = dnf.DenseBlock(L, C0, bs, k).to(next(blk.parameters()).device)
+    ours.load_state_dict(blk.state_dict())
+    ours.train(blk.training)
+    return ours
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def params_of(blk):
+    return [p for _, p in sorted(blk.named_parameters())]
+
+
+def grads_of(model, x, grad_out):
+    for p in model.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_()
+    out = model(x)
+    out.backward(grad_out.to(out.dtype))
+    return out.detach(), [x.grad] + [p.grad for p in params_of(model)]
+
+
+GEOMS = [  # (N, C0, H, W, L, k, bn_size)
+    (4, 16, 8, 8, 4, 8, 4),
+    (3, 5, 7, 5, 3, 3, 2),    # odd everything (non-vectorised paths)
+    (2, 24, 9, 11, 5, 12, 4),
+    (1, 3, 1, 1, 2, 2, 1),    # 1x1 spatial, N=1 (eval only: one value per channel)
+]
+
+
+# --- parity ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp32_parity_with_torchvision(cuda, simple_path, geom, training, channels_last):
+    N, C0, H, W, L, k, bs = geom
+    if training and N * H * W == 1:
+        pytest.skip("BatchNorm needs more than one value per channel in training")
+    tv = tv_block(L, C0, bs, k, cuda).train(training)
+    ours = ours_like(tv, L, C0, bs, k)
+    ref = copy.deepcopy(tv).double()
+    x = torch.randn(N, C0, H, W, device=cuda) * 1.5 + 0.2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad = torch.randn(N, C0 + L * k, H, W, device=cuda)
+
+    out_tv, g_tv = grads_of(tv, x, grad)
+    out_us, g_us = grads_of(ours, x, grad)
+    out_64, g_64 = grads_of(ref, x.double(), grad.double())
+
+    assert out_us.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_us, out_tv, rtol=1e-4, atol=1e-4 * out_tv.abs().max().item())
+    for (name, b_tv), b_us in zip(tv.named_buffers(), ours.buffers()):
+        if b_tv.is_floating_point():
+            torch.testing.assert_close(b_us, b_tv, rtol=1e-4, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(b_us, b_tv), name
+    for gt, gu in zip(g_tv, g_us):
+        assert gu.dtype == gt.dtype and gu.shape == gt.shape
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=3.0, floor=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["simple", "fused"])
+@pytest.mark.parametrize("geom", GEOMS[:3])
+def test_autocast_vs_fp64(cuda, monkeypatch, dtype, path, geom):
+    """The op under autocast (AutocastCUDA kernel: input + conv weights cast, BN in fp32) against
+    torchvision under the same autocast, both measured against fp64."""
+    monkeypatch.setenv(FUSED_ENV, path)
+    N, C0, H, W, L, k, bs = geom
+    tv = tv_block(L, C0, bs, k, cuda).train()
+    ref = copy.deepcopy(tv).double()
+    ours = ours_like(tv, L, C0, bs, k)
+    x = (torch.randn(N, C0, H, W, device=cuda) + 0.2).to(memory_format=torch.channels_last)
+    grad = torch.randn(N, C0 + L * k, H, W, device=cuda)
+
+    with torch.autocast("cuda", dtype=dtype):
+        out_tv, g_tv = grads_of(tv, x, grad)
+    xr = x.detach().clone().requires_grad_()
+    params = ours.block_params()
+    with torch.autocast("cuda", dtype=dtype):
+        res = block_ops.fused_dense_block(xr, params, training=True)
+    assert res.buffer.dtype == dtype and res.mean.dtype == torch.float32 and res.mean2.dtype == torch.float32
+    res.buffer.backward(grad.to(dtype))
+    g_us = [xr.grad] + [p.grad for p in params_of(ours)]
+    out_64, g_64 = grads_of(ref, x.double(), grad.double())
+
+    assert rel_err(res.buffer, out_64) <= 2 * rel_err(out_tv, out_64) + 1e-3
+    for gt, gu in zip(g_tv, g_us):
+        assert gu.dtype == gt.dtype == torch.float32  # master weights / input stay fp32
+    assert_grad_errors_comparable(g_us, g_tv, g_64, factor=3.0, floor=1e-2)
+
+
+def assert_grad_errors_comparable(ours, base, ref, factor, floor):
+    """Our gradients' errors vs fp64 against torchvision's in the same dtype, as mean and median
+    over all gradient tensors (roundoff through BN + ReLU is dominated by ReLU mask flips near 0,
+    which move single tensors a lot in either implementation)."""
+    e_us = [rel_err(g, r) for g, r in zip(ours, ref)]
+    e_tv = [rel_err(g, r) for g, r in zip(base, ref)]
+    assert statistics.mean(e_us) <= factor * statistics.mean(e_tv) + floor, (e_us, e_tv)
+    assert statistics.median(e_us) <= factor * statistics.median(e_tv) + floor, (e_us, e_tv)
+
+
+def test_module_under_autocast(cuda):
+    """dnf.DenseBlock under autocast on CUDA runs the fused op (needs the Python layer to leave the
+    casting to the AutocastCUDA kernel)."""
+    tv = tv_block(3, 16, 4, 8, cuda).train()
+    ours = ours_like(tv, 3, 16, 4, 8)
+    x = torch.randn(4, 16, 8, 8, device=cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ours(x)
+        ref = tv(x)
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_matches_simple(cuda, monkeypatch, dtype):
+    for geom in GEOMS[:3] + [(2, 64, 14, 14, 4, 32, 4)]:
+        N, C0, H, W, L, k, bs = geom
+        tv = tv_block(L, C0, bs, k, cuda)
+        P = [[t.to(dtype) if t.dim() == 4 else t for t in lst] for lst in ours_like(tv, L, C0, bs, k).block_params()]
+        x = torch.randn(N, C0, H, W, device=cuda, dtype=dtype)
+        outs = {}
+        for path in ("simple", "fused"):
+            monkeypatch.setenv(FUSED_ENV, path)
+            outs[path] = OPS.dense_block_forward(x, *P[:6], [], [], [], [], None, 0.0, True, 1e-5)
+        torch.testing.assert_close(outs["fused"][0].float(), outs["simple"][0].float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(outs["fused"][1], outs["simple"][1], rtol=1e-2, atol=1e-2)
+
+
+def test_dropout_mask(cuda, simple_path):
+    N, C0, H, W, L, k, bs, p = 3, 8, 6, 6, 3, 4, 2, 0.25
+    tv = tv_block(L, C0, bs, k, cuda)
+    P = ours_like(tv, L, C0, bs, k).block_params()
+    x = torch.randn(N, C0, H, W, device=cuda, dtype=torch.float64)
+    P64 = [[t.double() for t in lst] for lst in P]
+    mask = torch.rand(N, L * k, H, W, device=cuda) > p
+
+    def reference(x, *flat):
+        lists = [list(flat[i * L:(i + 1) * L]) for i in range(6)]
+        feats = [x]
+        for l in range(L):
+            u = F.relu(F.batch_norm(torch.cat(feats, 1), None, None, lists[0][l], lists[1][l], True, 0.0, 1e-5))
+            v = F.relu(F.batch_norm(F.conv2d(u, lists[2][l]), None, None, lists[3][l], lists[4][l], True, 0.0, 1e-5))
+            feats.append(F.conv2d(v, lists[5][l], padding=1) * mask[:, l * k:(l + 1) * k] / (1 - p))
+        return torch.cat(feats, 1)
+
+    leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for lst in P64[:6] for t in lst]
+    ref = reference(*leaves)
+    flat_ours = [t.clone().requires_grad_() for t in leaves]
+    out = block_ops.fused_dense_block(flat_ours[0], block_ops.BlockParams(
+        *[flat_ours[1 + i * L:1 + (i + 1) * L] for i in range(6)], *P64[6:]), training=True, drop_rate=p,
+        dropout_mask=mask)
+    torch.testing.assert_close(out.buffer, ref.detach(), rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, grad)
+    got = torch.autograd.grad(out.buffer, flat_ours, grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+# --- tails -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(4, 32, 8, 8), (3, 7, 5, 7), (2, 5, 2, 3)])
+@pytest.mark.parametrize("training", [True, False])
+def test_tails_fp32(cuda, shape, training):
+    N, C, H, W = shape
+    x = (torch.randn(shape, device=cuda) * 2 + 0.3).to(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(C).to(cuda)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.3, 0.3)
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    conv = torch.nn.Conv2d(C, 6, 1, bias=False).to(cuda)
+    if training:
+        mean, var = OPS.channel_moments(x)
+        torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-5)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    bn.train(training)
+
+    leaves = [x.detach().clone().requires_grad_(), bn.weight, bn.bias, conv.weight]
+    ref = F.avg_pool2d(conv(F.relu(bn(leaves[0]))), 2)
+    ours_in = [t.detach().clone().requires_grad_() for t in leaves]
+    out = dnf.ops.transition(ours_in[0], mean, var, ours_in[1], ours_in[2], ours_in[3], training=training)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, ours_in, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+    leaves = [x.detach().clone().requires_grad_(), bn.weight, bn.bias]
+    ref = F.adaptive_avg_pool2d(F.relu(bn(leaves[0])), 1).flatten(1)
+    ours_in = [t.detach().clone().requires_grad_() for t in leaves]
+    out = dnf.ops.norm_relu_pool(ours_in[0], mean, var, ours_in[1], ours_in[2], training=training)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, ours_in, grad), torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_transition_autocast(cuda):
+    x = torch.randn(4, 16, 8, 8, device=cuda)
+    w, b = torch.rand(16, device=cuda) + 0.5, torch.rand(16, device=cuda) - 0.5
+    cw = torch.randn(8, 16, 1, 1, device=cuda, requires_grad=True)
+    mean, var = OPS.channel_moments(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dnf.ops.transition(x, mean, var, w, b, cw, training=True)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert cw.grad.dtype == torch.float32
+    ref = F.avg_pool2d(F.conv2d(F.relu(F.batch_norm(x, None, None, w, b, True)), cw), 2)
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+# --- opcheck, bad inputs, determinism, streams ---------------------------------------------------
+
+def _block_args(device, dtype=torch.float32, training=True, N=2, C0=5, H=4, W=3, L=2, k=3, bs=2, mask=False):
+    sd = block_ops.stats_dtype(dtype)
+    inter = bs * k
+    g1 = [torch.rand(C0 + l * k, device=device, dtype=sd) + 0.5 for l in range(L)]
+    b1 = [torch.rand(C0 + l * k, device=device, dtype=sd) - 0.5 for l in range(L)]
+    w1 = [torch.randn(inter, C0 + l * k, 1, 1, device=device, dtype=dtype) for l in range(L)]
+    g2 = [torch.rand(inter, device=device, dtype=sd) + 0.5 for _ in range(L)]
+    b2 = [torch.rand(inter, device=device, dtype=sd) - 0.5 for _ in range(L)]
+    w2 = [torch.randn(k, inter, 3, 3, device=device, dtype=dtype) for _ in range(L)]
+    running = [[], [], [], []]
+    if not training:
+        running = [[torch.randn(C0 + l * k, device=device, dtype=sd) * 0.1 for l in range(L)],
+                   [torch.rand(C0 + l * k, device=device, dtype=sd) + 0.5 for l in range(L)],
+                   [torch.randn(inter, device=device, dtype=sd) * 0.1 for _ in range(L)],
+                   [torch.rand(inter, device=device, dtype=sd) + 0.5 for _ in range(L)]]
+    m = (torch.rand(N, L * k, H, W, device=device) > 0.2) if mask else None
+    x = torch.randn(N, C0, H, W, device=device, dtype=dtype)
+    return [x, g1, b1, w1, g2, b2, w2, *running, m, 0.2 if mask else 0.0, training, 1e-5]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("training,mask", [(True, False), (False, False), (True, True)])
+def test_opcheck_dense_block(cuda, simple_path, dtype, training, mask):
+    args = _block_args(cuda, dtype, training, mask=mask)
+    for t in [args[0]] + [t for lst in args[1:7] for t in lst]:
+        t.requires_grad_(True)
+    torch.library.opcheck(OPS.dense_block_forward, tuple(args))
+    with torch.no_grad():
+        out = OPS.dense_block_forward(*args)
+    grad = torch.randn_like(out[0])
+    bargs = (grad, *out, *args[1:11], args[11], args[12], args[13], args[14], args[0].shape[1])
+    torch.library.opcheck(OPS.dense_block_backward, tuple(a.detach() if isinstance(a, torch.Tensor) else
+                                                          ([t.detach() for t in a] if isinstance(a, list) else a)
+                                                          for a in bargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_tails(cuda, dtype, training):
+    sd = block_ops.stats_dtype(dtype)
+    x = torch.randn(2, 6, 5, 4, device=cuda, dtype=dtype)
+    mean, var = (t.to(sd) for t in OPS.channel_moments(x))
+    w = (torch.rand(6, device=cuda, dtype=sd) + 0.5).requires_grad_()
+    b = (torch.rand(6, device=cuda, dtype=sd) - 0.5).requires_grad_()
+    cw = torch.randn(3, 6, 1, 1, device=cuda, dtype=dtype, requires_grad=True)
+    xr = x.clone().requires_grad_()
+    torch.library.opcheck(OPS.transition_forward, (xr, mean, var, w, b, cw, training, 1e-5))
+    torch.library.opcheck(OPS.norm_relu_pool_forward, (xr, mean, var, w, b, training, 1e-5))
+    torch.library.opcheck(OPS.channel_moments, (x,))
+    g = torch.randn(2, 3, 2, 2, device=cuda, dtype=dtype)
+    torch.library.opcheck(OPS.transition_backward, (g, x, mean, var, w.detach(), b.detach(), cw.detach(), training, 1e-5))
+    g = torch.randn(2, 6, device=cuda, dtype=dtype)
+    torch.library.opcheck(OPS.norm_relu_pool_backward, (g, x, mean, var, w.detach(), b.detach(), training, 1e-5))
+
+
+def _bad(args, i, value):
+    args = list(args)
+    args[i] = value
+    return args
+
+
+BAD_BLOCK = [
+    # (description, mutate(args, device) -> args, error regex)
+    ("3-D input", lambda a, d: _bad(a, 0, a[0][0]), r"input: expected a 4-D tensor"),
+    ("int input", lambda a, d: _bad(a, 0, a[0].long()), r"input: expected dtype float32, float16, bfloat16 or float64"),
+    ("fp8 input", lambda a, d: _bad(a, 0, a[0].to(torch.float8_e4m3fn)), r"input: expected dtype float32"),
+    ("CPU input", lambda a, d: _bad(a, 0, a[0].cpu()), r"input: expected a CUDA tensor, got a tensor on cpu"),
+    ("empty batch", lambda a, d: _bad(a, 0, a[0][:0]), r"input: expected a non-empty batch"),
+    ("conv1 dtype", lambda a, d: _bad(a, 3, [a[3][0].double()] + a[3][1:]), r"conv1_weight\[0\]: expected dtype Float"),
+    ("conv2 on CPU", lambda a, d: _bad(a, 6, [a[6][0].cpu()] + a[6][1:]), r"conv2_weight\[0\]: expected a tensor on cuda"),
+    ("norm1 shape", lambda a, d: _bad(a, 1, [a[1][0][:-1]] + a[1][1:]), r"norm1_weight\[0\].*expected shape \[5\], got \[4\]"),
+    ("list length", lambda a, d: _bad(a, 2, a[2][:1]), r"norm1_bias: expected 2 tensors"),
+    ("drop rate", lambda a, d: _bad(a, 12, 1.0), r"drop_rate: expected a value in \[0, 1\)"),
+    ("eps", lambda a, d: _bad(a, 14, 0.0), r"eps: expected a positive value"),
+    ("mask dtype", lambda a, d: _bad(a, 11, torch.ones(2, 6, 4, 3, device=d)), r"dropout_mask: expected dtype torch.bool"),
+    ("mask shape", lambda a, d: _bad(a, 11, torch.ones(2, 5, 4, 3, device=d, dtype=torch.bool)), r"dropout_mask: expected shape"),
+    ("single value", lambda a, d: _bad(a, 0, a[0][:1, :, :1, :1]), r"Expected more than 1 value per channel when training"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_BLOCK, ids=[c[0] for c in BAD_BLOCK])
+def test_bad_inputs(cuda, case):
+    _, mutate, pattern = case
+    args = mutate(_block_args(cuda), cuda)
+    with pytest.raises(RuntimeError, match=pattern):
+        OPS.dense_block_forward(*args)
+
+
+def test_bad_inputs_half_bn_dtype(cuda):
+    args = _block_args(cuda, torch.bfloat16)
+    args[1] = [t.bfloat16() for t in args[1]]
+    with pytest.raises(RuntimeError, match=r"norm1_weight\[0\]: expected dtype Float \(the BatchNorm dtype"):
+        OPS.dense_block_forward(*args)
+
+
+def test_bad_inputs_tails(cuda):
+    x = torch.randn(2, 4, 5, 5, device=cuda)
+    m, v = OPS.channel_moments(x)
+    w, b = torch.ones(4, device=cuda), torch.zeros(4, device=cuda)
+    with pytest.raises(RuntimeError, match=r"conv_weight: expected shape \[C_out, 4, 1, 1\]"):
+        OPS.transition_forward(x, m, v, w, b, torch.randn(3, 5, 1, 1, device=cuda), True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"H >= 2 and W >= 2"):
+        OPS.transition_forward(x[:, :, :1], m, v, w, b, torch.randn(3, 4, 1, 1, device=cuda), True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"mean: expected shape \[4\]"):
+        OPS.norm_relu_pool_forward(x, m[:3], v, w, b, True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight: expected a tensor on cuda"):
+        OPS.norm_relu_pool_forward(x, m, v, w.cpu(), b, True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"grad_output: expected shape \[2, 4\]"):
+        OPS.norm_relu_pool_backward(torch.randn(2, 3, device=cuda), x, m, v, w, b, True, 1e-5)
+
+
+@pytest.mark.parametrize("path", ["simple", "fused"])
+def test_deterministic(cuda, monkeypatch, path):
+    """Two runs (forward + backward) are bitwise equal with deterministic algorithms requested (our
+    reductions are deterministic by construction; cuDNN/cuBLAS follow the global flag)."""
+    monkeypatch.setenv(FUSED_ENV, path)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        tv = tv_block(4, 32, 4, 16, cuda)
+        results = []
+        for _ in range(2):
+            ours = ours_like(tv, 4, 32, 4, 16)
+            x = torch.randn(8, 32, 12, 12, device=cuda, generator=torch.Generator(cuda).manual_seed(5))
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                res = block_ops.fused_dense_block(x.requires_grad_(), ours.block_params(), training=True)
+            res.buffer.float().square().sum().backward()
+            results.append([res.buffer, res.mean, res.var, res.mean2, x.grad] + [p.grad for p in params_of(ours)])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def test_current_stream_and_device(cuda, simple_path):
+    args = _block_args(cuda, training=True, N=4, C0=16, H=16, W=16, L=3, k=8, bs=4)
+    ref = OPS.dense_block_forward(*args)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = OPS.dense_block_forward(*args)
+        grad = torch.ones_like(out[0])
+        back = OPS.dense_block_backward(grad, *out, *args[1:11], None, 0.0, True, 1e-5, 16)
+    torch.cuda.current_stream().wait_stream(s)
+    back_ref = OPS.dense_block_backward(torch.ones_like(ref[0]), *ref, *args[1:11], None, 0.0, True, 1e-5, 16)
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    assert torch.equal(back[0], back_ref[0])
+    if torch.cuda.device_count() > 1:
+        dev1 = torch.device("cuda", 1)
+        moved = [a.to(dev1) if isinstance(a, torch.Tensor) else ([t.to(dev1) for t in a] if isinstance(a, list) else a)
+                 for a in args]
+        out1 = OPS.dense_block_forward(*moved)
+        assert out1[0].device == dev1
+        torch.testing.assert_close(out1[0].cpu(), ref[0].cpu())
+
+
+def test_features_end_to_end(cuda, simple_path):
+    """A small densenet_bc (blocks, transitions, final norm, all fused) matches torchvision-style
+    reference math in fp32: forward and parameter gradients."""
+    torch.manual_seed(0)
+    model = dnf.densenet_bc(depth=40, growth_rate=12, num_classes=10).to(cuda)
+    ref = copy.deepcopy(model).set_impl("reference")
+    x = torch.randn(8, 3, 32, 32, device=cuda)
+    out, ref_out = model(x), ref(x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    out.square().sum().backward()
+    ref_out.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4 * q.grad.abs().max().item() + 1e-6,
+                                   msg=name)
+
+
+def test_compile_fullgraph(cuda, simple_path):
+    """torch.compile(fullgraph=True) traces the CUDA op through its fake kernel; same results as eager."""
+    tv = tv_block(3, 16, 4, 8, cuda)
+    ours = ours_like(tv, 3, 16, 4, 8)
+    x = torch.randn(4, 16, 8, 8, device=cuda)
+
+    def f(x, *params):
+        return block_ops.fused_dense_block(x, block_ops.BlockParams(*[list(params[i * 3:(i + 1) * 3]) for i in range(10)]),
+                                           training=False).buffer
+
+    ours.eval()
+    flat = [t for lst in ours.block_params() for t in lst]
+    eager = f(x, *flat)
+    compiled = torch.compile(f, fullgraph=True)(x, *flat)
+    torch.testing.assert_close(compiled, eager)

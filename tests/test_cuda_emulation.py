@@ -1,0 +1,426 @@
+"""The CUDA kernels' code path, run on the host (no GPU needed).
+
+``csrc/cuda/emu/emulate.cpp`` compiles the CUDA operators' implementation (``csrc/cuda/*_impl.h``)
+with ``DNF_CUDA_EMULATE``: each index functor that is a GPU kernel in the real build runs in a serial
+loop over a *permutation* of its indices, ATen calls run on CPU. That checks the indexing, the
+orchestration (reverse sweep, merged BN1 backward, statistics, dropout, tails) and the output
+metadata of the CUDA path against an independent fp64 functional reference and against the CPU
+operators, everywhere the test suite runs. What it cannot check (launch configuration, the real
+streams, cuBLAS/cuDNN on the device, the fused tensor-core GEMM) is covered by
+tests/test_cuda_dense_block.py on a GPU.
+
+The emulation module is JIT-built once (about a minute) into torch's extension cache.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import densenet_fast  # noqa: E402,F401  (loads the operators and their fake kernels)
+from densenet_fast.ops import dense_block as block_ops  # noqa: E402
+from densenet_fast.ops import tail as tail_ops  # noqa: E402
+
+OPS = torch.ops.densenet_fast
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils import cpp_extension
+
+    try:
+        return cpp_extension.load(
+            name="dnf_cuda_emu",
+            sources=[str(ROOT / "csrc" / "cuda" / "emu" / "emulate.cpp")],
+            extra_include_paths=[str(ROOT / "csrc")],
+            extra_cflags=["-O1"],
+            with_cuda=False,
+            verbose=False,
+        )
+    except Exception as err:  # no compiler / ninja on this machine
+        pytest.skip(f"could not build the CUDA-path emulation module: {err}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def make_params(C0, L, k, bn_size, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inter = bn_size * k
+    sd = block_ops.stats_dtype(dtype)
+
+    def r(*shape, lo=-1.0, hi=1.0, dt=sd):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * (hi - lo) + lo).to(dt)
+
+    P = {n: [] for n in ("g1", "b1", "w1", "g2", "b2", "w2", "rm1", "rv1", "rm2", "rv2")}
+    for l in range(L):
+        c = C0 + l * k
+        P["g1"].append(r(c, lo=0.5, hi=1.5))
+        P["b1"].append(r(c, lo=-0.3, hi=0.3))
+        P["w1"].append(r(inter, c, 1, 1, dt=dtype) / c ** 0.5)
+        P["g2"].append(r(inter, lo=0.5, hi=1.5))
+        P["b2"].append(r(inter, lo=-0.3, hi=0.3))
+        P["w2"].append(r(k, inter, 3, 3, dt=dtype) / (9 * inter) ** 0.5)
+        P["rm1"].append(r(c, lo=-0.5, hi=0.5))
+        P["rv1"].append(r(c, lo=0.5, hi=2.0))
+        P["rm2"].append(r(inter, lo=-0.5, hi=0.5))
+        P["rv2"].append(r(inter, lo=0.5, hi=2.0))
+    return P
+
+
+ORDER = ("g1", "b1", "w1", "g2", "b2", "w2")
+RUNNING = ("rm1", "rv1", "rm2", "rv2")
+
+
+def reference_block(x, P, training, mask=None, p=0.0, eps=1e-5):
+    """Plain PyTorch dense block (torchvision's _DenseBlock math, with an explicit dropout mask)."""
+    feats = [x]
+    L, k = len(P["w2"]), P["w2"][0].shape[0]
+    for l in range(L):
+        cat = torch.cat(feats, 1)
+        rm1, rv1 = (None, None) if training else (P["rm1"][l].to(x.dtype), P["rv1"][l].to(x.dtype))
+        rm2, rv2 = (None, None) if training else (P["rm2"][l].to(x.dtype), P["rv2"][l].to(x.dtype))
+        u = F.relu(F.batch_norm(cat, rm1, rv1, P["g1"][l].to(x.dtype), P["b1"][l].to(x.dtype), training, 0.0, eps))
+        y = F.conv2d(u, P["w1"][l].to(x.dtype))
+        v = F.relu(F.batch_norm(y, rm2, rv2, P["g2"][l].to(x.dtype), P["b2"][l].to(x.dtype), training, 0.0, eps))
+        new = F.conv2d(v, P["w2"][l].to(x.dtype), padding=1)
+        if mask is not None:
+            new = new * mask[:, l * k:(l + 1) * k].to(new.dtype) / (1 - p)
+        feats.append(new)
+    return torch.cat(feats, 1)
+
+
+def run_emu(emu, x, P, training, mask=None, p=0.0, eps=1e-5):
+    running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+    return emu.dense_block_forward(x, *[P[n] for n in ORDER], *running, mask, p, training, eps)
+
+
+def emu_backward(emu, grad, out, x, P, training, mask=None, p=0.0, eps=1e-5):
+    running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+    buffer, mean, var, mean2, var2 = out
+    return emu.dense_block_backward(grad, buffer, mean, var, mean2, var2, *[P[n] for n in ORDER], *running, mask, p,
+                                    training, eps, x.shape[1])
+
+
+def reference_grads(x, P, grad, training, mask=None, p=0.0):
+    x64 = x.detach().double().requires_grad_()
+    P64 = {n: [t.detach().double().requires_grad_(n in ORDER) for t in P[n]] for n in P}
+    out = reference_block(x64, P64, training, mask, p)
+    params = [t for n in ORDER for t in P64[n]]
+    grads = torch.autograd.grad(out, [x64, *params], grad.double())
+    return out.detach(), grads
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+GEOMS = [  # (N, C0, H, W, L, k, bn_size)
+    (2, 4, 5, 6, 3, 3, 2),
+    (3, 5, 4, 3, 2, 4, 1),
+    (1, 3, 7, 5, 4, 2, 3),
+]
+
+
+# --- dense block -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("geom", GEOMS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_block_fp64_matches_reference(emu, geom, training, channels_last):
+    N, C0, H, W, L, k, bs = geom
+    torch.manual_seed(1)
+    P = make_params(C0, L, k, bs)
+    x = torch.randn(N, C0, H, W, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    out = run_emu(emu, x, P, training)
+    buffer, mean, var, mean2, var2 = out
+    torch.manual_seed(2)
+    grad = torch.randn(N, C0 + L * k, H, W, dtype=torch.float64)
+    ref, ref_grads = reference_grads(x, P, grad, training)
+    torch.testing.assert_close(buffer, ref, rtol=1e-10, atol=1e-10)
+    assert buffer.is_contiguous(memory_format=torch.channels_last)
+    if training:
+        torch.testing.assert_close(mean, ref.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(var, ref.var((0, 2, 3), unbiased=False), rtol=1e-10, atol=1e-12)
+        assert mean2.shape == (L, bs * k)
+    else:
+        assert mean.numel() == var.numel() == mean2.numel() == var2.numel() == 0
+
+    ours = emu_backward(emu, grad, out, x, P, training)
+    flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
+    assert len(flat) == len(ref_grads)
+    for got, want in zip(flat, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_block_matches_cpu_operator(emu, training):
+    """fp32: the CUDA path and the CPU kernels (the specification) agree closely."""
+    N, C0, H, W, L, k, bs = 2, 6, 5, 4, 3, 4, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32)
+    x = torch.randn(N, C0, H, W)
+    running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+    args = (x, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5)
+    ours, spec = emu.dense_block_forward(*args), OPS.dense_block_forward(*args)
+    for a, b in zip(ours, spec):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+    grad = torch.randn_like(spec[0])
+    bargs = (grad, *spec, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5, C0)
+    g_ours, g_spec = emu.dense_block_backward(*bargs), OPS.dense_block_backward(*bargs)
+    torch.testing.assert_close(g_ours[0], g_spec[0], rtol=1e-4, atol=1e-5)
+    for lo, ls in zip(g_ours[1:], g_spec[1:]):
+        for a, b in zip(lo, ls):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_block_dropout_mask(emu):
+    N, C0, H, W, L, k, bs = 2, 4, 4, 5, 3, 3, 2
+    p = 0.3
+    P = make_params(C0, L, k, bs)
+    x = torch.randn(N, C0, H, W, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(N, L * k, H, W, generator=g) > p
+    out = run_emu(emu, x, P, True, mask, p)
+    grad = torch.randn_like(out[0])
+    ref, ref_grads = reference_grads(x, P, grad, True, mask, p)
+    torch.testing.assert_close(out[0], ref, rtol=1e-10, atol=1e-10)
+    ours = emu_backward(emu, grad, out, x, P, True, mask, p)
+    for got, want in zip([ours[0]] + [t for lst in ours[1:] for t in lst], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # a non-contiguous mask (strided view) gives the same result
+    big = torch.zeros(N, 2 * L * k, H, W, dtype=torch.bool)
+    big[:, ::2] = mask
+    out2 = run_emu(emu, x, P, True, big[:, ::2], p)
+    assert torch.equal(out2[0], out[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_block_half_dtypes(emu, dtype):
+    """Half-precision data with float32 BN tensors: output metadata as the fake kernel says, and
+    errors vs fp64 of the same order as the plain PyTorch block's in that dtype.
+
+    Roundoff through BN + ReLU layers is dominated by ReLU mask flips at pre-activations within
+    rounding distance of 0 (one flip with a large upstream gradient moves a BN gradient by several
+    percent, in either implementation), so the errors are compared as medians over several seeds."""
+    N, C0, H, W, L, k, bs = 2, 8, 6, 6, 3, 4, 2
+    ours_err, base_err = [], []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        P = make_params(C0, L, k, bs, dtype=dtype, seed=seed)
+        x = torch.randn(N, C0, H, W).to(dtype)
+        try:
+            out = run_emu(emu, x, P, True)
+        except RuntimeError as err:  # CPU half GEMM/conv missing in this torch build
+            pytest.skip(f"CPU {dtype} kernels unavailable: {err}")
+        fake = block_ops._dense_block_forward_fake(x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5)
+        for got, want in zip(out, fake):
+            assert got.dtype == want.dtype and got.shape == want.shape and got.stride() == want.stride()
+        assert out[1].dtype == torch.float32
+        grad = torch.randn(out[0].shape).to(dtype)
+        ref, ref_grads = reference_grads(x, P, grad, True)
+        # the plain block in this dtype (BN params in the data dtype, as on CPU)
+        x_h = x.detach().requires_grad_()
+        P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
+        base = reference_block(x_h, P_h, True)
+        base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+        assert rel_err(out[0], ref) <= 2 * rel_err(base, ref) + 1e-3
+        ours = emu_backward(emu, grad, out, x, P, True)
+        assert ours[0].dtype == dtype and ours[1][0].dtype == torch.float32 and ours[3][0].dtype == dtype
+        flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
+        ours_err.append(statistics.mean(rel_err(g, r) for g, r in zip(flat, ref_grads)))
+        base_err.append(statistics.mean(rel_err(g, r) for g, r in zip(base_grads, ref_grads)))
+    assert statistics.median(ours_err) <= 2 * statistics.median(base_err) + 5e-3, (ours_err, base_err)
+
+
+def test_block_deterministic(emu):
+    N, C0, H, W, L, k, bs = 2, 4, 5, 5, 3, 3, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32)
+    x = torch.randn(N, C0, H, W)
+    a, b = run_emu(emu, x, P, True), run_emu(emu, x, P, True)
+    for s, t in zip(a, b):
+        assert torch.equal(s, t)
+
+
+def test_block_bad_inputs(emu):
+    N, C0, H, W, L, k, bs = 2, 4, 3, 3, 2, 3, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32)
+    x = torch.randn(N, C0, H, W)
+    with pytest.raises(RuntimeError, match=r"conv1_weight\[1\]: expected dtype Double"):
+        run_emu(emu, x.double(), {**P, "g1": [t.double() for t in P["g1"]], "b1": [t.double() for t in P["b1"]],
+                                  "g2": [t.double() for t in P["g2"]], "b2": [t.double() for t in P["b2"]],
+                                  "w1": [P["w1"][0].double(), P["w1"][1]], "w2": [t.double() for t in P["w2"]]}, True)
+    with pytest.raises(RuntimeError, match="norm1_weight\\[0\\]: expected dtype Float"):
+        run_emu(emu, x.bfloat16(), {**P, "w1": [t.bfloat16() for t in P["w1"]], "w2": [t.bfloat16() for t in P["w2"]],
+                                    "g1": [P["g1"][0].bfloat16(), P["g1"][1]]}, True)
+    with pytest.raises(RuntimeError, match="input: expected a 4-D tensor"):
+        run_emu(emu, x[0], P, True)
+    with pytest.raises(RuntimeError, match="input: expected dtype float32, float16, bfloat16 or float64"):
+        run_emu(emu, x.to(torch.float8_e4m3fn), P, True)
+
+
+# --- tails -------------------------------------------------------------------------------------
+
+def tail_args(C, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = block_ops.stats_dtype(dtype)
+    weight = (torch.rand(C, generator=g) + 0.5).to(sd)
+    bias = (torch.rand(C, generator=g) - 0.5).to(sd)
+    return weight, bias
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (1, 3, 5, 4), (3, 4, 2, 2)])
+@pytest.mark.parametrize("training", [True, False])
+def test_tails_fp64(emu, shape, training):
+    N, C, H, W = shape
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+    weight, bias = tail_args(C)
+    if training:
+        mean, var = emu.channel_moments(x)
+        torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+    else:
+        mean, var = torch.rand(C, dtype=torch.float64) - 0.5, torch.rand(C, dtype=torch.float64) + 0.5
+    Cout = 3
+    conv_w = torch.randn(Cout, C, 1, 1, dtype=torch.float64)
+
+    def ref_tr(x, w, b, cw):
+        rm, rv = (None, None) if training else (mean, var)
+        return F.avg_pool2d(F.conv2d(F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.0, 1e-5)), cw), 2)
+
+    def ref_nrp(x, w, b):
+        rm, rv = (None, None) if training else (mean, var)
+        return F.adaptive_avg_pool2d(F.relu(F.batch_norm(x, rm, rv, w, b, training, 0.0, 1e-5)), 1).flatten(1)
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, conv_w)]
+    ref = ref_tr(*leaves)
+    out = emu.transition_forward(x, mean, var, weight, bias, conv_w, training, 1e-5)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    fake = tail_ops._transition_forward_fake(x, mean, var, weight, bias, conv_w, training, 1e-5)
+    assert out.stride() == fake.stride() and out.dtype == fake.dtype
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, grad)
+    got = emu.transition_backward(grad, x, mean, var, weight, bias, conv_w, training, 1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) and got[3].is_contiguous()
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    ref = ref_nrp(*leaves)
+    out = emu.norm_relu_pool_forward(x, mean, var, weight, bias, training, 1e-5)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, leaves, grad)
+    got = emu.norm_relu_pool_backward(grad, x, mean, var, weight, bias, training, 1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_tails_match_cpu_operators_fp32(emu):
+    x = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    weight, bias = tail_args(6, torch.float32)
+    mean, var = OPS.channel_moments(x)
+    m2, v2 = emu.channel_moments(x)
+    torch.testing.assert_close(m2, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(v2, var, rtol=1e-5, atol=1e-6)
+    cw = torch.randn(4, 6, 1, 1)
+    for name, args in (("transition_forward", (x, mean, var, weight, bias, cw, True, 1e-5)),
+                       ("norm_relu_pool_forward", (x, mean, var, weight, bias, True, 1e-5))):
+        torch.testing.assert_close(getattr(emu, name)(*args), getattr(OPS, name)(*args), rtol=1e-5, atol=1e-5)
+    g = torch.randn(2, 4, 2, 2)
+    for a, b in zip(emu.transition_backward(g, x, mean, var, weight, bias, cw, True, 1e-5),
+                    OPS.transition_backward(g, x, mean, var, weight, bias, cw, True, 1e-5)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_channel_moments_dtype_follows_fake(emu):
+    x = torch.randn(2, 3, 4, 4).bfloat16()
+    mean, var = emu.channel_moments(x)
+    fm, fv = tail_ops._channel_moments_fake(x)
+    assert mean.dtype == fm.dtype and var.dtype == fv.dtype
+    torch.testing.assert_close(mean.float(), x.float().mean((0, 2, 3)), rtol=1e-2, atol=1e-2)
+
+
+# --- output metadata = the fake kernels' (what opcheck would check on a GPU) ----------------------
+
+def _meta(x):
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.stride(), x.dtype)
+    return [_meta(t) for t in x]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (1, 1, 1, 2), (3, 2, 1, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_output_metadata_matches_fake_kernels(emu, dtype, shape, training):
+    N, C0, H, W = shape
+    if training and N * H * W == 1:
+        pytest.skip("training needs more than one value per channel")
+    L, k, bs = 2, 1 if C0 == 1 else 3, 2
+    P = make_params(C0, L, k, bs, dtype=dtype)
+    x = torch.randn(shape).to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = x.contiguous(memory_format=layout)
+        running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+        args = (x, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5)
+        out = emu.dense_block_forward(*args)
+        assert _meta(out) == _meta(block_ops._dense_block_forward_fake(*args))
+        bargs = (torch.randn(out[0].shape).to(dtype), *out, *[P[n] for n in ORDER], *running, None, 0.0, training,
+                 1e-5, C0)
+        assert _meta(emu.dense_block_backward(*bargs)) == _meta(block_ops._dense_block_backward_fake(*bargs))
+
+        sd = block_ops.stats_dtype(dtype)
+        C = C0
+        mean, var = (torch.rand(C) + 0.5).to(sd), (torch.rand(C) + 0.5).to(sd)
+        weight, bias = tail_args(C, dtype)
+        cw = torch.randn(4, C, 1, 1).to(dtype)
+        assert _meta(emu.channel_moments(x)) == _meta(tail_ops._channel_moments_fake(x))
+        nargs = (x, mean, var, weight, bias, training, 1e-5)
+        out = emu.norm_relu_pool_forward(*nargs)
+        assert _meta(out) == _meta(tail_ops._norm_relu_pool_forward_fake(*nargs))
+        gargs = (torch.randn(out.shape).to(dtype), *nargs)
+        assert _meta(emu.norm_relu_pool_backward(*gargs)) == _meta(tail_ops._norm_relu_pool_backward_fake(*gargs))
+        if H >= 2 and W >= 2:
+            targs = (x, mean, var, weight, bias, cw, training, 1e-5)
+            out = emu.transition_forward(*targs)
+            assert _meta(out) == _meta(tail_ops._transition_forward_fake(*targs))
+            gargs = (torch.randn(out.shape).to(dtype), *targs)
+            assert _meta(emu.transition_backward(*gargs)) == _meta(tail_ops._transition_backward_fake(*gargs))
+
+
+# --- the fused BN+GEMM kernel (bn_gemm.cu), block by block ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,ld,c,n_out", [
+    (200, 64, 48, 128),    # 16-byte path, partial row tile, two K steps
+    (130, 40, 40, 128),    # 16-byte path, c not a multiple of BK
+    (100, 37, 29, 50),     # element path (odd everything)
+    (64, 256, 232, 200),   # two column blocks, many K steps
+    (1, 8, 8, 1),
+])
+def test_fused_bn_gemm_kernel(emu, dtype, M, ld, c, n_out):
+    g = torch.Generator().manual_seed(M + c)
+    X = (torch.randn(M, ld, generator=g) * 2).to(dtype)
+    W = (torch.randn(n_out, c, generator=g) / c ** 0.5).to(dtype)
+    a = torch.rand(c, generator=g) + 0.5
+    b = torch.rand(c, generator=g) - 0.5
+    Y = emu.bn_relu_gemm(X, c, a, b, W)
+    U = torch.relu(a * X[:, :c].float() + b).to(dtype)  # rounded as the kernel stages it
+    ref = (U.double() @ W.double().t())
+    assert Y.dtype == dtype and Y.shape == (M, n_out)
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+    torch.testing.assert_close(Y.double(), ref, rtol=ulp, atol=1e-5 * ref.abs().max().item())
