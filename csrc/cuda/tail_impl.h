@@ -167,12 +167,13 @@ inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
   const DeviceScope scope(input);
   const int64_t C = input.size(1), M = input.numel() / C;
   const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor mean = at::empty({C}, input.options().memory_format(at::MemoryFormat::Contiguous));
-  Tensor var = at::empty({C}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  // BN statistics in stats_dtype(input): float32 for half inputs, as the fake kernel declares.
+  const auto sopts = input.options().dtype(stats_dtype(input.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
+  Tensor mean = at::empty({C}, sopts), var = at::empty({C}, sopts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "channel_moments_cuda", [&] {
-    column_moments<scalar_t, acc_type<scalar_t>, scalar_t>(X.data_ptr<scalar_t>(), M, C, 0, C,
-                                                           mean.data_ptr<scalar_t>(), var.data_ptr<scalar_t>(),
-                                                           acc_options<scalar_t>(input));
+    using acc_t = acc_type<scalar_t>;
+    column_moments<scalar_t, acc_t, acc_t>(X.data_ptr<scalar_t>(), M, C, 0, C, mean.data_ptr<acc_t>(),
+                                           var.data_ptr<acc_t>(), acc_options<scalar_t>(input));
   });
   return {mean, var};
 }

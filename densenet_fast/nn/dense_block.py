@@ -7,6 +7,7 @@ through the plain per-layer PyTorch path (``impl="reference"``), which is what t
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import List, Optional, Tuple, Union
 
@@ -88,6 +89,15 @@ def check_drop_rate(drop_rate) -> float:
     if not 0.0 <= float(drop_rate) < 1.0:
         raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
     return float(drop_rate)
+
+
+def _kernel_autocast(x: Tensor):
+    """Autocast state around the fused operators. CPU: disabled (the kernels run in float32, see
+    _autocast_dtype_fix). CUDA: left as it is, so the operators' AutocastCUDA kernels cast the input
+    and conv weights to the autocast dtype and keep every BatchNorm tensor in float32."""
+    if x.device.type == "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def check_batch_for_training(x: Tensor, training: bool) -> None:
@@ -211,7 +221,7 @@ class DenseBlock(nn.ModuleDict):
         training = first.training
         check_batch_for_training(x, training)
         x = _autocast_dtype_fix(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _kernel_autocast(x):
             out = _block_ops.fused_dense_block(x, self.block_params(), training=training, eps=first.eps,
                                          drop_rate=layers[0].drop_rate)
         if training:
@@ -302,7 +312,7 @@ class Transition(nn.Sequential):
         if x.shape[1] != self.norm.num_features:
             raise ValueError(f"input: expected {self.norm.num_features} channels, got shape {tuple(x.shape)}")
         x = _autocast_dtype_fix(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with _kernel_autocast(x):
             mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
             out = _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
                                        training=training, eps=self.norm.eps)
@@ -325,7 +335,7 @@ def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Ten
     if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
         return torch.flatten(F.adaptive_avg_pool2d(F.relu(bn(x)), (1, 1)), 1)
     x = _autocast_dtype_fix(x)
-    with torch.autocast(x.device.type, enabled=False):
+    with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
         out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps)
     commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded

@@ -73,7 +73,9 @@ def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, t
 @torch.library.register_fake("densenet_fast::channel_moments")
 def _channel_moments_fake(input):
     check_input_4d(input, "input", training=False)
-    return input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
+    # BN statistics: float32 for float16/bfloat16 inputs, like every other BN tensor of the operators.
+    sd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    return input.new_empty(input.shape[1], dtype=sd), input.new_empty(input.shape[1], dtype=sd)
 
 
 def _setup(ctx, inputs, output):
