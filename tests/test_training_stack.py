@@ -18,7 +18,7 @@ from torch import nn
 from convert_utils import assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
 
 import densenet_fast as dnf
-from densenet_fast.convert import convert, set_impl
+from densenet_fast.convert import set_impl
 from densenet_fast.ops._no_double_backward import DoubleBackwardError
 
 torchvision = pytest.importorskip("torchvision")
