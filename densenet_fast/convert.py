@@ -6,8 +6,9 @@ Walks any ``nn.Module`` and replaces, in place,
 * torchvision ``_Transition`` and timm ``DenseTransition`` (average-pool ones) -> :class:`densenet_fast.nn.Transition`
 * an ``nn.Sequential`` holding dense blocks (a DenseNet's ``features``) -> :class:`~densenet_fast.nn.converted.FusedFeatures`
   (block -> transition fusion: the transition reuses the block's batch statistics)
-* an exact torchvision / timm ``DenseNet`` root gets a subclass whose ``forward`` also fuses the final
-  norm + ReLU + global average pool (``__class__`` swap; ``isinstance`` still holds)
+* an exact torchvision / timm ``DenseNet`` (root or nested) gets a subclass whose ``forward`` also fuses the
+  final norm + ReLU + global average pool (``__class__`` swap; ``isinstance`` still holds; a pickled converted
+  model needs densenet_fast to load, its ``state_dict`` does not)
 * timm ``SEModule`` -> :class:`densenet_fast.nn.squeeze_excite.SqueezeExcite` (``from_timm``)
 
 The new container modules hold the **same** child modules as the ones they replace: every Parameter and
@@ -244,8 +245,8 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
     Args:
         model: any ``nn.Module`` (a whole DenseNet, a backbone inside a larger model, a single block, ...).
         inplace: convert ``model`` itself (default) or a ``copy.deepcopy`` of it.
-        fuse_head: swap ``features`` Sequentials for :class:`FusedFeatures` and the class of an exact
-            torchvision/timm ``DenseNet`` root for one whose forward fuses the final norm + ReLU + pool.
+        fuse_head: swap ``features`` Sequentials for :class:`FusedFeatures` and the class of every exact
+            torchvision/timm ``DenseNet`` (root or nested) for one whose forward fuses the final norm + ReLU + pool.
         squeeze_excite: replace timm ``SEModule`` instances with ``SqueezeExcite.from_timm``.
         warn: issue a ``UserWarning`` listing the dense blocks/transitions that could not be converted.
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert_utils import (assert_grads_close, assert_state_close, pair, randomize_bn, rel, saved_tensor_bytes,
+from convert_utils import (assert_state_close, pair, randomize_bn, rel, saved_tensor_bytes,
                            timm_small, train_steps, tv_small)
 
 import densenet_fast as dnf

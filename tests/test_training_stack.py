@@ -18,7 +18,7 @@ from torch import nn
 from convert_utils import assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
 
 import densenet_fast as dnf
-from densenet_fast.convert import convert, set_impl
+from densenet_fast.convert import set_impl
 from densenet_fast.ops._no_double_backward import DoubleBackwardError
 
 torchvision = pytest.importorskip("torchvision")
@@ -46,6 +46,7 @@ def _inductor_fresh():
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compile_converted_model_training_step(_inductor_fresh):
     model, ref = pair(lambda: tv_small(growth_rate=4, block_config=(2, 2), num_init_features=8))
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
@@ -59,6 +60,7 @@ def test_compile_converted_model_training_step(_inductor_fresh):
     assert_state_close(model, ref, 1e-4)  # running stats updated once, as eager
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compile_densenet_fast_model_inference(_inductor_fresh):
     model = randomize_bn(dnf.densenet_bc(depth=16, growth_rate=4)).eval()
     x = _x(size=16)
