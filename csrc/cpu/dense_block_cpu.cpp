@@ -168,7 +168,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     auto conv_grads = at::convolution_backward(dout, v, w2[l], c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
                                                {0, 0}, 1, {true, true, false});
     Tensor dv = std::get<0>(conv_grads).contiguous(at::MemoryFormat::ChannelsLast);
-    out.w2[l] = std::get<1>(conv_grads);
+    out.w2[l] = std::get<1>(conv_grads).contiguous();  // as the fake kernel declares, on every backend
     T* dV = dv.data_ptr<T>();
 
     // BN2 + ReLU backward, in place: dV becomes dY.

@@ -146,11 +146,9 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
             check_tensor(t, name, buffer, shape, bn_tensor=True)
     N, _, H, W = buffer.shape
     like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
-    # The kernel returns the 3x3 conv weight gradients as ATen's convolution_backward lays them out for a
-    # channels_last input: channels_last (torch.compile asserts the real strides match these).
-    like_cl = lambda ts: [torch.empty_like(t, memory_format=torch.channels_last) for t in ts]  # noqa: E731
+    # Every backend returns contiguous weight gradients (torch.compile asserts the real strides match).
     return (_empty_cl((N, num_input_features, H, W), buffer), like(norm1_weight), like(norm1_bias),
-            like(conv1_weight), like(norm2_weight), like(norm2_bias), like_cl(conv2_weight))
+            like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
 
 
 _N_LISTS = 10  # tensor-list arguments of dense_block_forward
