@@ -304,3 +304,42 @@ def test_compile_inductor_fullgraph():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert_close_rel(torch.compile(model, fullgraph=True)(x), model(x), 1e-5, "inductor output")
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("H,W", [(1, 1), (4, 5), (9, 8)])
+def test_stem_bn_relu_maxpool_matches_torch(training, H, W):
+    from densenet_fast.nn.fused_features import fused_stem
+
+    ref_bn = torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        ref_bn.weight.uniform_(0.5, 1.5), ref_bn.bias.uniform_(-0.5, 0.5)
+        ref_bn.running_mean.uniform_(-0.2, 0.2), ref_bn.running_var.uniform_(0.5, 2.0)
+    our_bn = copy.deepcopy(ref_bn)
+    ref_bn.train(training), our_bn.train(training)
+    x = torch.randn(3, 4, H, W, dtype=torch.float64)
+    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yr = F.max_pool2d(F.relu(ref_bn(xr)), 3, 2, 1)
+    yo = fused_stem(our_bn, xo)
+    g = torch.randn_like(yr)
+    yr.backward(g), yo.backward(g)
+    assert_close_rel(yo, yr, 1e-12, "output")
+    assert_close_rel(xo.grad, xr.grad, 1e-10, "input grad")
+    assert_close_rel(our_bn.weight.grad, ref_bn.weight.grad, 1e-10, "weight grad")
+    assert_close_rel(our_bn.bias.grad, ref_bn.bias.grad, 1e-10, "bias grad")
+    assert_close_rel(our_bn.running_var, ref_bn.running_var, 1e-12, "running_var")
+    assert int(our_bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
+
+
+def test_stem_opcheck_and_saved_bytes():
+    from densenet_fast.ops.stem import bn_relu_maxpool
+
+    x = torch.randn(2, 3, 6, 7, requires_grad=True)
+    mean, var = channel_moments(x.detach())
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    torch.library.opcheck(bn_relu_maxpool, (x, mean, var, w, b, True, 1e-5))
+    # only the input (plus O(C) statistics) is saved: no BN output, no int64 pooling indices
+    model = dnf.densenet121()
+    saved = _saved_bytes(lambda: model.features[:4](torch.randn(1, 3, 64, 64)), model)
+    conv0_out = 64 * 32 * 32 * 4
+    assert saved <= 3 * 64 * 64 * 4 + conv0_out + 64 * 4 * 4

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate, check_impl, check_int
-from densenet_fast.nn.fused_features import features_to_pooled
+from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc",
@@ -80,14 +80,14 @@ class DenseNet(nn.Module):
         self.impl = check_impl(impl)
 
         if stem == "imagenet":
-            self.features = nn.Sequential(OrderedDict([
+            self.features = FusedFeatures(OrderedDict([
                 ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
                 ("norm0", nn.BatchNorm2d(num_init_features)),
                 ("relu0", nn.ReLU(inplace=True)),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]))
         else:
-            self.features = nn.Sequential(OrderedDict([
+            self.features = FusedFeatures(OrderedDict([
                 ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)),
             ]))
         num_features = num_init_features
@@ -102,6 +102,7 @@ class DenseNet(nn.Module):
                 self.features.add_module(f"transition{i + 1}", Transition(num_features, out_features, impl=impl))
                 num_features = out_features
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.features.impl = impl
         self.classifier = nn.Linear(num_features, num_classes)
 
         for m in self.modules():  # torchvision's initialisation
@@ -125,7 +126,7 @@ class DenseNet(nn.Module):
         """Switches every block and transition between "fused" and "reference"; returns self."""
         self.impl = check_impl(impl)
         for m in self.modules():
-            if isinstance(m, (DenseBlock, Transition)):
+            if isinstance(m, (DenseBlock, Transition, FusedFeatures)):
                 m.impl = impl
         return self
 
@@ -174,7 +175,7 @@ class DenseNet(nn.Module):
         if self.training:
             self._check_training_sizes(x)
         if self.impl == "fused":
-            out = features_to_pooled(self.features, x)
+            out = self.features.forward_pooled(x)
         else:
             out = torch.flatten(F.adaptive_avg_pool2d(F.relu(self.features(x), inplace=True), (1, 1)), 1)
         return self.classifier(out)

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.models.densenet import DenseNet, WeightsLike, load_weights
 from densenet_fast.nn.dense_block import DenseBlock, DenseLayer
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
@@ -181,7 +182,8 @@ class SEDenseNet(DenseNet):
                 last = module[f"denselayer{len(module)}"]
                 width = last.norm1.num_features + last.conv2.out_channels
                 children[f"se{index}"] = SqueezeExcite(width, rd_ratio=se_ratio)
-        self.features = nn.Sequential(children)
+        self.features = FusedFeatures(children)
+        self.features.impl = self.impl
 
     def extra_repr(self) -> str:
         return f"se_ratio={self.se_ratio}, se_placement={self.se_placement!r}"

@@ -25,92 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_mod
 
-from densenet_fast.nn.batchnorm_stats import fusable_norms
-from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok,
-                                          fused_norm_relu_pool)
+from densenet_fast.nn.fused_features import FusedFeatures, has_hooks, norm_relu_kind  # noqa: F401  (re-exported)
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
-
-
-def has_hooks(m: nn.Module) -> bool:
-    """Whether calling ``m`` would run hooks (its own or global module hooks)."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks
-                or _module_mod._global_backward_hooks or _module_mod._global_backward_pre_hooks)
-
-
-def norm_relu_kind(m: nn.Module) -> Optional[str]:
-    """``"bn"`` for a plain ``nn.BatchNorm2d``, ``"bn_relu"`` for timm's ``BatchNormAct2d`` with a ReLU
-    activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
-    if not isinstance(m, nn.BatchNorm2d) or not fusable_norms([m]):
-        return None
-    if type(m) is nn.BatchNorm2d:
-        return "bn"
-    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
-    if type(m).__name__ == "BatchNormAct2d" and type(act) is nn.ReLU and type(drop) is nn.Identity:
-        return "bn_relu"
-    return None
-
-
-class FusedFeatures(nn.Sequential):
-    """Drop-in for a DenseNet ``features`` Sequential (identical children and ``state_dict``).
-
-    ``forward(x)`` returns exactly what the Sequential returns (the final norm's output), fusing
-    each dense block with the transition that follows it. ``forward_pooled(x, relu)`` returns
-    ``flatten(adaptive_avg_pool2d(relu(self(x)) if relu else self(x), 1), 1)`` and also fuses the
-    final norm (+ ReLU + pool) with the last block.
-    """
-
-    impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
-
-    def _run(self, x: Tensor, pool_relu: Optional[bool]):
-        if self.impl != "fused":
-            return super().forward(x), False
-        mods = list(self._modules.values())
-        pending = None  # a fused block's BlockOutput not yet consumed
-        for i, m in enumerate(mods):
-            last = i == len(mods) - 1
-            if pending is not None:
-                buf = pending.buffer
-                if isinstance(m, Transition) and not has_hooks(m) and m.can_fuse(buf):
-                    x, pending = m.fused_forward(buf, pending.mean, pending.var), None
-                    continue
-                x, stats, pending = buf, pending, None
-            else:
-                stats = None
-            if last and pool_relu is not None and not has_hooks(m):
-                kind = norm_relu_kind(m)
-                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == 4 \
-                        and _fused_device_ok(_autocast_dtype_fix(x)):
-                    if stats is not None and m.training == bool(stats.mean.numel()):
-                        return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
-                    return fused_norm_relu_pool(m, x), True
-            if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
-                pending = m.fused_forward(x)
-                continue
-            x = m(x)
-        if pending is not None:
-            x = pending.buffer
-        return x, False
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._run(x, None)[0]
-
-    def forward_pooled(self, x: Tensor, relu: bool = True) -> Tensor:
-        """[N, C_in, H, W] -> [N, C]: ``flatten(adaptive_avg_pool2d(relu?(self(x)), 1), 1)``."""
-        out, pooled = self._run(x, bool(relu))
-        if pooled:
-            return out
-        if relu:
-            out = F.relu(out)
-        return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
-
-    @classmethod
-    def from_sequential(cls, seq: nn.Sequential) -> "FusedFeatures":
-        """A FusedFeatures holding the *same* child modules (shared, not copied) under the same names."""
-        new = cls(OrderedDict(seq._modules))
-        new.training = seq.training
-        return new
 
 
 # -- model classes (created lazily) --------------------------------------------------------------------

@@ -1,51 +1,154 @@
-"""Runs a DenseNet ``features`` Sequential with every dense block, transition and the final norm fused.
+"""``FusedFeatures``: a DenseNet ``features`` Sequential that runs its children fused where it can.
 
-A fused block hands its buffer *and its batch statistics* to the reader that follows it (the
-transition, or the final norm + ReLU + global pool), so no BN/ReLU output is stored anywhere
-outside the stem and every channel's statistics are computed once.
+Same children, names and ``state_dict`` as the ``nn.Sequential`` it stands for, same outputs. It fuses
+
+* the stem's BN -> ReLU -> 3x3/2 max-pool into one operator that stores only the stem conv's output;
+* each fused dense block with the transition after it: the block hands over its buffer *and its batch
+  statistics*, so every channel's statistics are computed once;
+* (``forward_pooled``) the final norm with the head's ReLU and global average pool.
+
+So no BN/ReLU output is stored anywhere. Our own models use it as their ``features``; ``convert()``
+puts it into torchvision / timm DenseNets. Modules carrying hooks are called through ``__call__`` (so
+their hooks fire) instead of being paired.
 """
 from __future__ import annotations
 
-from typing import Optional
+from collections import OrderedDict
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_mod
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms
-from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok,
-                                          fused_norm_relu_pool)
-from densenet_fast.ops.dense_block import BlockOutput
+from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok, bn_stats,
+                                          commit_bn_stats, fused_norm_relu_pool)
+from densenet_fast.ops.stem import bn_relu_maxpool
+
+__all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
 
 
-def _final_norm_can_fuse(x: Tensor) -> bool:
-    return x.dim() == 4 and _fused_device_ok(_autocast_dtype_fix(x))
+def has_hooks(m: nn.Module) -> bool:
+    """Whether calling ``m`` would run hooks (its own or global module hooks)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _module_mod._global_forward_hooks or _module_mod._global_forward_pre_hooks
+                or _module_mod._global_backward_hooks or _module_mod._global_backward_pre_hooks)
 
 
-def features_to_pooled(features: nn.Sequential, x: Tensor) -> Tensor:
-    """``flatten(adaptive_avg_pool2d(relu(features(x)), 1))`` -> [N, C], fusing where possible.
+def norm_relu_kind(m: nn.Module) -> Optional[str]:
+    """``"bn"`` for a plain ``nn.BatchNorm2d``, ``"bn_relu"`` for timm's ``BatchNormAct2d`` with a ReLU
+    activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
+    if not isinstance(m, nn.BatchNorm2d) or not fusable_norms([m]):
+        return None
+    if type(m) is nn.BatchNorm2d:
+        return "bn"
+    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+    if type(m).__name__ == "BatchNormAct2d" and type(act) is nn.ReLU and type(drop) is nn.Identity:
+        return "bn_relu"
+    return None
 
-    ``features``: torchvision-style Sequential (stem modules, ``DenseBlock``/``Transition`` pairs, and a
-    final ``BatchNorm2d``). Modules that are not fusable run unchanged.
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _is_stem_pool(m: nn.Module) -> bool:
+    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (3, 3) and _pair(m.stride) == (2, 2)
+            and _pair(m.padding) == (1, 1) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and not m.return_indices)
+
+
+def stem_span(mods: List[nn.Module], i: int) -> int:
+    """How many modules from ``mods[i]`` form BN -> ReLU -> MaxPool2d(3, 2, 1) (timm: BN+act -> pool); 0 if none."""
+    kind = norm_relu_kind(mods[i])
+    span = {"bn": 3, "bn_relu": 2}.get(kind, 0)
+    if span == 0 or i + span > len(mods):
+        return 0
+    if span == 3 and type(mods[i + 1]) is not nn.ReLU:
+        return 0
+    if not _is_stem_pool(mods[i + span - 1]) or any(has_hooks(m) for m in mods[i:i + span]):
+        return 0
+    return span
+
+
+def fused_stem(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    """max_pool2d(relu(bn(x)), 3, 2, 1), storing only ``x`` for the backward (float32/float64 CPU, CUDA)."""
+    mean, var, training = bn_stats(bn, x, update=False)
+    out = bn_relu_maxpool(x, mean, var, bn.weight, bn.bias, training, bn.eps)
+    commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
+    return out
+
+
+def _stem_can_fuse(x: Tensor) -> bool:
+    # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
+    return x.dim() == 4 and x.shape[0] > 0 and _fused_device_ok(x)
+
+
+class FusedFeatures(nn.Sequential):
+    """Drop-in for a DenseNet ``features`` Sequential (identical children and ``state_dict``).
+
+    ``forward(x)`` returns exactly what the Sequential returns (the final norm's output).
+    ``forward_pooled(x, relu)`` returns ``flatten(adaptive_avg_pool2d(relu(self(x)) if relu else self(x), 1), 1)``
+    and also fuses the final norm (+ ReLU + pool) with the last block.
     """
-    mods = list(features.children())
-    pending: Optional[BlockOutput] = None  # a fused block's output not yet consumed
-    for i, m in enumerate(mods):
-        if pending is not None:
-            last = i == len(mods) - 1
-            if isinstance(m, Transition) and m.can_fuse(pending.buffer):
-                x, pending = m.fused_forward(pending.buffer, pending.mean, pending.var), None
+
+    impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
+
+    def _run(self, x: Tensor, pool_relu: Optional[bool]):
+        if self.impl != "fused":
+            return super().forward(x), False
+        mods = list(self._modules.values())
+        pending = None  # a fused block's BlockOutput not yet consumed
+        i = 0
+        while i < len(mods):
+            m, last = mods[i], i == len(mods) - 1
+            if pending is not None:
+                buf = pending.buffer
+                if isinstance(m, Transition) and not has_hooks(m) and m.can_fuse(buf):
+                    x, pending = m.fused_forward(buf, pending.mean, pending.var), None
+                    i += 1
+                    continue
+                x, stats, pending = buf, pending, None
+            else:
+                stats = None
+            if last and pool_relu is not None and not has_hooks(m):
+                kind = norm_relu_kind(m)
+                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == 4 \
+                        and _fused_device_ok(_autocast_dtype_fix(x)):
+                    if stats is not None and m.training == bool(stats.mean.numel()):
+                        return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
+                    return fused_norm_relu_pool(m, x), True
+            if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
+                pending = m.fused_forward(x)
+                i += 1
                 continue
-            if last and type(m) is nn.BatchNorm2d and fusable_norms([m]) and m.training == bool(pending.mean.numel()):
-                return fused_norm_relu_pool(m, pending.buffer, pending.mean, pending.var)
-            x, pending = pending.buffer, None
-        if isinstance(m, DenseBlock) and m.can_fuse(x):
-            pending = m.fused_forward(x)
-            continue
-        if i == len(mods) - 1 and type(m) is nn.BatchNorm2d and fusable_norms([m]) and _final_norm_can_fuse(x):
-            # No block statistics to reuse (e.g. an SE gate ran in between): the fused reader computes them.
-            return fused_norm_relu_pool(m, x)
-        x = m(x)
-    if pending is not None:
-        x = pending.buffer
-    return torch.flatten(F.adaptive_avg_pool2d(F.relu(x), (1, 1)), 1)
+            span = stem_span(mods, i) if stats is None else 0
+            if span and _stem_can_fuse(x):
+                x = fused_stem(m, x)
+                i += span
+                continue
+            x = m(x)
+            i += 1
+        if pending is not None:
+            x = pending.buffer
+        return x, False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x, None)[0]
+
+    def forward_pooled(self, x: Tensor, relu: bool = True) -> Tensor:
+        """[N, C_in, H, W] -> [N, C]: ``flatten(adaptive_avg_pool2d(relu?(self(x)), 1), 1)``."""
+        out, pooled = self._run(x, bool(relu))
+        if pooled:
+            return out
+        if relu:
+            out = F.relu(out)
+        return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential) -> "FusedFeatures":
+        """A FusedFeatures holding the *same* child modules (shared, not copied) under the same names."""
+        new = cls(OrderedDict(seq._modules))
+        new.training = seq.training
+        return new
