@@ -59,8 +59,9 @@ def largest_batch(peak_at: Callable[[int], Optional[int]], budget: int, guess: i
     """Largest batch b <= max_batch with ``peak_at(b) <= budget`` (0 if even b=1 does not fit).
 
     ``peak_at`` returns the measured peak bytes, or None when the run failed (out of memory). Starts at
-    ``guess`` (an extrapolation from a measured batch), steps by ``growth`` until the answer is
-    bracketed, then bisects; assumes peak memory grows with the batch. Returns (batch, probes).
+    ``guess`` (an extrapolation from a measured batch), steps away from it by ``growth`` — the step
+    doubling each time, so a bad guess costs only a few probes — until the answer is bracketed, then
+    bisects. Assumes peak memory grows with the batch. Returns (batch, probes).
     """
     probes: Dict[int, Optional[int]] = {}
 
@@ -70,25 +71,23 @@ def largest_batch(peak_at: Callable[[int], Optional[int]], budget: int, guess: i
         return probes[b] is not None and probes[b] <= budget
 
     b = min(max(1, guess), max_batch)
-    lo, hi = 0, None  # lo fits (0 trivially), hi does not
+    step = max(1, int(b * (growth - 1)))
+    lo, hi = 0, max_batch + 1  # lo fits (0 trivially), hi does not (max_batch + 1 by definition)
     if fits(b):
         lo = b
-        while hi is None:
-            if lo >= max_batch:
-                return lo, sorted(probes.items())
-            nb = min(max_batch, max(lo + 1, int(lo * growth)))
-            if fits(nb):
-                lo = nb
-            else:
-                hi = nb
+        while lo + step <= max_batch:  # climb until a probe fails (or max_batch is passed)
+            if not fits(lo + step):
+                hi = lo + step
+                break
+            lo, step = lo + step, step * 2
     else:
         hi = b
-        while lo == 0 and hi > 1:
-            nb = min(hi - 1, max(1, int(hi / growth)))
+        while hi > 1:  # descend until a probe fits (or b=1 does not)
+            nb = max(1, hi - step)
             if fits(nb):
                 lo = nb
-            else:
-                hi = nb
+                break
+            hi, step = nb, step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid):
