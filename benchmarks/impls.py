@@ -1,0 +1,128 @@
+"""The implementations compared by the benchmark, each a builder of a ready-to-train ``nn.Module``.
+
+Every builder constructs its model on the CPU, loads the *same* torchvision ``state_dict`` (strict)
+and only then moves it to the device, so all rows compute the same function.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from benchmarks.specs import ModelSpec, cifar_stem
+
+__all__ = ["Impl", "IMPLS", "BASELINE", "parse_impls", "build_model", "torchvision_model"]
+
+BASELINE = "tv"  # ratios on every row are relative to this implementation
+StateDict = Mapping[str, Tensor]
+
+
+def torchvision_model(spec: ModelSpec, memory_efficient: bool = False) -> nn.Module:
+    import torchvision
+
+    if spec.cifar:
+        model = torchvision.models.DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features,
+                                            num_classes=spec.num_classes, memory_efficient=memory_efficient)
+        return cifar_stem(model, spec)
+    return getattr(torchvision.models, spec.name)(num_classes=spec.num_classes, memory_efficient=memory_efficient)
+
+
+def _timm_model(spec: ModelSpec, checkpointing: bool) -> nn.Module:
+    import timm
+    from timm.models.densenet import DenseNet as TimmDenseNet
+
+    if spec.cifar:  # timm derives num_init_features = 2 * growth_rate, as DenseNet-BC does
+        model = cifar_stem(TimmDenseNet(spec.growth_rate, spec.block_config, num_classes=spec.num_classes), spec)
+    else:
+        model = timm.create_model(spec.name, pretrained=False, num_classes=spec.num_classes)
+    if checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _dnf_model(spec: ModelSpec, impl: str) -> nn.Module:
+    import densenet_fast as dnf
+
+    if spec.cifar:
+        depth = 3 * spec.block_config[0] * 2 + 4
+        return dnf.densenet_bc(depth=depth, growth_rate=spec.growth_rate, num_classes=spec.num_classes, impl=impl)
+    return getattr(dnf, spec.name)(num_classes=spec.num_classes, impl=impl)
+
+
+def _convert(model: nn.Module) -> nn.Module:
+    import densenet_fast as dnf
+
+    out = dnf.convert(model)  # in place; use the return value when it gives one
+    return out if isinstance(out, nn.Module) else model
+
+
+def _has_module(name: str) -> Optional[str]:
+    return None if importlib.util.find_spec(name) is not None else f"{name} is not installed"
+
+
+def _has_convert() -> Optional[str]:
+    import densenet_fast as dnf
+
+    return None if hasattr(dnf, "convert") else "densenet_fast.convert() is not available in this build"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One compared implementation.
+
+    ``make`` builds the bare model, ``post`` transforms it after the weights are loaded (as a user
+    converts a trained model), ``unavailable`` says why it cannot run here.
+    """
+
+    name: str
+    label: str
+    make: Callable[[ModelSpec], nn.Module]
+    requires: str = "torch"
+    compiled: bool = False  # wrapped in torch.compile after the weights are loaded
+    check: Optional[Callable[[], Optional[str]]] = None
+    post: Optional[Callable[[nn.Module], nn.Module]] = None
+
+    def unavailable(self) -> Optional[str]:
+        reason = _has_module(self.requires)
+        if reason is None and self.check is not None:
+            reason = self.check()
+        return reason
+
+
+IMPLS: Dict[str, Impl] = {i.name: i for i in (
+    Impl("tv", "torchvision", torchvision_model, "torchvision"),
+    Impl("tv-memeff", "torchvision memory_efficient=True", lambda s: torchvision_model(s, True), "torchvision"),
+    Impl("timm", "timm", lambda s: _timm_model(s, False), "timm"),
+    Impl("timm-ckpt", "timm set_grad_checkpointing()", lambda s: _timm_model(s, True), "timm"),
+    Impl("tv-compile", "torchvision + torch.compile", torchvision_model, "torchvision", compiled=True),
+    Impl("dnf", "densenet_fast fused", lambda s: _dnf_model(s, "fused"), "densenet_fast"),
+    Impl("dnf-ref", "densenet_fast impl=reference", lambda s: _dnf_model(s, "reference"), "densenet_fast"),
+    Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", check=_has_convert,
+         post=_convert),
+)}
+
+
+def parse_impls(text: str) -> List[str]:
+    """``"all"`` or a comma-separated list of names from IMPLS, in the given order."""
+    if text.strip().lower() == "all":
+        return list(IMPLS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in IMPLS]
+    if bad or not names:
+        raise ValueError(f"--impls: expected 'all' or a comma-separated subset of {list(IMPLS)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def build_model(impl: Impl, spec: ModelSpec, state_dict: StateDict, device: torch.device) -> nn.Module:
+    """The model in training mode on ``device`` with ``state_dict`` loaded (compiled if ``impl.compiled``)."""
+    model = impl.make(spec)
+    model.load_state_dict(state_dict, strict=True)
+    if impl.post is not None:
+        model = impl.post(model)
+    model = model.to(device).train()
+    if impl.compiled:
+        model = torch.compile(model)
+    return model

@@ -1,0 +1,219 @@
+"""Result rows: machine description, ratios vs torchvision, terminal table, JSON / CSV / Markdown files."""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from benchmarks.impls import BASELINE
+
+__all__ = ["machine_info", "add_ratios", "format_table", "write_json", "write_csv", "write_markdown",
+           "group_key", "MIB"]
+
+MIB = 1024 ** 2
+# (row key, ratio key): ratios are value / value of the torchvision-default row of the same group.
+RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms_median", "eval_x"),
+                                       ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
+                                       ("max_batch", "max_batch_x"))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: just not recorded
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
+
+
+def machine_info(device: torch.device) -> Dict[str, Any]:
+    """What the numbers were measured on: CPU, cores, RAM, load, GPU, library versions, build info."""
+    import densenet_fast as dnf
+
+    try:
+        import psutil
+        ram, physical = psutil.virtual_memory().total, psutil.cpu_count(logical=False)
+    except ImportError:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = None
+    info: Dict[str, Any] = {
+        "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "cpu_model": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "physical_cores": physical,
+        "ram_bytes": ram,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torchvision": _version("torchvision"),
+        "timm": _version("timm"),
+        "densenet_fast": dnf.build_info(),
+        "git_commit": _git_commit(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+    return info
+
+
+def group_key(row: Dict[str, Any]) -> Tuple[Any, ...]:
+    return row["model"], row["size"], row["batch"], row["device"], row["dtype"]
+
+
+def add_ratios(rows: List[Dict[str, Any]]) -> None:
+    """Adds ``*_x`` ratios vs the torchvision-default row of the same model/size/batch (in place)."""
+    base = {group_key(r): r for r in rows if r["impl"] == BASELINE}
+    for row in rows:
+        ref = base.get(group_key(row))
+        for key, ratio in RATIOS:
+            value, ref_value = row.get(key), (ref or {}).get(key)
+            row[ratio] = value / ref_value if value is not None and ref_value else None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _x(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _mib(value: Optional[int]) -> Optional[float]:
+    return None if value is None else value / MIB
+
+
+def _cells(row: Dict[str, Any]) -> List[str]:
+    if row["status"] != "ok" and not any(row.get(k) is not None for k in ("train_ms_median", "peak_bytes")):
+        return [row["impl"]] + ["-"] * 12
+    train = (f"{_fmt(row.get('train_ms_median'), '.0f')} ({_fmt(row.get('train_ms_min'), '.0f')})"
+             if row.get("train_ms_median") is not None else "-")
+    return [row["impl"], train, _fmt(row.get("train_img_s"), ".2f"), _x(row.get("train_x")),
+            _fmt(row.get("eval_ms_median"), ".0f"), _x(row.get("eval_x")),
+            _fmt(_mib(row.get("peak_bytes")), ".0f"), _x(row.get("peak_x")),
+            _fmt(_mib(row.get("saved_bytes")), ".0f"), _x(row.get("saved_x")),
+            _fmt(row.get("max_batch"), "d"), _x(row.get("max_batch_x")),
+            _fmt(row.get("max_abs_diff"), ".1e")]
+
+
+HEADERS = ["impl", "train ms med (min)", "img/s", "vs tv", "eval ms", "vs tv", "peak MiB", "vs tv",
+           "saved MiB", "vs tv", "max batch", "vs tv", "|dlogits|"]
+
+
+def _groups(rows: Iterable[Dict[str, Any]]) -> Dict[Tuple[Any, ...], List[Dict[str, Any]]]:
+    groups: Dict[Tuple[Any, ...], List[Dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(group_key(row), []).append(row)
+    return groups
+
+
+def _notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    return [f"  {r['impl']}: {r['status']}: {r['note']}" for r in rows if r.get("note")]
+
+
+def format_table(rows: List[Dict[str, Any]], budget: Optional[int] = None) -> str:
+    """Plain-text table, one block per model/size/batch, ratios vs torchvision default on every row."""
+    out: List[str] = []
+    for (model, size, batch, device, dtype), group in _groups(rows).items():
+        out.append(f"\n{model}  {size}x{size}  batch {batch}  {dtype}  {device}"
+                   + (f"  (max batch: largest under a {budget / MIB:.0f} MiB step peak)" if budget else ""))
+        table = [HEADERS] + [_cells(r) for r in group]
+        keep = [i for i in range(len(HEADERS)) if any(row[i] != "-" for row in table[1:]) or i == 0]
+        table = [[row[i] for i in keep] for row in table]
+        widths = [max(len(row[i]) for row in table) for i in range(len(keep))]
+        for n, row in enumerate(table):
+            out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+            if n == 0:
+                out.append("  ".join("-" * w for w in widths))
+        out.extend(_notes(group))
+    out.append("\nvs tv: value / torchvision default (time: < 1 is faster; memory: < 1 is smaller). "
+               "peak: training-step peak above the resident model; saved: activations autograd keeps for "
+               "backward; |dlogits|: max |eval logits - torchvision's|.")
+    return "\n".join(out)
+
+
+def write_json(path: Path, machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    path.write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
+    keys: List[str] = []
+    for row in rows:
+        keys.extend(k for k in row if k not in keys)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """A README-ready table per model/batch with the machine and settings it was measured with."""
+    cpu = f"{machine['cpu_model']}, {machine['logical_cores']} logical cores, {machine['ram_bytes'] / 1024**3:.0f} GiB RAM"
+    where = machine.get("gpu") or cpu
+    lines = [f"<!-- generated by: {machine['command']} -->",
+             f"Measured {machine['timestamp'][:10]} on {where}; torch {machine['torch']} "
+             f"({machine['torch_threads']} threads), densenet_fast {machine['densenet_fast']['version']}"
+             f"{' @ ' + machine['git_commit'] if machine.get('git_commit') else ''}. "
+             f"Step = forward + cross-entropy + backward; times are the median (min) of {settings['repeats']} "
+             f"interleaved repeats; memory is measured in a fresh process per implementation "
+             f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
+    budget = settings.get("budget_bytes")
+    for (model, size, batch, device, dtype), group in _groups(rows).items():
+        lines += ["", f"**{model}**, {size}x{size}, batch {batch}, {dtype}, {device}", ""]
+        head = ["Implementation", "Peak memory (train step)", "Saved for backward", "Step time", "img/s",
+                "Eval time"]
+        if budget:
+            head.append(f"Max batch in {budget / 1024**3:g} GiB")
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in group:
+            def cell(value: Optional[float], unit: str, ratio: Optional[float], spec: str = ".0f") -> str:
+                if value is None:
+                    return "—"
+                text = f"{value:{spec}}" + (f" {unit}" if unit else "")
+                return text + (f" ({ratio:.2f}x)" if ratio is not None and r["impl"] != BASELINE else "")
+            cells = [r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})",
+                     cell(_mib(r.get("peak_bytes")), "MiB", r.get("peak_x")),
+                     cell(_mib(r.get("saved_bytes")), "MiB", r.get("saved_x")),
+                     cell(r.get("train_ms_median"), "ms", r.get("train_x")),
+                     "—" if r.get("train_img_s") is None else f"{r['train_img_s']:.2f}",
+                     cell(r.get("eval_ms_median"), "ms", r.get("eval_x"))]
+            if budget:
+                cells.append(cell(r.get("max_batch"), "", r.get("max_batch_x"), "d"))
+            lines.append("| " + " | ".join(cells) + " |")
+        notes = [f"{r['label']}: {r['note']}" for r in group if r.get("note")]
+        if notes:
+            lines += [""] + [f"* {n}" for n in notes]
+    lines += ["", "Ratios in parentheses: value / torchvision default."]
+    path.write_text("\n".join(lines) + "\n")

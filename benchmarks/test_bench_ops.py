@@ -1,0 +1,155 @@
+"""Micro-benchmarks (pytest-benchmark) of the fused operators vs their PyTorch counterparts.
+
+Run with ``pytest benchmarks/`` (``pytest tests/`` and plain ``pytest`` do not collect this folder).
+Compare columns within one group, e.g. ``pytest benchmarks/ --benchmark-group-by=group``.
+
+* dense block: ``densenet_fast.DenseBlock`` (fused operator) vs torchvision's ``_DenseBlock``
+  (default and ``memory_efficient=True``), forward, backward and forward + backward, training mode.
+* SE gating: ``densenet_fast.SqueezeExcite`` vs timm's ``SEModule`` (skipped when densenet_fast has no
+  ``SqueezeExcite``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+torch = pytest.importorskip("torch")
+tv_densenet = pytest.importorskip("torchvision.models.densenet")
+dnf = pytest.importorskip("densenet_fast")
+
+from torch import Tensor, nn  # noqa: E402
+
+# name -> (N, C0, layers, growth k, H=W): DenseNet-121's first block (at half resolution, to keep a CPU
+# run short) and a DenseNet-BC-100 block.
+BLOCKS: Dict[str, Tuple[int, int, int, int, int]] = {
+    "dn121-block1": (2, 64, 6, 32, 28),
+    "bc100-block": (4, 24, 16, 12, 32),
+}
+SE_CASES: Dict[str, Tuple[int, int, int]] = {"c256-28x28": (8, 256, 28)}  # N, C, H=W
+
+
+def _devices():
+    cuda_ok = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "densenet_fast::dense_block_forward", "CUDA")
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not cuda_ok, reason="no CUDA device or kernels"))]
+
+
+def _rounds(device: str) -> Dict[str, int]:
+    return {"rounds": 5, "warmup_rounds": 1} if device == "cpu" else {"rounds": 50, "warmup_rounds": 5}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _blocks(case: str, device: str) -> Tuple[Dict[str, nn.Module], Tensor]:
+    """The three block implementations with identical weights, and an input batch."""
+    n, c0, layers, k, hw = BLOCKS[case]
+    torch.manual_seed(0)
+    ref = tv_densenet._DenseBlock(layers, c0, 4, k, 0.0, memory_efficient=False)
+    memeff = tv_densenet._DenseBlock(layers, c0, 4, k, 0.0, memory_efficient=True)
+    fused = dnf.DenseBlock(layers, c0, 4, k, 0.0)
+    memeff.load_state_dict(ref.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    mods = {"torchvision": ref, "torchvision-memeff": memeff, "densenet_fast": fused}
+    x = torch.randn(n, c0, hw, hw, device=device, requires_grad=True)
+    return {name: m.to(device).train() for name, m in mods.items()}, x
+
+
+def _forward(mod: nn.Module, x: Tensor, device: str) -> Callable[[], Tensor]:
+    def run() -> Tensor:
+        out = mod(x)
+        _sync(device)
+        return out
+    return run
+
+
+IMPLS = ["torchvision", "torchvision-memeff", "densenet_fast"]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(BLOCKS))
+def test_dense_block_forward(benchmark, case: str, impl: str, device: str) -> None:
+    mods, x = _blocks(case, device)
+    benchmark.group = f"dense block forward {case} {device}"
+    out = benchmark.pedantic(_forward(mods[impl], x, device), **_rounds(device))
+    assert out.shape[1] == BLOCKS[case][1] + BLOCKS[case][2] * BLOCKS[case][3]
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(BLOCKS))
+def test_dense_block_backward(benchmark, case: str, impl: str, device: str) -> None:
+    mods, x = _blocks(case, device)
+    mod = mods[impl]
+    grad = None
+
+    def setup():  # untimed: a fresh forward graph for every timed backward
+        nonlocal grad
+        x.grad = None
+        out = mod(x)
+        grad = torch.ones_like(out) if grad is None else grad
+        _sync(device)
+        return (out,), {}
+
+    def backward(out: Tensor) -> None:
+        out.backward(grad)
+        _sync(device)
+
+    benchmark.group = f"dense block backward {case} {device}"
+    benchmark.pedantic(backward, setup=setup, **_rounds(device))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(BLOCKS))
+def test_dense_block_forward_backward(benchmark, case: str, impl: str, device: str) -> None:
+    mods, x = _blocks(case, device)
+    mod = mods[impl]
+
+    def step() -> None:
+        x.grad = None
+        mod.zero_grad(set_to_none=True)
+        mod(x).sum().backward()
+        _sync(device)
+
+    benchmark.group = f"dense block fwd+bwd {case} {device}"
+    benchmark.pedantic(step, **_rounds(device))
+
+
+# -- squeeze-and-excitation -------------------------------------------------------------------------
+def _se_pair(case: str, device: str) -> Tuple[Dict[str, nn.Module], Tensor]:
+    se_cls = getattr(dnf, "SqueezeExcite", None)
+    if se_cls is None:
+        pytest.skip("densenet_fast.SqueezeExcite is not available in this build")
+    se_layers = pytest.importorskip("timm.layers.squeeze_excite")
+    n, c, hw = SE_CASES[case]
+    torch.manual_seed(0)
+    ref = se_layers.SEModule(c)
+    ours = se_cls(c)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(n, c, hw, hw, device=device, requires_grad=True)
+    return {"timm": ref.to(device), "densenet_fast": ours.to(device)}, x
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("impl", ["timm", "densenet_fast"])
+@pytest.mark.parametrize("case", list(SE_CASES))
+def test_se_forward_backward(benchmark, case: str, impl: str, device: str) -> None:
+    mods, x = _se_pair(case, device)
+    mod = mods[impl]
+
+    def step() -> None:
+        x.grad = None
+        mod.zero_grad(set_to_none=True)
+        mod(x).sum().backward()
+        _sync(device)
+
+    benchmark.group = f"SE fwd+bwd {case} {device}"
+    benchmark.pedantic(step, **_rounds(device))

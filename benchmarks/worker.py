@@ -1,0 +1,68 @@
+"""Subprocess entry point: measures one implementation in a fresh interpreter.
+
+``python -m benchmarks.worker '<job json>'`` builds the model, loads the shared weights, measures the
+training-step peak memory and/or the bytes saved for backward, and prints one line
+``BENCH_RESULT {...}`` on stdout. A fresh process per measurement keeps one implementation's
+allocator state, caches and thread pools out of another's numbers.
+
+Job keys: model, impl, batch, size, device, dtype, threads, weights (path of a torch.save'd state dict),
+tasks (subset of ["memory", "saved"]), warmup, seed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any, Dict
+
+MARKER = "BENCH_RESULT "
+
+
+def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    import torch
+
+    from benchmarks import measure
+    from benchmarks.impls import IMPLS, build_model
+    from benchmarks.specs import get_spec
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    spec, impl = get_spec(job["model"]), IMPLS[job["impl"]]
+    device, dtype = torch.device(job["device"]), getattr(torch, job.get("dtype", "float32"))
+    state = torch.load(job["weights"], map_location="cpu", weights_only=True)
+    model = build_model(impl, spec, state, device)
+    del state
+    x, y = measure.make_inputs(job["batch"], job["size"], spec.num_classes, device, job.get("seed", 0))
+    out: Dict[str, Any] = {}
+    tasks = job.get("tasks", ["memory", "saved"])
+    warmup = job.get("warmup", 1)
+    # The saved-bytes step is a full training step, so it doubles as the memory warm-up — unless the
+    # peak cannot be reset (then the memory step must be the process's first).
+    saved_first = "saved" in tasks and measure.can_reset_peak(device)
+    if saved_first:
+        out.update(measure.saved_tensor_bytes(model, x, y, dtype))
+        warmup -= 1
+    if "memory" in tasks:
+        out.update(measure.step_peak_memory(lambda: measure.train_step(model, x, y, dtype), device,
+                                            warmup=max(0, warmup),
+                                            before=lambda: model.zero_grad(set_to_none=True)))
+    if "saved" in tasks and not saved_first:
+        out.update(measure.saved_tensor_bytes(model, x, y, dtype))
+    return out
+
+
+def main() -> int:
+    job = json.loads(sys.argv[1])
+    try:
+        result = run_job(job)
+    except Exception as err:  # reported to the parent, which records the row as failed / over budget
+        from benchmarks.measure import is_oom
+
+        result = {"error": f"{type(err).__name__}: {err}".splitlines()[0][:300], "oom": is_oom(err)}
+        traceback.print_exc()
+    print(MARKER + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
