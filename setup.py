@@ -22,8 +22,12 @@ DEFAULT_CUDA_ARCHS = "8.0;8.6;9.0+PTX"
 
 
 def read_version() -> str:
+    """densenet_fast/_version.py, plus the wheel variant's local tag from DNF_LOCAL_VERSION
+    (e.g. "cu130.torch2.14", set by tools/build_wheels.sh)."""
     with open(os.path.join(ROOT, "densenet_fast", "_version.py")) as f:
-        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+        version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+    local = os.environ.get("DNF_LOCAL_VERSION", "").strip().lstrip("+")
+    return f"{version}+{local}" if local else version
 
 
 def want_cuda() -> bool:

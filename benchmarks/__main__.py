@@ -1,4 +1,4 @@
-"""Entry point of ``python -m benchmarks`` and of the ``densenet-fast-bench`` console script."""
+"""Entry point of ``python -m benchmarks`` (run from the repository root)."""
 from __future__ import annotations
 
 import sys
