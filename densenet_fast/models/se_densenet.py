@@ -99,17 +99,8 @@ class SEDenseLayer(DenseLayer):
         obj.train(layer.training)
         return obj
 
-    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
-        prev_features = [input] if isinstance(input, Tensor) else input
-        if self.memory_efficient and any(t.requires_grad for t in prev_features) and not torch.jit.is_scripting():
-            bottleneck_output = cp.checkpoint(lambda *xs: self.bn_function(list(xs)), *prev_features,
-                                              use_reentrant=False)
-        else:
-            bottleneck_output = self.bn_function(prev_features)
-        new_features = self.se(self.conv2(self.relu2(self.norm2(bottleneck_output))))
-        if self.drop_rate > 0:
-            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
-        return new_features
+    def gate(self, new_features: Tensor) -> Tensor:
+        return self.se(new_features)
 
 
 class SEDenseBlock(DenseBlock):

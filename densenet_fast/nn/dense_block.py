@@ -132,6 +132,10 @@ class DenseLayer(nn.Module):
         concated_features = torch.cat(inputs, 1)
         return self.conv1(self.relu1(self.norm1(concated_features)))
 
+    def gate(self, new_features: Tensor) -> Tensor:
+        """Applied to conv2's output before dropout: identity here, an SE gate in SE-DenseNet layers."""
+        return new_features
+
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         prev_features = [input] if isinstance(input, Tensor) else input
         if self.memory_efficient and any(t.requires_grad for t in prev_features) and not torch.jit.is_scripting():
@@ -139,7 +143,7 @@ class DenseLayer(nn.Module):
                                               use_reentrant=False)
         else:
             bottleneck_output = self.bn_function(prev_features)
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck_output)))
+        new_features = self.gate(self.conv2(self.relu2(self.norm2(bottleneck_output))))
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features
