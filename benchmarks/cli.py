@@ -373,7 +373,10 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    per_batch = len(s.impls) * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory)
+    from benchmarks.impls import IMPLS
+
+    runnable = sum(IMPLS[n].unavailable() is None for n in s.impls)
+    per_batch = runnable * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory)
     progress = Progress(not args.no_progress, per_batch * len(s.batches) * len(s.models))
     start = time.perf_counter()
     rows: List[Dict[str, Any]] = []
@@ -395,7 +398,8 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     report.write_markdown(paths[2], machine, settings, rows)
     if len(s.batches) > 1:
         paths += plots.plot_sweep(rows, s_out, s.name)
-    print(f"\n{machine['cpu_model']} ({machine['logical_cores']} cores, load {machine['load_average'][0]:.1f}), "
+    load = f", load {machine['load_average'][0]:.1f}" if machine.get("load_average") else ""
+    print(f"\n{machine.get('gpu') or machine['cpu_model']} ({machine['logical_cores']} cores{load}), "
           f"torch {machine['torch']}, {s.threads} threads; {settings['elapsed_s']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
