@@ -195,6 +195,10 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
              f"Step = forward + cross-entropy + backward; times are the median (min) of {settings['repeats']} "
              f"interleaved repeats; memory is measured in a fresh process per implementation "
              f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
+    loads = [l[0] for l in (settings.get("load_average_start"), machine.get("load_average")) if l]
+    if not machine.get("gpu") and loads and max(loads) > 0.5 * (machine.get("logical_cores") or 1):
+        lines[-1] += (f" **The machine was busy (load average up to {max(loads):.1f} on "
+                      f"{machine['logical_cores']} cores): the times are noisy.**")
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
         lines += ["", f"**{model}**, {size}x{size}, batch {batch}, {dtype}, {device}", ""]
