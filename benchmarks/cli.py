@@ -110,6 +110,7 @@ class Settings:
     name: str
     preset: Optional[str] = None
     skipped: Dict[str, str] = field(default_factory=dict)
+    progress: bool = True
 
 
 def resolve(args: argparse.Namespace) -> Settings:
@@ -147,7 +148,7 @@ def resolve(args: argparse.Namespace) -> Settings:
                     eval=not args.no_eval, memory=not args.no_memory, timing=not args.no_timing,
                     budget_bytes=args.budget, budget_max_batch=args.budget_max_batch,
                     jobs=args.jobs or (2 if device == "cpu" else 1), timeout=args.timeout, seed=args.seed,
-                    name=name, preset=preset_name, skipped=skipped)
+                    name=name, preset=preset_name, skipped=skipped, progress=not args.no_progress)
 
 
 class Progress:
@@ -289,6 +290,8 @@ def _budget_search(s: Settings, model: str, size: int, rows: List[Dict[str, Any]
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
+    if not s.progress:
+        tqdm = None
     for impl, ref in latest.items():
         per_image = (ref.get("peak_bytes") or 0) / ref["batch"]
         guess = int(s.budget_bytes / per_image) if per_image > 0 else ref["batch"]
@@ -373,9 +376,13 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
-    per_batch = len(s.impls) * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory)
-    progress = Progress(not args.no_progress, per_batch * len(s.batches) * len(s.models))
+    from benchmarks.impls import IMPLS
+
+    runnable = sum(IMPLS[n].unavailable() is None for n in s.impls)
+    per_batch = runnable * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory)
+    progress = Progress(s.progress, per_batch * len(s.batches) * len(s.models))
     start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     rows: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="dnf-bench-") as tmp:
         try:
@@ -385,7 +392,7 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
             progress.close()
     report.add_ratios(rows)
     machine = report.machine_info(device)
-    settings = asdict(s) | {"elapsed_s": round(time.perf_counter() - start, 1)}
+    settings = asdict(s) | {"elapsed_s": round(time.perf_counter() - start, 1), "load_average_start": load_start}
     print(report.format_table(rows, s.budget_bytes))
     s_out = args.out
     s_out.mkdir(parents=True, exist_ok=True)
@@ -395,7 +402,9 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     report.write_markdown(paths[2], machine, settings, rows)
     if len(s.batches) > 1:
         paths += plots.plot_sweep(rows, s_out, s.name)
-    print(f"\n{machine['cpu_model']} ({machine['logical_cores']} cores, load {machine['load_average'][0]:.1f}), "
+    load = (f", load average {load_start[0]:.1f} at start, {machine['load_average'][0]:.1f} at end"
+            if load_start and machine.get("load_average") else "")
+    print(f"\n{machine.get('gpu') or machine['cpu_model']} ({machine['logical_cores']} cores{load}), "
           f"torch {machine['torch']}, {s.threads} threads; {settings['elapsed_s']:.0f} s")
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -32,9 +32,15 @@ def plot_sweep(rows: List[Dict[str, Any]], out_dir: Path, name: str) -> List[Pat
         panels = [p for p in PANELS if any(r.get(p[0]) is not None for r in group)]
         if not panels:
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        cols = 2 if len(panels) > 1 else 1
+        nrows = (len(panels) + cols - 1) // cols
+        fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4 * nrows), squeeze=False)
+        flat = list(axes.flat)
+        for ax in flat[len(panels):]:
+            ax.set_visible(False)
         impls = list(dict.fromkeys(r["impl"] for r in group))
-        for ax, (key, label, scale) in zip(axes[0], panels):
+        batches = sorted({r["batch"] for r in group})
+        for ax, (key, label, scale) in zip(flat, panels):
             for impl in impls:
                 pts = sorted((r["batch"], r[key] * scale) for r in group if r["impl"] == impl and r.get(key) is not None)
                 if pts:
@@ -43,8 +49,11 @@ def plot_sweep(rows: List[Dict[str, Any]], out_dir: Path, name: str) -> List[Pat
             ax.set_xlabel("batch size")
             ax.set_ylabel(label)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])  # the measured batch sizes, not 2^k
+            ax.minorticks_off()
+            ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
-        axes[0][0].legend(fontsize="small")
+        flat[0].legend(fontsize="small")
         fig.suptitle(f"{model} {size}x{size} {dtype} {device}")
         fig.tight_layout()
         path = out_dir / f"{name}_{model}_{size}.png"

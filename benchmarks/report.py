@@ -55,6 +55,12 @@ def _git_commit() -> Optional[str]:
     return (out.stdout.strip() + ("-dirty" if dirty else "")) if out.returncode == 0 else None
 
 
+def _program() -> str:
+    """How this run was started, as a user would type it."""
+    argv0 = Path(sys.argv[0])
+    return "python -m benchmarks" if argv0.name == "__main__.py" and argv0.parent.name == "benchmarks" else argv0.name
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     """What the numbers were measured on: CPU, cores, RAM, load, GPU, library versions, build info."""
     import densenet_fast as dnf
@@ -67,7 +73,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         physical = None
     info: Dict[str, Any] = {
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([_program()] + sys.argv[1:]),
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
         "physical_cores": physical,
@@ -189,6 +195,10 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
              f"Step = forward + cross-entropy + backward; times are the median (min) of {settings['repeats']} "
              f"interleaved repeats; memory is measured in a fresh process per implementation "
              f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
+    loads = [l[0] for l in (settings.get("load_average_start"), machine.get("load_average")) if l]
+    if not machine.get("gpu") and loads and max(loads) > 0.5 * (machine.get("logical_cores") or 1):
+        lines[-1] += (f" **The machine was busy (load average up to {max(loads):.1f} on "
+                      f"{machine['logical_cores']} cores): the times are noisy.**")
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
         lines += ["", f"**{model}**, {size}x{size}, batch {batch}, {dtype}, {device}", ""]

@@ -43,6 +43,8 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
             times[name].append(dt)
 
     names = list(fns)
+    if not names:
+        return times
     for _ in range(warmup):
         for name in names:
             call(name, False)
