@@ -177,4 +177,21 @@ inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, con
   TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);
 }
 
+// Validates the arguments of a transition (BN-ReLU-conv1x1-avgpool2x2) on any backend.
+inline void check_transition_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+                                  const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& conv_weight,
+                                  double eps) {
+  check_tail_args(input, mean, var, weight, bias, eps);
+  check_float_tensor(conv_weight, "conv_weight", input);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
+                  conv_weight.size(3) == 1,
+              "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
+  TORCH_CHECK(conv_weight.size(0) >= 1, "conv_weight: expected at least one output channel, got shape ",
+              conv_weight.sizes());
+  check_channels_fit(conv_weight.size(0), "conv_weight");
+  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
+              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
+              ", W=", input.size(3));
+}
+
 }  // namespace dnf

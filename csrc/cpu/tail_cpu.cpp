@@ -37,18 +37,8 @@ void check_cpu(const Tensor& input) {
 
 void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                       const Tensor& bias, const Tensor& conv_weight, double eps) {
-  check_tail_args(input, mean, var, weight, bias, eps);
+  check_transition_args(input, mean, var, weight, bias, conv_weight, eps);
   check_cpu(input);
-  check_float_tensor(conv_weight, "conv_weight", input);
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
-                  conv_weight.size(3) == 1,
-              "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
-  TORCH_CHECK(conv_weight.size(0) >= 1, "conv_weight: expected at least one output channel, got shape ",
-              conv_weight.sizes());
-  check_channels_fit(conv_weight.size(0), "conv_weight");
-  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
-              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
-              ", W=", input.size(3));
 }
 
 // P[r, :] for output rows [q0, q0+nr): the 2x2 average of relu(a*x + b) (avg_pool2d, floor mode).
