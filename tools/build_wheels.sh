@@ -33,6 +33,10 @@ case $TARGET in cpu|cuda|all) ;; *) echo "usage: $0 [cpu|cuda|all]" >&2; exit 2 
 
 log() { echo "[build_wheels] $*" >&2; }
 
+WORK_DIRS=()
+cleanup() { for d in ${WORK_DIRS[@]+"${WORK_DIRS[@]}"}; do rm -rf "$d"; done; }
+trap cleanup EXIT  # also after a failed build
+
 # torch2.14 from 2.14.1+cu130: wheels are ABI-bound to torch's major.minor.
 TORCH_TAG=$("$PYTHON" -c 'import torch; v = torch.__version__.split("+")[0].split("."); print(f"torch{v[0]}.{v[1]}")')
 
@@ -78,6 +82,7 @@ EOF
 build_one() {
   local variant=$1 local_tag=$2
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/dnf-wheel-$variant.XXXXXX")
+  WORK_DIRS+=("$work")
   log "building the $variant wheel ($local_tag) from $SRC in $work"
   copy_sources "$work/src"
   mkdir -p "$work/out" "$OUT/$local_tag"
@@ -101,7 +106,6 @@ build_one() {
            "append DNF_LOCAL_VERSION to the version" ;;
   esac
   mv -f "$whl" "$OUT/$local_tag/"
-  rm -rf "$work"
   log "wrote $OUT/$local_tag/$(basename "$whl")"
   echo "$OUT/$local_tag/$(basename "$whl")"
 }
