@@ -5,7 +5,8 @@
 #
 # Environment:
 #   PYTHON                 interpreter whose torch the wheels are built against (default: python3)
-#   OUT                    output folder (default: <repo>/wheelhouse); wheels land in OUT/<variant>/
+#   OUT                    output folder (default: <repo>/wheelhouse); wheels land in OUT/<local tag>/,
+#                          e.g. wheelhouse/cpu.torch2.14/, wheelhouse/cu130.torch2.14/
 #   SRC                    source checkout to build (default: this repository)
 #   TORCH_CUDA_ARCH_LIST   CUDA wheel archs (default "8.0;8.6;9.0+PTX")
 #   CUDA_HOME              CUDA toolkit for the CUDA wheel (default: /usr/local/cuda, else nvcc's)
@@ -15,7 +16,7 @@
 # in-place build (_C*.so, build/) leaks into it, with `pip wheel --no-build-isolation --no-deps`
 # (the build uses the installed torch: the wheel's ABI is that torch's). The local version tag names
 # the variant, e.g. 0.1.0+cpu.torch2.14 or 0.1.0+cu130.torch2.14: the script exports
-# DNF_LOCAL_VERSION, which setup.py appends to the version. Afterwards every wheel is checked to
+# DNF_LOCAL_VERSION, which setup.py's read_version() appends to the version. Afterwards every wheel is checked to
 # bundle no libtorch/libc10 (torch is a dependency, not a passenger). tools/check_wheel.py then
 # installs a wheel into a fresh venv and tests it.
 set -euo pipefail
@@ -31,6 +32,10 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-"8.0;8.6;9.0+PTX"}
 case $TARGET in cpu|cuda|all) ;; *) echo "usage: $0 [cpu|cuda|all]" >&2; exit 2 ;; esac
 
 log() { echo "[build_wheels] $*" >&2; }
+
+WORK_DIRS=()
+cleanup() { for d in ${WORK_DIRS[@]+"${WORK_DIRS[@]}"}; do rm -rf "$d"; done; }
+trap cleanup EXIT  # also after a failed build
 
 # torch2.14 from 2.14.1+cu130: wheels are ABI-bound to torch's major.minor.
 TORCH_TAG=$("$PYTHON" -c 'import torch; v = torch.__version__.split("+")[0].split("."); print(f"torch{v[0]}.{v[1]}")')
@@ -77,9 +82,10 @@ EOF
 build_one() {
   local variant=$1 local_tag=$2
   local work; work=$(mktemp -d "${TMPDIR:-/tmp}/dnf-wheel-$variant.XXXXXX")
+  WORK_DIRS+=("$work")
   log "building the $variant wheel ($local_tag) from $SRC in $work"
   copy_sources "$work/src"
-  mkdir -p "$work/out" "$OUT/$variant"
+  mkdir -p "$work/out" "$OUT/$local_tag"
   (
     cd "$work/src"
     export DNF_LOCAL_VERSION=$local_tag
@@ -96,13 +102,12 @@ build_one() {
   check_no_libtorch "$whl" >&2
   case $(basename "$whl") in
     *"+$local_tag-"*) ;;
-    *) log "WARNING: $(basename "$whl") lacks the local version +$local_tag: setup.py does not read" \
-           "DNF_LOCAL_VERSION yet (see the note in tools/README.md); the wheel is kept under $OUT/$variant/" ;;
+    *) log "WARNING: $(basename "$whl") lacks the local version +$local_tag: this setup.py does not" \
+           "append DNF_LOCAL_VERSION to the version" ;;
   esac
-  mv -f "$whl" "$OUT/$variant/"
-  rm -rf "$work"
-  log "wrote $OUT/$variant/$(basename "$whl")"
-  echo "$OUT/$variant/$(basename "$whl")"
+  mv -f "$whl" "$OUT/$local_tag/"
+  log "wrote $OUT/$local_tag/$(basename "$whl")"
+  echo "$OUT/$local_tag/$(basename "$whl")"
 }
 
 if [ "$TARGET" = cpu ] || [ "$TARGET" = all ]; then
