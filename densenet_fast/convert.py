@@ -37,6 +37,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import nn
 
 from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
+from densenet_fast.nn.fused_features import _pair
 from densenet_fast.nn.dense_block import DenseBlock, Transition
 
 __all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
@@ -215,10 +216,8 @@ def _transition_problem(t: nn.Module) -> Optional[str]:
     pool = t.pool
     if type(pool) is not nn.AvgPool2d:
         return f"pool is {type(pool).__name__} (e.g. a blur pool), which the fused transition does not compute"
-    ks = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
-    st = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2
-    pd = pool.padding if isinstance(pool.padding, tuple) else (pool.padding,) * 2
-    if ks != (2, 2) or st != (2, 2) or pd != (0, 0) or pool.ceil_mode or pool.divisor_override is not None:
+    if (_pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2) or _pair(pool.padding) != (0, 0)
+            or pool.ceil_mode or pool.divisor_override is not None):
         return "pool is not AvgPool2d(kernel_size=2, stride=2)"
     return None
 

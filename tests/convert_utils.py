@@ -17,6 +17,11 @@ import densenet_fast  # noqa: E402,F401
 from densenet_fast.convert import convert  # noqa: E402
 
 
+def _x(n=2, size=32, dtype=torch.float32, seed=0):
+    """A seeded image batch [n, 3, size, size]."""
+    return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|b| in float64 (max|a - b| when b is all zeros)."""
     a, b = a.detach().double(), b.detach().double()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert_utils import (assert_state_close, pair, randomize_bn, rel, saved_tensor_bytes,
+from convert_utils import (_x, assert_state_close, pair, randomize_bn, rel, saved_tensor_bytes,
                            timm_small, train_steps, tv_small)
 
 import densenet_fast as dnf
@@ -32,13 +32,6 @@ from timm.layers import BlurPool2d  # noqa: E402
 from timm.models import densenet as timm_densenet  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def _x(n=2, size=32, dtype=torch.float32, seed=0):
-    return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 # -- structure -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from convert_utils import assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
+from convert_utils import _x, assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
 
 import densenet_fast as dnf
 from densenet_fast.convert import set_impl
@@ -24,13 +24,6 @@ from densenet_fast.ops._no_double_backward import DoubleBackwardError
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
-def _x(n=2, size=32, dtype=torch.float32, seed=0):
-    return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 # -- torch.compile -------------------------------------------------------------------------------------
