@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from densenet_fast.models import densenet as dn  # noqa: E402
+import densenet_fast.models as dn  # noqa: E402
 from densenet_fast.models import se_densenet as sednn  # noqa: E402
 from densenet_fast.models.se_densenet import (SEDenseBlock, SEDenseLayer, SEDenseNet, se_densenet121,  # noqa: E402
                                               se_densenet169, se_densenet201)

@@ -1,5 +1,13 @@
-from densenet_fast.models.densenet import (DenseNet, densenet121, densenet161, densenet169, densenet201,
-                                           densenet_bc, load_weights, remap_legacy_keys)
+from densenet_fast.models.densenet import (
+    DenseNet,
+    densenet121,
+    densenet161,
+    densenet169,
+    densenet201,
+    load_weights,
+    remap_legacy_keys,
+)
+from densenet_fast.models.densenet_bc import densenet_bc
 from densenet_fast.models.se_densenet import SEDenseNet, se_densenet121, se_densenet169, se_densenet201
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc", "load_weights",

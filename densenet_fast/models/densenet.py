@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +19,12 @@ from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate
 from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
-__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet_bc",
-           "remap_legacy_keys", "load_weights"]
+__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "remap_legacy_keys",
+           "load_weights"]
 
 # Old torchvision checkpoints name layer children "norm.1", "conv.2", ...
-_LEGACY_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
@@ -35,7 +36,7 @@ def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
     return out
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
     """TypeError for a non-integer (or bool), ValueError for an integer < 1."""
     return check_int(name, value)
 
@@ -58,21 +59,22 @@ class DenseNet(nn.Module):
                  memory_efficient: bool = False, *, impl: str = "fused", compression: float = 0.5,
                  stem: str = "imagenet", in_channels: int = 3) -> None:
         super().__init__()
-        _positive_int("growth_rate", growth_rate)
-        _positive_int("num_init_features", num_init_features)
-        _positive_int("bn_size", bn_size)
-        _positive_int("num_classes", num_classes)
-        _positive_int("in_channels", in_channels)
+        positive_int("growth_rate", growth_rate)
+        positive_int("num_init_features", num_init_features)
+        positive_int("bn_size", bn_size)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         if isinstance(block_config, (str, bytes)) or not isinstance(block_config, Sequence):
             raise TypeError(f"block_config: expected a sequence of layer counts, got {type(block_config).__name__} "
                             f"{block_config!r}")
         if len(block_config) == 0:
             raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
         for i, n in enumerate(block_config):
-            _positive_int(f"block_config[{i}]", n)
+            positive_int(f"block_config[{i}]", n)
         check_drop_rate(drop_rate)
         if isinstance(compression, bool) or not isinstance(compression, (int, float)):
-            raise TypeError(f"compression: expected a float in (0, 1], got {type(compression).__name__} {compression!r}")
+            raise TypeError(
+                f"compression: expected a float in (0, 1], got {type(compression).__name__} {compression!r}")
         if not 0.0 < float(compression) <= 1.0:
             raise ValueError(f"compression: expected a value in (0, 1], got {compression!r}")
         if stem not in ("imagenet", "cifar"):
@@ -237,31 +239,3 @@ def densenet169(*, weights: WeightsLike = None, progress: bool = True, **kwargs:
 def densenet201(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32)."""
     return _densenet(32, (6, 12, 48, 32), 64, weights, progress, **kwargs)
-
-
-def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, compression: float = 0.5,
-                bn_size: int = 4, drop_rate: float = 0.0, memory_efficient: bool = False, *, impl: str = "fused",
-                weights: WeightsLike = None, in_channels: int = 3, se_ratio: Optional[float] = None,
-                se_placement: str = "block") -> DenseNet:
-    """CIFAR DenseNet-BC (Huang et al.): 3x3 stem with 2k channels, three blocks of (depth-4)/6 layers,
-    transitions compressing by ``compression``, no max-pool. Input [N, 3, 32, 32] -> [N, num_classes].
-
-    ``se_ratio``: None (plain DenseNet-BC) or a ratio in (0, 1], which builds an SE-DenseNet-BC
-    (``densenet_fast.models.se_densenet.SEDenseNet``) with SE modules at ``se_placement`` ("block": on
-    each dense block's output, blocks stay fused; "layer": on each dense layer's new channels, blocks run
-    the per-layer reference path).
-    """
-    from densenet_fast.models import se_densenet  # deferred: se_densenet imports this module
-
-    se_densenet.check_se_placement(se_placement)
-    se_kwargs = {} if se_ratio is None else {"se_ratio": se_densenet.check_se_ratio(se_ratio),
-                                             "se_placement": se_placement}
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(f"depth: DenseNet-BC needs depth = 6*n + 4 with n >= 1 layers per block "
-                         f"(e.g. 40, 100, 190, 250), got {depth!r}")
-    _positive_int("growth_rate", growth_rate)
-    n = (depth - 4) // 6
-    net = DenseNet if se_ratio is None else se_densenet.SEDenseNet
-    model = net(growth_rate, (n, n, n), 2 * growth_rate, bn_size, drop_rate, num_classes, memory_efficient,
-                impl=impl, compression=compression, stem="cifar", in_channels=in_channels, **se_kwargs)
-    return load_weights(model, weights)

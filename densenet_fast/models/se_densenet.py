@@ -29,16 +29,13 @@ import math
 import numbers
 import warnings
 from collections import OrderedDict
-from typing import Any, List, Sequence, Union
+from typing import Any, Sequence
 
-import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
-from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.models.densenet import DenseNet, WeightsLike, load_weights
 from densenet_fast.nn.dense_block import DenseBlock, DenseLayer
+from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["SEDenseNet", "SEDenseBlock", "SEDenseLayer", "se_densenet121", "se_densenet169", "se_densenet201",
