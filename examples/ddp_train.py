@@ -44,14 +44,15 @@ def build_model(args) -> torch.nn.Module:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--depth", type=int, default=40, help="DenseNet-BC depth (6n+4)")
     p.add_argument("--converted", action="store_true", help="train a converted torchvision DenseNet instead")
     p.add_argument("--samples", type=int, default=128, help="synthetic dataset size")
     p.add_argument("--batch-size", type=int, default=8, help="per-process batch size")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps (0: one full epoch)")
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
     p.add_argument("--sync-bn", action="store_true", help="nn.SyncBatchNorm (GPU only in PyTorch)")
     args = p.parse_args()
 

@@ -50,16 +50,17 @@ def synthetic_batch(batch: int, num_classes: int, size: int, generator: torch.Ge
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--arch", default="small", choices=["small", "densenet121", "densenet161", "densenet169",
                                                        "densenet201"])
     p.add_argument("--weights", default=None, help="torchvision state dict file to start from")
-    p.add_argument("--num-classes", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-classes", type=int, default=5, help="classes of the new head")
+    p.add_argument("--image-size", type=int, default=32, help="edge of the square synthetic images")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per step")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and data")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
