@@ -6,12 +6,17 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST    CUDA archs (default "8.0;8.6;9.0+PTX": Ampere and Hopper, PTX for the newest)
   MAX_JOBS                parallel compile jobs (read by torch's build_ext)
   DEBUG=1                 -O0 -g, no NDEBUG
+  DNF_BUILD_DIR           where compiled objects are kept between builds (default: build/ in the checkout;
+                          ninja then recompiles only changed sources, also for `pip install -e .`, whose
+                          own build directory is temporary)
 """
 from __future__ import annotations
 
 import glob
 import os
 import re
+import sys
+import sysconfig
 
 import torch
 from setuptools import find_packages, setup
@@ -82,9 +87,20 @@ def extension():
     )
 
 
+class BuildExt(cpp_extension.BuildExtension):
+    """torch's BuildExtension with a persistent object directory: pip builds in a fresh temporary
+    directory every time, so without this every `pip install -e .` recompiles everything."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        cache = os.environ.get("DNF_BUILD_DIR", os.path.join(ROOT, "build"))
+        tag = f"temp.{sysconfig.get_platform()}-cpython-{sys.version_info[0]}{sys.version_info[1]}"
+        self.build_temp = os.path.join(os.path.abspath(cache), tag)
+
+
 setup(
     version=read_version(),
     packages=find_packages(include=["densenet_fast", "densenet_fast.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )
