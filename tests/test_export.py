@@ -311,3 +311,14 @@ def test_fold_bn_into_conv_and_bad_input():
 def test_jit_script_points_to_torch_export(make):
     with pytest.raises(RuntimeError, match=r"does not support TorchScript.*torch\.export\.export"):
         torch.jit.script(make())
+
+
+def test_fx_symbolic_trace_leaf_and_root():
+    block = dnf.DenseBlock(2, 8, 2, 4).eval()
+    traced = torch.fx.symbolic_trace(nn.Sequential(block))
+    assert [n.op for n in traced.graph.nodes] == ["placeholder", "call_module", "output"]
+    x = torch.randn(2, 8, 5, 7)
+    with torch.no_grad():
+        assert torch.equal(traced(x), block(x))
+    with pytest.raises(TypeError, match="trace that model"):
+        torch.fx.symbolic_trace(block)

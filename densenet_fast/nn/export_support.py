@@ -38,7 +38,12 @@ def fx_leaf_call(module: nn.Module, *args) -> Optional[fx.Proxy]:
     if proxy is None:
         return None
     tracer = proxy.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+    path = tracer.path_of_module(module)
+    if not path:  # the traced root itself: a call_module node needs a submodule to call
+        raise TypeError(f"torch.fx: a densenet_fast {type(module).__name__} is traced as a single node of the "
+                        "model that contains it; trace that model (or wrap the module in an nn.Sequential), not "
+                        "the module itself")
+    return tracer.create_proxy("call_module", path, args, {})
 
 
 def refuse_torchscript(module: nn.Module):
