@@ -174,7 +174,7 @@ class DenseNet(nn.Module):
                 return
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training:
+        if self.training and isinstance(x, Tensor):  # not for a torch.fx Proxy (no sizes while tracing)
             self._check_training_sizes(x)
         if self.impl == "fused":
             out = self.features.forward_pooled(x)

@@ -17,6 +17,7 @@ import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
+from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
 from densenet_fast.ops import dense_block as _block_ops
 from densenet_fast.ops import tail as _tail_ops
 
@@ -157,6 +158,7 @@ class DenseBlock(nn.ModuleDict):
     """
 
     _version = 2
+    __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, memory_efficient: bool = False, impl: str = "fused") -> None:
@@ -181,8 +183,8 @@ class DenseBlock(nn.ModuleDict):
         other than the parameters' outside autocast. An empty batch runs the reference path (as
         torchvision: empty output, ``num_batches_tracked`` counted), without a warning.
         """
-        if getattr(self, "impl", "fused") != "fused":
-            return False
+        if getattr(self, "impl", "fused") != "fused" or exporting_to_onnx():
+            return False  # ONNX export: standard ATen ops (documented rule, no warning)
         layers = self._layers()
         _check_module_input(x, layers[0].conv1.weight, "DenseBlock")
         if x.dim() == 4 and x.shape[0] == 0:
@@ -240,6 +242,9 @@ class DenseBlock(nn.ModuleDict):
     def forward(self, init_features: Tensor) -> Tensor:
         # nn.BatchNorm2d counts num_batches_tracked before raising this error; check first, so a call
         # that raises leaves every buffer as it was, on the fused and on the reference path.
+        leaf = fx_leaf_call(self, init_features)
+        if leaf is not None:  # torch.fx tracing: one call_module node
+            return leaf
         x = init_features
         if (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1
                 and any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
@@ -290,12 +295,14 @@ class Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
         self.impl = check_impl(impl)
 
+    __prepare_scriptable__ = refuse_torchscript
+
     def can_fuse(self, x: Tensor) -> bool:
         """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured
         for the module's configuration. Inputs the fused operator rejects but torchvision's modules
         handle or report themselves (not 4-D, empty batch, H or W < 2) take the reference path."""
-        if getattr(self, "impl", "fused") != "fused":
-            return False
+        if getattr(self, "impl", "fused") != "fused" or exporting_to_onnx():
+            return False  # ONNX export: standard ATen ops (documented rule, no warning)
         _check_module_input(x, self.conv.weight, "Transition")
         if x.dim() != 4 or x.shape[0] == 0 or x.shape[2] < 2 or x.shape[3] < 2:
             return False
@@ -324,6 +331,9 @@ class Transition(nn.Sequential):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
+        leaf = fx_leaf_call(self, x)
+        if leaf is not None:  # torch.fx tracing: one call_module node
+            return leaf
         if isinstance(x, Tensor) and self.norm.training:
             check_batch_for_training(x, True)  # before nn.BatchNorm2d would count the batch
         if self.can_fuse(x):

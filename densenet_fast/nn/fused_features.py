@@ -18,12 +18,13 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module_mod
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms
 from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok, bn_stats,
                                           commit_bn_stats, fused_norm_relu_pool)
+from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.ops.stem import bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -94,9 +95,12 @@ class FusedFeatures(nn.Sequential):
     """
 
     impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
+    __prepare_scriptable__ = refuse_torchscript
 
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
-        if self.impl != "fused":
+        # ONNX export and torch.fx tracing see the children one by one (blocks/transitions then take
+        # their own ONNX or leaf path), as nn.Sequential runs them.
+        if self.impl != "fused" or isinstance(x, fx.Proxy) or exporting_to_onnx():
             return super().forward(x), False
         mods = list(self._modules.values())
         pending = None  # a fused block's BlockOutput not yet consumed

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.squeeze_excite import se_gate
+from .export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
 
 __all__ = ["SqueezeExcite", "make_divisible"]
 
@@ -225,8 +226,13 @@ class SqueezeExcite(nn.Module):
         """Whether forward uses the fused ``densenet_fast::se_forward`` operator."""
         return self._unfused_reason() is None
 
+    __prepare_scriptable__ = refuse_torchscript
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self.fused:
+        leaf = fx_leaf_call(self, x)
+        if leaf is not None:  # torch.fx tracing: one call_module node
+            return leaf
+        if not self.fused or exporting_to_onnx():  # ONNX export: standard ATen ops
             return self._forward_plain(x)
         w1, b1 = self.fc1.weight.flatten(1), self.fc1.bias
         w2, b2 = self.fc2.weight.flatten(1), self.fc2.bias
