@@ -34,10 +34,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "mem-depth": dict(model=",".join([f"densenet_bc{d}" for d in _BC_DEPTHS]
                                      + [f"densenet_bc{d}_k24" for d in _BC_DEPTHS]),
                       batch=64, impls="tv,tv-memeff,timm-ckpt,dnf", timing=False, eval=False, compile=False,
-                      jobs=1, mem_cap="8GiB", name="mem-depth"),
+                      jobs=2, mem_cap="6GiB", name="mem-depth"),
     # Headline figure 2: memory vs batch size, densenet121 224x224 (memory only).
     "mem-batch": dict(model="densenet121", sweep_batch="1,2,4,8,16,32,64", impls="tv,tv-memeff,dnf",
-                      timing=False, eval=False, compile=False, jobs=1, mem_cap="8GiB", name="mem-batch"),
+                      timing=False, eval=False, compile=False, jobs=2, mem_cap="6GiB", name="mem-batch"),
     # Headline figure 3: largest batch under a 1 GiB step peak, and the step time at that batch.
     "budget": dict(model="densenet121", batch=8, impls="tv,tv-memeff,dnf", budget="1GiB", repeats=3, eval=False,
                    compile=False, jobs=1, name="budget"),

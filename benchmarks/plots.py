@@ -190,7 +190,7 @@ def plot_depth(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
         ax.set_xlabel("DenseNet-BC depth")
         ax.set_ylabel(label, fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="xx-small")
+        ax.legend(fontsize="xx-small", loc="lower right")
     first = rows[0]
     cap = settings.get("mem_cap_bytes")
     title = (f"DenseNet-BC {first['size']}² batch {first['batch']} {first['dtype']} — {_where(machine)}; memory: "
