@@ -89,8 +89,9 @@ def test_every_impl_builds_same_function():
     x = torch.randn(2, 3, 32, 32)
     outs = {}
     for name, impl in IMPLS.items():
-        if impl.unavailable() or impl.compiled:
+        if impl.compiled:  # compiling takes minutes on a CPU; tested through the same builders
             continue
+        assert impl.unavailable() is None, (name, impl.unavailable())  # the test extra installs every family
         model = build_model(impl, spec, state, torch.device("cpu")).eval()
         with torch.no_grad():
             outs[name] = model(x)
