@@ -37,7 +37,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                       batch=64, impls="tv,tv-memeff,dnf", timing=False, eval=False, compile=False,
                       jobs=2, mem_cap="6GiB", name="mem-depth"),
     # Headline figure 2: memory vs batch size, densenet121 224x224 (memory only), as far as the cap allows.
-    "mem-batch": dict(model="densenet121", sweep_batch="1,4,16,32,64", impls="tv,tv-memeff,timm-ckpt,dnf",
+    "mem-batch": dict(model="densenet121", sweep_batch="1,4,16,32,64", impls="tv,tv-memeff,dnf",
                       timing=False, eval=False, compile=False, jobs=2, mem_cap="6GiB", name="mem-batch"),
     # Headline figure 3: largest batch under a 768 MiB step peak, and the step time at that batch.
     "budget": dict(model="densenet121", batch=4, impls="tv,tv-memeff,dnf", budget="768MiB", repeats=3, eval=False,
