@@ -561,7 +561,7 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     s_out.mkdir(parents=True, exist_ok=True)
     paths = [s_out / f"{s.name}.json", s_out / f"{s.name}.csv", s_out / f"{s.name}.md"]
     figure = plots.write_figure(rows, machine, settings, s_out / f"{s.name}.png")
-    settings["figure"] = figure.name if figure else None
+    settings["figure_file"] = figure.name if figure else None
     report.write_json(paths[0], machine, settings, rows)
     report.write_csv(paths[1], rows)
     report.write_markdown(paths[2], machine, settings, rows)

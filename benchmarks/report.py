@@ -264,9 +264,20 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
 _REPORT_ORDER = ("readme-cpu", "mem-depth", "mem-batch", "budget", "quick")
 
 
+def _draw(data: Dict[str, Any], path: Path) -> Optional[Path]:
+    """The figure of a run saved without one (an older run, or matplotlib was missing), from its rows."""
+    from benchmarks import plots  # plots imports this module
+
+    settings = dict(data.get("settings", {}))
+    if settings.get("figure") not in plots.PLOTTERS:  # runs from before figures: what they measured
+        settings["figure"] = ("budget" if settings.get("budget_bytes") else
+                              "batch" if len(settings.get("batches") or []) > 1 else "bars")
+    return plots.write_figure(data.get("rows", []), data.get("machine", {}), settings, path)
+
+
 def write_report(out_dir: Path) -> Path:
     """Gathers every ``<name>.json`` of ``out_dir`` into ``out_dir/README.md``: per run its command,
-    figure and tables (the run's own ``<name>.md``). Returns the path written."""
+    figure (drawn from the JSON where the run has none) and tables (its ``<name>.md``). Returns the path."""
     out_dir = Path(out_dir)
     runs = sorted(out_dir.glob("*.json"),
                   key=lambda p: (_REPORT_ORDER.index(p.stem) if p.stem in _REPORT_ORDER else len(_REPORT_ORDER),
@@ -280,9 +291,11 @@ def write_report(out_dir: Path) -> Path:
         machine, settings = data.get("machine", {}), data.get("settings", {})
         lines += ["", f"## {path.stem}", "", f"`{machine.get('command', '?')}` — {settings.get('elapsed_s', '?')} s; "
                   f"files: [{path.name}]({path.name}), [{path.stem}.csv]({path.stem}.csv)", ""]
-        figure = settings.get("figure") or (f"{path.stem}.png" if (out_dir / f"{path.stem}.png").exists() else None)
-        if figure and (out_dir / figure).exists():
-            lines += [f"![{path.stem}]({figure})", ""]
+        figure = out_dir / (settings.get("figure_file") or f"{path.stem}.png")
+        if not figure.exists():
+            figure = _draw(data, figure)
+        if figure is not None:
+            lines += [f"![{path.stem}]({figure.name})", ""]
         md = out_dir / f"{path.stem}.md"
         if md.exists():
             lines += [line for line in md.read_text().splitlines() if not line.startswith("<!--")]
