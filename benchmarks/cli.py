@@ -15,19 +15,39 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from benchmarks import report
+
+_BC_DEPTHS = (40, 70, 100, 250)
 PRESETS: Dict[str, Dict[str, Any]] = {
     # README command 1: finishes in under a minute on 2 idle CPU cores (no torch.compile: compiling
     # DenseNet-121 alone takes minutes there).
     "quick": dict(model="densenet121", batch=2, impls="tv,tv-memeff,dnf", repeats=3, warmup=1, compile=False,
                   name="quick"),
-    # The README headline: DenseNet-121, 224x224, batch 8, fp32, CPU, every implementation.
-    "readme-cpu": dict(model="densenet121", batch=8, size=224, impls="all", repeats=5, warmup=1, device="cpu",
-                       dtype="float32", name="readme-cpu"),
+    # The README table: DenseNet-121, 224x224, batch 8, CPU; fp32 rows for every family (eager and
+    # torch.compile'd) and bf16-autocast rows for torchvision vs ours. Compiling takes minutes on a CPU.
+    "readme-cpu": dict(model="densenet121", batch=8, size=224,
+                       impls="tv,tv-memeff,timm,tv-compile,dnf,dnf-compile,dnf-convert", lowp_impls="tv,dnf",
+                       dtype="float32,bfloat16", repeats=4, warmup=1, device="cpu", name="readme-cpu"),
+    # Headline figure 1: memory vs depth, DenseNet-BC k=12 and k=24, 32x32, batch 64 (memory only;
+    # timm's set_grad_checkpointing saves what memory_efficient saves: add timm-ckpt with --impls).
+    "mem-depth": dict(model=",".join([f"densenet_bc{d}" for d in _BC_DEPTHS]
+                                     + [f"densenet_bc{d}_k24" for d in _BC_DEPTHS]),
+                      batch=64, impls="tv,tv-memeff,dnf", timing=False, eval=False, compile=False,
+                      jobs=2, mem_cap="6GiB", name="mem-depth"),
+    # Headline figure 2: memory vs batch size, densenet121 224x224 (memory only), as far as the cap allows.
+    "mem-batch": dict(model="densenet121", sweep_batch="1,4,16,32,64", impls="tv,tv-memeff,dnf",
+                      timing=False, eval=False, compile=False, jobs=2, mem_cap="6GiB", name="mem-batch"),
+    # Headline figure 3: largest batch under a 768 MiB step peak, and the step time at that batch.
+    "budget": dict(model="densenet121", batch=4, impls="tv,tv-memeff,dnf", budget="768MiB", repeats=3, eval=False,
+                   compile=False, jobs=1, name="budget"),
 }
-DEFAULTS: Dict[str, Any] = dict(model="densenet121", batch=8, size=None, impls="all", repeats=5, warmup=1,
-                                device="auto", dtype="float32", compile=True, name=None)
+DEFAULTS: Dict[str, Any] = dict(model="densenet121", batch=8, sweep_batch=None, size=None, impls="all",
+                                lowp_impls=None, repeats=5, warmup=1, device="auto", dtype="float32", compile=True,
+                                timing=True, eval=True, memory=True, budget=None, jobs=None, mem_cap=None,
+                                name=None)
+DTYPES = ("float32", "bfloat16", "float16")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024 ** 2,
           "g": 1e9, "gb": 1e9, "gib": 1024 ** 3}
 
@@ -50,32 +70,50 @@ def _int_list(text: str) -> List[int]:
     return values
 
 
+def _dtype_list(text: str) -> List[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names or any(n not in DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {list(DTYPES)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration; explicit flags override it")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (< 1 min on 2 CPU cores)")
+    p.add_argument("--report", action="store_true",
+                   help="gather every run in --out into <out>/README.md (tables + figures), then exit")
     p.add_argument("--model", help="comma-separated: densenet121, densenet169, densenet201, densenet161, "
-                                   "densenet_bc100 (DenseNet-BC-100 k=12, 32x32), or 'all' (default densenet121)")
+                                   "densenet_bc<depth>[_k<growth>] (DenseNet-BC, 32x32, e.g. densenet_bc100, "
+                                   "densenet_bc250_k24), or 'all' (default densenet121)")
     p.add_argument("--batch", type=int, help="batch size (default 8)")
     p.add_argument("--sweep-batch", type=_int_list, metavar="B1,B2,...",
                    help="measure every batch size in the list and plot memory/time vs batch size")
     p.add_argument("--size", type=int, help="input height = width (default: 224, 32 for DenseNet-BC)")
     p.add_argument("--impls", help="'all' or comma-separated subset of: tv, tv-memeff, timm, timm-ckpt, "
-                                   "tv-compile, dnf, dnf-ref, dnf-convert")
+                                   "tv-compile, dnf, dnf-compile, dnf-ref, dnf-convert")
+    p.add_argument("--lowp-impls", help="implementations for the bfloat16/float16 rows (default: --impls)")
     p.add_argument("--repeats", type=int, help="timed repeats per implementation (default 5)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls per implementation (default 1, at least 1)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="autocast dtype (default float32)")
+    p.add_argument("--dtype", type=_dtype_list, metavar="D1,D2",
+                   help=f"comma-separated autocast dtypes from {list(DTYPES)} (default float32)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     p.add_argument("--no-compile", dest="compile", action="store_false", default=None,
-                   help="leave out torch.compile (slow to compile on CPU)")
-    p.add_argument("--no-eval", action="store_true", help="skip the eval-mode (inference) timing")
-    p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory / saved-bytes runs")
-    p.add_argument("--no-timing", action="store_true", help="skip the step timing")
+                   help="leave out the torch.compile'd implementations (slow to compile on CPU)")
+    p.add_argument("--no-eval", dest="eval", action="store_false", default=None,
+                   help="skip the eval-mode (inference) timing")
+    p.add_argument("--no-memory", dest="memory", action="store_false", default=None,
+                   help="skip the subprocess memory / saved-bytes runs")
+    p.add_argument("--no-timing", dest="timing", action="store_false", default=None, help="skip the step timing")
     p.add_argument("--budget", type=parse_size, metavar="SIZE",
-                   help="also find the largest batch whose training-step peak fits SIZE (e.g. 4GiB; slow)")
+                   help="also find the largest batch whose training-step peak fits SIZE (e.g. 4GiB; slow) "
+                        "and time a step at that batch")
     p.add_argument("--budget-max-batch", type=int, default=1024, help="upper limit of the budget search")
+    p.add_argument("--mem-cap", type=parse_size, metavar="SIZE",
+                   help="CPU: each measurement subprocess may allocate at most SIZE (RLIMIT_DATA); a run "
+                        "over it is recorded as 'oom' (default: 3/4 of the available RAM / --jobs)")
     p.add_argument("--jobs", type=int, help="subprocess measurements run at once (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per subprocess")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input batch")
@@ -93,10 +131,11 @@ class Settings:
     batches: List[int]
     size: Optional[int]
     impls: List[str]
+    lowp_impls: List[str]  # the implementations measured in the non-float32 dtypes
     repeats: int
     warmup: int
     device: str
-    dtype: str
+    dtypes: List[str]
     threads: int
     compile: bool
     eval: bool
@@ -105,19 +144,48 @@ class Settings:
     budget_bytes: Optional[int]
     budget_max_batch: int
     jobs: int
+    mem_cap_bytes: Optional[int]
     timeout: float
     seed: int
     name: str
+    figure: str  # "bars", "batch", "depth" or "budget": what <name>.png shows
     preset: Optional[str] = None
     skipped: Dict[str, str] = field(default_factory=dict)
     progress: bool = True
+
+    def impls_for(self, dtype: str) -> List[str]:
+        return self.impls if dtype == "float32" else self.lowp_impls
+
+
+def _figure_kind(models: List[str], batches: List[int], budget: Optional[int]) -> str:
+    from benchmarks.specs import get_spec
+
+    if budget:
+        return "budget"
+    if len(batches) > 1:
+        return "batch"
+    if len(models) > 1 and all(get_spec(m).cifar for m in models):
+        return "depth"
+    return "bars"
+
+
+def _default_mem_cap(device: str, jobs: int) -> Optional[int]:
+    """3/4 of the RAM available now, shared by the parallel jobs (CPU only: CUDA has its own OOM)."""
+    if device != "cpu":
+        return None
+    try:
+        import psutil
+        available = psutil.virtual_memory().available
+    except ImportError:
+        return None
+    return int(0.75 * available / max(1, jobs))
 
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Preset values fill what the command line leaves unset; DEFAULTS fill the rest."""
     import torch
 
-    from benchmarks.impls import parse_impls
+    from benchmarks.impls import IMPLS, parse_impls
     from benchmarks.specs import MODELS, get_spec
 
     preset_name = "quick" if args.quick else args.preset
@@ -135,20 +203,33 @@ def resolve(args: argparse.Namespace) -> Settings:
     if args.threads:
         torch.set_num_threads(args.threads)
     impls = parse_impls(pick("impls"))
+    lowp_impls = parse_impls(pick("lowp_impls")) if pick("lowp_impls") else list(impls)
+    dtypes = pick("dtype")
+    dtypes = _dtype_list(dtypes) if isinstance(dtypes, str) else dtypes
     compile_ok = pick("compile")
     skipped = {}
-    if not compile_ok and "tv-compile" in impls:
-        impls.remove("tv-compile")
-        skipped["tv-compile"] = "left out (--no-compile or preset)"
-    batches = args.sweep_batch or [pick("batch")]
+    if not compile_ok:
+        for name in [n for n in dict.fromkeys(impls + lowp_impls) if IMPLS[n].compiled]:
+            skipped[name] = "left out (--no-compile or preset)"
+        impls = [n for n in impls if n not in skipped]
+        lowp_impls = [n for n in lowp_impls if n not in skipped]
+    sweep = pick("sweep_batch")
+    batches = (_int_list(sweep) if isinstance(sweep, str) else sweep) or [pick("batch")]
+    budget = pick("budget")
+    budget = parse_size(budget) if isinstance(budget, str) else budget
+    mem_cap = pick("mem_cap")
+    mem_cap = parse_size(mem_cap) if isinstance(mem_cap, str) else mem_cap
+    jobs = pick("jobs") or (2 if device == "cpu" else 1)
     name = pick("name") or f"{'-'.join(models)}_{device.split(':')[0]}_b{'-'.join(map(str, batches))}"
-    return Settings(models=models, batches=batches, size=pick("size"), impls=impls,
+    return Settings(models=models, batches=batches, size=pick("size"), impls=impls, lowp_impls=lowp_impls,
                     repeats=max(1, pick("repeats")), warmup=max(1, pick("warmup")), device=device,
-                    dtype=pick("dtype"), threads=torch.get_num_threads(), compile=bool(compile_ok),
-                    eval=not args.no_eval, memory=not args.no_memory, timing=not args.no_timing,
-                    budget_bytes=args.budget, budget_max_batch=args.budget_max_batch,
-                    jobs=args.jobs or (2 if device == "cpu" else 1), timeout=args.timeout, seed=args.seed,
-                    name=name, preset=preset_name, skipped=skipped, progress=not args.no_progress)
+                    dtypes=dtypes, threads=torch.get_num_threads(), compile=bool(compile_ok),
+                    eval=bool(pick("eval")), memory=bool(pick("memory")), timing=bool(pick("timing")),
+                    budget_bytes=budget, budget_max_batch=args.budget_max_batch, jobs=jobs,
+                    mem_cap_bytes=mem_cap if mem_cap is not None else _default_mem_cap(device, jobs),
+                    timeout=args.timeout, seed=args.seed, name=name,
+                    figure=_figure_kind(models, batches, budget), preset=preset_name, skipped=skipped,
+                    progress=not args.no_progress)
 
 
 class Progress:
@@ -195,11 +276,14 @@ def _list() -> int:
     return 0
 
 
-def _row(s: Settings, model: str, size: int, batch: int, impl: str) -> Dict[str, Any]:
+def _row(s: Settings, model: str, size: int, batch: int, impl: str, dtype: str) -> Dict[str, Any]:
     from benchmarks.impls import IMPLS
+    from benchmarks.specs import get_spec
 
-    return {"model": model, "size": size, "batch": batch, "device": s.device, "dtype": s.dtype, "impl": impl,
-            "label": IMPLS[impl].label, "status": "ok", "note": ""}
+    spec = get_spec(model)
+    depth = 2 * sum(spec.block_config) + (4 if spec.cifar else 5)  # conv + BN-ReLU-conv pairs + transitions + fc
+    return {"model": model, "depth": depth, "growth_rate": spec.growth_rate, "size": size, "batch": batch,
+            "device": s.device, "dtype": dtype, "impl": impl, "label": IMPLS[impl].label, "status": "ok", "note": ""}
 
 
 def _fail(row: Dict[str, Any], status: str, note: str) -> None:
@@ -207,19 +291,38 @@ def _fail(row: Dict[str, Any], status: str, note: str) -> None:
         row["status"], row["note"] = status, note
 
 
+def _job(s: Settings, row: Dict[str, Any], weights: str, tasks: List[str],
+         batch: Optional[int] = None) -> Dict[str, Any]:
+    return dict(model=row["model"], impl=row["impl"], batch=batch or row["batch"], size=row["size"], device=s.device,
+                dtype=row["dtype"], threads=s.threads, weights=weights, tasks=tasks, warmup=1, seed=s.seed,
+                mem_cap=s.mem_cap_bytes)
+
+
+def _worker_failure(s: Settings, result: Dict[str, Any]) -> Tuple[str, str]:
+    if not result.get("oom"):
+        return "error", f"memory run: {result['error']}"
+    cap = f" (over the {s.mem_cap_bytes / 1024 ** 3:.1f} GiB --mem-cap)" if s.mem_cap_bytes else ""
+    return "oom", f"out of memory{cap}: {result['error']}"
+
+
 def _measure_memory(s: Settings, rows: Dict[str, Dict[str, Any]], weights: str, progress: Progress) -> None:
     """Peak memory + saved bytes, one fresh subprocess per implementation."""
     from benchmarks.runner import run_workers
 
     names = [n for n, r in rows.items() if r["status"] == "ok"]
-    jobs = [dict(model=rows[n]["model"], impl=n, batch=rows[n]["batch"], size=rows[n]["size"], device=s.device,
-                 dtype=s.dtype, threads=s.threads, weights=weights, tasks=["memory", "saved"], warmup=1, seed=s.seed)
-            for n in names]
+    jobs = [_job(s, rows[n], weights, ["memory", "saved"]) for n in names]
     for name, result in zip(names, run_workers(jobs, s.jobs, s.timeout, on_done=progress.tick)):
         if "error" in result:
-            _fail(rows[name], "oom" if result.get("oom") else "error", f"memory run: {result['error']}")
+            _fail(rows[name], *_worker_failure(s, result))
         else:
             rows[name].update(result)
+
+
+def _on_error(rows: Dict[str, Dict[str, Any]], phase: str) -> Callable[[str, BaseException], None]:
+    from benchmarks import measure
+
+    return lambda name, err: _fail(rows[name], "oom" if measure.is_oom(err) else "error",
+                                   f"{phase}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
 
 
 def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str, Any], state: Dict[str, Any],
@@ -232,21 +335,17 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     from benchmarks.specs import get_spec
     from benchmarks.timing import interleaved_times, summarize
 
-    device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     first = next(iter(rows.values()))
+    device, dtype = torch.device(s.device), getattr(torch, first["dtype"])
     spec = get_spec(first["model"])
     x, y = measure.make_inputs(first["batch"], first["size"], spec.num_classes, device, s.seed)
-    live = {n: m for n, m in models.items() if rows[n]["status"] == "ok"}
-
-    def on_error(phase: str) -> Callable[[str, BaseException], None]:
-        return lambda name, err: _fail(rows[name], "oom" if measure.is_oom(err) else "error",
-                                       f"{phase}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+    live = {n: models[n] for n in rows if n in models and rows[n]["status"] == "ok"}
 
     for name, model in live.items():  # every implementation starts from the same weights and statistics
         getattr(model, "_orig_mod", model).load_state_dict(state)
         model.train()
     fns = {n: (lambda m=m: measure.train_step(m, x, y, dtype)) for n, m in live.items()}
-    times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, on_error("train step"))
+    times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, _on_error(rows, "train step"))
     for name, t in times.items():
         if t:
             rows[name].update({f"train_{k}": v for k, v in summarize(t, first["batch"]).items()})
@@ -264,13 +363,13 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
         try:
             logits[name] = measure.eval_step(model, x, dtype).float()
         except Exception as err:  # noqa: BLE001
-            on_error("eval")(name, err)
+            _on_error(rows, "eval")(name, err)
     if ref_name in logits:
         for name, out in logits.items():
             rows[name]["max_abs_diff"] = (out - logits[ref_name]).abs().max().item()
             rows[name]["diff_vs"] = ref_name
     fns = {n: (lambda m=m: measure.eval_step(m, x, dtype)) for n, m in live.items() if n in logits}
-    times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, on_error("eval"))
+    times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, _on_error(rows, "eval"))
     for name, t in times.items():
         if t:
             rows[name].update({f"eval_{k}": v for k, v in summarize(t, first["batch"]).items()})
@@ -278,13 +377,13 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
         model.train()
 
 
-def _budget_search(s: Settings, model: str, size: int, rows: List[Dict[str, Any]], weights: str) -> None:
+def _budget_search(s: Settings, rows: List[Dict[str, Any]], weights: str) -> None:
     """Largest batch whose training-step peak fits --budget, per implementation (subprocess probes)."""
     from benchmarks.runner import largest_batch, run_worker
 
     latest: Dict[str, Dict[str, Any]] = {}
     for r in rows:  # the largest measured batch of each implementation seeds the search
-        if r["model"] == model and r["status"] == "ok" and (r["impl"] not in latest or r["batch"] > latest[r["impl"]]["batch"]):
+        if r["status"] == "ok" and (r["impl"] not in latest or r["batch"] > latest[r["impl"]]["batch"]):
             latest[r["impl"]] = r
     try:
         from tqdm import tqdm
@@ -295,12 +394,10 @@ def _budget_search(s: Settings, model: str, size: int, rows: List[Dict[str, Any]
     for impl, ref in latest.items():
         per_image = (ref.get("peak_bytes") or 0) / ref["batch"]
         guess = int(s.budget_bytes / per_image) if per_image > 0 else ref["batch"]
-        bar = tqdm(desc=f"budget {model} {impl}", unit="probe", file=sys.stderr, delay=3) if tqdm else None
+        bar = tqdm(desc=f"budget {ref['model']} {impl}", unit="probe", file=sys.stderr, delay=3) if tqdm else None
 
-        def peak_at(b: int, impl: str = impl) -> Optional[int]:
-            result = run_worker(dict(model=model, impl=impl, batch=b, size=size, device=s.device, dtype=s.dtype,
-                                     threads=s.threads, weights=weights, tasks=["memory"], warmup=1, seed=s.seed),
-                                s.timeout)
+        def peak_at(b: int, ref: Dict[str, Any] = ref) -> Optional[int]:
+            result = run_worker(_job(s, ref, weights, ["memory"], batch=b), s.timeout)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(batch=b, peak_mib=None if "error" in result else result["peak_bytes"] // 2 ** 20)
@@ -310,8 +407,45 @@ def _budget_search(s: Settings, model: str, size: int, rows: List[Dict[str, Any]
         if bar is not None:
             bar.close()
         for r in rows:
-            if r["model"] == model and r["impl"] == impl:
+            if r["impl"] == impl:
                 r["max_batch"], r["budget_probes"] = best, probes
+
+
+def _time_at_budget(s: Settings, rows: List[Dict[str, Any]], models: Dict[str, Any], state: Dict[str, Any],
+                    progress: Progress) -> None:
+    """Interleaved training steps, each implementation at its own largest batch under --budget.
+
+    Throughput at equal memory: ``budget_img_s`` = max_batch / median step time.
+    """
+    import torch
+
+    from benchmarks import measure
+    from benchmarks.specs import get_spec
+    from benchmarks.timing import interleaved_times, summarize
+
+    device = torch.device(s.device)
+    by_impl = {r["impl"]: r for r in rows if r.get("max_batch") and r["impl"] in models}
+    if not by_impl:
+        return
+    first = next(iter(by_impl.values()))
+    dtype, spec = getattr(torch, first["dtype"]), get_spec(first["model"])
+    fns = {}
+    for name, row in by_impl.items():
+        model = models[name]
+        getattr(model, "_orig_mod", model).load_state_dict(state)
+        model.train()
+        x, y = measure.make_inputs(row["max_batch"], row["size"], spec.num_classes, device, s.seed)
+        fns[name] = lambda m=model, x=x, y=y: measure.train_step(m, x, y, dtype)
+    progress.add(len(fns) * (s.warmup + s.repeats))
+    times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick,
+                              _on_error({n: r for n, r in by_impl.items()}, "step at max batch"))
+    for name, t in times.items():
+        if t:
+            for r in rows:
+                if r["impl"] == name:
+                    r.update({f"budget_train_{k}": v for k, v in summarize(t, by_impl[name]["max_batch"]).items()})
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
 
 
 def _run_model(s: Settings, model: str, rows: List[Dict[str, Any]], progress: Progress, tmp: str) -> None:
@@ -326,43 +460,71 @@ def _run_model(s: Settings, model: str, rows: List[Dict[str, Any]], progress: Pr
     state = torchvision_model(spec).state_dict()  # the one set of weights every implementation loads
     weights = os.path.join(tmp, f"{model}.pt")
     torch.save(state, weights)
-    available = {n: IMPLS[n].unavailable() for n in s.impls}
+    wanted = list(dict.fromkeys(n for d in s.dtypes for n in s.impls_for(d)))
+    available = {n: IMPLS[n].unavailable() for n in wanted}
     models: Dict[str, Any] = {}
     if s.timing:
-        for name in s.impls:
+        for name in wanted:
             if available[name] is None:
                 progress.desc(f"{model}: building {name}")
                 try:
                     models[name] = build_model(IMPLS[name], spec, state, torch.device(s.device))
                 except Exception as err:  # noqa: BLE001
                     available[name] = f"build failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    model_rows: List[Dict[str, Any]] = []
-    for batch in s.batches:
-        group = {n: _row(s, model, size, batch, n) for n in s.impls}
-        for name, reason in available.items():
-            if reason is not None:
-                _fail(group[name], "skipped" if "build failed" not in reason else "error", reason)
-        if s.memory:
-            progress.desc(f"{model} b{batch}: memory (subprocesses)")
-            _measure_memory(s, group, weights, progress)
-        if s.timing:
-            progress.desc(f"{model} b{batch}: timing")
-            _measure_time(s, group, models, state, progress)
-        model_rows.extend(group.values())
-    for name, reason in s.skipped.items():
+    for dtype in s.dtypes:
+        dtype_rows: List[Dict[str, Any]] = []
         for batch in s.batches:
-            row = _row(s, model, size, batch, name)
-            _fail(row, "skipped", reason)
-            model_rows.append(row)
-    if s.budget_bytes and s.memory:
-        _budget_search(s, model, size, model_rows, weights)
-    rows.extend(model_rows)
+            group = {n: _row(s, model, size, batch, n, dtype) for n in s.impls_for(dtype)}
+            for name, reason in available.items():
+                if reason is not None and name in group:
+                    _fail(group[name], "skipped" if "build failed" not in reason else "error", reason)
+            if s.memory:
+                progress.desc(f"{model} b{batch} {dtype}: memory (subprocesses)")
+                _measure_memory(s, group, weights, progress)
+            if s.timing:
+                progress.desc(f"{model} b{batch} {dtype}: timing")
+                _measure_time(s, group, models, state, progress)
+            dtype_rows.extend(group.values())
+        for name, reason in s.skipped.items():
+            for batch in s.batches:
+                row = _row(s, model, size, batch, name, dtype)
+                _fail(row, "skipped", reason)
+                dtype_rows.append(row)
+        if s.budget_bytes and s.memory:
+            _budget_search(s, dtype_rows, weights)
+            if s.timing:
+                progress.desc(f"{model} {dtype}: timing at the largest batch under the budget")
+                _time_at_budget(s, dtype_rows, models, state, progress)
+        rows.extend(dtype_rows)
+
+
+def _warnings(rows: List[Dict[str, Any]], machine: Dict[str, Any],
+              load_start: Optional[Tuple[float, ...]]) -> List[str]:
+    """Terminal lines for timings that should not be quoted: noisy repeats or a busy machine."""
+    out = []
+    for r in rows:
+        for phase in ("train", "eval", "budget_train"):
+            if r.get(f"{phase}_noisy"):
+                med, low = r[f"{phase}_ms_median"], r[f"{phase}_ms_min"]
+                out.append(f"noisy: {r['model']} b{r['batch']} {r['dtype']} {r['impl']} {phase.replace('_', ' ')}: "
+                           f"median {med:.0f} ms = {med / low:.1f}x its min {low:.0f} ms")
+    if report.is_busy(machine, load_start) and any(r.get("train_ms_median") for r in rows):
+        out.append(f"busy machine: load average {report.max_load(machine, load_start):.1f} on "
+                   f"{machine['logical_cores']} cores; the times are not reliable")
+    if out:
+        out.append("-> rerun on an idle machine (more --repeats help) before quoting these times; memory numbers "
+                   "are not affected")
+    return out
 
 
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         return _list()
+    if args.report:
+        path = report.write_report(args.out)
+        print(f"wrote {path}")
+        return 0
     try:
         s = resolve(args)
     except ValueError as err:
@@ -370,7 +532,7 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import torch
 
-    from benchmarks import plots, report
+    from benchmarks import plots
 
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -378,8 +540,9 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from benchmarks.impls import IMPLS
 
-    runnable = sum(IMPLS[n].unavailable() is None for n in s.impls)
-    per_batch = runnable * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory)
+    per_batch = sum(
+        sum(IMPLS[n].unavailable() is None for n in s.impls_for(d))
+        * ((s.warmup + s.repeats) * (s.timing + (s.timing and s.eval)) + s.memory) for d in s.dtypes)
     progress = Progress(s.progress, per_batch * len(s.batches) * len(s.models))
     start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -397,14 +560,22 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     s_out = args.out
     s_out.mkdir(parents=True, exist_ok=True)
     paths = [s_out / f"{s.name}.json", s_out / f"{s.name}.csv", s_out / f"{s.name}.md"]
+    figure = plots.write_figure(rows, machine, settings, s_out / f"{s.name}.png")
+    settings["figure_file"] = figure.name if figure else None
     report.write_json(paths[0], machine, settings, rows)
     report.write_csv(paths[1], rows)
     report.write_markdown(paths[2], machine, settings, rows)
-    if len(s.batches) > 1:
-        paths += plots.plot_sweep(rows, s_out, s.name)
     load = (f", load average {load_start[0]:.1f} at start, {machine['load_average'][0]:.1f} at end"
             if load_start and machine.get("load_average") else "")
+    engine = machine["densenet_fast"].get("cpu_engine")
     print(f"\n{machine.get('gpu') or machine['cpu_model']} ({machine['logical_cores']} cores{load}), "
-          f"torch {machine['torch']}, {s.threads} threads; {settings['elapsed_s']:.0f} s")
+          f"torch {machine['torch']}, {s.threads} threads{f', densenet_fast CPU engine {engine}' if engine else ''}; "
+          f"{settings['elapsed_s']:.0f} s")
+    for line in _warnings(rows, machine, load_start):
+        print("WARNING: " + line)
     print("wrote " + ", ".join(str(p) for p in paths))
+    if figure:
+        print(f"figure: {figure}")
+    else:
+        print("figure: not written (matplotlib is not installed: pip install matplotlib)")
     return 0

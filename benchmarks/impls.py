@@ -63,12 +63,6 @@ def _has_module(name: str) -> Optional[str]:
     return None if importlib.util.find_spec(name) is not None else f"{name} is not installed"
 
 
-def _has_convert() -> Optional[str]:
-    import densenet_fast as dnf
-
-    return None if hasattr(dnf, "convert") else "densenet_fast.convert() is not available in this build"
-
-
 @dataclass(frozen=True)
 class Impl:
     """One compared implementation.
@@ -99,9 +93,10 @@ IMPLS: Dict[str, Impl] = {i.name: i for i in (
     Impl("timm-ckpt", "timm set_grad_checkpointing()", lambda s: _timm_model(s, True), "timm"),
     Impl("tv-compile", "torchvision + torch.compile", torchvision_model, "torchvision", compiled=True),
     Impl("dnf", "densenet_fast fused", lambda s: _dnf_model(s, "fused"), "densenet_fast"),
+    Impl("dnf-compile", "densenet_fast + torch.compile", lambda s: _dnf_model(s, "fused"), "densenet_fast",
+         compiled=True),
     Impl("dnf-ref", "densenet_fast impl=reference", lambda s: _dnf_model(s, "reference"), "densenet_fast"),
-    Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", check=_has_convert,
-         post=_convert),
+    Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", post=_convert),
 )}
 
 

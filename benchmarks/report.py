@@ -16,13 +16,13 @@ import torch
 from benchmarks.impls import BASELINE
 
 __all__ = ["machine_info", "add_ratios", "format_table", "write_json", "write_csv", "write_markdown",
-           "group_key", "MIB"]
+           "write_report", "group_key", "is_busy", "max_load", "MIB"]
 
 MIB = 1024 ** 2
 # (row key, ratio key): ratios are value / value of the torchvision-default row of the same group.
 RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms_median", "eval_x"),
                                        ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
-                                       ("max_batch", "max_batch_x"))
+                                       ("max_batch", "max_batch_x"), ("budget_train_img_s", "budget_img_s_x"))
 
 
 def _cpu_model() -> str:
@@ -95,6 +95,17 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     return info
 
 
+def max_load(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> float:
+    """The larger 1-minute load average of the run's start and end (0 where unknown)."""
+    loads = [load[0] for load in (load_start, machine.get("load_average")) if load]
+    return max(loads, default=0.0)
+
+
+def is_busy(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> bool:
+    """Other work on a CPU machine: a load average above half its logical cores (GPU runs: never)."""
+    return not machine.get("gpu") and max_load(machine, load_start) > 0.5 * (machine.get("logical_cores") or 1)
+
+
 def group_key(row: Dict[str, Any]) -> Tuple[Any, ...]:
     return row["model"], row["size"], row["batch"], row["device"], row["dtype"]
 
@@ -123,19 +134,20 @@ def _mib(value: Optional[int]) -> Optional[float]:
 
 def _cells(row: Dict[str, Any]) -> List[str]:
     if row["status"] != "ok" and not any(row.get(k) is not None for k in ("train_ms_median", "peak_bytes")):
-        return [row["impl"]] + ["-"] * 12
+        return [row["impl"]] + ["-"] * (len(HEADERS) - 1)
     train = (f"{_fmt(row.get('train_ms_median'), '.0f')} ({_fmt(row.get('train_ms_min'), '.0f')})"
-             if row.get("train_ms_median") is not None else "-")
+             + (" noisy" if row.get("train_noisy") else "") if row.get("train_ms_median") is not None else "-")
     return [row["impl"], train, _fmt(row.get("train_img_s"), ".2f"), _x(row.get("train_x")),
             _fmt(row.get("eval_ms_median"), ".0f"), _x(row.get("eval_x")),
             _fmt(_mib(row.get("peak_bytes")), ".0f"), _x(row.get("peak_x")),
             _fmt(_mib(row.get("saved_bytes")), ".0f"), _x(row.get("saved_x")),
             _fmt(row.get("max_batch"), "d"), _x(row.get("max_batch_x")),
-            _fmt(row.get("max_abs_diff"), ".1e")]
+            _fmt(row.get("budget_train_ms_median"), ".0f"), _fmt(row.get("budget_train_img_s"), ".2f"),
+            _x(row.get("budget_img_s_x")), _fmt(row.get("max_abs_diff"), ".1e")]
 
 
 HEADERS = ["impl", "train ms med (min)", "img/s", "vs tv", "eval ms", "vs tv", "peak MiB", "vs tv",
-           "saved MiB", "vs tv", "max batch", "vs tv", "|dlogits|"]
+           "saved MiB", "vs tv", "max batch", "vs tv", "ms at max", "img/s at max", "vs tv", "|dlogits|"]
 
 
 def _groups(rows: Iterable[Dict[str, Any]]) -> Dict[Tuple[Any, ...], List[Dict[str, Any]]]:
@@ -166,7 +178,9 @@ def format_table(rows: List[Dict[str, Any]], budget: Optional[int] = None) -> st
         out.extend(_notes(group))
     out.append("\nvs tv: value / torchvision default (time: < 1 is faster; memory: < 1 is smaller). "
                "peak: training-step peak above the resident model; saved: activations autograd keeps for "
-               "backward; |dlogits|: max |eval logits - torchvision's|.")
+               "backward; |dlogits|: max |eval logits - torchvision's|"
+               + ("; max batch: largest batch under the budget, with the step time and img/s there" if budget else "")
+               + "; noisy: median > 1.3x min.")
     return "\n".join(out)
 
 
@@ -184,28 +198,41 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _engine(machine: Dict[str, Any]) -> str:
+    engine = machine.get("densenet_fast", {}).get("cpu_engine")
+    return f" (CPU engine: {engine})" if engine else ""
+
+
 def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
     """A README-ready table per model/batch with the machine and settings it was measured with."""
-    cpu = f"{machine['cpu_model']}, {machine['logical_cores']} logical cores, {machine['ram_bytes'] / 1024**3:.0f} GiB RAM"
+    cpu = (f"{machine['cpu_model']}, {machine['logical_cores']} logical cores, "
+           f"{machine['ram_bytes'] / 1024**3:.0f} GiB RAM")
     where = machine.get("gpu") or cpu
+    timed = any(r.get("train_ms_median") is not None for r in rows)
+    timing = (f"times are the median (min) of {settings['repeats']} interleaved repeats" if timed
+              else "memory only, no timing")
     lines = [f"<!-- generated by: {machine['command']} -->",
              f"Measured {machine['timestamp'][:10]} on {where}; torch {machine['torch']} "
              f"({machine['torch_threads']} threads), densenet_fast {machine['densenet_fast']['version']}"
+             f"{_engine(machine)}"
              f"{' @ ' + machine['git_commit'] if machine.get('git_commit') else ''}. "
-             f"Step = forward + cross-entropy + backward; times are the median (min) of {settings['repeats']} "
-             f"interleaved repeats; memory is measured in a fresh process per implementation "
+             f"Step = forward + cross-entropy + backward; {timing}; memory is measured in a fresh process per "
+             f"implementation "
              f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
-    loads = [l[0] for l in (settings.get("load_average_start"), machine.get("load_average")) if l]
-    if not machine.get("gpu") and loads and max(loads) > 0.5 * (machine.get("logical_cores") or 1):
-        lines[-1] += (f" **The machine was busy (load average up to {max(loads):.1f} on "
+    if timed and is_busy(machine, settings.get("load_average_start")):
+        lines[-1] += (f" **The machine was busy (load average up to "
+                      f"{max_load(machine, settings.get('load_average_start')):.1f} on "
                       f"{machine['logical_cores']} cores): the times are noisy.**")
+    if settings.get("mem_cap_bytes") and any(r["status"] == "oom" for r in rows):
+        lines[-1] += (f" Rows marked (oom) needed more than the {settings['mem_cap_bytes'] / 1024 ** 3:.1f} GiB "
+                      f"allowed per measurement (`--mem-cap`).")
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
         lines += ["", f"**{model}**, {size}x{size}, batch {batch}, {dtype}, {device}", ""]
         head = ["Implementation", "Peak memory (train step)", "Saved for backward", "Step time", "img/s",
                 "Eval time"]
         if budget:
-            head.append(f"Max batch in {budget / 1024**3:g} GiB")
+            head += [f"Max batch in {budget / 1024**3:g} GiB", "Step time at max batch", "img/s at max batch"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in group:
             def cell(value: Optional[float], unit: str, ratio: Optional[float], spec: str = ".0f") -> str:
@@ -220,10 +247,58 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
                      "—" if r.get("train_img_s") is None else f"{r['train_img_s']:.2f}",
                      cell(r.get("eval_ms_median"), "ms", r.get("eval_x"))]
             if budget:
-                cells.append(cell(r.get("max_batch"), "", r.get("max_batch_x"), "d"))
+                cells += [cell(r.get("max_batch"), "", r.get("max_batch_x"), "d"),
+                          cell(r.get("budget_train_ms_median"), "ms", None),
+                          cell(r.get("budget_train_img_s"), "", r.get("budget_img_s_x"), ".2f")]
             lines.append("| " + " | ".join(cells) + " |")
         notes = [f"{r['label']}: {r['note']}" for r in group if r.get("note")]
+        notes += [f"{r['label']}: noisy {phase} time (median {r[f'{phase}_ms_median'] / r[f'{phase}_ms_min']:.1f}x "
+                  f"the min)" for r in group for phase in ("train", "eval", "budget_train") if r.get(f"{phase}_noisy")]
         if notes:
             lines += [""] + [f"* {n}" for n in notes]
     lines += ["", "Ratios in parentheses: value / torchvision default."]
     path.write_text("\n".join(lines) + "\n")
+
+
+# The headline runs first (in this order), then any other run in the folder by name.
+_REPORT_ORDER = ("readme-cpu", "mem-depth", "mem-batch", "budget", "quick")
+
+
+def _draw(data: Dict[str, Any], path: Path) -> Optional[Path]:
+    """The figure of a run saved without one (an older run, or matplotlib was missing), from its rows."""
+    from benchmarks import plots  # plots imports this module
+
+    settings = dict(data.get("settings", {}))
+    if settings.get("figure") not in plots.PLOTTERS:  # runs from before figures: what they measured
+        settings["figure"] = ("budget" if settings.get("budget_bytes") else
+                              "batch" if len(settings.get("batches") or []) > 1 else "bars")
+    return plots.write_figure(data.get("rows", []), data.get("machine", {}), settings, path)
+
+
+def write_report(out_dir: Path) -> Path:
+    """Gathers every ``<name>.json`` of ``out_dir`` into ``out_dir/README.md``: per run its command,
+    figure (drawn from the JSON where the run has none) and tables (its ``<name>.md``). Returns the path."""
+    out_dir = Path(out_dir)
+    runs = sorted(out_dir.glob("*.json"),
+                  key=lambda p: (_REPORT_ORDER.index(p.stem) if p.stem in _REPORT_ORDER else len(_REPORT_ORDER),
+                                 p.stem))
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m benchmarks --report` from the runs in this folder; each section is one "
+             "`python -m benchmarks` run (its JSON and CSV hold every number, the machine and the settings).", ""]
+    lines += [f"* [{p.stem}](#{p.stem})" for p in runs]
+    for path in runs:
+        data = json.loads(path.read_text())
+        machine, settings = data.get("machine", {}), data.get("settings", {})
+        lines += ["", f"## {path.stem}", "", f"`{machine.get('command', '?')}` — {settings.get('elapsed_s', '?')} s; "
+                  f"files: [{path.name}]({path.name}), [{path.stem}.csv]({path.stem}.csv)", ""]
+        figure = out_dir / (settings.get("figure_file") or f"{path.stem}.png")
+        if not figure.exists():
+            figure = _draw(data, figure)
+        if figure is not None:
+            lines += [f"![{path.stem}]({figure.name})", ""]
+        md = out_dir / f"{path.stem}.md"
+        if md.exists():
+            lines += [line for line in md.read_text().splitlines() if not line.startswith("<!--")]
+    target = out_dir / "README.md"
+    target.write_text("\n".join(lines) + "\n")
+    return target

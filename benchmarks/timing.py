@@ -13,7 +13,11 @@ import torch
 
 from benchmarks.measure import time_once
 
-__all__ = ["interleaved_times", "summarize"]
+__all__ = ["interleaved_times", "summarize", "NOISY_RATIO"]
+
+# A median this many times the minimum means other work shared the CPU/GPU during the repeats: the
+# numbers are flagged "noisy" in the terminal and the files.
+NOISY_RATIO = 1.3
 
 
 def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device,
@@ -55,9 +59,10 @@ def interleaved_times(fns: Dict[str, Callable[[], object]], repeats: int, warmup
     return times
 
 
-def summarize(times: List[float], batch: int) -> Dict[str, Optional[float]]:
-    """Median and min in ms, and images/s at the median."""
+def summarize(times: List[float], batch: int) -> Dict[str, object]:
+    """Median and min in ms, images/s at the median, and ``noisy`` (median > NOISY_RATIO x min)."""
     if not times:
-        return {"ms_median": None, "ms_min": None, "img_s": None, "n": 0}
+        return {"ms_median": None, "ms_min": None, "img_s": None, "n": 0, "noisy": None}
     med = statistics.median(times)
-    return {"ms_median": med * 1e3, "ms_min": min(times) * 1e3, "img_s": batch / med, "n": len(times)}
+    return {"ms_median": med * 1e3, "ms_min": min(times) * 1e3, "img_s": batch / med, "n": len(times),
+            "noisy": med > NOISY_RATIO * min(times)}

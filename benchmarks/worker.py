@@ -6,11 +6,14 @@ training-step peak memory and/or the bytes saved for backward, and prints one li
 allocator state, caches and thread pools out of another's numbers.
 
 Job keys: model, impl, batch, size, device, dtype, threads, weights (path of a torch.save'd state dict),
-tasks (subset of ["memory", "saved"]), warmup, seed.
+tasks (subset of ["memory", "saved"]), warmup, seed, mem_cap (optional, CPU: bytes this process may
+allocate, enforced with RLIMIT_DATA so that an allocation beyond it fails with "can't allocate memory" and
+the run is recorded as out of memory instead of pushing a shared machine into its OOM killer).
 """
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import traceback
 from typing import Any, Dict
@@ -27,6 +30,10 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
+    if job.get("mem_cap") and job["device"] == "cpu":
+        hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+        cap = int(job["mem_cap"]) if hard == resource.RLIM_INFINITY else min(int(job["mem_cap"]), hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
     spec, impl = get_spec(job["model"]), IMPLS[job["impl"]]
     device, dtype = torch.device(job["device"]), getattr(torch, job.get("dtype", "float32"))
     state = torch.load(job["weights"], map_location="cpu", weights_only=True)

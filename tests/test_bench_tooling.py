@@ -14,11 +14,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
 
-from benchmarks import measure, report  # noqa: E402
-from benchmarks.cli import build_parser, parse_size, resolve  # noqa: E402
+from benchmarks import measure, plots, report  # noqa: E402
+from benchmarks.cli import PRESETS, build_parser, parse_size, resolve  # noqa: E402
 from benchmarks.impls import IMPLS, build_model, parse_impls  # noqa: E402
-from benchmarks.runner import largest_batch  # noqa: E402
+from benchmarks.runner import largest_batch, run_worker  # noqa: E402
 from benchmarks.specs import MODELS, get_spec  # noqa: E402
+from benchmarks.timing import NOISY_RATIO, summarize  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_size():
@@ -86,8 +89,9 @@ def test_every_impl_builds_same_function():
     x = torch.randn(2, 3, 32, 32)
     outs = {}
     for name, impl in IMPLS.items():
-        if impl.unavailable() or impl.compiled:
+        if impl.compiled:  # compiling takes minutes on a CPU; tested through the same builders
             continue
+        assert impl.unavailable() is None, (name, impl.unavailable())  # the test extra installs every family
         model = build_model(impl, spec, state, torch.device("cpu")).eval()
         with torch.no_grad():
             outs[name] = model(x)
@@ -98,14 +102,80 @@ def test_every_impl_builds_same_function():
 
 def test_presets_and_overrides():
     s = resolve(build_parser().parse_args(["--quick"]))
-    assert (s.models, s.batches, s.name, s.compile) == (["densenet121"], [2], "quick", False)
+    assert (s.models, s.batches, s.name, s.compile, s.figure) == (["densenet121"], [2], "quick", False, "bars")
+    assert s.impls == ["tv", "tv-memeff", "dnf"] and s.repeats == 3 and s.dtypes == ["float32"]
     assert "tv-compile" not in s.impls
     s = resolve(build_parser().parse_args(["--preset", "readme-cpu", "--batch", "4", "--no-compile"]))
     assert (s.batches, s.size, s.device, s.name) == ([4], 224, "cpu", "readme-cpu")
-    assert "tv-compile" in s.skipped
+    assert {"tv-compile", "dnf-compile"} <= set(s.skipped) and not {"tv-compile", "dnf-compile"} & set(s.impls)
     s = resolve(build_parser().parse_args(["--model", "bc100,densenet169", "--sweep-batch", "2,4"]))
-    assert s.models == ["densenet_bc100", "densenet169"] and s.batches == [2, 4]
+    assert s.models == ["densenet_bc100", "densenet169"] and s.batches == [2, 4] and s.figure == "batch"
     assert set(MODELS) >= set(s.models)
+
+
+def test_preset_readme_cpu_has_bf16_and_compiled_rows():
+    s = resolve(build_parser().parse_args(["--preset", "readme-cpu"]))
+    assert s.dtypes == ["float32", "bfloat16"] and s.compile
+    assert {"tv", "timm", "tv-memeff", "tv-compile", "dnf", "dnf-compile"} <= set(s.impls_for("float32"))
+    assert s.impls_for("bfloat16") == ["tv", "dnf"]
+    s = resolve(build_parser().parse_args(["--preset", "readme-cpu", "--dtype", "bfloat16", "--lowp-impls", "tv"]))
+    assert s.dtypes == ["bfloat16"] and s.impls_for("bfloat16") == ["tv"]
+
+
+def test_preset_mem_depth():
+    s = resolve(build_parser().parse_args(["--preset", "mem-depth"]))
+    specs = [get_spec(m) for m in s.models]
+    assert all(sp.cifar and sp.size == 32 for sp in specs) and s.batches == [64] and s.figure == "depth"
+    assert {sp.growth_rate for sp in specs} == {12, 24}
+    depths = sorted({2 * sum(sp.block_config) + 4 for sp in specs})
+    assert depths[0] == 40 and depths[-1] == 250
+    assert set(s.impls) == {"tv", "tv-memeff", "dnf"}
+    assert (s.timing, s.eval, s.memory, s.mem_cap_bytes) == (False, False, True, 6 * 1024 ** 3)
+    # an explicit flag overrides the preset
+    s = resolve(build_parser().parse_args(["--preset", "mem-depth", "--mem-cap", "2GiB", "--batch", "8"]))
+    assert s.mem_cap_bytes == 2 * 1024 ** 3 and s.batches == [8]
+
+
+def test_preset_mem_batch_and_budget():
+    s = resolve(build_parser().parse_args(["--preset", "mem-batch"]))
+    assert s.models == ["densenet121"] and s.batches == [1, 4, 16, 32, 64] and s.figure == "batch"
+    assert {"tv", "tv-memeff", "dnf"} == set(s.impls)
+    assert not s.timing and s.memory
+    s = resolve(build_parser().parse_args(["--preset", "budget"]))
+    assert s.budget_bytes == 768 * 1024 ** 2 and s.figure == "budget" and s.timing
+    s = resolve(build_parser().parse_args(["--preset", "budget", "--budget", "3GiB"]))
+    assert s.budget_bytes == 3 * 1024 ** 3
+    assert set(PRESETS) == {"quick", "readme-cpu", "mem-depth", "mem-batch", "budget"}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dtype", "float64"], "--dtype"), (["--sweep-batch", "2,0"], "--sweep-batch"),
+    (["--mem-cap", "lots"], "--mem-cap"), (["--preset", "nope"], "--preset")])
+def test_bad_arguments_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,depth,k", [("densenet_bc40", 40, 12), ("bc250", 250, 24),
+                                          ("densenet_bc250_k24", 250, 24), ("densenet_bc70_k24", 70, 24)])
+def test_densenet_bc_specs_by_depth(name, depth, k):
+    spec = get_spec(name)
+    assert spec.cifar and spec.growth_rate == k and spec.num_init_features == 2 * k
+    assert 6 * spec.block_config[0] + 4 == depth and len(set(spec.block_config)) == 1
+
+
+@pytest.mark.parametrize("name", ["densenet_bc41", "densenet_bc4", "resnet50"])
+def test_bad_model_names(name):
+    with pytest.raises(ValueError, match="--model"):
+        get_spec(name)
+
+
+def test_summarize_flags_noisy_repeats():
+    steady = summarize([1.0, 1.02, 1.01], batch=4)
+    assert steady["noisy"] is False and steady["ms_min"] == 1000.0 and steady["img_s"] == pytest.approx(4 / 1.01)
+    noisy = summarize([1.0, NOISY_RATIO * 1.5, NOISY_RATIO * 2], batch=4)
+    assert noisy["noisy"] is True
 
 
 def _rows():
@@ -151,6 +221,111 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert row["train_ms_median"] > 0 and row["eval_ms_median"] > 0 and row["saved_bytes"] > 0
         assert row["peak_bytes"] is not None and row["max_abs_diff"] < 1e-4
     assert rows["dnf"]["saved_bytes"] < rows["tv"]["saved_bytes"]  # the point of the fused block
-    if "dnf-convert" in rows and rows["dnf-convert"]["status"] == "skipped":
-        assert "convert" in rows["dnf-convert"]["note"]
+    assert rows["dnf-convert"]["status"] == "ok", rows["dnf-convert"]
+    assert rows["dnf-convert"]["saved_bytes"] == rows["dnf"]["saved_bytes"]  # the same fused blocks
     assert (tmp_path / "t.csv").exists() and (tmp_path / "t.md").exists()
+    assert (tmp_path / "t.png").stat().st_size > 0 and f"figure: {tmp_path / 't.png'}" in printed
+    assert (data["settings"]["figure"], data["settings"]["figure_file"]) == ("bars", "t.png")
+
+
+# -- figures --------------------------------------------------------------------------------------------
+_MACHINE = {"cpu_model": "Test CPU", "logical_cores": 2, "torch": "t", "load_average": [0.1, 0.1, 0.1]}
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic(kind):
+    """A tiny result set of the shape each figure kind reads (as cli.run_cli produces it)."""
+    rows = []
+    base = dict(size=32, device="cpu", dtype="float32", status="ok", note="")
+    impls = [("tv", "torchvision", 2.0), ("tv-memeff", "torchvision memory_efficient=True", 1.5),
+             ("dnf", "densenet_fast fused", 1.0)]
+    if kind == "depth":
+        for k in (12, 24):
+            for depth in (40, 100, 250):
+                for impl, label, power in impls:
+                    row = dict(base, model=f"densenet_bc{depth}_k{k}", depth=depth, growth_rate=k, batch=64,
+                               impl=impl, label=label, peak_bytes=int(1e3 * k * depth ** power),
+                               saved_bytes=int(5e2 * k * depth ** power))
+                    if impl == "tv" and depth == 250:  # over the memory cap: no numbers
+                        row.update(status="oom", note="out of memory", peak_bytes=None, saved_bytes=None)
+                    rows.append(row)
+    else:
+        batches = (1, 2, 4) if kind == "batch" else (3,)
+        for dtype in (("float32", "bfloat16") if kind == "bars" else ("float32",)):
+            for b in batches:
+                for n, (impl, label, power) in enumerate(impls):
+                    rows.append(dict(base, model="m", depth=40, growth_rate=12, batch=b, dtype=dtype, impl=impl,
+                                     label=label, peak_bytes=(3 - n) * b * report.MIB, saved_bytes=(3 - n) * b * 1000,
+                                     train_ms_median=10.0 * b + n, train_ms_min=9.0 * b, eval_ms_median=3.0 + n,
+                                     max_batch=(8 * (n + 1) if kind == "budget" else None),
+                                     budget_train_ms_median=(50.0 * (n + 1) if kind == "budget" else None),
+                                     budget_train_img_s=(8 * (n + 1) / (0.05 * (n + 1)) if kind == "budget" else None)))
+    report.add_ratios(rows)
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["bars", "batch", "depth", "budget"])
+def test_every_figure_kind_writes_a_png(kind, tmp_path):
+    path = plots.write_figure(_synthetic(kind), _MACHINE, {"figure": kind, "budget_bytes": 2 ** 30,
+                                                           "mem_cap_bytes": 6 * 2 ** 30}, tmp_path / f"{kind}.png")
+    assert path == tmp_path / f"{kind}.png"
+    data = path.read_bytes()
+    assert data.startswith(_PNG) and len(data) > 10_000  # a real image, not an empty canvas
+
+
+def test_figure_of_a_run_without_numbers_is_not_written(tmp_path):
+    rows = [dict(model="m", size=8, batch=2, device="cpu", dtype="float32", impl="tv", label="torchvision",
+                 status="error", note="boom")]
+    assert plots.write_figure(rows, _MACHINE, {"figure": "bars"}, tmp_path / "x.png") is None
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 0.5])
+def test_loglog_slope_reads_the_growth_order(power):
+    xs = [40, 100, 160, 250]
+    assert plots.loglog_slope(xs, [3.0 * x ** power for x in xs]) == pytest.approx(power)
+    assert plots.loglog_slope([40], [1.0]) is None
+
+
+def test_report_gathers_the_results_folder(tmp_path):
+    machine = {"command": "python -m benchmarks --preset x", "timestamp": "2026-01-01T00:00:00", "cpu_model": "c",
+               "logical_cores": 2, "ram_bytes": 2 ** 34, "torch": "t", "torch_threads": 2,
+               "densenet_fast": {"version": "v", "cpu_engine": {"float32": "onednn"}}}
+    for name, kind in (("mem-depth", "depth"), ("other", "bars")):
+        rows = _synthetic(kind)
+        settings = {"repeats": 3, "figure": kind, "elapsed_s": 1.0}
+        if name == "mem-depth":  # the other run's figure is missing: --report draws it from the JSON
+            settings["figure_file"] = plots.write_figure(rows, machine, settings, tmp_path / f"{name}.png").name
+        report.write_json(tmp_path / f"{name}.json", machine, settings, rows)
+        report.write_markdown(tmp_path / f"{name}.md", machine, settings, rows)
+    path = report.write_report(tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / "README.md"
+    assert text.index("## mem-depth") < text.index("## other")  # headline runs first
+    assert "![mem-depth](mem-depth.png)" in text and "![other](other.png)" in text
+    assert (tmp_path / "other.png").read_bytes().startswith(_PNG)
+    assert "CPU engine: {'float32': 'onednn'}" in text and "| densenet_fast fused |" in text
+
+
+def test_worker_over_the_memory_cap_is_recorded_as_oom(tmp_path):
+    from benchmarks.impls import torchvision_model
+
+    spec = get_spec("densenet_bc100")
+    torch.save(torchvision_model(spec).state_dict(), tmp_path / "w.pt")
+    job = dict(model=spec.name, impl="tv", batch=64, size=32, device="cpu", dtype="float32", threads=1,
+               weights=str(tmp_path / "w.pt"), tasks=["saved"], warmup=1, seed=0)
+    result = run_worker(dict(job, mem_cap=2 * 1024 ** 3), timeout=600)  # the step needs ~2.7 GB
+    assert result.get("oom") is True and "allocate" in result["error"], result
+
+
+def test_readme_figures_exist():
+    """Every image the README shows is committed under benchmarks/results/, and the three headline
+    figures are among them."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
+    assert {"benchmarks/results/mem-depth.png", "benchmarks/results/mem-batch.png",
+            "benchmarks/results/budget.png"} <= set(images), images
+    for image in images:
+        assert (ROOT / image).stat().st_size > 0, image
