@@ -129,13 +129,15 @@ GEOMS = [  # (N, C0, H, W, L, k, bn_size)
 
 # --- parity ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("geom", GEOMS)
-@pytest.mark.parametrize("training", [True, False])
+# BatchNorm needs more than one value per channel in training: the 1x1, N=1 geometry runs in eval only
+# (no skips: tools/run_gpu_checks.sh counts a skipped GPU test as a failure).
+PARITY_CASES = [(g, t) for g in GEOMS for t in (True, False) if not (t and g[0] * g[2] * g[3] == 1)]
+
+
+@pytest.mark.parametrize("geom,training", PARITY_CASES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fp32_parity_with_torchvision(cuda, geom, training, channels_last):
     N, C0, H, W, L, k, bs = geom
-    if training and N * H * W == 1:
-        pytest.skip("BatchNorm needs more than one value per channel in training")
     tv = tv_block(L, C0, bs, k, cuda).train(training)
     ours = ours_like(tv, L, C0, bs, k)
     ref = copy.deepcopy(tv).double()
