@@ -93,7 +93,7 @@ def _format(rows: list[dict]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(v, spec):
-            return format(v, spec) if v is not None else "-"
+            return format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))
         lines.append(f"{r['impl']:<14} {r['layout']:<14} {r['dtype']:<9} {f(r['median_ms'], '9.3f')} "
                      f"{f(r['gbps'], '8.0f')} {f(r['fraction_of_peak'] and 100 * r['fraction_of_peak'], '7.0f')} "
                      f"{f(r['speedup_vs_timm'], '7.2f')}" + (f"  ERROR {r['error']}" if r["error"] else ""))

@@ -1,5 +1,9 @@
 """CUDA kernels of the dense block and its tails: parity with torchvision, gradients against fp64,
-opcheck, bad inputs, determinism, streams, autocast, the fused BN+GEMM path.
+opcheck, bad inputs, determinism, streams, autocast, half models, NaN/Inf rules, the fused BN+GEMM path.
+
+No test pins the 1x1 path unless it compares the paths: the others run whatever DNF_CUDA_BN_GEMM
+says (tools/run_gpu_checks.sh runs them with the default and again with "fused"), and none skips on a
+GPU machine (the verdict counts a skip as a failure).
 
 Every test that needs a GPU asks for the ``cuda`` fixture, which skips inside the test body: nothing
 touches CUDA at import or collection time. The registration test runs everywhere the extension was

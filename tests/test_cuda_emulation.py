@@ -712,8 +712,8 @@ def test_block_last_layer_gradient_not_finalised(emu):
     P = make_params(C0, L, k, bs, dtype=torch.float32, seed=10)
     x = torch.randn(N, C0, H, W)
     out = list(OPS.dense_block_forward(x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5))
-    out[2] = out[2].clone()
-    out[2][-k:] = float("inf")  # non-finite statistics of the last layer's channels
+    out[1] = out[1].clone()
+    out[1][-k:] = float("inf")  # non-finite statistics of the last layer's channels: xhat = -inf
     grad = torch.zeros(out[0].shape)
     grad[:, -k:] = 1.0
     bargs = (grad, *out, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5, C0)

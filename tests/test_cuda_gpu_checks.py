@@ -30,6 +30,10 @@ def _run(*args, **kw):
                           timeout=120)
 
 
+def _planned(stdout: str) -> list:
+    return [line.split()[1] for line in stdout.splitlines() if line.startswith("[dry-run] ") and "timeout" in line]
+
+
 def test_script_syntax():
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
 
@@ -37,7 +41,7 @@ def test_script_syntax():
 def test_dry_run_plans_every_step_within_budget(tmp_path):
     proc = _run("--dry-run", env={"LOG_DIR": str(tmp_path / "log")})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    planned = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("[dry-run] ") and "timeout" in line]
+    planned = _planned(proc.stdout)
     assert tuple(planned) == STEPS
     limits = {line.split()[1]: int(line.split()[3].rstrip("s")) for line in proc.stdout.splitlines()
               if line.startswith("[dry-run] ") and "timeout" in line}
@@ -49,8 +53,7 @@ def test_dry_run_plans_every_step_within_budget(tmp_path):
 def test_dry_run_prebuilt_and_skips(tmp_path):
     proc = _run("--dry-run", "--prebuilt", "--skip", "bench,sanitizer", env={"LOG_DIR": str(tmp_path / "log")})
     assert proc.returncode == 0, proc.stderr
-    planned = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("[dry-run] ") and "timeout" in line]
-    assert planned == ["environment", "build-info", "tests", "fused-tests", "se"]
+    assert _planned(proc.stdout) == ["environment", "build-info", "tests", "fused-tests", "se"]
 
 
 @pytest.mark.parametrize("args,message", [(["--budget-s", "soon"], "--budget-s: expected whole seconds"),
@@ -67,7 +70,8 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 
 @pytest.mark.parametrize("extra,ok", [
     ("", True),
-    ('<testcase classname="t" name="test_b"><skipped type="pytest.skip" message="needs a CUDA GPU"/></testcase>', False),
+    ('<testcase classname="t" name="test_b"><skipped type="pytest.skip" message="needs a CUDA GPU"/></testcase>',
+     False),
     ('<testcase classname="t" name="test_c"><failure message="assert 1 == 2"/></testcase>', False),
     ('<testcase classname="t" name="test_d"><error message="fixture"/></testcase>', False),
 ])
