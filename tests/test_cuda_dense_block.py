@@ -611,19 +611,28 @@ def test_nonfinite_matches_cpu(cuda, case, training):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+HALF_MODELS = {  # (builder, image size): CIFAR stem; ImageNet stem (fused BN-ReLU-max-pool) and transitions
+    "densenet_bc": (lambda: dnf.densenet_bc(depth=22, growth_rate=12, num_classes=10, impl="reference"), 32),
+    "imagenet_stem": (lambda: dnf.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                                           num_classes=10, impl="reference"), 64),
+}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_model_trains_like_torchvision(cuda, dtype):
+@pytest.mark.parametrize("arch", list(HALF_MODELS))
+def test_half_model_trains_like_torchvision(cuda, dtype, arch):
     """model.half()/.bfloat16() on CUDA: the fused path runs (no fallback warning), BN computes in
     float32 inside the kernels, and loss, every gradient and the running statistics are as close to
-    the fp64 model as torchvision's own half model is."""
+    the fp64 model as the same model's plain PyTorch (torchvision) path in that dtype is."""
     import warnings
 
     torch.manual_seed(0)
-    tv = dnf.densenet_bc(depth=22, growth_rate=12, num_classes=10, impl="reference").to(cuda)
+    build, size = HALF_MODELS[arch]
+    tv = build().to(cuda)
     ours = copy.deepcopy(tv).set_impl("fused")
     ref = copy.deepcopy(tv).double()
     tv, ours = tv.to(dtype), ours.to(dtype)
-    x = torch.randn(8, 3, 32, 32, device=cuda)
+    x = torch.randn(8, 3, size, size, device=cuda)
     target = torch.randint(0, 10, (8,), device=cuda)
     res = {}
     nn_block._warned.clear()  # so that a fallback to the reference path warns (again) here

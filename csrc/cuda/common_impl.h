@@ -3,7 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <torch/version.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -71,19 +71,25 @@ inline Tensor as_param_dtype(const Tensor& grad, const Tensor& param) {
 
 // out = a @ b for a weight gradient whose K (a reduction over every pixel of the batch, N*H*W) is
 // large: float16/bfloat16 operands are accumulated *and* written in float (cuBLAS with a float C
-// matrix, so no split-K partial is ever rounded to half precision), then rounded once to the
-// operands' dtype into out. float/double: a plain GEMM into out.
+// matrix through aten::mm.dtype, so no split-K partial is ever rounded to half precision), then
+// rounded once to the operands' dtype into out. Where aten::mm.dtype has no kernel (torch < 2.8, the
+// host emulation) the same float GEMM runs on float copies of the operands. float/double: plain GEMM.
 inline void mm_weight_grad_out(Tensor& out, const Tensor& a, const Tensor& b) {
   const auto st = a.scalar_type();
   if (st != at::kHalf && st != at::kBFloat16) {
     at::mm_out(out, a, b);
     return;
   }
-#if !defined(DNF_CUDA_EMULATE) && (TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8))
-  out.copy_(at::mm(a, b, at::kFloat));  // aten::mm.dtype (CUDA, torch >= 2.8)
-#else
-  out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));  // host emulation / older torch: same float GEMM
+#ifndef DNF_CUDA_EMULATE
+  // Looked up by name at run time, so this compiles against any torch.
+  static const auto mm_dtype = c10::Dispatcher::singleton().findOp({"aten::mm", "dtype"});
+  if (mm_dtype.has_value() && mm_dtype->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) {
+    static const auto op = mm_dtype->typed<Tensor(const Tensor&, const Tensor&, at::ScalarType)>();
+    out.copy_(op.call(a, b, at::kFloat));
+    return;
+  }
 #endif
+  out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
 }
 
 }  // namespace dnf::DNF_CUDA_NS
