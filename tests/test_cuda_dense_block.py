@@ -429,6 +429,26 @@ def test_opcheck_dense_block(cuda, dtype, training, mask):
                                                           for a in bargs))
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_opcheck_half_model(cuda, training):
+    """BN tensors in the data dtype (a .bfloat16() model): the real kernels' outputs match the fake
+    kernels' (statistics float32, BN gradients bfloat16), forward and backward."""
+    args = _block_args(cuda, torch.bfloat16, training)
+    args[1:11] = [[t.bfloat16() for t in lst] for lst in args[1:11]]
+    for t in [args[0]] + [t for lst in args[1:7] for t in lst]:
+        t.requires_grad_(True)
+    torch.library.opcheck(OPS.dense_block_forward, tuple(args))
+    x = torch.randn(2, 6, 5, 4, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    mean, var = OPS.channel_moments(x.detach())
+    if not training:
+        mean, var = mean.bfloat16(), var.bfloat16()
+    w = (torch.rand(6, device=cuda) + 0.5).bfloat16().requires_grad_()
+    b = (torch.rand(6, device=cuda) - 0.5).bfloat16().requires_grad_()
+    cw = torch.randn(3, 6, 1, 1, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(OPS.transition_forward, (x, mean, var, w, b, cw, training, 1e-5))
+    torch.library.opcheck(OPS.norm_relu_pool_forward, (x, mean, var, w, b, training, 1e-5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck_tails(cuda, dtype, training):

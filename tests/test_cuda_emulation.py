@@ -19,6 +19,7 @@ The emulation module is JIT-built once (about a minute) into torch's extension c
 """
 from __future__ import annotations
 
+import hashlib
 import statistics
 import sys
 from pathlib import Path
@@ -44,7 +45,8 @@ def emu():
 
     try:
         return cpp_extension.load(
-            name="dnf_cuda_emu",
+            # one build per checkout: two worktrees never rebuild each other's module in the shared cache
+            name=f"dnf_cuda_emu_{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}",
             sources=[str(ROOT / "csrc" / "cuda" / "emu" / "emulate.cpp")],
             extra_include_paths=[str(ROOT / "csrc")],
             extra_cflags=["-O1"],
