@@ -15,8 +15,9 @@ Rows, in this order per model: each variant's loss (must agree with torchvision'
 fits for ours and torchvision (doubling, then bisection to ~6%), with memory and time there. Every
 row is appended to the JSON file (benchmarks/results/bench_cuda_block_<gpu>_<time>.json) as soon as it
 finishes; a row that does not start before ``--budget-s`` has run out is written as
-``{"status": "skipped", "reason": "time budget"}``. Exit code: 0 when every row ran and passed, 1 when a
-row failed (an error or a loss mismatch), 3 when rows were skipped for the budget.
+``{"status": "skipped", "reason": "time budget"}`` (rows run in priority order: batch-64 memory and
+loss, batch-64 times, largest batches, torch.compile, times at the largest batches). Exit code: 1 when a
+row failed (an error or a loss mismatch), else 0; the file's ``complete`` says whether every row ran.
 
 Usage::
 
@@ -254,66 +255,95 @@ def run_row(rec: Recorder, budget: Budget, need_s: float, base: dict, fn, record
     return result
 
 
-def bench_model(rec: Recorder, budget: Budget, model: str, names: List[str], args, device: torch.device) -> None:
-    variants = build_variants(model, names, device)
-    n64 = args.batch
-    x, y = inputs(n64, device)
-    losses: Dict[str, float] = {}
-    for name in sorted(variants, key=lambda n: n != "torchvision"):  # the reference loss first
-        v = variants[name]
+class ModelBench:
+    """The variants of one model and the rows measured on them, phase by phase (see PHASES)."""
 
-        def memory_row(v=v):
-            loss = v.loss(x, y)
-            losses[v.name] = loss
-            out = {"loss": loss, **peak_memory(v, n64, device)}
-            ref = losses.get("torchvision")
-            if ref is not None:
-                out["loss_rel_diff_vs_torchvision"] = abs(loss - ref) / abs(ref)
-                if out["loss_rel_diff_vs_torchvision"] > LOSS_RTOL:
-                    out["status"] = "failed"
-                    out["error"] = f"loss {loss:.5f} differs from torchvision's {ref:.5f} by more than {LOSS_RTOL:.0%}"
-            return out
+    def __init__(self, rec: Recorder, budget: Budget, model: str, names: List[str], args, device: torch.device):
+        self.rec, self.budget, self.model, self.args, self.device = rec, budget, model, args, device
+        self.variants = build_variants(model, names, device)
+        self.losses: Dict[str, float] = {}
+        self.largest: Dict[str, int] = {}
+        self.data64 = inputs(args.batch, device)
 
-        # torch.compile compiles in its first step: give it its own, larger estimate.
-        need = 90.0 if name.endswith("compile") else 10.0
-        run_row(rec, budget, need, {"model": model, "variant": name, "batch": n64, "what": "memory"}, memory_row)
-        free(device)
-    ok = {n: v for n, v in variants.items() if n in losses}
+    def memory(self, names: List[str]) -> None:
+        """Loss (vs torchvision's) and max_memory_allocated of one step at batch 64, per variant."""
+        x, y = self.data64
+        for name in sorted((n for n in names if n in self.variants), key=lambda n: n != "torchvision"):
+            v = self.variants[name]
 
-    def timing(batches: Dict[str, int]) -> dict:
-        data = {n: inputs(b, device) for n, b in batches.items()}
-        fns = {n: (lambda v=ok[n], d=data[n]: v.step(*d)) for n in batches}
-        errors: Dict[str, str] = {}
-        times = interleaved_times(fns, args.repeats, args.warmup, device,
-                                  on_error=lambda n, e: errors.__setitem__(n, f"{type(e).__name__}: {e}"))
-        return {n: {**summarize(times[n], batches[n]), "batch": batches[n], "error": errors.get(n)} for n in batches}
+            def row(v=v):
+                loss = v.loss(x, y)
+                self.losses[v.name] = loss
+                out = {"loss": loss, **peak_memory(v, self.args.batch, self.device)}
+                ref = self.losses.get("torchvision")
+                if ref is not None:
+                    out["loss_rel_diff_vs_torchvision"] = diff = abs(loss - ref) / abs(ref)
+                    if diff > LOSS_RTOL:
+                        out["status"] = "failed"
+                        out["error"] = (f"loss {loss:.5f} differs from torchvision's {ref:.5f} by more than "
+                                        f"{LOSS_RTOL:.0%}")
+                return out
 
-    def timing_rows(label: str, batches: Dict[str, int]) -> None:
-        base = {"model": model, "what": f"step time, {label}"}
-        res = run_row(rec, budget, 5.0 + 1.5 * args.repeats, base, lambda: {"variants": timing(batches)},
-                      record=False)
-        if res is None:
+            # torch.compile compiles in its first step: a larger estimate.
+            run_row(self.rec, self.budget, 90.0 if name.endswith("compile") else 10.0,
+                    {"model": self.model, "variant": name, "batch": self.args.batch, "what": "memory"}, row)
+            free(self.device)
+
+    def timing(self, label: str, batches: Dict[str, int], repeats: int) -> None:
+        """Interleaved step times (benchmarks.timing) of the variants whose memory row passed."""
+        batches = {n: b for n, b in batches.items() if n in self.losses and b}
+        if not batches:
             return
-        for n, r in res["variants"].items():
-            rec.add({"model": model, "variant": n, "batch": r["batch"], "what": f"step time, {label}",
-                     "status": "failed" if r["error"] else "ok", **r})
 
-    timing_rows("batch 64", {n: n64 for n in ok})
-    if args.no_max_batch:
-        return
-    largest: Dict[str, int] = {}
-    for name in [n for n in MAX_BATCH_VARIANTS if n in ok]:
-        def max_row(v=ok[name]):
-            search_s = min(args.max_batch_s, budget.left() - 20.0)
-            b, complete = largest_batch(v, device, n64, args.max_batch_limit, search_s)
-            largest[v.name] = b
-            return {"largest_batch": b, "complete_search": complete, "limit": args.max_batch_limit,
-                    **(peak_memory(v, b, device) if b else {})}
+        def measure() -> dict:
+            data = {n: inputs(b, self.device) for n, b in batches.items()}
+            fns = {n: (lambda v=self.variants[n], d=data[n]: v.step(*d)) for n in batches}
+            errors: Dict[str, str] = {}
+            times = interleaved_times(fns, repeats, self.args.warmup, self.device,
+                                      on_error=lambda n, e: errors.__setitem__(n, f"{type(e).__name__}: {e}"))
+            return {n: {**summarize(times[n], batches[n]), "batch": batches[n], "error": errors.get(n)}
+                    for n in batches}
 
-        run_row(rec, budget, 40.0, {"model": model, "variant": name, "what": "largest batch"}, max_row)
-        free(device)
-    if largest:
-        timing_rows("largest batch", {n: b for n, b in largest.items() if b})
+        need = 5.0 + 0.5 * repeats * len(batches) * max(1, max(batches.values()) // self.args.batch)
+        res = run_row(self.rec, self.budget, min(need, 60.0), {"model": self.model, "what": f"step time, {label}"},
+                      lambda: {"variants": measure()}, record=False)
+        for n, r in (res or {}).get("variants", {}).items():
+            self.rec.add({"model": self.model, "variant": n, "what": f"step time, {label}",
+                          "status": "failed" if r["error"] else "ok", **r})
+        free(self.device)
+
+    def largest_batches(self) -> None:
+        for name in [n for n in MAX_BATCH_VARIANTS if n in self.losses]:
+            def row(v=self.variants[name]):
+                search_s = min(self.args.max_batch_s, self.budget.left() - 20.0)
+                b, complete = largest_batch(v, self.device, self.args.batch, self.args.max_batch_limit, search_s)
+                self.largest[v.name] = b
+                return {"largest_batch": b, "complete_search": complete, "limit": self.args.max_batch_limit,
+                        **(peak_memory(v, b, self.device) if b else {})}
+
+            run_row(self.rec, self.budget, 30.0, {"model": self.model, "variant": name, "what": "largest batch"}, row)
+            free(self.device)
+
+
+# Phases in priority order, so that a tight budget cuts the least important rows: batch-64 memory and
+# loss, batch-64 times, largest batches, the torch.compile'd variant (minutes of compilation), times
+# at the largest batches. Each phase runs for every model before the next starts.
+def run_phases(benches: List[ModelBench], args) -> None:
+    eager = [n for n in ALL_VARIANTS if not n.endswith("compile")]
+    for mb in benches:
+        mb.memory(eager)
+    for mb in benches:
+        mb.timing("batch 64", {n: args.batch for n in eager}, args.repeats)
+    if not args.no_max_batch:
+        for mb in benches:
+            mb.largest_batches()
+    for mb in benches:
+        if "torchvision_compile" in mb.variants:
+            mb.memory(["torchvision_compile"])
+            mb.timing("batch 64, torch.compile vs ours", {n: args.batch for n in ("ours", "torchvision_compile")},
+                      args.repeats)
+    for mb in benches:
+        mb.timing("largest batch", dict(mb.largest), max(2, args.repeats // 4))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -363,14 +393,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s},
     })
     print(f"writing {path}", flush=True)
+    benches = []
     for model in [m for m in args.models.split(",") if m]:
         try:
-            bench_model(rec, budget, model, names, args, device)
+            benches.append(ModelBench(rec, budget, model, names, args, device))
         except Exception as err:  # noqa: BLE001 - e.g. building the variants failed
             rec.add({"model": model, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
-        free(device)
-    print(f"wrote {path}: {len(rec.doc['rows'])} rows, {rec.failed} failed, {rec.skipped} skipped")
-    return 1 if rec.failed else (3 if rec.skipped else 0)
+    run_phases(benches, args)
+    rec.doc["complete"] = rec.skipped == 0
+    rec.flush()
+    print(f"wrote {path}: {len(rec.doc['rows'])} rows, {rec.failed} failed, {rec.skipped} skipped for time")
+    return 1 if rec.failed else 0
 
 
 if __name__ == "__main__":

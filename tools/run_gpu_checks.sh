@@ -138,38 +138,39 @@ if [[ $DRY == 1 ]]; then
   echo "[dry-run] helpers:"; "$PY" tools/gpu_checks.py --help > /dev/null && echo "[dry-run]   tools/gpu_checks.py ok"
 fi
 
-step environment 60 0 environment
+step environment 30 0 environment
 (( DRY == 0 )) && { "$PY" -c "import torch; print(torch.cuda.get_device_name())" > "$LOG_DIR/environment.txt" 2>&1;
                     tail -n 1 "$LOG_DIR/environment.log" >> "$LOG_DIR/environment.txt" 2>/dev/null; }
 if [[ $PREBUILT == 0 ]]; then
-  step build 300 180 build
+  step build 300 240 build
 fi
-step build-info 60 0 build_info
+step build-info 30 0 build_info
 if [[ $BUILD_ONLY == 1 ]]; then
   "$PY" tools/gpu_checks.py summary "$LOG_DIR"; exit $?
 fi
 
 CUDA_TESTS=(tests/test_cuda_dense_block.py tests/test_squeeze_excite.py -k "test_cuda_ or not test_squeeze_excite")
-skipped tests || pytest_step tests 180 200 "${CUDA_TESTS[@]}"
-skipped fused-tests || DNF_CUDA_BN_GEMM=fused pytest_step fused-tests 60 180 tests/test_cuda_dense_block.py \
+skipped tests || pytest_step tests 150 200 "${CUDA_TESTS[@]}"
+skipped fused-tests || DNF_CUDA_BN_GEMM=fused pytest_step fused-tests 50 170 tests/test_cuda_dense_block.py \
   -k "autocast or half or stream or deterministic or opcheck or weight_grad or nonfinite"
 
 SAN=${SANITIZER:-$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")}
 SMOKE=("$PY" tools/gpu_checks.py smoke)
 if ! skipped sanitizer; then
-  step memcheck 120 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 \
+  step memcheck 90 130 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 1 \
     --leak-check no "${SMOKE[@]}"
-  step racecheck 60 120 "$SAN" --tool racecheck --error-exitcode 1 --racecheck-report all \
-    --kernel-name kns=bn_relu_gemm_kernel "${SMOKE[@]}"
-  step synccheck 60 100 "$SAN" --tool synccheck --error-exitcode 1 --kernel-name kns=bn_relu_gemm_kernel "${SMOKE[@]}"
+  step racecheck 45 100 "$SAN" --tool racecheck --error-exitcode 1 --racecheck-report all \
+    --kernel-name kns=bn_relu_gemm_kernel "${SMOKE[@]}" --fused-only
+  step synccheck 45 80 "$SAN" --tool synccheck --error-exitcode 1 --kernel-name kns=bn_relu_gemm_kernel \
+    "${SMOKE[@]}" --fused-only
 fi
 
 if ! skipped bench; then
-  BENCH_S=$(( $(left) - 45 ))
+  BENCH_S=$(( $(left) - 40 ))
   (( BENCH_S < 30 )) && BENCH_S=30
   step bench $((BENCH_S + 30)) 30 "$PY" -m benchmarks.bench_cuda_block --budget-s "$BENCH_S" --out "$LOG_DIR"
 fi
-skipped se || step se 40 0 "$PY" -m benchmarks.bench_se --json "$LOG_DIR/bench_se.json"
+skipped se || step se 35 0 "$PY" -m benchmarks.bench_se --json "$LOG_DIR/bench_se.json"
 
 if [[ $DRY == 1 ]]; then
   echo "[dry-run] summary: $PY tools/gpu_checks.py summary $LOG_DIR"
