@@ -1,44 +1,46 @@
-"""DenseNet-121 training step on CUDA: densenet_fast's fused kernels vs torchvision.
+"""DenseNet training steps on one CUDA GPU: densenet_fast vs torchvision, within a hard time budget.
 
-Setup: 224x224 inputs, channels_last, ``torch.autocast("cuda", dtype=torch.bfloat16)``, SGD with
-momentum. Variants (all share the same initial weights):
+Setup: densenet121 and densenet201, 224x224, ``torch.autocast("cuda", dtype=torch.bfloat16)``,
+channels_last; a step is ``benchmarks.measure.train_step`` (zero_grad, forward, cross-entropy,
+backward), timed with ``benchmarks.timing.interleaved_times``. Variants share their initial weights:
 
-* ``ours``                  dnf.densenet121 (fused dense blocks/transitions/final norm), simple 1x1 path
-* ``ours_fused_gemm``       the same with DNF_CUDA_BN_GEMM=fused (BN1+ReLU fused into the 1x1 GEMM)
-* ``torchvision``           torchvision.models.densenet121()            (memory_efficient=False, default)
-* ``torchvision_memeff``    torchvision.models.densenet121(memory_efficient=True)  (checkpointing)
-* ``torchvision_compile``   torch.compile(torchvision.models.densenet121())
+* ``ours``                 dnf.densenetXXX() (fused blocks, transitions, final norm; default 1x1 path)
+* ``ours_fused_gemm``      the same with DNF_CUDA_BN_GEMM=fused (opt-in; not in the default list)
+* ``torchvision``          torchvision.models.densenetXXX()
+* ``torchvision_memeff``   torchvision.models.densenetXXX(memory_efficient=True)
+* ``torchvision_compile``  torch.compile(torchvision.models.densenetXXX())
 
-For each variant: the largest batch that fits (doubling from 64, then bisection), the peak memory
-``torch.cuda.max_memory_allocated`` of one step, and the median step time over interleaved repeats
-(every repeat runs each variant once, in turn, so clock and thermal drift hit all alike), at batch 64
-and at the variant's largest batch. Then the achieved memory bandwidth of the bottleneck kernels of
-the 1x1 stage (BN1+ReLU apply and the GEMM, or the fused GEMM) over dense block 3 of the model,
-from the profiler's kernel times and the bytes those kernels must move, against the device's peak.
-
-Writes benchmarks/results/bench_cuda_block_<device>_<time>.json (device, versions, settings, results).
+Rows, in this order per model: each variant's loss (must agree with torchvision's) and
+``max_memory_allocated`` at batch 64; the interleaved step times at batch 64; the largest batch that
+fits for ours and torchvision (doubling, then bisection to ~6%), with memory and time there. Every
+row is appended to the JSON file (benchmarks/results/bench_cuda_block_<gpu>_<time>.json) as soon as it
+finishes; a row that does not start before ``--budget-s`` has run out is written as
+``{"status": "skipped", "reason": "time budget"}`` (rows run in priority order: batch-64 memory and
+loss, batch-64 times, largest batches, torch.compile, times at the largest batches). Exit code: 1 when a
+row failed (an error or a loss mismatch), else 0; the file's ``complete`` says whether every row ran.
 
 Usage::
 
-    python -m benchmarks.bench_cuda_block [--batch 64] [--repeats 20] [--no-max-batch] [--variants ours,torchvision]
+    python -m benchmarks.bench_cuda_block [--models densenet121,densenet201] [--budget-s 240] [--repeats 10]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import gc
 import json
 import os
 import platform
 import re
-import statistics
+import signal
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,27 +48,35 @@ if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
 
 import densenet_fast as dnf  # noqa: E402
+from benchmarks.measure import is_oom, make_inputs, train_step  # noqa: E402
+from benchmarks.timing import interleaved_times, summarize  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 FUSED_ENV = "DNF_CUDA_BN_GEMM"
-VARIANTS = ("ours", "ours_fused_gemm", "torchvision", "torchvision_memeff", "torchvision_compile")
+VARIANTS = ("ours", "torchvision", "torchvision_memeff", "torchvision_compile")
+ALL_VARIANTS = VARIANTS + ("ours_fused_gemm",)
+MAX_BATCH_VARIANTS = ("ours", "torchvision")
+DTYPE = torch.bfloat16
+LOSS_RTOL = 0.02  # bf16 autocast: every variant's first loss within 2% of torchvision's
 
-# Peak DRAM bandwidth (GB/s) by device name, used when the driver does not report clock and bus width.
-PEAK_BW_GBS = {"H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "H200": 4800.0,
-               "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0,
-               "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "A10": 600.0, "RTX 4090": 1008.0}
+# Peak DRAM bandwidth (GB/s) by device name, when the driver reports no memory clock and bus width.
+PEAK_BW_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0,
+               "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0,
+               "L40S": 864.0, "A10": 600.0, "RTX 4090": 1008.0}
 
 
 def peak_bandwidth_gbs(device: torch.device) -> Optional[float]:
+    """Theoretical DRAM bandwidth of the device (GB/s), or None when unknown."""
     props = torch.cuda.get_device_properties(device)
     clock_khz = getattr(props, "memory_clock_rate", 0) or 0
     bus_bits = getattr(props, "memory_bus_width", 0) or 0
     if clock_khz and bus_bits:
         return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-    for key, value in PEAK_BW_GBS.items():
-        if key in props.name:
-            return value
-    return None
+    return next((v for k, v in PEAK_BW_GBS.items() if k in props.name), None)
+
+
+def gpu_tag(device: torch.device) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
 
 
 @contextlib.contextmanager
@@ -85,241 +95,316 @@ def env(name: str, value: Optional[str]):
             os.environ[name] = old
 
 
+class BudgetExceeded(BaseException):  # not an Exception: no per-call error handler may swallow it
+    pass
+
+
+class Budget:
+    """Wall-clock budget: ``left()`` seconds remain; ``guard()`` interrupts a step that runs past it."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    @contextlib.contextmanager
+    def guard(self):
+        def on_alarm(signum, frame):
+            raise BudgetExceeded("time budget")
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 0.01))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+
+
 class Variant:
-    def __init__(self, name: str, model: nn.Module, env_value: Optional[str] = None):
-        self.name, self.model, self.env_value = name, model, env_value
-        self.opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    """One model variant; ``step(x, y)`` runs one training step under bf16 autocast."""
 
-    def step(self, x: torch.Tensor, target: torch.Tensor) -> None:
-        with env(FUSED_ENV, self.env_value):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = nn.functional.cross_entropy(self.model(x), target)
-            loss.backward()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+    def __init__(self, name: str, model: nn.Module):
+        self.name, self.model = name, model
+        self.env_value = "fused" if name == "ours_fused_gemm" else None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        with env(FUSED_ENV, self.env_value) if self.env_value else contextlib.nullcontext():
+            train_step(self.model, x, y, DTYPE)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        with env(FUSED_ENV, self.env_value) if self.env_value else contextlib.nullcontext():
+            with torch.autocast("cuda", dtype=DTYPE):
+                return F.cross_entropy(self.model(x), y).item()
 
 
-def build_variants(names: List[str], device: torch.device) -> List[Variant]:
+def build_variants(model: str, names: List[str], device: torch.device) -> Dict[str, Variant]:
     import torchvision
 
     torch.manual_seed(0)
-    base = torchvision.models.densenet121()
-    out = []
+    base = getattr(torchvision.models, model)()
+    out = {}
     for name in names:
         if name.startswith("ours"):
-            m = dnf.densenet121()
-            m.load_state_dict(base.state_dict())
-            env_value = "fused" if name == "ours_fused_gemm" else "simple"
+            m = getattr(dnf, model)()
         else:
-            m = torchvision.models.densenet121(memory_efficient=(name == "torchvision_memeff"))
-            m.load_state_dict(base.state_dict())
-            env_value = None
+            m = getattr(torchvision.models, model)(memory_efficient=(name == "torchvision_memeff"))
+        m.load_state_dict(base.state_dict())
         m = m.to(device).to(memory_format=torch.channels_last).train()
-        if name == "torchvision_compile":
-            m = torch.compile(m)
-        out.append(Variant(name, m, env_value))
+        out[name] = Variant(name, torch.compile(m) if name == "torchvision_compile" else m)
     return out
 
 
-def batch(n: int, device: torch.device):
-    x = torch.randn(n, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
-    return x, torch.randint(0, 1000, (n,), device=device)
+def inputs(n: int, device: torch.device):
+    x, y = make_inputs(n, 224, 1000, device)
+    return x.to(memory_format=torch.channels_last), y
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+
+
+def peak_memory(v: Variant, n: int, device: torch.device) -> dict:
+    x, y = inputs(n, device)
+    v.step(x, y)  # warm: allocator, cuDNN plans, compilation
+    free(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
+    v.step(x, y)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    return {"max_memory_allocated_mib": peak / 2**20, "peak_above_resident_mib": (peak - resident) / 2**20}
 
 
 def fits(v: Variant, n: int, device: torch.device) -> bool:
     try:
-        x, t = batch(n, device)
-        for _ in range(2):
-            v.step(x, t)
+        v.step(*inputs(n, device))
         torch.cuda.synchronize(device)
         return True
-    except torch.OutOfMemoryError:
+    except Exception as err:  # noqa: BLE001
+        if not is_oom(err):
+            raise
         return False
     finally:
-        v.opt.zero_grad(set_to_none=True)
-        gc.collect()
-        torch.cuda.empty_cache()
+        v.model.zero_grad(set_to_none=True)
+        free(device)
 
 
-def max_batch(v: Variant, device: torch.device, start: int, limit: int) -> int:
+def largest_batch(v: Variant, device: torch.device, start: int, limit: int, seconds: float) -> tuple:
+    """(largest batch <= limit that fits, found to ~6%; whether the search finished within `seconds`:
+    if not, the batch is a lower bound)."""
+    stop = time.monotonic() + seconds
     lo, hi = 0, start
     while hi <= limit and fits(v, hi, device):
         lo, hi = hi, hi * 2
+        if time.monotonic() > stop:
+            return lo, False
     hi = min(hi, limit + 1)
-    while hi - lo > max(1, lo // 32):  # bisect to ~3%
+    while hi - lo > max(1, lo // 16):
+        if time.monotonic() > stop:
+            return lo, False
         mid = (lo + hi) // 2
-        if fits(v, mid, device):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        lo, hi = (mid, hi) if fits(v, mid, device) else (lo, mid)
+    return lo, True
 
 
-def peak_memory(v: Variant, n: int, device: torch.device) -> Dict[str, float]:
-    x, t = batch(n, device)
-    v.step(x, t)  # warm (allocator, compile)
-    torch.cuda.synchronize(device)
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    v.step(x, t)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"peak_allocated_mib": peak / 2**20, "peak_above_resident_mib": (peak - before) / 2**20}
+class Recorder:
+    """Appends rows to the result file as they finish; tracks the verdict."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.doc = path, {**header, "rows": []}
+        self.failed = self.skipped = 0
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
+        tmp.replace(self.path)
+
+    def add(self, row: dict) -> None:
+        status = row.setdefault("status", "ok")
+        self.failed += status == "failed"
+        self.skipped += status == "skipped"
+        self.doc["rows"].append(row)
+        self.flush()
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "times_s"}
+        print("row", json.dumps(shown, default=str), flush=True)
 
 
-def interleaved_times(variants: List[Variant], n_of: Callable[[Variant], int], device: torch.device, warmup: int,
-                      repeats: int) -> Dict[str, List[float]]:
-    data = {v.name: batch(n_of(v), device) for v in variants}
-    for v in variants:
-        for _ in range(warmup):
-            v.step(*data[v.name])
-    times: Dict[str, List[float]] = {v.name: [] for v in variants}
-    for _ in range(repeats):
-        for v in variants:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            v.step(*data[v.name])
-            end.record()
-            end.synchronize()
-            times[v.name].append(start.elapsed_time(end))
-    return times
-
-
-def block3_bandwidth(device: torch.device, n: int, peak_gbs: Optional[float]) -> List[dict]:
-    """Achieved bandwidth of the 1x1-stage kernels over one forward of densenet121's block 3."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.manual_seed(0)
-    L, C0, k, bs, H = 24, 256, 32, 4, 14
-    from densenet_fast.ops.dense_block import fused_dense_block
-
-    params = dnf.DenseBlock(L, C0, bs, k).to(device).block_params()
-    x = torch.randn(n, C0, H, H, device=device, dtype=torch.bfloat16).to(memory_format=torch.channels_last)
-    M, inter, es = n * H * H, bs * k, 2
-    widths = [C0 + l * k for l in range(L)]
-    bytes_apply = sum(2 * M * c + 2 * M * inter for c in widths) * es  # BN1 apply (r X, w U) + BN2 apply (r/w Y)
-    bytes_gemm = sum(M * c + M * inter + inter * c for c in widths) * es  # r U (or X), r W1, w Y
-    rows = []
-    for path in ("simple", "fused"):
-        with env(FUSED_ENV, path), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            for _ in range(3):  # the op itself (its AutocastCUDA kernel casts the conv weights)
-                fused_dense_block(x, params, training=True)
-            torch.cuda.synchronize(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fused_dense_block(x, params, training=True)
-                torch.cuda.synchronize(device)
-        kernels: Dict[str, float] = {}
-        for evt in prof.key_averages():
-            if evt.device_type.name != "CUDA" and "cuda" not in str(evt.device_type).lower():
-                continue
-            us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-            kernels[evt.key] = kernels.get(evt.key, 0.0) + us
-        apply_us = sum(t for key, t in kernels.items() if "BnReluApply" in key)
-        fused_us = sum(t for key, t in kernels.items() if "bn_relu_gemm_kernel" in key)
-        gemm_us = sum(t for key, t in kernels.items()
-                      if re.search(r"gemm|cutlass|xmma|sm\d+_", key, re.I) and "bn_relu_gemm" not in key)
-        if path == "simple":
-            stages = [("bn_relu_apply (BN1 into scratch + BN2, simple path)", apply_us, bytes_apply),
-                      ("cuBLAS 1x1 GEMMs (simple path)", gemm_us, bytes_gemm),
-                      ("1x1 stage total (simple path)", apply_us + gemm_us, bytes_gemm)]
-        else:
-            stages = [("bn_relu_gemm_kernel (fused path)", fused_us, bytes_gemm),
-                      ("1x1 stage total (fused path, + BN2 apply)", fused_us + apply_us, bytes_gemm)]
-        for name, us, nbytes in stages:
-            gbs = nbytes / (us * 1e-6) / 1e9 if us > 0 else None
-            rows.append({"kernel": name, "time_ms": us / 1e3, "bytes_model_mib": nbytes / 2**20, "achieved_gbs": gbs,
-                         "fraction_of_peak": (gbs / peak_gbs) if (gbs and peak_gbs) else None})
-        rows.append({"kernel": f"top kernels ({path})",
-                     "top": sorted(((k_, t / 1e3) for k_, t in kernels.items()), key=lambda kv: -kv[1])[:8]})
-    return rows
-
-
-def main(argv: Optional[List[str]] = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--max-batch-limit", type=int, default=2048)
-    ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_cuda_block: needs a CUDA GPU")
-    info = dnf.build_info()
-    if not info["cuda_kernels_registered"]:
-        raise SystemExit("bench_cuda_block: densenet_fast was built without CUDA kernels")
-    device = torch.device("cuda")
-    torch.backends.cudnn.benchmark = True
-    names = [n for n in args.variants.split(",") if n]
-    variants = build_variants(names, device)
-    peak_gbs = peak_bandwidth_gbs(device)
-    props = torch.cuda.get_device_properties(device)
-    import torchvision
-
-    result: dict = {
-        "benchmark": "bench_cuda_block",
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                   "total_memory_mib": props.total_memory / 2**20, "sm_count": props.multi_processor_count,
-                   "peak_bandwidth_gbs": peak_gbs},
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-                     "torchvision": torchvision.__version__, "densenet_fast": info["version"],
-                     "python": platform.python_version()},
-        "build_info": info,
-        "settings": {"model": "densenet121", "image": 224, "autocast": "bfloat16", "memory_format": "channels_last",
-                     "optimizer": "SGD(momentum=0.9)", "repeats": args.repeats, "warmup": args.warmup},
-        "variants": {},
-    }
-    failed = []
-    for v in variants:
-        entry: dict = {}
-        try:
-            entry["batch64"] = {"batch": args.batch, **peak_memory(v, args.batch, device)}
-            if not args.no_max_batch:
-                entry["max_batch"] = max_batch(v, device, args.batch, args.max_batch_limit)
-                entry["at_max_batch"] = {"batch": entry["max_batch"], **peak_memory(v, entry["max_batch"], device)}
-        except Exception as err:  # report and go on with the other variants
-            entry["error"] = f"{type(err).__name__}: {err}"
-            failed.append(v)
-        result["variants"][v.name] = entry
-        gc.collect()
-        torch.cuda.empty_cache()
-    ok = [v for v in variants if v not in failed]
-    for label, n_of in (("batch64", lambda v: args.batch),
-                        ("at_max_batch", lambda v: result["variants"][v.name].get("max_batch", args.batch))):
-        if label == "at_max_batch" and args.no_max_batch:
-            continue
-        times = interleaved_times(ok, n_of, device, args.warmup, args.repeats)
-        for v in ok:
-            med = statistics.median(times[v.name])
-            result["variants"][v.name].setdefault(label, {}).update(
-                {"step_ms_median": med, "step_ms_all": times[v.name], "images_per_s": n_of(v) / med * 1e3})
-        gc.collect()
-        torch.cuda.empty_cache()
-    if any(v.name.startswith("ours") for v in ok):
-        result["bottleneck_bandwidth_block3"] = block3_bandwidth(device, args.batch, peak_gbs)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = re.sub(r"[^A-Za-z0-9]+", "_", props.name).strip("_")
-    path = args.out / f"bench_cuda_block_{tag}_{_dt.datetime.now().strftime('%Y%m%d_%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    for name, entry in result["variants"].items():
-        b64 = entry.get("batch64", {})
-        print(f"{name:22s} batch {args.batch}: {b64.get('step_ms_median', float('nan')):8.2f} ms  "
-              f"peak {b64.get('peak_allocated_mib', float('nan')):8.0f} MiB  max batch {entry.get('max_batch', '-')}"
-              + (f"  ERROR {entry['error']}" if "error" in entry else ""))
-    for row in result.get("bottleneck_bandwidth_block3", []):
-        if "achieved_gbs" in row and row["achieved_gbs"]:
-            frac = row["fraction_of_peak"]
-            print(f"{row['kernel']:55s} {row['time_ms']:7.3f} ms {row['achieved_gbs']:7.0f} GB/s"
-                  + (f" ({100 * frac:.0f}% of peak)" if frac else ""))
-    print(f"wrote {path}")
+def run_row(rec: Recorder, budget: Budget, need_s: float, base: dict, fn, record: bool = True) -> Optional[dict]:
+    """Runs fn() -> dict as one row (recorded unless record=False) unless fewer than need_s seconds are
+    left; records failures and budget skips."""
+    if budget.left() < need_s:
+        rec.add({**base, "status": "skipped",
+                 "reason": f"time budget ({budget.left():.0f} s left, ~{need_s:.0f} s needed)"})
+        return None
+    try:
+        with budget.guard():
+            result = fn()
+    except BudgetExceeded:
+        rec.add({**base, "status": "skipped", "reason": "time budget (interrupted)"})
+        return None
+    except Exception as err:  # noqa: BLE001 - one broken row must not end the run
+        rec.add({**base, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
+        return None
+    if record:
+        rec.add({**base, **result})
     return result
 
 
+class ModelBench:
+    """The variants of one model and the rows measured on them, phase by phase (see PHASES)."""
+
+    def __init__(self, rec: Recorder, budget: Budget, model: str, names: List[str], args, device: torch.device):
+        self.rec, self.budget, self.model, self.args, self.device = rec, budget, model, args, device
+        self.variants = build_variants(model, names, device)
+        self.losses: Dict[str, float] = {}
+        self.largest: Dict[str, int] = {}
+        self.data64 = inputs(args.batch, device)
+
+    def memory(self, names: List[str]) -> None:
+        """Loss (vs torchvision's) and max_memory_allocated of one step at batch 64, per variant."""
+        x, y = self.data64
+        for name in sorted((n for n in names if n in self.variants), key=lambda n: n != "torchvision"):
+            v = self.variants[name]
+
+            def row(v=v):
+                loss = v.loss(x, y)
+                self.losses[v.name] = loss
+                out = {"loss": loss, **peak_memory(v, self.args.batch, self.device)}
+                ref = self.losses.get("torchvision")
+                if ref is not None:
+                    out["loss_rel_diff_vs_torchvision"] = diff = abs(loss - ref) / abs(ref)
+                    if diff > LOSS_RTOL:
+                        out["status"] = "failed"
+                        out["error"] = (f"loss {loss:.5f} differs from torchvision's {ref:.5f} by more than "
+                                        f"{LOSS_RTOL:.0%}")
+                return out
+
+            # torch.compile compiles in its first step: a larger estimate.
+            run_row(self.rec, self.budget, 90.0 if name.endswith("compile") else 10.0,
+                    {"model": self.model, "variant": name, "batch": self.args.batch, "what": "memory"}, row)
+            free(self.device)
+
+    def timing(self, label: str, batches: Dict[str, int], repeats: int) -> None:
+        """Interleaved step times (benchmarks.timing) of the variants whose memory row passed."""
+        batches = {n: b for n, b in batches.items() if n in self.losses and b}
+        if not batches:
+            return
+
+        def measure() -> dict:
+            data = {n: inputs(b, self.device) for n, b in batches.items()}
+            fns = {n: (lambda v=self.variants[n], d=data[n]: v.step(*d)) for n in batches}
+            errors: Dict[str, str] = {}
+            times = interleaved_times(fns, repeats, self.args.warmup, self.device,
+                                      on_error=lambda n, e: errors.__setitem__(n, f"{type(e).__name__}: {e}"))
+            return {n: {**summarize(times[n], batches[n]), "batch": batches[n], "error": errors.get(n)}
+                    for n in batches}
+
+        need = 5.0 + 0.5 * repeats * len(batches) * max(1, max(batches.values()) // self.args.batch)
+        res = run_row(self.rec, self.budget, min(need, 60.0), {"model": self.model, "what": f"step time, {label}"},
+                      lambda: {"variants": measure()}, record=False)
+        for n, r in (res or {}).get("variants", {}).items():
+            self.rec.add({"model": self.model, "variant": n, "what": f"step time, {label}",
+                          "status": "failed" if r["error"] else "ok", **r})
+        free(self.device)
+
+    def largest_batches(self) -> None:
+        for name in [n for n in MAX_BATCH_VARIANTS if n in self.losses]:
+            def row(v=self.variants[name]):
+                search_s = min(self.args.max_batch_s, self.budget.left() - 20.0)
+                b, complete = largest_batch(v, self.device, self.args.batch, self.args.max_batch_limit, search_s)
+                self.largest[v.name] = b
+                return {"largest_batch": b, "complete_search": complete, "limit": self.args.max_batch_limit,
+                        **(peak_memory(v, b, self.device) if b else {})}
+
+            run_row(self.rec, self.budget, 30.0, {"model": self.model, "variant": name, "what": "largest batch"}, row)
+            free(self.device)
+
+
+# Phases in priority order, so that a tight budget cuts the least important rows: batch-64 memory and
+# loss, batch-64 times, largest batches, the torch.compile'd variant (minutes of compilation), times
+# at the largest batches. Each phase runs for every model before the next starts.
+def run_phases(benches: List[ModelBench], args) -> None:
+    eager = [n for n in ALL_VARIANTS if not n.endswith("compile")]
+    for mb in benches:
+        mb.memory(eager)
+    for mb in benches:
+        mb.timing("batch 64", {n: args.batch for n in eager}, args.repeats)
+    if not args.no_max_batch:
+        for mb in benches:
+            mb.largest_batches()
+    for mb in benches:
+        if "torchvision_compile" in mb.variants:
+            mb.memory(["torchvision_compile"])
+            mb.timing("batch 64, torch.compile vs ours", {n: args.batch for n in ("ours", "torchvision_compile")},
+                      args.repeats)
+    for mb in benches:
+        mb.timing("largest batch", dict(mb.largest), max(2, args.repeats // 4))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="densenet121,densenet201")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(ALL_VARIANTS)}")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--max-batch-limit", type=int, default=16384)
+    ap.add_argument("--max-batch-s", type=float, default=60.0, help="time cap of one largest-batch search")
+    ap.add_argument("--no-max-batch", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="hard wall-clock budget of the whole run")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = ap.parse_args(argv)
+    budget = Budget(args.budget_s)
+    if not torch.cuda.is_available():
+        print("bench_cuda_block: needs a CUDA GPU", file=sys.stderr)
+        return 1
+    info = dnf.build_info()
+    if not info.get("cuda_kernels_registered"):
+        print("bench_cuda_block: densenet_fast was built without CUDA kernels", file=sys.stderr)
+        return 1
+    names = [n for n in args.variants.split(",") if n]
+    unknown = sorted(set(names) - set(ALL_VARIANTS))
+    if unknown:
+        print(f"--variants: unknown {unknown}; expected a subset of {ALL_VARIANTS}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    props = torch.cuda.get_device_properties(device)
+    import torchvision
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d_%H%M%S")
+    path = args.out / f"bench_cuda_block_{gpu_tag(device)}_{stamp}.json"
+    rec = Recorder(path, {
+        "benchmark": "bench_cuda_block", "when": stamp,
+        "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                   "total_memory_mib": props.total_memory / 2**20, "sm_count": props.multi_processor_count,
+                   "peak_bandwidth_gbs": peak_bandwidth_gbs(device)},
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+                     "torchvision": torchvision.__version__, "densenet_fast": info.get("version"),
+                     "python": platform.python_version()},
+        "settings": {"image": 224, "autocast": "bfloat16", "memory_format": "channels_last",
+                     "step": "benchmarks.measure.train_step (zero_grad, forward, cross-entropy, backward)",
+                     "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s},
+    })
+    print(f"writing {path}", flush=True)
+    benches = []
+    for model in [m for m in args.models.split(",") if m]:
+        try:
+            benches.append(ModelBench(rec, budget, model, names, args, device))
+        except Exception as err:  # noqa: BLE001 - e.g. building the variants failed
+            rec.add({"model": model, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
+    run_phases(benches, args)
+    rec.doc["complete"] = rec.skipped == 0
+    rec.flush()
+    print(f"wrote {path}: {len(rec.doc['rows'])} rows, {rec.failed} failed, {rec.skipped} skipped for time")
+    return 1 if rec.failed else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -9,10 +9,17 @@ operators, everywhere the test suite runs. What it cannot check (launch configur
 streams, cuBLAS/cuDNN on the device, the fused tensor-core GEMM) is covered by
 tests/test_cuda_dense_block.py on a GPU.
 
+It also drives the real host side of every launch (launch.cuh's grid arithmetic with the grid's
+threads run in a permuted order; bn_gemm_tile.cuh's launch_bn_relu_gemm with the thread blocks of the
+fused GEMM emulated), compiles autocast.cpp's cast logic for the CPU device, and covers shapes with
+many reduction chunks and two tree levels, grid.y > 1 in the fused GEMM, float16/bfloat16 models,
+the fused path's dispatch rule and the NaN/Inf rules of csrc/common/nonfinite.h against the CPU kernels.
+
 The emulation module is JIT-built once (about a minute) into torch's extension cache.
 """
 from __future__ import annotations
 
+import hashlib
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +45,8 @@ def emu():
 
     try:
         return cpp_extension.load(
-            name="dnf_cuda_emu",
+            # one build per checkout: two worktrees never rebuild each other's module in the shared cache
+            name=f"dnf_cuda_emu_{hashlib.sha1(str(ROOT).encode()).hexdigest()[:8]}",
             sources=[str(ROOT / "csrc" / "cuda" / "emu" / "emulate.cpp")],
             extra_include_paths=[str(ROOT / "csrc")],
             extra_cflags=["-O1"],
@@ -264,9 +272,10 @@ def test_block_bad_inputs(emu):
         run_emu(emu, x.double(), {**P, "g1": [t.double() for t in P["g1"]], "b1": [t.double() for t in P["b1"]],
                                   "g2": [t.double() for t in P["g2"]], "b2": [t.double() for t in P["b2"]],
                                   "w1": [P["w1"][0].double(), P["w1"][1]], "w2": [t.double() for t in P["w2"]]}, True)
-    with pytest.raises(RuntimeError, match="norm1_weight\\[0\\]: expected dtype Float"):
+    # BN tensors: float32 or (a .bfloat16() model) the input's dtype; another half dtype is an error
+    with pytest.raises(RuntimeError, match="norm1_weight\\[0\\]: expected dtype Float .* or input's dtype, got Half"):
         run_emu(emu, x.bfloat16(), {**P, "w1": [t.bfloat16() for t in P["w1"]], "w2": [t.bfloat16() for t in P["w2"]],
-                                    "g1": [P["g1"][0].bfloat16(), P["g1"][1]]}, True)
+                                    "g1": [P["g1"][0].half(), P["g1"][1]]}, True)
     with pytest.raises(RuntimeError, match="input: expected a 4-D tensor"):
         run_emu(emu, x[0], P, True)
     with pytest.raises(RuntimeError, match="input: expected dtype float32, float16, bfloat16 or float64"):
@@ -424,3 +433,321 @@ def test_fused_bn_gemm_kernel(emu, dtype, M, ld, c, n_out):
     assert Y.dtype == dtype and Y.shape == (M, n_out)
     ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
     torch.testing.assert_close(Y.double(), ref, rtol=ulp, atol=1e-5 * ref.abs().max().item())
+
+
+# --- launch arithmetic, many reduction chunks, tree sums ------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 100_000, 2**28 + 3])
+def test_for_each_launch_config(emu, n):
+    blocks, threads = emu.for_each_config(n)
+    assert threads == 256
+    assert blocks == min((n + 255) // 256, 2**20)  # capped: the grid-stride loop covers the rest
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_block_many_reduction_chunks_fp64(emu, training):
+    """N*H*W = 4608 rows: 36 row chunks of 128, i.e. two levels of the fixed-fan-in (32) tree sum, in
+    every statistic and every backward reduction."""
+    N, C0, H, W, L, k, bs = 2, 3, 48, 48, 2, 2, 2
+    P = make_params(C0, L, k, bs, seed=4)
+    x = torch.randn(N, C0, H, W, dtype=torch.float64) * 1.5 + 0.3
+    out = run_emu(emu, x, P, training)
+    grad = torch.randn(out[0].shape, dtype=torch.float64)
+    ref, ref_grads = reference_grads(x, P, grad, training)
+    torch.testing.assert_close(out[0], ref, rtol=1e-10, atol=1e-10)
+    if training:
+        torch.testing.assert_close(out[1], ref.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out[2], ref.var((0, 2, 3), unbiased=False), rtol=1e-10, atol=1e-12)
+    ours = emu_backward(emu, grad, out, x, P, training)
+    for got, want in zip([ours[0]] + [t for lst in ours[1:] for t in lst], ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 48, 49), (1, 2, 65, 70)])
+def test_tails_many_reduction_chunks_fp64(emu, shape):
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 0.3
+    C = shape[1]
+    weight, bias = tail_args(C)
+    mean, var = emu.channel_moments(x)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False), rtol=1e-12, atol=1e-12)
+    cw = torch.randn(3, C, 1, 1, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, cw)]
+    ref = F.avg_pool2d(F.conv2d(F.relu(F.batch_norm(leaves[0], None, None, leaves[1], leaves[2], True)), leaves[3]), 2)
+    grad = torch.randn_like(ref)
+    got = emu.transition_backward(grad, x, mean, var, weight, bias, cw, True, 1e-5)
+    for a, b in zip(got, torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# --- float16/bfloat16 models (BN tensors in the data dtype) ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False])
+def test_half_model_bn_tensors(emu, dtype, training):
+    """A .half()/.bfloat16() model hands the kernels BN tensors in the data dtype: BN computes in float
+    exactly as with those values given in float32 (bitwise the same outputs and gradients), the
+    statistics come back in float32 and the BN gradients in the parameters' dtype (as the fake
+    kernels declare)."""
+    N, C0, H, W, L, k, bs = 2, 6, 5, 7, 3, 4, 2
+    P = make_params(C0, L, k, bs, dtype=dtype, seed=5)
+    P_model = {n: [t.to(dtype) for t in P[n]] for n in P}                # every tensor in the model dtype
+    P_float = {n: [t.float() if n not in ("w1", "w2") else t for t in P_model[n]] for n in P}  # same values
+    x = torch.randn(N, C0, H, W).to(dtype)
+    try:
+        out_m = run_emu(emu, x, P_model, training)
+    except RuntimeError as err:
+        if "not implemented" in str(err):
+            pytest.skip(f"CPU {dtype} kernels unavailable: {err}")
+        raise
+    out_f = run_emu(emu, x, P_float, training)
+    for a, b in zip(out_m, out_f):
+        assert torch.equal(a, b)
+    running = [P_model[n] for n in RUNNING] if not training else [[], [], [], []]
+    fake = block_ops._dense_block_forward_fake(x, *[P_model[n] for n in ORDER], *running, None, 0.0, training, 1e-5)
+    assert _meta(out_m) == _meta(fake)
+    grad = torch.randn(out_m[0].shape).to(dtype)
+    g_m = emu_backward(emu, grad, out_m, x, P_model, training)
+    g_f = emu_backward(emu, grad, out_f, x, P_float, training)
+    bargs = (grad, *out_m, *[P_model[n] for n in ORDER], *running, None, 0.0, training, 1e-5, C0)
+    assert _meta(g_m) == _meta(block_ops._dense_block_backward_fake(*bargs))
+    assert g_m[1][0].dtype == dtype and g_m[5][0].dtype == dtype
+    for a, b in zip([g_m[0]] + [t for lst in g_m[1:] for t in lst], [g_f[0]] + [t for lst in g_f[1:] for t in lst]):
+        assert torch.equal(a, b.to(a.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_model_tails(emu, dtype):
+    x = (torch.randn(2, 5, 7, 6) * 2).to(dtype)
+    weight, bias = (t.to(dtype) for t in tail_args(5, torch.float32))
+    mean, var = emu.channel_moments(x)
+    assert mean.dtype == torch.float32
+    cw = torch.randn(3, 5, 1, 1).to(dtype)
+    for training, (m, v) in ((True, (mean, var)), (False, (mean.to(dtype), var.to(dtype)))):
+        g = torch.randn(2, 3, 3, 3).to(dtype)
+        got = emu.transition_backward(g, x, m, v, weight, bias, cw, training, 1e-5)
+        want = emu.transition_backward(g, x, m.float(), v.float(), weight.float(), bias.float(), cw, training, 1e-5)
+        assert got[1].dtype == got[2].dtype == dtype and got[0].dtype == got[3].dtype == dtype
+        for a, b in zip(got, want):
+            assert torch.equal(a, b.to(a.dtype))
+        out = emu.norm_relu_pool_forward(x, m, v, weight, bias, training, 1e-5)
+        assert torch.equal(out, emu.norm_relu_pool_forward(x, m.float(), v.float(), weight.float(), bias.float(),
+                                                           training, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dtypes_many_chunks(emu, dtype):
+    """float16/bfloat16 data over 4608 rows (two tree levels; dW1's K = N*H*W accumulated in float):
+    errors vs fp64 of the order of the plain PyTorch block's in that dtype."""
+    N, C0, H, W, L, k, bs = 2, 8, 48, 48, 2, 4, 2
+    P = make_params(C0, L, k, bs, dtype=dtype, seed=6)
+    x = torch.randn(N, C0, H, W).to(dtype)
+    out = run_emu(emu, x, P, True)
+    grad = torch.randn(out[0].shape).to(dtype)
+    ref, ref_grads = reference_grads(x, P, grad, True)
+    x_h = x.detach().requires_grad_()
+    P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
+    base = reference_block(x_h, P_h, True)
+    base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+    assert rel_err(out[0], ref) <= 2 * rel_err(base, ref) + 1e-3
+    ours = emu_backward(emu, grad, out, x, P, True)
+    flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
+    e_us = [rel_err(g, r) for g, r in zip(flat, ref_grads)]
+    e_base = [rel_err(g, r) for g, r in zip(base_grads, ref_grads)]
+    assert statistics.median(e_us) <= 2 * statistics.median(e_base) + 5e-3, (e_us, e_base)
+    w1_us, w1_base = e_us[1 + 2 * L:1 + 3 * L], e_base[1 + 2 * L:1 + 3 * L]  # dW1 of every layer
+    assert max(w1_us) <= 2 * max(w1_base) + 5e-3, (w1_us, w1_base)
+
+
+# --- autocast.cpp, compiled for the CPU device ------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_logic(emu, dtype):
+    """Under autocast the input and the conv weights are cast to the autocast dtype, every BN tensor
+    stays float32 (bitwise the same as calling the operator with those casts by hand); float64 inputs
+    pass through."""
+    N, C0, H, W, L, k, bs = 2, 5, 4, 6, 2, 3, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32, seed=7)
+    x = torch.randn(N, C0, H, W)
+    args = [P[n] for n in ORDER]
+    with torch.autocast("cpu", dtype=dtype):
+        got = emu.autocast_dense_block_forward(x, *args, [], [], [], [], None, 0.0, True, 1e-5)
+    by_hand = run_emu(emu, x.to(dtype), {**P, "w1": [t.to(dtype) for t in P["w1"]],
+                                         "w2": [t.to(dtype) for t in P["w2"]]}, True)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for a, b in zip(got, by_hand):
+        assert torch.equal(a, b)
+    P64 = make_params(C0, L, k, bs, seed=7)
+    x64 = x.double()
+    with torch.autocast("cpu", dtype=dtype):
+        got64 = emu.autocast_dense_block_forward(x64, *[P64[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5)
+    assert got64[0].dtype == torch.float64
+    assert torch.equal(got64[0], run_emu(emu, x64, P64, True)[0])
+
+    w, b = tail_args(C0, torch.float32)
+    mean, var = emu.channel_moments(x)
+    cw = torch.randn(4, C0, 1, 1)
+    with torch.autocast("cpu", dtype=dtype):
+        t = emu.autocast_transition_forward(x, mean, var, w, b, cw, True, 1e-5)
+    assert t.dtype == dtype
+    assert torch.equal(t, emu.transition_forward(x.to(dtype), mean, var, w, b, cw.to(dtype), True, 1e-5))
+
+
+# --- the fused 1x1 path through the block: dispatch rule, grid.y > 1, backward recompute ------------
+
+@pytest.fixture
+def fused_env(emu, monkeypatch):
+    monkeypatch.setenv("DNF_CUDA_BN_GEMM", "fused")
+    emu.set_compute_capabilities(90, 90)
+    yield monkeypatch
+    emu.set_compute_capabilities(90, 90)
+
+
+def test_fused_path_dispatch_rule(emu, fused_env):
+    x16, x32 = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 1)
+    assert emu.use_fused_bn_gemm(x16) and emu.use_fused_bn_gemm(x16.half())
+    assert not emu.use_fused_bn_gemm(x32) and not emu.use_fused_bn_gemm(x32.double())  # documented: half only
+    emu.set_compute_capabilities(75, 75)
+    with pytest.raises(RuntimeError, match=r"DNF_CUDA_BN_GEMM=fused: .* compute capability >= 8.0.*got 7.5"):
+        emu.use_fused_bn_gemm(x16)
+    emu.set_compute_capabilities(90, 70)  # e.g. compute_70 PTX only: the kernel body would be a trap
+    with pytest.raises(RuntimeError, match=r"no device code .* \(found: 7.0\); rebuild with TORCH_CUDA_ARCH_LIST"):
+        emu.use_fused_bn_gemm(x16)
+    emu.set_compute_capabilities(90, 0)
+    with pytest.raises(RuntimeError, match=r"found: none"):
+        emu.use_fused_bn_gemm(x16)
+    P = make_params(3, 1, 2, 2, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"DNF_CUDA_BN_GEMM=fused"):  # raised by the op, before any work
+        run_emu(emu, torch.randn(2, 3, 4, 4).bfloat16(), P, True)
+    for value, fused in (("simple", False), ("", False)):
+        fused_env.setenv("DNF_CUDA_BN_GEMM", value)
+        assert emu.use_fused_bn_gemm(x16) is fused
+    fused_env.setenv("DNF_CUDA_BN_GEMM", "fast")
+    with pytest.raises(RuntimeError, match=r'DNF_CUDA_BN_GEMM: expected "simple" or "fused" \(or unset\), got "fast"'):
+        run_emu(emu, torch.randn(2, 3, 4, 4), make_params(3, 1, 2, 2, dtype=torch.float32), True)
+
+
+@pytest.mark.parametrize("M,ld,c,n_out,grid,vec", [
+    (200, 64, 48, 200, (4, 2), True),
+    (64, 37, 29, 300, (1, 3), False),
+    (65, 40, 40, 128, (2, 1), True),
+])
+def test_fused_gemm_launch_grid(emu, M, ld, c, n_out, grid, vec):
+    X = torch.zeros(M, ld, dtype=torch.bfloat16)
+    W = torch.zeros(n_out, c, dtype=torch.bfloat16)
+    assert emu.bn_relu_gemm_grid(X, c, W) == (*grid, vec)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_path_block(emu, fused_env, dtype):
+    """The block with the fused 1x1 kernel (emulated through its real launch, inter = 132 output
+    channels: grid.y = 2) against the simple path and fp64: the forward within rounding of the simple
+    path; the backward recomputes Y with the same kernel, so it differs from the simple path's only by
+    the forward's rounding. Recomputing with cuBLAS instead (a forward/backward path mismatch) is shown
+    harmless too: its gradient errors vs fp64 stay of the same size."""
+    N, C0, H, W, L, k, bs = 2, 16, 5, 6, 2, 33, 4
+    P = make_params(C0, L, k, bs, dtype=dtype, seed=8)
+    x = torch.randn(N, C0, H, W).to(dtype)
+    grad = torch.randn(N, C0 + L * k, H, W).to(dtype)
+    ref, ref_grads = reference_grads(x, P, grad, True)
+    results = {}
+    blocks_per_pass = L * 1 * 2  # L layers x grid (ceil(60/64) = 1, ceil(132/128) = 2)
+    for fwd, bwd in (("simple", "simple"), ("fused", "fused"), ("fused", "simple")):
+        fused_env.setenv("DNF_CUDA_BN_GEMM", fwd)
+        before = emu.gemm_blocks_run()
+        out = run_emu(emu, x, P, True)
+        assert emu.gemm_blocks_run() - before == (blocks_per_pass if fwd == "fused" else 0)
+        fused_env.setenv("DNF_CUDA_BN_GEMM", bwd)
+        before = emu.gemm_blocks_run()
+        g = emu_backward(emu, grad, out, x, P, True)
+        assert emu.gemm_blocks_run() - before == (blocks_per_pass if bwd == "fused" else 0)
+        results[fwd, bwd] = out, [g[0]] + [t for lst in g[1:] for t in lst]
+    out_s, out_f = results["simple", "simple"][0], results["fused", "fused"][0]
+    torch.testing.assert_close(out_f[0].float(), out_s[0].float(), rtol=3e-2, atol=3e-2)
+    for a, b in zip(out_f[1:], out_s[1:]):  # mean, var, mean2, var2
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert rel_err(out_f[0], ref) <= 1.5 * rel_err(out_s[0], ref) + 1e-3
+    e = {key: statistics.median(rel_err(a, b) for a, b in zip(gs, ref_grads)) for key, (_, gs) in results.items()}
+    assert e["fused", "fused"] <= 1.5 * e["simple", "simple"] + 2e-3, e
+    assert e["fused", "simple"] <= 1.5 * e["simple", "simple"] + 2e-3, e
+
+
+# --- NaN/Inf: one rule (csrc/common/nonfinite.h), the same results as the CPU kernels ---------------
+
+def _poison(x, cases):
+    x = x.clone()
+    for (n, c, h, w), v in cases:
+        x[n, c, h, w] = v
+    return x
+
+
+NONFINITE = {
+    "nan": [((0, 1, 2, 3), float("nan"))],
+    "inf": [((1, 0, 0, 1), float("inf")), ((0, 2, 4, 0), -float("inf"))],
+}
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("training", [True, False])
+def test_block_nonfinite_matches_cpu(emu, case, training):
+    N, C0, H, W, L, k, bs = 2, 4, 5, 4, 3, 3, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32, seed=9)
+    x = _poison(torch.randn(N, C0, H, W), NONFINITE[case])
+    running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+    args = (x, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5)
+    ours, spec = emu.dense_block_forward(*args), OPS.dense_block_forward(*args)
+    for a, b in zip(ours, spec):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, equal_nan=True)
+    grad = torch.randn(spec[0].shape)
+    bargs = (grad, *spec, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5, C0)
+    g_ours, g_spec = emu.dense_block_backward(*bargs), OPS.dense_block_backward(*bargs)
+    for a, b in zip([g_ours[0]] + [t for lst in g_ours[1:] for t in lst],
+                    [g_spec[0]] + [t for lst in g_spec[1:] for t in lst]):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+def test_block_last_layer_gradient_not_finalised(emu):
+    """The last layer's channels have no BN reader in the block: their gradient passes through as given
+    even where their batch statistics are not finite (CPU rule; CUDA used to turn it into NaN)."""
+    N, C0, H, W, L, k, bs = 2, 3, 4, 4, 2, 2, 2
+    P = make_params(C0, L, k, bs, dtype=torch.float32, seed=10)
+    x = torch.randn(N, C0, H, W)
+    out = list(OPS.dense_block_forward(x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5))
+    out[1] = out[1].clone()
+    out[1][-k:] = float("inf")  # non-finite statistics of the last layer's channels: xhat = -inf
+    grad = torch.zeros(out[0].shape)
+    grad[:, -k:] = 1.0
+    bargs = (grad, *out, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5, C0)
+    g_ours, g_spec = emu.dense_block_backward(*bargs), OPS.dense_block_backward(*bargs)
+    for a, b in zip([g_ours[0]] + [t for lst in g_ours[1:] for t in lst],
+                    [g_spec[0]] + [t for lst in g_spec[1:] for t in lst]):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
+    assert not g_ours[0].isnan().any()
+
+
+@pytest.mark.parametrize("case", list(NONFINITE))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (1, 3, 6, 6)])
+def test_tails_nonfinite_match_cpu(emu, case, training, shape):
+    """Includes a non-finite value in a pixel the floor-mode pool drops (odd H/W): dWc's NaN rule."""
+    N, C, H, W = shape
+    cases = NONFINITE[case] + [((0, 1, H - 1, W - 1), float("inf"))]
+    x = _poison(torch.randn(shape), [((n % N, c % C, h % H, w % W), v) for (n, c, h, w), v in cases])
+    weight, bias = tail_args(C, torch.float32)
+    if training:
+        mean, var = OPS.channel_moments(x)
+    else:
+        mean, var = torch.rand(C) - 0.5, torch.rand(C) + 0.5
+    cw = torch.randn(3, C, 1, 1)
+    g = torch.randn(N, 3, H // 2, W // 2)
+    for a, b in zip(emu.transition_backward(g, x, mean, var, weight, bias, cw, training, 1e-5),
+                    OPS.transition_backward(g, x, mean, var, weight, bias, cw, training, 1e-5)):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+    g = torch.randn(N, C)
+    for a, b in zip(emu.norm_relu_pool_backward(g, x, mean, var, weight, bias, training, 1e-5),
+                    OPS.norm_relu_pool_backward(g, x, mean, var, weight, bias, training, 1e-5)):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)

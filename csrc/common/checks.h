@@ -27,9 +27,12 @@ inline void check_float_tensor(const at::Tensor& t, const char* name, const at::
                                bool bn_tensor = false) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
   const at::ScalarType want = bn_tensor ? stats_dtype(ref.scalar_type()) : ref.scalar_type();
-  TORCH_CHECK(t.scalar_type() == want, name, ": expected dtype ", want,
-              bn_tensor ? " (the BatchNorm dtype for input's dtype)" : " (the dtype of input)", ", got ",
-              t.scalar_type());
+  // A BN tensor may also have the input's own dtype (a model converted with .half()/.bfloat16()): the
+  // kernels then still compute BN in stats_dtype, as torch's batch_norm does for such a model.
+  const bool model_dtype_bn = bn_tensor && t.scalar_type() == ref.scalar_type();
+  TORCH_CHECK(t.scalar_type() == want || model_dtype_bn, name, ": expected dtype ", want,
+              bn_tensor ? " (the BatchNorm dtype for input's dtype) or input's dtype" : " (the dtype of input)",
+              ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
               " (the device of input), got ", t.device());
 }

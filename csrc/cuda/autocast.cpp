@@ -5,17 +5,33 @@
 // float64 inputs, and tensors autocast does not handle, pass through unchanged. The other operators
 // (BN-only readers, statistics, backward ops) fall through to their CUDA kernels in the dtypes given.
 // The casts happen above the Autograd key, so gradients flow back to the float32 master weights.
+//
+// The host emulation (emu/emulate.cpp) compiles this file too, with DNF_CUDA_EMULATE: the same cast
+// logic for the CPU device under torch.autocast("cpu"), calling the emulated operators directly
+// instead of through the dispatcher, and without the registration.
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-namespace dnf::cuda {
-namespace {
+#ifdef DNF_CUDA_EMULATE
+#define DNF_AUTOCAST_NS cuda_emu
+#else
+#define DNF_AUTOCAST_NS cuda
+#endif
+
+namespace dnf::DNF_AUTOCAST_NS {
+namespace autocast {
 
 using at::Tensor;
 using at::TensorList;
-constexpr auto kCUDA = c10::DeviceType::CUDA;
+#ifdef DNF_CUDA_EMULATE
+constexpr auto kDevice = c10::DeviceType::CPU;
+constexpr auto kAutocastKey = c10::DispatchKey::AutocastCPU;
+#else
+constexpr auto kDevice = c10::DeviceType::CUDA;
+constexpr auto kAutocastKey = c10::DispatchKey::AutocastCUDA;
+#endif
 
 using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
@@ -23,41 +39,63 @@ using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using TransitionForwardFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, bool, double);
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_autocast(
+// `call` runs the operator below autocast (the dispatcher's next kernel, or the emulated operator).
+template <class Call>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward(
+    const Call& call, const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2,
+    TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2, const std::optional<Tensor>& mask,
+    double p, bool training, double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+  if (!at::autocast::is_eligible(input, kDevice))
+    return call(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
+  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
+  const std::vector<Tensor> w1c = at::autocast::cached_cast(dtype, w1, kDevice);
+  const std::vector<Tensor> w2c = at::autocast::cached_cast(dtype, w2, kDevice);
+  return call(at::autocast::cached_cast(dtype, input, kDevice), g1, b1, w1c, g2, b2, w2c, rm1, rv1, rm2, rv2, mask, p,
+              training, eps);
+}
+
+template <class Call>
+Tensor transition_forward(const Call& call, const Tensor& input, const Tensor& mean, const Tensor& var,
+                          const Tensor& weight, const Tensor& bias, const Tensor& conv_weight, bool training,
+                          double eps) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
+  if (!at::autocast::is_eligible(input, kDevice)) return call(input, mean, var, weight, bias, conv_weight, training, eps);
+  const auto dtype = at::autocast::get_autocast_dtype(kDevice);
+  return call(at::autocast::cached_cast(dtype, input, kDevice), mean, var, weight, bias,
+              at::autocast::cached_cast(dtype, conv_weight, kDevice), training, eps);
+}
+
+#ifndef DNF_CUDA_EMULATE
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_kernel(
     const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2, TensorList w2,
     TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2, const std::optional<Tensor>& mask, double p,
     bool training, double eps) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("densenet_fast::dense_block_forward", "")
                        .typed<BlockForwardFn>();
-  if (!at::autocast::is_eligible(input, kCUDA))
-    return op.call(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
-  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-  const std::vector<Tensor> w1c = at::autocast::cached_cast(dtype, w1, kCUDA);
-  const std::vector<Tensor> w2c = at::autocast::cached_cast(dtype, w2, kCUDA);
-  return op.call(at::autocast::cached_cast(dtype, input, kCUDA), g1, b1, w1c, g2, b2, w2c, rm1, rv1, rm2, rv2,
-                 mask, p, training, eps);
+  return dense_block_forward([&](const auto&... a) { return op.call(a...); }, input, g1, b1, w1, g2, b2, w2, rm1,
+                             rv1, rm2, rv2, mask, p, training, eps);
 }
 
-Tensor transition_forward_autocast(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                   const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                                 const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("densenet_fast::transition_forward", "")
                        .typed<TransitionForwardFn>();
-  if (!at::autocast::is_eligible(input, kCUDA))
-    return op.call(input, mean, var, weight, bias, conv_weight, training, eps);
-  const auto dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-  return op.call(at::autocast::cached_cast(dtype, input, kCUDA), mean, var, weight, bias,
-                 at::autocast::cached_cast(dtype, conv_weight, kCUDA), training, eps);
+  return transition_forward([&](const auto&... a) { return op.call(a...); }, input, mean, var, weight, bias,
+                            conv_weight, training, eps);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(densenet_fast, AutocastCUDA, m) {
-  m.impl("dense_block_forward", &dense_block_forward_autocast);
-  m.impl("transition_forward", &transition_forward_autocast);
+  m.impl("dense_block_forward", &dense_block_forward_kernel);
+  m.impl("transition_forward", &transition_forward_kernel);
 }
+#endif
 
-}  // namespace dnf::cuda
+}  // namespace autocast
+}  // namespace dnf::DNF_AUTOCAST_NS

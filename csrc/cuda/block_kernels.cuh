@@ -8,6 +8,7 @@
 #pragma once
 
 #include "common/bn_math.h"
+#include "common/nonfinite.h"
 #include "cuda/launch.cuh"
 
 namespace dnf::DNF_CUDA_NS {
@@ -83,8 +84,8 @@ struct GradOfNewFeatures {
   }
 };
 
-// BN2 + ReLU backward sums of a [rows, width] bottleneck: dz = dV where V > 0;
-// s0 += dz, s1 += dz * xhat2.
+// BN2 + ReLU backward sums of a [rows, width] bottleneck: dz = dV through the ReLU of V (relu_grad:
+// NaN passes, as threshold_backward); s0 += dz, s1 += dz * xhat2.
 template <typename T, typename acc_t>
 struct Bn2BackwardTerm {
   const T *V, *dV, *Y;
@@ -92,7 +93,7 @@ struct Bn2BackwardTerm {
   int64_t width;
   C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
     const int64_t i = r * width + j;
-    const acc_t dz = static_cast<acc_t>(V[i]) > acc_t(0) ? static_cast<acc_t>(dV[i]) : acc_t(0);
+    const acc_t dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), static_cast<acc_t>(dV[i]));
     s[0] += dz;
     s[1] += dz * (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
   }
@@ -124,19 +125,19 @@ struct BnGradEpilogue {
   }
 };
 
-// In place dV -> dY: the full BN2 + ReLU backward of one element.
+// In place dV -> dY: the full BN2 + ReLU backward of one element (eval: a*dz, common/nonfinite.h).
 template <typename T, typename acc_t>
 struct Bn2BackwardApply {
   const T *V, *Y;
   T* dV;
   const acc_t *mean, *invstd, *a, *m;
   int64_t width;
+  bool training;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / width, j = i - r * width;
-    (void)r;
-    const acc_t dz = static_cast<acc_t>(V[i]) > acc_t(0) ? static_cast<acc_t>(dV[i]) : acc_t(0);
+    const int64_t j = i % width;
+    const acc_t dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), static_cast<acc_t>(dV[i]));
     const acc_t xhat = (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
-    dV[i] = static_cast<T>(bn_backward_train<acc_t>(dz, xhat, a[j], m[j], m[width + j]));
+    dV[i] = static_cast<T>(bn_backward<acc_t>(dz, xhat, a[j], m[j], m[width + j], training));
   }
 };
 
@@ -155,7 +156,7 @@ struct Bn1BackwardTerm {
   C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
     const acc_t x = static_cast<acc_t>(X[r * ld + j]);
     const T u = static_cast<T>(relu<acc_t>(a[j] * x + b[j]));
-    const acc_t d = static_cast<acc_t>(u) > acc_t(0) ? static_cast<acc_t>(dU[r * c + j]) : acc_t(0);
+    const acc_t d = relu_grad<acc_t>(static_cast<acc_t>(u), static_cast<acc_t>(dU[r * c + j]));
     G[r * ld + j] += a[j] * d;
     s[0] += d;
     s[1] += d * (x - mean[j]) * invstd[j];
@@ -245,7 +246,8 @@ struct AvgPool2Up {
   }
 };
 
-// BN + ReLU backward sums of a tail reader: d = up where a*x + b > 0; s0 += d, s1 += d*xhat.
+// BN + ReLU backward sums of a tail reader: d = up through the ReLU (relu_grad rule); s0 += d,
+// s1 += d*xhat (so a dropped pixel adds 0*xhat to dgamma, as torch does).
 template <typename T, typename acc_t, class Up>
 struct TailBackwardTerm {
   const T* X;
@@ -254,7 +256,7 @@ struct TailBackwardTerm {
   Up up;
   C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
     const acc_t x = static_cast<acc_t>(X[r * C + j]);
-    const acc_t d = a[j] * x + b[j] > acc_t(0) ? up(r, j) : acc_t(0);
+    const acc_t d = bn_relu_grad<acc_t>(a[j] * x + b[j], up(r, j));
     s[0] += d;
     s[1] += d * (x - mean[j]) * invstd[j];
   }
@@ -267,12 +269,44 @@ struct TailBackwardApply {
   const acc_t *a, *b, *mean, *invstd, *m;
   Up up;
   T* dX;
+  bool training;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t r = i / C, j = i - r * C;
     const acc_t x = static_cast<acc_t>(X[i]);
-    const acc_t d = a[j] * x + b[j] > acc_t(0) ? up(r, j) : acc_t(0);
+    const acc_t d = bn_relu_grad<acc_t>(a[j] * x + b[j], up(r, j));
     const acc_t xhat = (x - mean[j]) * invstd[j];
-    dX[i] = static_cast<T>(bn_backward_train<acc_t>(d, xhat, a[j], m[j], m[C + j]));
+    dX[i] = static_cast<T>(bn_backward<acc_t>(d, xhat, a[j], m[j], m[C + j], training));
+  }
+};
+
+// Transition dWc NaN rule (common/nonfinite.h): flag[j] = 1 when relu(bn(x)) of some pixel the
+// floor-mode pool drops (last row of an odd H, last column of an odd W) is not finite in channel j.
+template <typename T, typename acc_t>
+struct DroppedPixelsNonfinite {
+  const T* X;
+  int64_t N, H, W, C;
+  const acc_t *a, *b;
+  uint8_t* flag;
+  C10_HOST_DEVICE void operator()(int64_t j) const {
+    bool bad = false;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = (h >= 2 * (H / 2)) ? 0 : 2 * (W / 2); w < W; ++w) {  // only the dropped pixels
+          const acc_t v = relu<acc_t>(a[j] * static_cast<acc_t>(X[((n * H + h) * W + w) * C + j]) + b[j]);
+          bad = bad || dropped_pixel_poisons_dwc<acc_t>(v);
+        }
+    flag[j] = bad ? 1 : 0;
+  }
+};
+
+// dW[o, j] = NaN for the flagged columns j of a [Cout, C] weight gradient.
+template <typename T>
+struct PoisonColumns {
+  const uint8_t* flag;
+  int64_t C;
+  T* dW;
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    if (flag[i % C] != 0) dW[i] = static_cast<T>(NAN);
   }
 };
 

@@ -12,6 +12,7 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda/bn_gemm_tile.cuh"
 
@@ -28,7 +29,7 @@ template <> struct WmmaType<c10::BFloat16> { using type = __nv_bfloat16; };
 // One thread block per BM x BN tile of Y; the per-thread staging and epilogue are in
 // bn_gemm_tile.cuh (shared with the host emulation), the warp-level WMMA part is here.
 template <typename T, bool VEC>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(bn_gemm_tile::kThreads)
 bn_relu_gemm_kernel(const T* __restrict__ X, int64_t M, int64_t ld, int64_t c, const float* __restrict__ a,
                     const float* __restrict__ b, const T* __restrict__ W, int64_t n_out, T* __restrict__ Y) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -75,60 +76,61 @@ bn_relu_gemm_kernel(const T* __restrict__ X, int64_t M, int64_t ld, int64_t c, c
   __syncthreads();
   store_tile<T>(tid, Cs, M, n_out, m0, n0, Y);
 #else
-  // Built only for sm_80+ in practice (TORCH_CUDA_ARCH_LIST); bn_relu_gemm_supported() checks the device.
+  // Unreachable: use_fused_bn_gemm() (bn_gemm.h) refuses, with a RuntimeError, to take the fused path
+  // when the device code it would run was compiled for an architecture below sm_80.
   __trap();
 #endif
 }
 
+// Launches bn_relu_gemm_kernel<T, VEC> on the current stream (the launcher of launch_bn_relu_gemm).
 template <typename T>
-void launch(const T* X, int64_t M, int64_t ld, int64_t c, const float* a, const float* b, const T* W,
-            int64_t n_out, T* Y) {
-  if (M == 0 || n_out == 0) return;
-  const dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>((n_out + BN - 1) / BN));
-  TORCH_CHECK((n_out + BN - 1) / BN <= 65535, "bn_relu_gemm: too many output channels (", n_out, ")");
-  const bool vec = ld % 8 == 0 && c % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(W) % 16 == 0;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (vec) {
-    bn_relu_gemm_kernel<T, true><<<grid, kThreads, 0, stream>>>(X, M, ld, c, a, b, W, n_out, Y);
-  } else {
-    bn_relu_gemm_kernel<T, false><<<grid, kThreads, 0, stream>>>(X, M, ld, c, a, b, W, n_out, Y);
+struct CudaLauncher {
+  const T* X;
+  int64_t M, ld, c;
+  const float *a, *b;
+  const T* W;
+  int64_t n_out;
+  T* Y;
+  template <bool VEC>
+  void run(GemmGrid grid) const {
+    const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
+    bn_relu_gemm_kernel<T, VEC><<<blocks, bn_gemm_tile::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        X, M, ld, c, a, b, W, n_out, Y);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+};
+
+template <typename T>
+int kernel_code_cc() {
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, bn_relu_gemm_kernel<T, false>) != cudaSuccess) {
+    (void)cudaGetLastError();  // no device code for this GPU: clear the error, report "none"
+    return 0;
+  }
+  return attr.ptxVersion;  // the virtual architecture the code was compiled for (__CUDA_ARCH__ / 10)
 }
 
 }  // namespace
 
-bool bn_relu_gemm_supported(at::ScalarType st) {
-  if (st != at::kHalf && st != at::kBFloat16) return false;
-  int device = 0, major = 0;
+void bn_relu_gemm_device_ccs(at::ScalarType st, int& device_cc, int& code_cc) {
+  int device = 0, major = 0, minor = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 8;  // WMMA bfloat16 needs sm_80
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  device_cc = 10 * major + minor;
+  code_cc = st == at::kBFloat16 ? kernel_code_cc<c10::BFloat16>() : kernel_code_cc<c10::Half>();
 }
 
 template <>
 void bn_relu_gemm<c10::Half>(const c10::Half* X, int64_t M, int64_t ld, int64_t c, const float* a, const float* b,
                              const c10::Half* W, int64_t n_out, c10::Half* Y) {
-  launch<c10::Half>(X, M, ld, c, a, b, W, n_out, Y);
+  launch_bn_relu_gemm(X, M, ld, c, W, n_out, CudaLauncher<c10::Half>{X, M, ld, c, a, b, W, n_out, Y});
 }
 
 template <>
 void bn_relu_gemm<c10::BFloat16>(const c10::BFloat16* X, int64_t M, int64_t ld, int64_t c, const float* a,
                                  const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y) {
-  launch<c10::BFloat16>(X, M, ld, c, a, b, W, n_out, Y);
-}
-
-template <>
-void bn_relu_gemm<float>(const float*, int64_t, int64_t, int64_t, const float*, const float*, const float*, int64_t,
-                         float*) {
-  TORCH_CHECK(false, "bn_relu_gemm: the fused path takes float16/bfloat16 only");
-}
-
-template <>
-void bn_relu_gemm<double>(const double*, int64_t, int64_t, int64_t, const double*, const double*, const double*,
-                          int64_t, double*) {
-  TORCH_CHECK(false, "bn_relu_gemm: the fused path takes float16/bfloat16 only");
+  launch_bn_relu_gemm(X, M, ld, c, W, n_out, CudaLauncher<c10::BFloat16>{X, M, ld, c, a, b, W, n_out, Y});
 }
 
 }  // namespace dnf::cuda

@@ -6,6 +6,7 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -96,5 +97,31 @@ C10_HOST_DEVICE inline void store_tile(int tid, const float* Cs, int64_t M, int6
 // Origin of warp w's 32x32 sub-tile inside the block tile.
 C10_HOST_DEVICE inline int warp_row(int w) { return (w / 4) * 32; }
 C10_HOST_DEVICE inline int warp_col(int w) { return (w % 4) * 32; }
+
+// Grid of one bn_relu_gemm launch: blockIdx.x walks the BM-row tiles, blockIdx.y the BN-column tiles.
+struct GemmGrid {
+  int64_t x, y;
+};
+
+// The host side of every bn_relu_gemm launch (bn_gemm.cu runs it with a CUDA launcher, the host
+// emulation with one that runs the thread blocks serially): the grid, its limits, and the choice of
+// the 16-byte path. exec.run<VEC>(grid) launches bn_relu_gemm_kernel<T, VEC>.
+template <typename T, class Exec>
+inline void launch_bn_relu_gemm(const T* X, int64_t M, int64_t ld, int64_t c, const T* W, int64_t n_out,
+                                const Exec& exec) {
+  if (M == 0 || n_out == 0) return;
+  const GemmGrid grid{(M + BM - 1) / BM, (n_out + BN - 1) / BN};
+  TORCH_CHECK(grid.y <= 65535, "bn_relu_gemm: ", n_out, " output channels need ", grid.y,
+              " column tiles, more than a grid's y dimension allows (65535)");
+  TORCH_CHECK(grid.x <= 2147483647, "bn_relu_gemm: ", M, " rows need ", grid.x,
+              " row tiles, more than a grid's x dimension allows (2^31 - 1)");
+  const bool vec = ld % 8 == 0 && c % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(W) % 16 == 0;
+  if (vec) {
+    exec.template run<true>(grid);
+  } else {
+    exec.template run<false>(grid);
+  }
+}
 
 }  // namespace dnf::bn_gemm_tile

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -54,12 +55,41 @@ at::TensorOptions acc_options(const Tensor& like) {
       at::MemoryFormat::Contiguous);
 }
 
-// data pointer of a (possibly strided) BN vector; the contiguous copy, if any, is kept alive in
-// `keep` (freed memory is reused only by later work on the same stream, so this is safe).
+// data pointer (as acc_t) of a BN vector of any strides and of dtype acc_t or, for a float16/bfloat16
+// model, the data dtype (BN then still computes in float). The converted / contiguous copy, if any, is
+// kept alive in `keep` (freed memory is reused only by later work on the same stream, so this is safe).
 template <typename acc_t>
 const acc_t* vec_ptr(const Tensor& t, std::vector<Tensor>& keep) {
-  keep.push_back(t.contiguous());
+  keep.push_back(t.to(c10::CppTypeToScalarType<acc_t>::value).contiguous());
   return keep.back().data_ptr<acc_t>();
+}
+
+// A BN gradient computed in acc_t, returned in the dtype of its parameter (as the fake kernels declare).
+inline Tensor as_param_dtype(const Tensor& grad, const Tensor& param) {
+  return grad.scalar_type() == param.scalar_type() ? grad : grad.to(param.scalar_type());
+}
+
+// out = a @ b for a weight gradient whose K (a reduction over every pixel of the batch, N*H*W) is
+// large: float16/bfloat16 operands are accumulated *and* written in float (cuBLAS with a float C
+// matrix through aten::mm.dtype, so no split-K partial is ever rounded to half precision), then
+// rounded once to the operands' dtype into out. Where aten::mm.dtype has no kernel (torch < 2.8, the
+// host emulation) the same float GEMM runs on float copies of the operands. float/double: plain GEMM.
+inline void mm_weight_grad_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  const auto st = a.scalar_type();
+  if (st != at::kHalf && st != at::kBFloat16) {
+    at::mm_out(out, a, b);
+    return;
+  }
+#ifndef DNF_CUDA_EMULATE
+  // Looked up by name at run time, so this compiles against any torch.
+  static const auto mm_dtype = c10::Dispatcher::singleton().findOp({"aten::mm", "dtype"});
+  if (mm_dtype.has_value() && mm_dtype->hasKernelForDispatchKey(c10::DispatchKey::CUDA)) {
+    static const auto op = mm_dtype->typed<Tensor(const Tensor&, const Tensor&, at::ScalarType)>();
+    out.copy_(op.call(a, b, at::kFloat));
+    return;
+  }
+#endif
+  out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
 }
 
 }  // namespace dnf::DNF_CUDA_NS

@@ -9,33 +9,22 @@
 //   BN2 batch stats of Y (training), V = relu(BN2(Y)) in place, conv3x3 (cuDNN), dropout, store the
 //   k new channels into the buffer, and their batch stats (training).
 // Backward: reverse sweep with a float (double for double) gradient buffer G of the whole block,
-// recompute U, Y, V; conv3x3 backward (cuDNN); BN2/ReLU backward; dW1 = dY^T U; dU = dY W1;
-// BN1/ReLU backward into G plus per-channel S1/S2; finalize a layer's channels once all their
-// readers are done (merged BN1 backward, common/bn_math.h).
+// recompute U, Y (with the same 1x1 path as the forward, so BN2's masks and xhat see the very Y its
+// statistics came from), V; conv3x3 backward (cuDNN); BN2/ReLU backward; dW1 = dY^T U (float
+// accumulation and output for half data: K = N*H*W); dU = dY W1; BN1/ReLU backward into G plus
+// per-channel S1/S2; finalize a layer's channels once all their readers are done (merged BN1
+// backward, common/bn_math.h). NaN/Inf: the rules of common/nonfinite.h, as the CPU kernels.
+// BN tensors: float (double for double), or the data dtype for a float16/bfloat16 model; BN always
+// computes in float, and BN gradients come back in their parameter's dtype.
 #pragma once
 
+#include "common/nonfinite.h"
 #include "cuda/block_kernels.cuh"
+#include "cuda/bn_gemm.h"
 #include "cuda/common_impl.h"
 #include "cuda/reduce.cuh"
 
-#ifndef DNF_CUDA_EMULATE
-#include "cuda/bn_gemm.h"
-#endif
-
 namespace dnf::DNF_CUDA_NS {
-
-// Which 1x1-GEMM path the forward takes: "simple" (default: BN1+ReLU applied into a scratch, then
-// cuBLAS) or "fused" (BN1+ReLU applied while loading the GEMM operand, no scratch; float16/bfloat16
-// only), chosen per call by the environment variable DNF_CUDA_BN_GEMM.
-inline bool use_fused_bn_gemm(at::ScalarType st) {
-#ifdef DNF_CUDA_EMULATE
-  (void)st;
-  return false;
-#else
-  const char* mode = std::getenv("DNF_CUDA_BN_GEMM");
-  return mode != nullptr && std::strcmp(mode, "fused") == 0 && bn_relu_gemm_supported(st);
-#endif
-}
 
 inline MaskView mask_view(const c10::optional<Tensor>& mask, int64_t l, int64_t k, int64_t H, int64_t W) {
   MaskView v;
@@ -101,12 +90,9 @@ void dense_block_forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList
     for_each(c, FoldBn<acc_t>{vec_ptr<acc_t>(g1[l], keep), vec_ptr<acc_t>(b1[l], keep), s1.first, s1.second, eps,
                               a1, bb1, is1});
     const Tensor W1 = w1[l].contiguous().view({inter, c});
-#ifndef DNF_CUDA_EMULATE
     if (fused) {
       bn_relu_gemm(X, M, Ct, c, a1, bb1, W1.data_ptr<T>(), inter, Y);
-    } else
-#endif
-    {
+    } else {
       Tensor u = u_flat.narrow(0, 0, M * c).view({M, c});
       for_each(M * c, BnReluApply<T, acc_t>{X, Ct, u.data_ptr<T>(), c, c, a1, bb1});
       at::mm_out(y, u, W1.t());
@@ -144,6 +130,7 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter, k = g.k;
   const T* X = buffer.data_ptr<T>();
   acc_t* Gp = G.data_ptr<acc_t>();
+  const bool fused = use_fused_bn_gemm(buffer.scalar_type());
   const LayerStats st1{&mean, &var, rm1, rv1, training};
   const LayerStats st2{&mean2, &var2, rm2, rv2, training};
 
@@ -172,7 +159,8 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
 
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
-    finalize(c, k);  // every reader of layer l's channels is done: their gradient is final
+    // Every reader of layer l's channels is done: their gradient is final (the last layer's have none).
+    if (block_channels_have_reader(l, g.L)) finalize(c, k);
     std::vector<Tensor> keep;
     const auto s1 = st1.get<acc_t>(l, 0, keep);
     const acc_t* gamma1 = vec_ptr<acc_t>(g1[l], keep);
@@ -186,7 +174,11 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
     Tensor u = u_flat.narrow(0, 0, M * c).view({M, c});
     T* U = u.data_ptr<T>();
     for_each(M * c, BnReluApply<T, acc_t>{X, Ct, U, c, c, a1, bb1});
-    at::mm_out(y, u, W1.t());
+    if (fused) {
+      bn_relu_gemm(X, M, Ct, c, a1, bb1, W1.data_ptr<T>(), inter, Y);  // bitwise the forward's Y
+    } else {
+      at::mm_out(y, u, W1.t());
+    }
     for_each(M * inter, BnReluApply<T, acc_t>{Y, inter, V, inter, inter, a2, bb2});
 
     // conv3x3 backward (cuDNN; deterministic algorithms when requested, as ATen decides).
@@ -206,13 +198,14 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
     for_each(inter, BnGradEpilogue<acc_t>{sums2.data_ptr<acc_t>(), inter, M, training, out.b2[l].data_ptr<acc_t>(),
                                           out.g2[l].data_ptr<acc_t>(), m2.data_ptr<acc_t>(), nullptr, nullptr,
                                           nullptr});
-    for_each(M * inter, Bn2BackwardApply<T, acc_t>{V, Y, dV, s2.first, is2, a2, m2.data_ptr<acc_t>(), inter});
+    for_each(M * inter, Bn2BackwardApply<T, acc_t>{V, Y, dV, s2.first, is2, a2, m2.data_ptr<acc_t>(), inter,
+                                                   training});
     const Tensor dy = rows_view(dv);
 
-    // 1x1 conv backward: dW1 = dY^T U, then dU = dY W1 over U's storage.
+    // 1x1 conv backward: dW1 = dY^T U (float accumulation for half data), then dU = dY W1 over U.
     out.w1[l] = at::empty({inter, c, 1, 1}, opts);
     Tensor dw1 = out.w1[l].view({inter, c});
-    at::mm_out(dw1, dy.t(), u);
+    mm_weight_grad_out(dw1, dy.t(), u);
     at::mm_out(u, dy, W1);
 
     // BN1 + ReLU backward into G, and this reader's contribution to S1/S2.
@@ -224,6 +217,12 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
                                       out.g1[l].data_ptr<acc_t>(), nullptr, gamma1, S1, S2});
   }
   finalize(0, g.C0);
+  for (int64_t l = 0; l < g.L; ++l) {  // BN gradients in their parameters' dtypes
+    out.g1[l] = as_param_dtype(out.g1[l], g1[l]);
+    out.b1[l] = as_param_dtype(out.b1[l], b1[l]);
+    out.g2[l] = as_param_dtype(out.g2[l], g2[l]);
+    out.b2[l] = as_param_dtype(out.b2[l], b2[l]);
+  }
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward(
@@ -281,9 +280,9 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
   BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
                  std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "dense_block_backward_cuda", [&] {
-    dense_block_backward_impl<scalar_t>(g, X, G, mean.contiguous(), var.contiguous(), mean2.contiguous(),
-                                        var2.contiguous(), g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p,
-                                        training, eps, out);
+    const auto as_acc = [&](const Tensor& t) { return t.to(acc_dtype).contiguous(); };
+    dense_block_backward_impl<scalar_t>(g, X, G, as_acc(mean), as_acc(var), as_acc(mean2), as_acc(var2), g1, b1, w1,
+                                        g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);
   });
   Tensor grad_input = empty_cl(g.N, g.C0, g.H, g.W, buffer.options());
   grad_input.copy_(G.narrow(1, 0, g.C0));

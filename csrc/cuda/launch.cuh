@@ -4,10 +4,11 @@
 //
 //   * CUDA build: one generic grid-stride kernel on the current stream of the current device
 //     (C10_CUDA_KERNEL_LAUNCH_CHECK after every launch, int64 indices throughout);
-//   * DNF_CUDA_EMULATE build (host only, used by tests/test_cuda_emulation.py): a serial loop over a
-//     permutation of the indices, so the whole CUDA code path (indexing, orchestration, ATen calls)
-//     is executable and testable on a machine without a GPU, and any hidden dependency between
-//     work items (which would be a race on the GPU) changes the result.
+//   * DNF_CUDA_EMULATE build (host only, used by tests/test_cuda_emulation.py): the same launch
+//     arithmetic (for_each_blocks, grid_stride), with the grid's threads run serially in a permuted
+//     order, so the whole CUDA code path (indexing, orchestration, ATen calls) is executable and
+//     testable on a machine without a GPU, and any hidden dependency between work items (which would
+//     be a race on the GPU) changes the result.
 //
 // No kernel uses atomics or shared-memory reductions: reductions are fixed-shape trees of such
 // functors (see reduce.cuh), so every result is bitwise deterministic run to run.
@@ -36,6 +37,20 @@
 namespace dnf::DNF_CUDA_NS {
 
 constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = int64_t(1) << 20;
+
+// Launch configuration of for_each(n, f): one thread per item, capped at kMaxBlocks blocks (the grid-
+// stride loop covers the rest). Items are independent, so the grid size never changes results.
+inline int64_t for_each_blocks(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return blocks < kMaxBlocks ? blocks : kMaxBlocks;
+}
+
+// The body of every for_each thread: items tid, tid + stride, ... below n.
+template <class F>
+C10_HOST_DEVICE inline void grid_stride(int64_t n, int64_t tid, int64_t stride, const F& f) {
+  for (int64_t i = tid; i < n; i += stride) f(i);
+}
 
 #ifdef DNF_CUDA_EMULATE
 
@@ -46,18 +61,26 @@ struct DeviceScope {
 
 inline bool is_emulation() { return true; }
 
-template <class F>
-void for_each(int64_t n, const F& f) {
-  if (n <= 0) return;
-  // Visit the indices in the order i*p mod n (p prime, coprime with n): a permutation that is far
-  // from sequential, so an item that reads another item's output gets caught by the tests.
+// Visits 0..n-1 in the order i*p mod n (p prime, coprime with n): a permutation that is far from
+// sequential, so a work item that reads another item's output gets caught by the tests.
+template <class G>
+void permuted(int64_t n, const G& g) {
   int64_t p = 1000003;
   while (std::gcd(p, n) != 1) ++p;
   int64_t i = 0;
   for (int64_t t = 0; t < n; ++t) {
-    f(i);
+    g(i);
     i = (i + p) % n;
   }
+}
+
+// The real launch arithmetic (for_each_blocks, grid_stride), with the threads of the whole grid run
+// one after another in a permuted order.
+template <class F>
+void for_each(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t threads = for_each_blocks(n) * kThreads;
+  permuted(threads, [&](int64_t tid) { grid_stride(n, tid, threads, f); });
 }
 
 #else
@@ -72,15 +95,14 @@ inline bool is_emulation() { return false; }
 
 template <class F>
 __global__ void __launch_bounds__(kThreads) for_each_kernel(int64_t n, F f) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) f(i);
+  grid_stride(n, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+              static_cast<int64_t>(blockDim.x) * gridDim.x, f);
 }
 
 template <class F>
 void for_each(int64_t n, const F& f) {
   if (n <= 0) return;
-  // Items are independent, so the grid size does not affect results; cap it and grid-stride.
-  const int64_t blocks = std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20);
+  const int64_t blocks = for_each_blocks(n);
   for_each_kernel<F><<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -4,6 +4,7 @@
 // the rows) and runs its 1x1 conv as a cuBLAS GEMM on the pooled rows; the backward recomputes.
 #pragma once
 
+#include "common/nonfinite.h"
 #include "cuda/block_kernels.cuh"
 #include "cuda/common_impl.h"
 #include "cuda/reduce.cuh"
@@ -72,7 +73,8 @@ void tail_bn_backward(const Tensor& X, const Tensor& f, const Tensor& mean, bool
   Tensor m = at::empty({2, C}, acc_opts);
   for_each(C, BnGradEpilogue<acc_t>{sums.data_ptr<acc_t>(), C, M, training, dbeta.data_ptr<acc_t>(),
                                     dgamma.data_ptr<acc_t>(), m.data_ptr<acc_t>(), nullptr, nullptr, nullptr});
-  for_each(M * C, TailBackwardApply<T, acc_t, Up>{Xp, C, a, b, mu, is, m.data_ptr<acc_t>(), up, dX.data_ptr<T>()});
+  for_each(M * C,
+           TailBackwardApply<T, acc_t, Up>{Xp, C, a, b, mu, is, m.data_ptr<acc_t>(), up, dX.data_ptr<T>(), training});
 }
 
 inline std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(const Tensor& grad_output, const Tensor& input,
@@ -99,12 +101,19 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(const Tens
     // dWc = dOut^T P (P recomputed), dP = dOut Wc: the pooled gradient, a quarter of the input's size.
     const Tensor P = pooled_input<scalar_t>(X, f, pg);
     Tensor dWc2d = dWc.view({Cout, C});
-    at::mm_out(dWc2d, dO.t(), P);
+    mm_weight_grad_out(dWc2d, dO.t(), P);  // K = N*H2*W2: float accumulation for half data
+    if (H % 2 != 0 || W % 2 != 0) {  // NaN rule of the pixels the pool drops (common/nonfinite.h)
+      const acc_t* fp = f.data_ptr<acc_t>();
+      Tensor flag = at::empty({C}, X.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
+      for_each(C, DroppedPixelsNonfinite<scalar_t, acc_t>{X.data_ptr<scalar_t>(), N, H, W, C, fp, fp + C,
+                                                         flag.data_ptr<uint8_t>()});
+      for_each(Cout * C, PoisonColumns<scalar_t>{flag.data_ptr<uint8_t>(), C, dWc.data_ptr<scalar_t>()});
+    }
     const Tensor dP = at::mm(dO, conv_weight.contiguous().view({Cout, C}));
     tail_bn_backward<scalar_t>(X, f, mean, training, AvgPool2Up<scalar_t, acc_t>{dP.data_ptr<scalar_t>(), pg, C}, dX,
                                dgamma, dbeta, keep);
   });
-  return {dX, dgamma, dbeta, dWc};
+  return {dX, as_param_dtype(dgamma, weight), as_param_dtype(dbeta, bias), dWc};
 }
 
 inline Tensor norm_relu_pool_forward(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
@@ -147,10 +156,10 @@ inline std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward(const Tensor& 
     tail_bn_backward<scalar_t>(X, f, mean, training, GlobalPoolUp<scalar_t, acc_t>{dO.data_ptr<scalar_t>(), H * W, C},
                                dX, dgamma, dbeta, keep);
   });
-  return {dX, dgamma, dbeta};
+  return {dX, as_param_dtype(dgamma, weight), as_param_dtype(dbeta, bias)};
 }
 
-// Per-channel mean and biased variance. Returned in the input's dtype, as the fake kernel
+// Per-channel mean and biased variance, in stats_dtype(input) as the fake kernel
 // (densenet_fast/ops/tail.py) declares; accumulated in float (double for double).
 inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
   check_cuda_input(input, "input");

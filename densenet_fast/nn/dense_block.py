@@ -37,12 +37,18 @@ def check_impl(impl: str) -> str:
     return impl
 
 
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
 def _fused_device_ok(x: Tensor) -> bool:
-    """The fused kernels exist for CPU (float32/float64) and, when compiled in, CUDA."""
+    """The fused kernels exist for CPU (float32/float64) and, when compiled in, CUDA (float32/float64,
+    float16/bfloat16: under autocast, or a .half()/.bfloat16() model whose BN tensors the kernels take
+    in that dtype and compute with in float32, as torch's batch_norm does)."""
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.float64)
     if x.device.type == "cuda":
-        return torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::dense_block_forward", "CUDA")
+        return x.dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "densenet_fast::dense_block_forward", "CUDA")
     return False
 
 

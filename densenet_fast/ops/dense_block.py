@@ -57,8 +57,10 @@ def check_tensor(t: Tensor, name: str, ref: Tensor, shape, bn_tensor: bool = Fal
     """dtype (the input's, or the BatchNorm dtype for it), device (the input's) and shape of an argument."""
     _check(isinstance(t, Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
     want = stats_dtype(ref.dtype) if bn_tensor else ref.dtype
-    _check(t.dtype == want, lambda: f"{name}: expected dtype {want} "
-           f"({'the BatchNorm dtype for input' if bn_tensor else 'the dtype of input'}'s dtype), got {t.dtype}")
+    # BN tensors may also have the input's own dtype (a .half()/.bfloat16() model; BN still computes in want).
+    what = "(the BatchNorm dtype for input's dtype) or input's dtype" if bn_tensor else "(the dtype of input)"
+    _check(t.dtype == want or (bn_tensor and t.dtype == ref.dtype),
+           lambda: f"{name}: expected dtype {want} {what}, got {t.dtype}")
     _check(t.device == ref.device, lambda: f"{name}: expected a tensor on {ref.device} (the device of input), "
            f"got {t.device}")
     if shape is not None:

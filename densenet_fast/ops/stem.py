@@ -17,8 +17,9 @@ _K, _S, _P = [3, 3], [2, 2], [1, 1]
 
 def _bn_relu(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     # Eval-mode batch_norm with the given statistics computes exactly what training-mode BN computes
-    # from the same batch statistics.
-    return torch.relu(F.batch_norm(input, mean, var, weight, bias, False, 0.0, eps))
+    # from the same batch statistics. The parameters take the statistics' dtype: a .half() model's
+    # weights with its float32 batch statistics is batch_norm's mixed-dtype case (BN in float32).
+    return torch.relu(F.batch_norm(input, mean, var, weight.to(mean.dtype), bias.to(mean.dtype), False, 0.0, eps))
 
 
 @torch.library.custom_op("densenet_fast::bn_relu_maxpool", mutates_args=())
@@ -45,14 +46,15 @@ def _backward(ctx, grad):
     _, idx = torch.ops.aten.max_pool2d_with_indices(u, _K, _S, _P, [1, 1], False)
     du = torch.ops.aten.max_pool2d_with_indices_backward(grad, u, _K, _S, _P, [1, 1], False, idx)
     dz = torch.ops.aten.threshold_backward(du, u, 0)
+    w = weight.to(mean.dtype)  # as in _bn_relu; the gradients go back in the parameters' dtype
     if ctx.training:
         invstd = torch.rsqrt(var + ctx.eps)
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, weight, None, None, mean, invstd, True,
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, None, None, mean, invstd, True,
                                                                ctx.eps, [True, True, True])
     else:
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, weight, mean, var, None, None, False,
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, mean, var, None, None, False,
                                                                ctx.eps, [True, True, True])
-    return dx, None, None, dw, db, None, None
+    return dx, None, None, dw.to(weight.dtype), db.to(bias.dtype), None, None
 
 
 bn_relu_maxpool.register_autograd(_backward, setup_context=_setup)
