@@ -11,6 +11,7 @@
 // pre-activation Y, the working gradient G): a bfloat16 block multiplies in bf16 with fp32
 // accumulation (gemm_engine.h) and keeps BN in fp32, the autocast rule for norms.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
@@ -78,10 +79,14 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous(), W1 = w1[l].contiguous();
     fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), layer_stat<F>(training, mean, rm1, l, keep),
                      layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
-    bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
+    {
+      RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
+    }
     const F* mu2;
     const F* v2;
     if (training) {
+      RECORD_FUNCTION("dnf_cpu::moments", {});
       column_moments<F>(Y, M, inter, 0, inter, mean2.data_ptr<F>() + l * inter, var2.data_ptr<F>() + l * inter);
       mu2 = mean2.data_ptr<F>() + l * inter;
       v2 = var2.data_ptr<F>() + l * inter;
@@ -90,7 +95,10 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       v2 = layer_stat<F>(false, var2, rv2, l, keep);
     }
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
-    bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    {
+      RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    }
     Tensor out = apply_dropout(at::conv2d(v, w2[l], {}, 1, 1), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
@@ -143,6 +151,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
   }
   auto finalize = [&](int64_t c0, int64_t width) {
     if (!training) return;
+    RECORD_FUNCTION("dnf_cpu::finalize", {});
     const F* mu = mean.data_ptr<F>();
     std::vector<F> s1(width), s2(width), isn(width);
     for (int64_t j = 0; j < width; ++j) {
@@ -155,7 +164,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
         const T* xr = X + r * Ct + c0;
         F* gr = Gp + r * Ct + c0;
         for (int64_t j = 0; j < width; ++j) {
-          const F xhat = (F(xr[j]) - mu[c0 + j]) * shared_is[c0 + j];
+          const F xhat = (to_f<F>(xr[j]) - mu[c0 + j]) * shared_is[c0 + j];
           gr[j] = finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]);
         }
       }
@@ -184,8 +193,14 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
 
     // Recompute the bottleneck: Y = W1 * relu(bn1(X)), V = relu(bn2(Y)).
-    bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
-    bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    {
+      RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
+    }
+    {
+      RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    }
 
     // 3x3 conv backward (oneDNN through ATen), on T operands.
     Tensor g_new = G.narrow(1, c, g.k);
@@ -197,6 +212,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     T* dV = dv.data_ptr<T>();
 
     // BN2 + ReLU backward, in place: dV becomes dY (rounded to T: the operand of the 1x1 backward GEMMs).
+    {
+    RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
     ThreadPartials<acc_t> p2(2 * inter);
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
       // Sums over at most 256 rows in F (vectorisable), then in acc_t.
@@ -211,8 +228,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           const F* yr = Y + r * inter;
           T* dvr = dV + r * inter;
           for (int64_t j = 0; j < inter; ++j) {
-            const F dz = relu_grad<F>(F(vr[j]), F(dvr[j]));
-            dvr[j] = T(dz);
+            const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
+            dvr[j] = from_f<T>(dz);
             ts1[j] += dz;
             ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
           }
@@ -241,20 +258,23 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           if (training) {
             for (int64_t j = 0; j < inter; ++j) {
               const F xhat = (yr[j] - mu2[j]) * is2[j];
-              dvr[j] = T(bn_backward_train<F>(F(dvr[j]), xhat, a2[j], m1[j], m2[j]));
+              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
             }
           } else {
             // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            for (int64_t j = 0; j < inter; ++j) dvr[j] = T(a2[j] * F(dvr[j]));
+            for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
           }
         }
       });
+    }
+
     }
 
     // 1x1 conv + BN1/ReLU backward, tile by tile with the recomputed input tile:
     // dW1 += dY^T U, dU = dY W1 masked by U > 0, G[:, :c] += a*dU, per-channel sums of dU, dU*xhat.
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M + tr - 1) / tr;
+    RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
     ThreadPartials<F> pw(inter * c);
     ThreadPartials<acc_t> p1(2 * c);
     const T* W1p = W1.data_ptr<T>();
@@ -277,9 +297,9 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           const T* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           for (int64_t j = 0; j < c; ++j) {
-            const F d = relu_grad<F>(F(ur[j]), dur[j]);
+            const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
             ts1[j] += d;
-            ts2[j] += d * (F(xr[j]) - mu1[j]) * is[j];
+            ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is[j];
             gr[j] += a[j] * d;
           }
         }

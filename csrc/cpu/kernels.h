@@ -6,12 +6,36 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/bn_math.h"
 #include "cpu/gemm_engine.h"
 
 namespace dnf::cpu {
+
+// Conversions between the storage type T and the compute type F in the element loops. For bfloat16
+// they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN
+// per element): widening is a shift; narrowing rounds to nearest even, NaN stays a quiet NaN.
+template <typename F, typename T>
+inline F to_f(T v) { return static_cast<F>(v); }
+template <>
+inline float to_f<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename T, typename F>
+inline T from_f(F v) { return static_cast<T>(v); }
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
 
 // Accumulation type of reductions across row chunks: double, so statistics of long rows stay exact
 // to well below the parity budgets. Within a chunk of kReduceChunk rows sums run in the compute type
@@ -44,7 +68,7 @@ void column_moments(const T* x, int64_t rows, int64_t ld, int64_t c0, int64_t wi
         for (int64_t r = ch * kReduceChunk; r < r1; ++r) {
           const T* row = x + r * ld + c0;
           F* sp = s.data();
-          for (int64_t j = 0; j < width; ++j) sp[j] += term(static_cast<F>(row[j]), j);
+          for (int64_t j = 0; j < width; ++j) sp[j] += term(to_f<F>(row[j]), j);
         }
         for (int64_t j = 0; j < width; ++j) part[ch * width + j] = s[j];
       }
@@ -87,7 +111,7 @@ inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
     T* ur = U + r * c;
-    for (int64_t j = 0; j < c; ++j) ur[j] = static_cast<T>(relu<F>(static_cast<F>(xr[j]) * a[j] + b[j]));
+    for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
   }
 }
 
@@ -115,7 +139,7 @@ void bn_relu_out(const F* Y, int64_t rows, int64_t c, const F* a, const F* b, T*
     for (int64_t r = r0; r < r1; ++r) {
       const F* yr = Y + r * c;
       T* vr = V + r * c;
-      for (int64_t j = 0; j < c; ++j) vr[j] = static_cast<T>(relu<F>(yr[j] * a[j] + b[j]));
+      for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(yr[j] * a[j] + b[j]));
     }
   });
 }
