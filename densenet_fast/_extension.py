@@ -40,7 +40,9 @@ def build_info() -> dict[str, Any]:
 
     Returns a dict: ``version``, ``torch_built`` (torch version compiled against), ``torch_runtime``,
     ``cuda`` (CUDA kernels compiled in), ``cuda_archs``, ``openmp``, and ``cuda_kernels_registered``
-    (whether the dispatcher holds CUDA kernels for the dense-block operator).
+    (whether the dispatcher holds CUDA kernels for the dense-block operator), ``cpu_engine``: the CPU GEMM
+    engine per dtype (``{"float32": {"engine": "blas"|"aten", "how": ...}, ..., "amx_bf16": bool,
+    "isa": torch's CPU capability}``; chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten``).
     """
     from densenet_fast._version import __version__
 
@@ -55,4 +57,19 @@ def build_info() -> dict[str, Any]:
         "cuda_kernels_registered": torch._C._dispatch_has_kernel_for_dispatch_key(
             "densenet_fast::dense_block_forward", "CUDA"),
         "cuda_available": torch.cuda.is_available(),
+        "cpu_engine": cpu_engine(),
     }
+
+
+def cpu_engine() -> dict[str, Any]:
+    """The CPU GEMM engine per dtype, how it was chosen (measured rates, or forced by ``DNF_CPU_GEMM``),
+    whether the CPU has AMX bf16 tiles and torch's CPU capability. Runs the one-time choice."""
+    import json
+
+    load_extension()
+    raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
+    names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
+    out: dict[str, Any] = {names[k]: {"engine": v[0], "how": v[1]} for k, v in raw.items() if k in names}
+    out["amx_bf16"] = bool(raw["amx_bf16"])
+    out["isa"] = torch.backends.cpu.get_cpu_capability()
+    return out

@@ -5,11 +5,19 @@
 // a column are computed once, when the column is written. BN1+ReLU is applied tile by tile as the
 // prologue of the 1x1-conv GEMM, so no layer materialises its normalised input. The backward sweeps
 // the layers in reverse with one gradient buffer G, recomputing each bottleneck.
+//
+// Types: T = storage of the buffer, the conv weights and the GEMM operands (float, double, or bfloat16);
+// F = Opmath<T> = compute type of everything else (BN parameters and statistics, the bottleneck
+// pre-activation Y, the working gradient G): a bfloat16 block multiplies in bf16 with fp32
+// accumulation (gemm_engine.h) and keeps BN in fp32, the autocast rule for norms.
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
 #include "cpu/kernels.h"
+
+#include <type_traits>
 
 namespace dnf::cpu {
 namespace {
@@ -22,19 +30,22 @@ Tensor empty_cl(int64_t N, int64_t C, int64_t H, int64_t W, const at::TensorOpti
 }
 
 void check_cpu_dtype(const Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "input: expected dtype float32 or float64 on CPU (use torch.autocast for bfloat16), got ",
-              input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
+                  input.scalar_type() == at::kBFloat16,
+              "input: expected dtype float32, float64 or bfloat16 on CPU, got ", input.scalar_type());
 }
+
+#define DNF_DISPATCH_CPU_BLOCK(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Per-layer BN statistics: the block's shared batch statistics in training, the layer's own
 // running statistics in eval.
-template <typename T>
-const T* layer_stat(bool training, const Tensor& shared, TensorList running, int64_t l,
+template <typename F>
+const F* layer_stat(bool training, const Tensor& shared, TensorList running, int64_t l,
                     std::vector<Tensor>& keep) {
-  if (training) return shared.data_ptr<T>();
+  if (training) return shared.data_ptr<F>();
   keep.push_back(running[l].contiguous());
-  return keep.back().data_ptr<T>();
+  return keep.back().data_ptr<F>();
 }
 
 // Multiplies the conv output of layer l by its dropout mask, as F.dropout does: x * (mask / (1-p)).
@@ -48,35 +59,49 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
                   TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                   TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
                   bool training, double eps, Tensor& mean, Tensor& var, Tensor& mean2, Tensor& var2) {
+  using F = typename Opmath<T>::type;
+  constexpr bool kSame = std::is_same_v<T, F>;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
+  gemm_engine(buffer.scalar_type());  // chosen (and measured) once, outside the parallel regions
   T* X = buffer.data_ptr<T>();
-  if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<T>(), var.data_ptr<T>());
-  Tensor y = empty_cl(g.N, inter, g.H, g.W, buffer.options());
-  T* Y = y.data_ptr<T>();
-  std::vector<T> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
+  if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
+  const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
+  // Y: the bottleneck pre-activation (F); V = relu(bn2(Y)), the 3x3 conv input (T, in place when T == F).
+  Tensor y = empty_cl(g.N, inter, g.H, g.W, f_opts);
+  Tensor v = kSame ? y : empty_cl(g.N, inter, g.H, g.W, buffer.options());
+  F* Y = y.data_ptr<F>();
+  T* V = v.data_ptr<T>();
+  std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t c = g.in_channels(l);
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous();
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous(), W1 = w1[l].contiguous();
-    fold_channels<T>(c, gamma1.data_ptr<T>(), beta1.data_ptr<T>(), layer_stat<T>(training, mean, rm1, l, keep),
-                     layer_stat<T>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
-    bn_relu_gemm<T>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
-    const T* mu2;
-    const T* v2;
-    if (training) {
-      column_moments<T>(Y, M, inter, 0, inter, mean2.data_ptr<T>() + l * inter, var2.data_ptr<T>() + l * inter);
-      mu2 = mean2.data_ptr<T>() + l * inter;
-      v2 = var2.data_ptr<T>() + l * inter;
-    } else {
-      mu2 = layer_stat<T>(false, mean2, rm2, l, keep);
-      v2 = layer_stat<T>(false, var2, rv2, l, keep);
+    fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), layer_stat<F>(training, mean, rm1, l, keep),
+                     layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
+    {
+      RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
     }
-    fold_channels<T>(inter, gamma2.data_ptr<T>(), beta2.data_ptr<T>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
-    bn_relu_inplace<T>(Y, M, inter, a2.data(), bb2.data());
-    Tensor out = apply_dropout(at::conv2d(y, w2[l], {}, 1, 1), mask, l, g.k, p);
+    const F* mu2;
+    const F* v2;
+    if (training) {
+      RECORD_FUNCTION("dnf_cpu::moments", {});
+      column_moments<F>(Y, M, inter, 0, inter, mean2.data_ptr<F>() + l * inter, var2.data_ptr<F>() + l * inter);
+      mu2 = mean2.data_ptr<F>() + l * inter;
+      v2 = var2.data_ptr<F>() + l * inter;
+    } else {
+      mu2 = layer_stat<F>(false, mean2, rm2, l, keep);
+      v2 = layer_stat<F>(false, var2, rv2, l, keep);
+    }
+    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
+    {
+      RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    }
+    Tensor out = apply_dropout(at::conv2d(v, w2[l], {}, 1, 1), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
-    if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<T>() + c, var.data_ptr<T>() + c);
+    if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
 }
 
@@ -89,10 +114,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   check_cpu_dtype(input);
   Tensor buffer = empty_cl(g.N, g.Ct, g.H, g.W, input.options());
   buffer.narrow(1, 0, g.C0).copy_(input);
-  const auto opts = input.options();
+  const auto opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor mean = at::empty({training ? g.Ct : 0}, opts), var = at::empty({training ? g.Ct : 0}, opts);
   Tensor mean2 = at::empty({training ? g.L : 0, g.inter}, opts), var2 = at::empty({training ? g.L : 0, g.inter}, opts);
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dense_block_forward_cpu", [&] {
+  DNF_DISPATCH_CPU_BLOCK(input.scalar_type(), "dense_block_forward_cpu", [&] {
     forward_impl<scalar_t>(g, buffer, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
                            mean, var, mean2, var2);
   });
@@ -109,37 +134,48 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
                    TensorList w1, TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                    TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
                    bool training, double eps, BlockGrads& out) {
+  using F = typename Opmath<T>::type;
   using acc_t = typename Acc<T>::type;
+  constexpr bool kSame = std::is_same_v<T, F>;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
+  gemm_engine(buffer.scalar_type());
   const T* X = buffer.data_ptr<T>();
-  T* Gp = G.data_ptr<T>();
+  F* Gp = G.data_ptr<F>();
+  const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
   // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
   std::vector<acc_t> S1(Ct, 0), S2(Ct, 0);
-  std::vector<T> shared_is(training ? Ct : 0);
+  std::vector<F> shared_is(training ? Ct : 0);
   if (training) {
-    const T* v = var.data_ptr<T>();
-    for (int64_t j = 0; j < Ct; ++j) shared_is[j] = invstd_from_var<T>(v[j], eps);
+    const F* v = var.data_ptr<F>();
+    for (int64_t j = 0; j < Ct; ++j) shared_is[j] = invstd_from_var<F>(v[j], eps);
   }
   auto finalize = [&](int64_t c0, int64_t width) {
     if (!training) return;
-    const T* mu = mean.data_ptr<T>();
+    RECORD_FUNCTION("dnf_cpu::finalize", {});
+    const F* mu = mean.data_ptr<F>();
+    std::vector<F> s1(width), s2(width), isn(width);
+    for (int64_t j = 0; j < width; ++j) {
+      s1[j] = F(S1[c0 + j]);
+      s2[j] = F(S2[c0 + j]);
+      isn[j] = shared_is[c0 + j] / F(M);
+    }
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = X + r * Ct;
-        T* gr = Gp + r * Ct;
-        for (int64_t j = c0; j < c0 + width; ++j) {
-          const T xhat = (xr[j] - mu[j]) * shared_is[j];
-          gr[j] = finalize_grad<T>(gr[j], xhat, shared_is[j] / T(M), T(S1[j]), T(S2[j]));
+        const T* xr = X + r * Ct + c0;
+        F* gr = Gp + r * Ct + c0;
+        for (int64_t j = 0; j < width; ++j) {
+          const F xhat = (to_f<F>(xr[j]) - mu[c0 + j]) * shared_is[c0 + j];
+          gr[j] = finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]);
         }
       }
     });
   };
 
-  Tensor y = empty_cl(g.N, inter, g.H, g.W, buffer.options());
-  Tensor v = at::empty_like(y);
-  T* Y = y.data_ptr<T>();
+  Tensor y = empty_cl(g.N, inter, g.H, g.W, f_opts);
+  Tensor v = empty_cl(g.N, inter, g.H, g.W, buffer.options());
+  F* Y = y.data_ptr<F>();
   T* V = v.data_ptr<T>();
-  std::vector<T> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
+  std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
     // Every reader of layer l's channels is done: their gradient is final. The last layer's channels
@@ -149,91 +185,121 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous(), W1 = w1[l].contiguous();
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
-    const T* mu1 = layer_stat<T>(training, mean, rm1, l, keep);
-    fold_channels<T>(c, gamma1.data_ptr<T>(), beta1.data_ptr<T>(), mu1,
-                     layer_stat<T>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
-    const T* mu2 = training ? mean2.data_ptr<T>() + l * inter : layer_stat<T>(false, mean2, rm2, l, keep);
-    const T* v2 = training ? var2.data_ptr<T>() + l * inter : layer_stat<T>(false, var2, rv2, l, keep);
-    fold_channels<T>(inter, gamma2.data_ptr<T>(), beta2.data_ptr<T>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
+    const F* mu1 = layer_stat<F>(training, mean, rm1, l, keep);
+    fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), mu1,
+                     layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
+    const F* mu2 = training ? mean2.data_ptr<F>() + l * inter : layer_stat<F>(false, mean2, rm2, l, keep);
+    const F* v2 = training ? var2.data_ptr<F>() + l * inter : layer_stat<F>(false, var2, rv2, l, keep);
+    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
 
     // Recompute the bottleneck: Y = W1 * relu(bn1(X)), V = relu(bn2(Y)).
-    bn_relu_gemm<T>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
-    at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < inter; ++j) V[r * inter + j] = relu<T>(Y[r * inter + j] * a2[j] + bb2[j]);
-    });
+    {
+      RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
+    }
+    {
+      RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+    }
 
-    // 3x3 conv backward (oneDNN through ATen).
-    Tensor dout = apply_dropout(G.narrow(1, c, g.k), mask, l, g.k, p);
+    // 3x3 conv backward (oneDNN through ATen), on T operands.
+    Tensor g_new = G.narrow(1, c, g.k);
+    Tensor dout = apply_dropout(kSame ? g_new : g_new.to(buffer.scalar_type()), mask, l, g.k, p);
     auto conv_grads = at::convolution_backward(dout, v, w2[l], c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
                                                {0, 0}, 1, {true, true, false});
     Tensor dv = std::get<0>(conv_grads).contiguous(at::MemoryFormat::ChannelsLast);
     out.w2[l] = std::get<1>(conv_grads).contiguous();  // as the fake kernel declares, on every backend
     T* dV = dv.data_ptr<T>();
 
-    // BN2 + ReLU backward, in place: dV becomes dY.
+    // BN2 + ReLU backward, in place: dV becomes dY (rounded to T: the operand of the 1x1 backward GEMMs).
+    {
+    RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
     ThreadPartials<acc_t> p2(2 * inter);
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
+      // Sums over at most 256 rows in F (vectorisable), then in acc_t.
+      std::vector<F> ts(2 * inter);
+      F* ts1 = ts.data();
+      F* ts2 = ts.data() + inter;
       acc_t* s = p2.mine();
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t j = 0; j < inter; ++j) {
-          const T dz = relu_grad<T>(V[r * inter + j], dV[r * inter + j]);
-          dV[r * inter + j] = dz;
-          s[j] += dz;
-          s[inter + j] += dz * (Y[r * inter + j] - mu2[j]) * is2[j];
+      for (int64_t q0 = r0; q0 < r1; q0 += 256) {
+        std::fill(ts.begin(), ts.end(), F(0));
+        for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
+          const T* vr = V + r * inter;
+          const F* yr = Y + r * inter;
+          T* dvr = dV + r * inter;
+          for (int64_t j = 0; j < inter; ++j) {
+            const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
+            dvr[j] = from_f<T>(dz);
+            ts1[j] += dz;
+            ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
+          }
         }
+        for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
+      }
     });
     std::vector<acc_t> sum2(2 * inter);
     p2.reduce_into(sum2.data());
-    out.b2[l] = at::empty({inter}, buffer.options());
-    out.g2[l] = at::empty({inter}, buffer.options());
+    out.b2[l] = at::empty({inter}, f_opts);
+    out.g2[l] = at::empty({inter}, f_opts);
     for (int64_t j = 0; j < inter; ++j) {
-      out.b2[l].data_ptr<T>()[j] = static_cast<T>(sum2[j]);
-      out.g2[l].data_ptr<T>()[j] = static_cast<T>(sum2[inter + j]);
+      out.b2[l].data_ptr<F>()[j] = static_cast<F>(sum2[j]);
+      out.g2[l].data_ptr<F>()[j] = static_cast<F>(sum2[inter + j]);
     }
     {
-      std::vector<T> m1(inter), m2(inter);
+      std::vector<F> m1(inter), m2(inter);
       for (int64_t j = 0; j < inter; ++j) {
-        m1[j] = training ? static_cast<T>(sum2[j] / M) : T(0);
-        m2[j] = training ? static_cast<T>(sum2[inter + j] / M) : T(0);
+        m1[j] = training ? static_cast<F>(sum2[j] / M) : F(0);
+        m2[j] = training ? static_cast<F>(sum2[inter + j] / M) : F(0);
       }
       at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
-          for (int64_t j = 0; j < inter; ++j) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const F* yr = Y + r * inter;
+          T* dvr = dV + r * inter;
+          if (training) {
+            for (int64_t j = 0; j < inter; ++j) {
+              const F xhat = (yr[j] - mu2[j]) * is2[j];
+              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
+            }
+          } else {
             // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            const T xhat = (Y[r * inter + j] - mu2[j]) * is2[j];
-            dV[r * inter + j] = training ? bn_backward_train<T>(dV[r * inter + j], xhat, a2[j], m1[j], m2[j])
-                                         : a2[j] * dV[r * inter + j];
+            for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
           }
+        }
       });
+    }
+
     }
 
     // 1x1 conv + BN1/ReLU backward, tile by tile with the recomputed input tile:
     // dW1 += dY^T U, dU = dY W1 masked by U > 0, G[:, :c] += a*dU, per-channel sums of dU, dU*xhat.
-    const int64_t tr = tile_rows(std::max(c, inter), sizeof(T));
+    const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M + tr - 1) / tr;
-    ThreadPartials<T> pw(inter * c);
+    RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
+    ThreadPartials<F> pw(inter * c);
     ThreadPartials<acc_t> p1(2 * c);
     const T* W1p = W1.data_ptr<T>();
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> U(tr * c), dU(tr * c), ts(2 * c);
-      T* dw = pw.mine();
+      std::vector<T> U(tr * c);
+      std::vector<F> dU(tr * c), ts(2 * c);
+      F* dw = pw.mine();
       acc_t* s = p1.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tr, nr = std::min(tr, M - r0);
-        bn_relu_tile<T>(X, Ct, r0, nr, c, a.data(), b.data(), U.data());
-        gemm('N', 'T', c, inter, nr, T(1), U.data(), c, dV + r0 * inter, inter, T(1), dw, c);
-        gemm('N', 'N', c, nr, inter, T(1), W1p, c, dV + r0 * inter, inter, T(0), dU.data(), c);
-        std::fill(ts.begin(), ts.end(), T(0));
+        bn_relu_tile<T, F>(X, Ct, r0, nr, c, a.data(), b.data(), U.data());
+        gemm_acc('N', 'T', c, inter, nr, U.data(), c, dV + r0 * inter, inter, F(1), dw, c);
+        gemm_acc('N', 'N', c, nr, inter, W1p, c, dV + r0 * inter, inter, F(0), dU.data(), c);
+        std::fill(ts.begin(), ts.end(), F(0));
+        F* ts1 = ts.data();
+        F* ts2 = ts.data() + c;
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
-          T* gr = Gp + (r0 + r) * Ct;
+          F* gr = Gp + (r0 + r) * Ct;
           const T* ur = U.data() + r * c;
-          const T* dur = dU.data() + r * c;
+          const F* dur = dU.data() + r * c;
           for (int64_t j = 0; j < c; ++j) {
-            const T d = relu_grad<T>(ur[j], dur[j]);
-            ts[j] += d;
-            ts[c + j] += d * (xr[j] - mu1[j]) * is[j];
+            const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
+            ts1[j] += d;
+            ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is[j];
             gr[j] += a[j] * d;
           }
         }
@@ -244,12 +310,12 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     pw.reduce_into(out.w1[l].data_ptr<T>());
     std::vector<acc_t> sum1(2 * c);
     p1.reduce_into(sum1.data());
-    out.b1[l] = at::empty({c}, buffer.options());
-    out.g1[l] = at::empty({c}, buffer.options());
-    const T* gam = gamma1.data_ptr<T>();
+    out.b1[l] = at::empty({c}, f_opts);
+    out.g1[l] = at::empty({c}, f_opts);
+    const F* gam = gamma1.data_ptr<F>();
     for (int64_t j = 0; j < c; ++j) {
-      out.b1[l].data_ptr<T>()[j] = static_cast<T>(sum1[j]);
-      out.g1[l].data_ptr<T>()[j] = static_cast<T>(sum1[c + j]);
+      out.b1[l].data_ptr<F>()[j] = static_cast<F>(sum1[j]);
+      out.g1[l].data_ptr<F>()[j] = static_cast<F>(sum1[c + j]);
       S1[j] += gam[j] * sum1[j];
       S2[j] += gam[j] * sum1[c + j];
     }
@@ -273,18 +339,20 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   check_cpu_dtype(buffer);
   TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
   check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  check_float_tensor(grad_buffer, "grad_buffer", buffer);  // stats dtype == buffer dtype on CPU
+  check_float_tensor(grad_buffer, "grad_buffer", buffer);  // the buffer's dtype
   if (training) check_block_stats(g, buffer, mean, var, mean2, var2);
   const Tensor X = buffer.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor G = empty_cl(g.N, g.Ct, g.H, g.W, buffer.options());
+  // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
+  Tensor G = empty_cl(g.N, g.Ct, g.H, g.W, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
   G.copy_(grad_buffer);
   BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
                  std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
-  AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
+  DNF_DISPATCH_CPU_BLOCK(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
     backward_impl<scalar_t>(g, X, G, mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
                             g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);
   });
-  Tensor grad_input = G.narrow(1, 0, g.C0).clone(at::MemoryFormat::ChannelsLast);
+  Tensor grad_input = G.narrow(1, 0, g.C0).to(buffer.scalar_type(), /*non_blocking=*/false, /*copy=*/true,
+                                                at::MemoryFormat::ChannelsLast);
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
 

@@ -6,95 +6,120 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/bn_math.h"
-#include "cpu/blas.h"
+#include "cpu/gemm_engine.h"
 
 namespace dnf::cpu {
 
-// Accumulation type of reductions: double for float data, so statistics of long rows stay exact
-// to well below the 1e-4 parity budget.
+// Conversions between the storage type T and the compute type F in the element loops. For bfloat16
+// they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN
+// per element): widening is a shift; narrowing rounds to nearest even, NaN stays a quiet NaN.
+template <typename F, typename T>
+inline F to_f(T v) { return static_cast<F>(v); }
+template <>
+inline float to_f<float, c10::BFloat16>(c10::BFloat16 v) {
+  uint32_t u = uint32_t(v.x) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename T, typename F>
+inline T from_f(F v) { return static_cast<T>(v); }
+template <>
+inline c10::BFloat16 from_f<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
+}
+
+// Accumulation type of reductions across row chunks: double, so statistics of long rows stay exact
+// to well below the parity budgets. Within a chunk of kReduceChunk rows sums run in the compute type
+// (vectorisable; fp32 over 2048 rows is ~1e-6 relative).
 template <typename T> struct Acc { using type = double; };
 
-// Rows of a tile so that a [rows, channels] tile stays cache resident (~128 KiB).
+// Rows of a tile so that a [rows, channels] tile stays resident in the per-core L2 (~256 KiB).
 inline int64_t tile_rows(int64_t channels, int64_t elem_size) {
-  const int64_t target = (128 * 1024) / std::max<int64_t>(1, channels * elem_size);
+  const int64_t target = (256 * 1024) / std::max<int64_t>(1, channels * elem_size);
   return std::clamp<int64_t>(target, 16, 1024);
 }
 
 // Fixed row chunks for reductions: the result does not depend on the number of threads.
 constexpr int64_t kReduceChunk = 2048;
 
-// mean and biased variance of columns [c0, c0+width) of x[rows, ld] (two-pass).
-template <typename T>
-void column_moments(const T* x, int64_t rows, int64_t ld, int64_t c0, int64_t width, T* mean_out,
-                    T* var_out) {
+// mean and biased variance of columns [c0, c0+width) of x[rows, ld] (two-pass), in F = Opmath<T>.
+template <typename T, typename F = typename Opmath<T>::type>
+void column_moments(const T* x, int64_t rows, int64_t ld, int64_t c0, int64_t width, F* mean_out,
+                    F* var_out) {
   using acc_t = typename Acc<T>::type;
   const int64_t nchunks = (rows + kReduceChunk - 1) / kReduceChunk;
   std::vector<acc_t> part(nchunks * width, acc_t(0));
-  std::vector<acc_t> mean(width, acc_t(0));
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t ch = b; ch < e; ++ch) {
-      acc_t* p = part.data() + ch * width;
-      const int64_t r1 = std::min(rows, (ch + 1) * kReduceChunk);
-      for (int64_t r = ch * kReduceChunk; r < r1; ++r) {
-        const T* row = x + r * ld + c0;
-        for (int64_t j = 0; j < width; ++j) p[j] += row[j];
-      }
-    }
-  });
-  for (int64_t ch = 0; ch < nchunks; ++ch)
-    for (int64_t j = 0; j < width; ++j) mean[j] += part[ch * width + j];
-  for (int64_t j = 0; j < width; ++j) mean[j] /= rows;
-  std::fill(part.begin(), part.end(), acc_t(0));
-  at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
-    for (int64_t ch = b; ch < e; ++ch) {
-      acc_t* p = part.data() + ch * width;
-      const int64_t r1 = std::min(rows, (ch + 1) * kReduceChunk);
-      for (int64_t r = ch * kReduceChunk; r < r1; ++r) {
-        const T* row = x + r * ld + c0;
-        for (int64_t j = 0; j < width; ++j) {
-          const acc_t d = row[j] - mean[j];
-          p[j] += d * d;
+  std::vector<F> mean(width, F(0));
+  auto chunk_sums = [&](auto&& term) {
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      std::vector<F> s(width);
+      for (int64_t ch = b; ch < e; ++ch) {
+        std::fill(s.begin(), s.end(), F(0));
+        const int64_t r1 = std::min(rows, (ch + 1) * kReduceChunk);
+        for (int64_t r = ch * kReduceChunk; r < r1; ++r) {
+          const T* row = x + r * ld + c0;
+          F* sp = s.data();
+          for (int64_t j = 0; j < width; ++j) sp[j] += term(to_f<F>(row[j]), j);
         }
+        for (int64_t j = 0; j < width; ++j) part[ch * width + j] = s[j];
       }
-    }
+    });
+  };
+  chunk_sums([](F v, int64_t) { return v; });
+  for (int64_t j = 0; j < width; ++j) {
+    acc_t m = 0;
+    for (int64_t ch = 0; ch < nchunks; ++ch) m += part[ch * width + j];
+    mean[j] = static_cast<F>(m / rows);
+  }
+  const F* mu = mean.data();
+  chunk_sums([mu](F v, int64_t j) {
+    const F d = v - mu[j];
+    return d * d;
   });
   for (int64_t j = 0; j < width; ++j) {
     acc_t v = 0;
     for (int64_t ch = 0; ch < nchunks; ++ch) v += part[ch * width + j];
-    mean_out[j] = static_cast<T>(mean[j]);
-    var_out[j] = static_cast<T>(v / rows);
+    mean_out[j] = mean[j];
+    var_out[j] = static_cast<F>(v / rows);
   }
 }
 
 // Per-channel folded BN: a = gamma*invstd, b = beta - mean*a; also returns invstd.
-template <typename T>
-void fold_channels(int64_t c, const T* gamma, const T* beta, const T* mean, const T* var, double eps,
-                   T* a, T* b, T* invstd) {
+template <typename F>
+void fold_channels(int64_t c, const F* gamma, const F* beta, const F* mean, const F* var, double eps,
+                   F* a, F* b, F* invstd) {
   for (int64_t j = 0; j < c; ++j) {
-    invstd[j] = invstd_from_var<T>(var[j], eps);
-    fold_bn<T>(gamma[j], beta[j], mean[j], invstd[j], a[j], b[j]);
+    invstd[j] = invstd_from_var<F>(var[j], eps);
+    fold_bn<F>(gamma[j], beta[j], mean[j], invstd[j], a[j], b[j]);
   }
 }
 
-// U[r, j] = relu(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns.
-template <typename T>
-inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const T* a,
-                         const T* b, T* U) {
+// U[r, j] = relu(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns
+// (computed in F, stored as T: the GEMM operand).
+template <typename T, typename F>
+inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const F* a,
+                         const F* b, T* U) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
     T* ur = U + r * c;
-    for (int64_t j = 0; j < c; ++j) ur[j] = relu<T>(xr[j] * a[j] + b[j]);
+    for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
   }
 }
 
-// Y[rows, n_out] = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the
+// Y[rows, n_out] (F) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the
 // normalised input exists only as one cache-sized tile per thread.
-template <typename T>
-void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const T* a, const T* b,
-                  const T* W, int64_t n_out, T* Y) {
+template <typename T, typename F>
+void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
+                  const T* W, int64_t n_out, F* Y) {
   const int64_t tr = tile_rows(c, sizeof(T));
   const int64_t ntiles = (rows + tr - 1) / tr;
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -102,18 +127,19 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const T* a, c
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
       bn_relu_tile(X, ld, r0, nr, c, a, b, U.data());
-      gemm('T', 'N', n_out, nr, c, T(1), W, c, U.data(), c, T(0), Y + r0 * n_out, n_out);
+      gemm_acc('T', 'N', n_out, nr, c, W, c, U.data(), c, F(0), Y + r0 * n_out, n_out);
     }
   });
 }
 
-// In place: y = relu(a*y + b) on a [rows, c] matrix.
-template <typename T>
-void bn_relu_inplace(T* y, int64_t rows, int64_t c, const T* a, const T* b) {
+// V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y (T == F).
+template <typename T, typename F>
+void bn_relu_out(const F* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* yr = y + r * c;
-      for (int64_t j = 0; j < c; ++j) yr[j] = relu<T>(yr[j] * a[j] + b[j]);
+      const F* yr = Y + r * c;
+      T* vr = V + r * c;
+      for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(yr[j] * a[j] + b[j]));
     }
   });
 }

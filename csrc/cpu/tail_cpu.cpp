@@ -81,7 +81,7 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
         pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
-        gemm('T', 'N', Cout, nr, C, T(1), Wp, C, P.data(), C, T(0), O + q0 * Cout, Cout);
+        gemm_acc('T', 'N', Cout, nr, C, Wp, C, P.data(), C, T(0), O + q0 * Cout, Cout);
       }
     });
   });
@@ -172,8 +172,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
         pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
-        gemm('N', 'T', C, Cout, nr, T(1), P.data(), C, dOp + q0 * Cout, Cout, T(1), dw, C);
-        gemm('N', 'N', C, nr, Cout, T(1), Wp, C, dOp + q0 * Cout, Cout, T(0), dPp + q0 * C, C);
+        gemm_acc('N', 'T', C, Cout, nr, P.data(), C, dOp + q0 * Cout, Cout, T(1), dw, C);
+        gemm_acc('N', 'N', C, nr, Cout, Wp, C, dOp + q0 * Cout, Cout, T(0), dPp + q0 * C, C);
       }
     });
     pw.reduce_into(dWc.data_ptr<T>());

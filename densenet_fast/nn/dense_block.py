@@ -40,12 +40,14 @@ def check_impl(impl: str) -> str:
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _fused_device_ok(x: Tensor) -> bool:
-    """The fused kernels exist for CPU (float32/float64) and, when compiled in, CUDA (float32/float64,
-    float16/bfloat16: under autocast, or a .half()/.bfloat16() model whose BN tensors the kernels take
-    in that dtype and compute with in float32, as torch's batch_norm does)."""
+def _fused_device_ok(x: Tensor, block: bool = False) -> bool:
+    """The fused kernels exist for CPU (float32/float64; bfloat16 for the dense block, ``block=True``) and,
+    when compiled in, CUDA (float32/float64, float16/bfloat16: under autocast, or a .half()/.bfloat16()
+    model whose BN tensors the kernels take in that dtype and compute with in float32, as torch's
+    batch_norm does)."""
     if x.device.type == "cpu":
-        return x.dtype in (torch.float32, torch.float64)
+        # bfloat16: the dense-block kernel only (block=True); the CPU tail kernels take float32/float64.
+        return x.dtype in (torch.float32, torch.float64) or (block and x.dtype == torch.bfloat16)
     if x.device.type == "cuda":
         return x.dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
             "densenet_fast::dense_block_forward", "CUDA")
@@ -208,7 +210,7 @@ class DenseBlock(nn.ModuleDict):
             reason = "its layers have different drop rates"
         elif layers[0].drop_rate > 0 and {layer.training for layer in layers} != {norms[0].training}:
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
-        elif not _fused_device_ok(_autocast_dtype_fix(x)):
+        elif not _fused_device_ok(_block_ops.cpu_block_input(x), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         if reason is not None:
             _warn_once(f"block:{reason}", f"densenet_fast.DenseBlock: using the reference PyTorch path because {reason}.")
@@ -232,9 +234,13 @@ class DenseBlock(nn.ModuleDict):
                              f"{first.num_features}, H, W], got shape {tuple(x.shape)}")
         training = first.training
         check_batch_for_training(x, training)
-        x = _autocast_dtype_fix(x)
+        params = self.block_params()
+        if x.device.type == "cpu":
+            # CPU: bf16 under bf16 autocast, fp32 under fp16 autocast; BN tensors in fp32 for a bf16 model.
+            x = _block_ops.cpu_block_input(x)
+            params = _block_ops.cast_block_params(params, x.dtype)
         with _kernel_autocast(x):
-            out = _block_ops.fused_dense_block(x, self.block_params(), training=training, eps=first.eps,
+            out = _block_ops.fused_dense_block(x, params, training=training, eps=first.eps,
                                          drop_rate=layers[0].drop_rate)
         if training:
             count = x.shape[0] * x.shape[2] * x.shape[3]

@@ -221,6 +221,37 @@ class BlockOutput(NamedTuple):
     var2: Tensor
 
 
+def cpu_block_input(x: Tensor) -> Tensor:
+    """The dtype rule of the CPU fused block under ``torch.autocast("cpu")``: returns x cast to the dtype the
+    kernel computes in.
+
+    bfloat16 autocast: bfloat16 (bf16 buffer and GEMM operands, fp32 accumulation, BN in fp32, as autocast
+    runs convolutions in bf16). float16 autocast: float32 (there is no fp16 CPU kernel; autocast's fp16 CPU
+    convolutions are slow reference kernels, so the block keeps fp32). Outside autocast, or for float64
+    or non-CPU inputs: x unchanged.
+    """
+    if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return x
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return x
+    return x.to(torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32)
+
+
+def cast_block_params(params: "BlockParams", dtype: torch.dtype) -> "BlockParams":
+    """params with conv weights in ``dtype`` and every BN tensor in ``stats_dtype(dtype)`` (autocast's rule).
+
+    Differentiable (``Tensor.to``), and free where a tensor already has its dtype: fp32 master weights
+    get bf16 copies under autocast; a ``.bfloat16()`` model's BN tensors are read in fp32.
+    """
+    sd = stats_dtype(dtype)
+    conv = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    bn = lambda ts: [t.to(sd) for t in ts]  # noqa: E731
+    p = params
+    return BlockParams(bn(p.norm1_weight), bn(p.norm1_bias), conv(p.conv1_weight), bn(p.norm2_weight),
+                       bn(p.norm2_bias), conv(p.conv2_weight), bn(p.norm1_running_mean), bn(p.norm1_running_var),
+                       bn(p.norm2_running_mean), bn(p.norm2_running_var))
+
+
 def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps: float = 1e-5,
                 drop_rate: float = 0.0, dropout_mask: Optional[Tensor] = None) -> BlockOutput:
     """Runs a whole dense block as one fused operator.

@@ -1,0 +1,144 @@
+"""Issue 12/13: the CPU dense block in bfloat16, under torch.autocast("cpu") and as a .bfloat16() model,
+against torchvision's _DenseBlock run the same way, both measured against the fp64 truth."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torchvision.models import densenet as tv
+
+import densenet_fast as dnf
+from conftest import rel_err
+
+# Odd sizes, not multiples of any ISA blocking: C0 = 13, growth 5, bn_size 3.
+L, C0, BN_SIZE, K = 3, 13, 3, 5
+
+
+def _pair(train: bool):
+    ref = tv._DenseBlock(L, C0, BN_SIZE, K, 0.0)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    ours = dnf.DenseBlock(L, C0, BN_SIZE, K)
+    ours.load_state_dict(ref.state_dict())
+    return ref.train(train), ours.train(train)
+
+
+def _step(block, x, g, autocast: bool):
+    x = x.detach().clone().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = block(x)
+    y.backward(g.to(y.dtype))
+    return y, x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+def _truth(ref, x, g):
+    truth = ref.__class__(L, C0, BN_SIZE, K, 0.0)
+    truth.load_state_dict(ref.state_dict())
+    return _step(truth.double().train(ref.training), x.double(), g.double(), False)
+
+
+def _flat(grads):
+    """Every parameter gradient as one vector (the global-gradient metric of the model tests)."""
+    return torch.cat([grads[n].double().flatten() for n in sorted(grads)])
+
+
+def _l2_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _assert_no_worse(ours, theirs, truth, factor, what):
+    # Relative L2 error: on few rows the max error of a bf16 BN backward is dominated by single elements.
+    err_o, err_t = _l2_err(ours, truth), _l2_err(theirs, truth)
+    assert err_o <= factor * err_t + 1e-6, f"{what}: ours {err_o:.3e} > {factor} x torchvision {err_t:.3e}"
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("H,W", [(5, 7), (9, 9)])
+def test_autocast_bf16_block_vs_fp64_truth(train, layout, H, W):
+    ref, ours = _pair(train)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    # The block input a bf16 network hands over under autocast (the stem's conv emits bf16).
+    x = torch.randn(8, C0, H, W).bfloat16().contiguous(memory_format=fmt)
+    g = torch.randn(8, C0 + L * K, H, W)
+    yt, gxt, gpt = _truth(ref, x, g)
+    yr, gxr, gpr = _step(ref, x, g, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path, no fallback
+        yo, gxo, gpo = _step(ours, x, g, True)
+    assert yo.dtype == yr.dtype == torch.bfloat16 and gxo.dtype == gxr.dtype
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    _assert_no_worse(gxo, gxr, gxt, 1.5, "input grad")
+    for n in gpr:
+        assert gpo[n].dtype == gpr[n].dtype == torch.float32, n
+    _assert_no_worse(_flat(gpo), _flat(gpr), _flat(gpt), 1.5, "parameter grads (global)")
+    for (n, b), (_, br) in zip(ours.named_buffers(), ref.named_buffers()):
+        assert b.dtype == br.dtype, n
+        if not n.endswith("num_batches_tracked"):
+            tb = dict(ref.named_buffers())[n]
+            assert rel_err(b, tb) <= 2e-2, n  # fp32 statistics of bf16 data
+
+
+def test_autocast_bf16_keeps_a_bf16_buffer_and_fp32_stats():
+    _, ours = _pair(True)
+    x = torch.randn(2, C0, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours.fused_forward(x)
+    assert out.buffer.dtype == torch.bfloat16 and out.buffer.is_contiguous(memory_format=torch.channels_last)
+    assert out.mean.dtype == out.var.dtype == out.mean2.dtype == torch.float32
+    for m in ours.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.running_mean.dtype == torch.float32 and int(m.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_bf16_model_without_autocast_runs_fused_like_torchvision(train):
+    """A .bfloat16() block computes BN in fp32 inside the fused kernel; torchvision's (bf16 BN) is the bar."""
+    ref32, ours32 = _pair(train)
+    x = torch.randn(8, C0, 9, 11).bfloat16()
+    g = torch.randn(8, C0 + L * K, 9, 11)
+    yt, gxt, gpt = _truth(ref32, x, g)
+    ref, ours = ref32.bfloat16(), ours32.bfloat16()
+    yr, gxr, gpr = _step(ref, x, g, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yo, gxo, gpo = _step(ours, x, g, False)
+    assert yo.dtype == gxo.dtype == torch.bfloat16
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    _assert_no_worse(gxo, gxr, gxt, 1.5, "input grad")
+    for n in gpr:
+        assert gpo[n].dtype == torch.bfloat16, n
+    _assert_no_worse(_flat(gpo), _flat(gpr), _flat(gpt), 1.5, "parameter grads (global)")
+    rb = dict(ref.named_buffers())
+    for n, b in ours.named_buffers():
+        assert b.dtype == rb[n].dtype, n
+        if n.endswith("num_batches_tracked"):
+            assert int(b) == int(rb[n]), n
+        else:
+            torch.testing.assert_close(b.float(), rb[n].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_model_trains():
+    """A few SGD steps of a .bfloat16() model (fused blocks, reference tails) lower the loss."""
+    torch.manual_seed(0)
+    model = dnf.densenet_bc(depth=10, growth_rate=5, num_classes=3).bfloat16()
+    x = torch.randn(8, 3, 12, 12).bfloat16()
+    y = torch.randint(0, 3, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tails warn once that they run the reference path in bf16
+        for _ in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]

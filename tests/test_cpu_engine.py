@@ -1,0 +1,125 @@
+"""Issue 12: the CPU GEMM engines. Each engine (forced by DNF_CPU_GEMM, in a fresh process: the choice is
+made once per process) against torchvision's _DenseBlock and _Transition on odd shapes that are not
+multiples of any ISA blocking (C0 = 13, growth 5, bn_size 3, odd H x W), NCHW and channels_last:
+fp64 to ~1e-10, fp32 and bf16 autocast against the fp64 truth relative to torchvision's own error."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.models import densenet as tv
+
+import densenet_fast as dnf
+from conftest import rel_err
+
+L, C0, BN_SIZE, K = 3, 13, 3, 5
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pair(dtype, train):
+    ref = tv._DenseBlock(L, C0, BN_SIZE, K, 0.0)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    ours = dnf.DenseBlock(L, C0, BN_SIZE, K)
+    ours.load_state_dict(ref.state_dict())
+    return ref.to(dtype).train(train), ours.to(dtype).train(train)
+
+
+def _step(block, x, g, autocast=False):
+    x = x.detach().clone().requires_grad_(True)
+    block.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = block(x)
+    y.backward(g.to(y.dtype))
+    grads = torch.cat([p.grad.double().flatten() for _, p in sorted(block.named_parameters())])
+    return y, x.grad, grads
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("H,W", [(5, 7), (11, 3)])
+def test_engine_parity(train, layout, H, W):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(3, C0, H, W, dtype=torch.float64).contiguous(memory_format=fmt)
+    g = torch.randn(3, C0 + L * K, H, W, dtype=torch.float64)
+    # fp64: fused == torchvision to ~1e-10 (outputs, every gradient, running statistics).
+    ref, ours = _pair(torch.float64, train)
+    truth = _step(ref, x, g)
+    got = _step(ours, x, g)
+    for a, b, what in zip(got, truth, ("output", "input grad", "parameter grads")):
+        assert rel_err(a, b) <= 1e-10, what
+    rb = dict(ref.named_buffers())
+    for n, b in ours.named_buffers():
+        assert rel_err(b, rb[n]) <= 1e-10, n
+    # fp32 against the fp64 truth: no worse than 2x torchvision's fp32 error.
+    ref32, ours32 = _pair(torch.float32, train)
+    ref32.load_state_dict(ref.state_dict()), ours32.load_state_dict(ref.state_dict())
+    r32, o32 = _step(ref32, x.float(), g.float()), _step(ours32, x.float(), g.float())
+    for o, r, t, what in zip(o32, r32, truth, ("output", "input grad", "parameter grads")):
+        assert rel_err(o, t) <= 2 * rel_err(r, t) + 1e-7, what
+    # bf16 autocast (bf16 block input, as the stem hands it over) against the fp64 truth of that input:
+    # no worse than 1.5x torchvision's error under the same autocast (relative L2 error: on few rows the
+    # max error of a bf16 BN backward is dominated by single elements).
+    xb = torch.randn(8, C0, H + 4, W + 4).bfloat16().contiguous(memory_format=fmt)
+    gb = torch.randn(8, C0 + L * K, H + 4, W + 4)
+    tb = _step(ref, xb.double(), gb.double())
+    rb16, ob16 = _step(ref32, xb, gb, True), _step(ours32, xb, gb, True)
+    for o, r, t, what in zip(ob16, rb16, tb, ("output", "input grad", "parameter grads")):
+        assert o.dtype == r.dtype, what
+        assert _l2_err(o, t) <= 1.5 * _l2_err(r, t) + 1e-6, what
+
+
+def _l2_err(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transition_engine_parity(train):
+    ref = tv._Transition(C0, 6).double().train(train)
+    ours = dnf.Transition(C0, 6).double().train(train)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, C0, 7, 9, dtype=torch.float64)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(2, 6, 3, 4, dtype=torch.float64)
+    ref(xr).backward(g)
+    ours(xo).backward(g)
+    assert rel_err(xo.grad, xr.grad) <= 1e-10
+    assert rel_err(ours.conv.weight.grad, ref.conv.weight.grad) <= 1e-10
+
+
+def test_build_info_reports_the_engine():
+    info = dnf.build_info()["cpu_engine"]
+    for dt in ("float32", "float64", "bfloat16"):
+        assert info[dt]["engine"] in ("blas", "aten"), info
+        assert info[dt]["how"], info
+    assert isinstance(info["amx_bf16"], bool) and info["isa"]
+
+
+def _run(env_value: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DNF_CPU_GEMM=env_value)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("engine", ["blas", "aten"])
+def test_each_engine_forced(engine):
+    """The parity tests above, in a process whose engine is forced (the fallback and the BLAS)."""
+    r = _run(engine, "-m", "pytest", "tests/test_cpu_engine.py", "-q", "-x", "-p", "no:cacheprovider",
+             "-k", "parity and 5-7 or transition", "-W", "ignore")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = _run(engine, "-c", "import densenet_fast as d; i = d.build_info()['cpu_engine']; "
+             "print(i['float32']['engine'], i['bfloat16']['engine'], i['float32']['how'])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:2] == [engine, engine] and "forced by DNF_CPU_GEMM" in r.stdout
+
+
+def test_bad_engine_name_is_a_clear_error():
+    r = _run("mkl-please", "-c", "import densenet_fast as d; d.build_info()")
+    assert r.returncode != 0
+    assert "DNF_CPU_GEMM: expected one of auto, blas, aten, got 'mkl-please'" in r.stderr
