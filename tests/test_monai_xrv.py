@@ -207,3 +207,42 @@ def test_smp_unet_densenet_encoder():
         convert(model)
     assert conversion_report(model).count("DenseBlock") == 4
 
+
+# -- densenet_fast's own MONAI-compatible models -------------------------------------------------------
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("name", ["densenet121_3d", "densenet169_3d", "densenet201_3d", "densenet264_3d"])
+def test_own_models_load_monai_checkpoints_strict(spatial_dims, name):
+    import densenet_fast as dnf
+    monai_cls = getattr(monai_nets, "DenseNet" + name[8:11])
+    kw = dict(init_features=8, growth_rate=4, bn_size=2)
+    theirs = monai_cls(spatial_dims=spatial_dims, in_channels=1, out_channels=3, **kw)
+    ours = getattr(dnf, name)(spatial_dims, 1, 3, **kw)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_own_model_parity_with_monai_fp64(spatial_dims):
+    import densenet_fast as dnf
+    theirs = randomize_bn(monai_small(spatial_dims, norm=("batch", {"eps": 1e-4}))).double()
+    ours = dnf.DenseNet3d(spatial_dims, SHAPES[spatial_dims][1], 3, norm=("batch", {"eps": 1e-4}), **SMALL).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    _train_steps([ours, theirs], _inputs(SHAPES[spatial_dims]), 1e-9)
+    assert_state_close(ours, theirs, 1e-9)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        x = _inputs(SHAPES[spatial_dims], 1)[0]
+        assert rel(ours(x), theirs(x)) <= 1e-9
+
+
+def test_own_model_refuses_other_act_norm():
+    import densenet_fast as dnf
+    with pytest.raises(ValueError, match=r"act: expected 'relu'.*got 'prelu'"):
+        dnf.DenseNet3d(3, 1, 2, act="prelu")
+    with pytest.raises(ValueError, match=r"norm: expected 'batch'.*got 'instance'"):
+        dnf.DenseNet3d(3, 1, 2, norm="instance")
+    with pytest.raises(ValueError, match=r"spatial_dims: expected 2 or 3, got 1"):
+        dnf.DenseNet3d(1, 1, 2)
