@@ -235,7 +235,8 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     first = next(iter(rows.values()))
     spec = get_spec(first["model"])
-    x, y = measure.make_inputs(first["batch"], first["size"], spec.num_classes, device, s.seed)
+    x, y = measure.make_inputs(first["batch"], first["size"], spec.num_classes, device, s.seed, spec.spatial_dims,
+                               spec.in_channels)
     live = {n: m for n, m in models.items() if rows[n]["status"] == "ok"}
 
     def on_error(phase: str) -> Callable[[str, BaseException], None]:

@@ -20,6 +20,8 @@ class ModelSpec:
     num_classes: int
     size: int  # default input height = width
     cifar: bool = False  # 3x3 stride-1 stem without norm/pool (DenseNet-BC for 32x32 inputs)
+    spatial_dims: int = 2  # 3: MONAI-layout volumes [N, in_channels, size, size, size] (weights from MONAI)
+    in_channels: int = 3
 
 
 MODELS: Dict[str, ModelSpec] = {s.name: s for s in (
@@ -28,6 +30,7 @@ MODELS: Dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("densenet201", 32, (6, 12, 48, 32), 64, 1000, 224),
     ModelSpec("densenet161", 48, (6, 12, 36, 24), 96, 1000, 224),
     ModelSpec("densenet_bc100", 12, (16, 16, 16), 24, 10, 32, cifar=True),
+    ModelSpec("monai_densenet121_3d", 32, (6, 12, 24, 16), 64, 2, 96, spatial_dims=3, in_channels=1),
 )}
 _ALIASES = {"bc100": "densenet_bc100", "densenet-bc-100": "densenet_bc100", "densenet_bc": "densenet_bc100"}
 
