@@ -338,7 +338,8 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     first = next(iter(rows.values()))
     device, dtype = torch.device(s.device), getattr(torch, first["dtype"])
     spec = get_spec(first["model"])
-    x, y = measure.make_inputs(first["batch"], first["size"], spec.num_classes, device, s.seed)
+    x, y = measure.make_inputs(first["batch"], first["size"], spec.num_classes, device, s.seed, spec.spatial_dims,
+                               spec.in_channels)
     live = {n: models[n] for n in rows if n in models and rows[n]["status"] == "ok"}
 
     for name, model in live.items():  # every implementation starts from the same weights and statistics

@@ -23,6 +23,8 @@ StateDict = Mapping[str, Tensor]
 def torchvision_model(spec: ModelSpec, memory_efficient: bool = False) -> nn.Module:
     import torchvision
 
+    if spec.spatial_dims == 3:  # 3-D specs: MONAI's DenseNet is the reference (and the shared weights)
+        return _monai_model(spec)
     if spec.cifar:
         model = torchvision.models.DenseNet(spec.growth_rate, spec.block_config, spec.num_init_features,
                                             num_classes=spec.num_classes, memory_efficient=memory_efficient)
@@ -50,6 +52,20 @@ def _dnf_model(spec: ModelSpec, impl: str) -> nn.Module:
         depth = 3 * spec.block_config[0] * 2 + 4
         return dnf.densenet_bc(depth=depth, growth_rate=spec.growth_rate, num_classes=spec.num_classes, impl=impl)
     return getattr(dnf, spec.name)(num_classes=spec.num_classes, impl=impl)
+
+
+def _monai_model(spec: ModelSpec) -> nn.Module:
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.num_init_features, spec.growth_rate,
+                    spec.block_config)
+
+
+def _dnf_3d_model(spec: ModelSpec) -> nn.Module:
+    import densenet_fast as dnf
+
+    return dnf.DenseNet3d(spec.spatial_dims, spec.in_channels, spec.num_classes, spec.num_init_features,
+                          spec.growth_rate, spec.block_config)
 
 
 def _convert(model: nn.Module) -> nn.Module:
@@ -97,6 +113,9 @@ IMPLS: Dict[str, Impl] = {i.name: i for i in (
          compiled=True),
     Impl("dnf-ref", "densenet_fast impl=reference", lambda s: _dnf_model(s, "reference"), "densenet_fast"),
     Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", post=_convert),
+    Impl("monai", "MONAI DenseNet", _monai_model, "monai"),
+    Impl("monai-convert", "MONAI + dnf.convert()", _monai_model, "monai", post=_convert),
+    Impl("dnf-3d", "densenet_fast DenseNet3d", _dnf_3d_model, "densenet_fast"),
 )}
 
 

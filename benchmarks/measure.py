@@ -22,10 +22,11 @@ __all__ = ["make_inputs", "autocast", "train_step", "eval_step", "sync", "time_o
 
 
 def make_inputs(batch: int, size: int, num_classes: int, device: torch.device,
-                seed: int = 0) -> Tuple[Tensor, Tensor]:
-    """A deterministic image batch [batch, 3, size, size] and integer targets, the same in every process."""
+                seed: int = 0, spatial_dims: int = 2, in_channels: int = 3) -> Tuple[Tensor, Tensor]:
+    """A deterministic image batch [batch, 3, size, size] (or volume batch [batch, in_channels, size, size, size])
+    and integer targets, the same in every process."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, generator=gen)
+    x = torch.randn(batch, in_channels, *[size] * spatial_dims, generator=gen)
     y = torch.randint(0, num_classes, (batch,), generator=gen)
     return x.to(device), y.to(device)
 

@@ -21,6 +21,8 @@ class ModelSpec:
     num_classes: int
     size: int  # default input height = width
     cifar: bool = False  # 3x3 stride-1 stem without norm/pool (DenseNet-BC for 32x32 inputs)
+    spatial_dims: int = 2  # 3: MONAI-layout volumes [N, in_channels, size, size, size] (weights from MONAI)
+    in_channels: int = 3
 
 
 def bc_spec(depth: int, growth_rate: int = 12) -> ModelSpec:
@@ -44,6 +46,7 @@ MODELS: Dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec("densenet161", 48, (6, 12, 36, 24), 96, 1000, 224),
     bc_spec(100, 12),
     bc_spec(250, 24),  # the memory-efficient DenseNet paper's largest CIFAR model (15.3M parameters)
+    ModelSpec("monai_densenet121_3d", 32, (6, 12, 24, 16), 64, 2, 96, spatial_dims=3, in_channels=1),
 )}
 _ALIASES = {"bc100": "densenet_bc100", "densenet-bc-100": "densenet_bc100", "densenet_bc": "densenet_bc100",
             "bc250": "densenet_bc250_k24", "densenet-bc-250": "densenet_bc250_k24"}

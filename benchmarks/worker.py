@@ -39,7 +39,8 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     state = torch.load(job["weights"], map_location="cpu", weights_only=True)
     model = build_model(impl, spec, state, device)
     del state
-    x, y = measure.make_inputs(job["batch"], job["size"], spec.num_classes, device, job.get("seed", 0))
+    x, y = measure.make_inputs(job["batch"], job["size"], spec.num_classes, device, job.get("seed", 0),
+                               spec.spatial_dims, spec.in_channels)
     out: Dict[str, Any] = {}
     tasks = job.get("tasks", ["memory", "saved"])
     warmup = job.get("warmup", 1)

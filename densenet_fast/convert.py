@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
+from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
 from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
 from densenet_fast.nn.fused_features import _pair
 from densenet_fast.nn.dense_block import DenseBlock, Transition
@@ -100,8 +101,9 @@ def _is_sync_bn(bn: nn.Module) -> bool:
     return isinstance(bn, nn.SyncBatchNorm)
 
 
-def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module]) -> Optional[str]:
-    """Why ``bn`` (+ the ReLU that follows it, if separate) is not BN->ReLU the fused kernels compute."""
+def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module], dims: int = 2) -> Optional[str]:
+    """Why ``bn`` (+ the ReLU that follows it, if separate) is not BN->ReLU the fused kernels compute
+    (``dims``: 2 for BatchNorm2d, 3 for BatchNorm3d)."""
     if _is_sync_bn(bn):
         if not (bn.affine and bn.track_running_stats):
             return f"{what} is a SyncBatchNorm without affine parameters or running statistics"
@@ -112,8 +114,9 @@ def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module]) 
         elif separate_relu is not None and type(separate_relu) is not nn.ReLU:
             return f"{what} is followed by {type(separate_relu).__name__}, not nn.ReLU"
         return None
-    if not isinstance(bn, nn.BatchNorm2d):
-        return f"{what} is {type(bn).__name__}, not BatchNorm2d"
+    want = nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d
+    if not isinstance(bn, want):
+        return f"{what} is {type(bn).__name__}, not {want.__name__}"
     if not (bn.affine and bn.track_running_stats):
         return f"{what} needs affine=True and track_running_stats=True"
     kind = norm_relu_kind(bn)
@@ -129,12 +132,14 @@ def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module]) 
             "not a plain ReLU")
 
 
-def _conv_problem(conv: nn.Module, what: str, k: int, pad: int) -> Optional[str]:
-    if type(conv) is not nn.Conv2d:
-        return f"{what} is {type(conv).__name__}, not nn.Conv2d"
-    if (conv.kernel_size != (k, k) or conv.stride != (1, 1) or conv.padding != (pad, pad) or conv.dilation != (1, 1)
-            or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"):
-        return f"{what} is not a bias-free {k}x{k} convolution with stride 1 and padding {pad}"
+def _conv_problem(conv: nn.Module, what: str, k: int, pad: int, dims: int = 2) -> Optional[str]:
+    want = nn.Conv3d if dims == 3 else nn.Conv2d
+    if type(conv) is not want:
+        return f"{what} is {type(conv).__name__}, not nn.{want.__name__}"
+    if (conv.kernel_size != (k,) * dims or conv.stride != (1,) * dims or conv.padding != (pad,) * dims
+            or conv.dilation != (1,) * dims or conv.groups != 1 or conv.bias is not None
+            or conv.padding_mode != "zeros"):
+        return f"{what} is not a bias-free {'x'.join([str(k)] * dims)} convolution with stride 1 and padding {pad}"
     return None
 
 
@@ -213,13 +218,97 @@ def _transition_problem(t: nn.Module) -> Optional[str]:
     p = _norm_problem(t.norm, "norm", t.relu if tv else None) or _conv_problem(t.conv, "conv", 1, 0)
     if p:
         return p
-    pool = t.pool
-    if type(pool) is not nn.AvgPool2d:
+    return _pool_problem(t.pool, 2)
+
+
+def _ntuple(v, n: int) -> tuple:
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+def _pool_problem(pool: nn.Module, dims: int) -> Optional[str]:
+    """Why ``pool`` is not the 2x2 (2x2x2) average pool of the fused transition."""
+    want = nn.AvgPool3d if dims == 3 else nn.AvgPool2d
+    if type(pool) is not want:
         return f"pool is {type(pool).__name__} (e.g. a blur pool), which the fused transition does not compute"
-    if (_pair(pool.kernel_size) != (2, 2) or _pair(pool.stride) != (2, 2) or _pair(pool.padding) != (0, 0)
-            or pool.ceil_mode or pool.divisor_override is not None):
-        return "pool is not AvgPool2d(kernel_size=2, stride=2)"
+    if (_ntuple(pool.kernel_size, dims) != (2,) * dims or _ntuple(pool.stride, dims) != (2,) * dims
+            or _ntuple(pool.padding, dims) != (0,) * dims or pool.ceil_mode or pool.divisor_override is not None):
+        return f"pool is not {want.__name__}(kernel_size=2, stride=2)"
     return None
+
+
+# -- MONAI and torchxrayvision: layers that return torch.cat([x, new]) ------------------------------------
+
+_MONAI = "monai.networks.nets.densenet"
+_XRV = "torchxrayvision.models"
+_SOURCES = {_MONAI: "MONAI", _XRV: "torchxrayvision"}
+_UNIT_CHILDREN = ["norm1", "relu1", "conv1", "norm2", "relu2", "conv2"]
+
+
+def _concat_source(m: nn.Module, name: str) -> Optional[str]:
+    """The module path of MONAI / torchxrayvision when ``m`` is that library's class ``name``."""
+    return next((mod for mod in (_MONAI, _XRV) if _is(m, mod, name)), None)
+
+
+def _spatial_dims(conv: nn.Module) -> int:
+    return 3 if isinstance(conv, nn.Conv3d) else 2
+
+
+def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
+    """Why a MONAI / torchxrayvision ``_DenseBlock`` (a Sequential of concatenating layers) cannot be fused."""
+    if type(block).forward is not nn.Sequential.forward:
+        return f"{type(block).__name__} overrides forward"
+    layers = list(block.children())
+    if not layers:
+        return "empty block"
+    dims = c0 = growth = inter = None
+    eps, sync = set(), set()
+    for i, layer in enumerate(layers):
+        where = f"layer {i + 1}"
+        if not _is(layer, mod, "_DenseLayer") or not _same_forward(layer, mod, "_DenseLayer"):
+            return f"{where} is {type(layer).__name__}, not an unmodified _DenseLayer"
+        unit = layer_unit(layer)
+        names = list(unit._modules)
+        if names == _UNIT_CHILDREN + ["dropout"]:
+            return (f"{where} has dropout_prob > 0: channel dropout ({type(unit.dropout).__name__}) is not "
+                    "computed by the fused block")
+        if names != _UNIT_CHILDREN:
+            return f"{where} children {names} are not {_UNIT_CHILDREN}"
+        if dims is None:
+            dims = _spatial_dims(unit.conv1)
+        for bn, name, relu in ((unit.norm1, "norm1", unit.relu1), (unit.norm2, "norm2", unit.relu2)):
+            p = _norm_problem(bn, f"{where} {name}", relu, dims)
+            if p:
+                return p
+            eps.add(bn.eps)
+            sync.add(_is_sync_bn(bn))
+        for conv, name, k, pad in ((unit.conv1, "conv1", 1, 0), (unit.conv2, "conv2", 3, 1)):
+            p = _conv_problem(conv, f"{where} {name}", k, pad, dims)
+            if p:
+                return p
+        n1, c1, n2, c2 = unit.norm1, unit.conv1, unit.norm2, unit.conv2
+        if i == 0:
+            c0, growth, inter = n1.num_features, c2.out_channels, c1.out_channels
+        if (n1.num_features != c0 + i * growth or c1.in_channels != n1.num_features or c1.out_channels != inter
+                or n2.num_features != inter or c2.in_channels != inter or c2.out_channels != growth):
+            return f"{where} channel counts do not follow C0 + i*k (a dense block with one growth rate and bn_size)"
+        if float(getattr(layer, "drop_rate", 0.0)) != float(getattr(layers[0], "drop_rate", 0.0)):
+            return "its layers have different drop rates"
+    if len(eps) != 1:
+        return "its BatchNorms do not share one eps"
+    if len(sync) != 1:
+        return "it mixes SyncBatchNorm and BatchNorm"
+    return None
+
+
+def _concat_transition_problem(t: nn.Module) -> Optional[str]:
+    if type(t).forward is not nn.Sequential.forward:
+        return f"{type(t).__name__} overrides forward"
+    names = list(t._modules)
+    if names != ["norm", "relu", "conv", "pool"]:
+        return f"children {names} are not ['norm', 'relu', 'conv', 'pool']"
+    dims = _spatial_dims(t.conv)
+    return (_norm_problem(t.norm, "norm", t.relu, dims) or _conv_problem(t.conv, "conv", 1, 0, dims)
+            or _pool_problem(t.pool, dims))
 
 
 def _convert_transition(t: nn.Module) -> Transition:
@@ -300,6 +389,31 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
                 report.converted.append((name, f"Transition <- {src}"))
             memo[id(m)] = new
             return new
+        src = _concat_source(m, "_DenseBlock")
+        if src is not None:
+            problem = _concat_block_problem(m, src)
+            if problem:
+                report.left_alone.append((name, f"{_SOURCES[src]} {type(m).__name__}: {problem}"))
+            else:
+                new = _adopt(ConcatDenseBlock.from_layers(OrderedDict(m._modules)), m)
+                dims = _spatial_dims(new._layers()[0].conv1)
+                report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
+                                               f"{dims}-D)"))
+                if _is_sync_bn(new._layers()[0].norm1):
+                    report.notes.append(f"{name}: SyncBatchNorm -> runs the reference (per-layer) path")
+            memo[id(m)] = new
+            return new
+        src = _concat_source(m, "_Transition")
+        if src is not None:
+            problem = _concat_transition_problem(m)
+            if problem:
+                report.left_alone.append((name, f"{_SOURCES[src]} {type(m).__name__}: {problem}"))
+            else:
+                new = _convert_transition(m)
+                report.converted.append((name, f"Transition <- {_SOURCES[src]} _Transition "
+                                               f"({_spatial_dims(m.conv)}-D)"))
+            memo[id(m)] = new
+            return new
         if se_cls is not None and type(m) is _cls("timm.layers.squeeze_excite", "SEModule"):
             new = _adopt(se_cls.from_timm(m), m)
             report.converted.append((name, f"SqueezeExcite <- timm SEModule"
@@ -322,6 +436,8 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
         return new
 
     root = visit(model, "")
+    if not report.converted:
+        _explain_nothing_converted(root, report)
     if warn and report.left_alone:
         warnings.warn("densenet_fast.convert: left unconverted (they run unchanged, unfused):\n" + "\n".join(
             f"  {n or '<root>'}: {why}" for n, why in report.left_alone), UserWarning, stacklevel=2)
@@ -329,11 +445,38 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
     return root
 
 
+_DENSE_LIKE = ("denseblock", "denselayer", "transition")
+
+
+def _explain_nothing_converted(root: nn.Module, report: ConversionReport) -> None:
+    """Nothing was converted: lists modules that look like dense blocks (by class name) but are of classes
+    convert() does not know, so the user learns why instead of getting a silently unchanged model."""
+    reported = {n for n, _ in report.left_alone}
+    ours = [n + "." for n, m in root.named_modules() if type(m).__module__.startswith("densenet_fast")]
+    unknown = [(n, type(m)) for n, m in root.named_modules()
+               if n not in reported and any(k in type(m).__name__.lower().replace("_", "") for k in _DENSE_LIKE)
+               and not type(m).__module__.startswith("densenet_fast")  # ours (and what they hold): already fused
+               and not any(n.startswith(p) for p in ours)]
+    if not unknown:
+        return
+    classes = sorted({f"{c.__module__}.{c.__qualname__}" for _, c in unknown})
+    report.left_alone.append((unknown[0][0], f"{len(unknown)} dense-block-like module(s) of class(es) {classes} "
+                              "are not ones convert() recognises (torchvision, timm, MONAI, torchxrayvision "
+                              "DenseNets); nothing was converted"))
+
+
 def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) -> None:
     """Swaps the class of an exact torchvision / timm DenseNet for the fused-head subclass."""
     from densenet_fast.nn import converted as _conv
     tv_cls = _cls("torchvision.models.densenet", "DenseNet")
     timm_cls = _cls("timm.models.densenet", "DenseNet")
+    monai_cls, xrv_cls = _cls(_MONAI, "DenseNet"), _cls(_XRV, "DenseNet")
+    if monai_cls is not None and isinstance(root, monai_cls):
+        _fuse_concat_head(root, name, report, "MONAI")
+        return
+    if xrv_cls is not None and isinstance(root, xrv_cls):
+        _fuse_concat_head(root, name, report, "torchxrayvision")
+        return
     if tv_cls is not None and isinstance(root, tv_cls):
         target, kind = _conv.FusedTorchvisionDenseNet, "torchvision"
         exact = type(root) is tv_cls
@@ -375,3 +518,30 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
         if isinstance(m, (DenseBlock, Transition, FusedFeatures)):
             m.impl = impl
     return model
+
+
+def _fuse_concat_head(root: nn.Module, name: str, report: ConversionReport, kind: str) -> None:
+    """Swaps the class of an exact MONAI / torchxrayvision DenseNet for its fused-head subclass."""
+    from densenet_fast.nn import converted as _conv
+    if type(root).__name__.startswith("Fused") and type(root).__module__ == _conv.__name__:
+        return
+    target = _conv.fused_head_class(type(root))
+    if not isinstance(getattr(root, "features", None), FusedFeatures):
+        report.left_alone.append((name, f"{kind} DenseNet head: features has no convertible dense block"))
+        return
+    if target is None:
+        report.left_alone.append((name, f"{kind} DenseNet head: {type(root).__name__} is a subclass, its forward "
+                                      "is kept (final norm + ReLU + pool unfused)"))
+        return
+    last = list(root.features.children())[-1]
+    if norm_relu_kind(last) != "bn" and not _is_sync_bn(last):
+        report.left_alone.append((name, f"{kind} DenseNet head: final norm {type(last).__name__} is not a fusable "
+                                      "BatchNorm"))
+        return
+    if kind == "MONAI" and not _conv.monai_pool_head(root.class_layers):
+        report.left_alone.append((name, "MONAI DenseNet head: class_layers is not relu -> global average pool -> "
+                                      "flatten -> out (activation other than ReLU?)"))
+        return
+    root.__class__ = target
+    report.converted.append((name, f"{target.__name__} <- {kind} {type(root).__mro__[1].__name__} "
+                                   "(final norm + ReLU + global pool fused)"))

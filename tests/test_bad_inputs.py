@@ -127,8 +127,21 @@ def _cat(*muts):
 # (id, training, mutate(args), exception, regex that names argument/expected/actual, cpu_only)
 BLOCK_FORWARD_CASES = [
     ("input-3d", True, _set(I_INPUT, lambda a: a[0][0]), RuntimeError, r"input: expected a 4-D tensor.*got 3-D", False),
-    ("input-5d", True, _set(I_INPUT, lambda a: a[0][None]), RuntimeError, r"input: expected a 4-D tensor.*got 5-D",
+    ("input-6d", True, _set(I_INPUT, lambda a: a[0][None, None]), RuntimeError,
+     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", False),
+    # A 5-D (3D) input for a block of 2D weights.
+    ("input-5d-2d-weights", True, _set(I_INPUT, lambda a: a[0][None]), RuntimeError,
+     r"conv2_weight\[0\]: expected a 5-D weight \[k, inter, 3, 3, 3\] for a 5-D input, got shape \[2, 4, 3, 3\]",
      False),
+    # 3D weights for a 2D block (4-D input).
+    ("input-4d-3d-weights", True, _set(I_W2, lambda a: [w[..., None].expand(*w.shape, 3) for w in a[I_W2]]),
+     RuntimeError, r"conv2_weight\[0\]: expected a 4-D weight \[k, inter, 3, 3\] for a 4-D input, got shape "
+     r"\[2, 4, 3, 3, 3\]", False),
+    ("input-5d-2d-conv1", True, _cat(_set(I_INPUT, lambda a: a[0][:, :, None]),
+                                     _set(I_W2, lambda a: [w[..., None].expand(*w.shape, 3) for w in a[I_W2]])),
+     RuntimeError, r"conv1_weight\[0\]: expected a 5-D weight \[inter, C0, 1, 1, 1\] for a 5-D input", False),
+    ("input-5d-zero-depth", True, _set(I_INPUT, lambda a: a[0][:, :, None][:, :, :0]), RuntimeError,
+     r"input: expected a non-zero spatial size, got D=0, H=4, W=4", False),
     ("input-int", True, _set(I_INPUT, lambda a: a[0].long()), RuntimeError,
      r"input: expected a floating-point dtype.*got Long|input: expected a floating-point dtype.*int64", False),
     ("input-bool", False, _set(I_INPUT, lambda a: a[0] > 0), RuntimeError, r"input: expected a floating-point dtype",
@@ -260,7 +273,7 @@ BLOCK_BACKWARD_CASES = [
     ("grad-dtype", True, _set(B_GRAD, lambda a: a[0].double()), RuntimeError, r"grad_buffer: expected dtype"),
     ("grad-device", False, _set(B_GRAD, lambda a: a[0].to("meta")), RuntimeError,
      r"grad_buffer: expected a tensor on cpu.*got meta"),
-    ("buffer-3d", True, _set(B_BUF, lambda a: a[1][0]), RuntimeError, r"buffer: expected a 4-D tensor, got 3-D"),
+    ("buffer-3d", True, _set(B_BUF, lambda a: a[1][0]), RuntimeError, r"buffer: expected a 4-D or 5-D tensor, got 3-D"),
     ("num-input-features-0", True, _set(B_NIF, 0), RuntimeError,
      r"num_input_features: expected a value in \[1, 7\), got 0"),
     ("num-input-features-big", True, _set(B_NIF, 7), RuntimeError,
@@ -334,6 +347,13 @@ TAIL_CASES = [  # (id, applies to transition / norm_relu_pool, mutate, exception
     ("conv-dtype", "t", _set(T_CONV, lambda a: a[T_CONV].double()), RuntimeError, r"conv_weight: expected dtype", False),
     ("pool-too-small", "t", _set(T_IN, lambda a: a[0][:, :, :1]), RuntimeError,
      r"input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=1, W=6", False),
+    ("input-6d", "tn", _set(T_IN, lambda a: a[0][None, None]), RuntimeError,
+     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", False),
+    ("conv-2d-for-5d", "t", _set(T_IN, lambda a: a[0][:, :, None].expand(-1, -1, 2, -1, -1)), RuntimeError,
+     r"conv_weight: expected shape \[C_out, 5, 1, 1, 1\], got \[3, 5, 1, 1\]", False),
+    ("pool-depth-1", "t", _cat(_set(T_IN, lambda a: a[0][:, :, None]), _set(T_CONV, lambda a: a[T_CONV][..., None])),
+     RuntimeError, r"input: the transition's 2x2x2 average pool needs D >= 2, H >= 2 and W >= 2, got D=1, H=4, W=6",
+     False),
 ]
 
 
@@ -454,6 +474,10 @@ def _small_densenet(**kw) -> dnf.DenseNet:
 MODULE_CASES = [
     # (id, module factory, valid input shape, bad input factory(x), exception, pattern)
     ("block-3d", lambda: _block(), (N, C0, H, W), lambda x: x[0], ValueError, r"input: expected a 4-D tensor with 3"),
+    ("block-5d-for-2d-block", lambda: _block(), (N, C0, H, W), lambda x: x[:, :, None], ValueError,
+     r"input: expected a 4-D tensor with 3 channels \[N, 3, H, W\], got shape \(2, 3, 1, 4, 4\)"),
+    ("block-4d-for-3d-block", lambda: _block(spatial_dims=3), (N, C0, 2, H, W), lambda x: x[:, :, 0], ValueError,
+     r"input: expected a 5-D tensor with 3 channels \[N, 3, D, H, W\], got shape \(2, 3, 4, 4\)"),
     ("block-channels", lambda: _block(), (N, C0, H, W), lambda x: x[:, :2], ValueError,
      r"expected a 4-D tensor with 3 channels \[N, 3, H, W\], got shape \(2, 2, 4, 4\)"),
     ("block-int", lambda: _block(), (N, C0, H, W), lambda x: x.long(), RuntimeError,

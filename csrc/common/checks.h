@@ -6,16 +6,30 @@
 
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 namespace dnf {
 
 // Geometry of a dense block: the buffer holds Ct = C0 + L*k channels, layer l reads the prefix
-// [0, C0 + l*k), its bottleneck has `inter` = bn_size*k channels.
+// [0, C0 + l*k), its bottleneck has `inter` = bn_size*k channels. `dims` spatial dimensions: 2
+// ([N, C, H, W], D = 1) or 3 ([N, C, D, H, W]); the block math only sees rows = N*D*H*W.
 struct BlockGeometry {
   int64_t N, C0, H, W, L, k, inter, Ct;
-  int64_t rows() const { return N * H * W; }
+  int64_t D = 1, dims = 2;
+  int64_t rows() const { return N * D * H * W; }
   int64_t in_channels(int64_t l) const { return C0 + l * k; }
+  // Shape of a [N, C, (D,) H, W] activation of the block.
+  std::vector<int64_t> shape(int64_t C) const {
+    return dims == 3 ? std::vector<int64_t>{N, C, D, H, W} : std::vector<int64_t>{N, C, H, W};
+  }
 };
+
+// Shape of a conv weight [out, in, kernel x dims].
+inline std::vector<int64_t> conv_weight_shape(int64_t out, int64_t in, int64_t kernel, int64_t dims) {
+  std::vector<int64_t> s{out, in};
+  s.insert(s.end(), dims, kernel);
+  return s;
+}
 
 // dtype of BN parameters, running and batch statistics for an input dtype: float32 for the
 // half-precision dtypes (BN runs in fp32 under autocast), the input's own dtype otherwise.
@@ -50,21 +64,25 @@ inline void check_channels_fit(int64_t channels, const char* what) {
               " channels (GEMM dimensions are 32-bit), got ", channels);
 }
 
+// A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation (2 or 3 spatial dimensions).
 inline void check_input_4d(const at::Tensor& input, const char* name, bool training) {
-  TORCH_CHECK(input.dim() == 4, name, ": expected a 4-D tensor [N, C, H, W], got ", input.dim(),
+  TORCH_CHECK(input.dim() == 4 || input.dim() == 5, name,
+              ": expected a 4-D tensor [N, C, H, W] or a 5-D tensor [N, C, D, H, W], got ", input.dim(),
               "-D with shape ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), name,
               ": expected a floating-point dtype (float32, float64; float16/bfloat16 on CUDA), got ",
               input.scalar_type());
   TORCH_CHECK(input.size(0) > 0, name, ": expected a non-empty batch, got batch size 0 (shape ",
               input.sizes(), ")");
-  TORCH_CHECK(input.size(2) > 0 && input.size(3) > 0, name,
-              ": expected a non-zero spatial size, got H=", input.size(2), ", W=", input.size(3));
+  const auto spatial = input.sizes().slice(2);
+  TORCH_CHECK(c10::multiply_integers(spatial) > 0, name, ": expected a non-zero spatial size, got ",
+              input.dim() == 5 ? "D=" + std::to_string(input.size(2)) + ", " : std::string(), "H=",
+              input.size(-2), ", W=", input.size(-1));
   TORCH_CHECK(input.size(1) > 0, name, ": expected at least one channel, got 0");
   check_channels_fit(input.size(1), name);
   if (training) {
     // ValueError with nn.BatchNorm2d's own message.
-    TORCH_CHECK_VALUE(input.size(0) * input.size(2) * input.size(3) > 1,
+    TORCH_CHECK_VALUE(input.size(0) * c10::multiply_integers(spatial) > 1,
                 "Expected more than 1 value per channel when training, got input size torch.Size(",
                 input.sizes(), ")");
   }
@@ -85,10 +103,12 @@ inline BlockGeometry check_dense_block_args(
     double drop_rate, bool training, double eps) {
   check_input_4d(input, "input", training);  // includes C0 <= kMaxChannels
   BlockGeometry g{};
+  g.dims = input.dim() - 2;
   g.N = input.size(0);
   g.C0 = input.size(1);
-  g.H = input.size(2);
-  g.W = input.size(3);
+  g.D = g.dims == 3 ? input.size(2) : 1;
+  g.H = input.size(-2);
+  g.W = input.size(-1);
   g.L = static_cast<int64_t>(norm1_weight.size());
   TORCH_CHECK(g.L >= 1, "norm1_weight: expected at least one layer, got an empty list");
   check_list_len(norm1_bias, g.L, "norm1_bias");
@@ -96,10 +116,12 @@ inline BlockGeometry check_dense_block_args(
   check_list_len(norm2_weight, g.L, "norm2_weight");
   check_list_len(norm2_bias, g.L, "norm2_bias");
   check_list_len(conv2_weight, g.L, "conv2_weight");
-  TORCH_CHECK(conv2_weight[0].dim() == 4, "conv2_weight[0]: expected a 4-D weight [k, inter, 3, 3], got shape ",
-              conv2_weight[0].sizes());
-  TORCH_CHECK(conv1_weight[0].dim() == 4, "conv1_weight[0]: expected a 4-D weight [inter, C0, 1, 1], got shape ",
-              conv1_weight[0].sizes());
+  const char* k3 = g.dims == 3 ? "3, 3, 3" : "3, 3";
+  const char* k1 = g.dims == 3 ? "1, 1, 1" : "1, 1";
+  TORCH_CHECK(conv2_weight[0].dim() == input.dim(), "conv2_weight[0]: expected a ", input.dim(),
+              "-D weight [k, inter, ", k3, "] for a ", input.dim(), "-D input, got shape ", conv2_weight[0].sizes());
+  TORCH_CHECK(conv1_weight[0].dim() == input.dim(), "conv1_weight[0]: expected a ", input.dim(),
+              "-D weight [inter, C0, ", k1, "] for a ", input.dim(), "-D input, got shape ", conv1_weight[0].sizes());
   g.k = conv2_weight[0].size(0);
   g.inter = conv1_weight[0].size(0);
   TORCH_CHECK(g.k >= 1 && g.inter >= 1, "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, got k=",
@@ -117,14 +139,14 @@ inline BlockGeometry check_dense_block_args(
       check_shape((*p)[l], {c}, name + " (layer input channels C0 + l*growth_rate)");
     }
     check_float_tensor(conv1_weight[l], ("conv1_weight" + i).c_str(), input);
-    check_shape(conv1_weight[l], {g.inter, c, 1, 1}, "conv1_weight" + i);
+    check_shape(conv1_weight[l], conv_weight_shape(g.inter, c, 1, g.dims), "conv1_weight" + i);
     for (auto* p : {&norm2_weight, &norm2_bias}) {
       const std::string name = (p == &norm2_weight ? "norm2_weight" : "norm2_bias") + i;
       check_float_tensor((*p)[l], name.c_str(), input, true);
       check_shape((*p)[l], {g.inter}, name);
     }
     check_float_tensor(conv2_weight[l], ("conv2_weight" + i).c_str(), input);
-    check_shape(conv2_weight[l], {g.k, g.inter, 3, 3}, "conv2_weight" + i);
+    check_shape(conv2_weight[l], conv_weight_shape(g.k, g.inter, 3, g.dims), "conv2_weight" + i);
   }
   if (!training) {
     check_list_len(norm1_running_mean, g.L, "norm1_running_mean");
@@ -149,7 +171,7 @@ inline BlockGeometry check_dense_block_args(
     const auto& m = *dropout_mask;
     TORCH_CHECK(m.scalar_type() == at::kBool, "dropout_mask: expected dtype torch.bool, got ", m.scalar_type());
     TORCH_CHECK(m.device() == input.device(), "dropout_mask: expected a tensor on ", input.device(), ", got ", m.device());
-    check_shape(m, {g.N, g.L * g.k, g.H, g.W}, "dropout_mask");
+    check_shape(m, g.shape(g.L * g.k), "dropout_mask");
   }
   return g;
 }
@@ -186,15 +208,22 @@ inline void check_transition_args(const at::Tensor& input, const at::Tensor& mea
                                   double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
   check_float_tensor(conv_weight, "conv_weight", input);
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(1) == input.size(1) && conv_weight.size(2) == 1 &&
-                  conv_weight.size(3) == 1,
-              "conv_weight: expected shape [C_out, ", input.size(1), ", 1, 1], got ", conv_weight.sizes());
+  const int64_t dims = input.dim() - 2;
+  TORCH_CHECK(conv_weight.dim() == input.dim() && conv_weight.size(1) == input.size(1) &&
+                  c10::multiply_integers(conv_weight.sizes().slice(2)) == 1,
+              "conv_weight: expected shape [C_out, ", input.size(1), dims == 3 ? ", 1, 1, 1]" : ", 1, 1]",
+              ", got ", conv_weight.sizes());
   TORCH_CHECK(conv_weight.size(0) >= 1, "conv_weight: expected at least one output channel, got shape ",
               conv_weight.sizes());
   check_channels_fit(conv_weight.size(0), "conv_weight");
-  TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2,
-              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(2),
-              ", W=", input.size(3));
+  if (dims == 3) {
+    TORCH_CHECK(input.size(2) >= 2 && input.size(3) >= 2 && input.size(4) >= 2,
+                "input: the transition's 2x2x2 average pool needs D >= 2, H >= 2 and W >= 2, got D=", input.size(2),
+                ", H=", input.size(3), ", W=", input.size(4));
+  }
+  TORCH_CHECK(input.size(-2) >= 2 && input.size(-1) >= 2,
+              "input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=", input.size(-2),
+              ", W=", input.size(-1));
 }
 
 }  // namespace dnf

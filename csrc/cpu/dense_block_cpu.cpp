@@ -1,6 +1,6 @@
 // CPU kernels of the fused dense block (DESIGN.md section 3).
 //
-// The block lives in one channels_last buffer X[rows = N*H*W, Ct]: layer l reads the column prefix
+// The block lives in one channels_last(_3d) buffer X[rows = N*(D*)H*W, Ct]: layer l reads the column prefix
 // [0, c_l) and writes its k new columns right after it, so concatenation is free. BN1 statistics of
 // a column are computed once, when the column is written. BN1+ReLU is applied tile by tile as the
 // prologue of the 1x1-conv GEMM, so no layer materialises its normalised input. The backward sweeps
@@ -25,8 +25,27 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
-Tensor empty_cl(int64_t N, int64_t C, int64_t H, int64_t W, const at::TensorOptions& opts) {
-  return at::empty({N, C, H, W}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+// channels_last (2-D) / channels_last_3d (3-D) layout of a block activation: a [rows, C] matrix.
+at::MemoryFormat cl_format(int64_t dims) {
+  return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts) {
+  return at::empty(g.shape(C), opts.memory_format(cl_format(g.dims)));
+}
+
+// The layers' 3x3 (3x3x3) convolution, stride 1, padding 1, through ATen (oneDNN).
+Tensor conv3x3(const Tensor& x, const Tensor& w, int64_t dims) {
+  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
+  return at::convolution(x, w, {}, ones, ones, ones, false, zeros, 1);
+}
+
+// Its input and weight gradients.
+std::tuple<Tensor, Tensor> conv3x3_backward(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t dims) {
+  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
+  auto grads = at::convolution_backward(dout, x, w, c10::nullopt, ones, ones, ones, false, zeros, 1,
+                                        {true, true, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
 }
 
 void check_cpu_dtype(const Tensor& input) {
@@ -67,8 +86,8 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
   const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
   // Y: the bottleneck pre-activation (F); V = relu(bn2(Y)), the 3x3 conv input (T, in place when T == F).
-  Tensor y = empty_cl(g.N, inter, g.H, g.W, f_opts);
-  Tensor v = kSame ? y : empty_cl(g.N, inter, g.H, g.W, buffer.options());
+  Tensor y = empty_cl(g, inter, f_opts);
+  Tensor v = kSame ? y : empty_cl(g, inter, buffer.options());
   F* Y = y.data_ptr<F>();
   T* V = v.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
@@ -99,7 +118,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
     }
-    Tensor out = apply_dropout(at::conv2d(v, w2[l], {}, 1, 1), mask, l, g.k, p);
+    Tensor out = apply_dropout(conv3x3(v, w2[l], g.dims), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
@@ -112,7 +131,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   const BlockGeometry g = check_dense_block_args(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask,
                                                  p, training, eps);
   check_cpu_dtype(input);
-  Tensor buffer = empty_cl(g.N, g.Ct, g.H, g.W, input.options());
+  Tensor buffer = empty_cl(g, g.Ct, input.options());
   buffer.narrow(1, 0, g.C0).copy_(input);
   const auto opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor mean = at::empty({training ? g.Ct : 0}, opts), var = at::empty({training ? g.Ct : 0}, opts);
@@ -171,8 +190,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     });
   };
 
-  Tensor y = empty_cl(g.N, inter, g.H, g.W, f_opts);
-  Tensor v = empty_cl(g.N, inter, g.H, g.W, buffer.options());
+  Tensor y = empty_cl(g, inter, f_opts);
+  Tensor v = empty_cl(g, inter, buffer.options());
   F* Y = y.data_ptr<F>();
   T* V = v.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
@@ -205,9 +224,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     // 3x3 conv backward (oneDNN through ATen), on T operands.
     Tensor g_new = G.narrow(1, c, g.k);
     Tensor dout = apply_dropout(kSame ? g_new : g_new.to(buffer.scalar_type()), mask, l, g.k, p);
-    auto conv_grads = at::convolution_backward(dout, v, w2[l], c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
-                                               {0, 0}, 1, {true, true, false});
-    Tensor dv = std::get<0>(conv_grads).contiguous(at::MemoryFormat::ChannelsLast);
+    auto conv_grads = conv3x3_backward(dout, v, w2[l], g.dims);
+    Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims));
     out.w2[l] = std::get<1>(conv_grads).contiguous();  // as the fake kernel declares, on every backend
     T* dV = dv.data_ptr<T>();
 
@@ -306,7 +324,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
         for (int64_t j = 0; j < 2 * c; ++j) s[j] += ts[j];
       }
     });
-    out.w1[l] = at::empty({inter, c, 1, 1}, buffer.options());
+    out.w1[l] = at::empty(conv_weight_shape(inter, c, 1, g.dims), buffer.options());
     pw.reduce_into(out.w1[l].data_ptr<T>());
     std::vector<acc_t> sum1(2 * c);
     p1.reduce_into(sum1.data());
@@ -330,7 +348,7 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
                          TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                          TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
                          bool training, double eps, int64_t num_input_features) {
-  TORCH_CHECK(buffer.dim() == 4, "buffer: expected a 4-D tensor, got ", buffer.dim(), "-D");
+  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5, "buffer: expected a 4-D or 5-D tensor, got ", buffer.dim(), "-D");
   TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
               "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
   const Tensor input_meta = buffer.narrow(1, 0, num_input_features);
@@ -341,9 +359,9 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
   check_float_tensor(grad_buffer, "grad_buffer", buffer);  // the buffer's dtype
   if (training) check_block_stats(g, buffer, mean, var, mean2, var2);
-  const Tensor X = buffer.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = buffer.contiguous(cl_format(g.dims));
   // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
-  Tensor G = empty_cl(g.N, g.Ct, g.H, g.W, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
+  Tensor G = empty_cl(g, g.Ct, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
   G.copy_(grad_buffer);
   BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
                  std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
@@ -352,7 +370,7 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
                             g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);
   });
   Tensor grad_input = G.narrow(1, 0, g.C0).to(buffer.scalar_type(), /*non_blocking=*/false, /*copy=*/true,
-                                                at::MemoryFormat::ChannelsLast);
+                                              cl_format(g.dims));
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
 

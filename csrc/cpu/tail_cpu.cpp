@@ -1,5 +1,6 @@
 // CPU kernels of the BN-ReLU readers that follow a dense block: the transition
-// (BN -> ReLU -> 1x1 conv -> 2x2 avg pool) and the final norm (BN -> ReLU -> global avg pool).
+// (BN -> ReLU -> 1x1 conv -> 2x2(x2) avg pool) and the final norm (BN -> ReLU -> global avg pool),
+// on 4-D [N, C, H, W] and 5-D [N, C, D, H, W] inputs.
 // Both take the BN statistics as arguments (the block's shared batch statistics in training) and
 // never store their BN/ReLU output; the backward recomputes it tile by tile.
 #include <ATen/ATen.h>
@@ -41,33 +42,55 @@ void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var
   check_cpu(input);
 }
 
-// P[r, :] for output rows [q0, q0+nr): the 2x2 average of relu(a*x + b) (avg_pool2d, floor mode).
+// Spatial geometry of the transition's average pool: 2x2 over [H, W] (2-D, D = D2 = kd = 1) or
+// 2x2x2 over [D, H, W] (3-D, kd = 2), floor mode.
+struct PoolDims {
+  int64_t N, D, H, W, D2, H2, W2, kd;
+  PoolDims(const Tensor& x)
+      : N(x.size(0)), D(x.dim() == 5 ? x.size(2) : 1), H(x.size(-2)), W(x.size(-1)),
+        D2(x.dim() == 5 ? D / 2 : 1), H2(H / 2), W2(W / 2), kd(x.dim() == 5 ? 2 : 1) {}
+  int64_t taps() const { return kd * 4; }
+  std::vector<int64_t> out_shape(int64_t C, int64_t dims) const {
+    return dims == 3 ? std::vector<int64_t>{N, C, D2, H2, W2} : std::vector<int64_t>{N, C, H2, W2};
+  }
+};
+
+at::MemoryFormat cl_format(const Tensor& x) {
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// P[r, :] for output rows [q0, q0+nr): the 2x2(x2) average of relu(a*x + b) (avg_pool, floor mode).
 template <typename T>
-void pooled_tile(const T* X, int64_t C, int64_t H, int64_t W, int64_t H2, int64_t W2, int64_t q0, int64_t nr,
-                 const T* a, const T* b, T* P) {
+void pooled_tile(const T* X, int64_t C, const PoolDims& pd, int64_t q0, int64_t nr, const T* a, const T* b, T* P) {
+  const int64_t H = pd.H, W = pd.W, H2 = pd.H2, W2 = pd.W2, D2 = pd.D2;
   for (int64_t r = 0; r < nr; ++r) {
-    const int64_t q = q0 + r, n = q / (H2 * W2), oh = (q / W2) % H2, ow = q % W2;
-    const int64_t base = (n * H + 2 * oh) * W + 2 * ow;
-    const T* x00 = X + base * C;
-    const T* x01 = x00 + C;
-    const T* x10 = X + (base + W) * C;
-    const T* x11 = x10 + C;
+    const int64_t q = q0 + r, nd = q / (H2 * W2), oh = (q / W2) % H2, ow = q % W2;
+    const int64_t n = nd / D2, od = nd % D2;
     T* pr = P + r * C;
-    for (int64_t j = 0; j < C; ++j) {
-      const T s = relu<T>(x00[j] * a[j] + b[j]) + relu<T>(x01[j] * a[j] + b[j]) +
-                  relu<T>(x10[j] * a[j] + b[j]) + relu<T>(x11[j] * a[j] + b[j]);
-      pr[j] = s / T(4);
+    for (int64_t j = 0; j < C; ++j) pr[j] = T(0);
+    for (int64_t dz = 0; dz < pd.kd; ++dz) {
+      const int64_t base = ((n * pd.D + pd.kd * od + dz) * H + 2 * oh) * W + 2 * ow;
+      const T* x00 = X + base * C;
+      const T* x01 = x00 + C;
+      const T* x10 = X + (base + W) * C;
+      const T* x11 = x10 + C;
+      for (int64_t j = 0; j < C; ++j) {
+        const T s = relu<T>(x00[j] * a[j] + b[j]) + relu<T>(x01[j] * a[j] + b[j]) +
+                    relu<T>(x10[j] * a[j] + b[j]) + relu<T>(x11[j] * a[j] + b[j]);
+        pr[j] += s;
+      }
     }
+    for (int64_t j = 0; j < C; ++j) pr[j] /= T(pd.taps());
   }
 }
 
 Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                               const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t H2 = H / 2, W2 = W / 2, M2 = N * H2 * W2, Cout = conv_weight.size(0);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor out = at::empty({N, Cout, H2, W2}, input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const PoolDims pd(input);
+  const int64_t C = input.size(1), M2 = pd.N * pd.D2 * pd.H2 * pd.W2, Cout = conv_weight.size(0);
+  const Tensor X = input.contiguous(cl_format(input));
+  Tensor out = at::empty(pd.out_shape(Cout, input.dim() - 2), input.options().memory_format(cl_format(input)));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "transition_forward_cpu", [&] {
     using T = scalar_t;
     const Folded f = fold<T>(mean, var, weight, bias, eps);
@@ -80,7 +103,7 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
       std::vector<T> P(tr * C);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
-        pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
+        pooled_tile<T>(Xp, C, pd, q0, nr, a, b, P.data());
         gemm_acc('T', 'N', Cout, nr, C, Wp, C, P.data(), C, T(0), O + q0 * Cout, Cout);
       }
     });
@@ -145,13 +168,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
     const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
-  const int64_t H2 = H / 2, W2 = W / 2, M2 = N * H2 * W2, M = N * H * W, Cout = conv_weight.size(0);
-  check_shape(grad_output, {N, Cout, H2, W2}, "grad_output");
+  const PoolDims pd(input);
+  const int64_t N = pd.N, C = input.size(1), D = pd.D, H = pd.H, W = pd.W, D2 = pd.D2, H2 = pd.H2, W2 = pd.W2;
+  const int64_t M2 = N * D2 * H2 * W2, M = N * D * H * W, Cout = conv_weight.size(0);
+  check_shape(grad_output, pd.out_shape(Cout, input.dim() - 2), "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Tensor dO = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor dX = at::empty_like(X, at::MemoryFormat::ChannelsLast);
+  const Tensor X = input.contiguous(cl_format(input));
+  const Tensor dO = grad_output.contiguous(cl_format(input));
+  Tensor dX = at::empty_like(X, cl_format(input));
   Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
   Tensor dWc = at::empty_like(conv_weight, at::MemoryFormat::Contiguous);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "transition_backward_cpu", [&] {
@@ -171,23 +195,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       T* dw = pw.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
-        pooled_tile<T>(Xp, C, H, W, H2, W2, q0, nr, a, b, P.data());
+        pooled_tile<T>(Xp, C, pd, q0, nr, a, b, P.data());
         gemm_acc('N', 'T', C, Cout, nr, P.data(), C, dOp + q0 * Cout, Cout, T(1), dw, C);
         gemm_acc('N', 'N', C, nr, Cout, Wp, C, dOp + q0 * Cout, Cout, T(0), dPp + q0 * C, C);
       }
     });
     pw.reduce_into(dWc.data_ptr<T>());
-    if (H % 2 != 0 || W % 2 != 0) {
+    const bool odd_d = pd.kd == 2 && D % 2 != 0;
+    if (H % 2 != 0 || W % 2 != 0 || odd_d) {
       // torch convolves before pooling, so its dWc also holds 0 * relu(bn(x)) of the pixels the
       // floor-mode pool drops: NaN in column j wherever such a value is not finite. Same here.
       std::vector<char> nonfinite(C, 0);
-      auto scan = [&](int64_t n, int64_t h, int64_t w) {
-        const T* xr = Xp + ((n * H + h) * W + w) * C;
+      auto scan = [&](int64_t nd, int64_t h, int64_t w) {
+        const T* xr = Xp + ((nd * H + h) * W + w) * C;
         for (int64_t j = 0; j < C; ++j) nonfinite[j] |= !std::isfinite(relu<T>(xr[j] * a[j] + b[j]));
       };
-      for (int64_t n = 0; n < N; ++n) {
-        if (H % 2 != 0) for (int64_t w = 0; w < W; ++w) scan(n, H - 1, w);
-        if (W % 2 != 0) for (int64_t h = 0; h < H; ++h) scan(n, h, W - 1);
+      for (int64_t nd = 0; nd < N * D; ++nd) {
+        if (odd_d && nd % D == D - 1) {  // the whole last depth slice is dropped
+          for (int64_t h = 0; h < H; ++h) for (int64_t w = 0; w < W; ++w) scan(nd, h, w);
+          continue;
+        }
+        if (H % 2 != 0) for (int64_t w = 0; w < W; ++w) scan(nd, H - 1, w);
+        if (W % 2 != 0) for (int64_t h = 0; h < H; ++h) scan(nd, h, W - 1);
       }
       T* dW = dWc.data_ptr<T>();
       for (int64_t j = 0; j < C; ++j)
@@ -195,11 +224,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
           for (int64_t o = 0; o < Cout; ++o) dW[o * C + j] = std::numeric_limits<T>::quiet_NaN();
     }
     auto up = [&](int64_t r) -> const T* {
-      const int64_t n = r / (H * W), h = (r / W) % H, w = r % W;
-      if (h >= 2 * H2 || w >= 2 * W2) return nullptr;  // dropped by the floor-mode pool
-      return dPp + ((n * H2 + h / 2) * W2 + w / 2) * C;
+      const int64_t nd = r / (H * W), h = (r / W) % H, w = r % W, n = nd / D, d = nd % D;
+      if (h >= 2 * H2 || w >= 2 * W2 || d >= pd.kd * D2) return nullptr;  // dropped by the floor-mode pool
+      return dPp + (((n * D2 + d / pd.kd) * H2 + h / 2) * W2 + w / 2) * C;
     };
-    bn_relu_backward<T>(Xp, M, C, a, b, mu.data_ptr<T>(), f.invstd.data_ptr<T>(), training, T(0.25), up,
+    bn_relu_backward<T>(Xp, M, C, a, b, mu.data_ptr<T>(), f.invstd.data_ptr<T>(), training, T(1) / T(pd.taps()), up,
                         dX.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>());
   });
   return {dX, dgamma, dbeta, dWc};
@@ -209,8 +238,8 @@ Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const
                                   const Tensor& bias, bool /*training*/, double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
   check_cpu(input);
-  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
+  const Tensor X = input.contiguous(cl_format(input));
   Tensor out = at::empty({N, C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_pool_forward_cpu", [&] {
     using T = scalar_t;
@@ -239,12 +268,12 @@ std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(const Tensor& gra
                                                                bool training, double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
   check_cpu(input);
-  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
   check_shape(grad_output, {N, C}, "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = input.contiguous(cl_format(input));
   const Tensor dO = grad_output.contiguous();
-  Tensor dX = at::empty_like(X, at::MemoryFormat::ChannelsLast);
+  Tensor dX = at::empty_like(X, cl_format(input));
   Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_pool_backward_cpu", [&] {
     using T = scalar_t;
@@ -263,7 +292,7 @@ std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
   check_cpu(input);
   const int64_t C = input.size(1);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = input.contiguous(cl_format(input));
   Tensor mean = at::empty({C}, input.options()), var = at::empty({C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_moments_cpu", [&] {
     column_moments<scalar_t>(X.data_ptr<scalar_t>(), X.numel() / C, C, 0, C, mean.data_ptr<scalar_t>(),

@@ -181,11 +181,13 @@ struct FinalizeGrad {
 
 // --- tails: transition (BN-ReLU-conv1x1-avgpool2) and final norm (BN-ReLU-global avg pool) --------
 
+// 2x2 pool over [H, W]; a 3-D transition pools 2x2x2 (kd = 2) over [D, H, W].
 struct PoolGeometry {
   int64_t H, W, H2, W2;
+  int64_t D = 1, D2 = 1, kd = 1;
 };
 
-// P[q, j] = 2x2 average (floor mode) of relu(a*x + b) around output position q.
+// P[q, j] = 2x2(x2) average (floor mode) of relu(a*x + b) around output position q.
 template <typename T, typename acc_t>
 struct PoolBnRelu {
   const T* X;
@@ -195,14 +197,18 @@ struct PoolBnRelu {
   T* P;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t q = i / C, j = i - q * C;
-    const int64_t n = q / (g.H2 * g.W2), rem = q - n * g.H2 * g.W2, oh = rem / g.W2, ow = rem - oh * g.W2;
-    const int64_t base = (n * g.H + 2 * oh) * g.W + 2 * ow;
+    const int64_t nd = q / (g.H2 * g.W2), rem = q - nd * g.H2 * g.W2, oh = rem / g.W2, ow = rem - oh * g.W2;
+    const int64_t n = nd / g.D2, od = nd - n * g.D2;
     const acc_t aj = a[j], bj = b[j];
-    const acc_t s = relu<acc_t>(aj * static_cast<acc_t>(X[base * C + j]) + bj) +
-                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + 1) * C + j]) + bj) +
-                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W) * C + j]) + bj) +
-                    relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W + 1) * C + j]) + bj);
-    P[i] = static_cast<T>(s / acc_t(4));
+    acc_t s = acc_t(0);
+    for (int64_t dz = 0; dz < g.kd; ++dz) {
+      const int64_t base = ((n * g.D + g.kd * od + dz) * g.H + 2 * oh) * g.W + 2 * ow;
+      s += relu<acc_t>(aj * static_cast<acc_t>(X[base * C + j]) + bj) +
+           relu<acc_t>(aj * static_cast<acc_t>(X[(base + 1) * C + j]) + bj) +
+           relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W) * C + j]) + bj) +
+           relu<acc_t>(aj * static_cast<acc_t>(X[(base + g.W + 1) * C + j]) + bj);
+    }
+    P[i] = static_cast<T>(s / acc_t(4 * g.kd));
   }
 };
 
@@ -240,9 +246,11 @@ struct AvgPool2Up {
   PoolGeometry g;
   int64_t C;
   C10_HOST_DEVICE acc_t operator()(int64_t r, int64_t j) const {
-    const int64_t HW = g.H * g.W, n = r / HW, hw = r - n * HW, h = hw / g.W, w = hw - h * g.W;
-    if (h >= 2 * g.H2 || w >= 2 * g.W2) return acc_t(0);
-    return static_cast<acc_t>(dP[((n * g.H2 + h / 2) * g.W2 + w / 2) * C + j]) / acc_t(4);
+    const int64_t HW = g.H * g.W, nd = r / HW, hw = r - nd * HW, h = hw / g.W, w = hw - h * g.W;
+    const int64_t n = nd / g.D, d = nd - n * g.D;
+    if (h >= 2 * g.H2 || w >= 2 * g.W2 || d >= g.kd * g.D2) return acc_t(0);
+    return static_cast<acc_t>(dP[(((n * g.D2 + d / g.kd) * g.H2 + h / 2) * g.W2 + w / 2) * C + j]) /
+           acc_t(4 * g.kd);
   }
 };
 

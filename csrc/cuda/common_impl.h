@@ -17,21 +17,45 @@ namespace dnf::DNF_CUDA_NS {
 using at::Tensor;
 using at::TensorList;
 
+// channels_last (4-D) / channels_last_3d (5-D): the [rows, C] matrix layout of every activation.
+inline at::MemoryFormat cl_format(int64_t dim) {
+  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+inline Tensor empty_cl(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  return at::empty(shape, opts.memory_format(cl_format(static_cast<int64_t>(shape.size()))));
+}
+
 inline Tensor empty_cl(int64_t N, int64_t C, int64_t H, int64_t W, const at::TensorOptions& opts) {
-  return at::empty({N, C, H, W}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+  return empty_cl({N, C, H, W}, opts);
 }
 
-// [N*H*W, C] row-major view of a channels_last-contiguous [N, C, H, W] tensor (never a copy).
+// [N*(D*)H*W, C] row-major view of a channels_last(_3d)-contiguous [N, C, (D,) H, W] tensor (never a copy).
 inline Tensor rows_view(const Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  TORCH_INTERNAL_ASSERT((t.dim() == 4 || t.dim() == 5) && t.is_contiguous(cl_format(t.dim())));
   const int64_t C = t.size(1);
-  return t.as_strided({t.size(0) * t.size(2) * t.size(3), C}, {C, 1});
+  return t.as_strided({t.numel() / C, C}, {C, 1});
 }
 
-// [N, C, H, W] channels_last view of a contiguous [N*H*W, C] matrix.
-inline Tensor nchw_view(const Tensor& rows, int64_t N, int64_t H, int64_t W) {
-  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.is_contiguous() && rows.size(0) == N * H * W);
-  return rows.view({N, H, W, rows.size(1)}).permute({0, 3, 1, 2});
+// [N, C, (D,) H, W] channels_last(_3d) view of a contiguous [rows, C] matrix of the block's geometry.
+inline Tensor spatial_view(const Tensor& rows, const BlockGeometry& g) {
+  TORCH_INTERNAL_ASSERT(rows.dim() == 2 && rows.is_contiguous() && rows.size(0) == g.rows());
+  if (g.dims == 3) return rows.view({g.N, g.D, g.H, g.W, rows.size(1)}).permute({0, 4, 1, 2, 3});
+  return rows.view({g.N, g.H, g.W, rows.size(1)}).permute({0, 3, 1, 2});
+}
+
+// The layers' 3x3 (3x3x3) convolution, stride 1, padding 1 (cuDNN through ATen), and its backward.
+inline Tensor conv3x3(const Tensor& x, const Tensor& w, int64_t dims) {
+  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
+  return at::convolution(x, w, {}, ones, ones, ones, false, zeros, 1);
+}
+
+inline std::tuple<Tensor, Tensor> conv3x3_backward(const Tensor& dout, const Tensor& x, const Tensor& w,
+                                                   int64_t dims) {
+  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
+  auto grads = at::convolution_backward(dout, x, w, c10::nullopt, ones, ones, ones, false, zeros, 1,
+                                        {true, true, false});
+  return {std::get<0>(grads), std::get<1>(grads)};
 }
 
 // The data types the CUDA kernels take (check_input_4d already rejected non-floating types).

@@ -26,14 +26,19 @@
 
 namespace dnf::DNF_CUDA_NS {
 
+// H: the height, or depth*height of a 5-D mask (its depth and height are read as one dimension).
 inline MaskView mask_view(const c10::optional<Tensor>& mask, int64_t l, int64_t k, int64_t H, int64_t W) {
   MaskView v;
   if (!mask.has_value() || !mask->defined()) return v;
+  const int64_t sd = mask->dim() - 4;  // 1 for a 5-D mask
+  TORCH_CHECK(sd == 0 || mask->size(2) == 1 || mask->stride(2) == mask->size(3) * mask->stride(3),
+              "dropout_mask: expected a 5-D mask whose depth and height are contiguous, got strides ",
+              mask->strides());
   v.p = mask->data_ptr<bool>();
   v.sN = mask->stride(0);
   v.sC = mask->stride(1);
-  v.sH = mask->stride(2);
-  v.sW = mask->stride(3);
+  v.sH = mask->stride(2 + sd);
+  v.sW = mask->stride(3 + sd);
   v.HW = H * W;
   v.W = W;
   v.ch0 = l * k;
@@ -78,7 +83,7 @@ void dense_block_forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList
   acc_t *a2 = fold2.data_ptr<acc_t>(), *bb2 = a2 + inter, *is2 = a2 + 2 * inter;
   Tensor y = at::empty({M, inter}, buffer.options());  // Y, then V = relu(bn2(Y)) in place
   T* Y = y.data_ptr<T>();
-  const Tensor v4 = nchw_view(y, g.N, g.H, g.W);
+  const Tensor v4 = spatial_view(y, g);
   // Simple path: one scratch for relu(bn1(prefix)) of every layer, sized for the widest prefix.
   Tensor u_flat = fused ? Tensor() : at::empty({M * (Ct - k)}, buffer.options());
   const acc_t inv_keep = inverse_keep<acc_t>(mask, p);
@@ -104,8 +109,8 @@ void dense_block_forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList
     for_each(inter, FoldBn<acc_t>{vec_ptr<acc_t>(g2[l], keep), vec_ptr<acc_t>(b2[l], keep), s2.first, s2.second,
                                   eps, a2, bb2, is2});
     for_each(M * inter, BnReluApply<T, acc_t>{Y, inter, Y, inter, inter, a2, bb2});
-    const Tensor out = at::conv2d(v4, w2[l], {}, 1, 1).contiguous(at::MemoryFormat::ChannelsLast);
-    for_each(M * k, StoreNewFeatures<T, acc_t>{out.data_ptr<T>(), X, Ct, c, k, mask_view(mask, l, k, g.H, g.W),
+    const Tensor out = conv3x3(v4, w2[l], g.dims).contiguous(cl_format(g.dims + 2));
+    for_each(M * k, StoreNewFeatures<T, acc_t>{out.data_ptr<T>(), X, Ct, c, k, mask_view(mask, l, k, g.D * g.H, g.W),
                                                inv_keep});
     if (training)
       column_moments<T, acc_t, acc_t>(X, M, Ct, c, k, mean.data_ptr<acc_t>() + c, var.data_ptr<acc_t>() + c,
@@ -154,7 +159,7 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
   Tensor u_flat = at::empty({M * (Ct - k)}, opts);  // U of the layer, then its gradient dU
   Tensor y = at::empty({M, inter}, opts), v = at::empty({M, inter}, opts), dout = at::empty({M, k}, opts);
   T *Y = y.data_ptr<T>(), *V = v.data_ptr<T>();
-  const Tensor v4 = nchw_view(v, g.N, g.H, g.W), dout4 = nchw_view(dout, g.N, g.H, g.W);
+  const Tensor v4 = spatial_view(v, g), dout4 = spatial_view(dout, g);
   const acc_t inv_keep = inverse_keep<acc_t>(mask, p);
 
   for (int64_t l = g.L - 1; l >= 0; --l) {
@@ -182,11 +187,10 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
     for_each(M * inter, BnReluApply<T, acc_t>{Y, inter, V, inter, inter, a2, bb2});
 
     // conv3x3 backward (cuDNN; deterministic algorithms when requested, as ATen decides).
-    for_each(M * k, GradOfNewFeatures<T, acc_t>{Gp, dout.data_ptr<T>(), Ct, c, k, mask_view(mask, l, k, g.H, g.W),
+    for_each(M * k, GradOfNewFeatures<T, acc_t>{Gp, dout.data_ptr<T>(), Ct, c, k, mask_view(mask, l, k, g.D * g.H, g.W),
                                                 inv_keep});
-    auto conv_grads = at::convolution_backward(dout4, v4, w2[l], c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
-                                               {0, 0}, 1, {true, true, false});
-    Tensor dv = std::get<0>(conv_grads).contiguous(at::MemoryFormat::ChannelsLast);
+    auto conv_grads = conv3x3_backward(dout4, v4, w2[l], g.dims);
+    Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims + 2));
     out.w2[l] = std::get<1>(conv_grads).contiguous();
     T* dV = dv.data_ptr<T>();
 
@@ -203,7 +207,7 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
     const Tensor dy = rows_view(dv);
 
     // 1x1 conv backward: dW1 = dY^T U (float accumulation for half data), then dU = dY W1 over U.
-    out.w1[l] = at::empty({inter, c, 1, 1}, opts);
+    out.w1[l] = at::empty(conv_weight_shape(inter, c, 1, g.dims), opts);
     Tensor dw1 = out.w1[l].view({inter, c});
     mm_weight_grad_out(dw1, dy.t(), u);
     at::mm_out(u, dy, W1);
@@ -233,7 +237,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward(
   const BlockGeometry g = check_dense_block_args(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p,
                                                  training, eps);
   const DeviceScope scope(input);
-  Tensor buffer = empty_cl(g.N, g.Ct, g.H, g.W, input.options());
+  Tensor buffer = empty_cl(g.shape(g.Ct), input.options());
   buffer.narrow(1, 0, g.C0).copy_(input);
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor mean = at::empty({training ? g.Ct : 0}, sopts), var = at::empty({training ? g.Ct : 0}, sopts);
@@ -252,7 +256,7 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
                      TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2,
                      TensorList rv2, const c10::optional<Tensor>& mask, double p, bool training, double eps,
                      int64_t num_input_features) {
-  TORCH_CHECK(buffer.dim() == 4, "buffer: expected a 4-D tensor, got ", buffer.dim(), "-D");
+  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5, "buffer: expected a 4-D or 5-D tensor, got ", buffer.dim(), "-D");
   TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
               "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
   check_cuda_input(buffer, "buffer");
@@ -273,9 +277,9 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
     }
   }
   const DeviceScope scope(buffer);
-  const Tensor X = buffer.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = buffer.contiguous(cl_format(buffer.dim()));
   const auto acc_dtype = stats_dtype(buffer.scalar_type());
-  Tensor G = empty_cl(g.N, g.Ct, g.H, g.W, buffer.options().dtype(acc_dtype));
+  Tensor G = empty_cl(g.shape(g.Ct), buffer.options().dtype(acc_dtype));
   G.copy_(grad_buffer);
   BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
                  std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
@@ -284,7 +288,7 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
     dense_block_backward_impl<scalar_t>(g, X, G, as_acc(mean), as_acc(var), as_acc(mean2), as_acc(var2), g1, b1, w1,
                                         g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);
   });
-  Tensor grad_input = empty_cl(g.N, g.C0, g.H, g.W, buffer.options());
+  Tensor grad_input = empty_cl(g.shape(g.C0), buffer.options());
   grad_input.copy_(G.narrow(1, 0, g.C0));
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }

@@ -30,11 +30,28 @@ inline void check_transition(const Tensor& input, const Tensor& mean, const Tens
   check_transition_args(input, mean, var, weight, bias, conv_weight, eps);
 }
 
-// P = avgpool2(relu(bn(X))) as a [N*H2*W2, C] matrix.
+// The transition's pool geometry: 2x2 over [H, W] of a 4-D input, 2x2x2 over [D, H, W] of a 5-D one.
+inline PoolGeometry pool_geometry(const Tensor& input) {
+  const int64_t H = input.size(-2), W = input.size(-1);
+  PoolGeometry pg{H, W, H / 2, W / 2};
+  if (input.dim() == 5) {
+    pg.D = input.size(2);
+    pg.D2 = pg.D / 2;
+    pg.kd = 2;
+  }
+  return pg;
+}
+
+inline std::vector<int64_t> pooled_shape(const Tensor& input, const PoolGeometry& pg, int64_t Cout) {
+  if (input.dim() == 5) return {input.size(0), Cout, pg.D2, pg.H2, pg.W2};
+  return {input.size(0), Cout, pg.H2, pg.W2};
+}
+
+// P = avgpool2(relu(bn(X))) as a [N*(D2*)H2*W2, C] matrix.
 template <typename T>
 Tensor pooled_input(const Tensor& X, const Tensor& f, const PoolGeometry& pg) {
   using acc_t = acc_type<T>;
-  const int64_t N = X.size(0), C = X.size(1), M2 = N * pg.H2 * pg.W2;
+  const int64_t N = X.size(0), C = X.size(1), M2 = N * pg.D2 * pg.H2 * pg.W2;
   Tensor P = at::empty({M2, C}, X.options().memory_format(at::MemoryFormat::Contiguous));
   const acc_t* fp = f.data_ptr<acc_t>();
   for_each(M2 * C, PoolBnRelu<T, acc_t>{X.data_ptr<T>(), C, pg, fp, fp + C, P.data_ptr<T>()});
@@ -45,10 +62,10 @@ inline Tensor transition_forward(const Tensor& input, const Tensor& mean, const 
                                  const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
   const DeviceScope scope(input);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), Cout = conv_weight.size(0);
-  const PoolGeometry pg{H, W, H / 2, W / 2};
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor out = empty_cl(N, Cout, pg.H2, pg.W2, input.options());
+  const int64_t C = input.size(1), Cout = conv_weight.size(0);
+  const PoolGeometry pg = pool_geometry(input);
+  const Tensor X = input.contiguous(cl_format(input.dim()));
+  Tensor out = empty_cl(pooled_shape(input, pg, Cout), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "transition_forward_cuda", [&] {
     std::vector<Tensor> keep;
     const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
@@ -83,17 +100,18 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(const Tens
                                                                       const Tensor& conv_weight, bool training,
                                                                       double eps) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3), Cout = conv_weight.size(0);
-  const PoolGeometry pg{H, W, H / 2, W / 2};
-  check_shape(grad_output, {N, Cout, pg.H2, pg.W2}, "grad_output");
+  const int64_t C = input.size(1), Cout = conv_weight.size(0);
+  const PoolGeometry pg = pool_geometry(input);
+  check_shape(grad_output, pooled_shape(input, pg, Cout), "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const DeviceScope scope(input);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Tensor dO = rows_view(grad_output.contiguous(at::MemoryFormat::ChannelsLast));  // [M2, Cout]
+  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor dO = rows_view(grad_output.contiguous(cl_format(input.dim())));  // [M2, Cout]
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
-  Tensor dX = empty_cl(N, C, H, W, input.options());
+  Tensor dX = empty_cl(input.sizes(), input.options());
   Tensor dgamma = at::empty({C}, sopts), dbeta = at::empty({C}, sopts);
-  Tensor dWc = at::empty({Cout, C, 1, 1}, input.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dWc = at::empty(conv_weight_shape(Cout, C, 1, input.dim() - 2),
+                         input.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "transition_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     std::vector<Tensor> keep;
@@ -121,8 +139,8 @@ inline Tensor norm_relu_pool_forward(const Tensor& input, const Tensor& mean, co
   check_cuda_input(input, "input");
   check_tail_args(input, mean, var, weight, bias, eps);
   const DeviceScope scope(input);
-  const int64_t N = input.size(0), C = input.size(1), HW = input.size(2) * input.size(3);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // (D*)H*W
+  const Tensor X = input.contiguous(cl_format(input.dim()));
   Tensor out = at::empty({N, C}, input.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_relu_pool_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -140,20 +158,20 @@ inline std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward(const Tensor& 
                                                                   bool training, double eps) {
   check_cuda_input(input, "input");
   check_tail_args(input, mean, var, weight, bias, eps);
-  const int64_t N = input.size(0), C = input.size(1), H = input.size(2), W = input.size(3);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // (D*)H*W
   check_shape(grad_output, {N, C}, "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const DeviceScope scope(input);
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = input.contiguous(cl_format(input.dim()));
   const Tensor dO = grad_output.contiguous();
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
-  Tensor dX = empty_cl(N, C, H, W, input.options());
+  Tensor dX = empty_cl(input.sizes(), input.options());
   Tensor dgamma = at::empty({C}, sopts), dbeta = at::empty({C}, sopts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_relu_pool_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     std::vector<Tensor> keep;
     const Tensor f = fold_tail<scalar_t>(mean, var, weight, bias, eps, keep);
-    tail_bn_backward<scalar_t>(X, f, mean, training, GlobalPoolUp<scalar_t, acc_t>{dO.data_ptr<scalar_t>(), H * W, C},
+    tail_bn_backward<scalar_t>(X, f, mean, training, GlobalPoolUp<scalar_t, acc_t>{dO.data_ptr<scalar_t>(), HW, C},
                                dX, dgamma, dbeta, keep);
   });
   return {dX, as_param_dtype(dgamma, weight), as_param_dtype(dbeta, bias)};
@@ -166,7 +184,7 @@ inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
   const DeviceScope scope(input);
   const int64_t C = input.size(1), M = input.numel() / C;
-  const Tensor X = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Tensor X = input.contiguous(cl_format(input.dim()));
   // BN statistics in stats_dtype(input): float32 for half inputs, as the fake kernel declares.
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({C}, sopts), var = at::empty({C}, sopts);

@@ -80,10 +80,76 @@ def _make_timm_class():
     return FusedTimmDenseNet
 
 
-_LAZY_CLASSES = {"FusedTorchvisionDenseNet": _make_torchvision_class, "FusedTimmDenseNet": _make_timm_class}
+def monai_pool_head(class_layers: nn.Module) -> bool:
+    """Whether MONAI's ``class_layers`` is ReLU -> global average pool -> Flatten(1) -> ``out``, without hooks."""
+    if type(class_layers) is not nn.Sequential or list(class_layers._modules) != ["relu", "pool", "flatten", "out"]:
+        return False
+    relu, pool, flat = class_layers.relu, class_layers.pool, class_layers.flatten
+    pool_ok = (type(pool) in (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+               and pool.output_size in (1, (1, 1), (1, 1, 1)))
+    flat_ok = type(flat) is nn.Flatten and flat.start_dim == 1 and flat.end_dim == -1
+    return (type(relu) is nn.ReLU and pool_ok and flat_ok
+            and not any(has_hooks(m) for m in (class_layers, relu, pool, flat)))
+
+
+_MONAI_NAMES = ("DenseNet", "DenseNet121", "DenseNet169", "DenseNet201", "DenseNet264")
+
+
+def _make_monai_class(base_name: str):
+    import monai.networks.nets.densenet as _monai
+
+    base = getattr(_monai, base_name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features
+        if not isinstance(features, FusedFeatures) or not monai_pool_head(self.class_layers):
+            return base.forward(self, x)
+        return self.class_layers.out(features.forward_pooled(x, relu=True))
+
+    doc = (f"MONAI ``{base_name}`` after :func:`densenet_fast.convert`: forward fuses the final norm + the "
+           "head's ReLU + global average pool when ``features`` is a :class:`FusedFeatures`.")
+    return type(f"FusedMonai{base_name}", (base,), {"forward": forward, "__doc__": doc})
+
+
+def _make_xrv_class():
+    from torchxrayvision import utils as _xrv_utils
+    from torchxrayvision.models import DenseNet as _XRVDenseNet
+
+    class FusedXRVDenseNet(_XRVDenseNet):
+        """torchxrayvision ``DenseNet`` after :func:`densenet_fast.convert`: ``features2`` (the pooled
+        features ``forward`` classifies) fuses the final norm + ReLU + global average pool."""
+
+        def features2(self, x: Tensor) -> Tensor:
+            features = self.features
+            if not isinstance(features, FusedFeatures):
+                return super().features2(x)
+            if hasattr(self, "input_resolution"):
+                x = _xrv_utils.fix_resolution(x, self.input_resolution, self)
+                _xrv_utils.warn_normalization(x)
+            return features.forward_pooled(x, relu=True)
+
+    return FusedXRVDenseNet
+
+
+_LAZY_CLASSES = {"FusedTorchvisionDenseNet": _make_torchvision_class, "FusedTimmDenseNet": _make_timm_class,
+                 "FusedXRVDenseNet": _make_xrv_class}
+_LAZY_CLASSES.update({f"FusedMonai{n}": (lambda n=n: _make_monai_class(n)) for n in _MONAI_NAMES})
+
+
+def fused_head_class(cls: type) -> Optional[type]:
+    """The fused-head subclass for an exact MONAI / torchxrayvision DenseNet class, ``None`` for other classes."""
+    if cls.__module__ == "monai.networks.nets.densenet" and cls.__name__ in _MONAI_NAMES:
+        import monai.networks.nets.densenet as _monai
+        if getattr(_monai, cls.__name__) is cls:
+            return __getattr__(f"FusedMonai{cls.__name__}")
+    if cls.__module__ == "torchxrayvision.models" and cls.__name__ == "DenseNet":
+        return __getattr__("FusedXRVDenseNet")
+    return None
 
 
 def __getattr__(name: str):  # PEP 562: pickle finds the lazily created classes here
+    if name in globals():
+        return globals()[name]
     if name in _LAZY_CLASSES:
         cls = _LAZY_CLASSES[name]()
         cls.__module__ = __name__

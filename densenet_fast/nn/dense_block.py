@@ -109,31 +109,54 @@ def _kernel_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
 
 
+def values_per_channel(x: Tensor) -> int:
+    """N*H*W of [N, C, H, W], N*D*H*W of [N, C, D, H, W]: the count behind a BatchNorm's batch statistics."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
 def check_batch_for_training(x: Tensor, training: bool) -> None:
-    # Same error (type and text) as nn.BatchNorm2d.
-    if training and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+    # Same error (type and text) as nn.BatchNorm2d / nn.BatchNorm3d.
+    if training and x.dim() in (4, 5) and x.shape[1] and values_per_channel(x) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def check_spatial_dims(spatial_dims) -> int:
+    if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims: expected 2 or 3, got {spatial_dims!r}")
+    return spatial_dims
+
+
+def layer_drop_rate(layer: nn.Module) -> float:
+    """Dropout probability of a dense layer (0 for layers without one, e.g. MONAI's without a dropout child)."""
+    return float(getattr(layer, "drop_rate", 0.0))
 
 
 class DenseLayer(nn.Module):
     """One DenseNet-BC layer: BN-ReLU-conv1x1(bn_size*k)-BN-ReLU-conv3x3(k). Same children as torchvision.
 
-    forward(input: Tensor [N, C, H, W] or list of Tensors to concatenate) -> [N, k, H, W] (reference path).
+    forward(input: Tensor [N, C, H, W] or list of Tensors to concatenate) -> [N, k, H, W] (reference path);
+    with ``spatial_dims=3``: [N, C, D, H, W] -> [N, k, D, H, W] (BatchNorm3d, Conv3d 1x1x1 and 3x3x3).
     """
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
-                 memory_efficient: bool = False) -> None:
+                 memory_efficient: bool = False, spatial_dims: int = 2) -> None:
         super().__init__()
         check_int("num_input_features", num_input_features)
         check_int("growth_rate", growth_rate)
         check_int("bn_size", bn_size)
         check_drop_rate(drop_rate)
-        self.norm1 = nn.BatchNorm2d(num_input_features)
+        conv, norm = _CONV[check_spatial_dims(spatial_dims)], _NORM[spatial_dims]
+        self.norm1 = norm(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = norm(bn_size * growth_rate)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = conv(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
@@ -163,13 +186,16 @@ class DenseBlock(nn.ModuleDict):
 
     forward(x: [N, C0, H, W]) -> [N, C0 + L*growth_rate, H, W]. With ``impl="fused"`` the output is
     the block's shared buffer, in channels_last memory format whatever the input's layout.
+    ``spatial_dims=3``: [N, C0, D, H, W] -> [N, C0 + L*growth_rate, D, H, W] (channels_last_3d), with
+    3x3x3 convolutions.
     """
 
     _version = 2
     __prepare_scriptable__ = refuse_torchscript
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
-                 drop_rate: float = 0.0, memory_efficient: bool = False, impl: str = "fused") -> None:
+                 drop_rate: float = 0.0, memory_efficient: bool = False, impl: str = "fused",
+                 spatial_dims: int = 2) -> None:
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
                             ("bn_size", bn_size), ("growth_rate", growth_rate)):
@@ -178,7 +204,8 @@ class DenseBlock(nn.ModuleDict):
         self.impl = check_impl(impl)
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
-                                                             bn_size, drop_rate, memory_efficient))
+                                                             bn_size, drop_rate, memory_efficient,
+                                                             check_spatial_dims(spatial_dims)))
 
     # -- fused path -------------------------------------------------------------------------------
     def _layers(self) -> List[nn.Module]:
@@ -195,7 +222,7 @@ class DenseBlock(nn.ModuleDict):
             return False  # ONNX export: standard ATen ops (documented rule, no warning)
         layers = self._layers()
         _check_module_input(x, layers[0].conv1.weight, "DenseBlock")
-        if x.dim() == 4 and x.shape[0] == 0:
+        if x.dim() in (4, 5) and x.shape[0] == 0:
             return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
         reason = None
@@ -206,9 +233,9 @@ class DenseBlock(nn.ModuleDict):
             reason = "its BatchNorms are not all affine with running statistics and one eps"
         elif len({bn.training for bn in norms}) != 1:
             reason = "its BatchNorms are in mixed train/eval modes"
-        elif len({layer.drop_rate for layer in layers}) != 1:
+        elif len({layer_drop_rate(layer) for layer in layers}) != 1:
             reason = "its layers have different drop rates"
-        elif layers[0].drop_rate > 0 and {layer.training for layer in layers} != {norms[0].training}:
+        elif layer_drop_rate(layers[0]) > 0 and {layer.training for layer in layers} != {norms[0].training}:
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
         elif not _fused_device_ok(_block_ops.cpu_block_input(x), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
@@ -229,9 +256,11 @@ class DenseBlock(nn.ModuleDict):
         """Runs the fused operator and updates every norm's running statistics once (training)."""
         layers = self._layers()
         first = layers[0].norm1
-        if x.dim() != 4 or x.shape[1] != first.num_features:
-            raise ValueError(f"input: expected a 4-D tensor with {first.num_features} channels [N, "
-                             f"{first.num_features}, H, W], got shape {tuple(x.shape)}")
+        rank = layers[0].conv1.weight.dim()  # 4 (2-D block) or 5 (3-D block)
+        if x.dim() != rank or x.shape[1] != first.num_features:
+            dims = "D, H, W" if rank == 5 else "H, W"
+            raise ValueError(f"input: expected a {rank}-D tensor with {first.num_features} channels [N, "
+                             f"{first.num_features}, {dims}], got shape {tuple(x.shape)}")
         training = first.training
         check_batch_for_training(x, training)
         params = self.block_params()
@@ -241,9 +270,9 @@ class DenseBlock(nn.ModuleDict):
             params = _block_ops.cast_block_params(params, x.dtype)
         with _kernel_autocast(x):
             out = _block_ops.fused_dense_block(x, params, training=training, eps=first.eps,
-                                         drop_rate=layers[0].drop_rate)
+                                               drop_rate=layer_drop_rate(layers[0]))
         if training:
-            count = x.shape[0] * x.shape[2] * x.shape[3]
+            count = values_per_channel(x)
             widths = [l.norm1.num_features for l in layers]
             update_running_stats([l.norm1 for l in layers] + [l.norm2 for l in layers],
                                  [out.mean[:c] for c in widths] + list(out.mean2.unbind(0)),
@@ -258,11 +287,15 @@ class DenseBlock(nn.ModuleDict):
         if leaf is not None:  # torch.fx tracing: one call_module node
             return leaf
         x = init_features
-        if (isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1
+        if (isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[1] and values_per_channel(x) == 1
                 and any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
             check_batch_for_training(x, True)
         if self.can_fuse(init_features):
             return self.fused_forward(init_features).buffer
+        return self.reference_forward(init_features)
+
+    def reference_forward(self, init_features: Tensor) -> Tensor:
+        """The plain per-layer computation (torchvision's ``_DenseBlock.forward``)."""
         features = [init_features]
         for layer in self.values():
             features.append(layer(features))
@@ -287,24 +320,27 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
 def commit_bn_stats(bn: nn.BatchNorm2d, x: Tensor, mean: Tensor, var: Tensor, training: bool) -> None:
     """Running-statistics update of a BN reader whose operator has run (no-op in eval)."""
     if training:
-        update_running_stats([bn], [mean], [var], x.shape[0] * x.shape[2] * x.shape[3])
+        update_running_stats([bn], [mean], [var], values_per_channel(x))
 
 
 class Transition(nn.Sequential):
     """DenseNet transition (children ``norm, relu, conv, pool`` as torchvision's ``_Transition``).
 
     forward(x: [N, C, H, W]) -> [N, C_out, H//2, W//2]. With ``impl="fused"`` BN-ReLU-conv1x1-avgpool is one
-    operator that pools before the 1x1 conv and stores no BN/ReLU output.
+    operator that pools before the 1x1 conv and stores no BN/ReLU output. ``spatial_dims=3``:
+    [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2] (BatchNorm3d, Conv3d, AvgPool3d).
     """
 
-    def __init__(self, num_input_features: int, num_output_features: int, impl: str = "fused") -> None:
+    def __init__(self, num_input_features: int, num_output_features: int, impl: str = "fused",
+                 spatial_dims: int = 2) -> None:
         super().__init__()
         check_int("num_input_features", num_input_features)
         check_int("num_output_features", num_output_features)
-        self.norm = nn.BatchNorm2d(num_input_features)
+        check_spatial_dims(spatial_dims)
+        self.norm = _NORM[spatial_dims](num_input_features)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.conv = _CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
         self.impl = check_impl(impl)
 
     __prepare_scriptable__ = refuse_torchscript
@@ -312,11 +348,12 @@ class Transition(nn.Sequential):
     def can_fuse(self, x: Tensor) -> bool:
         """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured
         for the module's configuration. Inputs the fused operator rejects but torchvision's modules
-        handle or report themselves (not 4-D, empty batch, H or W < 2) take the reference path."""
+        handle or report themselves (not of the conv's rank, empty batch, a spatial size < 2) take the
+        reference path."""
         if getattr(self, "impl", "fused") != "fused" or exporting_to_onnx():
             return False  # ONNX export: standard ATen ops (documented rule, no warning)
         _check_module_input(x, self.conv.weight, "Transition")
-        if x.dim() != 4 or x.shape[0] == 0 or x.shape[2] < 2 or x.shape[3] < 2:
+        if x.dim() != self.conv.weight.dim() or x.shape[0] == 0 or min(x.shape[2:]) < 2:
             return False
         reason = None
         if not fusable_norms([self.norm]):
@@ -355,11 +392,11 @@ class Transition(nn.Sequential):
 
 def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
                          batch_var: Optional[Tensor] = None) -> Tensor:
-    """flatten(adaptive_avg_pool2d(relu(bn(x)), 1)) as one operator: [N, C, H, W] -> [N, C].
+    """flatten(adaptive_avg_pool(relu(bn(x)), 1)) as one operator: [N, C, H, W] or [N, C, D, H, W] -> [N, C].
 
     An empty batch (which the operator refuses) gets torchvision's computation and empty result."""
-    if isinstance(x, Tensor) and x.dim() == 4 and x.shape[0] == 0:
-        return torch.flatten(F.adaptive_avg_pool2d(F.relu(bn(x)), (1, 1)), 1)
+    if isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[0] == 0:
+        return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
     x = _autocast_dtype_fix(x)
     with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)

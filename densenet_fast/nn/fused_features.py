@@ -38,11 +38,11 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 def norm_relu_kind(m: nn.Module) -> Optional[str]:
-    """``"bn"`` for a plain ``nn.BatchNorm2d``, ``"bn_relu"`` for timm's ``BatchNormAct2d`` with a ReLU
-    activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
-    if not isinstance(m, nn.BatchNorm2d) or not fusable_norms([m]):
+    """``"bn"`` for a plain ``nn.BatchNorm2d`` / ``nn.BatchNorm3d``, ``"bn_relu"`` for timm's ``BatchNormAct2d``
+    with a ReLU activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
+    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) or not fusable_norms([m]):
         return None
-    if type(m) is nn.BatchNorm2d:
+    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d):
         return "bn"
     act, drop = getattr(m, "act", None), getattr(m, "drop", None)
     if type(m).__name__ == "BatchNormAct2d" and type(act) is nn.ReLU and type(drop) is nn.Identity:
@@ -118,7 +118,7 @@ class FusedFeatures(nn.Sequential):
                 stats = None
             if last and pool_relu is not None and not has_hooks(m):
                 kind = norm_relu_kind(m)
-                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == 4 \
+                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == (5 if isinstance(m, nn.BatchNorm3d) else 4) \
                         and _fused_device_ok(_autocast_dtype_fix(x)):
                     if stats is not None and m.training == bool(stats.mean.numel()):
                         return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
@@ -142,12 +142,14 @@ class FusedFeatures(nn.Sequential):
         return self._run(x, None)[0]
 
     def forward_pooled(self, x: Tensor, relu: bool = True) -> Tensor:
-        """[N, C_in, H, W] -> [N, C]: ``flatten(adaptive_avg_pool2d(relu?(self(x)), 1), 1)``."""
+        """[N, C_in, (D,) H, W] -> [N, C]: ``flatten(adaptive_avg_pool(relu?(self(x)), 1), 1)``."""
         out, pooled = self._run(x, bool(relu))
         if pooled:
             return out
         if relu:
             out = F.relu(out)
+        if out.dim() == 5:
+            return torch.flatten(F.adaptive_avg_pool3d(out, 1), 1)
         return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
 
     @classmethod

@@ -23,7 +23,9 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _empty_cl(shape, like: Tensor) -> Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=_CL)
+    """channels_last (4-D) / channels_last_3d (5-D) tensor: a [rows, C] matrix."""
+    fmt = torch.channels_last_3d if len(shape) == 5 else _CL
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 # -- argument validation of the fake (meta) kernels -------------------------------------------------
@@ -37,19 +39,35 @@ def _check(cond, msg) -> None:
     torch._check(cond, msg)  # RuntimeError; defers to a runtime assert for symbolic sizes
 
 
+def spatial_numel(t: Tensor):
+    """H*W of [N, C, H, W], D*H*W of [N, C, D, H, W]."""
+    n = 1
+    for s in t.shape[2:]:
+        n = n * s
+    return n
+
+
+def conv_weight_shape(out: int, inp: int, kernel: int, dims: int) -> list:
+    """[out, in, kernel, kernel(, kernel)] for 2 (3) spatial dimensions."""
+    return [out, inp] + [kernel] * dims
+
+
 def check_input_4d(input: Tensor, name: str, training: bool) -> None:
-    _check(input.dim() == 4, lambda: f"{name}: expected a 4-D tensor [N, C, H, W], got {input.dim()}-D with "
-           f"shape {list(input.shape)}")
+    """A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation (2 or 3 spatial dimensions)."""
+    _check(input.dim() in (4, 5), lambda: f"{name}: expected a 4-D tensor [N, C, H, W] or a 5-D tensor "
+           f"[N, C, D, H, W], got {input.dim()}-D with shape {list(input.shape)}")
     _check(input.dtype.is_floating_point, lambda: f"{name}: expected a floating-point dtype (float32, float64; "
            f"float16/bfloat16 on CUDA), got {input.dtype}")
-    N, C, H, W = input.shape
+    N, C = input.shape[:2]
+    H, W = input.shape[-2:]
+    depth = f"D={input.shape[2]}, " if input.dim() == 5 else ""
     _check(N > 0, lambda: f"{name}: expected a non-empty batch, got batch size 0 (shape {list(input.shape)})")
-    _check(H > 0 and W > 0, lambda: f"{name}: expected a non-zero spatial size, got H={H}, W={W}")
+    _check(spatial_numel(input) > 0, lambda: f"{name}: expected a non-zero spatial size, got {depth}H={H}, W={W}")
     _check(C > 0, lambda: f"{name}: expected at least one channel, got 0")
     _check(C <= _MAX_CHANNELS, lambda: f"{name}: expected at most {_MAX_CHANNELS} channels (GEMM dimensions are "
            f"32-bit), got {C}")
     if training:
-        torch._check_value(N * H * W > 1, lambda: "Expected more than 1 value per channel when training, got "
+        torch._check_value(N * spatial_numel(input) > 1, lambda: "Expected more than 1 value per channel when training, got "
                            f"input size {input.size()}")
 
 
@@ -71,16 +89,18 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
                            rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
     """Python twin of ``dnf::check_dense_block_args``; returns (L, k, inter)."""
     check_input_4d(input, "input", training)
-    N, C0, H, W = input.shape
+    N, C0 = input.shape[:2]
+    dims = input.dim() - 2
+    k3, k1 = ", ".join(["3"] * dims), ", ".join(["1"] * dims)
     L = len(norm1_weight)
     _check(L >= 1, lambda: "norm1_weight: expected at least one layer, got an empty list")
     for name, lst in (("norm1_bias", norm1_bias), ("conv1_weight", conv1_weight), ("norm2_weight", norm2_weight),
                       ("norm2_bias", norm2_bias), ("conv2_weight", conv2_weight)):
         _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
-    _check(conv2_weight[0].dim() == 4, lambda: "conv2_weight[0]: expected a 4-D weight [k, inter, 3, 3], got shape "
-           f"{list(conv2_weight[0].shape)}")
-    _check(conv1_weight[0].dim() == 4, lambda: "conv1_weight[0]: expected a 4-D weight [inter, C0, 1, 1], got shape "
-           f"{list(conv1_weight[0].shape)}")
+    _check(conv2_weight[0].dim() == input.dim(), lambda: f"conv2_weight[0]: expected a {input.dim()}-D weight "
+           f"[k, inter, {k3}] for a {input.dim()}-D input, got shape {list(conv2_weight[0].shape)}")
+    _check(conv1_weight[0].dim() == input.dim(), lambda: f"conv1_weight[0]: expected a {input.dim()}-D weight "
+           f"[inter, C0, {k1}] for a {input.dim()}-D input, got shape {list(conv1_weight[0].shape)}")
     k, inter = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
     _check(k >= 1 and inter >= 1, lambda: "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, "
            f"got k={k}, inter={inter}")
@@ -92,10 +112,10 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
         c = C0 + l * k
         check_tensor(norm1_weight[l], f"norm1_weight[{l}]", input, [c], bn_tensor=True)
         check_tensor(norm1_bias[l], f"norm1_bias[{l}]", input, [c], bn_tensor=True)
-        check_tensor(conv1_weight[l], f"conv1_weight[{l}]", input, [inter, c, 1, 1])
+        check_tensor(conv1_weight[l], f"conv1_weight[{l}]", input, conv_weight_shape(inter, c, 1, dims))
         check_tensor(norm2_weight[l], f"norm2_weight[{l}]", input, [inter], bn_tensor=True)
         check_tensor(norm2_bias[l], f"norm2_bias[{l}]", input, [inter], bn_tensor=True)
-        check_tensor(conv2_weight[l], f"conv2_weight[{l}]", input, [k, inter, 3, 3])
+        check_tensor(conv2_weight[l], f"conv2_weight[{l}]", input, conv_weight_shape(k, inter, 3, dims))
     if not training:
         for name, lst in (("norm1_running_mean", rm1), ("norm1_running_var", rv1), ("norm2_running_mean", rm2),
                           ("norm2_running_var", rv2)):
@@ -111,8 +131,9 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
                f"{dropout_mask.dtype}")
         _check(dropout_mask.device == input.device, lambda: f"dropout_mask: expected a tensor on {input.device}, "
                f"got {dropout_mask.device}")
-        _check(list(dropout_mask.shape) == [N, L * k, H, W], lambda: f"dropout_mask: expected shape "
-               f"{[N, L * k, H, W]}, got {list(dropout_mask.shape)}")
+        mask_shape = [N, L * k, *input.shape[2:]]
+        _check(list(dropout_mask.shape) == mask_shape, lambda: f"dropout_mask: expected shape "
+               f"{mask_shape}, got {list(dropout_mask.shape)}")
     return L, k, inter
 
 
@@ -121,10 +142,10 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
                               conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
     L, k, inter = check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
                                          conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps)
-    N, C0, H, W = input.shape
+    N, C0 = input.shape[:2]
     Ct = C0 + L * k
     n_stats, sd = (Ct if training else 0), stats_dtype(input.dtype)
-    return (_empty_cl((N, Ct, H, W), input), input.new_empty(n_stats, dtype=sd), input.new_empty(n_stats, dtype=sd),
+    return (_empty_cl((N, Ct, *input.shape[2:]), input), input.new_empty(n_stats, dtype=sd), input.new_empty(n_stats, dtype=sd),
             input.new_empty((L if training else 0, inter), dtype=sd),
             input.new_empty((L if training else 0, inter), dtype=sd))
 
@@ -133,7 +154,7 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
 def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
                                conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
                                dropout_mask, drop_rate, training, eps, num_input_features):
-    _check(buffer.dim() == 4, lambda: f"buffer: expected a 4-D tensor, got {buffer.dim()}-D")
+    _check(buffer.dim() in (4, 5), lambda: f"buffer: expected a 4-D or 5-D tensor, got {buffer.dim()}-D")
     _check(1 <= num_input_features < buffer.shape[1], lambda: f"num_input_features: expected a value in [1, "
            f"{buffer.shape[1]}), got {num_input_features}")
     L, k, inter = check_dense_block_args(buffer.narrow(1, 0, num_input_features), norm1_weight, norm1_bias,
@@ -146,10 +167,10 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
         for name, t, shape in (("mean", mean, [Ct]), ("var", var, [Ct]), ("mean2", mean2, [L, inter]),
                                ("var2", var2, [L, inter])):
             check_tensor(t, name, buffer, shape, bn_tensor=True)
-    N, _, H, W = buffer.shape
+    N = buffer.shape[0]
     like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
     # Every backend returns contiguous weight gradients (torch.compile asserts the real strides match).
-    return (_empty_cl((N, num_input_features, H, W), buffer), like(norm1_weight), like(norm1_bias),
+    return (_empty_cl((N, num_input_features, *buffer.shape[2:]), buffer), like(norm1_weight), like(norm1_bias),
             like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
 
 
@@ -209,7 +230,7 @@ class BlockParams(NamedTuple):
 class BlockOutput(NamedTuple):
     """Result of :func:`fused_dense_block`.
 
-    buffer: [N, C0 + L*k, H, W] (channels_last), the concatenation of the input and every layer's output.
+    buffer: [N, C0 + L*k, (D,) H, W] (channels_last / channels_last_3d), the concatenation of the input and every layer's output.
     mean, var: [C0 + L*k] batch mean / biased variance of the buffer (training; empty in eval).
     mean2, var2: [L, bn_size*k] batch statistics of every layer's norm2 (training; empty in eval).
     """
@@ -257,11 +278,11 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     """Runs a whole dense block as one fused operator.
 
     Args:
-        input: [N, C0, H, W] block input (any layout).
+        input: [N, C0, H, W] or [N, C0, D, H, W] block input (any layout).
         params: the layers' parameters; running statistics are read only in eval.
         training: batch statistics (training) or running statistics (eval).
         drop_rate: dropout probability applied to each layer's new features (training only).
-        dropout_mask: bool [N, L*k, H, W], True = keep; drawn here when None and dropout is active.
+        dropout_mask: bool [N, L*k, (D,) H, W], True = keep; drawn here when None and dropout is active.
 
     Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
     actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``). The
@@ -276,10 +297,9 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     if not 0.0 <= float(drop_rate) < 1.0:
         raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
     L = len(params.conv2_weight)
-    if training and drop_rate > 0 and dropout_mask is None and input.dim() == 4 and L > 0:
-        N, _, H, W = input.shape
+    if training and drop_rate > 0 and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
-        dropout_mask = torch.empty((N, L * k, H, W), device=input.device).bernoulli_(1.0 - drop_rate).bool()
+        dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]), device=input.device).bernoulli_(1.0 - drop_rate).bool()
     if not (training and drop_rate > 0):
         dropout_mask, drop_rate = None, 0.0
     running = list(params[6:]) if not training else [[], [], [], []]

@@ -1,7 +1,8 @@
 """Fake kernels and autograd of the BN-ReLU readers that follow a dense block.
 
-``transition_forward``: avg_pool2x2(conv1x1(relu(bn(x)))) -> [N, C_out, H//2, W//2] (channels_last);
-``norm_relu_pool_forward``: mean_hw(relu(bn(x))) -> [N, C]. Both take the BN statistics as inputs:
+``transition_forward``: avg_pool2x2(conv1x1(relu(bn(x)))) -> [N, C_out, H//2, W//2] (channels_last); on
+5-D input [N, C, D, H, W] the pool is 2x2x2 -> [N, C_out, D//2, H//2, W//2] (channels_last_3d);
+``norm_relu_pool_forward``: mean over the spatial dimensions of relu(bn(x)) -> [N, C]. Both take the BN statistics as inputs:
 with ``training=True`` these must be the batch statistics of ``x`` and the backward includes the
 statistics' own gradient terms (``mean``/``var`` get no gradient); with ``training=False`` they are
 running statistics (constants).
@@ -30,29 +31,40 @@ def _check_transition_args(input, mean, var, weight, bias, conv_weight, eps) -> 
     _check_tail_args(input, mean, var, weight, bias, eps)
     check_tensor(conv_weight, "conv_weight", input, None)
     C = input.shape[1]
-    _check(conv_weight.dim() == 4 and conv_weight.shape[1] == C and conv_weight.shape[2] == 1
-           and conv_weight.shape[3] == 1, lambda: f"conv_weight: expected shape [C_out, {C}, 1, 1], got "
-           f"{list(conv_weight.shape)}")
+    ones = ", ".join(["1"] * (input.dim() - 2))
+    _check(conv_weight.dim() == input.dim() and conv_weight.shape[1] == C
+           and all(s == 1 for s in conv_weight.shape[2:]), lambda: f"conv_weight: expected shape [C_out, {C}, "
+           f"{ones}], got {list(conv_weight.shape)}")
     _check(1 <= conv_weight.shape[0] <= _MAX_CHANNELS, lambda: "conv_weight: expected between 1 and "
            f"{_MAX_CHANNELS} output channels, got shape {list(conv_weight.shape)}")
-    _check(input.shape[2] >= 2 and input.shape[3] >= 2, lambda: "input: the transition's 2x2 average pool needs "
-           f"H >= 2 and W >= 2, got H={input.shape[2]}, W={input.shape[3]}")
+    if input.dim() == 5:
+        D, H, W = input.shape[2:]
+        _check(D >= 2 and H >= 2 and W >= 2, lambda: "input: the transition's 2x2x2 average pool needs D >= 2, "
+               f"H >= 2 and W >= 2, got D={D}, H={H}, W={W}")
+    _check(input.shape[-2] >= 2 and input.shape[-1] >= 2, lambda: "input: the transition's 2x2 average pool needs "
+           f"H >= 2 and W >= 2, got H={input.shape[-2]}, W={input.shape[-1]}")
+
+
+def _memory_format(x: torch.Tensor):
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+
+def _pooled_shape(input: torch.Tensor, c_out: int) -> list:
+    return [input.shape[0], c_out] + [s // 2 for s in input.shape[2:]]
 
 
 @torch.library.register_fake("densenet_fast::transition_forward")
 def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
-    N, _, H, W = input.shape
-    return torch.empty((N, conv_weight.shape[0], H // 2, W // 2), dtype=input.dtype, device=input.device,
-                       memory_format=torch.channels_last)
+    return torch.empty(_pooled_shape(input, conv_weight.shape[0]), dtype=input.dtype, device=input.device,
+                       memory_format=_memory_format(input))
 
 
 @torch.library.register_fake("densenet_fast::transition_backward")
 def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
-    N, _, H, W = input.shape
-    check_tensor(grad_output, "grad_output", input, [N, conv_weight.shape[0], H // 2, W // 2])
-    return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
+    check_tensor(grad_output, "grad_output", input, _pooled_shape(input, conv_weight.shape[0]))
+    return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format))
 
 
@@ -66,7 +78,7 @@ def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps):
 def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps):
     _check_tail_args(input, mean, var, weight, bias, eps)
     check_tensor(grad_output, "grad_output", input, [input.shape[0], input.shape[1]])
-    return (torch.empty_like(input, memory_format=torch.channels_last), torch.empty_like(weight),
+    return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias))
 
 
@@ -101,13 +113,14 @@ torch.library.register_autograd("densenet_fast::norm_relu_pool_forward", _norm_r
 
 def transition(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor, conv_weight: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
-    """avg_pool2d(conv1x1(relu(batch_norm(input))), 2): [N, C, H, W] -> [N, C_out, H//2, W//2]."""
+    """avg_pool(conv1x1(relu(batch_norm(input))), 2): [N, C, H, W] -> [N, C_out, H//2, W//2], or
+    [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2]."""
     return _ops.transition_forward(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
 
 
 def norm_relu_pool(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
-    """adaptive_avg_pool2d(relu(batch_norm(input)), 1).flatten(1): [N, C, H, W] -> [N, C]."""
+    """adaptive_avg_pool(relu(batch_norm(input)), 1).flatten(1): [N, C, (D,) H, W] -> [N, C]."""
     return _ops.norm_relu_pool_forward(input, mean, var, weight, bias, bool(training), float(eps))
 
 
