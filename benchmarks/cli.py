@@ -327,7 +327,7 @@ def _run_model(s: Settings, model: str, rows: List[Dict[str, Any]], progress: Pr
     state = torchvision_model(spec).state_dict()  # the one set of weights every implementation loads
     weights = os.path.join(tmp, f"{model}.pt")
     torch.save(state, weights)
-    available = {n: IMPLS[n].unavailable() for n in s.impls}
+    available = {n: IMPLS[n].unavailable(spec) for n in s.impls}
     models: Dict[str, Any] = {}
     if s.timing:
         for name in s.impls:
