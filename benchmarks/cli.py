@@ -462,7 +462,7 @@ def _run_model(s: Settings, model: str, rows: List[Dict[str, Any]], progress: Pr
     weights = os.path.join(tmp, f"{model}.pt")
     torch.save(state, weights)
     wanted = list(dict.fromkeys(n for d in s.dtypes for n in s.impls_for(d)))
-    available = {n: IMPLS[n].unavailable() for n in wanted}
+    available = {n: IMPLS[n].unavailable(spec) for n in wanted}
     models: Dict[str, Any] = {}
     if s.timing:
         for name in wanted:

@@ -94,8 +94,11 @@ class Impl:
     compiled: bool = False  # wrapped in torch.compile after the weights are loaded
     check: Optional[Callable[[], Optional[str]]] = None
     post: Optional[Callable[[nn.Module], nn.Module]] = None
+    spatial_dims: int = 2  # the specs it builds: 2 (torchvision layout) or 3 (MONAI volumes)
 
-    def unavailable(self) -> Optional[str]:
+    def unavailable(self, spec: Optional[ModelSpec] = None) -> Optional[str]:
+        if spec is not None and spec.spatial_dims != self.spatial_dims:
+            return f"builds {self.spatial_dims}-D models only, {spec.name} is {spec.spatial_dims}-D"
         reason = _has_module(self.requires)
         if reason is None and self.check is not None:
             reason = self.check()
@@ -113,9 +116,9 @@ IMPLS: Dict[str, Impl] = {i.name: i for i in (
          compiled=True),
     Impl("dnf-ref", "densenet_fast impl=reference", lambda s: _dnf_model(s, "reference"), "densenet_fast"),
     Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", post=_convert),
-    Impl("monai", "MONAI DenseNet", _monai_model, "monai"),
-    Impl("monai-convert", "MONAI + dnf.convert()", _monai_model, "monai", post=_convert),
-    Impl("dnf-3d", "densenet_fast DenseNet3d", _dnf_3d_model, "densenet_fast"),
+    Impl("monai", "MONAI DenseNet", _monai_model, "monai", spatial_dims=3),
+    Impl("monai-convert", "MONAI + dnf.convert()", _monai_model, "monai", post=_convert, spatial_dims=3),
+    Impl("dnf-3d", "densenet_fast DenseNet3d", _dnf_3d_model, "densenet_fast", spatial_dims=3),
 )}
 
 
