@@ -118,7 +118,8 @@ class FusedFeatures(nn.Sequential):
                 stats = None
             if last and pool_relu is not None and not has_hooks(m):
                 kind = norm_relu_kind(m)
-                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == (5 if isinstance(m, nn.BatchNorm3d) else 4) \
+                rank = 5 if isinstance(m, nn.BatchNorm3d) else 4
+                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank \
                         and _fused_device_ok(_autocast_dtype_fix(x)):
                     if stats is not None and m.training == bool(stats.mean.numel()):
                         return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
@@ -148,7 +149,8 @@ class FusedFeatures(nn.Sequential):
             return out
         if relu:
             out = F.relu(out)
-        if out.dim() == 5:
+        # The rank from the modules, not from the tensor: torch.fx traces this method.
+        if any(isinstance(m, (nn.Conv3d, nn.BatchNorm3d)) for m in self.children()):
             return torch.flatten(F.adaptive_avg_pool3d(out, 1), 1)
         return torch.flatten(F.adaptive_avg_pool2d(out, (1, 1)), 1)
 
