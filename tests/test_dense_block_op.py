@@ -275,11 +275,14 @@ def test_saved_bytes_grow_linearly_with_depth():
 
 def test_autocast_bf16_cpu():
     ref, ours = _blocks(2, 4, 2, 3)
-    x = torch.randn(2, 4, 6, 6)
+    # bf16, as a block input arrives under autocast (the stem's conv emits bf16). Rule: under CPU bf16
+    # autocast our block casts its input to bf16 and returns bf16, also for an fp32 input (where
+    # torchvision's torch.cat would return fp32).
+    x = torch.randn(2, 4, 6, 6).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yo = ours(x)
         yr = ref(x)
-    y32 = ref(x)
+    y32 = ref(x.float())
     # our block computes in bf16 (fp32 accumulation, BN in fp32) under CPU autocast; accuracy: tests/test_bf16.py
     assert yo.dtype == torch.bfloat16
     assert (yo.float() - y32).abs().max() <= 1.5 * (yr.float() - y32).abs().max() + 1e-4

@@ -234,13 +234,13 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
     ThreadPartials<acc_t> p2(2 * inter);
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-      // Sums over at most 256 rows in F (vectorisable), then in acc_t.
-      std::vector<F> ts(2 * inter);
-      F* ts1 = ts.data();
-      F* ts2 = ts.data() + inter;
+      // Sums over at most 256 rows, then added to the thread's partials.
+      std::vector<acc_t> ts(2 * inter);
+      acc_t* ts1 = ts.data();
+      acc_t* ts2 = ts.data() + inter;
       acc_t* s = p2.mine();
       for (int64_t q0 = r0; q0 < r1; q0 += 256) {
-        std::fill(ts.begin(), ts.end(), F(0));
+        std::fill(ts.begin(), ts.end(), acc_t(0));
         for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
           const T* vr = V + r * inter;
           const F* yr = Y + r * inter;
