@@ -130,7 +130,7 @@ def test_preset_mem_depth():
     depths = sorted({2 * sum(sp.block_config) + 4 for sp in specs})
     assert depths[0] == 40 and depths[-1] == 250
     assert set(s.impls) == {"tv", "tv-memeff", "dnf"}
-    assert (s.timing, s.eval, s.memory, s.mem_cap_bytes) == (False, False, True, 4 * 1024 ** 3)
+    assert (s.timing, s.eval, s.memory, s.mem_cap_bytes, s.jobs, s.threads) == (False, False, True, 3 * 2 ** 30, 3, 1)
     # an explicit flag overrides the preset
     s = resolve(build_parser().parse_args(["--preset", "mem-depth", "--mem-cap", "2GiB", "--batch", "8"]))
     assert s.mem_cap_bytes == 2 * 1024 ** 3 and s.batches == [8]
@@ -319,13 +319,11 @@ def test_worker_over_the_memory_cap_is_recorded_as_oom(tmp_path):
 
 
 def test_readme_figures_exist():
-    """Every image the README shows is committed under benchmarks/results/, and the three headline
-    figures are among them."""
+    """Every image the README shows is committed (under benchmarks/results/), and it shows some."""
     import re
 
     readme = (ROOT / "README.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
-    assert {"benchmarks/results/mem-depth.png", "benchmarks/results/mem-batch.png",
-            "benchmarks/results/budget.png"} <= set(images), images
+    assert images and all(image.startswith("benchmarks/results/") for image in images), images
     for image in images:
-        assert (ROOT / image).stat().st_size > 0, image
+        assert (ROOT / image).read_bytes().startswith(_PNG), image
