@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import report
 
-_BC_DEPTHS = (40, 70, 100, 250)
+_BC_DEPTHS = (40, 100, 250)
 PRESETS: Dict[str, Dict[str, Any]] = {
     # README command 1: finishes in under a minute on 2 idle CPU cores (no torch.compile: compiling
     # DenseNet-121 alone takes minutes there).
@@ -30,21 +30,26 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "readme-cpu": dict(model="densenet121", batch=8, size=224,
                        impls="tv,tv-memeff,timm,tv-compile,dnf,dnf-compile,dnf-convert", lowp_impls="tv,dnf",
                        dtype="float32,bfloat16", repeats=4, warmup=1, device="cpu", name="readme-cpu"),
-    # Headline figure 1: memory vs depth, DenseNet-BC k=12 and k=24, 32x32, batch 64 (memory only;
-    # timm's set_grad_checkpointing saves what memory_efficient saves: add timm-ckpt with --impls).
+    # Headline figure 1: memory vs depth, DenseNet-BC k=12 and k=24, 32x32 (memory only). Batch 16,
+    # one thread per run (memory does not depend on it; no OpenMP spinning on a busy machine) and a
+    # 3 GiB cap per run fit a shared 2-core machine; memory is linear in the batch, so the slopes
+    # are those of batch 64 (--batch 64 --mem-cap 16GiB on a larger machine). timm's
+    # set_grad_checkpointing saves what memory_efficient saves: add timm-ckpt with --impls.
     "mem-depth": dict(model=",".join([f"densenet_bc{d}" for d in _BC_DEPTHS]
                                      + [f"densenet_bc{d}_k24" for d in _BC_DEPTHS]),
-                      batch=64, impls="tv,tv-memeff,dnf", timing=False, eval=False, compile=False,
-                      jobs=2, mem_cap="6GiB", name="mem-depth"),
-    # Headline figure 2: memory vs batch size, densenet121 224x224 (memory only), as far as the cap allows.
-    "mem-batch": dict(model="densenet121", sweep_batch="1,4,16,32,64", impls="tv,tv-memeff,dnf",
-                      timing=False, eval=False, compile=False, jobs=2, mem_cap="6GiB", name="mem-batch"),
+                      batch=16, impls="tv,tv-memeff,dnf", timing=False, eval=False, compile=False,
+                      jobs=3, threads=1, mem_cap="3GiB", name="mem-depth"),
+    # Headline figure 2: memory vs batch size, densenet121 224x224 (memory only), up to batch 32 (where
+    # torchvision's step needs ~4.3 GiB; --sweep-batch 1,4,16,32,64 --mem-cap 16GiB on a larger machine).
+    "mem-batch": dict(model="densenet121", sweep_batch="1,4,16,32", impls="tv,tv-memeff,dnf",
+                      timing=False, eval=False, compile=False, jobs=1, threads=1, mem_cap="5GiB", name="mem-batch"),
     # Headline figure 3: largest batch under a 768 MiB step peak, and the step time at that batch.
     "budget": dict(model="densenet121", batch=4, impls="tv,tv-memeff,dnf", budget="768MiB", repeats=3, eval=False,
                    compile=False, jobs=1, name="budget"),
 }
 DEFAULTS: Dict[str, Any] = dict(model="densenet121", batch=8, sweep_batch=None, size=None, impls="all",
                                 lowp_impls=None, repeats=5, warmup=1, device="auto", dtype="float32", compile=True,
+                                threads=None,
                                 timing=True, eval=True, memory=True, budget=None, jobs=None, mem_cap=None,
                                 name=None)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -200,8 +205,6 @@ def resolve(args: argparse.Namespace) -> Settings:
     device = pick("device")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     impls = parse_impls(pick("impls"))
     lowp_impls = parse_impls(pick("lowp_impls")) if pick("lowp_impls") else list(impls)
     dtypes = pick("dtype")
@@ -223,7 +226,7 @@ def resolve(args: argparse.Namespace) -> Settings:
     name = pick("name") or f"{'-'.join(models)}_{device.split(':')[0]}_b{'-'.join(map(str, batches))}"
     return Settings(models=models, batches=batches, size=pick("size"), impls=impls, lowp_impls=lowp_impls,
                     repeats=max(1, pick("repeats")), warmup=max(1, pick("warmup")), device=device,
-                    dtypes=dtypes, threads=torch.get_num_threads(), compile=bool(compile_ok),
+                    dtypes=dtypes, threads=pick("threads") or torch.get_num_threads(), compile=bool(compile_ok),
                     eval=bool(pick("eval")), memory=bool(pick("memory")), timing=bool(pick("timing")),
                     budget_bytes=budget, budget_max_batch=args.budget_max_batch, jobs=jobs,
                     mem_cap_bytes=mem_cap if mem_cap is not None else _default_mem_cap(device, jobs),
@@ -535,6 +538,7 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
 
     from benchmarks import plots
 
+    torch.set_num_threads(s.threads)
     device = torch.device(s.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)

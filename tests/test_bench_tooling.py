@@ -126,12 +126,12 @@ def test_preset_readme_cpu_has_bf16_and_compiled_rows():
 def test_preset_mem_depth():
     s = resolve(build_parser().parse_args(["--preset", "mem-depth"]))
     specs = [get_spec(m) for m in s.models]
-    assert all(sp.cifar and sp.size == 32 for sp in specs) and s.batches == [64] and s.figure == "depth"
+    assert all(sp.cifar and sp.size == 32 for sp in specs) and s.batches == [16] and s.figure == "depth"
     assert {sp.growth_rate for sp in specs} == {12, 24}
     depths = sorted({2 * sum(sp.block_config) + 4 for sp in specs})
     assert depths[0] == 40 and depths[-1] == 250
     assert set(s.impls) == {"tv", "tv-memeff", "dnf"}
-    assert (s.timing, s.eval, s.memory, s.mem_cap_bytes) == (False, False, True, 6 * 1024 ** 3)
+    assert (s.timing, s.eval, s.memory, s.mem_cap_bytes, s.jobs, s.threads) == (False, False, True, 3 * 2 ** 30, 3, 1)
     # an explicit flag overrides the preset
     s = resolve(build_parser().parse_args(["--preset", "mem-depth", "--mem-cap", "2GiB", "--batch", "8"]))
     assert s.mem_cap_bytes == 2 * 1024 ** 3 and s.batches == [8]
@@ -139,7 +139,7 @@ def test_preset_mem_depth():
 
 def test_preset_mem_batch_and_budget():
     s = resolve(build_parser().parse_args(["--preset", "mem-batch"]))
-    assert s.models == ["densenet121"] and s.batches == [1, 4, 16, 32, 64] and s.figure == "batch"
+    assert s.models == ["densenet121"] and s.batches == [1, 4, 16, 32] and s.figure == "batch"
     assert {"tv", "tv-memeff", "dnf"} == set(s.impls)
     assert not s.timing and s.memory
     s = resolve(build_parser().parse_args(["--preset", "budget"]))
@@ -320,13 +320,11 @@ def test_worker_over_the_memory_cap_is_recorded_as_oom(tmp_path):
 
 
 def test_readme_figures_exist():
-    """Every image the README shows is committed under benchmarks/results/, and the three headline
-    figures are among them."""
+    """Every image the README shows is committed (under benchmarks/results/), and it shows some."""
     import re
 
     readme = (ROOT / "README.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", readme)
-    assert {"benchmarks/results/mem-depth.png", "benchmarks/results/mem-batch.png",
-            "benchmarks/results/budget.png"} <= set(images), images
+    assert images and all(image.startswith("benchmarks/results/") for image in images), images
     for image in images:
-        assert (ROOT / image).stat().st_size > 0, image
+        assert (ROOT / image).read_bytes().startswith(_PNG), image
