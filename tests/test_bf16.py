@@ -142,3 +142,61 @@ def test_bf16_model_trains():
             losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast_bf16_model_vs_fp64_truth_and_tails_save_the_bf16_buffer(train):
+    """A whole DenseNet-BC under CPU bf16 autocast: output and every gradient no worse than 1.5x torchvision's
+    error against the fp64 truth, output dtype as torchvision's, and the transitions / final norm save the
+    bf16 block buffer (no float32 copy of it is kept for the backward)."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    import torchvision
+
+    ref = torchvision.models.DenseNet(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3,
+                                      num_classes=7)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    ours = dnf.DenseNet(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3, num_classes=7)
+    ours.load_state_dict(ref.state_dict())
+    truth = torchvision.models.DenseNet(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3,
+                                        num_classes=7).double()
+    truth.load_state_dict(ref.state_dict())
+    x, g = torch.randn(8, 3, 37, 29), torch.randn(8, 7)
+    results = {}
+    for name, model in (("tv", ref), ("ours", ours)):
+        model.train(train)
+        saved_dtypes = []
+
+        def pack(t, saved_dtypes=saved_dtypes):
+            saved_dtypes.append((tuple(t.shape), t.dtype))
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            y, _, grads = _step(model, x, g, True)
+        results[name] = (y, grads, saved_dtypes)
+    yt, _, gt = _step(truth.train(train), x.double(), g.double(), False)
+    (yo, go, saved), (yr, gr, _) = results["ours"], results["tv"]
+    assert yo.dtype == yr.dtype
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    _assert_no_worse(_flat(go), _flat(gr), _flat(gt), 1.5, "all parameter gradients")
+    # The first block's buffer [8, 13 + 3*5, 10, 8] (after the stem: 37x29 -> 19x15 -> 10x8) is saved in bf16 only.
+    first_buffer = [d for s, d in saved if s == (8, 28, 10, 8)]
+    assert first_buffer and set(first_buffer) == {torch.bfloat16}, first_buffer
+
+
+@pytest.mark.parametrize("op", ["transition_bf16", "norm_relu_pool_bf16"])
+def test_bf16_tail_ops_opcheck(op):
+    C, Cout = 6, 3
+    x = torch.randn(2, C, 5, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    mean, var = torch.randn(C) * 0.1, torch.rand(C) + 0.5
+    w, b = torch.rand(C) + 0.5, torch.randn(C) * 0.1
+    if op == "transition_bf16":
+        args = (x, mean, var, w, b, torch.randn(Cout, C, 1, 1, requires_grad=True), True, 1e-5)
+    else:
+        args = (x, mean, var, w, b, True, 1e-5)
+    torch.library.opcheck(getattr(torch.ops.densenet_fast, op), args)

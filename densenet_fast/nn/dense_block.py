@@ -100,6 +100,15 @@ def check_drop_rate(drop_rate) -> float:
     return float(drop_rate)
 
 
+def _tail_input(x: Tensor) -> Tensor:
+    """The input a tail operator (transition, final norm) takes: a CPU bfloat16 tensor under autocast
+    (the fused block's buffer) stays bfloat16 -- the tail op computes in float32 on a transient copy and
+    saves the bfloat16 buffer autograd keeps anyway; other inputs as _autocast_dtype_fix."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
+        return x
+    return _autocast_dtype_fix(x)
+
+
 def _kernel_autocast(x: Tensor):
     """Autocast state around the fused operators. CPU: disabled (the kernels run in float32, see
     _autocast_dtype_fix). CUDA: left as it is, so the operators' AutocastCUDA kernels cast the input
@@ -311,7 +320,9 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
         return bn.running_mean, bn.running_var, False
     check_batch_for_training(x, True)
     if batch_mean is None or batch_mean.numel() == 0:
-        batch_mean, batch_var = _tail_ops.channel_moments(x.detach())
+        # The CPU statistics kernel takes float32/float64: a bfloat16 input is reduced on a float32 copy.
+        xs = x.detach().float() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x.detach()
+        batch_mean, batch_var = _tail_ops.channel_moments(xs)
     if update:
         commit_bn_stats(bn, x, batch_mean, batch_var, True)
     return batch_mean, batch_var, True
@@ -371,7 +382,7 @@ class Transition(nn.Sequential):
         """``batch_mean``/``batch_var``: the input's batch statistics when already known (from the block)."""
         if x.shape[1] != self.norm.num_features:
             raise ValueError(f"input: expected {self.norm.num_features} channels, got shape {tuple(x.shape)}")
-        x = _autocast_dtype_fix(x)
+        x = _tail_input(x)
         with _kernel_autocast(x):
             mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
             out = _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
@@ -397,7 +408,7 @@ def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Ten
     An empty batch (which the operator refuses) gets torchvision's computation and empty result."""
     if isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[0] == 0:
         return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
-    x = _autocast_dtype_fix(x)
+    x = _tail_input(x)
     with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
         out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps)

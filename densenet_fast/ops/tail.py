@@ -111,16 +111,76 @@ torch.library.register_autograd("densenet_fast::norm_relu_pool_forward", _norm_r
                                 setup_context=_setup)
 
 
+# -- CPU bfloat16 inputs ------------------------------------------------------------------------------
+# Under CPU bf16 autocast the fused block's buffer is bfloat16. The CPU tail kernels compute in float32,
+# so these two ops run them on a transient float32 copy and save the bfloat16 input for the backward:
+# the only saved tensor is the block buffer autograd already keeps, not a float32 twin of it.
+
+
+@torch.library.custom_op("densenet_fast::transition_bf16", mutates_args=())
+def transition_bf16(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor, conv_weight: torch.Tensor, training: bool, eps: float) -> torch.Tensor:
+    """``transition_forward`` of a bfloat16 input [N, C, (D,) H, W] with float32 BN and conv tensors; the
+    output is bfloat16, as the 1x1 convolution's under autocast."""
+    return _ops.transition_forward(input.float(), mean, var, weight, bias, conv_weight, training,
+                                   eps).to(input.dtype)
+
+
+@transition_bf16.register_fake
+def _(input, mean, var, weight, bias, conv_weight, training, eps):
+    return _ops.transition_forward(input.float(), mean, var, weight, bias, conv_weight, training,
+                                   eps).to(input.dtype)
+
+
+@torch.library.custom_op("densenet_fast::norm_relu_pool_bf16", mutates_args=())
+def norm_relu_pool_bf16(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor, training: bool, eps: float) -> torch.Tensor:
+    """``norm_relu_pool_forward`` of a bfloat16 input with float32 BN tensors -> bfloat16 [N, C]."""
+    return _ops.norm_relu_pool_forward(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
+
+
+@norm_relu_pool_bf16.register_fake
+def _(input, mean, var, weight, bias, training, eps):
+    return _ops.norm_relu_pool_forward(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
+
+
+def _transition_bf16_backward(ctx, grad):
+    input, *rest = ctx.saved_tensors
+    gx, gw, gb, gc = _ops.transition_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
+    return gx.to(input.dtype), None, None, gw, gb, gc, None, None
+
+
+def _norm_relu_pool_bf16_backward(ctx, grad):
+    input, *rest = ctx.saved_tensors
+    gx, gw, gb = _ops.norm_relu_pool_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
+    return gx.to(input.dtype), None, None, gw, gb, None, None
+
+
+torch.library.register_autograd("densenet_fast::transition_bf16", _transition_bf16_backward, setup_context=_setup)
+torch.library.register_autograd("densenet_fast::norm_relu_pool_bf16", _norm_relu_pool_bf16_backward,
+                                setup_context=_setup)
+
+
+def _cpu_bf16(input: torch.Tensor) -> bool:
+    return input.device.type == "cpu" and input.dtype == torch.bfloat16
+
+
 def transition(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor, conv_weight: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
     """avg_pool(conv1x1(relu(batch_norm(input))), 2): [N, C, H, W] -> [N, C_out, H//2, W//2], or
-    [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2]."""
+    [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2]. A CPU bfloat16 input (float32 BN and conv tensors)
+    computes in float32 and returns bfloat16."""
+    if _cpu_bf16(input):
+        return transition_bf16(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
     return _ops.transition_forward(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
 
 
 def norm_relu_pool(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
-    """adaptive_avg_pool(relu(batch_norm(input)), 1).flatten(1): [N, C, (D,) H, W] -> [N, C]."""
+    """adaptive_avg_pool(relu(batch_norm(input)), 1).flatten(1): [N, C, (D,) H, W] -> [N, C]. A CPU
+    bfloat16 input (float32 BN tensors) computes in float32 and returns bfloat16."""
+    if _cpu_bf16(input):
+        return norm_relu_pool_bf16(input, mean, var, weight, bias, bool(training), float(eps))
     return _ops.norm_relu_pool_forward(input, mean, var, weight, bias, bool(training), float(eps))
 
 
