@@ -74,7 +74,7 @@ def extension():
     macros = []
     if with_cuda:
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo",
-                               f"-DDNF_WITH_CUDA=1"]
+                               "-DDNF_WITH_CUDA=1"]
         macros.append(("DNF_HAS_CUDA_KERNELS", "1"))
     cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     return cls(

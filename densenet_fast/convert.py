@@ -4,8 +4,9 @@ Walks any ``nn.Module`` and replaces, in place,
 
 * torchvision ``_DenseBlock`` and timm ``DenseBlock``  -> :class:`densenet_fast.nn.DenseBlock`
 * torchvision ``_Transition`` and timm ``DenseTransition`` (average-pool ones) -> :class:`densenet_fast.nn.Transition`
-* an ``nn.Sequential`` holding dense blocks (a DenseNet's ``features``) -> :class:`~densenet_fast.nn.converted.FusedFeatures`
-  (block -> transition fusion: the transition reuses the block's batch statistics)
+* an ``nn.Sequential`` holding dense blocks (a DenseNet's ``features``) ->
+  :class:`~densenet_fast.nn.converted.FusedFeatures` (block -> transition fusion: the transition reuses the
+  block's batch statistics)
 * an exact torchvision / timm ``DenseNet`` (root or nested) gets a subclass whose ``forward`` also fuses the
   final norm + ReLU + global average pool (``__class__`` swap; ``isinstance`` still holds; a pickled converted
   model needs densenet_fast to load, its ``state_dict`` does not)
@@ -38,7 +39,6 @@ from torch import nn
 
 from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
 from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
-from densenet_fast.nn.fused_features import _pair
 from densenet_fast.nn.dense_block import DenseBlock, Transition
 
 __all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
@@ -174,7 +174,8 @@ def _block_problem(block: nn.Module) -> Optional[str]:
             if not isinstance(getattr(layer, attr, None), nn.Module):
                 return f"{where} has no {attr}"
         n1, c1, n2, c2 = layer.norm1, layer.conv1, layer.norm2, layer.conv2
-        for bn, name, relu in ((n1, "norm1", getattr(layer, "relu1", None)), (n2, "norm2", getattr(layer, "relu2", None))):
+        for bn, name, relu in ((n1, "norm1", getattr(layer, "relu1", None)),
+                               (n2, "norm2", getattr(layer, "relu2", None))):
             p = _norm_problem(bn, f"{where} {name}", relu if tv else None)
             if p:
                 return p
@@ -416,8 +417,8 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
             return new
         if se_cls is not None and type(m) is _cls("timm.layers.squeeze_excite", "SEModule"):
             new = _adopt(se_cls.from_timm(m), m)
-            report.converted.append((name, f"SqueezeExcite <- timm SEModule"
-                                           f"{'' if new.fused else ' (plain path: ' + str(new._unfused_reason()) + ')'}"))
+            plain = "" if new.fused else f" (plain path: {new._unfused_reason()})"
+            report.converted.append((name, f"SqueezeExcite <- timm SEModule{plain}"))
             memo[id(m)] = new
             return new
         # generic container: recurse

@@ -79,7 +79,8 @@ def main() -> None:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
     g = torch.Generator().manual_seed(1234)  # same synthetic dataset in every process
-    data = TensorDataset(torch.randn(args.samples, 3, 32, 32, generator=g), torch.randint(10, (args.samples,), generator=g))
+    data = TensorDataset(torch.randn(args.samples, 3, 32, 32, generator=g), torch.randint(10, (args.samples,),
+                                                                                          generator=g))
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=0) if distributed else None
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, shuffle=sampler is None, drop_last=True)
     opt = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)

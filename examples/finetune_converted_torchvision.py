@@ -25,9 +25,9 @@ try:
     import densenet_fast  # noqa: F401
 except ImportError:  # running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from densenet_fast.convert import conversion_report, convert  # noqa: E402
-
 import torchvision  # noqa: E402
+
+from densenet_fast.convert import conversion_report, convert  # noqa: E402
 
 
 def build_model(arch: str, num_classes: int, weights: str | None) -> nn.Module:

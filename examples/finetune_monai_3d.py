@@ -1,6 +1,6 @@
 """Fine-tune a MONAI 3D DenseNet converted with ``densenet_fast.convert`` on synthetic volumes.
 
-    python examples/finetune_monai_3d.py                           # small 3D DenseNet on 16^3 volumes, seconds on 2 CPU cores
+    python examples/finetune_monai_3d.py      # small 3D DenseNet on 16^3 volumes, seconds on 2 CPU cores
     python examples/finetune_monai_3d.py --arch DenseNet121 --size 96 --batch 2 --steps 5
 
 The model is MONAI's own ``DenseNet121`` (or a small one with the same classes); ``convert`` swaps its dense

@@ -19,6 +19,29 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+@pytest.fixture(scope="session")
+def emu():
+    """The CUDA implementation (csrc/cuda) compiled for the host (csrc/cuda/emu/emulate.cpp), built once per
+    checkout. Skips only where this machine has no C++ compiler or ninja; a compile error fails the tests."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    if shutil.which("c++") is None or not cpp_extension.is_ninja_available():
+        pytest.skip("no C++ compiler or ninja: the CUDA-path emulation module cannot be built")
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return cpp_extension.load(
+            # one build per checkout: two worktrees never rebuild each other's module in the shared cache
+            name=f"dnf_cuda_emu_{hashlib.sha1(str(root).encode()).hexdigest()[:8]}",
+            sources=[str(root / "csrc" / "cuda" / "emu" / "emulate.cpp")],
+            extra_include_paths=[str(root / "csrc")], extra_cflags=["-O1"], with_cuda=False, verbose=False)
+    except Exception as err:
+        pytest.fail(f"the CUDA-path emulation module (csrc/cuda/emu/emulate.cpp) does not compile: {err}")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

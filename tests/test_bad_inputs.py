@@ -150,7 +150,8 @@ BLOCK_FORWARD_CASES = [
      r"input: expected a floating-point dtype", False),
     # fp16 on CPU (no autocast at the operator level): BN tensors fp32, conv weights fp16 -> CPU refuses
     # (bf16 is a CPU dtype of the block: tests/test_bf16.py).
-    ("input-fp16-cpu", True, _cat(_set(I_INPUT, lambda a: a[0].half()), _set(I_W1, lambda a: [t.half() for t in a[I_W1]]),
+    ("input-fp16-cpu", True, _cat(_set(I_INPUT, lambda a: a[0].half()), _set(I_W1,
+                                                                             lambda a: [t.half() for t in a[I_W1]]),
                                   _set(I_W2, lambda a: [t.half() for t in a[I_W2]])), RuntimeError,
      r"input: expected dtype float32, float64 or bfloat16 on CPU.*got Half", True),
     ("dtype-input-vs-params", True, _set(I_INPUT, lambda a: a[0].double()), RuntimeError,
@@ -207,7 +208,8 @@ BLOCK_FORWARD_CASES = [
     ("eps-nan", False, _set(I_EPS, float("nan")), RuntimeError, r"eps: expected a positive value, got nan", False),
     ("mask-dtype", True, _set(I_MASK, lambda a: torch.ones(N, L * K, H, W, device=a[0].device)), RuntimeError,
      r"dropout_mask: expected dtype torch.bool, got (Float|torch.float32)", False),
-    ("mask-shape", True, _set(I_MASK, lambda a: torch.ones(N, L * K + 1, H, W, dtype=torch.bool, device=a[0].device)), RuntimeError,
+    ("mask-shape", True, _set(I_MASK, lambda a: torch.ones(N, L * K + 1, H, W, dtype=torch.bool,
+                                                           device=a[0].device)), RuntimeError,
      r"dropout_mask: expected shape \[2, 4, 4, 4\], got \[2, 5, 4, 4\]", False),
     ("mask-device", True, _set(I_MASK, torch.ones(N, L * K, H, W, dtype=torch.bool, device="meta")), RuntimeError,
      r"dropout_mask: expected a tensor on cpu.*got meta", True),
@@ -283,7 +285,8 @@ BLOCK_BACKWARD_CASES = [
     ("mean2-dtype", True, _set(B_MEAN2, lambda a: a[4].double()), RuntimeError, r"mean2: expected dtype"),
     ("var2-device", True, _set(B_VAR2, lambda a: a[5].to("meta")), RuntimeError,
      r"var2: expected a tensor on cpu.*got meta"),
-    ("var2-shape", True, _set(B_VAR2, lambda a: a[5][:1]), RuntimeError, r"var2: expected shape \[2, 4\], got \[1, 4\]"),
+    ("var2-shape", True, _set(B_VAR2, lambda a: a[5][:1]), RuntimeError,
+     r"var2: expected shape \[2, 4\], got \[1, 4\]"),
 ]
 
 
@@ -331,20 +334,23 @@ TAIL_CASES = [  # (id, applies to transition / norm_relu_pool, mutate, exception
     ("empty-batch", "tn", _set(T_IN, lambda a: a[0][:0]), RuntimeError, r"input: expected a non-empty batch", False),
     ("zero-width", "tn", _set(T_IN, lambda a: a[0][..., :0]), RuntimeError, r"input: expected a non-zero spatial size",
      False),
-    ("channels", "tn", _set(T_IN, lambda a: a[0][:, :4]), RuntimeError, r"mean: expected shape \[4\], got \[5\]", False),
+    ("channels", "tn", _set(T_IN, lambda a: a[0][:, :4]), RuntimeError, r"mean: expected shape \[4\], got \[5\]",
+     False),
     ("dtype-weight", "tn", _set(T_W, lambda a: a[T_W].double()), RuntimeError,
      r"weight: expected dtype .*(Float|float32).*got (Double|torch.float64)", False),
     ("dtype-input", "tn", _set(T_IN, lambda a: a[0].double()), RuntimeError, r"mean: expected dtype", False),
     ("device-var", "tn", _set(T_VAR, lambda a: a[T_VAR].to("meta")), RuntimeError,
      r"var: expected a tensor on cpu.*got meta", True),
-    ("bias-shape", "tn", _set(T_B, lambda a: a[T_B][:, None]), RuntimeError, r"bias: expected shape \[5\], got \[5, 1\]",
+    ("bias-shape", "tn", _set(T_B, lambda a: a[T_B][:, None]), RuntimeError,
+     r"bias: expected shape \[5\], got \[5, 1\]",
      False),
     ("eps", "tn", _set(-1, 0.0), RuntimeError, r"eps: expected a positive value", False),
     ("conv-shape", "t", _set(T_CONV, lambda a: a[T_CONV][:, :4]), RuntimeError,
      r"conv_weight: expected shape \[C_out, 5, 1, 1\], got \[3, 4, 1, 1\]", False),
     ("conv-no-outputs", "t", _set(T_CONV, lambda a: a[T_CONV][:0]), RuntimeError,
      r"conv_weight: expected .*output channel", False),
-    ("conv-dtype", "t", _set(T_CONV, lambda a: a[T_CONV].double()), RuntimeError, r"conv_weight: expected dtype", False),
+    ("conv-dtype", "t", _set(T_CONV, lambda a: a[T_CONV].double()), RuntimeError, r"conv_weight: expected dtype",
+     False),
     ("pool-too-small", "t", _set(T_IN, lambda a: a[0][:, :, :1]), RuntimeError,
      r"input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=1, W=6", False),
     ("input-6d", "tn", _set(T_IN, lambda a: a[0][None, None]), RuntimeError,
@@ -443,9 +449,9 @@ def test_block_past_int32_elements_shapes_are_64bit():
         e = torch.empty
         layers = range(L)
         buffer, mean, var, mean2, var2 = ops.dense_block_forward(
-            e(2, c0, 2048, 8192), [e(c0 + l * K) for l in layers], [e(c0 + l * K) for l in layers],
-            [e(INTER, c0 + l * K, 1, 1) for l in layers], [e(INTER) for l in layers], [e(INTER) for l in layers],
-            [e(K, INTER, 3, 3) for l in layers], [], [], [], [], None, 0.0, True, 1e-5)
+            e(2, c0, 2048, 8192), [e(c0 + li * K) for li in layers], [e(c0 + li * K) for li in layers],
+            [e(INTER, c0 + li * K, 1, 1) for li in layers], [e(INTER) for li in layers], [e(INTER) for li in layers],
+            [e(K, INTER, 3, 3) for li in layers], [], [], [], [], None, 0.0, True, 1e-5)
         assert buffer.shape == (2, c0 + L * K, 2048, 8192) and buffer.numel() > 2**31
         assert buffer.is_contiguous(memory_format=torch.channels_last)
         assert mean.shape == (c0 + L * K,) and mean2.shape == (L, INTER)
@@ -485,7 +491,8 @@ MODULE_CASES = [
     ("block-complex", lambda: _block(), (N, C0, H, W), lambda x: x.to(torch.complex64), RuntimeError,
      r"input: expected a floating-point dtype.*got torch.complex64"),
     ("block-fp16-no-autocast", lambda: _block(), (N, C0, H, W), lambda x: x.half(), RuntimeError,
-     r"input: expected dtype torch.float32 \(the dtype of the module's parameters; use torch.autocast.*got torch.float16"),
+     r"input: expected dtype torch.float32 \(the dtype of the module's parameters; use torch.autocast"
+     r".*got torch.float16"),
     ("block-bf16-no-autocast", lambda: _block(), (N, C0, H, W), lambda x: x.bfloat16(), RuntimeError,
      r"input: expected dtype torch.float32.*got torch.bfloat16"),
     ("block-dtype-mismatch", lambda: _block(), (N, C0, H, W), lambda x: x.double(), RuntimeError,
@@ -518,7 +525,8 @@ MODULE_CASES = [
     ("model-batch1-tiny", _small_densenet, (N, 3, 8, 8), lambda x: x[:1, :, :4, :4], ValueError,
      r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 5, 1, 1\]\)$"),
     ("se-model-batch1-tiny", lambda: _small_densenet(se_ratio=0.5), (N, 3, 8, 8), lambda x: x[:1, :, :4, :4],
-     ValueError, r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 5, 1, 1\]\)$"),
+     ValueError,
+     r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 5, 1, 1\]\)$"),
     ("model-pool-too-small", _small_densenet, (N, 3, 8, 8), lambda x: x[:, :, :2, :2], RuntimeError,
      r"too small for its 2x2 average pool"),
 ]
@@ -643,12 +651,14 @@ CTOR_CASES = [
     ("net-bn-size-neg", lambda: dnf.DenseNet(bn_size=-1), ValueError, r"bn_size: .* got -1"),
     ("net-blocks-empty", lambda: dnf.DenseNet(block_config=()), ValueError, r"block_config: expected a non-empty"),
     ("net-blocks-zero", lambda: dnf.DenseNet(block_config=(2, 0)), ValueError, r"block_config\[1\]: .* got 0"),
-    ("net-blocks-float", lambda: dnf.DenseNet(block_config=(2, 1.5)), TypeError, r"block_config\[1\]: expected an integer"),
+    ("net-blocks-float", lambda: dnf.DenseNet(block_config=(2, 1.5)), TypeError,
+     r"block_config\[1\]: expected an integer"),
     ("net-blocks-int", lambda: dnf.DenseNet(block_config=6), TypeError, r"block_config: expected a sequence"),
     ("net-blocks-str", lambda: dnf.DenseNet(block_config="6"), TypeError, r"block_config: expected a sequence"),
     ("net-drop", lambda: dnf.DenseNet(drop_rate=1.0), ValueError, r"drop_rate: expected a value in \[0, 1\)"),
     ("net-classes-0", lambda: dnf.DenseNet(num_classes=0), ValueError, r"num_classes: expected an integer >= 1"),
-    ("net-compression-0", lambda: dnf.DenseNet(compression=0.0), ValueError, r"compression: expected a value in \(0, 1\]"),
+    ("net-compression-0", lambda: dnf.DenseNet(compression=0.0), ValueError,
+     r"compression: expected a value in \(0, 1\]"),
     ("net-stem", lambda: dnf.DenseNet(stem="vgg"), ValueError, r"stem: expected 'imagenet' or 'cifar'"),
     ("bc-depth", lambda: dnf.densenet_bc(depth=11), ValueError, r"depth: DenseNet-BC needs depth = 6\*n \+ 4"),
     ("bc-growth", lambda: dnf.densenet_bc(growth_rate=0), ValueError, r"growth_rate: expected an integer >= 1"),
@@ -713,7 +723,8 @@ def test_load_state_dict_legacy_keys_still_strict():
               for k, v in state.items()}
     ours.load_state_dict(copy.deepcopy(legacy))  # remapped, strict, succeeds
     del legacy["features.denseblock1.denselayer1.norm.1.weight"]
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"features.denseblock1.denselayer1.norm1.weight\""):
+    with pytest.raises(RuntimeError,
+                       match=r"Missing key\(s\) in state_dict: \"features.denseblock1.denselayer1.norm1.weight\""):
         ours.load_state_dict(legacy)
 
 

@@ -6,10 +6,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import rel_err
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
-from conftest import rel_err
 
 # Odd sizes, not multiples of any ISA blocking: C0 = 13, growth 5, bn_size 3.
 L, C0, BN_SIZE, K = 3, 13, 3, 5
@@ -149,9 +149,8 @@ def test_autocast_bf16_model_vs_fp64_truth_and_tails_save_the_bf16_buffer(train)
     """A whole DenseNet-BC under CPU bf16 autocast: output and every gradient no worse than 1.5x torchvision's
     error against the fp64 truth, output dtype as torchvision's, and the transitions / final norm save the
     bf16 block buffer (no float32 copy of it is kept for the backward)."""
-    from torch.autograd.graph import saved_tensors_hooks
-
     import torchvision
+    from torch.autograd.graph import saved_tensors_hooks
 
     ref = torchvision.models.DenseNet(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3,
                                       num_classes=7)

@@ -16,10 +16,18 @@ import warnings
 
 import pytest
 import torch
+from convert_utils import (
+    _x,
+    assert_state_close,
+    pair,
+    randomize_bn,
+    rel,
+    saved_tensor_bytes,
+    timm_small,
+    train_steps,
+    tv_small,
+)
 from torch import nn
-
-from convert_utils import (_x, assert_state_close, pair, randomize_bn, rel, saved_tensor_bytes,
-                           timm_small, train_steps, tv_small)
 
 import densenet_fast as dnf
 from densenet_fast.convert import ConversionReport, conversion_report, convert
@@ -30,9 +38,6 @@ torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
 from timm.layers import BlurPool2d  # noqa: E402
 from timm.models import densenet as timm_densenet  # noqa: E402
-
-
-
 
 # -- structure -----------------------------------------------------------------------------------------
 

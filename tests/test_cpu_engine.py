@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from conftest import rel_err
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
-from conftest import rel_err
 
 L, C0, BN_SIZE, K = 3, 13, 3, 5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -316,10 +316,10 @@ def test_dropout_mask(cuda):
     def reference(x, *flat):
         lists = [list(flat[i * L:(i + 1) * L]) for i in range(6)]
         feats = [x]
-        for l in range(L):
-            u = F.relu(F.batch_norm(torch.cat(feats, 1), None, None, lists[0][l], lists[1][l], True, 0.0, 1e-5))
-            v = F.relu(F.batch_norm(F.conv2d(u, lists[2][l]), None, None, lists[3][l], lists[4][l], True, 0.0, 1e-5))
-            feats.append(F.conv2d(v, lists[5][l], padding=1) * mask[:, l * k:(l + 1) * k] / (1 - p))
+        for li in range(L):
+            u = F.relu(F.batch_norm(torch.cat(feats, 1), None, None, lists[0][li], lists[1][li], True, 0.0, 1e-5))
+            v = F.relu(F.batch_norm(F.conv2d(u, lists[2][li]), None, None, lists[3][li], lists[4][li], True, 0.0, 1e-5))
+            feats.append(F.conv2d(v, lists[5][li], padding=1) * mask[:, li * k:(li + 1) * k] / (1 - p))
         return torch.cat(feats, 1)
 
     leaves = [x.clone().requires_grad_()] + [t.clone().requires_grad_() for lst in P64[:6] for t in lst]
@@ -396,16 +396,16 @@ def test_transition_autocast(cuda):
 def _block_args(device, dtype=torch.float32, training=True, N=2, C0=5, H=4, W=3, L=2, k=3, bs=2, mask=False):
     sd = block_ops.stats_dtype(dtype)
     inter = bs * k
-    g1 = [torch.rand(C0 + l * k, device=device, dtype=sd) + 0.5 for l in range(L)]
-    b1 = [torch.rand(C0 + l * k, device=device, dtype=sd) - 0.5 for l in range(L)]
-    w1 = [torch.randn(inter, C0 + l * k, 1, 1, device=device, dtype=dtype) for l in range(L)]
+    g1 = [torch.rand(C0 + li * k, device=device, dtype=sd) + 0.5 for li in range(L)]
+    b1 = [torch.rand(C0 + li * k, device=device, dtype=sd) - 0.5 for li in range(L)]
+    w1 = [torch.randn(inter, C0 + li * k, 1, 1, device=device, dtype=dtype) for li in range(L)]
     g2 = [torch.rand(inter, device=device, dtype=sd) + 0.5 for _ in range(L)]
     b2 = [torch.rand(inter, device=device, dtype=sd) - 0.5 for _ in range(L)]
     w2 = [torch.randn(k, inter, 3, 3, device=device, dtype=dtype) for _ in range(L)]
     running = [[], [], [], []]
     if not training:
-        running = [[torch.randn(C0 + l * k, device=device, dtype=sd) * 0.1 for l in range(L)],
-                   [torch.rand(C0 + l * k, device=device, dtype=sd) + 0.5 for l in range(L)],
+        running = [[torch.randn(C0 + li * k, device=device, dtype=sd) * 0.1 for li in range(L)],
+                   [torch.rand(C0 + li * k, device=device, dtype=sd) + 0.5 for li in range(L)],
                    [torch.randn(inter, device=device, dtype=sd) * 0.1 for _ in range(L)],
                    [torch.rand(inter, device=device, dtype=sd) + 0.5 for _ in range(L)]]
     m = (torch.rand(N, L * k, H, W, device=device) > 0.2) if mask else None
@@ -463,7 +463,8 @@ def test_opcheck_tails(cuda, dtype, training):
     torch.library.opcheck(OPS.norm_relu_pool_forward, (xr, mean, var, w, b, training, 1e-5))
     torch.library.opcheck(OPS.channel_moments, (x,))
     g = torch.randn(2, 3, 2, 2, device=cuda, dtype=dtype)
-    torch.library.opcheck(OPS.transition_backward, (g, x, mean, var, w.detach(), b.detach(), cw.detach(), training, 1e-5))
+    torch.library.opcheck(OPS.transition_backward, (g, x, mean, var, w.detach(), b.detach(), cw.detach(), training,
+                                                    1e-5))
     g = torch.randn(2, 6, device=cuda, dtype=dtype)
     torch.library.opcheck(OPS.norm_relu_pool_backward, (g, x, mean, var, w.detach(), b.detach(), training, 1e-5))
 
@@ -482,14 +483,19 @@ BAD_BLOCK = [
     ("CPU input", lambda a, d: _bad(a, 0, a[0].cpu()), r"input: expected a CUDA tensor, got a tensor on cpu"),
     ("empty batch", lambda a, d: _bad(a, 0, a[0][:0]), r"input: expected a non-empty batch"),
     ("conv1 dtype", lambda a, d: _bad(a, 3, [a[3][0].double()] + a[3][1:]), r"conv1_weight\[0\]: expected dtype Float"),
-    ("conv2 on CPU", lambda a, d: _bad(a, 6, [a[6][0].cpu()] + a[6][1:]), r"conv2_weight\[0\]: expected a tensor on cuda"),
-    ("norm1 shape", lambda a, d: _bad(a, 1, [a[1][0][:-1]] + a[1][1:]), r"norm1_weight\[0\].*expected shape \[5\], got \[4\]"),
+    ("conv2 on CPU", lambda a, d: _bad(a, 6, [a[6][0].cpu()] + a[6][1:]),
+     r"conv2_weight\[0\]: expected a tensor on cuda"),
+    ("norm1 shape", lambda a, d: _bad(a, 1, [a[1][0][:-1]] + a[1][1:]),
+     r"norm1_weight\[0\].*expected shape \[5\], got \[4\]"),
     ("list length", lambda a, d: _bad(a, 2, a[2][:1]), r"norm1_bias: expected 2 tensors"),
     ("drop rate", lambda a, d: _bad(a, 12, 1.0), r"drop_rate: expected a value in \[0, 1\)"),
     ("eps", lambda a, d: _bad(a, 14, 0.0), r"eps: expected a positive value"),
-    ("mask dtype", lambda a, d: _bad(a, 11, torch.ones(2, 6, 4, 3, device=d)), r"dropout_mask: expected dtype torch.bool"),
-    ("mask shape", lambda a, d: _bad(a, 11, torch.ones(2, 5, 4, 3, device=d, dtype=torch.bool)), r"dropout_mask: expected shape"),
-    ("single value", lambda a, d: _bad(a, 0, a[0][:1, :, :1, :1]), r"Expected more than 1 value per channel when training"),
+    ("mask dtype", lambda a, d: _bad(a, 11, torch.ones(2, 6, 4, 3, device=d)),
+     r"dropout_mask: expected dtype torch.bool"),
+    ("mask shape", lambda a, d: _bad(a, 11, torch.ones(2, 5, 4, 3, device=d, dtype=torch.bool)),
+     r"dropout_mask: expected shape"),
+    ("single value", lambda a, d: _bad(a, 0, a[0][:1, :, :1, :1]),
+     r"Expected more than 1 value per channel when training"),
 ]
 
 
@@ -703,7 +709,8 @@ def test_compile_fullgraph(cuda):
     x = torch.randn(4, 16, 8, 8, device=cuda)
 
     def f(x, *params):
-        return block_ops.fused_dense_block(x, block_ops.BlockParams(*[list(params[i * 3:(i + 1) * 3]) for i in range(10)]),
+        return block_ops.fused_dense_block(x,
+                                           block_ops.BlockParams(*[list(params[i * 3:(i + 1) * 3]) for i in range(10)]),
                                            training=False).buffer
 
     ours.eval()

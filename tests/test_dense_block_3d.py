@@ -246,17 +246,6 @@ def test_compile_fullgraph_3d_model():
 # -- the CUDA implementation, emulated on the CPU ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def emu():
-    from torch.utils import cpp_extension
-    try:
-        return cpp_extension.load(name="dnf_cuda_emu", sources=[str(ROOT / "csrc" / "cuda" / "emu" / "emulate.cpp")],
-                                  extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O1"], with_cuda=False,
-                                  verbose=False)
-    except Exception as err:  # no compiler / ninja on this machine
-        pytest.skip(f"could not build the CUDA-path emulation module: {err}")
-
-
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_cuda_path_emulated_3d(emu, training):
     x, P = _block_args(training=training)

@@ -6,11 +6,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_rel
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
 from densenet_fast.ops import BlockParams, channel_moments, fused_dense_block, norm_relu_pool, transition
-from conftest import assert_close_rel
 
 
 def _blocks(L, C0, bn_size, k, dtype=torch.float32, drop_rate=0.0):

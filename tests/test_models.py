@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import assert_close_rel, rel_err
 from torchvision.models import densenet as tv_densenet
 
 import densenet_fast as dnf
-from conftest import assert_close_rel, rel_err
 
 CONFIGS = ["densenet121", "densenet161", "densenet169", "densenet201"]
 

@@ -26,11 +26,17 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 
 import densenet_fast.models as dn  # noqa: E402
 from densenet_fast.models import se_densenet as sednn  # noqa: E402
-from densenet_fast.models.se_densenet import (SEDenseBlock, SEDenseLayer, SEDenseNet, se_densenet121,  # noqa: E402
-                                              se_densenet169, se_densenet201)
+from densenet_fast.models.se_densenet import (  # noqa: E402
+    SEDenseBlock,
+    SEDenseLayer,
+    SEDenseNet,
+    se_densenet121,
+    se_densenet169,
+    se_densenet201,
+)
 from densenet_fast.nn import fused_features  # noqa: E402
-from densenet_fast.nn.dense_block import DenseBlock, DenseLayer, Transition  # noqa: E402
 from densenet_fast.nn import squeeze_excite as se_module  # noqa: E402
+from densenet_fast.nn.dense_block import DenseBlock, DenseLayer, Transition  # noqa: E402
 from densenet_fast.nn.squeeze_excite import SqueezeExcite  # noqa: E402
 from densenet_fast.ops import squeeze_excite as se_ops  # noqa: E402
 

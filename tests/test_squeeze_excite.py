@@ -342,14 +342,17 @@ def _bad_inputs():
         ("empty_batch", (x[:0], w1, b1, w2, b2), ValueError, r"non-empty batch, got N=0"),
         ("zero_hw", (x[:, :, :0], w1, b1, w2, b2), ValueError, r"H\*W >= 1, got H=0, W=7"),
         ("no_channels", (x[:, :0], w1[:, :0], b1, w2[:0], b2[:0]), ValueError, r"at least one channel, got C=0"),
-        ("w1_channels", (x, w1[:, :5], b1, w2, b2), ValueError, r"channel mismatch: x has C=13 channels but w1 has shape \[8, 5\]; expected w1 of shape \[R, 13\]"),
+        ("w1_channels", (x, w1[:, :5], b1, w2, b2), ValueError,
+         r"channel mismatch: x has C=13 channels but w1 has shape \[8, 5\]; expected w1 of shape \[R, 13\]"),
         ("w1_3d", (x, w1[None], b1, w2, b2), ValueError, r"w1 must be a 2-D \[R, C\] tensor, got 3-D"),
         ("w2_shape", (x, w1, b1, w2[:, :4], b2), ValueError, r"w2 must have shape \[13, 8\].*got \[13, 4\]"),
         ("b1_shape", (x, w1, b1[:3], w2, b2), ValueError, r"b1 must have shape \[8\].*got \[3\]"),
         ("b2_shape", (x, w1, b1, w2, b2[:3]), ValueError, r"b2 must have shape \[13\].*got \[3\]"),
-        ("w1_dtype", (x, w1.double(), b1, w2, b2), TypeError, r"w1 must have the same dtype as x \(torch.float32\), got torch.float64"),
+        ("w1_dtype", (x, w1.double(), b1, w2, b2), TypeError,
+         r"w1 must have the same dtype as x \(torch.float32\), got torch.float64"),
         ("b2_dtype", (x, w1, b1, w2, b2.half()), TypeError, r"b2 must have the same dtype as x.*got torch.float16"),
-        ("w1_not_tensor", (x, [[1.0]], b1, w2, b2), RuntimeError, r"Expected a value of type 'Tensor' for argument 'w1'"),
+        ("w1_not_tensor", (x, [[1.0]], b1, w2, b2), RuntimeError,
+         r"Expected a value of type 'Tensor' for argument 'w1'"),
         ("w2_device", (x, w1, b1, meta(w2), b2), RuntimeError, r"w2 must be on the same device as x \(cpu\), got meta"),
     ]
 
@@ -508,7 +511,7 @@ def test_triton_kernels_interpreter():
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS"))
     results = json.loads(line[len("RESULTS"):])
     failed = [r for r in results if not r["ok"]]
     assert not failed, json.dumps(failed, indent=1)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from convert_utils import _x, assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
+from torch import nn
 
 import densenet_fast as dnf
 from densenet_fast.convert import set_impl
@@ -198,8 +197,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def distributed_results():
-    import torch.multiprocessing as mp
     import ddp_worker
+    import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         outfile = str(Path(tmp) / "rank0.pt")
         mp.spawn(ddp_worker.worker, args=(2, _free_port(), outfile), nprocs=2, join=True)

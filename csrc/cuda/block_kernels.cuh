@@ -292,17 +292,22 @@ struct TailBackwardApply {
 template <typename T, typename acc_t>
 struct DroppedPixelsNonfinite {
   const T* X;
-  int64_t N, H, W, C;
+  int64_t N;
+  PoolGeometry g;
+  int64_t C;
   const acc_t *a, *b;
   uint8_t* flag;
   C10_HOST_DEVICE void operator()(int64_t j) const {
+    const int64_t Dr = g.D2 * g.kd, Hr = 2 * g.H2, Wr = 2 * g.W2;  // the extent the pool reads
     bool bad = false;
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = (h >= 2 * (H / 2)) ? 0 : 2 * (W / 2); w < W; ++w) {  // only the dropped pixels
-          const acc_t v = relu<acc_t>(a[j] * static_cast<acc_t>(X[((n * H + h) * W + w) * C + j]) + b[j]);
-          bad = bad || dropped_pixel_poisons_dwc<acc_t>(v);
-        }
+      for (int64_t d = 0; d < g.D; ++d)
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = (d < Dr && h < Hr) ? Wr : 0; w < g.W; ++w) {  // only the dropped pixels
+            const int64_t pix = ((n * g.D + d) * g.H + h) * g.W + w;
+            const acc_t v = relu<acc_t>(a[j] * static_cast<acc_t>(X[pix * C + j]) + b[j]);
+            bad = bad || dropped_pixel_poisons_dwc<acc_t>(v);
+          }
     flag[j] = bad ? 1 : 0;
   }
 };

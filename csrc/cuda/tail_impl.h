@@ -120,10 +120,11 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward(const Tens
     const Tensor P = pooled_input<scalar_t>(X, f, pg);
     Tensor dWc2d = dWc.view({Cout, C});
     mm_weight_grad_out(dWc2d, dO.t(), P);  // K = N*H2*W2: float accumulation for half data
-    if (H % 2 != 0 || W % 2 != 0) {  // NaN rule of the pixels the pool drops (common/nonfinite.h)
+    if (pg.H % 2 != 0 || pg.W % 2 != 0 || (pg.kd == 2 && pg.D % 2 != 0)) {  // NaN rule of the dropped pixels
+      // (common/nonfinite.h)
       const acc_t* fp = f.data_ptr<acc_t>();
       Tensor flag = at::empty({C}, X.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
-      for_each(C, DroppedPixelsNonfinite<scalar_t, acc_t>{X.data_ptr<scalar_t>(), N, H, W, C, fp, fp + C,
+      for_each(C, DroppedPixelsNonfinite<scalar_t, acc_t>{X.data_ptr<scalar_t>(), input.size(0), pg, C, fp, fp + C,
                                                          flag.data_ptr<uint8_t>()});
       for_each(Cout * C, PoisonColumns<scalar_t>{flag.data_ptr<uint8_t>(), C, dWc.data_ptr<scalar_t>()});
     }

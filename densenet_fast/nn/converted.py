@@ -17,13 +17,9 @@ fire) rather than through the fused pairing; they then fuse internally where the
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules import module as _module_mod
 
 from densenet_fast.nn.fused_features import FusedFeatures, has_hooks, norm_relu_kind  # noqa: F401  (re-exported)
 

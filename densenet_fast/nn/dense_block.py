@@ -249,17 +249,20 @@ class DenseBlock(nn.ModuleDict):
         elif not _fused_device_ok(_block_ops.cpu_block_input(x), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         if reason is not None:
-            _warn_once(f"block:{reason}", f"densenet_fast.DenseBlock: using the reference PyTorch path because {reason}.")
+            _warn_once(f"block:{reason}",
+                       f"densenet_fast.DenseBlock: using the reference PyTorch path because {reason}.")
             return False
         return True
 
     def block_params(self) -> _block_ops.BlockParams:
         layers = self._layers()
         return _block_ops.BlockParams(
-            [l.norm1.weight for l in layers], [l.norm1.bias for l in layers], [l.conv1.weight for l in layers],
-            [l.norm2.weight for l in layers], [l.norm2.bias for l in layers], [l.conv2.weight for l in layers],
-            [l.norm1.running_mean for l in layers], [l.norm1.running_var for l in layers],
-            [l.norm2.running_mean for l in layers], [l.norm2.running_var for l in layers])
+            [layer.norm1.weight for layer in layers], [layer.norm1.bias for layer in layers],
+            [layer.conv1.weight for layer in layers],
+            [layer.norm2.weight for layer in layers], [layer.norm2.bias for layer in layers],
+            [layer.conv2.weight for layer in layers],
+            [layer.norm1.running_mean for layer in layers], [layer.norm1.running_var for layer in layers],
+            [layer.norm2.running_mean for layer in layers], [layer.norm2.running_var for layer in layers])
 
     def fused_forward(self, x: Tensor) -> _block_ops.BlockOutput:
         """Runs the fused operator and updates every norm's running statistics once (training)."""
@@ -282,8 +285,8 @@ class DenseBlock(nn.ModuleDict):
                                                drop_rate=layer_drop_rate(layers[0]))
         if training:
             count = values_per_channel(x)
-            widths = [l.norm1.num_features for l in layers]
-            update_running_stats([l.norm1 for l in layers] + [l.norm2 for l in layers],
+            widths = [layer.norm1.num_features for layer in layers]
+            update_running_stats([layer.norm1 for layer in layers] + [layer.norm2 for layer in layers],
                                  [out.mean[:c] for c in widths] + list(out.mean2.unbind(0)),
                                  [out.var[:c] for c in widths] + list(out.var2.unbind(0)), count)
         return out

@@ -22,8 +22,15 @@ from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module_mod
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms
-from densenet_fast.nn.dense_block import (DenseBlock, Transition, _autocast_dtype_fix, _fused_device_ok, bn_stats,
-                                          commit_bn_stats, fused_norm_relu_pool)
+from densenet_fast.nn.dense_block import (
+    DenseBlock,
+    Transition,
+    _autocast_dtype_fix,
+    _fused_device_ok,
+    bn_stats,
+    commit_bn_stats,
+    fused_norm_relu_pool,
+)
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.ops.stem import bn_relu_maxpool
 

@@ -31,8 +31,8 @@ def _make_backward(op: str, what: str):
         raise DoubleBackwardError(
             f"densenet_fast: double backward through {what} is not supported: its backward ({op}) is not "
             "differentiable. For higher-order gradients (gradient penalties, Hessian-vector products, ...) use the "
-            "reference PyTorch path: densenet_fast.convert.set_impl(model, 'reference') (any model holding densenet_fast "
-            "modules, converted or not), DenseNet(..., impl='reference'), or an unconverted model.")
+            "reference PyTorch path: densenet_fast.convert.set_impl(model, 'reference') (any model holding "
+            "densenet_fast modules, converted or not), DenseNet(..., impl='reference'), or an unconverted model.")
     return _raise
 
 

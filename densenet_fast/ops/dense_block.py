@@ -67,7 +67,8 @@ def check_input_4d(input: Tensor, name: str, training: bool) -> None:
     _check(C <= _MAX_CHANNELS, lambda: f"{name}: expected at most {_MAX_CHANNELS} channels (GEMM dimensions are "
            f"32-bit), got {C}")
     if training:
-        torch._check_value(N * spatial_numel(input) > 1, lambda: "Expected more than 1 value per channel when training, got "
+        torch._check_value(N * spatial_numel(input) > 1,
+                           lambda: "Expected more than 1 value per channel when training, got "
                            f"input size {input.size()}")
 
 
@@ -96,7 +97,8 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
     _check(L >= 1, lambda: "norm1_weight: expected at least one layer, got an empty list")
     for name, lst in (("norm1_bias", norm1_bias), ("conv1_weight", conv1_weight), ("norm2_weight", norm2_weight),
                       ("norm2_bias", norm2_bias), ("conv2_weight", conv2_weight)):
-        _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
+        _check(len(lst) == L,
+               lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
     _check(conv2_weight[0].dim() == input.dim(), lambda: f"conv2_weight[0]: expected a {input.dim()}-D weight "
            f"[k, inter, {k3}] for a {input.dim()}-D input, got shape {list(conv2_weight[0].shape)}")
     _check(conv1_weight[0].dim() == input.dim(), lambda: f"conv1_weight[0]: expected a {input.dim()}-D weight "
@@ -108,21 +110,21 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
            f"{_MAX_CHANNELS} channels (GEMM dimensions are 32-bit), got {inter}")
     _check(C0 + L * k <= _MAX_CHANNELS, lambda: f"input, conv2_weight: the block buffer would hold C0 + L*k = {C0} + "
            f"{L}*{k} channels, more than {_MAX_CHANNELS} (GEMM dimensions are 32-bit)")
-    for l in range(L):
-        c = C0 + l * k
-        check_tensor(norm1_weight[l], f"norm1_weight[{l}]", input, [c], bn_tensor=True)
-        check_tensor(norm1_bias[l], f"norm1_bias[{l}]", input, [c], bn_tensor=True)
-        check_tensor(conv1_weight[l], f"conv1_weight[{l}]", input, conv_weight_shape(inter, c, 1, dims))
-        check_tensor(norm2_weight[l], f"norm2_weight[{l}]", input, [inter], bn_tensor=True)
-        check_tensor(norm2_bias[l], f"norm2_bias[{l}]", input, [inter], bn_tensor=True)
-        check_tensor(conv2_weight[l], f"conv2_weight[{l}]", input, conv_weight_shape(k, inter, 3, dims))
+    for li in range(L):
+        c = C0 + li * k
+        check_tensor(norm1_weight[li], f"norm1_weight[{li}]", input, [c], bn_tensor=True)
+        check_tensor(norm1_bias[li], f"norm1_bias[{li}]", input, [c], bn_tensor=True)
+        check_tensor(conv1_weight[li], f"conv1_weight[{li}]", input, conv_weight_shape(inter, c, 1, dims))
+        check_tensor(norm2_weight[li], f"norm2_weight[{li}]", input, [inter], bn_tensor=True)
+        check_tensor(norm2_bias[li], f"norm2_bias[{li}]", input, [inter], bn_tensor=True)
+        check_tensor(conv2_weight[li], f"conv2_weight[{li}]", input, conv_weight_shape(k, inter, 3, dims))
     if not training:
         for name, lst in (("norm1_running_mean", rm1), ("norm1_running_var", rv1), ("norm2_running_mean", rm2),
                           ("norm2_running_var", rv2)):
             _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), "
                    f"got {len(lst)}")
-            for l, t in enumerate(lst):
-                check_tensor(t, f"{name}[{l}]", input, [C0 + l * k] if name.startswith("norm1") else [inter],
+            for li, t in enumerate(lst):
+                check_tensor(t, f"{name}[{li}]", input, [C0 + li * k] if name.startswith("norm1") else [inter],
                              bn_tensor=True)
     _check(0.0 <= drop_rate < 1.0, lambda: f"drop_rate: expected a value in [0, 1), got {drop_rate}")
     _check(eps > 0.0, lambda: f"eps: expected a positive value, got {eps}")
@@ -145,7 +147,8 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
     N, C0 = input.shape[:2]
     Ct = C0 + L * k
     n_stats, sd = (Ct if training else 0), stats_dtype(input.dtype)
-    return (_empty_cl((N, Ct, *input.shape[2:]), input), input.new_empty(n_stats, dtype=sd), input.new_empty(n_stats, dtype=sd),
+    return (_empty_cl((N, Ct, *input.shape[2:]), input), input.new_empty(n_stats, dtype=sd),
+            input.new_empty(n_stats, dtype=sd),
             input.new_empty((L if training else 0, inter), dtype=sd),
             input.new_empty((L if training else 0, inter), dtype=sd))
 
@@ -230,7 +233,8 @@ class BlockParams(NamedTuple):
 class BlockOutput(NamedTuple):
     """Result of :func:`fused_dense_block`.
 
-    buffer: [N, C0 + L*k, (D,) H, W] (channels_last / channels_last_3d), the concatenation of the input and every layer's output.
+    buffer: [N, C0 + L*k, (D,) H, W] (channels_last / channels_last_3d), the concatenation of the input and
+        every layer's output.
     mean, var: [C0 + L*k] batch mean / biased variance of the buffer (training; empty in eval).
     mean2, var2: [L, bn_size*k] batch statistics of every layer's norm2 (training; empty in eval).
     """
@@ -299,7 +303,8 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     L = len(params.conv2_weight)
     if training and drop_rate > 0 and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
-        dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]), device=input.device).bernoulli_(1.0 - drop_rate).bool()
+        dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]),
+                                   device=input.device).bernoulli_(1.0 - drop_rate).bool()
     if not (training and drop_rate > 0):
         dropout_mask, drop_rate = None, 0.0
     running = list(params[6:]) if not training else [[], [], [], []]

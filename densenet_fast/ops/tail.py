@@ -2,8 +2,8 @@
 
 ``transition_forward``: avg_pool2x2(conv1x1(relu(bn(x)))) -> [N, C_out, H//2, W//2] (channels_last); on
 5-D input [N, C, D, H, W] the pool is 2x2x2 -> [N, C_out, D//2, H//2, W//2] (channels_last_3d);
-``norm_relu_pool_forward``: mean over the spatial dimensions of relu(bn(x)) -> [N, C]. Both take the BN statistics as inputs:
-with ``training=True`` these must be the batch statistics of ``x`` and the backward includes the
+``norm_relu_pool_forward``: mean over the spatial dimensions of relu(bn(x)) -> [N, C]. Both take the BN
+statistics as inputs: with ``training=True`` these must be the batch statistics of ``x`` and the backward includes the
 statistics' own gradient terms (``mean``/``var`` get no gradient); with ``training=False`` they are
 running statistics (constants).
 """
