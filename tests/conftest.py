@@ -13,6 +13,17 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def rel_l2_err(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64 over a tensor or a sequence of tensors taken together
+    (the global-gradient metric: roundoff that lands on different elements in two implementations averages
+    out instead of deciding the result)."""
+    if isinstance(actual, torch.Tensor):
+        actual, expected = [actual], [expected]
+    num = sum(((a.detach().double() - e.detach().double()) ** 2).sum() for a, e in zip(actual, expected))
+    den = sum((e.detach().double() ** 2).sum() for e in expected)
+    return (num / den).sqrt().item() if den > 0 else num.sqrt().item()
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected)

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from conftest import rel_err  # noqa: E402
+
 import densenet_fast  # noqa: E402,F401
 from densenet_fast.convert import convert  # noqa: E402
 
@@ -20,14 +22,6 @@ from densenet_fast.convert import convert  # noqa: E402
 def _x(n=2, size=32, dtype=torch.float32, seed=0):
     """A seeded image batch [n, 3, size, size]."""
     return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b| in float64 (max|a - b| when b is all zeros)."""
-    a, b = a.detach().double(), b.detach().double()
-    scale = b.abs().max().item()
-    diff = (a - b).abs().max().item()
-    return diff / scale if scale > 0 else diff
 
 
 def tv_small(dtype=torch.float32, **kw) -> nn.Module:
@@ -76,11 +70,11 @@ def assert_grads_close(a: nn.Module, b: nn.Module, tol: float, per_param: bool =
     pairs = [(n, x, y) for n, x, y in zip(names, ga, gb) if y is not None]
     if per_param:
         for n, x, y in pairs:
-            assert rel(x, y) <= tol, f"grad {n}: relative error {rel(x, y):.3e} > {tol:.1e}"
+            assert rel_err(x, y) <= tol, f"grad {n}: relative error {rel_err(x, y):.3e} > {tol:.1e}"
     else:  # fp32: relative to the largest gradient (some BN gradients are ~0 analytically: pure roundoff)
         fa = torch.cat([x.double().flatten() for _, x, _ in pairs])
         fb = torch.cat([y.double().flatten() for _, _, y in pairs])
-        assert rel(fa, fb) <= tol, f"gradients: relative error {rel(fa, fb):.3e} > {tol:.1e}"
+        assert rel_err(fa, fb) <= tol, f"gradients: relative error {rel_err(fa, fb):.3e} > {tol:.1e}"
 
 
 def assert_state_close(a: nn.Module, b: nn.Module, tol: float) -> None:
@@ -90,7 +84,7 @@ def assert_state_close(a: nn.Module, b: nn.Module, tol: float) -> None:
         if sb[k].dtype == torch.long:
             assert torch.equal(sa[k], sb[k]), f"{k}: {sa[k]} != {sb[k]}"
         else:
-            assert rel(sa[k], sb[k]) <= tol, f"{k}: relative error {rel(sa[k], sb[k]):.3e} > {tol:.1e}"
+            assert rel_err(sa[k], sb[k]) <= tol, f"{k}: relative error {rel_err(sa[k], sb[k]):.3e} > {tol:.1e}"
 
 
 def train_steps(models: Iterable[nn.Module], inputs: List[torch.Tensor], lr: float = 0.1,
@@ -107,7 +101,7 @@ def train_steps(models: Iterable[nn.Module], inputs: List[torch.Tensor], lr: flo
             (out.float() ** 2).mean().backward()
             outs.append(out)
         for m, out in zip(models[:-1], outs[:-1]):
-            assert rel(out, outs[-1]) <= tol_out, f"output relative error {rel(out, outs[-1]):.3e}"
+            assert rel_err(out, outs[-1]) <= tol_out, f"output relative error {rel_err(out, outs[-1]):.3e}"
             assert_grads_close(m, models[-1], tol_grad, per_param)
         for opt in opts:
             opt.step()

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, rel_l2_err
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
@@ -47,14 +47,9 @@ def _flat(grads):
     return torch.cat([grads[n].double().flatten() for n in sorted(grads)])
 
 
-def _l2_err(a, b) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm()).item()
-
-
 def _assert_no_worse(ours, theirs, truth, factor, what):
     # Relative L2 error: on few rows the max error of a bf16 BN backward is dominated by single elements.
-    err_o, err_t = _l2_err(ours, truth), _l2_err(theirs, truth)
+    err_o, err_t = rel_l2_err(ours, truth), rel_l2_err(theirs, truth)
     assert err_o <= factor * err_t + 1e-6, f"{what}: ours {err_o:.3e} > {factor} x torchvision {err_t:.3e}"
 
 

@@ -16,12 +16,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import rel_err
 from convert_utils import (
     _x,
     assert_state_close,
     pair,
     randomize_bn,
-    rel,
     saved_tensor_bytes,
     timm_small,
     train_steps,
@@ -153,7 +153,7 @@ def test_convert_not_inplace_and_nested_models_and_bare_blocks():
     new = convert(block)
     assert isinstance(new, DenseBlock) and new.denselayer1 is block.denselayer1
     x = torch.randn(2, 8, 6, 6)
-    assert rel(new(x), ref(x)) < 1e-5
+    assert rel_err(new(x), ref(x)) < 1e-5
     with pytest.raises(TypeError, match="nn.Module"):
         convert("not a module")
 
@@ -183,7 +183,7 @@ def test_torchvision_training_parity_fp32_small():
     assert_state_close(model, ref, 1e-4)
     model.eval(), ref.eval()
     x = _x(seed=9)
-    assert rel(model(x), ref(x)) < 1e-4
+    assert rel_err(model(x), ref(x)) < 1e-4
 
 
 @pytest.mark.parametrize("kind", ["torchvision", "timm", "timm-deep-stem", "timm-blur-stem", "dropout-eval"])
@@ -200,13 +200,13 @@ def test_training_parity_fp64(kind):
     if kind == "dropout-eval":  # dropout masks differ: compare in eval mode (and running stats after train steps)
         for m in (model, ref):
             m.eval()
-        assert rel(model(inputs[0]), ref(inputs[0])) < 1e-10
+        assert rel_err(model(inputs[0]), ref(inputs[0])) < 1e-10
         return
     train_steps([model, ref], inputs, tol_out=1e-9, tol_grad=1e-8)
     assert_state_close(model, ref, 1e-9)  # params, running stats; num_batches_tracked exactly
     assert int(model.features.denseblock1.denselayer1.norm1.num_batches_tracked) == 3
     model.eval(), ref.eval()
-    assert rel(model(inputs[0]), ref(inputs[0])) < 1e-10
+    assert rel_err(model(inputs[0]), ref(inputs[0])) < 1e-10
 
 
 @pytest.mark.parametrize("momentum", [None, 0.3])
@@ -235,17 +235,17 @@ def test_timm_head_variants_and_forward_intermediates():
     x = _x(dtype=torch.float64)
     final, inter = model.forward_intermediates(x)
     final_r, inter_r = ref.forward_intermediates(x)
-    assert all(rel(a, b) < 1e-10 for a, b in zip(inter + [final], inter_r + [final_r]))
+    assert all(rel_err(a, b) < 1e-10 for a, b in zip(inter + [final], inter_r + [final_r]))
     model.reset_classifier(0)
     ref.reset_classifier(0)
-    assert rel(model(x), ref(x)) < 1e-10
+    assert rel_err(model(x), ref(x)) < 1e-10
     feats = timm.create_model("densenet121", pretrained=False, features_only=True, out_indices=(1, 2, 3))
     ref = copy.deepcopy(feats).eval()
     convert(feats).eval()
     assert conversion_report(feats).count("DenseBlock") == 3
     with torch.no_grad():
         outs, outs_r = feats(_x(size=32)), ref(_x(size=32))
-    assert all(rel(a, b) < 1e-4 for a, b in zip(outs, outs_r))
+    assert all(rel_err(a, b) < 1e-4 for a, b in zip(outs, outs_r))
 
 
 def test_timm_squeeze_excite_modules_are_converted():
@@ -322,20 +322,20 @@ def test_save_load_both_ways():
     # converted state_dict -> unconverted torchvision model (strict)
     plain = tv_small()
     plain.load_state_dict(_roundtrip(conv.state_dict()), strict=True)
-    assert rel(plain.eval()(x), expected) < 1e-5
+    assert rel_err(plain.eval()(x), expected) < 1e-5
     # whole converted model saved and loaded: still converted, same outputs; its state dict loads into torchvision
     whole = _roundtrip(conv)
     assert type(whole).__name__ == "FusedTorchvisionDenseNet" and isinstance(whole.features, FusedFeatures)
-    assert rel(whole.eval()(x), expected) < 1e-6
+    assert rel_err(whole.eval()(x), expected) < 1e-6
     plain2 = tv_small()
     plain2.load_state_dict(whole.state_dict(), strict=True)
-    assert rel(plain2.eval()(x), expected) < 1e-5
+    assert rel_err(plain2.eval()(x), expected) < 1e-5
     # and the other way: unconverted state dict / whole model -> converted
     other = convert(tv_small())
     other.load_state_dict(_roundtrip(plain.state_dict()), strict=True)
-    assert rel(other.eval()(x), expected) < 1e-5
+    assert rel_err(other.eval()(x), expected) < 1e-5
     whole_plain = convert(_roundtrip(plain))
-    assert rel(whole_plain.eval()(x), expected) < 1e-5
+    assert rel_err(whole_plain.eval()(x), expected) < 1e-5
     # training continues identically after loading
     a, b = convert(_roundtrip(plain)), _roundtrip(plain)
     train_steps([a, b], [_x(seed=4)], per_param=False)
@@ -349,7 +349,7 @@ def test_save_load_timm():
     plain.load_state_dict(whole.state_dict(), strict=True)
     for m in (conv, whole, plain):
         m.eval()
-    assert rel(whole(x), conv(x)) < 1e-6 and rel(plain(x), conv(x)) < 1e-5
+    assert rel_err(whole(x), conv(x)) < 1e-6 and rel_err(plain(x), conv(x)) < 1e-5
 
 
 def test_deepcopy():

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from conftest import rel_l2_err  # noqa: E402
+
 import densenet_fast as dnf  # noqa: E402
 from densenet_fast.nn import dense_block as nn_block  # noqa: E402
 from densenet_fast.ops import dense_block as block_ops  # noqa: E402
@@ -103,11 +105,6 @@ def ours_like(blk, L, C0, bs, k):
     ours.load_state_dict(blk.state_dict())
     ours.train(blk.training)
     return ours
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def params_of(blk):
@@ -191,7 +188,7 @@ def test_autocast_vs_fp64(cuda, monkeypatch, dtype, path, geom):
     g_us = [xr.grad] + [p.grad for p in params_of(ours)]
     out_64, g_64 = grads_of(ref, x.double(), grad.double())
 
-    assert rel_err(res.buffer, out_64) <= 2 * rel_err(out_tv, out_64) + 1e-3
+    assert rel_l2_err(res.buffer, out_64) <= 2 * rel_l2_err(out_tv, out_64) + 1e-3
     for gt, gu in zip(g_tv, g_us):
         assert gu.dtype == gt.dtype == torch.float32  # master weights / input stay fp32
     assert_grad_errors_comparable(g_us, g_tv, g_64, factor=3.0, floor=1e-2)
@@ -201,8 +198,8 @@ def assert_grad_errors_comparable(ours, base, ref, factor, floor):
     """Our gradients' errors vs fp64 against torchvision's in the same dtype, as mean and median
     over all gradient tensors (roundoff through BN + ReLU is dominated by ReLU mask flips near 0,
     which move single tensors a lot in either implementation)."""
-    e_us = [rel_err(g, r) for g, r in zip(ours, ref)]
-    e_tv = [rel_err(g, r) for g, r in zip(base, ref)]
+    e_us = [rel_l2_err(g, r) for g, r in zip(ours, ref)]
+    e_tv = [rel_l2_err(g, r) for g, r in zip(base, ref)]
     assert statistics.mean(e_us) <= factor * statistics.mean(e_tv) + floor, (e_us, e_tv)
     assert statistics.median(e_us) <= factor * statistics.median(e_tv) + floor, (e_us, e_tv)
 
@@ -249,14 +246,14 @@ def test_fused_path_matches_simple(cuda, monkeypatch, dtype, geom):
         assert any("bn_relu_gemm_kernel" in n for n in names) == (path == "fused"), sorted(names)
         res[path] = holder
     for i, name in enumerate(("buffer", "mean", "var", "mean2", "var2")):
-        e_f, e_s = rel_err(res["fused"]["out"][i], out64[i]), rel_err(res["simple"]["out"][i], out64[i])
+        e_f, e_s = rel_l2_err(res["fused"]["out"][i], out64[i]), rel_l2_err(res["simple"]["out"][i], out64[i])
         assert e_f <= 1.5 * e_s + 2e-3, (name, e_f, e_s)
 
     def flat(g):
         return [g[0]] + [t for lst in g[1:] for t in lst]
 
-    e_f = [rel_err(a, b) for a, b in zip(flat(res["fused"]["grads"]), flat(g64))]
-    e_s = [rel_err(a, b) for a, b in zip(flat(res["simple"]["grads"]), flat(g64))]
+    e_f = [rel_l2_err(a, b) for a, b in zip(flat(res["fused"]["grads"]), flat(g64))]
+    e_s = [rel_l2_err(a, b) for a, b in zip(flat(res["simple"]["grads"]), flat(g64))]
     assert statistics.median(e_f) <= 1.5 * statistics.median(e_s) + 2e-3, (e_f, e_s)
     assert statistics.mean(e_f) <= 1.5 * statistics.mean(e_s) + 2e-3, (e_f, e_s)
 
@@ -284,7 +281,7 @@ def test_weight_grad_large_k(cuda, dtype):
     names = [n for n, _ in sorted(tv.named_parameters())]
     for i, name in enumerate(names):
         if name.endswith("conv1.weight"):
-            e_us, e_tv = rel_err(g_us[1 + i], g_64[1 + i]), rel_err(g_tv[1 + i], g_64[1 + i])
+            e_us, e_tv = rel_l2_err(g_us[1 + i], g_64[1 + i]), rel_l2_err(g_tv[1 + i], g_64[1 + i])
             assert e_us <= 2 * e_tv + 2e-3, (name, e_us, e_tv)
     C = 64
     xt = torch.randn(N, C, H + 1, W + 1, device=cuda)
@@ -302,7 +299,7 @@ def test_weight_grad_large_k(cuda, dtype):
         cwt = cw.detach().clone().requires_grad_()
         reft = F.avg_pool2d(F.conv2d(F.relu(F.batch_norm(xt, None, None, w, b, True)), cwt), 2)
     (dwct,) = torch.autograd.grad(reft, cwt, gt.to(reft.dtype))
-    assert rel_err(dwc, dwc64) <= 2 * rel_err(dwct, dwc64) + 2e-3
+    assert rel_l2_err(dwc, dwc64) <= 2 * rel_l2_err(dwct, dwc64) + 2e-3
 
 
 def test_dropout_mask(cuda):
@@ -671,8 +668,8 @@ def test_half_model_trains_like_torchvision(cuda, dtype, arch):
         res[name] = (loss.detach(), [p.grad for p in m.parameters()], [b for b in m.buffers() if b.is_floating_point()])
     for name in ("tv", "ours"):
         assert all(g.dtype == dtype for g in res[name][1])
-    e = {n: (rel_err(res[n][0], res["64"][0]), [rel_err(a, b) for a, b in zip(res[n][1], res["64"][1])],
-             [rel_err(a, b) for a, b in zip(res[n][2], res["64"][2])]) for n in ("tv", "ours")}
+    e = {n: (rel_l2_err(res[n][0], res["64"][0]), [rel_l2_err(a, b) for a, b in zip(res[n][1], res["64"][1])],
+             [rel_l2_err(a, b) for a, b in zip(res[n][2], res["64"][2])]) for n in ("tv", "ours")}
     assert e["ours"][0] <= 2 * e["tv"][0] + 1e-2, e
     assert statistics.median(e["ours"][1]) <= 2 * statistics.median(e["tv"][1]) + 1e-2
     assert statistics.median(e["ours"][2]) <= 2 * statistics.median(e["tv"][2]) + 1e-2
@@ -683,7 +680,7 @@ def test_half_model_trains_like_torchvision(cuda, dtype, arch):
     with torch.no_grad():
         out_tv, out_64 = tv(x.to(dtype)), ref(x.double())
     assert out.dtype == dtype
-    assert rel_err(out, out_64) <= 2 * rel_err(out_tv, out_64) + 1e-2
+    assert rel_l2_err(out, out_64) <= 2 * rel_l2_err(out_tv, out_64) + 1e-2
 
 
 def test_features_end_to_end(cuda):

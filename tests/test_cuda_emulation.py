@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from conftest import rel_l2_err  # noqa: E402
+
 import densenet_fast  # noqa: E402,F401  (loads the operators and their fake kernels)
 from densenet_fast.ops import dense_block as block_ops  # noqa: E402
 from densenet_fast.ops import tail as tail_ops  # noqa: E402
@@ -110,10 +112,6 @@ def reference_grads(x, P, grad, training, mask=None, p=0.0):
     params = [t for n in ORDER for t in P64[n]]
     grads = torch.autograd.grad(out, [x64, *params], grad.double())
     return out.detach(), grads
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 GEOMS = [  # (N, C0, H, W, L, k, bn_size)
@@ -227,12 +225,12 @@ def test_block_half_dtypes(emu, dtype):
         P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
         base = reference_block(x_h, P_h, True)
         base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
-        assert rel_err(out[0], ref) <= 2 * rel_err(base, ref) + 1e-3
+        assert rel_l2_err(out[0], ref) <= 2 * rel_l2_err(base, ref) + 1e-3
         ours = emu_backward(emu, grad, out, x, P, True)
         assert ours[0].dtype == dtype and ours[1][0].dtype == torch.float32 and ours[3][0].dtype == dtype
         flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
-        ours_err.append(statistics.mean(rel_err(g, r) for g, r in zip(flat, ref_grads)))
-        base_err.append(statistics.mean(rel_err(g, r) for g, r in zip(base_grads, ref_grads)))
+        ours_err.append(statistics.mean(rel_l2_err(g, r) for g, r in zip(flat, ref_grads)))
+        base_err.append(statistics.mean(rel_l2_err(g, r) for g, r in zip(base_grads, ref_grads)))
     assert statistics.median(ours_err) <= 2 * statistics.median(base_err) + 5e-3, (ours_err, base_err)
 
 
@@ -530,11 +528,11 @@ def test_half_dtypes_many_chunks(emu, dtype):
     P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
     base = reference_block(x_h, P_h, True)
     base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
-    assert rel_err(out[0], ref) <= 2 * rel_err(base, ref) + 1e-3
+    assert rel_l2_err(out[0], ref) <= 2 * rel_l2_err(base, ref) + 1e-3
     ours = emu_backward(emu, grad, out, x, P, True)
     flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
-    e_us = [rel_err(g, r) for g, r in zip(flat, ref_grads)]
-    e_base = [rel_err(g, r) for g, r in zip(base_grads, ref_grads)]
+    e_us = [rel_l2_err(g, r) for g, r in zip(flat, ref_grads)]
+    e_base = [rel_l2_err(g, r) for g, r in zip(base_grads, ref_grads)]
     assert statistics.median(e_us) <= 2 * statistics.median(e_base) + 5e-3, (e_us, e_base)
     w1_us, w1_base = e_us[1 + 2 * L:1 + 3 * L], e_base[1 + 2 * L:1 + 3 * L]  # dW1 of every layer
     assert max(w1_us) <= 2 * max(w1_base) + 5e-3, (w1_us, w1_base)
@@ -647,8 +645,8 @@ def test_fused_path_block(emu, fused_env, dtype):
     torch.testing.assert_close(out_f[0].float(), out_s[0].float(), rtol=3e-2, atol=3e-2)
     for a, b in zip(out_f[1:], out_s[1:]):  # mean, var, mean2, var2
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    assert rel_err(out_f[0], ref) <= 1.5 * rel_err(out_s[0], ref) + 1e-3
-    e = {key: statistics.median(rel_err(a, b) for a, b in zip(gs, ref_grads)) for key, (_, gs) in results.items()}
+    assert rel_l2_err(out_f[0], ref) <= 1.5 * rel_l2_err(out_s[0], ref) + 1e-3
+    e = {key: statistics.median(rel_l2_err(a, b) for a, b in zip(gs, ref_grads)) for key, (_, gs) in results.items()}
     assert e["fused", "fused"] <= 1.5 * e["simple", "simple"] + 2e-3, e
     assert e["fused", "simple"] <= 1.5 * e["simple", "simple"] + 2e-3, e
 

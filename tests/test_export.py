@@ -12,7 +12,8 @@ import importlib.util
 
 import pytest
 import torch
-from convert_utils import ROOT, randomize_bn, rel, timm_small, tv_small
+from conftest import rel_err
+from convert_utils import ROOT, randomize_bn, timm_small, tv_small
 from torch import nn
 
 import densenet_fast as dnf
@@ -76,8 +77,8 @@ def test_onnx_densenet121_dynamic_batch(onnx_densenet121, batch):
     with torch.no_grad():
         expected, eager = tv(x), model(x)
     out = _ort_run(session, x)
-    assert rel(out, expected) <= 1e-5, rel(out, expected)
-    assert rel(out, eager) <= 1e-5, rel(out, eager)
+    assert rel_err(out, expected) <= 1e-5, rel_err(out, expected)
+    assert rel_err(out, eager) <= 1e-5, rel_err(out, eager)
 
 
 def _small_cases():
@@ -113,7 +114,7 @@ def test_onnx_small_models(tmp_path, name, make_ref, make_model, dynamic_batch):
         with torch.no_grad():
             expected = ref(xn)
         out = _ort_run(session, xn)
-        assert rel(out, expected) <= 1e-5, (n, rel(out, expected))
+        assert rel_err(out, expected) <= 1e-5, (n, rel_err(out, expected))
 
 
 @needs_onnx
@@ -139,11 +140,11 @@ def test_torch_export_keeps_fused_ops(make, train):
     assert any(t.startswith("densenet_fast.") for t in targets), sorted(targets)
     out = program.module()(x)
     expected = twin(x)
-    assert rel(out, expected) <= 1e-6
+    assert rel_err(out, expected) <= 1e-6
     if train:  # the exported program updates the running statistics like the eager model
         for (name, b), b_ref in zip(program.module().named_buffers(), twin.buffers()):
             if name.endswith("running_mean"):
-                assert rel(b, b_ref) <= 1e-6, name
+                assert rel_err(b, b_ref) <= 1e-6, name
 
 
 # -- torch.fx feature extraction --------------------------------------------------------------------
@@ -192,8 +193,8 @@ def test_create_feature_extractor_train_mode_fp64():
     out = extractor(x)
     expected = _hooked_features(twin, x, nodes)
     for name, key in nodes.items():
-        assert rel(out[key], expected[name]) <= 1e-10, name
-    assert rel(model.features.norm5.running_var, twin.features.norm5.running_var) <= 1e-10
+        assert rel_err(out[key], expected[name]) <= 1e-10, name
+    assert rel_err(model.features.norm5.running_var, twin.features.norm5.running_var) <= 1e-10
 
 
 def test_create_feature_extractor_se_densenet():
@@ -251,7 +252,7 @@ def test_hub_load_local():
     model.load_state_dict(tv.state_dict())
     x = _x(1)
     with torch.no_grad():
-        assert rel(model.eval()(x), tv(x)) <= 1e-5
+        assert rel_err(model.eval()(x), tv(x)) <= 1e-5
     bc = torch.hub.load(str(ROOT), "densenet_bc", source="local", depth=10)
     assert isinstance(bc, dnf.DenseNet)
     converted = torch.hub.load(str(ROOT), "convert", tv_small(), source="local")  # positional: load() has `model`
@@ -283,18 +284,18 @@ def test_fold_for_inference_parity(name, make_ref, make_model):
     x64 = _x(3, size=32, dtype=torch.float64)
     with torch.no_grad():
         truth = ref64(x64)
-        assert rel(folded(x64), truth) <= 1e-9
+        assert rel_err(folded(x64), truth) <= 1e-9
         # fp32: no worse than 2x torchvision's own fp32 error against the fp64 truth
         ref32, folded32 = copy.deepcopy(ref64).float(), copy.deepcopy(folded).float()
         x32 = x64.float()
-        err_ref, err = rel(ref32(x32), truth), rel(folded32(x32), truth)
+        err_ref, err = rel_err(ref32(x32), truth), rel_err(folded32(x32), truth)
     assert err <= max(2 * err_ref, 1e-6), (err, err_ref)
 
 
 def test_fold_bn_into_conv_and_bad_input():
     conv, bn = nn.Conv2d(5, 7, 1, bias=True).double(), randomize_bn(nn.BatchNorm2d(7)).double().eval()
     x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
-    assert rel(dnf.inference.fold_bn_into_conv(conv, bn)(x), bn(conv(x))) <= 1e-12
+    assert rel_err(dnf.inference.fold_bn_into_conv(conv, bn)(x), bn(conv(x))) <= 1e-12
     with pytest.raises(ValueError, match="bn: expected 7 features"):
         dnf.inference.fold_bn_into_conv(nn.Conv2d(5, 7, 1), nn.BatchNorm2d(6))
     with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):

@@ -16,7 +16,8 @@ import warnings
 
 import pytest
 import torch
-from convert_utils import assert_state_close, randomize_bn, rel
+from conftest import rel_err
+from convert_utils import assert_state_close, randomize_bn
 from torch import nn
 
 from densenet_fast.convert import conversion_report, convert
@@ -74,7 +75,7 @@ def _train_steps(models, inputs, tol: float, lr: float = 0.05) -> None:
             out = m(x)
             (out ** 2).mean().backward()
             outs.append(out)
-        assert rel(outs[0], outs[1]) <= tol, f"output relative error {rel(outs[0], outs[1]):.3e}"
+        assert rel_err(outs[0], outs[1]) <= tol, f"output relative error {rel_err(outs[0], outs[1]):.3e}"
         _assert_every_grad_close(models[0], models[1], tol)
         for opt in opts:
             opt.step()
@@ -92,7 +93,7 @@ def _check_parity(model: nn.Module, shape, tol: float = 1e-9) -> None:
     model.eval(), ref.eval()
     with torch.no_grad():
         x = _inputs(shape, 1)[0]
-        assert rel(model(x), ref(x)) <= tol
+        assert rel_err(model(x), ref(x)) <= tol
 
 
 # -- MONAI ---------------------------------------------------------------------------------------------
@@ -146,7 +147,7 @@ def test_monai_other_options_left_alone(kw, reason):
     model.eval(), ref.eval()  # the blocks run their original computation (transitions may be fused)
     x = _inputs(SHAPES[3], 1)[0]
     with torch.no_grad():
-        assert rel(model(x), ref(x)) <= 1e-9
+        assert rel_err(model(x), ref(x)) <= 1e-9
 
 
 # -- torchxrayvision -----------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_xrv_dropout_fused():
     x = _inputs((2, 1, 29, 35), 1)[0]
     model.eval(), ref.eval()
     with torch.no_grad():
-        assert rel(model(x), ref(x)) <= 1e-9
+        assert rel_err(model(x), ref(x)) <= 1e-9
     block = model.features.denseblock1
     model.train()
     buf = model.features.conv0(x)
@@ -235,7 +236,7 @@ def test_own_model_parity_with_monai_fp64(spatial_dims):
     ours.eval(), theirs.eval()
     with torch.no_grad():
         x = _inputs(SHAPES[spatial_dims], 1)[0]
-        assert rel(ours(x), theirs(x)) <= 1e-9
+        assert rel_err(ours(x), theirs(x)) <= 1e-9
 
 
 def test_own_model_refuses_other_act_norm():

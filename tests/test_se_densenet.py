@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from conftest import rel_err  # noqa: E402
+
 import densenet_fast.models as dn  # noqa: E402
 from densenet_fast.models import se_densenet as sednn  # noqa: E402
 from densenet_fast.models.se_densenet import (  # noqa: E402
@@ -136,11 +138,6 @@ def step(model: nn.Module, x: Tensor, dy: Tensor):
     y = model(x)
     y.backward(dy)
     return y.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_close(a: Tensor, b: Tensor, tol: float, what: str) -> None:

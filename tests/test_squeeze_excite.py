@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from conftest import rel_err  # noqa: E402
+
 from densenet_fast.nn.squeeze_excite import SqueezeExcite, make_divisible  # noqa: E402
 from densenet_fast.ops import squeeze_excite as se_ops  # noqa: E402
 
@@ -73,12 +75,6 @@ def _run(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Ten
     return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max |a - b| / max |b| (b the reference)."""
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def _make_x(n, c, h, w, layout, dtype=torch.float32):
     x = torch.randn(n, c, h, w).to(dtype)
     if layout == "channels_last":
@@ -106,7 +102,7 @@ def test_parity_fp32(batch, channels, hw, layout):
     dy = torch.randn_like(x)
     for name, a, b in zip(NAMES, _run(ours, x, dy), _run(ref, x, dy)):
         assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert _rel_err(a, b) <= 1e-4, (name, _rel_err(a, b))
+        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
     y = ours(x)
     assert y.stride() == x.stride()  # layout preserved
 
@@ -118,7 +114,7 @@ def test_parity_fp64_variants(kwargs):
     x = _make_x(2, 13, 7, 7, "channels_last", torch.float64)
     dy = torch.randn_like(x)
     for name, a, b in zip(NAMES, _run(ours, x, dy), _run(ref, x, dy)):
-        assert _rel_err(a, b) <= 1e-10, (name, _rel_err(a, b))
+        assert rel_err(a, b) <= 1e-10, (name, rel_err(a, b))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -138,8 +134,8 @@ def test_parity_low_precision(channels, hw, dtype, tol, layout):
     timm = _run(ref, x, dy)
     for name, a, b, t in zip(NAMES, got, want, timm):
         assert a.dtype == dtype, name
-        assert _rel_err(a, b) <= tol, (name, _rel_err(a, b))
-        assert _rel_err(a, t) <= 8 * tol, (name, _rel_err(a, t))
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
+        assert rel_err(a, t) <= 8 * tol, (name, rel_err(a, t))
 
 
 def test_autocast_casts_params():
@@ -149,7 +145,7 @@ def test_autocast_casts_params():
         y = ours(x)
         y_ref = ref(x)
     assert y.dtype == torch.bfloat16
-    assert _rel_err(y, y_ref) <= 2e-2
+    assert rel_err(y, y_ref) <= 2e-2
     y.float().sum().backward()
     assert ours.fc1.weight.grad.dtype == torch.float32
 
@@ -167,7 +163,7 @@ def test_plain_path_parity():
     x = torch.randn(4, 24, 5, 5)
     dy = torch.randn_like(x)
     for name, a, b in zip(NAMES[:2], _run(ours, x, dy), _run(ref, x, dy)):
-        assert _rel_err(a, b) <= 1e-6, name
+        assert rel_err(a, b) <= 1e-6, name
 
 
 def test_plain_path_warns_once_per_reason():
@@ -306,10 +302,10 @@ def test_random_shapes_property():
         dy = torch.randn_like(y)
         y.backward(dy)
         y_ref.backward(dy.double())
-        assert _rel_err(y, y_ref) <= 1e-5
+        assert rel_err(y, y_ref) <= 1e-5
         for a, b in zip(args, leaves):
             if a is not None:
-                assert _rel_err(a.grad, b.grad) <= 1e-4
+                assert rel_err(a.grad, b.grad) <= 1e-4
 
     check()
 
@@ -540,7 +536,7 @@ def test_cuda_triton_parity(dtype, tol, layout):
     assert any("_channel_sum" in k for k in kernels) and any("_scale" in k for k in kernels), sorted(kernels)
     want = _run(exact, x.double(), dy.double())
     for name, a, b in zip(NAMES, got, want):
-        assert _rel_err(a, b) <= tol, (name, _rel_err(a, b))
+        assert rel_err(a, b) <= tol, (name, rel_err(a, b))
     assert got[0].stride() == x.stride()
 
 

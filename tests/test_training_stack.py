@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_utils import _x, assert_grads_close, assert_state_close, pair, randomize_bn, rel, train_steps, tv_small
+from conftest import rel_err
+from convert_utils import _x, assert_grads_close, assert_state_close, pair, randomize_bn, train_steps, tv_small
 from torch import nn
 
 import densenet_fast as dnf
@@ -47,7 +48,7 @@ def test_compile_converted_model_training_step(_inductor_fresh):
     out.square().mean().backward()
     out_ref = ref(x)
     out_ref.square().mean().backward()
-    assert rel(out, out_ref) < 1e-4
+    assert rel_err(out, out_ref) < 1e-4
     assert_grads_close(model, ref, 1e-4, per_param=False)
     assert_state_close(model, ref, 1e-4)  # running stats updated once, as eager
 
@@ -58,7 +59,7 @@ def test_compile_densenet_fast_model_inference(_inductor_fresh):
     x = _x(size=16)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        assert rel(compiled(x), model(x)) < 1e-5
+        assert rel_err(compiled(x), model(x)) < 1e-5
 
 
 # -- autocast, channels_last ---------------------------------------------------------------------------
@@ -75,14 +76,14 @@ def test_cpu_autocast_bfloat16_matches_torchvision_precision():
     assert out.dtype == out_ac.dtype == torch.bfloat16
     for m, o in ((model, out), (ref_ac, out_ac), (ref32, out32)):
         o.float().square().mean().backward()
-    err_tv = rel(out_ac, out32)  # torchvision's own bf16 error
+    err_tv = rel_err(out_ac, out32)  # torchvision's own bf16 error
     assert 0 < err_tv < 0.2
     # the fused blocks compute in float32: no worse than torchvision under autocast (vs float32)
-    assert rel(out, out32) <= 1.5 * err_tv + 1e-3
-    assert rel(out, out_ac) <= 2.5 * err_tv + 1e-3
+    assert rel_err(out, out32) <= 1.5 * err_tv + 1e-3
+    assert rel_err(out, out_ac) <= 2.5 * err_tv + 1e-3
     g, g_ac, g32 = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (model, ref_ac, ref32))
     assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-    assert rel(g, g32) <= 1.5 * rel(g_ac, g32) + 1e-3
+    assert rel_err(g, g32) <= 1.5 * rel_err(g_ac, g32) + 1e-3
     assert_state_close(model, ref32, 5e-2)  # running statistics of a bf16 forward
 
 
@@ -145,7 +146,7 @@ def test_frozen_parameters(frozen):
     xg, xr = (_x(dtype=torch.float64).requires_grad_() for _ in range(2))
     model(xg).sum().backward()
     ref(xr).sum().backward()
-    assert rel(xg.grad, xr.grad) < 1e-8
+    assert rel_err(xg.grad, xr.grad) < 1e-8
 
 
 def test_no_grad_and_inference_mode():
@@ -153,14 +154,14 @@ def test_no_grad_and_inference_mode():
     x = _x(dtype=torch.float64)
     with torch.no_grad():  # train-mode forward without autograd: batch statistics, running stats updated
         out, out_ref = model(x), ref(x)
-    assert not out.requires_grad and rel(out, out_ref) < 1e-10
+    assert not out.requires_grad and rel_err(out, out_ref) < 1e-10
     assert_state_close(model, ref, 1e-10)
     model.eval(), ref.eval()
     with torch.inference_mode():
         out, out_ref = model(x), ref(x)
-    assert out.is_inference() and rel(out, out_ref) < 1e-10
+    assert out.is_inference() and rel_err(out, out_ref) < 1e-10
     with torch.no_grad():
-        assert rel(model(x), ref(x)) < 1e-10
+        assert rel_err(model(x), ref(x)) < 1e-10
 
 
 def test_double_backward_raises_clearly_and_reference_path_supports_it():
@@ -170,7 +171,7 @@ def test_double_backward_raises_clearly_and_reference_path_supports_it():
     (gx,) = torch.autograd.grad(loss, x, create_graph=True)  # first order with create_graph: fine
     xr = x.detach().clone().requires_grad_()
     (gxr,) = torch.autograd.grad(ref(xr).square().mean(), xr, create_graph=True)
-    assert rel(gx, gxr) < 1e-8
+    assert rel_err(gx, gxr) < 1e-8
     with pytest.raises(DoubleBackwardError, match="double backward.*not supported.*set_impl"):
         gx.square().sum().backward()
     assert issubclass(DoubleBackwardError, RuntimeError)
@@ -246,12 +247,12 @@ def test_ddp_gradients_match_single_process(distributed_results, mode):
     grads, state = _single_process_ddp_reference(mode)
     for step, (gd, gr) in enumerate(zip(res["grads"], grads)):
         fd, fr = torch.cat([g.flatten() for g in gd]), torch.cat([g.flatten() for g in gr])
-        assert rel(fd, fr) < 1e-9, f"step {step}: DDP gradients differ ({rel(fd, fr):.2e})"
+        assert rel_err(fd, fr) < 1e-9, f"step {step}: DDP gradients differ ({rel_err(fd, fr):.2e})"
     for k, v in state.items():
         if v.dtype == torch.long:
             assert torch.equal(res["state"][k], v), k
         else:
-            assert rel(res["state"][k], v) < 1e-9, k
+            assert rel_err(res["state"][k], v) < 1e-9, k
 
 
 def test_sync_batchnorm_fallback_matches_sync_batchnorm_and_global_batch(distributed_results):
@@ -263,11 +264,11 @@ def test_sync_batchnorm_fallback_matches_sync_batchnorm_and_global_batch(distrib
         conv = res[key]
         assert "DenseBlock" in conv["types"] and "SyncBatchNorm" in conv["types"]
         for a, b in zip(conv["outs"], plain["outs"]):
-            assert rel(a, b) < 1e-10, key
+            assert rel_err(a, b) < 1e-10, key
         for ga, gb in zip(conv["grads"], plain["grads"]):
-            assert all(rel(x, y) < 1e-10 for x, y in zip(ga, gb)), key
+            assert all(rel_err(x, y) < 1e-10 for x, y in zip(ga, gb)), key
         for k, v in plain["state"].items():
-            assert torch.equal(conv["state"][k], v) if v.dtype == torch.long else rel(conv["state"][k], v) < 1e-10
+            assert torch.equal(conv["state"][k], v) if v.dtype == torch.long else rel_err(conv["state"][k], v) < 1e-10
     assert any("SyncBatchNorm" in w and "reference path" in w for w in res["warnings"]), res["warnings"]
     # SyncBatchNorm semantics: one process on the global batch with plain BatchNorm gives the same numbers
     torch.manual_seed(0)
@@ -279,10 +280,10 @@ def test_sync_batchnorm_fallback_matches_sync_batchnorm_and_global_batch(distrib
         out = model(x)
         # each rank's loss is the mean over its shard; SyncBN + gradient averaging = mean over the global batch
         out.square().mean().backward()
-        assert rel(torch.cat([plain["outs"][step], out[2:]]), out) < 1e-10
+        assert rel_err(torch.cat([plain["outs"][step], out[2:]]), out) < 1e-10
         fd = torch.cat([g.flatten() for g in plain["grads"][step]])
         fr = torch.cat([p.grad.flatten() for p in model.parameters()])
-        assert rel(fd, fr) < 1e-9
+        assert rel_err(fd, fr) < 1e-9
         opt.step()
     for k, v in model.state_dict().items():
-        assert torch.equal(plain["state"][k], v) if v.dtype == torch.long else rel(plain["state"][k], v) < 1e-9, k
+        assert torch.equal(plain["state"][k], v) if v.dtype == torch.long else rel_err(plain["state"][k], v) < 1e-9, k

@@ -4,7 +4,7 @@
 // a = gamma*invstd and b = beta - mean*a. The backward of all BN readers of a channel is merged:
 // each reader r adds a_r*du_r to the channel's gradient and gamma_r*dbeta_r, gamma_r*dgamma_r to
 // two per-channel scalars S1, S2; once every reader is done the channel is finalised with
-// g -= invstd/n * (S1 + xhat*S2).  (DESIGN.md section 3.)
+// g -= invstd/n * (S1 + xhat*S2).  (docs/design.md §3.)
 #pragma once
 
 #include <c10/macros/Macros.h>

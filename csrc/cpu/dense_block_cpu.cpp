@@ -1,4 +1,4 @@
-// CPU kernels of the fused dense block (DESIGN.md section 3).
+// CPU kernels of the fused dense block (docs/design.md §3).
 //
 // The block lives in one channels_last(_3d) buffer X[rows = N*(D*)H*W, Ct]: layer l reads the column prefix
 // [0, c_l) and writes its k new columns right after it, so concatenation is free. BN1 statistics of

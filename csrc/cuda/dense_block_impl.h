@@ -1,4 +1,4 @@
-// The CUDA dense-block operators (DESIGN.md section 3; csrc/cpu/dense_block_cpu.cpp is the
+// The CUDA dense-block operators (docs/design.md §3; csrc/cpu/dense_block_cpu.cpp is the
 // executable specification). Included by dense_block_cuda.cu and, for the host emulation of the
 // tests, by emu/emulate.cpp.
 //

@@ -1,4 +1,4 @@
-"""Squeeze-and-excitation gating as registered custom operators (design notes §4).
+"""Squeeze-and-excitation gating as registered custom operators (docs/design.md §5).
 
 Operators (``torch.ops.densenet_fast.*``)::
 

@@ -1,4 +1,4 @@
-"""Triton kernels for squeeze-and-excitation gating (design notes §4).
+"""Triton kernels for squeeze-and-excitation gating (docs/design.md §5).
 
 Importing this module imports triton and defines the kernels, so set ``TRITON_INTERPRET=1``
 *before* the first import if the kernels should run on CPU tensors through the interpreter.
