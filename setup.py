@@ -71,17 +71,14 @@ def extension():
     if not debug:
         cxx.append("-DNDEBUG")
     extra = {"cxx": cxx}
-    macros = []
     if with_cuda:
         extra["nvcc"] = opt + ["--expt-relaxed-constexpr", "-lineinfo",
                                "-DDNF_WITH_CUDA=1"]
-        macros.append(("DNF_HAS_CUDA_KERNELS", "1"))
     cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     return cls(
         name="densenet_fast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
     )

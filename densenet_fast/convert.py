@@ -37,9 +37,12 @@ from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
+from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
+from densenet_fast.nn import converted as _conv
 from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
 from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
-from densenet_fast.nn.dense_block import DenseBlock, Transition
+from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl
+from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
 
@@ -156,6 +159,30 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
+def _layer_geometry_problem(where: str, i: int, layer: nn.Module, first_layer: nn.Module,
+                            modules: Tuple[nn.Module, nn.Module, nn.Module, nn.Module],
+                            first: Tuple[int, int, int]) -> Optional[str]:
+    """Why layer i (norm1, conv1, norm2, conv2 = ``modules``) does not continue a dense block whose first
+    layer reads C0 channels and has growth k and bottleneck width ``first = (C0, k, inter)``; None if it does."""
+    n1, c1, n2, c2 = modules
+    c0, growth, inter = first
+    if (n1.num_features != c0 + i * growth or c1.in_channels != n1.num_features or c1.out_channels != inter
+            or n2.num_features != inter or c2.in_channels != inter or c2.out_channels != growth):
+        return f"{where} channel counts do not follow C0 + i*k (a dense block with one growth rate and bn_size)"
+    if float(getattr(layer, "drop_rate", 0.0)) != float(getattr(first_layer, "drop_rate", 0.0)):
+        return "its layers have different drop rates"
+    return None
+
+
+def _shared_norms_problem(eps: set, sync: set) -> Optional[str]:
+    """Why a block's BatchNorms cannot run as one fused operator (one eps, all or none synchronised)."""
+    if len(eps) != 1:
+        return "its BatchNorms do not share one eps"
+    if len(sync) != 1:
+        return "it mixes SyncBatchNorm and BatchNorm"
+    return None
+
+
 def _block_problem(block: nn.Module) -> Optional[str]:
     layers = list(block.children())
     if not layers:
@@ -164,7 +191,7 @@ def _block_problem(block: nn.Module) -> Optional[str]:
     mod, layer_cls = ("torchvision.models.densenet", "_DenseLayer") if tv else ("timm.models.densenet", "DenseLayer")
     if not _same_forward(block, mod, "_DenseBlock" if tv else "DenseBlock"):
         return f"{type(block).__name__} overrides forward"
-    growth, inter, c0 = None, None, None
+    first = None
     eps, sync = set(), set()
     for i, layer in enumerate(layers):
         where = f"layer {i + 1}"
@@ -186,17 +213,11 @@ def _block_problem(block: nn.Module) -> Optional[str]:
             if p:
                 return p
         if i == 0:
-            c0, growth, inter = n1.num_features, c2.out_channels, c1.out_channels
-        if (n1.num_features != c0 + i * growth or c1.in_channels != n1.num_features or c1.out_channels != inter
-                or n2.num_features != inter or c2.in_channels != inter or c2.out_channels != growth):
-            return f"{where} channel counts do not follow C0 + i*k (a dense block with one growth rate and bn_size)"
-        if float(getattr(layer, "drop_rate", 0.0)) != float(getattr(layers[0], "drop_rate", 0.0)):
-            return "its layers have different drop rates"
-    if len(eps) != 1:
-        return "its BatchNorms do not share one eps"
-    if len(sync) != 1:
-        return "it mixes SyncBatchNorm and BatchNorm2d"
-    return None
+            first = (n1.num_features, c2.out_channels, c1.out_channels)
+        p = _layer_geometry_problem(where, i, layer, layers[0], (n1, c1, n2, c2), first)
+        if p:
+            return p
+    return _shared_norms_problem(eps, sync)
 
 
 def _convert_block(block: nn.Module) -> DenseBlock:
@@ -261,7 +282,7 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
     layers = list(block.children())
     if not layers:
         return "empty block"
-    dims = c0 = growth = inter = None
+    dims = first = None
     eps, sync = set(), set()
     for i, layer in enumerate(layers):
         where = f"layer {i + 1}"
@@ -288,17 +309,11 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
                 return p
         n1, c1, n2, c2 = unit.norm1, unit.conv1, unit.norm2, unit.conv2
         if i == 0:
-            c0, growth, inter = n1.num_features, c2.out_channels, c1.out_channels
-        if (n1.num_features != c0 + i * growth or c1.in_channels != n1.num_features or c1.out_channels != inter
-                or n2.num_features != inter or c2.in_channels != inter or c2.out_channels != growth):
-            return f"{where} channel counts do not follow C0 + i*k (a dense block with one growth rate and bn_size)"
-        if float(getattr(layer, "drop_rate", 0.0)) != float(getattr(layers[0], "drop_rate", 0.0)):
-            return "its layers have different drop rates"
-    if len(eps) != 1:
-        return "its BatchNorms do not share one eps"
-    if len(sync) != 1:
-        return "it mixes SyncBatchNorm and BatchNorm"
-    return None
+            first = (n1.num_features, c2.out_channels, c1.out_channels)
+        p = _layer_geometry_problem(where, i, layer, layers[0], (n1, c1, n2, c2), first)
+        if p:
+            return p
+    return _shared_norms_problem(eps, sync)
 
 
 def _concat_transition_problem(t: nn.Module) -> Optional[str]:
@@ -317,14 +332,6 @@ def _convert_transition(t: nn.Module) -> Transition:
     nn.Sequential.__init__(new, OrderedDict(t._modules))
     new.impl = "fused"
     return _adopt(new, t)
-
-
-def _se_class():
-    try:
-        from densenet_fast.nn.squeeze_excite import SqueezeExcite
-    except ImportError:  # HOOK: SqueezeExcite not available in this build -> timm SE modules are left alone
-        return None
-    return SqueezeExcite if hasattr(SqueezeExcite, "from_timm") else None
 
 
 def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, squeeze_excite: bool = True,
@@ -352,15 +359,12 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
         model = copy.deepcopy(model)
     report = ConversionReport()
     memo: Dict[int, nn.Module] = {}
-    se_cls = _se_class() if squeeze_excite else None
-    if squeeze_excite and se_cls is None and _cls("timm.layers.squeeze_excite", "SEModule") is not None:
-        report.notes.append("densenet_fast.SqueezeExcite.from_timm is not available: timm SEModules left alone")
+    se_cls = SqueezeExcite if squeeze_excite else None
 
     def visit(m: nn.Module, name: str) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
         new = m
-        from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
         if isinstance(m, _DnfDenseNet):
             report.notes.append(f"{name or '<root>'} is already a densenet_fast.DenseNet")
             memo[id(m)] = m
@@ -468,7 +472,6 @@ def _explain_nothing_converted(root: nn.Module, report: ConversionReport) -> Non
 
 def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) -> None:
     """Swaps the class of an exact torchvision / timm DenseNet for the fused-head subclass."""
-    from densenet_fast.nn import converted as _conv
     tv_cls = _cls("torchvision.models.densenet", "DenseNet")
     timm_cls = _cls("timm.models.densenet", "DenseNet")
     monai_cls, xrv_cls = _cls(_MONAI, "DenseNet"), _cls(_XRV, "DenseNet")
@@ -510,8 +513,6 @@ def _fuse_densenet_head(root: nn.Module, name: str, report: ConversionReport) ->
 def set_impl(model: nn.Module, impl: str) -> nn.Module:
     """Switches every densenet_fast module in ``model`` (converted or not) between ``"fused"`` and
     ``"reference"`` (the plain per-layer PyTorch computation, e.g. for double backward); returns ``model``."""
-    from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
-    from densenet_fast.nn.dense_block import check_impl
     check_impl(impl)
     for m in model.modules():
         if isinstance(m, _DnfDenseNet):
@@ -523,7 +524,6 @@ def set_impl(model: nn.Module, impl: str) -> nn.Module:
 
 def _fuse_concat_head(root: nn.Module, name: str, report: ConversionReport, kind: str) -> None:
     """Swaps the class of an exact MONAI / torchxrayvision DenseNet for its fused-head subclass."""
-    from densenet_fast.nn import converted as _conv
     if type(root).__name__.startswith("Fused") and type(root).__module__ == _conv.__name__:
         return
     target = _conv.fused_head_class(type(root))

@@ -6,8 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err, rel_l2_err
-from torchvision.models import densenet as tv
+from conftest import rel_err, rel_l2_err, tv_block_pair
 
 import densenet_fast as dnf
 
@@ -16,15 +15,7 @@ L, C0, BN_SIZE, K = 3, 13, 3, 5
 
 
 def _pair(train: bool):
-    ref = tv._DenseBlock(L, C0, BN_SIZE, K, 0.0)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    ours = dnf.DenseBlock(L, C0, BN_SIZE, K)
-    ours.load_state_dict(ref.state_dict())
-    return ref.train(train), ours.train(train)
+    return tv_block_pair(L, C0, BN_SIZE, K, train=train)
 
 
 def _step(block, x, g, autocast: bool):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import rel_err, tv_block_pair
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
@@ -20,15 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pair(dtype, train):
-    ref = tv._DenseBlock(L, C0, BN_SIZE, K, 0.0)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    ours = dnf.DenseBlock(L, C0, BN_SIZE, K)
-    ours.load_state_dict(ref.state_dict())
-    return ref.to(dtype).train(train), ours.to(dtype).train(train)
+    return tv_block_pair(L, C0, BN_SIZE, K, dtype, train)
 
 
 def _step(block, x, g, autocast=False):

@@ -1,5 +1,5 @@
-// The NaN/Inf rules of the fused operators, shared by every backend (csrc/cpu implements them inline
-// with the same semantics; csrc/cuda calls these). Each rule reproduces what torchvision's modules
+// The NaN/Inf rules of the fused operators, shared by every backend (csrc/cpu and csrc/cuda call
+// these; the CPU block's vectorised eval loop spells out bn_backward's eval rule, a*dy). Each rule reproduces what torchvision's modules
 // compute for non-finite values, so a NaN/Inf in the data propagates exactly as it does there.
 #pragma once
 
@@ -38,7 +38,11 @@ C10_HOST_DEVICE inline bool block_channels_have_reader(int64_t l, int64_t L) { r
 // last row / column of an odd H / W). Column j of dWc is NaN wherever such a value is not finite.
 template <typename T>
 C10_HOST_DEVICE inline bool dropped_pixel_poisons_dwc(T relu_out) {
+#if defined(__CUDA_ARCH__)
   return !::isfinite(relu_out);
+#else
+  return !std::isfinite(relu_out);
+#endif
 }
 
 }  // namespace dnf

@@ -14,7 +14,9 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
+#include "common/block_grads.h"
 #include "common/checks.h"
+#include "common/nonfinite.h"
 #include "cpu/kernels.h"
 
 #include <type_traits>
@@ -143,10 +145,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   return {buffer, mean, var, mean2, var2};
 }
 
-struct BlockGrads {
-  std::vector<Tensor> g1, b1, w1, g2, b2, w2;
-};
-
 template <typename T>
 void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, const Tensor& mean,
                    const Tensor& var, const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1,
@@ -200,7 +198,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
     // Every reader of layer l's channels is done: their gradient is final. The last layer's channels
     // have no reader in the block, so there is nothing to finalise (and 0 * a non-finite xhat must
     // not turn their gradient into NaN).
-    if (l < g.L - 1) finalize(c, g.k);
+    if (block_channels_have_reader(l, g.L)) finalize(c, g.k);
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous(), W1 = w1[l].contiguous();
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
@@ -363,8 +361,7 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
   Tensor G = empty_cl(g, g.Ct, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
   G.copy_(grad_buffer);
-  BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
-                 std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
+  BlockGrads out(g.L);
   DNF_DISPATCH_CPU_BLOCK(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
     backward_impl<scalar_t>(g, X, G, mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
                             g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);

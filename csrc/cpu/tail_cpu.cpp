@@ -10,6 +10,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/nonfinite.h"
 #include "cpu/kernels.h"
 
 namespace dnf::cpu {
@@ -157,8 +158,7 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
       for (int64_t j = 0; j < C; ++j) {
         const T d = u != nullptr ? relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]) : T(0);
         const T xhat = (xr[j] - mean[j]) * invstd[j];
-        // Eval: a*d exactly (no xhat term, so a non-finite input does not poison its gradient).
-        dr[j] = training ? bn_backward_train<T>(d, xhat, a[j], m1[j], m2[j]) : a[j] * d;
+        dr[j] = bn_backward<T>(d, xhat, a[j], m1[j], m2[j], training);  // eval: a*d (common/nonfinite.h)
       }
     }
   });
@@ -208,7 +208,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       std::vector<char> nonfinite(C, 0);
       auto scan = [&](int64_t nd, int64_t h, int64_t w) {
         const T* xr = Xp + ((nd * H + h) * W + w) * C;
-        for (int64_t j = 0; j < C; ++j) nonfinite[j] |= !std::isfinite(relu<T>(xr[j] * a[j] + b[j]));
+        for (int64_t j = 0; j < C; ++j) nonfinite[j] |= dropped_pixel_poisons_dwc<T>(relu<T>(xr[j] * a[j] + b[j]));
       };
       for (int64_t nd = 0; nd < N * D; ++nd) {
         if (odd_d && nd % D == D - 1) {  // the whole last depth slice is dropped

@@ -18,6 +18,7 @@
 // computes in float, and BN gradients come back in their parameter's dtype.
 #pragma once
 
+#include "common/block_grads.h"
 #include "common/nonfinite.h"
 #include "cuda/block_kernels.cuh"
 #include "cuda/bn_gemm.h"
@@ -117,10 +118,6 @@ void dense_block_forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList
                                       acc_opts);
   }
 }
-
-struct BlockGrads {
-  std::vector<Tensor> g1, b1, w1, g2, b2, w2;
-};
 
 template <typename T>
 void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, const Tensor& mean,
@@ -281,8 +278,7 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
   const auto acc_dtype = stats_dtype(buffer.scalar_type());
   Tensor G = empty_cl(g.shape(g.Ct), buffer.options().dtype(acc_dtype));
   G.copy_(grad_buffer);
-  BlockGrads out{std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L),
-                 std::vector<Tensor>(g.L), std::vector<Tensor>(g.L), std::vector<Tensor>(g.L)};
+  BlockGrads out(g.L);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, buffer.scalar_type(), "dense_block_backward_cuda", [&] {
     const auto as_acc = [&](const Tensor& t) { return t.to(acc_dtype).contiguous(); };
     dense_block_backward_impl<scalar_t>(g, X, G, as_acc(mean), as_acc(var), as_acc(mean2), as_acc(var2), g1, b1, w1,

@@ -59,8 +59,6 @@ struct DeviceScope {
   explicit DeviceScope(const at::Tensor&) {}
 };
 
-inline bool is_emulation() { return true; }
-
 // Visits 0..n-1 in the order i*p mod n (p prime, coprime with n): a permutation that is far from
 // sequential, so a work item that reads another item's output gets caught by the tests.
 template <class G>
@@ -90,8 +88,6 @@ struct DeviceScope {
   c10::cuda::CUDAGuard guard;
   explicit DeviceScope(const at::Tensor& t) : guard(t.device()) {}
 };
-
-inline bool is_emulation() { return false; }
 
 template <class F>
 __global__ void __launch_bounds__(kThreads) for_each_kernel(int64_t n, F f) {

@@ -50,8 +50,3 @@ def fusable_norms(norms: Iterable[nn.Module]) -> bool:
     if not all(bn.affine and bn.track_running_stats for bn in norms):
         return False
     return len({bn.eps for bn in norms}) == 1
-
-
-def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    """nn.BatchNorm2d's rule: batch statistics in training or without running statistics."""
-    return bn.training or not bn.track_running_stats

@@ -177,9 +177,6 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
             like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
 
 
-_N_LISTS = 10  # tensor-list arguments of dense_block_forward
-
-
 def _setup_context(ctx, inputs, output):
     (input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, drop_rate, training, eps) = inputs
     buffer, mean, var, mean2, var2 = output
