@@ -132,10 +132,11 @@ class DenseNet(nn.Module):
                 m.impl = impl
         return self
 
-    def _check_training_sizes(self, x: Tensor) -> None:
-        """In training, rejects up front an input whose feature maps get too small for a BatchNorm (one
-        value per channel) or a 2x2 pool, before any module has updated its running statistics. Same
-        errors as torchvision raises midway (ValueError from nn.BatchNorm2d, RuntimeError from pooling).
+    def _check_sizes(self, x: Tensor) -> None:
+        """Rejects up front an input whose feature maps get too small for a training-mode BatchNorm (one
+        value per channel) or a transition's 2x2 pool, before any module has updated its running
+        statistics, with the errors torchvision raises midway (ValueError as nn.BatchNorm2d's; a
+        RuntimeError naming the transition instead of the pooling kernel's "Output size is too small").
         Walks the stem (Conv2d/MaxPool2d/AvgPool2d/BatchNorm2d/ReLU), blocks and transitions; stops at
         any other module."""
         if x.dim() != 4:
@@ -174,8 +175,8 @@ class DenseNet(nn.Module):
                 return
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and isinstance(x, Tensor):  # not for a torch.fx Proxy (no sizes while tracing)
-            self._check_training_sizes(x)
+        if isinstance(x, Tensor):  # not for a torch.fx Proxy (no sizes while tracing)
+            self._check_sizes(x)
         if self.impl == "fused":
             out = self.features.forward_pooled(x)
         else:
