@@ -88,8 +88,11 @@ def assert_state_close(a: nn.Module, b: nn.Module, tol: float) -> None:
 
 
 def train_steps(models: Iterable[nn.Module], inputs: List[torch.Tensor], lr: float = 0.1,
-                tol_out: float = 1e-4, tol_grad: float = 1e-4, per_param: bool = True, momentum: float = 0.9) -> None:
-    """Trains the models side by side with SGD (one step per input), checking outputs and gradients each step."""
+                tol_out: float = 1e-4, tol_grad: float = 1e-4, per_param: bool = True, momentum: float = 0.9,
+                grad_check: Optional[Callable[[nn.Module, nn.Module], None]] = None) -> None:
+    """Trains the models side by side with SGD (one step per input), checking outputs and gradients each step
+    against the last model's (``grad_check(model, reference)``, default :func:`assert_grads_close`). The loss
+    is mean(out**2), in float32 for half-precision outputs."""
     models = list(models)
     opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum) for m in models]
     for x in inputs:
@@ -98,11 +101,15 @@ def train_steps(models: Iterable[nn.Module], inputs: List[torch.Tensor], lr: flo
             m.train()
             opt.zero_grad(set_to_none=True)
             out = m(x)
-            (out.float() ** 2).mean().backward()
+            loss_in = out if out.dtype in (torch.float32, torch.float64) else out.float()
+            (loss_in ** 2).mean().backward()
             outs.append(out)
         for m, out in zip(models[:-1], outs[:-1]):
             assert rel_err(out, outs[-1]) <= tol_out, f"output relative error {rel_err(out, outs[-1]):.3e}"
-            assert_grads_close(m, models[-1], tol_grad, per_param)
+            if grad_check is None:
+                assert_grads_close(m, models[-1], tol_grad, per_param)
+            else:
+                grad_check(m, models[-1])
         for opt in opts:
             opt.step()
 

@@ -105,6 +105,15 @@ def emu_backward(emu, grad, out, x, P, training, mask=None, p=0.0, eps=1e-5):
                                     training, eps, x.shape[1])
 
 
+
+def plain_block_grads(x, P, grad, dtype):
+    """The plain PyTorch block computed in ``dtype`` (BN parameters in the data dtype, as on CPU), training:
+    its output and the gradients of x and every parameter (ORDER) -- the error baseline of that dtype."""
+    x_h = x.detach().requires_grad_()
+    P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
+    base = reference_block(x_h, P_h, True)
+    return base, torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+
 def reference_grads(x, P, grad, training, mask=None, p=0.0):
     x64 = x.detach().double().requires_grad_()
     P64 = {n: [t.detach().double().requires_grad_(n in ORDER) for t in P[n]] for n in P}
@@ -220,11 +229,7 @@ def test_block_half_dtypes(emu, dtype):
         assert out[1].dtype == torch.float32
         grad = torch.randn(out[0].shape).to(dtype)
         ref, ref_grads = reference_grads(x, P, grad, True)
-        # the plain block in this dtype (BN params in the data dtype, as on CPU)
-        x_h = x.detach().requires_grad_()
-        P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
-        base = reference_block(x_h, P_h, True)
-        base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+        base, base_grads = plain_block_grads(x, P, grad, dtype)
         assert rel_l2_err(out[0], ref) <= 2 * rel_l2_err(base, ref) + 1e-3
         ours = emu_backward(emu, grad, out, x, P, True)
         assert ours[0].dtype == dtype and ours[1][0].dtype == torch.float32 and ours[3][0].dtype == dtype
@@ -524,10 +529,7 @@ def test_half_dtypes_many_chunks(emu, dtype):
     out = run_emu(emu, x, P, True)
     grad = torch.randn(out[0].shape).to(dtype)
     ref, ref_grads = reference_grads(x, P, grad, True)
-    x_h = x.detach().requires_grad_()
-    P_h = {n: [t.detach().to(dtype).requires_grad_(n in ORDER) for t in P[n]] for n in P}
-    base = reference_block(x_h, P_h, True)
-    base_grads = torch.autograd.grad(base, [x_h] + [t for n in ORDER for t in P_h[n]], grad)
+    base, base_grads = plain_block_grads(x, P, grad, dtype)
     assert rel_l2_err(out[0], ref) <= 2 * rel_l2_err(base, ref) + 1e-3
     ours = emu_backward(emu, grad, out, x, P, True)
     flat = [ours[0]] + [t for lst in ours[1:] for t in lst]

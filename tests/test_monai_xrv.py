@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 from conftest import rel_err
-from convert_utils import assert_state_close, randomize_bn
+from convert_utils import assert_state_close, randomize_bn, train_steps
 from torch import nn
 
 from densenet_fast.convert import conversion_report, convert
@@ -65,20 +65,9 @@ def _assert_every_grad_close(model: nn.Module, ref: nn.Module, tol: float) -> No
 
 
 def _train_steps(models, inputs, tol: float, lr: float = 0.05) -> None:
-    """SGD with momentum side by side, one step per input; outputs and every gradient checked each step."""
-    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m in models]
-    for x in inputs:
-        outs = []
-        for m, opt in zip(models, opts):
-            m.train()
-            opt.zero_grad(set_to_none=True)
-            out = m(x)
-            (out ** 2).mean().backward()
-            outs.append(out)
-        assert rel_err(outs[0], outs[1]) <= tol, f"output relative error {rel_err(outs[0], outs[1]):.3e}"
-        _assert_every_grad_close(models[0], models[1], tol)
-        for opt in opts:
-            opt.step()
+    """convert_utils.train_steps with every gradient checked by _assert_every_grad_close."""
+    train_steps(models, inputs, lr=lr, tol_out=tol,
+                grad_check=lambda model, ref: _assert_every_grad_close(model, ref, tol))
 
 
 def _check_parity(model: nn.Module, shape, tol: float = 1e-9) -> None:

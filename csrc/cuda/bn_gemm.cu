@@ -83,19 +83,12 @@ bn_relu_gemm_kernel(const T* __restrict__ X, int64_t M, int64_t ld, int64_t c, c
 }
 
 // Launches bn_relu_gemm_kernel<T, VEC> on the current stream (the launcher of launch_bn_relu_gemm).
-template <typename T>
 struct CudaLauncher {
-  const T* X;
-  int64_t M, ld, c;
-  const float *a, *b;
-  const T* W;
-  int64_t n_out;
-  T* Y;
-  template <bool VEC>
-  void run(GemmGrid grid) const {
+  template <bool VEC, typename T>
+  void run(const BnGemmOperands<T>& op, GemmGrid grid) const {
     const dim3 blocks(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y));
     bn_relu_gemm_kernel<T, VEC><<<blocks, bn_gemm_tile::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        X, M, ld, c, a, b, W, n_out, Y);
+        op.X, op.M, op.ld, op.c, op.a, op.b, op.W, op.n_out, op.Y);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -124,13 +117,13 @@ void bn_relu_gemm_device_ccs(at::ScalarType st, int& device_cc, int& code_cc) {
 template <>
 void bn_relu_gemm<c10::Half>(const c10::Half* X, int64_t M, int64_t ld, int64_t c, const float* a, const float* b,
                              const c10::Half* W, int64_t n_out, c10::Half* Y) {
-  launch_bn_relu_gemm(X, M, ld, c, W, n_out, CudaLauncher<c10::Half>{X, M, ld, c, a, b, W, n_out, Y});
+  launch_bn_relu_gemm(BnGemmOperands<c10::Half>{X, M, ld, c, a, b, W, n_out, Y}, CudaLauncher{});
 }
 
 template <>
 void bn_relu_gemm<c10::BFloat16>(const c10::BFloat16* X, int64_t M, int64_t ld, int64_t c, const float* a,
                                  const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y) {
-  launch_bn_relu_gemm(X, M, ld, c, W, n_out, CudaLauncher<c10::BFloat16>{X, M, ld, c, a, b, W, n_out, Y});
+  launch_bn_relu_gemm(BnGemmOperands<c10::BFloat16>{X, M, ld, c, a, b, W, n_out, Y}, CudaLauncher{});
 }
 
 }  // namespace dnf::cuda

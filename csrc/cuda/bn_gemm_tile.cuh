@@ -103,24 +103,34 @@ struct GemmGrid {
   int64_t x, y;
 };
 
+// The operands of one bn_relu_gemm call: Y[M, n_out] = relu(a*X[:, :c] + b) W^T, X with leading dim ld.
+template <typename T>
+struct BnGemmOperands {
+  const T* X;
+  int64_t M, ld, c;
+  const float *a, *b;
+  const T* W;
+  int64_t n_out;
+  T* Y;
+};
+
 // The host side of every bn_relu_gemm launch (bn_gemm.cu runs it with a CUDA launcher, the host
 // emulation with one that runs the thread blocks serially): the grid, its limits, and the choice of
-// the 16-byte path. exec.run<VEC>(grid) launches bn_relu_gemm_kernel<T, VEC>.
+// the 16-byte path. exec.run<VEC>(op, grid) launches bn_relu_gemm_kernel<T, VEC>.
 template <typename T, class Exec>
-inline void launch_bn_relu_gemm(const T* X, int64_t M, int64_t ld, int64_t c, const T* W, int64_t n_out,
-                                const Exec& exec) {
-  if (M == 0 || n_out == 0) return;
-  const GemmGrid grid{(M + BM - 1) / BM, (n_out + BN - 1) / BN};
-  TORCH_CHECK(grid.y <= 65535, "bn_relu_gemm: ", n_out, " output channels need ", grid.y,
+inline void launch_bn_relu_gemm(const BnGemmOperands<T>& op, const Exec& exec) {
+  if (op.M == 0 || op.n_out == 0) return;
+  const GemmGrid grid{(op.M + BM - 1) / BM, (op.n_out + BN - 1) / BN};
+  TORCH_CHECK(grid.y <= 65535, "bn_relu_gemm: ", op.n_out, " output channels need ", grid.y,
               " column tiles, more than a grid's y dimension allows (65535)");
-  TORCH_CHECK(grid.x <= 2147483647, "bn_relu_gemm: ", M, " rows need ", grid.x,
+  TORCH_CHECK(grid.x <= 2147483647, "bn_relu_gemm: ", op.M, " rows need ", grid.x,
               " row tiles, more than a grid's x dimension allows (2^31 - 1)");
-  const bool vec = ld % 8 == 0 && c % 8 == 0 && reinterpret_cast<uintptr_t>(X) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(W) % 16 == 0;
+  const bool vec = op.ld % 8 == 0 && op.c % 8 == 0 && reinterpret_cast<uintptr_t>(op.X) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(op.W) % 16 == 0;
   if (vec) {
-    exec.template run<true>(grid);
+    exec.template run<true>(op, grid);
   } else {
-    exec.template run<false>(grid);
+    exec.template run<false>(op, grid);
   }
 }
 

@@ -68,18 +68,12 @@ void gemm_block(const T* X, int64_t M, int64_t ld, int64_t c, const float* a, co
 
 // The launcher of launch_bn_relu_gemm: runs the grid's thread blocks one after another (y outer, as
 // any order is valid: blocks write disjoint tiles of Y).
-template <typename T>
 struct EmuLauncher {
-  const T* X;
-  int64_t M, ld, c;
-  const float *a, *b;
-  const T* W;
-  int64_t n_out;
-  T* Y;
-  template <bool VEC>
-  void run(bn_gemm_tile::GemmGrid grid) const {
+  template <bool VEC, typename T>
+  void run(const bn_gemm_tile::BnGemmOperands<T>& op, bn_gemm_tile::GemmGrid grid) const {
     for (int64_t by = grid.y - 1; by >= 0; --by)
-      for (int64_t bx = 0; bx < grid.x; ++bx) gemm_block<T, VEC>(X, M, ld, c, a, b, W, n_out, Y, bx, by);
+      for (int64_t bx = 0; bx < grid.x; ++bx)
+        gemm_block<T, VEC>(op.X, op.M, op.ld, op.c, op.a, op.b, op.W, op.n_out, op.Y, bx, by);
   }
 };
 
@@ -93,14 +87,15 @@ void bn_relu_gemm_device_ccs(at::ScalarType, int& device_cc, int& code_cc) {
 template <>
 void bn_relu_gemm<c10::Half>(const c10::Half* X, int64_t M, int64_t ld, int64_t c, const float* a, const float* b,
                              const c10::Half* W, int64_t n_out, c10::Half* Y) {
-  bn_gemm_tile::launch_bn_relu_gemm(X, M, ld, c, W, n_out, EmuLauncher<c10::Half>{X, M, ld, c, a, b, W, n_out, Y});
+  bn_gemm_tile::launch_bn_relu_gemm(bn_gemm_tile::BnGemmOperands<c10::Half>{X, M, ld, c, a, b, W, n_out, Y},
+                                    EmuLauncher{});
 }
 
 template <>
 void bn_relu_gemm<c10::BFloat16>(const c10::BFloat16* X, int64_t M, int64_t ld, int64_t c, const float* a,
                                  const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y) {
-  bn_gemm_tile::launch_bn_relu_gemm(X, M, ld, c, W, n_out,
-                                    EmuLauncher<c10::BFloat16>{X, M, ld, c, a, b, W, n_out, Y});
+  bn_gemm_tile::launch_bn_relu_gemm(bn_gemm_tile::BnGemmOperands<c10::BFloat16>{X, M, ld, c, a, b, W, n_out, Y},
+                                    EmuLauncher{});
 }
 
 }  // namespace dnf::cuda_emu
@@ -161,15 +156,19 @@ Tensor bn_relu_gemm(const Tensor& X, int64_t c, const Tensor& a, const Tensor& b
 // The grid a bn_relu_gemm launch uses, and whether it takes the 16-byte path (what the kernel sees).
 struct GridProbe {
   std::tuple<int64_t, int64_t, bool>* out;
-  template <bool VEC>
-  void run(dnf::bn_gemm_tile::GemmGrid g) const { *out = {g.x, g.y, VEC}; }
+  template <bool VEC, typename T>
+  void run(const dnf::bn_gemm_tile::BnGemmOperands<T>&, dnf::bn_gemm_tile::GemmGrid g) const {
+    *out = {g.x, g.y, VEC};
+  }
 };
 
 std::tuple<int64_t, int64_t, bool> bn_relu_gemm_grid(const Tensor& X, int64_t c, const Tensor& W) {
   std::tuple<int64_t, int64_t, bool> out{0, 0, false};
   AT_DISPATCH_REDUCED_FLOATING_TYPES(X.scalar_type(), "bn_relu_gemm_grid", [&] {
-    dnf::bn_gemm_tile::launch_bn_relu_gemm(X.data_ptr<scalar_t>(), X.size(0), X.size(1), c, W.data_ptr<scalar_t>(),
-                                           W.size(0), GridProbe{&out});
+    // Only the shapes and the operands' alignment matter to the grid: a, b and Y are not read.
+    const dnf::bn_gemm_tile::BnGemmOperands<scalar_t> op{X.data_ptr<scalar_t>(), X.size(0), X.size(1), c, nullptr,
+                                                         nullptr, W.data_ptr<scalar_t>(), W.size(0), nullptr};
+    dnf::bn_gemm_tile::launch_bn_relu_gemm(op, GridProbe{&out});
   });
   return out;
 }
