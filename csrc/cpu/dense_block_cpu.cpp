@@ -180,7 +180,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = X + r * Ct + c0;
         F* gr = Gp + r * Ct + c0;
-        for (int64_t j = 0; j < width; ++j) {
+        DNF_SIMD for (int64_t j = 0; j < width; ++j) {
           const F xhat = (to_f<F>(xr[j]) - mu[c0 + j]) * shared_is[c0 + j];
           gr[j] = finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]);
         }
@@ -243,7 +243,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           const T* vr = V + r * inter;
           const F* yr = Y + r * inter;
           T* dvr = dV + r * inter;
-          for (int64_t j = 0; j < inter; ++j) {
+          DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
             const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
             dvr[j] = from_f<T>(dz);
             ts1[j] += dz;
@@ -272,13 +272,13 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           const F* yr = Y + r * inter;
           T* dvr = dV + r * inter;
           if (training) {
-            for (int64_t j = 0; j < inter; ++j) {
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F xhat = (yr[j] - mu2[j]) * is2[j];
               dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
             }
           } else {
             // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
           }
         }
       });
@@ -312,7 +312,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
           F* gr = Gp + (r0 + r) * Ct;
           const T* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
-          for (int64_t j = 0; j < c; ++j) {
+          DNF_SIMD for (int64_t j = 0; j < c; ++j) {
             const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
             ts1[j] += d;
             ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is[j];

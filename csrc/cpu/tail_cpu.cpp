@@ -75,7 +75,7 @@ void pooled_tile(const T* X, int64_t C, const PoolDims& pd, int64_t q0, int64_t 
       const T* x01 = x00 + C;
       const T* x10 = X + (base + W) * C;
       const T* x11 = x10 + C;
-      for (int64_t j = 0; j < C; ++j) {
+      DNF_SIMD for (int64_t j = 0; j < C; ++j) {
         const T s = relu<T>(x00[j] * a[j] + b[j]) + relu<T>(x01[j] * a[j] + b[j]) +
                     relu<T>(x10[j] * a[j] + b[j]) + relu<T>(x11[j] * a[j] + b[j]);
         pr[j] += s;
@@ -132,7 +132,7 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
           for (int64_t j = 0; j < C; ++j) s[C + j] += T(0) * ((xr[j] - mean[j]) * invstd[j]);
           continue;
         }
-        for (int64_t j = 0; j < C; ++j) {
+        DNF_SIMD for (int64_t j = 0; j < C; ++j) {
           const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
           s[j] += d;
           s[C + j] += d * (xr[j] - mean[j]) * invstd[j];
@@ -155,10 +155,19 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
       const T* u = up(r);
       const T* xr = X + r * C;
       T* dr = dX + r * C;
-      for (int64_t j = 0; j < C; ++j) {
-        const T d = u != nullptr ? relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]) : T(0);
-        const T xhat = (xr[j] - mean[j]) * invstd[j];
-        dr[j] = bn_backward<T>(d, xhat, a[j], m1[j], m2[j], training);  // eval: a*d (common/nonfinite.h)
+      // bn_backward (common/nonfinite.h) with its row- and mode-invariant branches hoisted, so the
+      // channel loops vectorise: training = the batch-statistics backward, eval = a*d.
+      if (u == nullptr) {
+        for (int64_t j = 0; j < C; ++j)
+          dr[j] = bn_backward<T>(T(0), (xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j], training);
+      } else if (training) {
+        DNF_SIMD for (int64_t j = 0; j < C; ++j) {
+          const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
+          dr[j] = bn_backward_train<T>(d, (xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j]);
+        }
+      } else {
+        DNF_SIMD for (int64_t j = 0; j < C; ++j)
+          dr[j] = a[j] * relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
       }
     }
   });
@@ -253,7 +262,7 @@ Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const
         std::fill(s.begin(), s.end(), acc_t(0));
         for (int64_t p = 0; p < HW; ++p) {
           const T* xr = Xp + (n * HW + p) * C;
-          for (int64_t j = 0; j < C; ++j) s[j] += relu<T>(xr[j] * a[j] + b[j]);
+          DNF_SIMD for (int64_t j = 0; j < C; ++j) s[j] += relu<T>(xr[j] * a[j] + b[j]);
         }
         for (int64_t j = 0; j < C; ++j) O[n * C + j] = static_cast<T>(s[j] / HW);
       }
