@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import warnings
 from typing import Any
 
 import torch
 
 _REBUILD = "pip install --no-build-isolation -e . (from a densenet_fast checkout, with this torch installed)"
+
+
+_ISAS = ("base", "avx2", "avx512")  # builds of the CPU element loops (csrc/cpu/isa.h)
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -20,6 +26,9 @@ def load_extension():
     Raises ImportError saying how to rebuild when the extension is missing or was compiled
     against another torch release (whose C++ ABI is not compatible).
     """
+    isa = os.environ.get("DNF_CPU_ISA")
+    if isa is not None and isa not in _ISAS:
+        raise ValueError(f"DNF_CPU_ISA: expected one of {', '.join(_ISAS)}, got {isa!r}")
     try:
         ext = importlib.import_module("densenet_fast._C")
     except ImportError as err:
@@ -32,6 +41,12 @@ def load_extension():
         raise ImportError(
             f"densenet_fast: the compiled extension was built against torch {built} but torch "
             f"{torch.__version__} is installed. Rebuild it with: {_REBUILD}")
+    if isa is not None and not getattr(load_extension, "_isa_checked", False):
+        load_extension._isa_checked = True
+        got = json.loads(torch.ops.densenet_fast.cpu_engine_report())["kernels_isa"]
+        if got != isa:
+            warnings.warn(f"DNF_CPU_ISA={isa}: this CPU does not support it; the CPU kernels run the {got} build",
+                          stacklevel=2)
     return ext
 
 
@@ -42,7 +57,9 @@ def build_info() -> dict[str, Any]:
     ``cuda`` (CUDA kernels compiled in), ``cuda_archs``, ``openmp``, and ``cuda_kernels_registered``
     (whether the dispatcher holds CUDA kernels for the dense-block operator), ``cpu_engine``: the CPU GEMM
     engine per dtype (``{"float32": {"engine": "blas"|"aten", "how": ...}, ..., "amx_bf16": bool,
-    "isa": torch's CPU capability}``; chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten``).
+    "isa": torch's CPU capability, "kernels_isa": "base"|"avx2"|"avx512", the build of our element loops}``;
+    the engine is chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten``; the loops' ISA at load, forced by
+    ``DNF_CPU_ISA=base|avx2|avx512``).
     """
     from densenet_fast._version import __version__
 
@@ -63,13 +80,13 @@ def build_info() -> dict[str, Any]:
 
 def cpu_engine() -> dict[str, Any]:
     """The CPU GEMM engine per dtype, how it was chosen (measured rates, or forced by ``DNF_CPU_GEMM``),
-    whether the CPU has AMX bf16 tiles and torch's CPU capability. Runs the one-time choice."""
-    import json
-
+    whether the CPU has AMX bf16 tiles, torch's CPU capability and the ISA build of our element loops
+    (``kernels_isa``). Runs the one-time choice."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
     out: dict[str, Any] = {names[k]: {"engine": v[0], "how": v[1]} for k, v in raw.items() if k in names}
     out["amx_bf16"] = bool(raw["amx_bf16"])
     out["isa"] = torch.backends.cpu.get_cpu_capability()
+    out["kernels_isa"] = raw["kernels_isa"]
     return out

@@ -115,3 +115,50 @@ def test_bad_engine_name_is_a_clear_error():
     r = _run("mkl-please", "-c", "import densenet_fast as d; d.build_info()")
     assert r.returncode != 0
     assert "DNF_CPU_GEMM: expected one of auto, blas, aten, got 'mkl-please'" in r.stderr
+
+
+def _run_isa(isa: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DNF_CPU_ISA=isa)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _supported_isas() -> list[str]:
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    isas = ["base"]
+    if all(f in flags for f in (" avx2", " fma", " bmi2", " f16c")):
+        isas.append("avx2")
+    if all(f in flags for f in (" avx512f", " avx512bw", " avx512vl", " avx512dq")):
+        isas.append("avx512")
+    return isas
+
+
+@pytest.mark.parametrize("isa", ["base", "avx2", "avx512"])
+def test_each_isa_build(isa):
+    """The engine parity tests (fp64, fp32 and bf16 against torchvision, odd shapes, both layouts) and the
+    transition, and densenet121 against torchvision in fp64 over two SGD steps (every operator: stem, blocks,
+    transitions, final norm), in a process whose element loops run the `isa` build (csrc/cpu/isa.h)."""
+    if isa not in _supported_isas():
+        pytest.skip(f"this CPU does not support {isa}")
+    r = _run_isa(isa, "-c", "import densenet_fast as d; print(d.build_info()['cpu_engine']['kernels_isa'])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [isa]
+    r = _run_isa(isa, "-m", "pytest", "tests/test_cpu_engine.py", "tests/test_models.py", "-q", "-x", "-p",
+                 "no:cacheprovider", "-k", "parity and 5-7 or transition or fp64 and densenet121", "-W", "ignore")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_bad_isa_name_is_a_clear_error():
+    r = _run_isa("sse9", "-c", "import densenet_fast")
+    assert r.returncode != 0
+    assert "DNF_CPU_ISA: expected one of base, avx2, avx512, got 'sse9'" in r.stderr
+
+
+def test_unsupported_isa_warns_and_runs_the_best_supported():
+    supported = _supported_isas()
+    if "avx512" in supported:
+        pytest.skip("this CPU supports every build")
+    r = _run_isa("avx512", "-W", "always", "-c", "import densenet_fast as d; "
+                 "print(d.build_info()['cpu_engine']['kernels_isa'])")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [supported[-1]]
+    assert "DNF_CPU_ISA=avx512: this CPU does not support it" in r.stderr

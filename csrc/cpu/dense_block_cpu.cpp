@@ -10,6 +10,13 @@
 // F = Opmath<T> = compute type of everything else (BN parameters and statistics, the bottleneck
 // pre-activation Y, the working gradient G): a bfloat16 block multiplies in bf16 with fp32
 // accumulation (gemm_engine.h) and keeps BN in fp32, the autocast rule for norms.
+// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
+// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
+#ifndef DNF_ISA
+#define DNF_ISA base
+#define DNF_ISA_REGISTERS 1
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
@@ -17,12 +24,12 @@
 #include "common/block_grads.h"
 #include "common/checks.h"
 #include "common/nonfinite.h"
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 #include <type_traits>
 
-namespace dnf::cpu {
-namespace {
+namespace dnf::cpu::DNF_ISA {
 
 using at::Tensor;
 using at::TensorList;
@@ -145,44 +152,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   return {buffer, mean, var, mean2, var2};
 }
 
+// What a block's backward reads, gathered once after the argument checks.
+struct BlockOperands {
+  TensorList g1, b1, w1, g2, b2, w2;   // per layer: BN1, conv1 (1x1), BN2, conv2 (3x3) parameters
+  TensorList rm1, rv1, rm2, rv2;       // per layer: running statistics (the eval-mode statistics)
+  Tensor mean, var, mean2, var2;       // the block's batch statistics (training)
+  c10::optional<Tensor> mask;          // dropout mask of the new channels, [N, L*k, ...]
+  double drop_rate, eps;
+  bool training;
+};
+
 template <typename T>
-void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, const Tensor& mean,
-                   const Tensor& var, const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1,
-                   TensorList w1, TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
-                   TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
-                   bool training, double eps, BlockGrads& out) {
+void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G, const BlockOperands& op,
+                   BlockGrads& out, Tensor& grad_input) {
   using F = typename Opmath<T>::type;
   using acc_t = typename Acc<T>::type;
-  constexpr bool kSame = std::is_same_v<T, F>;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
+  const bool training = op.training;
   gemm_engine(buffer.scalar_type());
   const T* X = buffer.data_ptr<T>();
-  F* Gp = G.data_ptr<F>();
+  const F* Gp = G.data_ptr<F>();
+  F* Gw = G.data_ptr<F>();
   const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
   // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
   std::vector<acc_t> S1(Ct, 0), S2(Ct, 0);
   std::vector<F> shared_is(training ? Ct : 0);
   if (training) {
-    const F* v = var.data_ptr<F>();
-    for (int64_t j = 0; j < Ct; ++j) shared_is[j] = invstd_from_var<F>(v[j], eps);
+    const F* v = op.var.data_ptr<F>();
+    for (int64_t j = 0; j < Ct; ++j) shared_is[j] = invstd_from_var<F>(v[j], op.eps);
   }
-  auto finalize = [&](int64_t c0, int64_t width) {
-    if (!training) return;
+  // Columns [c0, c0+width) of G, finalised when every BN reader of theirs is done (training, and the
+  // channels have a reader), written as T into the dense [rows, width] matrix `dst`: a layer's output
+  // gradient (the 3x3 backward's operand) or the block's input gradient. G itself is not updated:
+  // nothing reads these columns afterwards. The last layer's channels have no reader in the block:
+  // passed through as given (0 * a non-finite xhat must not turn their gradient into NaN).
+  auto finalized_columns = [&](int64_t c0, int64_t width, bool finalize, T* dst) {
     RECORD_FUNCTION("dnf_cpu::finalize", {});
-    const F* mu = mean.data_ptr<F>();
+    const F* mu = training ? op.mean.data_ptr<F>() + c0 : nullptr;
+    const F* is = training ? shared_is.data() + c0 : nullptr;
     std::vector<F> s1(width), s2(width), isn(width);
-    for (int64_t j = 0; j < width; ++j) {
+    for (int64_t j = 0; j < width && finalize; ++j) {
       s1[j] = F(S1[c0 + j]);
       s2[j] = F(S2[c0 + j]);
-      isn[j] = shared_is[c0 + j] / F(M);
+      isn[j] = is[j] / F(M);
     }
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = X + r * Ct + c0;
-        F* gr = Gp + r * Ct + c0;
-        DNF_SIMD for (int64_t j = 0; j < width; ++j) {
-          const F xhat = (to_f<F>(xr[j]) - mu[c0 + j]) * shared_is[c0 + j];
-          gr[j] = finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]);
+        const F* gr = Gp + r * Ct + c0;
+        T* dr = dst + r * width;
+        if (finalize) {
+          DNF_SIMD for (int64_t j = 0; j < width; ++j) {
+            const F xhat = (to_f<F>(xr[j]) - mu[j]) * is[j];
+            dr[j] = from_f<T>(finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]));
+          }
+        } else {
+          DNF_SIMD for (int64_t j = 0; j < width; ++j) dr[j] = from_f<T>(gr[j]);
         }
       }
     });
@@ -195,99 +220,76 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
-    // Every reader of layer l's channels is done: their gradient is final. The last layer's channels
-    // have no reader in the block, so there is nothing to finalise (and 0 * a non-finite xhat must
-    // not turn their gradient into NaN).
-    if (block_channels_have_reader(l, g.L)) finalize(c, g.k);
     std::vector<Tensor> keep;
-    const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous(), W1 = w1[l].contiguous();
-    const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
-    const F* mu1 = layer_stat<F>(training, mean, rm1, l, keep);
+    const Tensor gamma1 = op.g1[l].contiguous(), beta1 = op.b1[l].contiguous(), W1 = op.w1[l].contiguous();
+    const Tensor gamma2 = op.g2[l].contiguous(), beta2 = op.b2[l].contiguous();
+    const F* mu1 = layer_stat<F>(training, op.mean, op.rm1, l, keep);
     fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), mu1,
-                     layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
-    const F* mu2 = training ? mean2.data_ptr<F>() + l * inter : layer_stat<F>(false, mean2, rm2, l, keep);
-    const F* v2 = training ? var2.data_ptr<F>() + l * inter : layer_stat<F>(false, var2, rv2, l, keep);
-    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
+                     layer_stat<F>(training, op.var, op.rv1, l, keep), op.eps, a.data(), b.data(), is.data());
+    const F* mu2 = training ? op.mean2.data_ptr<F>() + l * inter : layer_stat<F>(false, op.mean2, op.rm2, l, keep);
+    const F* v2 = training ? op.var2.data_ptr<F>() + l * inter : layer_stat<F>(false, op.var2, op.rv2, l, keep);
+    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, op.eps, a2.data(), bb2.data(),
+                     is2.data());
 
-    // Recompute the bottleneck: Y = W1 * relu(bn1(X)), V = relu(bn2(Y)).
+    // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)), and V = relu(bn2(Y)) on each tile.
     {
       RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
-      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
-    }
-    {
-      RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
-      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y, a2.data(), bb2.data(), V);
     }
 
-    // 3x3 conv backward (oneDNN through ATen), on T operands.
-    Tensor g_new = G.narrow(1, c, g.k);
-    Tensor dout = apply_dropout(kSame ? g_new : g_new.to(buffer.scalar_type()), mask, l, g.k, p);
-    auto conv_grads = conv3x3_backward(dout, v, w2[l], g.dims);
+    // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
+    // then the 3x3 conv backward (oneDNN through ATen).
+    Tensor dout = empty_cl(g, g.k, buffer.options());
+    finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
+    auto conv_grads = conv3x3_backward(apply_dropout(dout, op.mask, l, g.k, op.drop_rate), v, op.w2[l], g.dims);
+    dout.reset();
     Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims));
     out.w2[l] = std::get<1>(conv_grads).contiguous();  // as the fake kernel declares, on every backend
     T* dV = dv.data_ptr<T>();
 
-    // BN2 + ReLU backward, in place: dV becomes dY (rounded to T: the operand of the 1x1 backward GEMMs).
-    {
-    RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
-    ThreadPartials<acc_t> p2(2 * inter);
-    at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-      // Sums over at most 256 rows, then added to the thread's partials.
-      std::vector<acc_t> ts(2 * inter);
-      acc_t* ts1 = ts.data();
-      acc_t* ts2 = ts.data() + inter;
-      acc_t* s = p2.mine();
-      for (int64_t q0 = r0; q0 < r1; q0 += 256) {
-        std::fill(ts.begin(), ts.end(), acc_t(0));
-        for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
-          const T* vr = V + r * inter;
-          const F* yr = Y + r * inter;
-          T* dvr = dV + r * inter;
-          DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-            const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
-            dvr[j] = from_f<T>(dz);
-            ts1[j] += dz;
-            ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
-          }
-        }
-        for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
-      }
-    });
+    // Stage 3. BN2 + ReLU backward, first half: dV becomes dz = relu'(V) dV (rounded to T) and the
+    // per-channel sums of dz and dz*xhat2. The second half (dz -> dY) runs on each tile of stage 4.
     std::vector<acc_t> sum2(2 * inter);
-    p2.reduce_into(sum2.data());
+    {
+      RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
+      ThreadPartials<acc_t> p2(2 * inter);
+      at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
+        // Sums over at most 256 rows, then added to the thread's partials.
+        std::vector<acc_t> ts(2 * inter);
+        acc_t* ts1 = ts.data();
+        acc_t* ts2 = ts.data() + inter;
+        acc_t* s = p2.mine();
+        for (int64_t q0 = r0; q0 < r1; q0 += 256) {
+          std::fill(ts.begin(), ts.end(), acc_t(0));
+          for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
+            const T* vr = V + r * inter;
+            const F* yr = Y + r * inter;
+            T* dvr = dV + r * inter;
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
+              const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
+              dvr[j] = from_f<T>(dz);
+              ts1[j] += dz;
+              ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
+            }
+          }
+          for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
+        }
+      });
+      p2.reduce_into(sum2.data());
+    }
     out.b2[l] = at::empty({inter}, f_opts);
     out.g2[l] = at::empty({inter}, f_opts);
+    std::vector<F> m1(inter), m2(inter);
     for (int64_t j = 0; j < inter; ++j) {
       out.b2[l].data_ptr<F>()[j] = static_cast<F>(sum2[j]);
       out.g2[l].data_ptr<F>()[j] = static_cast<F>(sum2[inter + j]);
-    }
-    {
-      std::vector<F> m1(inter), m2(inter);
-      for (int64_t j = 0; j < inter; ++j) {
-        m1[j] = training ? static_cast<F>(sum2[j] / M) : F(0);
-        m2[j] = training ? static_cast<F>(sum2[inter + j] / M) : F(0);
-      }
-      at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const F* yr = Y + r * inter;
-          T* dvr = dV + r * inter;
-          if (training) {
-            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-              const F xhat = (yr[j] - mu2[j]) * is2[j];
-              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
-            }
-          } else {
-            // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
-          }
-        }
-      });
+      m1[j] = training ? static_cast<F>(sum2[j] / M) : F(0);
+      m2[j] = training ? static_cast<F>(sum2[inter + j] / M) : F(0);
     }
 
-    }
-
-    // 1x1 conv + BN1/ReLU backward, tile by tile with the recomputed input tile:
-    // dW1 += dY^T U, dU = dY W1 masked by U > 0, G[:, :c] += a*dU, per-channel sums of dU, dU*xhat.
+    // Stage 4. Per tile of rows: dY from dz (BN2 backward, second half), then the 1x1 conv + BN1/ReLU
+    // backward with the recomputed input tile U: dW1 += dY^T U, dU = dY W1 masked by U > 0,
+    // G[:, :c] += a*dU, and the per-channel sums of dU and dU*xhat1.
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M + tr - 1) / tr;
     RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
@@ -301,6 +303,19 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
       acc_t* s = p1.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tr, nr = std::min(tr, M - r0);
+        for (int64_t r = r0; r < r0 + nr; ++r) {
+          const F* yr = Y + r * inter;
+          T* dvr = dV + r * inter;
+          if (training) {
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
+              const F xhat = (yr[j] - mu2[j]) * is2[j];
+              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
+            }
+          } else {
+            // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
+          }
+        }
         bn_relu_tile<T, F>(X, Ct, r0, nr, c, a.data(), b.data(), U.data());
         gemm_acc('N', 'T', c, inter, nr, U.data(), c, dV + r0 * inter, inter, F(1), dw, c);
         gemm_acc('N', 'N', c, nr, inter, W1p, c, dV + r0 * inter, inter, F(0), dU.data(), c);
@@ -309,7 +324,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
         F* ts2 = ts.data() + c;
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
-          F* gr = Gp + (r0 + r) * Ct;
+          F* gr = Gw + (r0 + r) * Ct;
           const T* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           DNF_SIMD for (int64_t j = 0; j < c; ++j) {
@@ -336,7 +351,9 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, cons
       S2[j] += gam[j] * sum1[c + j];
     }
   }
-  finalize(0, g.C0);
+  // The block's input channels: every layer reads them.
+  grad_input = empty_cl(g, g.C0, buffer.options());
+  finalized_columns(0, g.C0, training, grad_input.data_ptr<T>());
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
@@ -361,21 +378,29 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
   Tensor G = empty_cl(g, g.Ct, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
   G.copy_(grad_buffer);
+  const BlockOperands op{g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2,
+                         mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
+                         mask, p, eps, training};
   BlockGrads out(g.L);
+  Tensor grad_input;
   DNF_DISPATCH_CPU_BLOCK(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, X, G, mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
-                            g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, out);
+    backward_impl<scalar_t>(g, X, G, op, out, grad_input);
   });
-  Tensor grad_input = G.narrow(1, 0, g.C0).to(buffer.scalar_type(), /*non_blocking=*/false, /*copy=*/true,
-                                              cl_format(g.dims));
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
 
-}  // namespace
+}  // namespace dnf::cpu::DNF_ISA
+
+#ifdef DNF_ISA_REGISTERS
+namespace dnf::cpu {
+
+DNF_DECLARE_ISA_VARIANTS(dense_block_forward_cpu)
+DNF_DECLARE_ISA_VARIANTS(dense_block_backward_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
-  m.impl("dense_block_forward", &dense_block_forward_cpu);
-  m.impl("dense_block_backward", &dense_block_backward_cpu);
+  m.impl("dense_block_forward", DNF_PICK_ISA(dense_block_forward_cpu));
+  m.impl("dense_block_backward", DNF_PICK_ISA(dense_block_backward_cpu));
 }
 
 }  // namespace dnf::cpu
+#endif

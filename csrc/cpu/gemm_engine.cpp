@@ -2,6 +2,7 @@
 // and dtype on a tile of the shape the fused block multiplies, and reported through
 // torch.ops.densenet_fast.cpu_engine_report() (densenet_fast.build_info()["cpu_engine"]).
 #include "cpu/gemm_engine.h"
+#include "cpu/isa.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -135,12 +136,13 @@ std::string engine_report() {
     first = false;
   }
   // AMX tiles are what brgemm packs for: the bf16 BLAS (MKL) uses them on such CPUs.
-  out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false") << "}";
+  out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false");
+  out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"}";  // the element loops' build (isa.h)
   return out.str();
 }
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
-  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool}; runs the one-time engine choice.
+  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str}; runs the one-time engine choice.
   m.def("cpu_engine_report() -> str", [] { return engine_report(); });
 }
 

@@ -13,12 +13,17 @@
 #include "common/bn_math.h"
 #include "cpu/gemm_engine.h"
 
+// The including kernel source names the ISA build (csrc/cpu/isa.h): base, avx2 or avx512.
+#ifndef DNF_ISA
+#error "define DNF_ISA (base, avx2 or avx512) before including cpu/kernels.h"
+#endif
+
 // Vectorise the loop that follows even where the compiler cannot prove its pointers do not alias
 // (every inner loop over channels here reads and writes distinct arrays); without it GCC leaves
 // loops with more than a few pointers scalar, with a data-dependent branch per ReLU.
 #define DNF_SIMD _Pragma("omp simd")
 
-namespace dnf::cpu {
+namespace dnf::cpu::DNF_ISA {
 
 // Conversions between the storage type T and the compute type F in the element loops. For bfloat16
 // they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN
@@ -119,11 +124,23 @@ inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64
   }
 }
 
+// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y (T == F).
+template <typename T, typename F>
+inline void bn_relu_rows(const F* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    const F* yr = Y + r * c;
+    T* vr = V + r * c;
+    DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(yr[j] * a[j] + b[j]));
+  }
+}
+
 // Y[rows, n_out] (F) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the
-// normalised input exists only as one cache-sized tile per thread.
+// normalised input exists only as one cache-sized tile per thread. With V, also V = relu(a2*Y + b2)
+// on each tile while it is in cache (the backward's recompute, whose BN2 statistics are known).
 template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
-                  const T* W, int64_t n_out, F* Y) {
+                  const T* W, int64_t n_out, F* Y, const F* a2 = nullptr, const F* b2 = nullptr,
+                  T* V = nullptr) {
   const int64_t tr = tile_rows(c, sizeof(T));
   const int64_t ntiles = (rows + tr - 1) / tr;
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -132,6 +149,7 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
       const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
       bn_relu_tile(X, ld, r0, nr, c, a, b, U.data());
       gemm_acc('T', 'N', n_out, nr, c, W, c, U.data(), c, F(0), Y + r0 * n_out, n_out);
+      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
     }
   });
 }
@@ -139,13 +157,7 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
 // V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y (T == F).
 template <typename T, typename F>
 void bn_relu_out(const F* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const F* yr = Y + r * c;
-      T* vr = V + r * c;
-      DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(yr[j] * a[j] + b[j]));
-    }
-  });
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V); });
 }
 
 // Per-thread partial sums, reduced in thread order (deterministic for a given thread count).
@@ -166,4 +178,4 @@ struct ThreadPartials {
   }
 };
 
-}  // namespace dnf::cpu
+}  // namespace dnf::cpu::DNF_ISA

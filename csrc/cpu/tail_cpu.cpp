@@ -3,6 +3,13 @@
 // on 4-D [N, C, H, W] and 5-D [N, C, D, H, W] inputs.
 // Both take the BN statistics as arguments (the block's shared batch statistics in training) and
 // never store their BN/ReLU output; the backward recomputes it tile by tile.
+// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
+// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
+#ifndef DNF_ISA
+#define DNF_ISA base
+#define DNF_ISA_REGISTERS 1
+#endif
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -11,10 +18,10 @@
 
 #include "common/checks.h"
 #include "common/nonfinite.h"
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
-namespace dnf::cpu {
-namespace {
+namespace dnf::cpu::DNF_ISA {
 
 using at::Tensor;
 
@@ -310,14 +317,24 @@ std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
   return {mean, var};
 }
 
-}  // namespace
+}  // namespace dnf::cpu::DNF_ISA
+
+#ifdef DNF_ISA_REGISTERS
+namespace dnf::cpu {
+
+DNF_DECLARE_ISA_VARIANTS(transition_forward_cpu)
+DNF_DECLARE_ISA_VARIANTS(transition_backward_cpu)
+DNF_DECLARE_ISA_VARIANTS(norm_relu_pool_forward_cpu)
+DNF_DECLARE_ISA_VARIANTS(norm_relu_pool_backward_cpu)
+DNF_DECLARE_ISA_VARIANTS(channel_moments_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
-  m.impl("transition_forward", &transition_forward_cpu);
-  m.impl("transition_backward", &transition_backward_cpu);
-  m.impl("norm_relu_pool_forward", &norm_relu_pool_forward_cpu);
-  m.impl("norm_relu_pool_backward", &norm_relu_pool_backward_cpu);
-  m.impl("channel_moments", &channel_moments_cpu);
+  m.impl("transition_forward", DNF_PICK_ISA(transition_forward_cpu));
+  m.impl("transition_backward", DNF_PICK_ISA(transition_backward_cpu));
+  m.impl("norm_relu_pool_forward", DNF_PICK_ISA(norm_relu_pool_forward_cpu));
+  m.impl("norm_relu_pool_backward", DNF_PICK_ISA(norm_relu_pool_backward_cpu));
+  m.impl("channel_moments", DNF_PICK_ISA(channel_moments_cpu));
 }
 
 }  // namespace dnf::cpu
+#endif
