@@ -345,6 +345,14 @@ def _measure_memory(s: Settings, rows: Dict[str, Dict[str, Any]], weights: str, 
             rows[name].update(result)
 
 
+def _load_shared(name: str, model: Any, state: Dict[str, Any]) -> None:
+    """Loads the shared weights into a built model, through its implementation's key remap (MONAI 2-D)."""
+    from benchmarks.impls import IMPLS
+
+    remap = IMPLS[name].remap
+    getattr(model, "_orig_mod", model).load_state_dict(remap(state) if remap else state)
+
+
 def _on_error(rows: Dict[str, Dict[str, Any]], phase: str) -> Callable[[str, BaseException], None]:
     from benchmarks import measure
 
@@ -370,7 +378,7 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     live = {n: models[n] for n in rows if n in models and rows[n]["status"] == "ok"}
 
     for name, model in live.items():  # every implementation starts from the same weights and statistics
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+        _load_shared(name, model, state)
         model.train()
     fns = {n: (lambda m=m: measure.train_step(m, x, y, dtype)) for n, m in live.items()}
     times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, _on_error(rows, "train step"))
@@ -382,8 +390,8 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     if not s.eval:
         return
     live = {n: m for n, m in live.items() if rows[n]["status"] == "ok"}
-    for model in live.values():  # reset the running statistics the timed steps changed, then compare logits
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+    for name, model in live.items():  # reset the running statistics the timed steps changed, then compare logits
+        _load_shared(name, model, state)
         model.eval()
     base = baseline_for(first["model"])
     ref_name = base if base in live else next(iter(live), None)
@@ -471,7 +479,7 @@ def _time_at_budget(s: Settings, rows: List[Dict[str, Any]], models: Dict[str, A
     fns = {}
     for name, row in by_impl.items():
         model = models[name]
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+        _load_shared(name, model, state)
         model.train()
         x, y = measure.make_inputs(row["max_batch"], row["size"], spec.num_classes, device, s.seed, spec.spatial_dims,
                                    spec.in_channels)
