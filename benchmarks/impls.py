@@ -25,7 +25,10 @@ def baseline_for(model: str) -> str:
     """The implementation the ratios of ``model``'s rows are relative to."""
     from benchmarks.specs import get_spec
 
-    return BASELINE_3D if get_spec(model).spatial_dims == 3 else BASELINE
+    try:
+        return BASELINE_3D if get_spec(model).spatial_dims == 3 else BASELINE
+    except ValueError:  # a model name no spec knows (e.g. rows read back from elsewhere): 2-D
+        return BASELINE
 StateDict = Mapping[str, Tensor]
 
 
