@@ -46,11 +46,28 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # Headline figure 3: largest batch under a 768 MiB step peak, and the step time at that batch.
     "budget": dict(model="densenet121", batch=4, impls="tv,tv-memeff,dnf", budget="768MiB", repeats=3, eval=False,
                    compile=False, jobs=1, name="budget"),
+    # MONAI DenseNet121 3D (issue 14): batch 2 of 1x96^3 volumes, fp32, CPU; MONAI vs convert() vs our
+    # densenet121_3d. Ratios vs MONAI. One job at a time (a MONAI step needs ~1 GiB and ~10-60 s).
+    "monai3d-cpu": dict(model="monai_densenet121_3d", batch=2, size=96, impls="monai,monai-convert,dnf-3d",
+                        repeats=3, eval=False, compile=False, jobs=1, device="cpu", name="monai3d-cpu"),
+    # The same at 1x128^3 (MONAI's step needs ~2.3 GiB: fits a 24 GiB machine).
+    "monai3d-128": dict(model="monai_densenet121_3d", batch=2, size=128, impls="monai,monai-convert,dnf-3d",
+                        repeats=2, eval=False, compile=False, jobs=1, device="cpu", name="monai3d-cpu-128"),
+    # Largest batch of 1x64^3 volumes whose training-step peak fits 512 MiB (memory only: each probe is a
+    # fresh process); --budget-axis size searches the volume edge at a fixed batch instead.
+    "monai3d-budget": dict(model="monai_densenet121_3d", batch=1, size=64, impls="monai,monai-convert",
+                           budget="512MiB", timing=False, eval=False, compile=False, jobs=1, device="cpu",
+                           name="monai3d-cpu-budget"),
+    # MONAI's 2-D DenseNet121 (torchvision's architecture and weights, MONAI's modules) and its convert(),
+    # next to torchvision and our model: 224x224, batch 8, fp32, CPU; ratios vs torchvision.
+    "monai2d-cpu": dict(model="densenet121", batch=8, size=224, impls="tv,dnf,monai-2d,monai-2d-convert",
+                        repeats=3, compile=False, jobs=1, device="cpu", name="monai2d-cpu"),
 }
 DEFAULTS: Dict[str, Any] = dict(model="densenet121", batch=8, sweep_batch=None, size=None, impls="all",
                                 lowp_impls=None, repeats=5, warmup=1, device="auto", dtype="float32", compile=True,
                                 threads=None,
-                                timing=True, eval=True, memory=True, budget=None, jobs=None, mem_cap=None,
+                                timing=True, eval=True, memory=True, budget=None, budget_axis="batch", jobs=None,
+                                mem_cap=None,
                                 name=None)
 DTYPES = ("float32", "bfloat16", "float16")
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1024, "m": 1e6, "mb": 1e6, "mib": 1024 ** 2,
@@ -115,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=parse_size, metavar="SIZE",
                    help="also find the largest batch whose training-step peak fits SIZE (e.g. 4GiB; slow) "
                         "and time a step at that batch")
-    p.add_argument("--budget-max-batch", type=int, default=1024, help="upper limit of the budget search")
+    p.add_argument("--budget-max-batch", type=int, default=1024,
+                   help="upper limit of the budget search (the batch, or the volume edge with --budget-axis size)")
+    p.add_argument("--budget-axis", choices=["batch", "size"],
+                   help="what --budget maximises: the batch (default) or, at the fixed --batch, the input size "
+                        "(image side / volume edge)")
     p.add_argument("--mem-cap", type=parse_size, metavar="SIZE",
                    help="CPU: each measurement subprocess may allocate at most SIZE (RLIMIT_DATA); a run "
                         "over it is recorded as 'oom' (default: 3/4 of the available RAM / --jobs)")
@@ -148,6 +169,7 @@ class Settings:
     timing: bool
     budget_bytes: Optional[int]
     budget_max_batch: int
+    budget_axis: str  # "batch" or "size": what the budget search maximises
     jobs: int
     mem_cap_bytes: Optional[int]
     timeout: float
@@ -228,7 +250,8 @@ def resolve(args: argparse.Namespace) -> Settings:
                     repeats=max(1, pick("repeats")), warmup=max(1, pick("warmup")), device=device,
                     dtypes=dtypes, threads=pick("threads") or torch.get_num_threads(), compile=bool(compile_ok),
                     eval=bool(pick("eval")), memory=bool(pick("memory")), timing=bool(pick("timing")),
-                    budget_bytes=budget, budget_max_batch=args.budget_max_batch, jobs=jobs,
+                    budget_bytes=budget, budget_max_batch=args.budget_max_batch,
+                    budget_axis=pick("budget_axis"), jobs=jobs,
                     mem_cap_bytes=mem_cap if mem_cap is not None else _default_mem_cap(device, jobs),
                     timeout=args.timeout, seed=args.seed, name=name,
                     figure=_figure_kind(models, batches, budget), preset=preset_name, skipped=skipped,
@@ -295,8 +318,9 @@ def _fail(row: Dict[str, Any], status: str, note: str) -> None:
 
 
 def _job(s: Settings, row: Dict[str, Any], weights: str, tasks: List[str],
-         batch: Optional[int] = None) -> Dict[str, Any]:
-    return dict(model=row["model"], impl=row["impl"], batch=batch or row["batch"], size=row["size"], device=s.device,
+         batch: Optional[int] = None, size: Optional[int] = None) -> Dict[str, Any]:
+    return dict(model=row["model"], impl=row["impl"], batch=batch or row["batch"], size=size or row["size"],
+                device=s.device,
                 dtype=row["dtype"], threads=s.threads, weights=weights, tasks=tasks, warmup=1, seed=s.seed,
                 mem_cap=s.mem_cap_bytes)
 
@@ -321,6 +345,14 @@ def _measure_memory(s: Settings, rows: Dict[str, Dict[str, Any]], weights: str, 
             rows[name].update(result)
 
 
+def _load_shared(name: str, model: Any, state: Dict[str, Any]) -> None:
+    """Loads the shared weights into a built model, through its implementation's key remap (MONAI 2-D)."""
+    from benchmarks.impls import IMPLS
+
+    remap = IMPLS[name].remap
+    getattr(model, "_orig_mod", model).load_state_dict(remap(state) if remap else state)
+
+
 def _on_error(rows: Dict[str, Dict[str, Any]], phase: str) -> Callable[[str, BaseException], None]:
     from benchmarks import measure
 
@@ -334,7 +366,7 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     import torch
 
     from benchmarks import measure
-    from benchmarks.impls import BASELINE
+    from benchmarks.impls import baseline_for
     from benchmarks.specs import get_spec
     from benchmarks.timing import interleaved_times, summarize
 
@@ -346,7 +378,7 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     live = {n: models[n] for n in rows if n in models and rows[n]["status"] == "ok"}
 
     for name, model in live.items():  # every implementation starts from the same weights and statistics
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+        _load_shared(name, model, state)
         model.train()
     fns = {n: (lambda m=m: measure.train_step(m, x, y, dtype)) for n, m in live.items()}
     times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick, _on_error(rows, "train step"))
@@ -358,10 +390,11 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
     if not s.eval:
         return
     live = {n: m for n, m in live.items() if rows[n]["status"] == "ok"}
-    for model in live.values():  # reset the running statistics the timed steps changed, then compare logits
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+    for name, model in live.items():  # reset the running statistics the timed steps changed, then compare logits
+        _load_shared(name, model, state)
         model.eval()
-    ref_name = BASELINE if BASELINE in live else next(iter(live), None)
+    base = baseline_for(first["model"])
+    ref_name = base if base in live else next(iter(live), None)
     logits = {}
     for name, model in live.items():
         try:
@@ -382,8 +415,12 @@ def _measure_time(s: Settings, rows: Dict[str, Dict[str, Any]], models: Dict[str
 
 
 def _budget_search(s: Settings, rows: List[Dict[str, Any]], weights: str) -> None:
-    """Largest batch whose training-step peak fits --budget, per implementation (subprocess probes)."""
+    """Largest batch (or, ``--budget-axis size``, input size at the fixed batch) whose training-step peak fits
+    --budget, per implementation (subprocess probes)."""
     from benchmarks.runner import largest_batch, run_worker
+    from benchmarks.specs import get_spec
+
+    by_size = s.budget_axis == "size"
 
     latest: Dict[str, Dict[str, Any]] = {}
     for r in rows:  # the largest measured batch of each implementation seeds the search
@@ -396,15 +433,21 @@ def _budget_search(s: Settings, rows: List[Dict[str, Any]], weights: str) -> Non
     if not s.progress:
         tqdm = None
     for impl, ref in latest.items():
-        per_image = (ref.get("peak_bytes") or 0) / ref["batch"]
-        guess = int(s.budget_bytes / per_image) if per_image > 0 else ref["batch"]
+        peak = ref.get("peak_bytes") or 0
+        if by_size:  # peak ~ size^dims (activations) above the fixed parameter/gradient memory
+            dims = get_spec(ref["model"]).spatial_dims
+            guess = int(ref["size"] * (s.budget_bytes / peak) ** (1 / dims)) if peak > 0 else ref["size"]
+        else:
+            guess = int(s.budget_bytes / (peak / ref["batch"])) if peak > 0 else ref["batch"]
         bar = tqdm(desc=f"budget {ref['model']} {impl}", unit="probe", file=sys.stderr, delay=3) if tqdm else None
 
         def peak_at(b: int, ref: Dict[str, Any] = ref) -> Optional[int]:
-            result = run_worker(_job(s, ref, weights, ["memory"], batch=b), s.timeout)
+            job = _job(s, ref, weights, ["memory"], size=b) if by_size else _job(s, ref, weights, ["memory"], batch=b)
+            result = run_worker(job, s.timeout)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(batch=b, peak_mib=None if "error" in result else result["peak_bytes"] // 2 ** 20)
+                bar.set_postfix(**{"size" if by_size else "batch": b},
+                                peak_mib=None if "error" in result else result["peak_bytes"] // 2 ** 20)
             return None if "error" in result else result["peak_bytes"]
 
         best, probes = largest_batch(peak_at, s.budget_bytes, guess, s.budget_max_batch)
@@ -412,7 +455,7 @@ def _budget_search(s: Settings, rows: List[Dict[str, Any]], weights: str) -> Non
             bar.close()
         for r in rows:
             if r["impl"] == impl:
-                r["max_batch"], r["budget_probes"] = best, probes
+                r["max_size" if by_size else "max_batch"], r["budget_probes"] = best, probes
 
 
 def _time_at_budget(s: Settings, rows: List[Dict[str, Any]], models: Dict[str, Any], state: Dict[str, Any],
@@ -436,9 +479,10 @@ def _time_at_budget(s: Settings, rows: List[Dict[str, Any]], models: Dict[str, A
     fns = {}
     for name, row in by_impl.items():
         model = models[name]
-        getattr(model, "_orig_mod", model).load_state_dict(state)
+        _load_shared(name, model, state)
         model.train()
-        x, y = measure.make_inputs(row["max_batch"], row["size"], spec.num_classes, device, s.seed)
+        x, y = measure.make_inputs(row["max_batch"], row["size"], spec.num_classes, device, s.seed, spec.spatial_dims,
+                                   spec.in_channels)
         fns[name] = lambda m=model, x=x, y=y: measure.train_step(m, x, y, dtype)
     progress.add(len(fns) * (s.warmup + s.repeats))
     times = interleaved_times(fns, s.repeats, s.warmup, device, progress.tick,

@@ -6,6 +6,7 @@ and only then moves it to the device, so all rows compute the same function.
 from __future__ import annotations
 
 import importlib.util
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional
 
@@ -14,9 +15,20 @@ from torch import Tensor, nn
 
 from benchmarks.specs import ModelSpec, cifar_stem
 
-__all__ = ["Impl", "IMPLS", "BASELINE", "parse_impls", "build_model", "torchvision_model"]
+__all__ = ["Impl", "IMPLS", "BASELINE", "baseline_for", "parse_impls", "build_model", "torchvision_model"]
 
-BASELINE = "tv"  # ratios on every row are relative to this implementation
+BASELINE = "tv"  # ratios on every 2-D row are relative to this implementation
+BASELINE_3D = "monai"  # ... and on every 3-D (MONAI volume) row to MONAI's own DenseNet
+
+
+def baseline_for(model: str) -> str:
+    """The implementation the ratios of ``model``'s rows are relative to."""
+    from benchmarks.specs import get_spec
+
+    try:
+        return BASELINE_3D if get_spec(model).spatial_dims == 3 else BASELINE
+    except ValueError:  # a model name no spec knows (e.g. rows read back from elsewhere): 2-D
+        return BASELINE
 StateDict = Mapping[str, Tensor]
 
 
@@ -61,6 +73,24 @@ def _monai_model(spec: ModelSpec) -> nn.Module:
                     spec.block_config)
 
 
+def _monai_2d_model(spec: ModelSpec) -> nn.Module:
+    """MONAI's 2-D DenseNet with the torchvision architecture (loads the shared torchvision weights through
+    :func:`_tv_to_monai`)."""
+    from monai.networks.nets import DenseNet
+
+    return DenseNet(2, 3, spec.num_classes, spec.num_init_features, spec.growth_rate, spec.block_config)
+
+
+def _tv_to_monai(state: StateDict) -> Dict[str, Tensor]:
+    """torchvision DenseNet keys -> MONAI's: ``denselayerJ.norm1`` -> ``denselayerJ.layers.norm1``,
+    ``classifier`` -> ``class_layers.out`` (stem, transitions and ``norm5`` have the same names)."""
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"(denselayer\d+)\.", r"\1.layers.", key)
+        out[key.replace("classifier.", "class_layers.out.")] = value
+    return out
+
+
 def _dnf_3d_model(spec: ModelSpec) -> nn.Module:
     import densenet_fast as dnf
 
@@ -95,10 +125,14 @@ class Impl:
     check: Optional[Callable[[], Optional[str]]] = None
     post: Optional[Callable[[nn.Module], nn.Module]] = None
     spatial_dims: int = 2  # the specs it builds: 2 (torchvision layout) or 3 (MONAI volumes)
+    remap: Optional[Callable[[StateDict], StateDict]] = None  # the shared state dict -> this model's keys
+    imagenet_only: bool = False  # builds the ImageNet stem only (no DenseNet-BC CIFAR layout)
 
     def unavailable(self, spec: Optional[ModelSpec] = None) -> Optional[str]:
         if spec is not None and spec.spatial_dims != self.spatial_dims:
             return f"builds {self.spatial_dims}-D models only, {spec.name} is {spec.spatial_dims}-D"
+        if spec is not None and self.imagenet_only and spec.cifar:
+            return f"builds the ImageNet stem only, {spec.name} is a CIFAR DenseNet-BC"
         reason = _has_module(self.requires)
         if reason is None and self.check is not None:
             reason = self.check()
@@ -119,6 +153,9 @@ IMPLS: Dict[str, Impl] = {i.name: i for i in (
     Impl("monai", "MONAI DenseNet", _monai_model, "monai", spatial_dims=3),
     Impl("monai-convert", "MONAI + dnf.convert()", _monai_model, "monai", post=_convert, spatial_dims=3),
     Impl("dnf-3d", "densenet_fast DenseNet3d", _dnf_3d_model, "densenet_fast", spatial_dims=3),
+    Impl("monai-2d", "MONAI DenseNet (2D)", _monai_2d_model, "monai", remap=_tv_to_monai, imagenet_only=True),
+    Impl("monai-2d-convert", "MONAI 2D + dnf.convert()", _monai_2d_model, "monai", post=_convert,
+         remap=_tv_to_monai, imagenet_only=True),
 )}
 
 
@@ -136,7 +173,7 @@ def parse_impls(text: str) -> List[str]:
 def build_model(impl: Impl, spec: ModelSpec, state_dict: StateDict, device: torch.device) -> nn.Module:
     """The model in training mode on ``device`` with ``state_dict`` loaded (compiled if ``impl.compiled``)."""
     model = impl.make(spec)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(impl.remap(state_dict) if impl.remap else state_dict, strict=True)
     if impl.post is not None:
         model = impl.post(model)
     model = model.to(device).train()

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.impls import BASELINE
+from benchmarks.impls import baseline_for
 from benchmarks.report import MIB, group_key
 
 __all__ = ["write_figure", "plot_bars", "plot_batch", "plot_depth", "plot_budget", "loglog_slope"]
@@ -102,7 +102,7 @@ def plot_bars(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str, 
             values = [r[key] * scale for r in shown]
             bars = ax.bar(range(len(shown)), values, color=[_color(r["impl"]) for r in shown])
             for bar, r in zip(bars, shown):
-                ratio = r.get(ratio_key) if r["impl"] != BASELINE else None
+                ratio = r.get(ratio_key) if r["impl"] != baseline_for(r["model"]) else None
                 text = _short(bar.get_height()) + (f"\n{ratio:.2f}x" if ratio is not None else "")
                 ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                             fontsize="x-small", xytext=(0, 2), textcoords="offset points")
@@ -221,7 +221,7 @@ def plot_budget(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str
         for bar, r in zip(bars, shown):
             ratio = r.get(ratio_key) if ratio_key else None
             text = ("—" if r.get(key) is None else fmt.format(r[key])) + (
-                f"\n{ratio:.2f}x" if ratio is not None and r["impl"] != BASELINE else "")
+                f"\n{ratio:.2f}x" if ratio is not None and r["impl"] != baseline_for(r["model"]) else "")
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize="x-small", xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(shown)), [r["label"] for r in shown], rotation=35, ha="right", fontsize="x-small")

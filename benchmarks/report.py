@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.impls import BASELINE
+from benchmarks.impls import baseline_for
 
 __all__ = ["machine_info", "add_ratios", "format_table", "write_json", "write_csv", "write_markdown",
            "write_report", "group_key", "is_busy", "max_load", "MIB"]
@@ -22,7 +22,8 @@ MIB = 1024 ** 2
 # (row key, ratio key): ratios are value / value of the torchvision-default row of the same group.
 RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms_median", "eval_x"),
                                        ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
-                                       ("max_batch", "max_batch_x"), ("budget_train_img_s", "budget_img_s_x"))
+                                       ("max_batch", "max_batch_x"), ("max_size", "max_size_x"),
+                                       ("budget_train_img_s", "budget_img_s_x"))
 
 
 def _cpu_model() -> str:
@@ -106,13 +107,18 @@ def is_busy(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> b
     return not machine.get("gpu") and max_load(machine, load_start) > 0.5 * (machine.get("logical_cores") or 1)
 
 
+def _is_3d(model: str) -> bool:
+    return baseline_for(model) != "tv"
+
+
 def group_key(row: Dict[str, Any]) -> Tuple[Any, ...]:
     return row["model"], row["size"], row["batch"], row["device"], row["dtype"]
 
 
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
-    """Adds ``*_x`` ratios vs the torchvision-default row of the same model/size/batch (in place)."""
-    base = {group_key(r): r for r in rows if r["impl"] == BASELINE}
+    """Adds ``*_x`` ratios vs the baseline row (torchvision default; MONAI for 3-D models) of the same
+    model/size/batch (in place)."""
+    base = {group_key(r): r for r in rows if r["impl"] == baseline_for(r["model"])}
     for row in rows:
         ref = base.get(group_key(row))
         for key, ratio in RATIOS:
@@ -141,7 +147,7 @@ def _cells(row: Dict[str, Any]) -> List[str]:
             _fmt(row.get("eval_ms_median"), ".0f"), _x(row.get("eval_x")),
             _fmt(_mib(row.get("peak_bytes")), ".0f"), _x(row.get("peak_x")),
             _fmt(_mib(row.get("saved_bytes")), ".0f"), _x(row.get("saved_x")),
-            _fmt(row.get("max_batch"), "d"), _x(row.get("max_batch_x")),
+            _fmt(row.get("max_batch", row.get("max_size")), "d"), _x(row.get("max_batch_x", row.get("max_size_x"))),
             _fmt(row.get("budget_train_ms_median"), ".0f"), _fmt(row.get("budget_train_img_s"), ".2f"),
             _x(row.get("budget_img_s_x")), _fmt(row.get("max_abs_diff"), ".1e")]
 
@@ -228,25 +234,31 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
                       f"allowed per measurement (`--mem-cap`).")
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
-        lines += ["", f"**{model}**, {size}x{size}, batch {batch}, {dtype}, {device}", ""]
+        shape = f"{size}³" if _is_3d(model) else f"{size}x{size}"
+        lines += ["", f"**{model}**, {shape}, batch {batch}, {dtype}, {device}", ""]
         head = ["Implementation", "Peak memory (train step)", "Saved for backward", "Step time", "img/s",
                 "Eval time"]
-        if budget:
-            head += [f"Max batch in {budget / 1024**3:g} GiB", "Step time at max batch", "img/s at max batch"]
+        by_size = any(r.get("max_size") for r in group)
+        if budget and by_size:
+            head += [f"Max input size in {budget / 1024**2:g} MiB (batch {batch})"]
+        elif budget:
+            head += [f"Max batch in {budget / 1024**2:g} MiB", "Step time at max batch", "img/s at max batch"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in group:
             def cell(value: Optional[float], unit: str, ratio: Optional[float], spec: str = ".0f") -> str:
                 if value is None:
                     return "—"
                 text = f"{value:{spec}}" + (f" {unit}" if unit else "")
-                return text + (f" ({ratio:.2f}x)" if ratio is not None and r["impl"] != BASELINE else "")
+                return text + (f" ({ratio:.2f}x)" if ratio is not None and r["impl"] != baseline_for(model) else "")
             cells = [r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})",
                      cell(_mib(r.get("peak_bytes")), "MiB", r.get("peak_x")),
                      cell(_mib(r.get("saved_bytes")), "MiB", r.get("saved_x")),
                      cell(r.get("train_ms_median"), "ms", r.get("train_x")),
                      "—" if r.get("train_img_s") is None else f"{r['train_img_s']:.2f}",
                      cell(r.get("eval_ms_median"), "ms", r.get("eval_x"))]
-            if budget:
+            if budget and by_size:
+                cells += [cell(r.get("max_size"), "", r.get("max_size_x"), "d")]
+            elif budget:
                 cells += [cell(r.get("max_batch"), "", r.get("max_batch_x"), "d"),
                           cell(r.get("budget_train_ms_median"), "ms", None),
                           cell(r.get("budget_train_img_s"), "", r.get("budget_img_s_x"), ".2f")]
@@ -256,7 +268,8 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
                   f"the min)" for r in group for phase in ("train", "eval", "budget_train") if r.get(f"{phase}_noisy")]
         if notes:
             lines += [""] + [f"* {n}" for n in notes]
-    lines += ["", "Ratios in parentheses: value / torchvision default."]
+    bases = sorted({"MONAI's DenseNet" if _is_3d(r["model"]) else "torchvision default" for r in rows})
+    lines += ["", f"Ratios in parentheses: value / {' (2-D) or '.join(bases)}{' (3-D)' if len(bases) > 1 else ''}."]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -44,6 +44,15 @@ TORCH_LIBRARY(densenet_fast, m) {
       "norm_relu_pool_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
       "Tensor weight, Tensor bias, bool training, float eps) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Stem: max_pool(relu(bn(input)), 3, 2, 1) over 2 or 3 spatial dimensions, in the input's layout.
+  // Saves nothing but its input; the backward recomputes BN-ReLU and the argmax. CPU kernels in
+  // cpu/stem_cpu.cpp; other devices run a composite of ATen ops (densenet_fast/ops/stem.py).
+  m.def(
+      "bn_relu_maxpool(Tensor input, Tensor mean, Tensor var, Tensor weight, Tensor bias, bool training, "
+      "float eps) -> Tensor");
+  m.def(
+      "bn_relu_maxpool_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor weight, "
+      "Tensor bias, bool training, float eps) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Per-channel mean and biased variance [C] of a 4-D tensor (fp32 accumulation or better).
   m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
 }

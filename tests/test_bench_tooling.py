@@ -90,7 +90,7 @@ def test_every_impl_builds_same_function():
     outs = {}
     for name, impl in IMPLS.items():
         # compiling takes minutes on a CPU (tested through the same builders); 3-D impls build 3-D specs only
-        if impl.compiled or impl.spatial_dims != spec.spatial_dims:
+        if impl.compiled or impl.unavailable(spec) is not None:
             continue
         assert impl.unavailable() is None, (name, impl.unavailable())  # the test extra installs every family
         model = build_model(impl, spec, state, torch.device("cpu")).eval()
@@ -99,6 +99,39 @@ def test_every_impl_builds_same_function():
     ref = outs.pop("tv")
     for name, out in outs.items():
         assert (out - ref).abs().max() < 1e-4, name
+
+
+def test_monai_2d_impls_load_torchvision_weights():
+    """MONAI's 2-D DenseNet121 (and its convert()) computes torchvision's function from the shared weights."""
+    spec = get_spec("densenet121")
+    from benchmarks.impls import torchvision_model
+
+    torch.manual_seed(0)
+    state = torchvision_model(spec).state_dict()
+    x = torch.randn(2, 3, 64, 64)
+    outs = {}
+    for name in ("tv", "monai-2d", "monai-2d-convert"):
+        model = build_model(IMPLS[name], spec, state, torch.device("cpu")).eval()
+        with torch.no_grad():
+            outs[name] = model(x)
+    assert type(build_model(IMPLS["monai-2d-convert"], spec, state, torch.device("cpu"))).__name__.startswith("Fused")
+    for name in ("monai-2d", "monai-2d-convert"):
+        assert (outs[name] - outs["tv"]).abs().max() < 1e-4, name
+    assert IMPLS["monai-2d"].unavailable(get_spec("densenet_bc100")) is not None
+
+
+def test_3d_rows_ratios_vs_monai():
+    from benchmarks import report
+    rows = [dict(model="monai_densenet121_3d", size=96, batch=2, device="cpu", dtype="float32", impl=i,
+                 peak_bytes=p) for i, p in (("monai", 1000), ("monai-convert", 200))]
+    report.add_ratios(rows)
+    assert rows[1]["peak_x"] == 0.2 and rows[0]["peak_x"] == 1.0
+
+
+def test_budget_axis_size():
+    s = resolve(build_parser().parse_args(["--preset", "monai3d-budget", "--budget-axis", "size"]))
+    assert s.budget_axis == "size" and s.budget_bytes == 512 * 2 ** 20 and s.models == ["monai_densenet121_3d"]
+    assert resolve(build_parser().parse_args(["--preset", "monai3d-budget"])).budget_axis == "batch"
 
 
 def test_presets_and_overrides():
@@ -146,7 +179,8 @@ def test_preset_mem_batch_and_budget():
     assert s.budget_bytes == 768 * 1024 ** 2 and s.figure == "budget" and s.timing
     s = resolve(build_parser().parse_args(["--preset", "budget", "--budget", "3GiB"]))
     assert s.budget_bytes == 3 * 1024 ** 3
-    assert set(PRESETS) == {"quick", "readme-cpu", "mem-depth", "mem-batch", "budget"}
+    assert set(PRESETS) == {"quick", "readme-cpu", "mem-depth", "mem-batch", "budget", "monai3d-cpu", "monai3d-128",
+                            "monai3d-budget", "monai2d-cpu"}
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -335,12 +335,10 @@ def test_stem_bn_relu_maxpool_matches_torch(training, H, W):
 
 
 def test_stem_opcheck_and_saved_bytes():
-    from densenet_fast.ops.stem import bn_relu_maxpool
-
     x = torch.randn(2, 3, 6, 7, requires_grad=True)
     mean, var = channel_moments(x.detach())
     w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
-    torch.library.opcheck(bn_relu_maxpool, (x, mean, var, w, b, True, 1e-5))
+    torch.library.opcheck(torch.ops.densenet_fast.bn_relu_maxpool.default, (x, mean, var, w, b, True, 1e-5))
     # only the input (plus O(C) statistics) is saved: no BN output, no int64 pooling indices
     model = dnf.densenet121()
     saved = _saved_bytes(lambda: model.features[:4](torch.randn(1, 3, 64, 64)), model)

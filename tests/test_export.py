@@ -178,8 +178,10 @@ def test_create_feature_extractor_matches_eager(make):
     with torch.no_grad():
         out = extractor(x)
         expected = _hooked_features(model, x, _NODES)
+    # The traced graph runs the stem's BN/ReLU/max-pool as plain modules, eager runs the fused stem kernel
+    # (BN folded into x*a + b, without ATen's FMA contraction): equal to float32 roundoff.
     for name, key in _NODES.items():
-        assert torch.equal(out[key], expected[name]), name
+        assert rel_err(out[key], expected[name]) <= 1e-5, name
 
 
 def test_create_feature_extractor_train_mode_fp64():
@@ -220,8 +222,9 @@ def test_intermediate_layer_getter():
     with torch.no_grad():
         out = getter(x)
         expected = _hooked_features(model, x, ["features.denseblock2", "features.denseblock3"])
-    assert torch.equal(out["0"], expected["features.denseblock2"])
-    assert torch.equal(out["1"], expected["features.denseblock3"])
+    # The getter runs the stem unfused (plain modules): equal to float32 roundoff (see above).
+    assert rel_err(out["0"], expected["features.denseblock2"]) <= 1e-5
+    assert rel_err(out["1"], expected["features.denseblock3"]) <= 1e-5
 
 
 def test_fpn_backbone_example():

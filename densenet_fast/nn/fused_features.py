@@ -2,7 +2,8 @@
 
 Same children, names and ``state_dict`` as the ``nn.Sequential`` it stands for, same outputs. It fuses
 
-* the stem's BN -> ReLU -> 3x3/2 max-pool into one operator that stores only the stem conv's output;
+* the stem's BN -> ReLU -> 3x3/2 max-pool (3x3x3/2 for MONAI's 3-D stem) into one operator that stores only
+  the stem conv's output;
 * each fused dense block with the transition after it: the block hands over its buffer *and its batch
   statistics*, so every channel's statistics are computed once;
 * (``forward_pooled``) the final norm with the head's ReLU and global average pool.
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module_mod
 
-from densenet_fast.nn.batchnorm_stats import fusable_norms
+from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.dense_block import (
     DenseBlock,
     Transition,
@@ -32,7 +33,7 @@ from densenet_fast.nn.dense_block import (
     fused_norm_relu_pool,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
-from densenet_fast.ops.stem import bn_relu_maxpool
+from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
 
@@ -57,40 +58,75 @@ def norm_relu_kind(m: nn.Module) -> Optional[str]:
     return None
 
 
-def _pair(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
+def _ntuple(v, n: int) -> Tuple[int, ...]:
+    return (v,) * n if isinstance(v, int) else tuple(v)
 
 
-def _is_stem_pool(m: nn.Module) -> bool:
-    return (type(m) is nn.MaxPool2d and _pair(m.kernel_size) == (3, 3) and _pair(m.stride) == (2, 2)
-            and _pair(m.padding) == (1, 1) and _pair(m.dilation) == (1, 1) and not m.ceil_mode
-            and not m.return_indices)
+_STEM_POOL = {nn.MaxPool2d: 2, nn.MaxPool3d: 3}  # exact class -> spatial dims
+_STEM_NORM = {nn.MaxPool2d: nn.BatchNorm2d, nn.MaxPool3d: nn.BatchNorm3d}
+
+
+def _is_stem_pool(m: nn.Module, norm: nn.Module) -> bool:
+    """MaxPool2d / MaxPool3d(kernel 3, stride 2, padding 1), floor mode, no indices, of the norm's rank."""
+    n = _STEM_POOL.get(type(m))
+    return (n is not None and isinstance(norm, _STEM_NORM[type(m)]) and _ntuple(m.kernel_size, n) == (3,) * n
+            and _ntuple(m.stride, n) == (2,) * n and _ntuple(m.padding, n) == (1,) * n
+            and _ntuple(m.dilation, n) == (1,) * n and not m.ceil_mode and not m.return_indices)
 
 
 def stem_span(mods: List[nn.Module], i: int) -> int:
-    """How many modules from ``mods[i]`` form BN -> ReLU -> MaxPool2d(3, 2, 1) (timm: BN+act -> pool); 0 if none."""
+    """How many modules from ``mods[i]`` form BN -> ReLU -> MaxPool(3, 2, 1) (2-D, or MONAI's 3-D stem; timm:
+    BN+act -> pool); 0 if none."""
     kind = norm_relu_kind(mods[i])
     span = {"bn": 3, "bn_relu": 2}.get(kind, 0)
     if span == 0 or i + span > len(mods):
         return 0
     if span == 3 and type(mods[i + 1]) is not nn.ReLU:
         return 0
-    if not _is_stem_pool(mods[i + span - 1]) or any(has_hooks(m) for m in mods[i:i + span]):
+    if not _is_stem_pool(mods[i + span - 1], mods[i]) or any(has_hooks(m) for m in mods[i:i + span]):
         return 0
     return span
 
 
-def fused_stem(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """max_pool2d(relu(bn(x)), 3, 2, 1), storing only ``x`` for the backward (float32/float64 CPU, CUDA)."""
+def fused_stem(bn: nn.Module, x: Tensor) -> Tensor:
+    """max_pool(relu(bn(x)), 3, 2, 1) over x [N, C, H, W] (BatchNorm2d) or [N, C, D, H, W] (BatchNorm3d), storing
+    only ``x`` for the backward (float32/float64 CPU, CUDA)."""
     mean, var, training = bn_stats(bn, x, update=False)
     out = bn_relu_maxpool(x, mean, var, bn.weight, bn.bias, training, bn.eps)
     commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
     return out
 
 
-def _stem_can_fuse(x: Tensor) -> bool:
+def conv_stem_fusable(conv: nn.Module, bn: nn.Module, x: Tensor) -> bool:
+    """Whether a 3-D stem ``conv -> bn -> relu -> pool`` runs as :func:`fused_conv_stem` on ``x``: a plain
+    Conv3d without bias (MONAI's conv0), a 5-D float32/float64 input, no autocast (the operator would run
+    the convolution in the input's dtype). 2-D stems keep conv0 apart (its recompute would cost ~8% of a
+    DenseNet-121 step for a smaller share of the memory)."""
+    return (type(conv) is nn.Conv3d and isinstance(bn, nn.BatchNorm3d) and conv.bias is None and conv.groups == 1
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and _ntuple(conv.dilation, 3) == (1, 1, 1) and not has_hooks(conv) and x.dim() == 5
+            and x.shape[0] > 0 and x.dtype == conv.weight.dtype and _fused_device_ok(x)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def fused_conv_stem(conv: nn.Conv3d, bn: nn.BatchNorm3d, x: Tensor) -> Tensor:
+    """max_pool3d(relu(bn(conv(x))), 3, 2, 1) saving only the image ``x`` (conv recomputed in the backward)."""
+    stride, padding = list(_ntuple(conv.stride, 3)), list(_ntuple(conv.padding, 3))
+    training = bn.training
+    rm, rv = (bn.running_mean, bn.running_var) if not training else (bn.weight.new_empty(0),) * 2
+    out, mean, var = conv_bn_relu_maxpool(x, conv.weight, stride, padding, rm, rv, bn.weight, bn.bias, training,
+                                          bn.eps)
+    if training:
+        k = _ntuple(conv.kernel_size, 3)
+        spatial = [(s + 2 * p - kk) // st + 1 for s, p, kk, st in zip(x.shape[2:], padding, k, stride)]
+        update_running_stats([bn], [mean], [var], x.shape[0] * spatial[0] * spatial[1] * spatial[2])
+    return out
+
+
+def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
     # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
-    return x.dim() == 4 and x.shape[0] > 0 and _fused_device_ok(x)
+    rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4
+    return x.dim() == rank and x.shape[0] > 0 and _fused_device_ok(x)
 
 
 class FusedFeatures(nn.Sequential):
@@ -135,8 +171,14 @@ class FusedFeatures(nn.Sequential):
                 pending = m.fused_forward(x)
                 i += 1
                 continue
+            if stats is None and i + 1 < len(mods) and isinstance(m, nn.Conv3d):
+                span = stem_span(mods, i + 1)
+                if span and conv_stem_fusable(m, mods[i + 1], x):
+                    x = fused_conv_stem(m, mods[i + 1], x)
+                    i += 1 + span
+                    continue
             span = stem_span(mods, i) if stats is None else 0
-            if span and _stem_can_fuse(x):
+            if span and _stem_can_fuse(m, x):
                 x = fused_stem(m, x)
                 i += span
                 continue

@@ -1,18 +1,50 @@
 """``densenet_fast::bn_relu_maxpool``: a DenseNet stem's BN -> ReLU -> 3x3/2 max-pool as one operator.
 
-Saves only its input (the stem convolution's output) and the BN statistics; the backward recomputes
-the BN/ReLU output and the pooling argmax. torchvision stores the BN output and the int64 pooling
-indices besides, 1.5x the conv output. Composite of ATen ops, so it runs on every device; with
-``training=True`` ``mean``/``var`` must be the batch statistics of ``input`` (the backward then
-includes their gradient terms and ``mean``/``var`` get none).
+``[N, C, H, W] -> [N, C, (H-1)//2+1, (W-1)//2+1]`` (3x3/2 pool, padding 1) or, for MONAI's 3-D stem,
+``[N, C, D, H, W] -> [N, C, (D-1)//2+1, (H-1)//2+1, (W-1)//2+1]`` (3x3x3/2). Saves only its input (the stem
+convolution's output) and the BN statistics; the backward recomputes the BN/ReLU output and the pooling
+argmax. torchvision / MONAI store the BN(-ReLU) output and the int64 pooling indices besides, 1.5x the
+conv output. With ``training=True`` ``mean``/``var`` must be the batch statistics of ``input`` (the
+backward then includes their gradient terms and ``mean``/``var`` get none).
+
+CPU (float32/float64): C++ kernels (``csrc/cpu/stem_cpu.cpp``) that allocate nothing of the input's size
+in the forward and only the input gradient in the backward, in the input's own layout (contiguous or
+channels_last). Other devices: the composite of ATen ops below (registered as
+``CompositeExplicitAutograd``), which has transient BN/ReLU outputs but the same saved tensors.
 """
 from __future__ import annotations
+
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_K, _S, _P = [3, 3], [2, 2], [1, 1]
+from densenet_fast._extension import load_extension
+from densenet_fast.ops.dense_block import check_tensor
+from densenet_fast.ops.tail import _check_tail_args
+
+load_extension()
+_ops = torch.ops.densenet_fast
+
+__all__ = ["bn_relu_maxpool", "conv_bn_relu_maxpool"]
+
+
+def _pool_args(dim: int):
+    n = dim - 2
+    return [3] * n, [2] * n, [1] * n, [1] * n
+
+
+def _out_shape(input: Tensor) -> list:
+    return list(input.shape[:2]) + [(s - 1) // 2 + 1 for s in input.shape[2:]]
+
+
+def _memory_format(input: Tensor) -> torch.memory_format:
+    # channels_last(_3d) for a channels_last(_3d) input that is not also contiguous (the CPU kernel's rule).
+    cl = torch.channels_last_3d if input.dim() == 5 else torch.channels_last
+    if input.is_contiguous() or not input.is_contiguous(memory_format=cl):
+        return torch.contiguous_format
+    return cl
 
 
 def _bn_relu(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -22,16 +54,50 @@ def _bn_relu(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Ten
     return torch.relu(F.batch_norm(input, mean, var, weight.to(mean.dtype), bias.to(mean.dtype), False, 0.0, eps))
 
 
-@torch.library.custom_op("densenet_fast::bn_relu_maxpool", mutates_args=())
-def bn_relu_maxpool(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, training: bool,
-                    eps: float) -> Tensor:
-    """max_pool2d(relu(batch_norm(input)), 3, 2, 1): [N, C, H, W] -> [N, C, (H-1)//2+1, (W-1)//2+1]."""
-    return F.max_pool2d(_bn_relu(input, mean, var, weight, bias, eps), _K, _S, _P)
+# -- composite implementation for the devices without a kernel (CUDA) ---------------------------------
+
+@torch.library.impl("densenet_fast::bn_relu_maxpool", "CompositeExplicitAutograd")
+def _forward_composite(input, mean, var, weight, bias, training, eps):
+    k, s, p, _ = _pool_args(input.dim())
+    pool = F.max_pool3d if input.dim() == 5 else F.max_pool2d
+    return pool(_bn_relu(input, mean, var, weight, bias, eps), k, s, p)
 
 
-@bn_relu_maxpool.register_fake
-def _(input, mean, var, weight, bias, training, eps):
-    return F.max_pool2d(_bn_relu(input, mean, var, weight, bias, eps), _K, _S, _P)
+@torch.library.impl("densenet_fast::bn_relu_maxpool_backward", "CompositeExplicitAutograd")
+def _backward_composite(grad, input, mean, var, weight, bias, training, eps):
+    k, s, p, d = _pool_args(input.dim())
+    aten = torch.ops.aten
+    fwd, bwd = ((aten.max_pool3d_with_indices, aten.max_pool3d_with_indices_backward) if input.dim() == 5
+                else (aten.max_pool2d_with_indices, aten.max_pool2d_with_indices_backward))
+    u = _bn_relu(input, mean, var, weight, bias, eps)  # recomputed, never stored
+    _, idx = fwd(u, k, s, p, d, False)
+    du = bwd(grad, u, k, s, p, d, False, idx)
+    dz = aten.threshold_backward(du, u, 0)
+    w = weight.to(mean.dtype)  # as in _bn_relu; the gradients go back in the parameters' dtype
+    if training:
+        invstd = torch.rsqrt(var + eps)
+        dx, dw, db = aten.native_batch_norm_backward(dz, input, w, None, None, mean, invstd, True, eps,
+                                                     [True, True, True])
+    else:
+        dx, dw, db = aten.native_batch_norm_backward(dz, input, w, mean, var, None, None, False, eps,
+                                                     [True, True, True])
+    return dx, dw.to(weight.dtype), db.to(bias.dtype)
+
+
+# -- fake kernels and autograd -----------------------------------------------------------------------
+
+@torch.library.register_fake("densenet_fast::bn_relu_maxpool")
+def _forward_fake(input, mean, var, weight, bias, training, eps):
+    _check_tail_args(input, mean, var, weight, bias, eps)
+    return input.new_empty(_out_shape(input)).contiguous(memory_format=_memory_format(input))
+
+
+@torch.library.register_fake("densenet_fast::bn_relu_maxpool_backward")
+def _backward_fake(grad, input, mean, var, weight, bias, training, eps):
+    _check_tail_args(input, mean, var, weight, bias, eps)
+    check_tensor(grad, "grad_output", input, _out_shape(input))
+    return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
+            torch.empty_like(bias))
 
 
 def _setup(ctx, inputs, output):
@@ -41,20 +107,95 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    input, mean, var, weight, bias = ctx.saved_tensors
-    u = _bn_relu(input, mean, var, weight, bias, ctx.eps)  # recomputed, never stored
-    _, idx = torch.ops.aten.max_pool2d_with_indices(u, _K, _S, _P, [1, 1], False)
-    du = torch.ops.aten.max_pool2d_with_indices_backward(grad, u, _K, _S, _P, [1, 1], False, idx)
-    dz = torch.ops.aten.threshold_backward(du, u, 0)
-    w = weight.to(mean.dtype)  # as in _bn_relu; the gradients go back in the parameters' dtype
-    if ctx.training:
-        invstd = torch.rsqrt(var + ctx.eps)
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, None, None, mean, invstd, True,
-                                                               ctx.eps, [True, True, True])
+    dx, dw, db = _ops.bn_relu_maxpool_backward(grad, *ctx.saved_tensors, ctx.training, ctx.eps)
+    return dx, None, None, dw, db, None, None
+
+
+torch.library.register_autograd("densenet_fast::bn_relu_maxpool", _backward, setup_context=_setup)
+
+
+def bn_relu_maxpool(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, training: bool,
+                    eps: float) -> Tensor:
+    """max_pool(relu(batch_norm(input)), 3, 2, 1) with the given statistics: [N, C, H, W] ->
+    [N, C, (H-1)//2+1, (W-1)//2+1], or [N, C, D, H, W] -> [N, C, (D-1)//2+1, (H-1)//2+1, (W-1)//2+1]."""
+    return _ops.bn_relu_maxpool(input, mean, var, weight, bias, bool(training), float(eps))
+
+
+# -- conv0 + BN + ReLU + max-pool: the 3-D stem that saves only the image ----------------------------
+# A 3-D stem convolution's output is the largest tensor of a volume DenseNet (64 channels at half the
+# input resolution: 54 MiB for a batch of 2 x 96^3). This operator saves the *image* instead (conv0's
+# weight gradient needs it anyway) and recomputes the convolution in the backward: one extra conv0
+# forward per step for the largest saved tensor of the model (docs/design.md §4).
+
+def _conv(image: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
+    conv = F.conv3d if image.dim() == 5 else F.conv2d
+    return conv(image, weight, None, stride, padding)
+
+
+def _check_conv_stem(image: Tensor, conv_weight: Tensor, stride: List[int], padding: List[int]) -> None:
+    n = image.dim() - 2
+    torch._check(image.dim() in (4, 5), lambda: f"input: expected a 4-D image batch [N, C, H, W] or a 5-D volume "
+                 f"batch [N, C, D, H, W], got {image.dim()}-D with shape {list(image.shape)}")
+    torch._check(conv_weight.dim() == image.dim() and conv_weight.shape[1] == image.shape[1],
+                 lambda: f"conv_weight: expected a {image.dim()}-D weight [C_out, {image.shape[1]}, k...] for input "
+                 f"shape {list(image.shape)}, got shape {list(conv_weight.shape)}")
+    torch._check(len(stride) == n and len(padding) == n and min(stride) >= 1 and min(padding) >= 0,
+                 lambda: f"stride/padding: expected {n} values each (stride >= 1, padding >= 0), got stride={stride}, "
+                 f"padding={padding}")
+
+
+@torch.library.custom_op("densenet_fast::conv_bn_relu_maxpool", mutates_args=())
+def conv_bn_relu_maxpool(input: Tensor, conv_weight: Tensor, stride: List[int], padding: List[int],
+                         running_mean: Tensor, running_var: Tensor, weight: Tensor, bias: Tensor, training: bool,
+                         eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(bn_relu_maxpool(conv(input, conv_weight, stride, padding)), mean, var): the stem of a DenseNet.
+
+    training: BN uses the batch statistics of the convolution's output, returned as ``mean``/``var``
+    ([C], biased variance; the caller updates the running statistics with them); eval: the running
+    statistics (``mean``/``var`` are returned empty). Saves only ``input`` and ``conv_weight``.
+    """
+    _check_conv_stem(input, conv_weight, stride, padding)
+    y = _conv(input, conv_weight, stride, padding)
+    if training:
+        torch._check_value(y.numel() // y.shape[1] > 1, lambda: "Expected more than 1 value per channel when "
+                           f"training, got input size {y.size()}")
+        mean, var = _ops.channel_moments(y)
     else:
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, mean, var, None, None, False,
-                                                               ctx.eps, [True, True, True])
-    return dx, None, None, dw.to(weight.dtype), db.to(bias.dtype), None, None
+        mean, var = running_mean, running_var
+    out = _ops.bn_relu_maxpool(y, mean, var, weight, bias, training, eps)
+    if not training:
+        mean, var = mean.new_empty(0), var.new_empty(0)
+    return out, mean, var
 
 
-bn_relu_maxpool.register_autograd(_backward, setup_context=_setup)
+@conv_bn_relu_maxpool.register_fake
+def _(input, conv_weight, stride, padding, running_mean, running_var, weight, bias, training, eps):
+    _check_conv_stem(input, conv_weight, stride, padding)
+    y = _conv(input, conv_weight, stride, padding)
+    out = _forward_fake(y, running_mean, running_var, weight, bias, training, eps)
+    n = y.shape[1] if training else 0
+    return out, running_mean.new_empty(n), running_var.new_empty(n)
+
+
+def _conv_setup(ctx, inputs, output):
+    input, conv_weight, stride, padding, running_mean, running_var, weight, bias, training, eps = inputs
+    _, mean, var = output
+    ctx.stride, ctx.padding, ctx.training, ctx.eps = stride, padding, training, eps
+    ctx.mark_non_differentiable(mean, var)
+    stats = (mean, var) if training else (running_mean, running_var)
+    ctx.save_for_backward(input, conv_weight, *stats, weight, bias)
+
+
+def _conv_backward(ctx, grad, _grad_mean, _grad_var):
+    input, conv_weight, mean, var, weight, bias = ctx.saved_tensors
+    y = _conv(input, conv_weight, ctx.stride, ctx.padding)  # recomputed: the one transient of its size
+    dy, dw, db = _ops.bn_relu_maxpool_backward(grad, y, mean, var, weight, bias, ctx.training, ctx.eps)
+    del y
+    n = input.dim() - 2
+    dinput, dconv, _ = torch.ops.aten.convolution_backward(
+        dy, input, conv_weight, None, ctx.stride, ctx.padding, [1] * n, False, [0] * n, 1,
+        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+    return dinput, dconv, None, None, None, None, dw, db, None, None
+
+
+conv_bn_relu_maxpool.register_autograd(_conv_backward, setup_context=_conv_setup)

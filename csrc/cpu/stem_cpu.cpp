@@ -1,0 +1,256 @@
+// CPU kernels of the DenseNet stem reader: max_pool(relu(bn(x)), 3, 2, 1) over [N, C, H, W] (3x3/2)
+// or [N, C, D, H, W] (3x3x3/2), in the input's own layout (contiguous or channels_last(_3d)), so a
+// conv0 output is never copied (docs/design.md §4).
+//
+// Nothing of the input's size is allocated in the forward. The backward allocates only grad_input:
+// the pooling gradient is scattered into it (argmax recomputed from x, ATen's scan order and tie/NaN
+// rule), then the ReLU mask and the BN backward are applied to it in place.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/nonfinite.h"
+#include "cpu/kernels.h"
+
+namespace dnf::cpu {
+namespace {
+
+using at::Tensor;
+
+// Geometry of the 3x3(x3), stride 2, padding 1 pool. A 2-D input is the 3-D case with D = 1 and a
+// depth window of 1 (kd = 1, no depth stride or padding). Element (n, c, d, h, w) of the input lies at
+// n*sN + c*sC + ((d*H + h)*W + w)*sP: contiguous (sC = D*H*W, sP = 1) or channels_last (sC = 1, sP = C).
+struct StemGeom {
+  int64_t N, C, D, H, W, OD, OH, OW, kd, sd, pd;
+  int64_t sN, sC, sP;  // input strides (elements)
+  int64_t oN, oC, oP;  // output strides
+  bool cl;
+
+  explicit StemGeom(const Tensor& x, bool channels_last) : cl(channels_last) {
+    const bool three = x.dim() == 5;
+    N = x.size(0), C = x.size(1), D = three ? x.size(2) : 1, H = x.size(-2), W = x.size(-1);
+    kd = three ? 3 : 1, sd = three ? 2 : 1, pd = three ? 1 : 0;
+    OD = three ? (D - 1) / 2 + 1 : 1, OH = (H - 1) / 2 + 1, OW = (W - 1) / 2 + 1;
+    const int64_t S = D * H * W, OS = OD * OH * OW;
+    sN = C * S, sC = cl ? 1 : S, sP = cl ? C : 1;
+    oN = C * OS, oC = cl ? 1 : OS, oP = cl ? C : 1;
+  }
+  std::vector<int64_t> out_shape(int64_t dim) const {
+    return dim == 5 ? std::vector<int64_t>{N, C, OD, OH, OW} : std::vector<int64_t>{N, C, OH, OW};
+  }
+  // Task t of N*C*OH tasks -> (n, c, oh): channel fastest in channels_last (neighbouring tasks share
+  // cache lines), oh fastest in the contiguous layout.
+  void task(int64_t t, int64_t& n, int64_t& c, int64_t& oh) const {
+    if (cl) {
+      c = t % C, oh = (t / C) % OH, n = t / (C * OH);
+    } else {
+      oh = t % OH, c = (t / OH) % C, n = t / (OH * C);
+    }
+  }
+};
+
+at::MemoryFormat layout_of(const Tensor& x, bool cl) {
+  if (!cl) return at::MemoryFormat::Contiguous;
+  return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// Work (and answer) in channels_last(_3d) when the input is in it and not also contiguous; anything
+// else is made contiguous. The fake kernel (densenet_fast/ops/stem.py) applies the same rule.
+bool is_channels_last(const Tensor& x) {
+  const auto fmt = x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  return !x.is_contiguous() && x.is_contiguous(fmt);
+}
+
+void check_stem(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
+                double eps) {
+  check_tail_args(input, mean, var, weight, bias, eps);
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
+}
+
+template <typename T>
+struct Fold {
+  std::vector<T> a, b, invstd, mean;
+};
+
+template <typename T>
+Fold<T> fold_stem(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
+  const int64_t C = mean.numel();
+  Fold<T> f{std::vector<T>(C), std::vector<T>(C), std::vector<T>(C), std::vector<T>(C)};
+  const Tensor m = mean.contiguous(), v = var.contiguous(), w = weight.contiguous(), bi = bias.contiguous();
+  fold_channels<T>(C, w.data_ptr<T>(), bi.data_ptr<T>(), m.data_ptr<T>(), v.data_ptr<T>(), eps, f.a.data(),
+                   f.b.data(), f.invstd.data());
+  std::copy(m.data_ptr<T>(), m.data_ptr<T>() + C, f.mean.begin());
+  return f;
+}
+
+// Max of relu(a*x + b) over one window and its flat input offset (ATen's rule: scan (d, h, w) in
+// order, replace on a strictly greater value or a NaN; the first element of the window always wins
+// over the initial -inf).
+template <typename T>
+inline void window_max(const T* xc, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, T a, T b, T& best,
+                       int64_t& arg) {
+  const int64_t d0 = std::max<int64_t>(od * g.sd - g.pd, 0), d1 = std::min(od * g.sd - g.pd + g.kd, g.D);
+  const int64_t h0 = std::max<int64_t>(2 * oh - 1, 0), h1 = std::min(2 * oh + 2, g.H);
+  const int64_t w0 = std::max<int64_t>(2 * ow - 1, 0), w1 = std::min(2 * ow + 2, g.W);
+  best = -std::numeric_limits<T>::infinity();
+  arg = ((d0 * g.H + h0) * g.W + w0) * g.sP;
+  for (int64_t d = d0; d < d1; ++d)
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t off = ((d * g.H + h) * g.W + w) * g.sP;
+        const T v = relu<T>(xc[off] * a + b);
+        if (v > best || std::isnan(v)) best = v, arg = off;
+      }
+}
+
+Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+                           const Tensor& bias, bool /*training*/, double eps) {
+  check_stem(input, mean, var, weight, bias, eps);
+  const bool cl = is_channels_last(input);
+  const Tensor X = input.contiguous(layout_of(input, cl));
+  const StemGeom g(X, cl);
+  Tensor out = at::empty(g.out_shape(input.dim()), input.options().memory_format(layout_of(input, cl)));
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
+    using T = scalar_t;
+    const Fold<T> f = fold_stem<T>(mean, var, weight, bias, eps);
+    const T* Xp = X.data_ptr<T>();
+    T* O = out.data_ptr<T>();
+    at::parallel_for(0, g.N * g.C * g.OH, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t n, c, oh, arg;
+        g.task(t, n, c, oh);
+        const T* xc = Xp + n * g.sN + c * g.sC;
+        T* oc = O + n * g.oN + c * g.oC;
+        for (int64_t od = 0; od < g.OD; ++od)
+          for (int64_t ow = 0; ow < g.OW; ++ow)
+            window_max<T>(xc, g, od, oh, ow, f.a[c], f.b[c], oc[((od * g.OH + oh) * g.OW + ow) * g.oP], arg);
+      }
+    });
+  });
+  return out;
+}
+
+// Per-channel sums of d = relu_grad(u, G) and d*xhat over the whole input, in double, independent of
+// the thread count: fixed (n, c, plane-chunk) pieces in the contiguous layout, fixed row chunks in
+// channels_last; partials added in a fixed order.
+template <typename T>
+void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<T>& f, std::vector<double>& s1,
+               std::vector<double>& s2) {
+  const int64_t C = g.C, S = g.D * g.H * g.W;
+  const int64_t chunks_per_row = (S + kReduceChunk - 1) / kReduceChunk;  // per (n, c) plane or per n (cl)
+  const int64_t units = g.cl ? g.N * chunks_per_row : g.N * C * chunks_per_row;
+  std::vector<double> part(units * 2 * C, 0.0);
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    for (int64_t u = u0; u < u1; ++u) {
+      double* p1 = part.data() + u * 2 * C;
+      double* p2 = p1 + C;
+      const int64_t k = u % chunks_per_row, p0 = k * kReduceChunk, pe = std::min(S, p0 + kReduceChunk);
+      if (g.cl) {
+        const int64_t n = u / chunks_per_row;
+        for (int64_t p = p0; p < pe; ++p) {
+          const T* xr = X + n * g.sN + p * C;
+          const T* gr = G + n * g.sN + p * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const T d = bn_relu_grad<T>(xr[c] * f.a[c] + f.b[c], gr[c]);
+            p1[c] += d;
+            p2[c] += d * ((xr[c] - f.mean[c]) * f.invstd[c]);
+          }
+        }
+      } else {
+        const int64_t c = (u / chunks_per_row) % C, n = u / (chunks_per_row * C);
+        const T* xp = X + n * g.sN + c * g.sC;
+        const T* gp = G + n * g.sN + c * g.sC;
+        double a1 = 0.0, a2 = 0.0;
+        for (int64_t p = p0; p < pe; ++p) {
+          const T d = bn_relu_grad<T>(xp[p] * f.a[c] + f.b[c], gp[p]);
+          a1 += d;
+          a2 += d * ((xp[p] - f.mean[c]) * f.invstd[c]);
+        }
+        p1[c] += a1, p2[c] += a2;
+      }
+    }
+  });
+  s1.assign(C, 0.0), s2.assign(C, 0.0);
+  for (int64_t u = 0; u < units; ++u)
+    for (int64_t c = 0; c < C; ++c) s1[c] += part[u * 2 * C + c], s2[c] += part[u * 2 * C + C + c];
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& grad_output, const Tensor& input,
+                                                                const Tensor& mean, const Tensor& var,
+                                                                const Tensor& weight, const Tensor& bias,
+                                                                bool training, double eps) {
+  check_stem(input, mean, var, weight, bias, eps);
+  const bool cl = is_channels_last(input);
+  const Tensor X = input.contiguous(layout_of(input, cl));
+  const StemGeom g(X, cl);
+  check_shape(grad_output, g.out_shape(input.dim()), "grad_output");
+  check_float_tensor(grad_output, "grad_output", input);
+  const Tensor dO = grad_output.contiguous(layout_of(input, cl));
+  Tensor dX = at::zeros_like(X, layout_of(input, cl));
+  Tensor dgamma = at::empty({g.C}, input.options()), dbeta = at::empty({g.C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
+    using T = scalar_t;
+    const Fold<T> f = fold_stem<T>(mean, var, weight, bias, eps);
+    const T *Xp = X.data_ptr<T>(), *dOp = dO.data_ptr<T>();
+    T* G = dX.data_ptr<T>();
+    // 1. Pool backward into dX. Windows of output rows oh and oh + 2 are disjoint (rows 2oh-1..2oh+1),
+    //    so the tasks of one oh parity never write the same element: two race-free phases.
+    for (int64_t parity = 0; parity < 2; ++parity) {
+      const int64_t rows = (g.OH - parity + 1) / 2;  // oh = parity, parity + 2, ...
+      at::parallel_for(0, g.N * g.C * rows, 16, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          int64_t n, c, k, arg;
+          if (g.cl) {
+            c = t % g.C, k = (t / g.C) % rows, n = t / (g.C * rows);
+          } else {
+            k = t % rows, c = (t / rows) % g.C, n = t / (rows * g.C);
+          }
+          const int64_t oh = parity + 2 * k;
+          const T* xc = Xp + n * g.sN + c * g.sC;
+          T* gc = G + n * g.sN + c * g.sC;
+          const T* oc = dOp + n * g.oN + c * g.oC;
+          for (int64_t od = 0; od < g.OD; ++od)
+            for (int64_t ow = 0; ow < g.OW; ++ow) {
+              T best;
+              window_max<T>(xc, g, od, oh, ow, f.a[c], f.b[c], best, arg);
+              gc[arg] += oc[((od * g.OH + oh) * g.OW + ow) * g.oP];
+            }
+        }
+      });
+    }
+    // 2. ReLU mask + BN backward, in place over dX.
+    std::vector<double> s1, s2;
+    grad_sums<T>(Xp, G, g, f, s1, s2);
+    const int64_t M = g.N * g.D * g.H * g.W;
+    std::vector<T> m1(g.C, T(0)), m2(g.C, T(0));
+    T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
+    for (int64_t c = 0; c < g.C; ++c) {
+      db[c] = static_cast<T>(s1[c]), dg[c] = static_cast<T>(s2[c]);
+      if (training) m1[c] = static_cast<T>(s1[c] / M), m2[c] = static_cast<T>(s2[c] / M);
+    }
+    const int64_t S = g.D * g.H * g.W, inner = g.cl ? 1 : S;  // element e has channel (e / inner) % C
+    at::parallel_for(0, X.numel(), 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t e = e0; e < e1; ++e) {
+        const int64_t c = (e / inner) % g.C;
+        const T d = bn_relu_grad<T>(Xp[e] * f.a[c] + f.b[c], G[e]);
+        G[e] = bn_backward<T>(d, (Xp[e] - f.mean[c]) * f.invstd[c], f.a[c], m1[c], m2[c], training);
+      }
+    });
+  });
+  return {dX, dgamma, dbeta};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("bn_relu_maxpool", &bn_relu_maxpool_cpu);
+  m.impl("bn_relu_maxpool_backward", &bn_relu_maxpool_backward_cpu);
+}
+
+}  // namespace dnf::cpu
