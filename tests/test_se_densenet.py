@@ -41,7 +41,6 @@ from densenet_fast.nn import squeeze_excite as se_module  # noqa: E402
 from densenet_fast.nn.dense_block import DenseBlock, DenseLayer, Transition  # noqa: E402
 from densenet_fast.nn.squeeze_excite import SqueezeExcite  # noqa: E402
 from densenet_fast.ops import squeeze_excite as se_ops  # noqa: E402
-from densenet_fast.ops import tail as tail_ops  # noqa: E402
 
 tvd = pytest.importorskip("torchvision.models.densenet")
 SEModule = pytest.importorskip("timm.layers.squeeze_excite").SEModule
@@ -229,7 +228,7 @@ def test_what_runs_fused(monkeypatch, placement, training):
     _spy(monkeypatch, calls, fused_features, "fused_norm_relu_pool", "final norm")
     _spy(monkeypatch, calls, nn.BatchNorm2d, "forward", "plain BN")
     _spy(monkeypatch, calls, se_module, "se_gate", "se")
-    _spy(monkeypatch, calls, tail_ops, "sample_moments", "folded se")
+    _spy(monkeypatch, calls, SqueezeExcite, "gate_of", "folded se")
     y = model(torch.randn(2, 3, 8, 8))
     if training:
         y.sum().backward()

@@ -105,6 +105,7 @@ class FusedFeatures(nn.Sequential):
     """
 
     impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
+    fold_se = True  # False: an SE before a transition / the final norm runs on its own (its gated output stored)
     __prepare_scriptable__ = refuse_torchscript
 
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
@@ -126,7 +127,7 @@ class FusedFeatures(nn.Sequential):
                 x, stats, pending = buf, pending, None
             else:
                 stats = None
-            if not last and not has_hooks(m) and can_fold(m, x):
+            if self.fold_se and not last and not has_hooks(m) and can_fold(m, x):
                 nxt = mods[i + 1]
                 if isinstance(nxt, Transition) and not has_hooks(nxt) and nxt.can_fuse(x):
                     x = folded_transition(m, nxt, x)  # SE -> transition, the gate in its prologue

@@ -5,8 +5,10 @@ transition, or the final norm) normalises ``y``. A per-sample, per-channel scale
 prologue, ``relu(a*(g*x) + b) = relu((a*g)*x + b)``, so the reader takes the block buffer ``x`` and the gate ``g``
 and ``y`` is never materialised (nor saved):
 
-* squeeze: ``sample_moments(x)`` -> per-(n, c) mean ``s`` (differentiable: the SE's squeeze) and variance;
-* excitation: ``g = SqueezeExcite.excite(s)`` ([N, C], the SE's own MLP, autograd);
+* squeeze and excitation: ``SqueezeExcite.gate_of(x)`` (operator ``densenet_fast::se_gate_of``) -> the gate
+  ``g`` [N, C] and the per-(n, c) mean ``s`` (the squeeze) and variance of ``x`` (``sample_moments``); it
+  saves only its inputs (the buffer is saved by the block anyway), so a gate costs N*C saved values (``g``,
+  saved by the reader) plus the reader's 2*C batch statistics;
 * the reader's batch statistics are those of ``y``, combined from the per-sample moments and ``g``
   (:func:`~densenet_fast.ops.tail.gated_channel_moments`); running statistics are updated with them;
 * the reader's backward returns ``dx = g*dy`` and ``dg = sum_hw x*dy``; ``dg`` flows through the MLP to ``s``
@@ -39,8 +41,7 @@ def gate_and_stats(se: SqueezeExcite, bn: nn.BatchNorm2d, x: Tensor) -> tuple[Te
                                                                               Optional[Tensor]]:
     """(gate [N, C], batch mean [C], batch var [C]) of ``y = gate * x`` for a reader whose BN is ``bn``; the
     statistics are None in eval (the reader uses its running statistics)."""
-    squeezed, sample_var = _tail_ops.sample_moments(x)
-    gate = se.excite(squeezed)
+    gate, squeezed, sample_var = se.gate_of(x)
     if not bn.training:
         return gate, None, None
     mean, var = _tail_ops.gated_channel_moments(squeezed, sample_var, gate)
