@@ -25,6 +25,15 @@ load_extension()
 _ops = torch.ops.densenet_fast
 
 
+def _check_gate_device(input, gate) -> None:
+    """The only gate check of the fake kernels (the C++ kernels check the rest, csrc/common/checks.h): a gate on
+    another device would make the dispatcher pick that device's kernel (a meta gate: this fake kernel) for a
+    call whose outputs live on input's device."""
+    if gate is not None:
+        _check(gate.device == input.device, lambda: f"gate: expected a tensor on {input.device} (the device of "
+               f"input), got {gate.device}")
+
+
 def _gate_grad(input, gate):
     """The fake of the backward's ``grad_gate``: [N, C] in the gate's dtype, or an empty [0] when ungated."""
     if gate is None:
@@ -70,6 +79,7 @@ def _pooled_shape(input: torch.Tensor, c_out: int) -> list:
 @torch.library.register_fake("densenet_fast::transition_forward")
 def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
+    _check_gate_device(input, gate)
     return torch.empty(_pooled_shape(input, conv_weight.shape[0]), dtype=input.dtype, device=input.device,
                        memory_format=_memory_format(input))
 
@@ -77,6 +87,7 @@ def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, traini
 @torch.library.register_fake("densenet_fast::transition_backward")
 def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
+    _check_gate_device(input, gate)
     check_tensor(grad_output, "grad_output", input, _pooled_shape(input, conv_weight.shape[0]))
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
@@ -86,12 +97,14 @@ def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_
 @torch.library.register_fake("densenet_fast::norm_relu_pool_forward")
 def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps, gate=None):
     _check_tail_args(input, mean, var, weight, bias, eps)
+    _check_gate_device(input, gate)
     return input.new_empty((input.shape[0], input.shape[1]))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_backward")
 def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps, gate=None):
     _check_tail_args(input, mean, var, weight, bias, eps)
+    _check_gate_device(input, gate)
     check_tensor(grad_output, "grad_output", input, [input.shape[0], input.shape[1]])
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias), _gate_grad(input, gate))
