@@ -249,3 +249,45 @@ def test_compile_fullgraph_gradients(training):
         y_c.square().sum().backward()
         for (name, p), q in zip(model.named_parameters(), twin.parameters()):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _se_after_blocks(model: nn.Module, x) -> nn.Module:
+    """A timm SEModule after every dense block of a torchvision / timm DenseNet's features (SE-DenseNet style)."""
+    children, h = OrderedDict(), x
+    for name, m in model.features.named_children():
+        h = m(h)
+        children[name] = m
+        if name.startswith("denseblock"):
+            children["se" + name[len("denseblock"):]] = SEModule(h.shape[1], rd_ratio=0.25)
+    model.features = nn.Sequential(children)
+    _randomize(model)
+    return model.double()
+
+
+@pytest.mark.parametrize("family", ["torchvision", "timm"])
+def test_convert_se_densenet_style_models_use_the_fold(family, monkeypatch):
+    """convert() of a torchvision / timm DenseNet with an SEModule after each block: every SE is folded into the
+    transition / final norm after it, with fp64 parity (outputs, every gradient, running stats) to the original."""
+    if family == "torchvision":
+        model = tvd.DenseNet(4, (2, 3), 8, 2, num_classes=5)
+    else:
+        model = pytest.importorskip("timm.models.densenet").DenseNet(4, (2, 3), num_classes=5)
+    model = _se_after_blocks(model, torch.randn(2, 3, 32, 32))
+    ref = copy.deepcopy(model).train()
+    dnf.convert(model)
+    model.train()
+    folded = []
+    original = SqueezeExcite.gate_of
+    monkeypatch.setattr(SqueezeExcite, "gate_of", lambda self, x: folded.append(1) or original(self, x))
+    for _ in range(2):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        y, dx, grads = _run(model, x, False, True)
+        y_ref, dx_ref, grads_ref = _run(ref, x, False, False)
+        assert rel_err(y, y_ref) <= 1e-9 and rel_err(dx, dx_ref) <= 1e-9
+        assert grads.keys() == grads_ref.keys()
+        for name in grads:
+            assert rel_err(grads[name], grads_ref[name]) <= 1e-9, name
+        model.zero_grad(), ref.zero_grad()
+    assert len(folded) == 2 * 2  # two SEs, two steps
+    for (name, b), b_ref in zip(model.named_buffers(), ref.buffers()):
+        assert rel_err(b.double(), b_ref.double()) <= 1e-9, name
