@@ -377,7 +377,8 @@ std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
 }
 
 // Per-sample, per-channel mean and biased variance over the spatial positions -> ([N, C], [N, C]):
-// the SE squeeze (the mean) and what the gated readers' batch statistics are combined from.
+// the SE squeeze (the mean) and what the gated readers' batch statistics are combined from. Two passes,
+// each one parallel region over fixed row chunks inside each sample (deterministic), fp64 accumulation.
 std::tuple<Tensor, Tensor> sample_moments_cpu(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
   check_cpu(input);
@@ -386,9 +387,35 @@ std::tuple<Tensor, Tensor> sample_moments_cpu(const Tensor& input) {
   Tensor mean = at::empty({N, C}, input.options()), var = at::empty({N, C}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sample_moments_cpu", [&] {
     using T = scalar_t;
-    for (int64_t n = 0; n < N; ++n)  // a sample is a contiguous [HW, C] matrix
-      column_moments<T>(X.data_ptr<T>() + n * HW * C, HW, C, 0, C, mean.data_ptr<T>() + n * C,
-                        var.data_ptr<T>() + n * C);
+    using acc_t = typename Acc<T>::type;
+    const T* Xp = X.data_ptr<T>();
+    const int64_t per_sample = (HW + kReduceChunk - 1) / kReduceChunk;
+    std::vector<acc_t> part(N * per_sample * C);
+    std::vector<T> mu(N * C);
+    // part[(n, k), j] = sum over chunk k of sample n of term(x, mu[n, j]).
+    auto pass = [&](auto term, T* out) {
+      at::parallel_for(0, N * per_sample, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = i / per_sample, k = i % per_sample;
+          acc_t* s = part.data() + i * C;
+          std::fill(s, s + C, acc_t(0));
+          const T* m = mu.data() + n * C;
+          for (int64_t p = k * kReduceChunk; p < std::min(HW, (k + 1) * kReduceChunk); ++p) {
+            const T* xr = Xp + (n * HW + p) * C;
+            for (int64_t j = 0; j < C; ++j) s[j] += term(xr[j], m[j]);
+          }
+        }
+      });
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < C; ++j) {
+          acc_t v = 0;
+          for (int64_t k = 0; k < per_sample; ++k) v += part[(n * per_sample + k) * C + j];
+          out[n * C + j] = static_cast<T>(v / HW);
+        }
+    };
+    pass([](T x, T) { return acc_t(x); }, mu.data());
+    std::copy(mu.begin(), mu.end(), mean.data_ptr<T>());
+    pass([](T x, T m) { const acc_t d = acc_t(x) - acc_t(m); return d * d; }, var.data_ptr<T>());
   });
   return {mean, var};
 }
