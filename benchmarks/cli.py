@@ -30,6 +30,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "readme-cpu": dict(model="densenet121", batch=8, size=224,
                        impls="tv,tv-memeff,timm,tv-compile,dnf,dnf-compile,dnf-convert", lowp_impls="tv,dnf",
                        dtype="float32,bfloat16", repeats=4, warmup=1, device="cpu", name="readme-cpu"),
+    # Issue #19: SE-DenseNet-121 (SE on each block output) folded / not folded vs the plain fused model,
+    # 224x224, batch 8, CPU fp32 (training step only); ratios vs dnf in the SE rows' "vs dnf" lines. One
+    # thread: on a shared 2-core machine two OpenMP threads stall whenever one is descheduled, which swamps
+    # the few-percent differences measured here.
+    "se-cpu": dict(model="densenet121", batch=8, size=224, impls="dnf,dnf-se,dnf-se-unfolded", repeats=4,
+                   warmup=1, compile=False, eval=False, threads=1, device="cpu", name="se-cpu"),
     # Headline figure 1: memory vs depth, DenseNet-BC k=12 and k=24, 32x32 (memory only). Batch 16,
     # one thread per run (memory does not depend on it; no OpenMP spinning on a busy machine) and a
     # 3 GiB cap per run fit a shared 2-core machine; memory is linear in the batch, so the slopes

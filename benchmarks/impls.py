@@ -66,6 +66,34 @@ def _dnf_model(spec: ModelSpec, impl: str) -> nn.Module:
     return getattr(dnf, spec.name)(num_classes=spec.num_classes, impl=impl)
 
 
+def _dnf_se_model(spec: ModelSpec, fold: bool) -> nn.Module:
+    """densenet_fast SE-DenseNet (an SE on each dense block's output, ``se_placement="block"``), the SE gate
+    folded into the next transition / final norm (``fold``) or run on its own (the gated block output stored).
+
+    Its weights are the shared torchvision ``state_dict`` plus the SE modules' own, seeded identically in every
+    process; every ``load_state_dict`` of the benchmark keeps the SE weights (torchvision has none). SE rows
+    compute a different function, so their |dlogits| vs torchvision is not a check."""
+    import densenet_fast as dnf
+
+    torch.manual_seed(0)
+    if spec.cifar:
+        depth = 3 * spec.block_config[0] * 2 + 4
+        model = dnf.densenet_bc(depth=depth, growth_rate=spec.growth_rate, num_classes=spec.num_classes,
+                                se_ratio=1.0 / 16)
+    else:
+        model = dnf.SEDenseNet(spec.growth_rate, spec.block_config, spec.num_init_features,
+                               num_classes=spec.num_classes)
+    model.features.fold_se = fold
+    se_state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("features.se")}
+    load = model.load_state_dict
+
+    def load_with_se(state, strict: bool = True, assign: bool = False):
+        return load({**state, **se_state}, strict=strict, assign=assign)
+
+    model.load_state_dict = load_with_se
+    return model
+
+
 def _monai_model(spec: ModelSpec) -> nn.Module:
     from monai.networks.nets import DenseNet
 
@@ -149,6 +177,9 @@ IMPLS: Dict[str, Impl] = {i.name: i for i in (
     Impl("dnf-compile", "densenet_fast + torch.compile", lambda s: _dnf_model(s, "fused"), "densenet_fast",
          compiled=True),
     Impl("dnf-ref", "densenet_fast impl=reference", lambda s: _dnf_model(s, "reference"), "densenet_fast"),
+    Impl("dnf-se", "densenet_fast SE-DenseNet (SE folded)", lambda s: _dnf_se_model(s, True), "densenet_fast"),
+    Impl("dnf-se-unfolded", "densenet_fast SE-DenseNet (SE not folded)", lambda s: _dnf_se_model(s, False),
+         "densenet_fast"),
     Impl("dnf-convert", "torchvision + dnf.convert()", torchvision_model, "torchvision", post=_convert),
     Impl("monai", "MONAI DenseNet", _monai_model, "monai", spatial_dims=3),
     Impl("monai-convert", "MONAI + dnf.convert()", _monai_model, "monai", post=_convert, spatial_dims=3),

@@ -115,15 +115,39 @@ def group_key(row: Dict[str, Any]) -> Tuple[Any, ...]:
     return row["model"], row["size"], row["batch"], row["device"], row["dtype"]
 
 
+# SE-DenseNet rows (benchmarks/impls.py) are also compared with the plain fused model (the issue #19 targets).
+SE_BASELINE = "dnf"
+SE_RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x_dnf"), ("peak_bytes", "peak_x_dnf"),
+                                          ("saved_bytes", "saved_x_dnf"))
+
+
 def add_ratios(rows: List[Dict[str, Any]]) -> None:
     """Adds ``*_x`` ratios vs the baseline row (torchvision default; MONAI for 3-D models) of the same
-    model/size/batch (in place)."""
+    model/size/batch (in place), and for the SE-DenseNet rows ``*_x_dnf`` ratios and ``saved_extra_bytes``
+    vs the plain fused row."""
     base = {group_key(r): r for r in rows if r["impl"] == baseline_for(r["model"])}
+    se_base = {group_key(r): r for r in rows if r["impl"] == SE_BASELINE}
     for row in rows:
         ref = base.get(group_key(row))
         for key, ratio in RATIOS:
             value, ref_value = row.get(key), (ref or {}).get(key)
             row[ratio] = value / ref_value if value is not None and ref_value else None
+        plain = se_base.get(group_key(row))
+        if row["impl"].startswith("dnf-se") and plain is not None:
+            for key, ratio in SE_RATIOS:
+                value, ref_value = row.get(key), plain.get(key)
+                row[ratio] = value / ref_value if value is not None and ref_value else None
+            if row.get("saved_bytes") is not None and plain.get("saved_bytes") is not None:
+                row["saved_extra_bytes"] = row["saved_bytes"] - plain["saved_bytes"]
+
+
+def _se_lines(group: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per SE-DenseNet row: its ratios vs the plain fused model and the extra bytes it saves."""
+    def extra(r: Dict[str, Any]) -> str:
+        return "-" if r.get("saved_extra_bytes") is None else f"{r['saved_extra_bytes'] / 1024:+.0f} KiB"
+    return [f"  {r['impl']} vs {SE_BASELINE}: step {_x(r.get('train_x_dnf'))}, peak {_x(r.get('peak_x_dnf'))}, "
+            f"saved {_x(r.get('saved_x_dnf'))} ({extra(r)})"
+            for r in group if r["impl"].startswith("dnf-se") and any(r.get(k) is not None for _, k in SE_RATIOS)]
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
@@ -182,6 +206,7 @@ def format_table(rows: List[Dict[str, Any]], budget: Optional[int] = None) -> st
             if n == 0:
                 out.append("  ".join("-" * w for w in widths))
         out.extend(_notes(group))
+        out.extend(_se_lines(group))
     out.append("\nvs tv: value / torchvision default (time: < 1 is faster; memory: < 1 is smaller). "
                "peak: training-step peak above the resident model; saved: activations autograd keeps for "
                "backward; |dlogits|: max |eval logits - torchvision's|"

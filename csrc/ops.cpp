@@ -24,26 +24,29 @@ TORCH_LIBRARY(densenet_fast, m) {
       "int num_input_features) -> (Tensor grad_input, Tensor[] grad_norm1_weight, "
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, Tensor[] grad_norm2_weight, "
       "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)");
-  // `training` = mean/var are the batch statistics of input: the backward then includes their own
-  // gradient terms (mean/var get no gradient). In eval they are running statistics.
+  // `training` = mean/var are the batch statistics of the BN input: the backward then includes their
+  // own gradient terms (mean/var get no gradient). In eval they are running statistics.
+  // `gate`: an optional SE gate [N, C] (docs/design.md §5); the BN input is then y = gate[n, c] * input,
+  // folded into the prologue (y is never stored), and the backward's grad_gate [N, C] is
+  // sum_hw input * dL/dy. Ungated, grad_gate is an empty [0] tensor.
   // Transition: avg_pool2x2(conv1x1(relu(bn(input)))) with BN statistics given (the block's shared
   // batch statistics in training, running statistics in eval). Pools before the 1x1 conv (both are
   // linear), so it does a quarter of the GEMM work and never stores the BN/ReLU output.
   m.def(
       "transition_forward(Tensor input, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
-      "Tensor conv_weight, bool training, float eps) -> Tensor");
-    m.def(
+      "Tensor conv_weight, bool training, float eps, Tensor? gate=None) -> Tensor");
+  m.def(
       "transition_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor weight, "
-      "Tensor bias, Tensor conv_weight, bool training, float eps) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_conv_weight)");
+      "Tensor bias, Tensor conv_weight, bool training, float eps, Tensor? gate=None) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_conv_weight, Tensor grad_gate)");
   // Final norm: mean_hw(relu(bn(input))) -> [N, C], the input of a DenseNet's classifier.
   m.def(
       "norm_relu_pool_forward(Tensor input, Tensor mean, Tensor var, Tensor weight, Tensor bias, "
-      "bool training, float eps) -> Tensor");
+      "bool training, float eps, Tensor? gate=None) -> Tensor");
   m.def(
       "norm_relu_pool_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, "
-      "Tensor weight, Tensor bias, bool training, float eps) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor weight, Tensor bias, bool training, float eps, Tensor? gate=None) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_gate)");
   // Stem: max_pool(relu(bn(input)), 3, 2, 1) over 2 or 3 spatial dimensions, in the input's layout.
   // Saves nothing but its input; the backward recomputes BN-ReLU and the argmax. CPU kernels in
   // cpu/stem_cpu.cpp; other devices run a composite of ATen ops (densenet_fast/ops/stem.py).
@@ -53,6 +56,9 @@ TORCH_LIBRARY(densenet_fast, m) {
   m.def(
       "bn_relu_maxpool_backward(Tensor grad_output, Tensor input, Tensor mean, Tensor var, Tensor weight, "
       "Tensor bias, bool training, float eps) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Per-sample, per-channel mean and biased variance [N, C] over the spatial positions: the SE
+  // squeeze and the moments a gated reader's batch statistics are combined from.
+  m.def("sample_moments(Tensor input) -> (Tensor mean, Tensor var)");
   // Per-channel mean and biased variance [C] of a 4-D tensor (fp32 accumulation or better).
   m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
 }

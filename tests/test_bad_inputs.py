@@ -35,6 +35,7 @@ from torchvision.models.densenet import _DenseBlock, _Transition
 import densenet_fast as dnf
 from densenet_fast.nn import dense_block as dnf_block
 from densenet_fast.nn.dense_block import fused_norm_relu_pool
+from densenet_fast.ops import tail as tail_ops
 
 ops = torch.ops.densenet_fast
 N, C0, H, W, L, K, BN_SIZE = 2, 3, 4, 4, 2, 2, 2
@@ -397,16 +398,57 @@ def test_tail_backward_rejects_bad_grad():
         ops.transition_backward(*_to_meta([torch.zeros(2, 3, 4, 6), *t_args]))
 
 
+# The optional SE gate [N, C] of the tail operators (checked in C++, csrc/common/checks.h; the fake
+# kernels check only what output shapes need, so these rows run on the CPU kernels).
+GATE_CASES = [  # (id, gate from the input x, pattern)
+    ("gate-shape", lambda x: torch.rand(x.shape[0], x.shape[1] + 1),
+     r"gate \(\[N, C\] of input\): expected shape \[2, 5\], got \[2, 6\]"),
+    ("gate-1d", lambda x: torch.rand(x.shape[1]), r"gate \(\[N, C\] of input\): expected shape \[2, 5\], got \[5\]"),
+    ("gate-batch", lambda x: torch.rand(x.shape[0] + 1, x.shape[1]), r"gate .*expected shape \[2, 5\], got \[3, 5\]"),
+    ("gate-dtype", lambda x: torch.rand(x.shape[0], x.shape[1], dtype=torch.float64),
+     r"gate: expected dtype (Float|float32).*got (Double|torch.float64)"),
+    ("gate-int", lambda x: torch.ones(x.shape[0], x.shape[1], dtype=torch.int32),
+     r"gate: expected dtype (Float|float32).*got (Int|torch.int32)"),
+    ("gate-device", lambda x: torch.rand(x.shape[0], x.shape[1], device="meta"),
+     r"gate: expected a tensor on cpu \(the device of input\), got meta"),
+]
+
+
+@pytest.mark.parametrize("op", ["transition", "norm_relu_pool"])
+@pytest.mark.parametrize("case", GATE_CASES, ids=[c[0] for c in GATE_CASES])
+def test_tail_ops_reject_bad_gate(case, op):
+    name, make_gate, pattern = case
+    is_t = op == "transition"
+    args = _tail_args(is_t)
+    fwd, bwd = (ops.transition_forward, ops.transition_backward) if is_t else (ops.norm_relu_pool_forward,
+                                                                              ops.norm_relu_pool_backward)
+    good = torch.rand(args[0].shape[0], args[0].shape[1])
+    ref = fwd(*args, good).clone()
+    with pytest.raises(RuntimeError, match=pattern):
+        fwd(*args, make_gate(args[0]))
+    with pytest.raises(RuntimeError, match=pattern):
+        bwd(torch.ones_like(ref), *args, make_gate(args[0]))
+    torch.testing.assert_close(fwd(*args, good), ref, rtol=0, atol=0)
+
+
+def test_gated_reader_refuses_cpu_bf16_input():
+    args = _tail_args(False)
+    x = args[0].bfloat16()
+    with pytest.raises(ValueError, match=r"gate: a gated reader takes float32/float64 CPU input"):
+        tail_ops.norm_relu_pool(x, *args[1:5], training=True, gate=torch.rand(2, 5))
+
+
 @pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("op", ["channel_moments", "sample_moments"])
 @pytest.mark.parametrize("bad,pattern", [
     (lambda: torch.zeros(3, 4, 4), r"input: expected a 4-D tensor"),
     (lambda: torch.zeros(2, 3, 4, 4, dtype=torch.int32), r"input: expected a floating-point dtype"),
     (lambda: torch.zeros(0, 3, 4, 4), r"input: expected a non-empty batch"),
     (lambda: torch.zeros(2, 3, 0, 4), r"input: expected a non-zero spatial size"),
 ], ids=["3d", "int", "empty", "zero-h"])
-def test_channel_moments_rejects(bad, pattern, device):
+def test_channel_moments_rejects(bad, pattern, device, op):
     with pytest.raises(RuntimeError, match=pattern):
-        ops.channel_moments(bad().to(device))
+        getattr(ops, op)(bad().to(device))
 
 
 # ------------------------------------------------------------------------------------------------

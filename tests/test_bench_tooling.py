@@ -97,6 +97,9 @@ def test_every_impl_builds_same_function():
         with torch.no_grad():
             outs[name] = model(x)
     ref = outs.pop("tv")
+    # The SE-DenseNet rows compute another function (SE gates on torchvision's weights): folded == unfolded.
+    se, se_unfolded = outs.pop("dnf-se"), outs.pop("dnf-se-unfolded")
+    assert (se - se_unfolded).abs().max() < 1e-4 and (se - ref).abs().max() > 1e-3
     for name, out in outs.items():
         assert (out - ref).abs().max() < 1e-4, name
 
@@ -132,6 +135,26 @@ def test_budget_axis_size():
     s = resolve(build_parser().parse_args(["--preset", "monai3d-budget", "--budget-axis", "size"]))
     assert s.budget_axis == "size" and s.budget_bytes == 512 * 2 ** 20 and s.models == ["monai_densenet121_3d"]
     assert resolve(build_parser().parse_args(["--preset", "monai3d-budget"])).budget_axis == "batch"
+
+
+def test_se_rows_keep_their_weights_and_get_ratios_vs_dnf():
+    from benchmarks import report
+    from benchmarks.impls import torchvision_model
+
+    spec = get_spec("densenet_bc100")
+    state = torchvision_model(spec).state_dict()
+    a = build_model(IMPLS["dnf-se"], spec, state, torch.device("cpu"))
+    b = build_model(IMPLS["dnf-se-unfolded"], spec, state, torch.device("cpu"))
+    a.load_state_dict(state)  # as the benchmark reloads before timing: the SE weights stay, torchvision's load
+    assert a.features.fold_se and not b.features.fold_se
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+    key = dict(model="m", size=32, batch=2, device="cpu", dtype="float32", status="ok")
+    rows = [dict(key, impl="tv", train_ms_median=4.0, peak_bytes=400, saved_bytes=300),
+            dict(key, impl="dnf", train_ms_median=2.0, peak_bytes=100, saved_bytes=50),
+            dict(key, impl="dnf-se", train_ms_median=2.1, peak_bytes=110, saved_bytes=60)]
+    report.add_ratios(rows)
+    assert rows[2]["peak_x_dnf"] == pytest.approx(1.1) and rows[2]["saved_extra_bytes"] == 10
+    assert "dnf-se vs dnf: step 1.05x, peak 1.10x" in report.format_table(rows)
 
 
 def test_presets_and_overrides():
@@ -180,7 +203,7 @@ def test_preset_mem_batch_and_budget():
     s = resolve(build_parser().parse_args(["--preset", "budget", "--budget", "3GiB"]))
     assert s.budget_bytes == 3 * 1024 ** 3
     assert set(PRESETS) == {"quick", "readme-cpu", "mem-depth", "mem-batch", "budget", "monai3d-cpu", "monai3d-128",
-                            "monai3d-budget", "monai2d-cpu"}
+                            "monai3d-budget", "monai2d-cpu", "se-cpu"}
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -38,12 +38,13 @@ from conftest import rel_l2_err  # noqa: E402
 import densenet_fast as dnf  # noqa: E402
 from densenet_fast.nn import dense_block as nn_block  # noqa: E402
 from densenet_fast.ops import dense_block as block_ops  # noqa: E402
+from densenet_fast.ops import tail as tail_ops  # noqa: E402
 
 tv_densenet = pytest.importorskip("torchvision.models.densenet")
 
 OPS = torch.ops.densenet_fast
 ALL_OPS = ("dense_block_forward", "dense_block_backward", "transition_forward", "transition_backward",
-           "norm_relu_pool_forward", "norm_relu_pool_backward", "channel_moments")
+           "norm_relu_pool_forward", "norm_relu_pool_backward", "channel_moments", "sample_moments")
 FUSED_ENV = "DNF_CUDA_BN_GEMM"
 
 
@@ -632,6 +633,41 @@ def test_nonfinite_matches_cpu(cuda, case, training):
     for a, b in zip(flat(res_g), flat(res_c)):
         assert torch.equal(a.cpu().isnan(), b.isnan())
         torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_gated_tails_match_cpu(cuda, training, dtype):
+    """The SE gate folded into the CUDA tails (docs/design.md §5) against the CPU operators (fp32 data;
+    bf16 buffers with float32 gates and BN tensors, as under autocast, against fp32 on the CPU)."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    gate = torch.rand(3, 6, generator=g) + 0.1
+    w, b = torch.rand(6, generator=g) + 0.5, torch.rand(6, generator=g) - 0.5
+    cw = torch.randn(4, 6, 1, 1, generator=g)
+    xd = x.to(dtype)
+    m_c, v_c = OPS.sample_moments(xd.float())
+    m_g, v_g = OPS.sample_moments(xd.to(cuda))
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(m_g.cpu(), m_c, **tol)
+    torch.testing.assert_close(v_g.cpu(), v_c, **tol)
+    mean, var = (tail_ops.gated_channel_moments(m_c, v_c, gate) if training
+                 else (torch.rand(6, generator=g) - 0.5, torch.rand(6, generator=g) + 0.5))
+    targs = [xd.float(), mean, var, w, b, cw, training, 1e-5, gate]
+    nargs = [xd.float(), mean, var, w, b, training, 1e-5, gate]
+    on = [a.to(cuda) for a in targs[:5]] + [cw.to(cuda, dtype), training, 1e-5, gate.to(cuda)]
+    on[0] = xd.to(cuda)
+    out_c, out_g = OPS.transition_forward(*targs), OPS.transition_forward(*on)
+    torch.testing.assert_close(out_g.float().cpu(), out_c, **tol)
+    go = torch.randn(out_c.shape, generator=g)
+    for a, c in zip(OPS.transition_backward(go.to(cuda, dtype), *on), OPS.transition_backward(go, *targs)):
+        torch.testing.assert_close(a.float().cpu(), c, rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
+    non = [on[0], *on[1:5], training, 1e-5, gate.to(cuda)]
+    torch.testing.assert_close(OPS.norm_relu_pool_forward(*non).float().cpu(), OPS.norm_relu_pool_forward(*nargs),
+                               **tol)
+    gp = torch.randn(3, 6, generator=g)
+    for a, c in zip(OPS.norm_relu_pool_backward(gp.to(cuda, dtype), *non), OPS.norm_relu_pool_backward(gp, *nargs)):
+        torch.testing.assert_close(a.float().cpu(), c, rtol=tol["rtol"] * 5, atol=tol["atol"] * 5)
 
 
 HALF_MODELS = {  # (builder, image size): CIFAR stem; ImageNet stem (fused BN-ReLU-max-pool) and transitions

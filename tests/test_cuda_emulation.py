@@ -340,6 +340,110 @@ def test_tails_match_cpu_operators_fp32(emu):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+# --- SE gate folded into the tails (docs/design.md §5) ----------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 4, 13, 11), (1, 3, 5, 4), (2, 3, 3, 5, 4)],
+                         ids=["2x5x6x7", "3x4x13x11-two-chunks", "1x3x5x4", "2x3x3x5x4-3d"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gated_tails_fp64(emu, shape, training):
+    """The gated CUDA tails (emulated) against torch on the materialised product y = gate * x."""
+    N, C = shape[:2]
+    dims = len(shape) - 2
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.3).contiguous(
+        memory_format=torch.channels_last_3d if dims == 3 else torch.channels_last)
+    gate = torch.rand(N, C, dtype=torch.float64) + 0.05
+    weight, bias = tail_args(C)
+    conv_w = torch.randn((3, C) + (1,) * dims, dtype=torch.float64)
+    gshape = (N, C) + (1,) * dims
+    y = x * gate.view(gshape)
+    spatial = tuple(range(2, 2 + dims))
+    if training:
+        mean, var = y.mean((0,) + spatial), y.var((0,) + spatial, unbiased=False)
+    else:
+        mean, var = torch.rand(C, dtype=torch.float64) - 0.5, torch.rand(C, dtype=torch.float64) + 0.5
+    conv, pool = (F.conv3d, F.avg_pool3d) if dims == 3 else (F.conv2d, F.avg_pool2d)
+
+    def bn_relu(x, g, w, b):
+        rm, rv = (None, None) if training else (mean, var)
+        return F.relu(F.batch_norm(x * g.view(gshape), rm, rv, w, b, training, 0.0, 1e-5))
+
+    leaves = [t.clone().requires_grad_() for t in (x, gate, weight, bias, conv_w)]
+    ref = pool(conv(bn_relu(*leaves[:4]), leaves[4]), 2)
+    out = emu.transition_forward(x, mean, var, weight, bias, conv_w, training, 1e-5, gate)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    dx, dgate, dw, db, dcw = torch.autograd.grad(ref, leaves, grad)
+    got = emu.transition_backward(grad, x, mean, var, weight, bias, conv_w, training, 1e-5, gate)
+    for a, b in zip(got, (dx, dw, db, dcw, dgate)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert _meta(got) == _meta(tail_ops._transition_backward_fake(grad, x, mean, var, weight, bias, conv_w,
+                                                                  training, 1e-5, gate))
+
+    leaves = [t.clone().requires_grad_() for t in (x, gate, weight, bias)]
+    ref = bn_relu(*leaves).mean(spatial)
+    out = emu.norm_relu_pool_forward(x, mean, var, weight, bias, training, 1e-5, gate)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(ref)
+    dx, dgate, dw, db = torch.autograd.grad(ref, leaves, grad)
+    got = emu.norm_relu_pool_backward(grad, x, mean, var, weight, bias, training, 1e-5, gate)
+    for a, b in zip(got, (dx, dw, db, dgate)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+    m, v = emu.sample_moments(x)
+    torch.testing.assert_close(m, x.mean(spatial), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v, x.var(spatial, unbiased=False), rtol=1e-12, atol=1e-12)
+
+
+def test_gated_tails_match_cpu_operators_fp32(emu):
+    x = torch.randn(3, 6, 7, 5).to(memory_format=torch.channels_last)
+    gate = torch.rand(3, 6)
+    weight, bias = tail_args(6, torch.float32)
+    sm, sv = OPS.sample_moments(x)
+    sm2, sv2 = emu.sample_moments(x)
+    torch.testing.assert_close(sm2, sm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sv2, sv, rtol=1e-5, atol=1e-6)
+    mean, var = tail_ops.gated_channel_moments(sm, sv, gate)
+    cw = torch.randn(4, 6, 1, 1)
+    args_t = (x, mean, var, weight, bias, cw, True, 1e-5, gate)
+    args_n = (x, mean, var, weight, bias, True, 1e-5, gate)
+    torch.testing.assert_close(emu.transition_forward(*args_t), OPS.transition_forward(*args_t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(emu.norm_relu_pool_forward(*args_n), OPS.norm_relu_pool_forward(*args_n), rtol=1e-5,
+                               atol=1e-5)
+    g = torch.randn(3, 4, 3, 2)
+    for a, b in zip(emu.transition_backward(g, *args_t), OPS.transition_backward(g, *args_t)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    g = torch.randn(3, 6)
+    for a, b in zip(emu.norm_relu_pool_backward(g, *args_n), OPS.norm_relu_pool_backward(g, *args_n)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_tails_half_metadata_and_accuracy(emu, dtype):
+    """Half-precision buffer, float32 gate and BN tensors (as under CUDA autocast): outputs match the fake
+    kernels' metadata (grad_gate in the gate's float32) and an fp64 reference within half-precision error."""
+    x64 = torch.randn(2, 5, 6, 7, dtype=torch.float64)
+    x = x64.to(dtype).contiguous(memory_format=torch.channels_last)
+    gate = torch.rand(2, 5) + 0.1
+    weight, bias = tail_args(5, dtype)
+    sm, sv = emu.sample_moments(x)
+    assert sm.dtype == sv.dtype == torch.float32
+    assert _meta([sm, sv]) == _meta(list(tail_ops._sample_moments_fake(x)))
+    mean, var = tail_ops.gated_channel_moments(sm, sv, gate)
+    cw = torch.randn(3, 5, 1, 1).to(dtype)
+    args = (x, mean, var, weight, bias, cw, True, 1e-5, gate)
+    out = emu.transition_forward(*args)
+    assert _meta(out) == _meta(tail_ops._transition_forward_fake(*args))
+    g = torch.randn(out.shape, dtype=dtype)
+    got = emu.transition_backward(g, *args)
+    assert _meta(got) == _meta(tail_ops._transition_backward_fake(g, *args))
+    leaves = [t.clone().requires_grad_() for t in (x.double(), gate.double())]
+    ref = F.avg_pool2d(F.conv2d(F.relu(F.batch_norm(leaves[0] * leaves[1][:, :, None, None], None, None,
+                                                    weight.double(), bias.double(), True, 0.0, 1e-5)),
+                                cw.double()), 2)
+    assert rel_l2_err(out.double(), ref.detach()) < 2e-2
+    dx, dgate = torch.autograd.grad(ref, leaves, g.double())
+    assert rel_l2_err(got[0].double(), dx) < 5e-2 and rel_l2_err(got[4].double(), dgate) < 5e-2
+
+
 def test_channel_moments_dtype_follows_fake(emu):
     x = torch.randn(2, 3, 4, 4).bfloat16()
     mean, var = emu.channel_moments(x)

@@ -228,12 +228,13 @@ def test_what_runs_fused(monkeypatch, placement, training):
     _spy(monkeypatch, calls, fused_features, "fused_norm_relu_pool", "final norm")
     _spy(monkeypatch, calls, nn.BatchNorm2d, "forward", "plain BN")
     _spy(monkeypatch, calls, se_module, "se_gate", "se")
+    _spy(monkeypatch, calls, SqueezeExcite, "gate_of", "folded se")
     y = model(torch.randn(2, 3, 8, 8))
     if training:
         y.sum().backward()
     assert all(m.fused for m in model.modules() if isinstance(m, SqueezeExcite))
-    if placement == "block":
-        assert calls == Counter({"block": 3, "se": 3, "transition": 2, "final norm": 1})
+    if placement == "block":  # every SE folded into the transition / final norm after it (no gated tensor)
+        assert calls == Counter({"block": 3, "folded se": 3, "transition": 2, "final norm": 1})
     else:  # per-layer path: 3 blocks x 2 layers, each layer's BNs run as nn.BatchNorm2d
         assert calls == Counter({"layer": 6, "se": 6, "plain BN": 12, "transition": 2, "final norm": 1})
 

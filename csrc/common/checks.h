@@ -202,6 +202,14 @@ inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, con
   TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);
 }
 
+// The optional SE gate of a tail reader (docs/design.md §5): [N, C] of input, in the BatchNorm dtype
+// for input's dtype (float32 for float16/bfloat16 data) or input's own dtype, on input's device.
+inline void check_gate(const c10::optional<at::Tensor>& gate, const at::Tensor& input) {
+  if (!gate.has_value() || !gate->defined()) return;
+  check_float_tensor(*gate, "gate", input, /*bn_tensor=*/true);
+  check_shape(*gate, {input.size(0), input.size(1)}, "gate ([N, C] of input)");
+}
+
 // Validates the arguments of a transition (BN-ReLU-conv1x1-avgpool2x2) on any backend.
 inline void check_transition_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& conv_weight,

@@ -2,7 +2,9 @@
 // (BN -> ReLU -> 1x1 conv -> 2x2(x2) avg pool) and the final norm (BN -> ReLU -> global avg pool),
 // on 4-D [N, C, H, W] and 5-D [N, C, D, H, W] inputs.
 // Both take the BN statistics as arguments (the block's shared batch statistics in training) and
-// never store their BN/ReLU output; the backward recomputes it tile by tile.
+// never store their BN/ReLU output; the backward recomputes it tile by tile. An optional SE gate
+// g [N, C] is folded into the prologue (docs/design.md §5): the reader normalises y = g*x without
+// y ever existing, i.e. relu((a*g)*x + b); the backward returns dx = g*dy and dgate = sum_hw x*dy.
 // Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
 // this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
 #ifndef DNF_ISA
@@ -15,6 +17,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "common/checks.h"
 #include "common/nonfinite.h"
@@ -38,6 +41,33 @@ Folded fold(const Tensor& mean, const Tensor& var, const Tensor& weight, const T
                    f.a.data_ptr<T>(), f.b.data_ptr<T>(), f.invstd.data_ptr<T>());
   return f;
 }
+
+// The per-sample view of the optional gate: row n of the effective BN scale ag (a*g, or a itself) and
+// of the gate (g, or ones) -- stride 0 when ungated, so one code path serves both (x*1 is exact).
+template <typename T>
+struct Gate {
+  std::vector<T> ag, g;
+  int64_t stride = 0;  // C when gated, 0 otherwise
+  bool on = false;
+  Gate(const c10::optional<Tensor>& gate, const T* a, int64_t N, int64_t C) {
+    on = gate.has_value() && gate->defined();
+    stride = on ? C : 0;
+    ag.assign(on ? N * C : C, T(0));
+    g.assign(on ? N * C : C, T(1));
+    if (!on) {
+      std::copy(a, a + C, ag.begin());
+      return;
+    }
+    const Tensor gc = gate->contiguous();
+    const T* gp = gc.data_ptr<T>();
+    for (int64_t i = 0; i < N * C; ++i) {
+      g[i] = gp[i];
+      ag[i] = a[i % C] * gp[i];
+    }
+  }
+  const T* a_row(int64_t n) const { return ag.data() + n * stride; }
+  const T* g_row(int64_t n) const { return g.data() + n * stride; }
+};
 
 void check_cpu(const Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
@@ -67,13 +97,16 @@ at::MemoryFormat cl_format(const Tensor& x) {
   return x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
-// P[r, :] for output rows [q0, q0+nr): the 2x2(x2) average of relu(a*x + b) (avg_pool, floor mode).
+// P[r, :] for output rows [q0, q0+nr): the 2x2(x2) average of relu(a*x + b) (avg_pool, floor mode);
+// `a` is the (gated) scale of each sample (Gate::a_row).
 template <typename T>
-void pooled_tile(const T* X, int64_t C, const PoolDims& pd, int64_t q0, int64_t nr, const T* a, const T* b, T* P) {
+void pooled_tile(const T* X, int64_t C, const PoolDims& pd, int64_t q0, int64_t nr, const Gate<T>& gs, const T* b,
+                 T* P) {
   const int64_t H = pd.H, W = pd.W, H2 = pd.H2, W2 = pd.W2, D2 = pd.D2;
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t q = q0 + r, nd = q / (H2 * W2), oh = (q / W2) % H2, ow = q % W2;
     const int64_t n = nd / D2, od = nd % D2;
+    const T* a = gs.a_row(n);
     T* pr = P + r * C;
     for (int64_t j = 0; j < C; ++j) pr[j] = T(0);
     for (int64_t dz = 0; dz < pd.kd; ++dz) {
@@ -93,8 +126,10 @@ void pooled_tile(const T* X, int64_t C, const PoolDims& pd, int64_t q0, int64_t 
 }
 
 Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                              const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps) {
+                              const Tensor& bias, const Tensor& conv_weight, bool /*training*/, double eps,
+                              const c10::optional<Tensor>& gate) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  check_gate(gate, input);
   const PoolDims pd(input);
   const int64_t C = input.size(1), M2 = pd.N * pd.D2 * pd.H2 * pd.W2, Cout = conv_weight.size(0);
   const Tensor X = input.contiguous(cl_format(input));
@@ -103,7 +138,8 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
     using T = scalar_t;
     const Folded f = fold<T>(mean, var, weight, bias, eps);
     const Tensor Wc = conv_weight.contiguous();
-    const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>(), *Wp = Wc.data_ptr<T>();
+    const T *Xp = X.data_ptr<T>(), *b = f.b.data_ptr<T>(), *Wp = Wc.data_ptr<T>();
+    const Gate<T> gs(gate, f.a.data_ptr<T>(), pd.N, C);
     T* O = out.data_ptr<T>();
     const int64_t tr = tile_rows(C, sizeof(T));
     const int64_t ntiles = (M2 + tr - 1) / tr;
@@ -111,7 +147,7 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
       std::vector<T> P(tr * C);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
-        pooled_tile<T>(Xp, C, pd, q0, nr, a, b, P.data());
+        pooled_tile<T>(Xp, C, pd, q0, nr, gs, b, P.data());
         gemm_acc('T', 'N', Cout, nr, C, Wp, C, P.data(), C, T(0), O + q0 * Cout, Cout);
       }
     });
@@ -120,11 +156,16 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
 }
 
 // Shared BN-ReLU backward of a reader whose gradient w.r.t. the ReLU output at input row r is
-// scale * up[r] (a row of C values, or nullptr where the row received none). Writes dX, dgamma, dbeta.
+// scale * up[r] (a row of C values, or nullptr where the row received none). X holds N samples of HW
+// rows; the reader normalises y = g*x (g = gs.g_row(n), ones when ungated), so with dy the BN
+// backward of y: dX = g*dy, and dgate[n, :] = sum over sample n's rows of x*dy (when dgate != nullptr).
+// Writes dX, dgamma, dbeta (a, mean, invstd: the BN of y).
 template <typename T, typename UpRow>
-void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, const T* mean, const T* invstd,
-                      bool training, T scale, UpRow up, T* dX, T* dgamma, T* dbeta) {
+void bn_relu_backward(const T* X, int64_t N, int64_t HW, int64_t C, const Gate<T>& gs, const T* a, const T* b,
+                      const T* mean, const T* invstd, bool training, T scale, UpRow up, T* dX, T* dgamma, T* dbeta,
+                      T* dgate) {
   using acc_t = typename Acc<T>::type;
+  const int64_t M = N * HW;
   const int64_t nchunks = (M + kReduceChunk - 1) / kReduceChunk;
   std::vector<acc_t> part(nchunks * 2 * C, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
@@ -133,16 +174,17 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
       for (int64_t r = ch * kReduceChunk; r < std::min(M, (ch + 1) * kReduceChunk); ++r) {
         const T* u = up(r);
         const T* xr = X + r * C;
+        const T *ag = gs.a_row(r / HW), *g = gs.g_row(r / HW);
         if (u == nullptr) {
           // A row the floor-mode pool drops gets a zero gradient; torch still adds 0 * xhat to
           // dgamma, which is NaN where xhat is not finite.
-          for (int64_t j = 0; j < C; ++j) s[C + j] += T(0) * ((xr[j] - mean[j]) * invstd[j]);
+          for (int64_t j = 0; j < C; ++j) s[C + j] += T(0) * ((g[j] * xr[j] - mean[j]) * invstd[j]);
           continue;
         }
         DNF_SIMD for (int64_t j = 0; j < C; ++j) {
-          const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
+          const T d = relu_grad<T>(relu<T>(xr[j] * ag[j] + b[j]), scale * u[j]);
           s[j] += d;
-          s[C + j] += d * (xr[j] - mean[j]) * invstd[j];
+          s[C + j] += d * (g[j] * xr[j] - mean[j]) * invstd[j];
         }
       }
     }
@@ -157,33 +199,72 @@ void bn_relu_backward(const T* X, int64_t M, int64_t C, const T* a, const T* b, 
     m1[j] = training ? static_cast<T>(sums[j] / M) : T(0);
     m2[j] = training ? static_cast<T>(sums[C + j] / M) : T(0);
   }
-  at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* u = up(r);
-      const T* xr = X + r * C;
-      T* dr = dX + r * C;
-      // bn_backward (common/nonfinite.h) with its row- and mode-invariant branches hoisted, so the
-      // channel loops vectorise: training = the batch-statistics backward, eval = a*d.
-      if (u == nullptr) {
-        for (int64_t j = 0; j < C; ++j)
-          dr[j] = bn_backward<T>(T(0), (xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j], training);
-      } else if (training) {
-        DNF_SIMD for (int64_t j = 0; j < C; ++j) {
-          const T d = relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
-          dr[j] = bn_backward_train<T>(d, (xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j]);
+  // Fixed chunks inside each sample, so the gate gradient's sums do not depend on the thread count.
+  const int64_t per_sample = (HW + kReduceChunk - 1) / kReduceChunk;
+  std::vector<acc_t> gpart(dgate != nullptr ? N * per_sample * C : 0, acc_t(0));
+  at::parallel_for(0, N * per_sample, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / per_sample, k = i % per_sample;
+      const T *ag = gs.a_row(n), *g = gs.g_row(n);
+      acc_t* gp = dgate != nullptr ? gpart.data() + i * C : nullptr;
+      for (int64_t r = n * HW + k * kReduceChunk; r < n * HW + std::min(HW, (k + 1) * kReduceChunk); ++r) {
+        const T* u = up(r);
+        const T* xr = X + r * C;
+        T* dr = dX + r * C;
+        if (u == nullptr) {
+          for (int64_t j = 0; j < C; ++j) {
+            const T dy = bn_backward<T>(T(0), (g[j] * xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j], training);
+            dr[j] = g[j] * dy;
+            if (gp != nullptr) gp[j] += xr[j] * dy;
+          }
+          continue;
         }
-      } else {
-        DNF_SIMD for (int64_t j = 0; j < C; ++j)
-          dr[j] = a[j] * relu_grad<T>(relu<T>(xr[j] * a[j] + b[j]), scale * u[j]);
+        // bn_backward (common/nonfinite.h: training = the batch-statistics backward, eval = a*d) with
+        // its mode and gate-gradient branches made compile-time, so the channel loop vectorises.
+        auto row = [&](auto train, auto grad_gate) {
+          DNF_SIMD for (int64_t j = 0; j < C; ++j) {
+            const T d = relu_grad<T>(relu<T>(xr[j] * ag[j] + b[j]), scale * u[j]);
+            T dy;
+            if constexpr (decltype(train)::value) {
+              dy = bn_backward_train<T>(d, (g[j] * xr[j] - mean[j]) * invstd[j], a[j], m1[j], m2[j]);
+            } else {
+              dy = a[j] * d;
+            }
+            dr[j] = g[j] * dy;
+            if constexpr (decltype(grad_gate)::value) gp[j] += xr[j] * dy;
+          }
+        };
+        using yes = std::true_type;
+        using no = std::false_type;
+        if (training) {
+          gp != nullptr ? row(yes{}, yes{}) : row(yes{}, no{});
+        } else {
+          gp != nullptr ? row(no{}, yes{}) : row(no{}, no{});
+        }
       }
     }
   });
+  if (dgate != nullptr) {
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < C; ++j) {
+        acc_t v = 0;
+        for (int64_t k = 0; k < per_sample; ++k) v += gpart[(n * per_sample + k) * C + j];
+        dgate[n * C + j] = static_cast<T>(v);
+      }
+  }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
+// grad of the optional gate: [N, C] when gated, an empty [0] tensor otherwise (the schema's output).
+Tensor gate_grad_like(const c10::optional<Tensor>& gate, const Tensor& input) {
+  if (gate.has_value() && gate->defined()) return at::empty({input.size(0), input.size(1)}, gate->options());
+  return at::empty({0}, input.options());
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-    const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
+    const Tensor& bias, const Tensor& conv_weight, bool training, double eps, const c10::optional<Tensor>& gate) {
   check_transition(input, mean, var, weight, bias, conv_weight, eps);
+  check_gate(gate, input);
   const PoolDims pd(input);
   const int64_t N = pd.N, C = input.size(1), D = pd.D, H = pd.H, W = pd.W, D2 = pd.D2, H2 = pd.H2, W2 = pd.W2;
   const int64_t M2 = N * D2 * H2 * W2, M = N * D * H * W, Cout = conv_weight.size(0);
@@ -194,11 +275,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
   Tensor dX = at::empty_like(X, cl_format(input));
   Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
   Tensor dWc = at::empty_like(conv_weight, at::MemoryFormat::Contiguous);
+  Tensor dgate = gate_grad_like(gate, input);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "transition_backward_cpu", [&] {
     using T = scalar_t;
     const Folded f = fold<T>(mean, var, weight, bias, eps);
     const Tensor Wc = conv_weight.contiguous(), mu = mean.contiguous();
     const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>(), *Wp = Wc.data_ptr<T>();
+    const Gate<T> gs(gate, a, N, C);
     const T* dOp = dO.data_ptr<T>();
     // dP = dOut * Wc (pooled-input gradient, a quarter of the block's size) and dWc = dOut^T * P.
     Tensor dP = at::empty({M2, C}, input.options());
@@ -211,7 +294,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       T* dw = pw.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t q0 = t * tr, nr = std::min(tr, M2 - q0);
-        pooled_tile<T>(Xp, C, pd, q0, nr, a, b, P.data());
+        pooled_tile<T>(Xp, C, pd, q0, nr, gs, b, P.data());
         gemm_acc('N', 'T', C, Cout, nr, P.data(), C, dOp + q0 * Cout, Cout, T(1), dw, C);
         gemm_acc('N', 'N', C, nr, Cout, Wp, C, dOp + q0 * Cout, Cout, T(0), dPp + q0 * C, C);
       }
@@ -224,7 +307,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       std::vector<char> nonfinite(C, 0);
       auto scan = [&](int64_t nd, int64_t h, int64_t w) {
         const T* xr = Xp + ((nd * H + h) * W + w) * C;
-        for (int64_t j = 0; j < C; ++j) nonfinite[j] |= dropped_pixel_poisons_dwc<T>(relu<T>(xr[j] * a[j] + b[j]));
+        const T* ag = gs.a_row(nd / D);
+        for (int64_t j = 0; j < C; ++j) nonfinite[j] |= dropped_pixel_poisons_dwc<T>(relu<T>(xr[j] * ag[j] + b[j]));
       };
       for (int64_t nd = 0; nd < N * D; ++nd) {
         if (odd_d && nd % D == D - 1) {  // the whole last depth slice is dropped
@@ -244,15 +328,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
       if (h >= 2 * H2 || w >= 2 * W2 || d >= pd.kd * D2) return nullptr;  // dropped by the floor-mode pool
       return dPp + (((n * D2 + d / pd.kd) * H2 + h / 2) * W2 + w / 2) * C;
     };
-    bn_relu_backward<T>(Xp, M, C, a, b, mu.data_ptr<T>(), f.invstd.data_ptr<T>(), training, T(1) / T(pd.taps()), up,
-                        dX.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>());
+    bn_relu_backward<T>(Xp, N, D * H * W, C, gs, a, b, mu.data_ptr<T>(), f.invstd.data_ptr<T>(), training,
+                        T(1) / T(pd.taps()), up, dX.data_ptr<T>(), dgamma.data_ptr<T>(), dbeta.data_ptr<T>(),
+                        gs.on ? dgate.data_ptr<T>() : nullptr);
   });
-  return {dX, dgamma, dbeta, dWc};
+  return {dX, dgamma, dbeta, dWc, dgate};
 }
 
 Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                  const Tensor& bias, bool /*training*/, double eps) {
+                                  const Tensor& bias, bool /*training*/, double eps, const c10::optional<Tensor>& gate) {
   check_tail_args(input, mean, var, weight, bias, eps);
+  check_gate(gate, input);
   check_cpu(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
   const Tensor X = input.contiguous(cl_format(input));
@@ -261,11 +347,13 @@ Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const
     using T = scalar_t;
     using acc_t = typename Acc<T>::type;
     const Folded f = fold<T>(mean, var, weight, bias, eps);
-    const T *Xp = X.data_ptr<T>(), *a = f.a.data_ptr<T>(), *b = f.b.data_ptr<T>();
+    const T *Xp = X.data_ptr<T>(), *b = f.b.data_ptr<T>();
+    const Gate<T> gs(gate, f.a.data_ptr<T>(), N, C);
     T* O = out.data_ptr<T>();
     at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
       std::vector<acc_t> s(C);
       for (int64_t n = n0; n < n1; ++n) {
+        const T* a = gs.a_row(n);
         std::fill(s.begin(), s.end(), acc_t(0));
         for (int64_t p = 0; p < HW; ++p) {
           const T* xr = Xp + (n * HW + p) * C;
@@ -278,11 +366,11 @@ Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(const Tensor& grad_output, const Tensor& input,
-                                                               const Tensor& mean, const Tensor& var,
-                                                               const Tensor& weight, const Tensor& bias,
-                                                               bool training, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
+    const Tensor& bias, bool training, double eps, const c10::optional<Tensor>& gate) {
   check_tail_args(input, mean, var, weight, bias, eps);
+  check_gate(gate, input);
   check_cpu(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
   check_shape(grad_output, {N, C}, "grad_output");
@@ -291,17 +379,19 @@ std::tuple<Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(const Tensor& gra
   const Tensor dO = grad_output.contiguous();
   Tensor dX = at::empty_like(X, cl_format(input));
   Tensor dgamma = at::empty({C}, input.options()), dbeta = at::empty({C}, input.options());
+  Tensor dgate = gate_grad_like(gate, input);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "norm_relu_pool_backward_cpu", [&] {
     using T = scalar_t;
     const Folded f = fold<T>(mean, var, weight, bias, eps);
     const Tensor mu = mean.contiguous();
     const T* dOp = dO.data_ptr<T>();
+    const Gate<T> gs(gate, f.a.data_ptr<T>(), N, C);
     auto up = [&](int64_t r) -> const T* { return dOp + (r / HW) * C; };
-    bn_relu_backward<T>(X.data_ptr<T>(), N * HW, C, f.a.data_ptr<T>(), f.b.data_ptr<T>(), mu.data_ptr<T>(),
+    bn_relu_backward<T>(X.data_ptr<T>(), N, HW, C, gs, f.a.data_ptr<T>(), f.b.data_ptr<T>(), mu.data_ptr<T>(),
                         f.invstd.data_ptr<T>(), training, T(1) / T(HW), up, dX.data_ptr<T>(),
-                        dgamma.data_ptr<T>(), dbeta.data_ptr<T>());
+                        dgamma.data_ptr<T>(), dbeta.data_ptr<T>(), gs.on ? dgate.data_ptr<T>() : nullptr);
   });
-  return {dX, dgamma, dbeta};
+  return {dX, dgamma, dbeta, dgate};
 }
 
 std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
@@ -317,11 +407,56 @@ std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
   return {mean, var};
 }
 
+// Per-sample, per-channel mean and biased variance over the spatial positions -> ([N, C], [N, C]):
+// the SE squeeze (the mean) and what the gated readers' batch statistics are combined from. Two passes,
+// each one parallel region over fixed row chunks inside each sample (deterministic), fp64 accumulation.
+std::tuple<Tensor, Tensor> sample_moments_cpu(const Tensor& input) {
+  check_input_4d(input, "input", /*training=*/false);
+  check_cpu(input);
+  const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);
+  const Tensor X = input.contiguous(cl_format(input));
+  Tensor mean = at::empty({N, C}, input.options()), var = at::empty({N, C}, input.options());
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "sample_moments_cpu", [&] {
+    using T = scalar_t;
+    using acc_t = typename Acc<T>::type;
+    const T* Xp = X.data_ptr<T>();
+    const int64_t per_sample = (HW + kReduceChunk - 1) / kReduceChunk;
+    std::vector<acc_t> part(N * per_sample * C);
+    std::vector<T> mu(N * C);
+    // part[(n, k), j] = sum over chunk k of sample n of term(x, mu[n, j]).
+    auto pass = [&](auto term, T* out) {
+      at::parallel_for(0, N * per_sample, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t n = i / per_sample, k = i % per_sample;
+          acc_t* s = part.data() + i * C;
+          std::fill(s, s + C, acc_t(0));
+          const T* m = mu.data() + n * C;
+          for (int64_t p = k * kReduceChunk; p < std::min(HW, (k + 1) * kReduceChunk); ++p) {
+            const T* xr = Xp + (n * HW + p) * C;
+            DNF_SIMD for (int64_t j = 0; j < C; ++j) s[j] += term(xr[j], m[j]);
+          }
+        }
+      });
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < C; ++j) {
+          acc_t v = 0;
+          for (int64_t k = 0; k < per_sample; ++k) v += part[(n * per_sample + k) * C + j];
+          out[n * C + j] = static_cast<T>(v / HW);
+        }
+    };
+    pass([](T x, T) { return acc_t(x); }, mu.data());
+    std::copy(mu.begin(), mu.end(), mean.data_ptr<T>());
+    pass([](T x, T m) { const acc_t d = acc_t(x) - acc_t(m); return d * d; }, var.data_ptr<T>());
+  });
+  return {mean, var};
+}
+
 }  // namespace dnf::cpu::DNF_ISA
 
 #ifdef DNF_ISA_REGISTERS
 namespace dnf::cpu {
 
+DNF_DECLARE_ISA_VARIANTS(sample_moments_cpu)
 DNF_DECLARE_ISA_VARIANTS(transition_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(transition_backward_cpu)
 DNF_DECLARE_ISA_VARIANTS(norm_relu_pool_forward_cpu)
@@ -329,6 +464,7 @@ DNF_DECLARE_ISA_VARIANTS(norm_relu_pool_backward_cpu)
 DNF_DECLARE_ISA_VARIANTS(channel_moments_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
+  m.impl("sample_moments", DNF_PICK_ISA(sample_moments_cpu));
   m.impl("transition_forward", DNF_PICK_ISA(transition_forward_cpu));
   m.impl("transition_backward", DNF_PICK_ISA(transition_backward_cpu));
   m.impl("norm_relu_pool_forward", DNF_PICK_ISA(norm_relu_pool_forward_cpu));

@@ -37,7 +37,7 @@ using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
     TensorList, TensorList, const std::optional<Tensor>&, double, bool, double);
 using TransitionForwardFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, bool, double);
+                                   const Tensor&, bool, double, const std::optional<Tensor>&);
 
 // `call` runs the operator below autocast (the dispatcher's next kernel, or the emulated operator).
 template <class Call>
@@ -55,15 +55,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward(
               training, eps);
 }
 
+// The SE gate, like the BN tensors, stays float32.
 template <class Call>
 Tensor transition_forward(const Call& call, const Tensor& input, const Tensor& mean, const Tensor& var,
                           const Tensor& weight, const Tensor& bias, const Tensor& conv_weight, bool training,
-                          double eps) {
+                          double eps, const std::optional<Tensor>& gate) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kAutocastKey);
-  if (!at::autocast::is_eligible(input, kDevice)) return call(input, mean, var, weight, bias, conv_weight, training, eps);
+  if (!at::autocast::is_eligible(input, kDevice))
+    return call(input, mean, var, weight, bias, conv_weight, training, eps, gate);
   const auto dtype = at::autocast::get_autocast_dtype(kDevice);
   return call(at::autocast::cached_cast(dtype, input, kDevice), mean, var, weight, bias,
-              at::autocast::cached_cast(dtype, conv_weight, kDevice), training, eps);
+              at::autocast::cached_cast(dtype, conv_weight, kDevice), training, eps, gate);
 }
 
 #ifndef DNF_CUDA_EMULATE
@@ -81,12 +83,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_kernel(
 }
 
 Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                 const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
+                                 const Tensor& bias, const Tensor& conv_weight, bool training, double eps,
+                                 const std::optional<Tensor>& gate) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("densenet_fast::transition_forward", "")
                        .typed<TransitionForwardFn>();
   return transition_forward([&](const auto&... a) { return op.call(a...); }, input, mean, var, weight, bias,
-                            conv_weight, training, eps);
+                            conv_weight, training, eps, gate);
 }
 
 }  // namespace

@@ -187,19 +187,41 @@ struct PoolGeometry {
   int64_t D = 1, D2 = 1, kd = 1;
 };
 
+// The prologue scale of a tail reader with an optional SE gate g [N, C] (docs/design.md §5): the reader
+// normalises y = g*x, so sample n, channel j uses relu(ag*x + b) with ag = a*g (stride C), or the BN's
+// own a (stride 0) when ungated; gate() is g (1 when ungated).
+template <typename acc_t>
+struct GatedScale {
+  const acc_t* ag;
+  const acc_t* g;
+  int64_t stride;
+  C10_HOST_DEVICE acc_t scale(int64_t n, int64_t j) const { return ag[n * stride + j]; }
+  C10_HOST_DEVICE acc_t gate(int64_t n, int64_t j) const { return g == nullptr ? acc_t(1) : g[n * stride + j]; }
+};
+
+// ag[n, j] = a[j] * g[n, j].
+template <typename acc_t>
+struct ScaleByGate {
+  const acc_t *a, *g;
+  int64_t C;
+  acc_t* ag;
+  C10_HOST_DEVICE void operator()(int64_t i) const { ag[i] = a[i % C] * g[i]; }
+};
+
 // P[q, j] = 2x2(x2) average (floor mode) of relu(a*x + b) around output position q.
 template <typename T, typename acc_t>
 struct PoolBnRelu {
   const T* X;
   int64_t C;
   PoolGeometry g;
-  const acc_t *a, *b;
+  GatedScale<acc_t> a;
+  const acc_t* b;
   T* P;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t q = i / C, j = i - q * C;
     const int64_t nd = q / (g.H2 * g.W2), rem = q - nd * g.H2 * g.W2, oh = rem / g.W2, ow = rem - oh * g.W2;
     const int64_t n = nd / g.D2, od = nd - n * g.D2;
-    const acc_t aj = a[j], bj = b[j];
+    const acc_t aj = a.scale(n, j), bj = b[j];
     acc_t s = acc_t(0);
     for (int64_t dz = 0; dz < g.kd; ++dz) {
       const int64_t base = ((n * g.D + g.kd * od + dz) * g.H + 2 * oh) * g.W + 2 * ow;
@@ -217,13 +239,15 @@ template <typename T, typename acc_t>
 struct NormReluPool {
   const T* X;
   int64_t HW, C;
-  const acc_t *a, *b;
+  GatedScale<acc_t> a;
+  const acc_t* b;
   T* out;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t n = i / C, j = i - n * C;
     const T* x = X + n * HW * C + j;
+    const acc_t aj = a.scale(n, j);
     acc_t s = acc_t(0);
-    for (int64_t p = 0; p < HW; ++p) s += relu<acc_t>(a[j] * static_cast<acc_t>(x[p * C]) + b[j]);
+    for (int64_t p = 0; p < HW; ++p) s += relu<acc_t>(aj * static_cast<acc_t>(x[p * C]) + b[j]);
     out[i] = static_cast<T>(s / static_cast<acc_t>(HW));
   }
 };
@@ -254,36 +278,87 @@ struct AvgPool2Up {
   }
 };
 
-// BN + ReLU backward sums of a tail reader: d = up through the ReLU (relu_grad rule); s0 += d,
-// s1 += d*xhat (so a dropped pixel adds 0*xhat to dgamma, as torch does).
+// BN + ReLU backward of a tail reader, one element (row r of HW-row samples, channel j): the BN input
+// is y = g*x (gs), so d = up through the ReLU of ag*x + b (relu_grad rule), xhat = (g*x - mean)*invstd.
 template <typename T, typename acc_t, class Up>
-struct TailBackwardTerm {
+struct TailElement {
   const T* X;
-  int64_t C;
-  const acc_t *a, *b, *mean, *invstd;
+  int64_t C, HW;
+  GatedScale<acc_t> gs;
+  const acc_t *b, *mean, *invstd;
   Up up;
-  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
-    const acc_t x = static_cast<acc_t>(X[r * C + j]);
-    const acc_t d = bn_relu_grad<acc_t>(a[j] * x + b[j], up(r, j));
-    s[0] += d;
-    s[1] += d * (x - mean[j]) * invstd[j];
+  // (x, g, d, xhat) of element (r, j).
+  C10_HOST_DEVICE void eval(int64_t r, int64_t j, acc_t& x, acc_t& g, acc_t& d, acc_t& xhat) const {
+    const int64_t n = r / HW;
+    x = static_cast<acc_t>(X[r * C + j]);
+    g = gs.gate(n, j);
+    d = bn_relu_grad<acc_t>(gs.scale(n, j) * x + b[j], up(r, j));
+    xhat = (g * x - mean[j]) * invstd[j];
   }
 };
 
+// s0 += d, s1 += d*xhat (so a dropped pixel adds 0*xhat to dgamma, as torch does).
+template <typename T, typename acc_t, class Up>
+struct TailBackwardTerm {
+  TailElement<T, acc_t, Up> e;
+  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
+    acc_t x, g, d, xhat;
+    e.eval(r, j, x, g, d, xhat);
+    s[0] += d;
+    s[1] += d * xhat;
+  }
+};
+
+// dX = g * dy, dy the BN backward of y (eval: a*d, common/nonfinite.h); a: the BN's own scale.
 template <typename T, typename acc_t, class Up>
 struct TailBackwardApply {
-  const T* X;
-  int64_t C;
-  const acc_t *a, *b, *mean, *invstd, *m;
-  Up up;
+  TailElement<T, acc_t, Up> e;
+  const acc_t *a, *m;
   T* dX;
   bool training;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / C, j = i - r * C;
-    const acc_t x = static_cast<acc_t>(X[i]);
-    const acc_t d = bn_relu_grad<acc_t>(a[j] * x + b[j], up(r, j));
-    const acc_t xhat = (x - mean[j]) * invstd[j];
-    dX[i] = static_cast<T>(bn_backward<acc_t>(d, xhat, a[j], m[j], m[C + j], training));
+    const int64_t r = i / e.C, j = i - r * e.C;
+    acc_t x, g, d, xhat;
+    e.eval(r, j, x, g, d, xhat);
+    dX[i] = static_cast<T>(g * bn_backward<acc_t>(d, xhat, a[j], m[j], m[e.C + j], training));
+  }
+};
+
+// Gate gradient of a gated tail reader, as a column reduction over the HW rows of each sample with
+// N*C columns (column = n*C + j): s0 += x * dy.
+template <typename T, typename acc_t, class Up>
+struct GateGradTerm {
+  TailElement<T, acc_t, Up> e;
+  const acc_t *a, *m;
+  bool training;
+  C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
+    const int64_t n = col / e.C, j = col - n * e.C;
+    acc_t x, g, d, xhat;
+    e.eval(n * e.HW + p, j, x, g, d, xhat);
+    s[0] += x * bn_backward<acc_t>(d, xhat, a[j], m[j], m[e.C + j], training);
+  }
+};
+
+// Per-sample moments as column reductions over the HW rows of each sample (column = n*C + j).
+template <typename T, typename acc_t>
+struct SampleValueTerm {
+  const T* X;
+  int64_t C, HW;
+  C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
+    const int64_t n = col / C, j = col - n * C;
+    s[0] += static_cast<acc_t>(X[(n * HW + p) * C + j]);
+  }
+};
+
+template <typename T, typename acc_t>
+struct SampleCenteredSquareTerm {
+  const T* X;
+  int64_t C, HW;
+  const acc_t* mean;  // [N*C]
+  C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
+    const int64_t n = col / C, j = col - n * C;
+    const acc_t d = static_cast<acc_t>(X[(n * HW + p) * C + j]) - mean[col];
+    s[0] += d * d;
   }
 };
 
@@ -295,7 +370,8 @@ struct DroppedPixelsNonfinite {
   int64_t N;
   PoolGeometry g;
   int64_t C;
-  const acc_t *a, *b;
+  GatedScale<acc_t> a;
+  const acc_t* b;
   uint8_t* flag;
   C10_HOST_DEVICE void operator()(int64_t j) const {
     const int64_t Dr = g.D2 * g.kd, Hr = 2 * g.H2, Wr = 2 * g.W2;  // the extent the pool reads
@@ -305,7 +381,7 @@ struct DroppedPixelsNonfinite {
         for (int64_t h = 0; h < g.H; ++h)
           for (int64_t w = (d < Dr && h < Hr) ? Wr : 0; w < g.W; ++w) {  // only the dropped pixels
             const int64_t pix = ((n * g.D + d) * g.H + h) * g.W + w;
-            const acc_t v = relu<acc_t>(a[j] * static_cast<acc_t>(X[pix * C + j]) + b[j]);
+            const acc_t v = relu<acc_t>(a.scale(n, j) * static_cast<acc_t>(X[pix * C + j]) + b[j]);
             bad = bad || dropped_pixel_poisons_dwc<acc_t>(v);
           }
     flag[j] = bad ? 1 : 0;

@@ -11,6 +11,7 @@ TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("norm_relu_pool_forward", &norm_relu_pool_forward);
   m.impl("norm_relu_pool_backward", &norm_relu_pool_backward);
   m.impl("channel_moments", &channel_moments);
+  m.impl("sample_moments", &sample_moments);
 }
 
 }  // namespace dnf::cuda

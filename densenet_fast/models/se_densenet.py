@@ -5,17 +5,21 @@ Two placements (``se_placement``):
 * ``"block"`` (default): a :class:`~densenet_fast.nn.SqueezeExcite` on every dense block's output,
   registered in ``features`` right after its block as ``se1``, ``se2``, ... (``features.denseblock1,
   features.se1, features.transition1, ..., features.denseblock4, features.se4, features.norm5``).
-  Every dense block still runs the fused C++ operator: the SE gates the block's buffer, and the
-  transition / final norm that follow read the gated tensor. They still run their fused operators,
-  computing their own batch statistics (the block's statistics describe the ungated buffer, so they
-  cannot be handed over). Cost: one extra block-sized tensor per block (the gated output).
+  Every dense block runs the fused C++ operator, and each SE is *folded* into the transition / final
+  norm that follows it (:mod:`densenet_fast.nn.se_fold`, docs/design.md §5): the SE computes only its
+  gate ``g [N, C]`` from the block buffer, the reader applies it in its BN-ReLU prologue
+  (``relu((a*g)*x + b)``), with the batch statistics of ``g*x`` combined from per-sample moments of the
+  buffer. The gated block output is never materialised; a gate costs ``N*C`` saved values.
 * ``"layer"``: a SqueezeExcite (child ``se``) on the k new channels of every dense layer
   (``features.denseblockB.denselayerL.se``), applied after ``conv2`` and before the layer's dropout,
   like an SE on a residual branch. **Rule:** the fused block operator runs a whole block at once and
   cannot run an SE between its layers, so with this placement the dense blocks always run the
   per-layer reference PyTorch path (what torchvision computes, O(L²) memory per block), whatever
   ``impl`` says; a ``RuntimeWarning`` is issued once per process when ``impl="fused"`` is asked for.
-  Transitions, the final norm and the SE gates still run their fused operators.
+  Transitions, the final norm and the SE gates still run their fused operators. Why the gate is not
+  folded into the block operator (it would need the SE weights and their gradients as per-layer
+  operator arguments, the excitation MLP in C++ on CPU and CUDA, and the ungated conv2 output in the
+  backward -- an extra 3x3 convolution per layer or an unstable division by the gate): docs/design.md §5.
 
 The SE hidden width is ``make_divisible(channels * se_ratio, 8, round_limit=0)``, as timm's
 ``SEModule(channels, rd_ratio=se_ratio)``; ``state_dict`` keys of the SE modules are timm's

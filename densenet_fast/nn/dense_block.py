@@ -381,15 +381,17 @@ class Transition(nn.Sequential):
         return True
 
     def fused_forward(self, x: Tensor, batch_mean: Optional[Tensor] = None,
-                      batch_var: Optional[Tensor] = None) -> Tensor:
-        """``batch_mean``/``batch_var``: the input's batch statistics when already known (from the block)."""
+                      batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+        """``batch_mean``/``batch_var``: the input's batch statistics when already known (from the block).
+        ``gate`` [N, C]: an SE gate folded into the prologue (the input is then ``gate * x``, and the batch
+        statistics, required in training, are that product's; see :mod:`densenet_fast.nn.se_fold`)."""
         if x.shape[1] != self.norm.num_features:
             raise ValueError(f"input: expected {self.norm.num_features} channels, got shape {tuple(x.shape)}")
         x = _tail_input(x)
         with _kernel_autocast(x):
             mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
             out = _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
-                                       training=training, eps=self.norm.eps)
+                                       training=training, eps=self.norm.eps, gate=gate)
         commit_bn_stats(self.norm, x, mean, var, training)  # only once the operator has succeeded
         return out
 
@@ -405,15 +407,16 @@ class Transition(nn.Sequential):
 
 
 def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
-                         batch_var: Optional[Tensor] = None) -> Tensor:
+                         batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
     """flatten(adaptive_avg_pool(relu(bn(x)), 1)) as one operator: [N, C, H, W] or [N, C, D, H, W] -> [N, C].
 
+    ``gate`` [N, C]: an SE gate folded into the prologue (BN of ``gate * x``; see Transition.fused_forward).
     An empty batch (which the operator refuses) gets torchvision's computation and empty result."""
     if isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[0] == 0:
         return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
     x = _tail_input(x)
     with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
-        out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps)
+        out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps, gate=gate)
     commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
     return out

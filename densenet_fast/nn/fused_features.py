@@ -6,7 +6,9 @@ Same children, names and ``state_dict`` as the ``nn.Sequential`` it stands for, 
   the stem conv's output;
 * each fused dense block with the transition after it: the block hands over its buffer *and its batch
   statistics*, so every channel's statistics are computed once;
-* (``forward_pooled``) the final norm with the head's ReLU and global average pool.
+* (``forward_pooled``) the final norm with the head's ReLU and global average pool;
+* an SE gate (``SqueezeExcite``) between a block and its transition or final norm into that reader's
+  prologue (:mod:`densenet_fast.nn.se_fold`): the gated block output is never materialised.
 
 So no BN/ReLU output is stored anywhere. Our own models use it as their ``features``; ``convert()``
 puts it into torchvision / timm DenseNets. Modules carrying hooks are called through ``__call__`` (so
@@ -33,6 +35,7 @@ from densenet_fast.nn.dense_block import (
     fused_norm_relu_pool,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
+from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -138,6 +141,7 @@ class FusedFeatures(nn.Sequential):
     """
 
     impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
+    fold_se = True  # False: an SE before a transition / the final norm runs on its own (its gated output stored)
     __prepare_scriptable__ = refuse_torchscript
 
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
@@ -159,14 +163,19 @@ class FusedFeatures(nn.Sequential):
                 x, stats, pending = buf, pending, None
             else:
                 stats = None
-            if last and pool_relu is not None and not has_hooks(m):
-                kind = norm_relu_kind(m)
-                rank = 5 if isinstance(m, nn.BatchNorm3d) else 4
-                if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank \
-                        and _fused_device_ok(_autocast_dtype_fix(x)):
-                    if stats is not None and m.training == bool(stats.mean.numel()):
-                        return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
-                    return fused_norm_relu_pool(m, x), True
+            if self.fold_se and not last and not has_hooks(m) and can_fold(m, x):
+                nxt = mods[i + 1]
+                if isinstance(nxt, Transition) and not has_hooks(nxt) and nxt.can_fuse(x):
+                    x = folded_transition(m, nxt, x)  # SE -> transition, the gate in its prologue
+                    i += 2
+                    continue
+                if i + 1 == len(mods) - 1 and self._fuses_final_norm(nxt, x, pool_relu):
+                    gate, mean, var = gate_and_stats(m, nxt, x)  # SE -> final norm (+ ReLU + pool)
+                    return fused_norm_relu_pool(nxt, x, mean, var, gate=gate), True
+            if last and self._fuses_final_norm(m, x, pool_relu):
+                if stats is not None and m.training == bool(stats.mean.numel()):
+                    return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
+                return fused_norm_relu_pool(m, x), True
             if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
                 pending = m.fused_forward(x)
                 i += 1
@@ -187,6 +196,16 @@ class FusedFeatures(nn.Sequential):
         if pending is not None:
             x = pending.buffer
         return x, False
+
+    @staticmethod
+    def _fuses_final_norm(m: nn.Module, x: Tensor, pool_relu: Optional[bool]) -> bool:
+        """Whether the last module ``m`` runs as the fused final norm (+ ReLU) + global pool (forward_pooled)."""
+        if pool_relu is None or has_hooks(m):
+            return False
+        kind = norm_relu_kind(m)
+        rank = 5 if isinstance(m, nn.BatchNorm3d) else 4
+        return ((kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank
+                and _fused_device_ok(_autocast_dtype_fix(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)[0]

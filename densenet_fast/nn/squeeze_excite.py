@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.squeeze_excite import se_gate
+from ..ops.squeeze_excite import se_gate, se_gate_of
 from .export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
 
 __all__ = ["SqueezeExcite", "make_divisible"]
@@ -234,6 +234,9 @@ class SqueezeExcite(nn.Module):
             return leaf
         if not self.fused or exporting_to_onnx():  # ONNX export: standard ATen ops
             return self._forward_plain(x)
+        return se_gate(x, *self._weights(x))
+
+    def _weights(self, x: Tensor):
         w1, b1 = self.fc1.weight.flatten(1), self.fc1.bias
         w2, b2 = self.fc2.weight.flatten(1), self.fc2.bias
         if w1.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
@@ -242,7 +245,14 @@ class SqueezeExcite(nn.Module):
             w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
             b1 = None if b1 is None else b1.to(x.dtype)
             b2 = None if b2 is None else b2.to(x.dtype)
-        return se_gate(x, w1, b1, w2, b2)
+        return w1, b1, w2, b2
+
+    def gate_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The gate without the multiply, for a gate folded into the next BN reader
+        (:mod:`densenet_fast.nn.se_fold`): x [N, C, H, W] -> (g, s, v), each [N, C] (float32; float64 for
+        float64 x): the gate (differentiable), the squeeze ``s = mean_hw(x)`` and the per-sample variance.
+        Only for a :attr:`fused` module."""
+        return se_gate_of(x, *self._weights(x))
 
     def _forward_plain(self, x: Tensor) -> Tensor:
         # timm's SEModule.forward, verbatim in effect.

@@ -4,12 +4,19 @@ Operators (``torch.ops.densenet_fast.*``)::
 
     se_forward(x, w1, b1?, w2, b2?) -> (y, s, g)
     se_backward(dy, x, s, g, w1, b1?, w2) -> (dx, dw1, db1, dw2, db2)
+    se_gate_of(x, w1, b1?, w2, b2?) -> (g, s, v)
 
 with ``x``/``y``/``dy``/``dx`` ``[N, C, H, W]`` (any strides; ``y``/``dx`` are laid out like
 ``torch.empty_like(x)``, so channels_last stays channels_last), ``w1 [R, C]``, ``b1 [R]``,
 ``w2 [C, R]``, ``b2 [C]`` in x's dtype, and ``s = mean_hw(x)``, ``g = sigmoid(W2·relu(W1·s+b1)+b2)``
 returned as ``[N, C]`` in the accumulation dtype (fp32; fp64 for fp64 inputs). ``s`` and ``g``
 are saved for the backward and are not differentiable. Use :func:`se_gate` for ``y`` alone.
+
+``se_gate_of`` is the SE without the multiply, for a gate folded into the next BN reader
+(docs/design.md §5): the gate ``g`` (differentiable w.r.t. x and the weights) and the per-sample
+channel mean ``s`` (the squeeze) and variance ``v`` of x (not differentiable), from
+``densenet_fast::sample_moments``. It saves nothing but its inputs (x is the block buffer, saved
+anyway): the backward recomputes ``s`` and the tiny MLP and returns ``dx = ds/HW`` as an expanded view.
 
 Kernels, selected through the dispatcher (no device branching around it):
 
@@ -36,7 +43,7 @@ from torch import Tensor
 
 from . import triton as _triton
 
-__all__ = ["se_gate", "se_forward", "se_backward", "BACKEND_ENV", "backend_for"]
+__all__ = ["se_gate", "se_forward", "se_backward", "se_gate_of", "BACKEND_ENV", "backend_for"]
 
 BACKEND_ENV = "DENSENET_FAST_SE_BACKEND"
 _BACKENDS = ("auto", "torch", "triton")
@@ -183,21 +190,27 @@ def _forward_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
     return y, s, g
 
 
-def _backward_torch(dy: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor,
-                    b1: Optional[Tensor], w2: Tensor
-                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _excite_backward_torch(dg: Tensor, s: Tensor, g: Tensor, w1: Tensor, b1: Optional[Tensor],
+                           w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The excitation MLP's backward: dg [N, C] -> (ds, dw1, db1, dw2, db2); ds in s's dtype."""
     acc = s.dtype
-    hw = x.shape[2] * x.shape[3]
     hid, _ = _excite_torch(s, w1, b1, w2, None)  # recompute the tiny hidden activation
-    dg = (dy.to(acc) * x).sum(dim=(2, 3))
     dz2 = dg * g * (1 - g)
     dz1 = (dz2 @ w2.to(acc)) * (hid > 0)
     ds = dz1 @ w1.to(acc)
+    wd = w1.dtype
+    return ds, (dz1.t() @ s).to(wd), dz1.sum(0).to(wd), (dz2.t() @ hid).to(wd), dz2.sum(0).to(wd)
+
+
+def _backward_torch(dy: Tensor, x: Tensor, s: Tensor, g: Tensor, w1: Tensor,
+                    b1: Optional[Tensor], w2: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    hw = x.shape[2] * x.shape[3]
+    dg = (dy.to(s.dtype) * x).sum(dim=(2, 3))
+    ds, dw1, db1, dw2, db2 = _excite_backward_torch(dg, s, g, w1, b1, w2)
     dx = torch.empty_like(x)
     torch.add(dy * g[:, :, None, None], (ds / hw)[:, :, None, None], out=dx)
-    wd = w1.dtype
-    return (dx, (dz1.t() @ s).to(wd), dz1.sum(0).to(wd),
-            (dz2.t() @ hid).to(wd), dz2.sum(0).to(wd))
+    return dx, dw1, db1, dw2, db2
 
 
 def _no_autocast(device: torch.device):
@@ -281,6 +294,55 @@ def _backward(ctx, dy, _ds, _dg):
 
 
 se_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# the gate alone, for a gate folded into the next BN reader
+# --------------------------------------------------------------------------------------------
+def _gate_of_impl(x, w1, b1, w2, b2):
+    _check_forward(x, w1, b1, w2, b2)
+    with _no_autocast(x.device):
+        s, v = torch.ops.densenet_fast.sample_moments(x)
+        _, g = _excite_torch(s, w1, b1, w2, b2)
+    return g, s, v
+
+
+@torch.library.custom_op("densenet_fast::se_gate_of", mutates_args=())
+def se_gate_of(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
+               b2: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """SE gate without the multiply: ``(g, s, v)``, each ``[N, C]`` in the accumulation dtype; see the
+    module docstring. Only ``g`` is differentiable."""
+    return _gate_of_impl(x, w1, b1, w2, b2)
+
+
+@se_gate_of.register_fake
+def _se_gate_of_fake(x, w1, b1, w2, b2):
+    _check_forward(x, w1, b1, w2, b2)
+    n, c = x.shape[:2]
+    acc = _acc_dtype(x.dtype)
+    return tuple(x.new_empty((n, c), dtype=acc) for _ in range(3))
+
+
+def _gate_of_setup(ctx, inputs, output) -> None:
+    x, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(x, w1, b1, w2, b2)  # x: the block buffer, which the block saves anyway
+    ctx.has_bias = (b1 is not None, b2 is not None)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _gate_of_backward(ctx, dg, _ds, _dv):
+    x, w1, b1, w2, b2 = ctx.saved_tensors
+    with _no_autocast(x.device):
+        s, _ = torch.ops.densenet_fast.sample_moments(x)  # bitwise the forward's squeeze (deterministic)
+        _, g = _excite_torch(s, w1, b1, w2, b2)
+        ds, dw1, db1, dw2, db2 = _excite_backward_torch(dg, s, g, w1, b1, w2)
+    hw = x.shape[2] * x.shape[3]
+    dx = (ds / hw).to(x.dtype)[:, :, None, None].expand(x.shape)  # d mean_hw: a broadcast view, no copy
+    has_b1, has_b2 = ctx.has_bias
+    return dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None
+
+
+se_gate_of.register_autograd(_gate_of_backward, setup_context=_gate_of_setup)
 
 
 def se_gate(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,

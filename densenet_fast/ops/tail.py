@@ -6,8 +6,15 @@
 statistics as inputs: with ``training=True`` these must be the batch statistics of ``x`` and the backward includes the
 statistics' own gradient terms (``mean``/``var`` get no gradient); with ``training=False`` they are
 running statistics (constants).
+
+Both take an optional SE gate ``gate [N, C]`` (docs/design.md §5): the BN input is then ``y = gate[n, c] * x``,
+folded into the prologue (``relu((a*gate)*x + b)``), so ``y`` is never materialised; the statistics are those of
+``y`` (:func:`gated_channel_moments`) and the backward returns the gate's gradient ``sum_hw x * dL/dy``.
+``sample_moments`` gives the per-sample channel mean (the SE squeeze, differentiable) and variance of ``x``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -16,6 +23,22 @@ from densenet_fast.ops.dense_block import _MAX_CHANNELS, _check, check_input_4d,
 
 load_extension()
 _ops = torch.ops.densenet_fast
+
+
+def _check_gate_device(input, gate) -> None:
+    """The only gate check of the fake kernels (the C++ kernels check the rest, csrc/common/checks.h): a gate on
+    another device would make the dispatcher pick that device's kernel (a meta gate: this fake kernel) for a
+    call whose outputs live on input's device."""
+    if gate is not None:
+        _check(gate.device == input.device, lambda: f"gate: expected a tensor on {input.device} (the device of "
+               f"input), got {gate.device}")
+
+
+def _gate_grad(input, gate):
+    """The fake of the backward's ``grad_gate``: [N, C] in the gate's dtype, or an empty [0] when ungated."""
+    if gate is None:
+        return input.new_empty((0,))
+    return gate.new_empty((input.shape[0], input.shape[1]))
 
 
 def _check_tail_args(input, mean, var, weight, bias, eps) -> None:
@@ -54,32 +77,37 @@ def _pooled_shape(input: torch.Tensor, c_out: int) -> list:
 
 
 @torch.library.register_fake("densenet_fast::transition_forward")
-def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps):
+def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
+    _check_gate_device(input, gate)
     return torch.empty(_pooled_shape(input, conv_weight.shape[0]), dtype=input.dtype, device=input.device,
                        memory_format=_memory_format(input))
 
 
 @torch.library.register_fake("densenet_fast::transition_backward")
-def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps):
+def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
+    _check_gate_device(input, gate)
     check_tensor(grad_output, "grad_output", input, _pooled_shape(input, conv_weight.shape[0]))
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
-            torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format))
+            torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
+            _gate_grad(input, gate))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_forward")
-def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps):
+def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps, gate=None):
     _check_tail_args(input, mean, var, weight, bias, eps)
+    _check_gate_device(input, gate)
     return input.new_empty((input.shape[0], input.shape[1]))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_backward")
-def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps):
+def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps, gate=None):
     _check_tail_args(input, mean, var, weight, bias, eps)
+    _check_gate_device(input, gate)
     check_tensor(grad_output, "grad_output", input, [input.shape[0], input.shape[1]])
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
-            torch.empty_like(bias))
+            torch.empty_like(bias), _gate_grad(input, gate))
 
 
 @torch.library.register_fake("densenet_fast::channel_moments")
@@ -90,25 +118,58 @@ def _channel_moments_fake(input):
     return input.new_empty(input.shape[1], dtype=sd), input.new_empty(input.shape[1], dtype=sd)
 
 
+@torch.library.register_fake("densenet_fast::sample_moments")
+def _sample_moments_fake(input):
+    check_input_4d(input, "input", training=False)
+    sd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    shape = (input.shape[0], input.shape[1])
+    return input.new_empty(shape, dtype=sd), input.new_empty(shape, dtype=sd)
+
+
 def _setup(ctx, inputs, output):
-    *tensors, training, eps = inputs
-    ctx.training, ctx.eps = training, eps
-    ctx.save_for_backward(*tensors)
+    # inputs: (input, mean, var, weight, bias[, conv_weight], training, eps[, gate]). The gate, saved last,
+    # is the [N, C] vector from the SE: the only thing a gated reader saves beyond an ungated one.
+    i = next(k for k, v in enumerate(inputs) if isinstance(v, bool))
+    gate = inputs[i + 2] if len(inputs) > i + 2 else None
+    ctx.training, ctx.eps, ctx.gated = inputs[i], inputs[i + 1], gate is not None
+    ctx.save_for_backward(*inputs[:i], gate)
 
 
 def _transition_backward(ctx, grad):
-    gx, gw, gb, gc = _ops.transition_backward(grad, *ctx.saved_tensors, ctx.training, ctx.eps)
-    return gx, None, None, gw, gb, gc, None, None
+    *tensors, gate = ctx.saved_tensors
+    gx, gw, gb, gc, gg = _ops.transition_backward(grad, *tensors, ctx.training, ctx.eps, gate)
+    return gx, None, None, gw, gb, gc, None, None, gg if ctx.gated else None
 
 
 def _norm_relu_pool_backward(ctx, grad):
-    gx, gw, gb = _ops.norm_relu_pool_backward(grad, *ctx.saved_tensors, ctx.training, ctx.eps)
-    return gx, None, None, gw, gb, None, None
+    *tensors, gate = ctx.saved_tensors
+    gx, gw, gb, gg = _ops.norm_relu_pool_backward(grad, *tensors, ctx.training, ctx.eps, gate)
+    return gx, None, None, gw, gb, None, None, gg if ctx.gated else None
+
+
+def _sample_moments_setup(ctx, inputs, output):
+    (input,) = inputs
+    ctx.shape = input.shape
+    ctx.mark_non_differentiable(output[1])
+
+
+def _sample_moments_backward(ctx, grad_mean, grad_var):
+    # d mean_hw(x) / dx = 1/HW at every position: an expanded [N, C, 1..] -> input-shaped view, no copy
+    # (autograd adds it into the block buffer's gradient).
+    if grad_mean is None:
+        return None
+    spatial = ctx.shape[2:]
+    hw = 1
+    for s in spatial:
+        hw *= s
+    return (grad_mean / hw).reshape(*grad_mean.shape, *([1] * len(spatial))).expand(ctx.shape)
 
 
 torch.library.register_autograd("densenet_fast::transition_forward", _transition_backward, setup_context=_setup)
 torch.library.register_autograd("densenet_fast::norm_relu_pool_forward", _norm_relu_pool_backward,
                                 setup_context=_setup)
+torch.library.register_autograd("densenet_fast::sample_moments", _sample_moments_backward,
+                                setup_context=_sample_moments_setup)
 
 
 # -- CPU bfloat16 inputs ------------------------------------------------------------------------------
@@ -145,14 +206,14 @@ def _(input, mean, var, weight, bias, training, eps):
 
 
 def _transition_bf16_backward(ctx, grad):
-    input, *rest = ctx.saved_tensors
-    gx, gw, gb, gc = _ops.transition_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
+    input, *rest, _ = ctx.saved_tensors
+    gx, gw, gb, gc, _ = _ops.transition_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
     return gx.to(input.dtype), None, None, gw, gb, gc, None, None
 
 
 def _norm_relu_pool_bf16_backward(ctx, grad):
-    input, *rest = ctx.saved_tensors
-    gx, gw, gb = _ops.norm_relu_pool_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
+    input, *rest, _ = ctx.saved_tensors
+    gx, gw, gb, _ = _ops.norm_relu_pool_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
     return gx.to(input.dtype), None, None, gw, gb, None, None
 
 
@@ -165,25 +226,59 @@ def _cpu_bf16(input: torch.Tensor) -> bool:
     return input.device.type == "cpu" and input.dtype == torch.bfloat16
 
 
+def _refuse_cpu_bf16_gate(input: torch.Tensor, gate) -> None:
+    if gate is not None and _cpu_bf16(input):
+        raise ValueError("gate: a gated reader takes float32/float64 CPU input (or CUDA input); got a CPU bfloat16 "
+                         "input (apply the SE gate before the reader under CPU bfloat16 autocast)")
+
+
 def transition(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor, conv_weight: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
-    """avg_pool(conv1x1(relu(batch_norm(input))), 2): [N, C, H, W] -> [N, C_out, H//2, W//2], or
-    [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2]. A CPU bfloat16 input (float32 BN and conv tensors)
-    computes in float32 and returns bfloat16."""
+               bias: torch.Tensor, conv_weight: torch.Tensor, *, training: bool, eps: float = 1e-5,
+               gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """avg_pool(conv1x1(relu(batch_norm(y))), 2) with ``y = gate[:, :, None, None] * input`` (``y = input``
+    without a gate): [N, C, H, W] -> [N, C_out, H//2, W//2], or [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2].
+    ``gate``: [N, C] (differentiable); mean/var are then the statistics of y. A CPU bfloat16 input (float32 BN
+    and conv tensors, no gate) computes in float32 and returns bfloat16."""
+    _refuse_cpu_bf16_gate(input, gate)
     if _cpu_bf16(input):
         return transition_bf16(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
-    return _ops.transition_forward(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
+    return _ops.transition_forward(input, mean, var, weight, bias, conv_weight, bool(training), float(eps), gate)
 
 
 def norm_relu_pool(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor, *, training: bool, eps: float = 1e-5) -> torch.Tensor:
-    """adaptive_avg_pool(relu(batch_norm(input)), 1).flatten(1): [N, C, (D,) H, W] -> [N, C]. A CPU
-    bfloat16 input (float32 BN tensors) computes in float32 and returns bfloat16."""
+                   bias: torch.Tensor, *, training: bool, eps: float = 1e-5,
+                   gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """adaptive_avg_pool(relu(batch_norm(y)), 1).flatten(1), ``y = gate[:, :, None, None] * input`` (or input):
+    [N, C, (D,) H, W] -> [N, C]. A CPU bfloat16 input (float32 BN tensors, no gate) computes in float32 and
+    returns bfloat16."""
+    _refuse_cpu_bf16_gate(input, gate)
     if _cpu_bf16(input):
         return norm_relu_pool_bf16(input, mean, var, weight, bias, bool(training), float(eps))
-    return _ops.norm_relu_pool_forward(input, mean, var, weight, bias, bool(training), float(eps))
+    return _ops.norm_relu_pool_forward(input, mean, var, weight, bias, bool(training), float(eps), gate)
 
 
 def channel_moments(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of [N, C, H, W] -> ([C], [C]); no gradient."""
     return _ops.channel_moments(input)
+
+
+def sample_moments(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and biased variance over the spatial positions: [N, C, (D,) H, W] ->
+    ([N, C], [N, C]) in the BatchNorm dtype. The mean is the SE squeeze and is differentiable; the variance
+    is not."""
+    return _ops.sample_moments(input)
+
+
+def gated_channel_moments(sample_mean: torch.Tensor, sample_var: torch.Tensor,
+                          gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch mean and biased variance [C] of ``y = gate[n, c] * x`` from the per-sample moments of x ([N, C]
+    each, equal counts per sample): sample n of channel c has mean g*m and variance g^2*v, so
+    ``mean = mean_n(g*m)`` and ``var = mean_n(g^2*v) + mean_n((g*m - mean)^2)`` (no cancellation). Computed
+    in float64 on [N, C] values, returned in sample_mean's dtype; no gradient (the readers' backward
+    includes the statistics' terms)."""
+    with torch.no_grad():
+        m, v, g = (t.detach().double() for t in (sample_mean, sample_var, gate))
+        gm = g * m
+        mean = gm.mean(0)
+        var = (g * g * v).mean(0) + (gm - mean).square().mean(0)
+    return mean.to(sample_mean.dtype), var.to(sample_mean.dtype)

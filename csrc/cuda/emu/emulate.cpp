@@ -133,10 +133,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_forward(const 
 }
 
 Tensor autocast_transition_forward(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
-                                   const Tensor& bias, const Tensor& conv_weight, bool training, double eps) {
+                                   const Tensor& bias, const Tensor& conv_weight, bool training, double eps,
+                                   c10::optional<Tensor> gate) {
   return dnf::cuda_emu::autocast::transition_forward(
       [](const auto&... a) { return dnf::cuda_emu::transition_forward(a...); }, input, mean, var, weight, bias,
-      conv_weight, training, eps);
+      conv_weight, training, eps, gate);
 }
 
 // Y [M, n_out] = relu(a*X[:, :c] + b) @ W^T with X [M, ld] (row-major), W [n_out, c], through the
@@ -191,15 +192,26 @@ std::tuple<int64_t, int64_t> for_each_config(int64_t n) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  // The tail operators' trailing `gate` is optional, as in their schemas.
+  const auto gate = py::arg("gate") = py::none();
   m.def("dense_block_forward", &block_forward);
   m.def("dense_block_backward", &block_backward);
   m.def("autocast_dense_block_forward", &autocast_block_forward);
-  m.def("autocast_transition_forward", &autocast_transition_forward);
-  m.def("transition_forward", &dnf::cuda_emu::transition_forward);
-  m.def("transition_backward", &dnf::cuda_emu::transition_backward);
-  m.def("norm_relu_pool_forward", &dnf::cuda_emu::norm_relu_pool_forward);
-  m.def("norm_relu_pool_backward", &dnf::cuda_emu::norm_relu_pool_backward);
+  m.def("autocast_transition_forward", &autocast_transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
+        py::arg("weight"), py::arg("bias"), py::arg("conv_weight"), py::arg("training"), py::arg("eps"), gate);
+  m.def("transition_forward", &dnf::cuda_emu::transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
+        py::arg("weight"), py::arg("bias"), py::arg("conv_weight"), py::arg("training"), py::arg("eps"), gate);
+  m.def("transition_backward", &dnf::cuda_emu::transition_backward, py::arg("grad_output"), py::arg("input"),
+        py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("conv_weight"),
+        py::arg("training"), py::arg("eps"), gate);
+  m.def("norm_relu_pool_forward", &dnf::cuda_emu::norm_relu_pool_forward, py::arg("input"), py::arg("mean"),
+        py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("training"), py::arg("eps"), gate);
+  m.def("norm_relu_pool_backward", &dnf::cuda_emu::norm_relu_pool_backward, py::arg("grad_output"), py::arg("input"),
+        py::arg("mean"), py::arg("var"), py::arg("weight"), py::arg("bias"), py::arg("training"), py::arg("eps"),
+        gate);
   m.def("channel_moments", &dnf::cuda_emu::channel_moments);
+  m.def("sample_moments", &dnf::cuda_emu::sample_moments);
   m.def("bn_relu_gemm", &bn_relu_gemm);
   m.def("bn_relu_gemm_grid", &bn_relu_gemm_grid);
   m.def("use_fused_bn_gemm", &use_fused_bn_gemm);
