@@ -5,6 +5,13 @@
 // Nothing of the input's size is allocated in the forward. The backward allocates only grad_input:
 // the pooling gradient is scattered into it (argmax recomputed from x, ATen's scan order and tie/NaN
 // rule), then the ReLU mask and the BN backward are applied to it in place.
+// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
+// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
+#ifndef DNF_ISA
+#define DNF_ISA base
+#define DNF_ISA_REGISTERS 1
+#endif
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,10 +22,10 @@
 
 #include "common/checks.h"
 #include "common/nonfinite.h"
+#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
-namespace dnf::cpu {
-namespace {
+namespace dnf::cpu::DNF_ISA {
 
 using at::Tensor;
 
@@ -246,11 +253,18 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
   return {dX, dgamma, dbeta};
 }
 
-}  // namespace
+}  // namespace dnf::cpu::DNF_ISA
+
+#ifdef DNF_ISA_REGISTERS
+namespace dnf::cpu {
+
+DNF_DECLARE_ISA_VARIANTS(bn_relu_maxpool_cpu)
+DNF_DECLARE_ISA_VARIANTS(bn_relu_maxpool_backward_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
-  m.impl("bn_relu_maxpool", &bn_relu_maxpool_cpu);
-  m.impl("bn_relu_maxpool_backward", &bn_relu_maxpool_backward_cpu);
+  m.impl("bn_relu_maxpool", DNF_PICK_ISA(bn_relu_maxpool_cpu));
+  m.impl("bn_relu_maxpool_backward", DNF_PICK_ISA(bn_relu_maxpool_backward_cpu));
 }
 
 }  // namespace dnf::cpu
+#endif
