@@ -7,6 +7,11 @@ Compare columns within one group, e.g. ``pytest benchmarks/ --benchmark-group-by
   (default and ``memory_efficient=True``), forward, backward and forward + backward, training mode.
 * SE gating: ``densenet_fast.SqueezeExcite`` vs timm's ``SEModule`` (skipped when densenet_fast has no
   ``SqueezeExcite``).
+* the fused 1x1 stage (``densenet_fast::bn_relu_conv1x1``: BN-ReLU prologue + 1x1 conv, the normalised
+  input never stored) vs oneDNN's 1x1 convolution alone (``F.conv2d`` on a precomputed normalised input,
+  channels_last) and vs BN-ReLU + the convolution in PyTorch, on densenet121's four blocks (batch 8,
+  the widest 1x1 input of each block), float32 and bfloat16 (CPU). Every implementation's output is
+  checked against float64. Ratios: ``python -m benchmarks.micro_report <pytest-benchmark json>``.
 """
 from __future__ import annotations
 
@@ -153,3 +158,44 @@ def test_se_forward_backward(benchmark, case: str, impl: str, device: str) -> No
 
     benchmark.group = f"SE fwd+bwd {case} {device}"
     benchmark.pedantic(step, **_rounds(device))
+
+
+# name -> (N, C_in, H=W): the widest 1x1-convolution input of each densenet121 block, batch 8 at 224x224.
+STAGES_1X1: Dict[str, Tuple[int, int, int]] = {
+    "dn121-block1": (8, 224, 56), "dn121-block2": (8, 480, 28), "dn121-block3": (8, 992, 14),
+    "dn121-block4": (8, 992, 7),
+}
+STAGE_IMPLS = ["onednn-conv1x1", "torch-bn-relu-conv1x1", "densenet_fast"]
+BOTTLENECK = 128  # densenet121's bn_size * growth
+
+
+def _stage(case: str, dtype: torch.dtype):
+    n, c, hw = STAGES_1X1[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    a = torch.rand(c, generator=g) + 0.5
+    b = torch.randn(c, generator=g) * 0.5
+    w = (torch.randn(BOTTLENECK, c, 1, 1, generator=g) * c ** -0.5).to(dtype)
+    u = torch.relu(x.float() * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)).to(dtype)  # for the conv-only row
+    impls = {
+        "onednn-conv1x1": lambda: torch.nn.functional.conv2d(u, w),
+        "torch-bn-relu-conv1x1": lambda: torch.nn.functional.conv2d(
+            torch.relu(x * a.to(dtype).view(1, -1, 1, 1) + b.to(dtype).view(1, -1, 1, 1)), w),
+        "densenet_fast": lambda: torch.ops.densenet_fast.bn_relu_conv1x1(x, a, b, w),
+    }
+    truth = torch.nn.functional.conv2d(torch.relu(x.double() * a.double().view(1, -1, 1, 1)
+                                                  + b.double().view(1, -1, 1, 1)), w.double())
+    return impls, truth
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("impl", STAGE_IMPLS)
+@pytest.mark.parametrize("case", list(STAGES_1X1))
+def test_conv1x1_stage(benchmark, case: str, impl: str, dtype: str) -> None:
+    impls, truth = _stage(case, getattr(torch, dtype))
+    n, c, hw = STAGES_1X1[case]
+    benchmark.group = f"1x1 stage {case} {dtype}"
+    benchmark.extra_info["gflop"] = 2 * n * hw * hw * c * BOTTLENECK / 1e9
+    out = benchmark.pedantic(impls[impl], rounds=8, warmup_rounds=2)
+    err = ((out.double() - truth).norm() / truth.norm()).item()
+    assert err < (1e-5 if dtype == "float32" else 2e-2), err  # bf16: operands rounded to 8 bits

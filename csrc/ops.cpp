@@ -59,6 +59,10 @@ TORCH_LIBRARY(densenet_fast, m) {
   // Per-sample, per-channel mean and biased variance [N, C] over the spatial positions: the SE
   // squeeze and the moments a gated reader's batch statistics are combined from.
   m.def("sample_moments(Tensor input) -> (Tensor mean, Tensor var)");
+  // The fused 1x1 stage of a dense layer on its own (CPU; benchmarks and tests): conv1x1(relu(input*scale + shift),
+  // weight) with the BN folded into scale/shift [C], the normalised input never materialised. Output in the
+  // compute dtype (float32 for bfloat16 input), channels_last.
+  m.def("bn_relu_conv1x1(Tensor input, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
   // Per-channel mean and biased variance [C] of a 4-D tensor (fp32 accumulation or better).
   m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
 }

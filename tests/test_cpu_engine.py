@@ -162,3 +162,45 @@ def test_unsupported_isa_warns_and_runs_the_best_supported():
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == [supported[-1]]
     assert "DNF_CPU_ISA=avx512: this CPU does not support it" in r.stderr
+
+
+def _bn_relu_conv1x1_truth(x, a, b, w):
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    conv = torch.nn.functional.conv3d if x.dim() == 5 else torch.nn.functional.conv2d
+    return conv(torch.relu(x.double() * a.double().view(view) + b.double().view(view)), w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5)])
+def test_bn_relu_conv1x1_stage(dtype, layout, shape):
+    """The fused 1x1 stage on its own (what benchmarks/test_bench_ops.py times against oneDNN) equals
+    conv(relu(x*scale + shift)) computed by torch in float64; output in the compute dtype, channels_last."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    c = shape[1]
+    bn_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    a, b = (torch.rand(c, generator=g) + 0.5).to(bn_dtype), torch.randn(c, generator=g).to(bn_dtype)
+    w = torch.randn(6, c, *([1] * (x.dim() - 2)), generator=g).to(dtype)
+    y = torch.ops.densenet_fast.bn_relu_conv1x1(x, a, b, w)
+    truth = _bn_relu_conv1x1_truth(x, a, b, w)
+    assert y.dtype == bn_dtype and y.shape == truth.shape
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    assert y.is_contiguous(memory_format=fmt)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    assert rel_err(y, truth) <= tol
+    torch.library.opcheck(torch.ops.densenet_fast.bn_relu_conv1x1.default, (x, a, b, w))
+
+
+def test_bn_relu_conv1x1_bad_inputs():
+    x = torch.randn(2, 13, 5, 7)
+    a, b, w = torch.rand(13), torch.randn(13), torch.randn(6, 13, 1, 1)
+    op = torch.ops.densenet_fast.bn_relu_conv1x1
+    with pytest.raises(RuntimeError, match=r"scale: expected shape \[13\], got \[12\]"):
+        op(x, a[:12], b, w)
+    with pytest.raises(RuntimeError, match=r"weight: expected shape \[C_out, 13, 1, 1\], got \[6, 12, 1, 1\]"):
+        op(x, a, b, w[:, :12])
+    with pytest.raises(RuntimeError, match=r"weight: expected dtype Float \(the dtype of input\), got Double"):
+        op(x, a, b, w.double())

@@ -152,6 +152,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   return {buffer, mean, var, mean2, var2};
 }
 
+// The fused 1x1 stage alone (bn_relu_conv1x1 in csrc/ops.cpp): bn_relu_gemm on a channels_last input.
+Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tensor& shift, const Tensor& weight) {
+  check_input_4d(input, "input", /*training=*/false);
+  check_cpu_dtype(input);
+  const int64_t C = input.size(1), dims = input.dim() - 2;
+  check_float_tensor(scale, "scale", input, /*bn_tensor=*/true);
+  check_float_tensor(shift, "shift", input, /*bn_tensor=*/true);
+  check_shape(scale, {C}, "scale");
+  check_shape(shift, {C}, "shift");
+  check_float_tensor(weight, "weight", input);
+  TORCH_CHECK(weight.dim() == input.dim() && weight.size(1) == C, "weight: expected shape [C_out, ", C,
+              dims == 3 ? ", 1, 1, 1]" : ", 1, 1]", ", got ", weight.sizes());
+  check_shape(weight, conv_weight_shape(weight.size(0), C, 1, dims), "weight");
+  const Tensor X = input.contiguous(cl_format(dims));
+  const int64_t M = X.numel() / C, n_out = weight.size(0);
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape[1] = n_out;
+  Tensor out = at::empty(shape, input.options().dtype(stats_dtype(input.scalar_type())).memory_format(cl_format(dims)));
+  DNF_DISPATCH_CPU_BLOCK(input.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+    using F = typename Opmath<scalar_t>::type;
+    gemm_engine(input.scalar_type());
+    const Tensor a = scale.to(c10::CppTypeToScalarType<F>::value).contiguous();
+    const Tensor b = shift.to(c10::CppTypeToScalarType<F>::value).contiguous();
+    const Tensor W = weight.contiguous();
+    bn_relu_gemm<scalar_t, F>(X.data_ptr<scalar_t>(), M, C, C, a.data_ptr<F>(), b.data_ptr<F>(),
+                              W.data_ptr<scalar_t>(), n_out, out.data_ptr<F>());
+  });
+  return out;
+}
+
 // What a block's backward reads, gathered once after the argument checks.
 struct BlockOperands {
   TensorList g1, b1, w1, g2, b2, w2;   // per layer: BN1, conv1 (1x1), BN2, conv2 (3x3) parameters
@@ -396,10 +426,12 @@ namespace dnf::cpu {
 
 DNF_DECLARE_ISA_VARIANTS(dense_block_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_cpu)
+DNF_DECLARE_ISA_VARIANTS(bn_relu_conv1x1_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("dense_block_forward", DNF_PICK_ISA(dense_block_forward_cpu));
   m.impl("dense_block_backward", DNF_PICK_ISA(dense_block_backward_cpu));
+  m.impl("bn_relu_conv1x1", DNF_PICK_ISA(bn_relu_conv1x1_cpu));
 }
 
 }  // namespace dnf::cpu

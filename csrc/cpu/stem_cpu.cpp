@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -116,6 +117,45 @@ inline void window_max(const T* xc, const StemGeom& g, int64_t od, int64_t oh, i
       }
 }
 
+// channels_last: window_max for all C channels of one output pixel at once (the channel loop is the
+// vector loop; same scan order and NaN rule per channel). x points at sample n; arg[c] receives the
+// winning element's offset (from x) of channel c's window, best[c] its value.
+template <typename T>
+inline void window_max_cl(const T* x, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, const Fold<T>& f,
+                          T* best, int32_t* pos, int64_t* arg) {
+  const int64_t d0 = std::max<int64_t>(od * g.sd - g.pd, 0), d1 = std::min(od * g.sd - g.pd + g.kd, g.D);
+  const int64_t h0 = std::max<int64_t>(2 * oh - 1, 0), h1 = std::min(2 * oh + 2, g.H);
+  const int64_t w0 = std::max<int64_t>(2 * ow - 1, 0), w1 = std::min(2 * ow + 2, g.W);
+  const int64_t C = g.C;
+  const T* __restrict__ a = f.a.data();
+  const T* __restrict__ b = f.b.data();
+  int64_t offs[27];
+  int32_t k = 0;
+  for (int64_t d = d0; d < d1; ++d)
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t w = w0; w < w1; ++w) offs[k++] = ((d * g.H + h) * g.W + w) * C;
+  {  // the window's first element always wins over the initial -inf
+    const T* __restrict__ xr = x + offs[0];
+    DNF_SIMD for (int64_t c = 0; c < C; ++c) {
+      best[c] = relu<T>(xr[c] * a[c] + b[c]);
+      pos[c] = 0;
+    }
+  }
+  for (int32_t i = 1; i < k; ++i) {
+    const T* __restrict__ xr = x + offs[i];
+    DNF_SIMD for (int64_t c = 0; c < C; ++c) {
+      const T v = relu<T>(xr[c] * a[c] + b[c]);
+      // take v when v > best or v is NaN, written as selects so the loop vectorises
+      const T cur = best[c];
+      const T keep_or_nan = v != v ? v : cur;
+      best[c] = v > cur ? v : keep_or_nan;
+      pos[c] = v > cur ? i : (v != v ? i : pos[c]);
+    }
+  }
+  if (arg != nullptr)
+    for (int64_t c = 0; c < C; ++c) arg[c] = offs[pos[c]];
+}
+
 Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                            const Tensor& bias, bool /*training*/, double eps) {
   check_stem(input, mean, var, weight, bias, eps);
@@ -128,6 +168,21 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
     const Fold<T> f = fold_stem<T>(mean, var, weight, bias, eps);
     const T* Xp = X.data_ptr<T>();
     T* O = out.data_ptr<T>();
+    if (g.cl) {
+      at::parallel_for(0, g.N * g.OH, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> best(g.C);
+        std::vector<int32_t> pos(g.C);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / g.OH, oh = t % g.OH;
+          for (int64_t od = 0; od < g.OD; ++od)
+            for (int64_t ow = 0; ow < g.OW; ++ow) {
+              window_max_cl<T>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), nullptr);
+              std::copy(best.begin(), best.end(), O + n * g.oN + ((od * g.OH + oh) * g.OW + ow) * g.C);
+            }
+        }
+      });
+      return;
+    }
     at::parallel_for(0, g.N * g.C * g.OH, 16, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t n, c, oh, arg;
@@ -163,7 +218,7 @@ void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<T>& f, std:
         for (int64_t p = p0; p < pe; ++p) {
           const T* xr = X + n * g.sN + p * C;
           const T* gr = G + n * g.sN + p * C;
-          for (int64_t c = 0; c < C; ++c) {
+          DNF_SIMD for (int64_t c = 0; c < C; ++c) {
             const T d = bn_relu_grad<T>(xr[c] * f.a[c] + f.b[c], gr[c]);
             p1[c] += d;
             p2[c] += d * ((xr[c] - f.mean[c]) * f.invstd[c]);
@@ -208,7 +263,25 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
     T* G = dX.data_ptr<T>();
     // 1. Pool backward into dX. Windows of output rows oh and oh + 2 are disjoint (rows 2oh-1..2oh+1),
     //    so the tasks of one oh parity never write the same element: two race-free phases.
-    for (int64_t parity = 0; parity < 2; ++parity) {
+    for (int64_t parity = 0; parity < 2 && g.cl; ++parity) {
+      const int64_t rows = (g.OH - parity + 1) / 2;  // oh = parity, parity + 2, ...
+      at::parallel_for(0, g.N * rows, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> best(g.C);
+        std::vector<int32_t> pos(g.C);
+        std::vector<int64_t> arg(g.C);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n = t / rows, oh = parity + 2 * (t % rows);
+          T* gn = G + n * g.sN;
+          for (int64_t od = 0; od < g.OD; ++od)
+            for (int64_t ow = 0; ow < g.OW; ++ow) {
+              window_max_cl<T>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), arg.data());
+              const T* orow = dOp + n * g.oN + ((od * g.OH + oh) * g.OW + ow) * g.C;
+              for (int64_t c = 0; c < g.C; ++c) gn[arg[c] + c] += orow[c];
+            }
+        }
+      });
+    }
+    for (int64_t parity = 0; parity < 2 && !g.cl; ++parity) {
       const int64_t rows = (g.OH - parity + 1) / 2;  // oh = parity, parity + 2, ...
       at::parallel_for(0, g.N * g.C * rows, 16, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
@@ -241,12 +314,34 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
       db[c] = static_cast<T>(s1[c]), dg[c] = static_cast<T>(s2[c]);
       if (training) m1[c] = static_cast<T>(s1[c] / M), m2[c] = static_cast<T>(s2[c] / M);
     }
-    const int64_t S = g.D * g.H * g.W, inner = g.cl ? 1 : S;  // element e has channel (e / inner) % C
-    at::parallel_for(0, X.numel(), 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) {
-        const int64_t c = (e / inner) % g.C;
-        const T d = bn_relu_grad<T>(Xp[e] * f.a[c] + f.b[c], G[e]);
-        G[e] = bn_backward<T>(d, (Xp[e] - f.mean[c]) * f.invstd[c], f.a[c], m1[c], m2[c], training);
+    // Rows of C channels (channels_last) or planes of S positions of one channel (contiguous); the mode
+    // branch of bn_backward (common/nonfinite.h) hoisted so the inner loop vectorises.
+    const int64_t S = g.D * g.H * g.W;
+    const int64_t outer = g.cl ? M : g.N * g.C, inner = g.cl ? g.C : S;
+    at::parallel_for(0, outer, g.cl ? 64 : 1, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        const T* xr = Xp + o * inner;
+        T* gr = G + o * inner;
+        const int64_t cc = o % g.C;  // the plane's channel (contiguous layout)
+        const T *a = f.a.data(), *b = f.b.data(), *mu = f.mean.data(), *is = f.invstd.data();
+        const T *p1 = m1.data(), *p2 = m2.data();
+        auto elem = [&](auto train, int64_t i, int64_t c) {
+          const T d = bn_relu_grad<T>(xr[i] * a[c] + b[c], gr[i]);
+          if constexpr (decltype(train)::value) {
+            gr[i] = bn_backward_train<T>(d, (xr[i] - mu[c]) * is[c], a[c], p1[c], p2[c]);
+          } else {
+            gr[i] = a[c] * d;
+          }
+        };
+        if (g.cl && training) {
+          DNF_SIMD for (int64_t c = 0; c < inner; ++c) elem(std::true_type{}, c, c);
+        } else if (g.cl) {
+          DNF_SIMD for (int64_t c = 0; c < inner; ++c) elem(std::false_type{}, c, c);
+        } else if (training) {
+          DNF_SIMD for (int64_t i = 0; i < inner; ++i) elem(std::true_type{}, i, cc);
+        } else {
+          DNF_SIMD for (int64_t i = 0; i < inner; ++i) elem(std::false_type{}, i, cc);
+        }
       }
     });
   });

@@ -153,6 +153,13 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
             input.new_empty((L if training else 0, inter), dtype=sd))
 
 
+@torch.library.register_fake("densenet_fast::bn_relu_conv1x1")
+def _bn_relu_conv1x1_fake(input, scale, shift, weight):
+    shape = [input.shape[0], weight.shape[0], *input.shape[2:]]
+    fmt = torch.channels_last_3d if input.dim() == 5 else _CL
+    return torch.empty(shape, dtype=stats_dtype(input.dtype), device=input.device, memory_format=fmt)
+
+
 @torch.library.register_fake("densenet_fast::dense_block_backward")
 def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
                                conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
