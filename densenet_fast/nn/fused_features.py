@@ -32,6 +32,7 @@ from densenet_fast.nn.dense_block import (
     fused_norm_relu_pool,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
+from densenet_fast.nn.sync_batchnorm import sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.stem import bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -45,14 +46,16 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 def norm_relu_kind(m: nn.Module) -> Optional[str]:
-    """``"bn"`` for a plain ``nn.BatchNorm2d`` / ``nn.BatchNorm3d``, ``"bn_relu"`` for timm's ``BatchNormAct2d``
-    with a ReLU activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
-    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) or not fusable_norms([m]):
+    """``"bn"`` for a plain ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` / ``nn.SyncBatchNorm``, ``"bn_relu"`` for timm's
+    ``BatchNormAct2d`` / ``SyncBatchNormAct`` with a ReLU activation and no drop layer, ``None`` otherwise (or when
+    the norm itself cannot be fused)."""
+    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)) or not fusable_norms([m]):
         return None
-    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d):
+    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
         return "bn"
     act, drop = getattr(m, "act", None), getattr(m, "drop", None)
-    if type(m).__name__ == "BatchNormAct2d" and type(act) is nn.ReLU and type(drop) is nn.Identity:
+    if (type(m).__name__ in ("BatchNormAct2d", "SyncBatchNormAct") and type(act) is nn.ReLU
+            and type(drop) is nn.Identity):
         return "bn_relu"
     return None
 
@@ -81,16 +84,32 @@ def stem_span(mods: List[nn.Module], i: int) -> int:
 
 
 def fused_stem(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """max_pool2d(relu(bn(x)), 3, 2, 1), storing only ``x`` for the backward (float32/float64 CPU, CUDA)."""
+    """max_pool2d(relu(bn(x)), 3, 2, 1), storing only ``x`` for the backward (float32/float64 CPU, CUDA).
+    A synchronising ``nn.SyncBatchNorm`` normalises with all-reduced statistics."""
+    group = sync_group([bn])
+    if group is not None:
+        return sync_reader("stem", bn, x, group)
     mean, var, training = bn_stats(bn, x, update=False)
     out = bn_relu_maxpool(x, mean, var, bn.weight, bn.bias, training, bn.eps)
     commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
     return out
 
 
-def _stem_can_fuse(x: Tensor) -> bool:
+def _stem_can_fuse(x: Tensor, bn: nn.Module) -> bool:
     # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
+    if sync_group([bn]) is not None and sync_input_problem(x) is not None:
+        return False  # SyncBatchNorm's own synchronisation
     return x.dim() == 4 and x.shape[0] > 0 and _fused_device_ok(x)
+
+
+def _stats_for(reader_norm: nn.Module, stats) -> tuple:
+    """(mean, var, count) of a fused block's output for the reader normalised by ``reader_norm``, or Nones when
+    the reader must compute its own: a synchronised block's global statistics serve a synchronising reader
+    only, a block's per-process statistics a non-synchronising one only."""
+    count = getattr(stats, "count", None)
+    if (count is not None) != (sync_group([reader_norm]) is not None):
+        return None, None, None
+    return stats.mean, stats.var, count
 
 
 class FusedFeatures(nn.Sequential):
@@ -117,7 +136,7 @@ class FusedFeatures(nn.Sequential):
             if pending is not None:
                 buf = pending.buffer
                 if isinstance(m, Transition) and not has_hooks(m) and m.can_fuse(buf):
-                    x, pending = m.fused_forward(buf, pending.mean, pending.var), None
+                    x, pending = m.fused_forward(buf, *_stats_for(m.norm, pending)), None
                     i += 1
                     continue
                 x, stats, pending = buf, pending, None
@@ -125,18 +144,18 @@ class FusedFeatures(nn.Sequential):
                 stats = None
             if last and pool_relu is not None and not has_hooks(m):
                 kind = norm_relu_kind(m)
-                rank = 5 if isinstance(m, nn.BatchNorm3d) else 4
+                rank = 5 if isinstance(m, nn.BatchNorm3d) else 4 if isinstance(m, nn.BatchNorm2d) else x.dim()
                 if (kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank \
                         and _fused_device_ok(_autocast_dtype_fix(x)):
                     if stats is not None and m.training == bool(stats.mean.numel()):
-                        return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
+                        return fused_norm_relu_pool(m, x, *_stats_for(m, stats)), True
                     return fused_norm_relu_pool(m, x), True
             if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
                 pending = m.fused_forward(x)
                 i += 1
                 continue
             span = stem_span(mods, i) if stats is None else 0
-            if span and _stem_can_fuse(x):
+            if span and _stem_can_fuse(x, m):
                 x = fused_stem(m, x)
                 i += span
                 continue

@@ -40,21 +40,29 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(input, mean, var, weight, bias)
 
 
-def _backward(ctx, grad):
-    input, mean, var, weight, bias = ctx.saved_tensors
-    u = _bn_relu(input, mean, var, weight, bias, ctx.eps)  # recomputed, never stored
+def bn_relu_maxpool_backward(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
+                             training: bool, eps: float):
+    """(grad_input, grad_weight, grad_bias) of :func:`bn_relu_maxpool`; recomputes the BN-ReLU output and
+    the pooling argmax. ``training=False``: the statistics are constants (dx = a·dz)."""
+    u = _bn_relu(input, mean, var, weight, bias, eps)  # recomputed, never stored
     _, idx = torch.ops.aten.max_pool2d_with_indices(u, _K, _S, _P, [1, 1], False)
     du = torch.ops.aten.max_pool2d_with_indices_backward(grad, u, _K, _S, _P, [1, 1], False, idx)
     dz = torch.ops.aten.threshold_backward(du, u, 0)
     w = weight.to(mean.dtype)  # as in _bn_relu; the gradients go back in the parameters' dtype
-    if ctx.training:
-        invstd = torch.rsqrt(var + ctx.eps)
+    if training:
+        invstd = torch.rsqrt(var + eps)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, None, None, mean, invstd, True,
-                                                               ctx.eps, [True, True, True])
+                                                               eps, [True, True, True])
     else:
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(dz, input, w, mean, var, None, None, False,
-                                                               ctx.eps, [True, True, True])
-    return dx, None, None, dw.to(weight.dtype), db.to(bias.dtype), None, None
+                                                               eps, [True, True, True])
+    return dx, dw.to(weight.dtype), db.to(bias.dtype)
+
+
+def _backward(ctx, grad):
+    input, mean, var, weight, bias = ctx.saved_tensors
+    dx, dw, db = bn_relu_maxpool_backward(grad, input, mean, var, weight, bias, ctx.training, ctx.eps)
+    return dx, None, None, dw, db, None, None
 
 
 bn_relu_maxpool.register_autograd(_backward, setup_context=_setup)

@@ -1,0 +1,271 @@
+"""Fused SyncBatchNorm (docs/design.md §12): multi-process parity with one process on the global batch, the
+per-layer operators of the synchronised block, and the collectives' count and volume.
+
+The distributed tests spawn 2 and 4 gloo processes on CPU (tests/sync_bn_worker.py) with uneven per-rank
+batches, one rank holding a single sample. SyncBatchNorm's definition is the oracle: each rank's outputs,
+the rank-summed gradients and the running statistics equal those of one process training the unconverted
+torchvision model (plain BatchNorm) on the global batch, in float64 to 1e-9.
+"""
+from __future__ import annotations
+
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_rel, rel_err
+
+import densenet_fast  # noqa: F401  (registers the operators)
+
+torchvision = pytest.importorskip("torchvision")
+_ops = torch.ops.densenet_fast
+
+WORLDS = {"2-ranks": (3, 1), "4-ranks": (2, 1, 3, 2)}  # per-rank batch sizes (uneven; a rank with batch 1)
+MODELS = ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn", "ddp")
+TOL = 1e-9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=list(WORLDS))
+def dist_run(request):
+    import sync_bn_worker
+    import torch.multiprocessing as mp
+    batches = WORLDS[request.param]
+    with tempfile.TemporaryDirectory() as tmp:
+        outfile = str(Path(tmp) / "ranks.pt")
+        mp.spawn(sync_bn_worker.worker, args=(len(batches), _free_port(), outfile, batches), nprocs=len(batches),
+                 join=True)
+        return batches, torch.load(outfile, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One process, unconverted torchvision model with plain BatchNorm, on the global batch of every step."""
+    import sync_bn_worker as w
+
+    def run(n_global: int):
+        model = w.base_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        outs, grads = [], []
+        for step in range(w.STEPS):
+            opt.zero_grad(set_to_none=True)
+            out = model(w.global_batch(step, n_global))
+            (out.square().sum() / n_global).backward()
+            outs.append(out.detach().clone())
+            grads.append([p.grad.clone() for p in model.parameters()])
+            opt.step()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.eval()
+        with torch.no_grad():
+            eval_out = model(w.global_batch(w.STEPS, n_global))
+        return {"outs": outs, "grads": grads, "state": state, "eval_out": eval_out,
+                "names": [n for n, _ in model.named_parameters()]}
+    cache = {}
+    return lambda n: cache.setdefault(n, run(n))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_rank_matches_one_process_on_the_global_batch(dist_run, reference, name):
+    import sync_bn_worker as w
+    batches, ranks = dist_run
+    ref = reference(sum(batches))
+    for rank, res in enumerate(ranks):
+        r = res[name]
+        for step in range(w.STEPS):
+            want = w.local_slice(ref["outs"][step], batches, rank)
+            assert_close_rel(r["outs"][step], want, TOL, f"rank {rank} step {step} output")
+            for pname, g, g_ref in zip(ref["names"], r["grads"][step], ref["grads"][step]):
+                assert_close_rel(g, g_ref, TOL, f"rank {rank} step {step} rank-summed grad {pname}")
+        for key, v in ref["state"].items():  # running statistics (and parameters after two SGD steps)
+            if v.dtype == torch.long:
+                assert torch.equal(r["state"][key], v), f"rank {rank} {key}"
+            else:
+                assert_close_rel(r["state"][key], v, TOL, f"rank {rank} {key}")
+        assert_close_rel(r["eval_out"], w.local_slice(ref["eval_out"], batches, rank), TOL, f"rank {rank} eval")
+        assert r["eval_calls"] == 0  # eval: running statistics, no collective
+
+
+def _expected_traffic(batches_unused=None):
+    """(all-reduce calls, values) per training step of the worker's model, counted from its geometry: per block,
+    one all-reduce of the input's (Σx, Σx²) and count, then per layer the bottleneck's and the new channels';
+    in the backward per layer the BN2 sums and the merged (S1, S2) of the channels it wrote (the last layer's
+    because the transition / final norm read them), and the input's. The stem: its statistics and their
+    gradient. Transitions and the final norm use the block's statistics: no collective of their own."""
+    import sync_bn_worker as w
+    k, inter = w.MODEL["growth_rate"], w.MODEL["bn_size"] * w.MODEL["growth_rate"]
+    c0 = w.MODEL["num_init_features"]
+    calls, values = 2, (2 * c0 + 1) + 2 * c0  # stem
+    for L in w.MODEL["block_config"]:
+        calls += (1 + 2 * L) + (2 * L + 1)
+        values += (2 * c0 + 1 + 2 * L * (inter + k)) + (2 * L * (inter + k) + 2 * c0)
+        c0 = (c0 + L * k) // 2
+    return calls, values
+
+
+def test_collectives_are_per_layer_and_linear_in_depth(dist_run):
+    batches, ranks = dist_run
+    calls, values = _expected_traffic()
+    for res in ranks:
+        for name in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn"):
+            assert res[name]["calls"] == [calls] * 2, name
+            assert res[name]["values"] == [values] * 2, name
+
+
+def test_no_reference_path_fallback(dist_run):
+    _, ranks = dist_run
+    for res in ranks:
+        assert not [m for m in res["warnings"] if "reference" in m], res["warnings"]
+
+
+# -- the per-layer operators (single process) -------------------------------------------------------------
+
+
+def _buffer(n, ct, spatial, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ct, *spatial, dtype=dtype, generator=g) * 1.5 + 0.3
+    return x.contiguous(memory_format=torch.channels_last_3d if len(spatial) == 3 else torch.channels_last)
+
+
+def _layer_args(c, inter, dims, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(c, dtype=dtype, generator=g) * 0.2
+    var = torch.rand(c, dtype=dtype, generator=g) + 0.5
+    weight = torch.rand(c, dtype=dtype, generator=g) + 0.5
+    bias = torch.randn(c, dtype=dtype, generator=g) * 0.3
+    conv = torch.randn(inter, c, *([1] * dims), dtype=dtype, generator=g) / c ** 0.5
+    return mean, var, weight, bias, conv
+
+
+SHAPES = [((3, 11, (5, 7)), 6, 7), ((1, 9, (3, 1, 5)), 9, 5), ((2, 13, (4, 3)), 1, 3)]  # (buffer, channels, inter)
+
+
+def _reference_bottleneck(buf, c, mean, var, weight, bias, conv, eps):
+    """torch's own BatchNorm (eval, given statistics) -> ReLU -> 1x1 convolution."""
+    u = torch.relu(F.batch_norm(buf[:, :c], mean, var, weight, bias, False, 0.0, eps))
+    return F.conv3d(u, conv) if buf.dim() == 5 else F.conv2d(u, conv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_block_layer_bottleneck_matches_torch(shape, dtype):
+    (n, ct, spatial), c, inter = shape
+    buf = _buffer(n, ct, spatial, dtype)
+    args = _layer_args(c, inter, len(spatial), dtype)
+    y = _ops.block_layer_bottleneck(buf, c, *args, 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert_close_rel(y, _reference_bottleneck(buf, c, *args, 1e-5), tol, "Y")
+    fmt = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+    assert y.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_block_layer_bottleneck_backward_matches_autograd(shape, dtype):
+    (n, ct, spatial), c, inter = shape
+    buf = _buffer(n, ct, spatial, dtype)
+    mean, var, weight, bias, conv = _layer_args(c, inter, len(spatial), dtype)
+    dy = _buffer(n, inter, spatial, dtype, seed=5)
+    g0 = _buffer(n, ct, spatial, dtype, seed=6)
+    G = g0.clone(memory_format=torch.channels_last_3d if len(spatial) == 3 else torch.channels_last)
+    dw, s1, s2 = _ops.block_layer_bottleneck_backward(dy, buf, c, mean, var, weight, bias, conv, 1e-5, G)
+    # torch autograd with constant statistics: d/dx, d/dconv, d/dbias (= Σ dU), d/dweight (= Σ dU·x̂)
+    xr = buf.clone().requires_grad_()
+    wr, br, cr = weight.clone().requires_grad_(), bias.clone().requires_grad_(), conv.clone().requires_grad_()
+    _reference_bottleneck(xr, c, mean, var, wr, br, cr, 1e-5).backward(dy)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    assert_close_rel(G[:, :c], g0[:, :c] + xr.grad[:, :c], tol, "grad_buffer[:, :c]")
+    assert torch.equal(G[:, c:], g0[:, c:])  # columns the layer does not read are untouched
+    assert_close_rel(dw, cr.grad, tol, "grad_conv_weight")
+    assert_close_rel(s1, br.grad, tol, "sum_du")
+    assert_close_rel(s2, wr.grad, tol, "sum_du_xhat")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_sums_of_a_buffer_slice(dtype):
+    buf = _buffer(3, 10, (5, 3), dtype) + 100.0  # large mean: the squares' float64 sums stay exact
+    sl = buf[:, 4:7]
+    s = _ops.channel_sums(sl)
+    want = torch.stack([sl.double().sum((0, 2, 3)), sl.double().square().sum((0, 2, 3))])
+    assert s.dtype == torch.float64
+    assert_close_rel(s, want, 1e-14, "channel sums")
+    nchw = buf.contiguous()[:, 4:7]  # not a row layout: read through a copy
+    assert_close_rel(_ops.channel_sums(nchw), want, 1e-14, "channel sums (NCHW)")
+
+
+def test_composites_match_cpu_kernels():
+    # The ATen composites serve as the CUDA kernels of the three operators: same results as the C++ CPU ones.
+    from densenet_fast.ops import sync_block as sb
+    buf = _buffer(2, 11, (5, 4), torch.float64)
+    args = _layer_args(7, 5, 2, torch.float64)
+    assert_close_rel(sb.bottleneck_composite(buf, 7, *args, 1e-5), _ops.block_layer_bottleneck(buf, 7, *args, 1e-5),
+                     1e-13, "bottleneck")
+    dy = _buffer(2, 5, (5, 4), torch.float64, seed=3)
+    G1, G2 = torch.zeros_like(buf), torch.zeros_like(buf)
+    a = sb.bottleneck_backward_composite(dy, buf, 7, *args, 1e-5, G1)
+    b = _ops.block_layer_bottleneck_backward(dy, buf, 7, *args, 1e-5, G2)
+    for x, y, what in zip((*a, G1), (*b, G2), ("dw", "sum_du", "sum_du_xhat", "grad_buffer")):
+        assert_close_rel(x, y, 1e-12, what)
+    assert_close_rel(sb.channel_sums_composite(buf[:, 2:5]), _ops.channel_sums(buf[:, 2:5]), 1e-14, "sums")
+
+
+@pytest.mark.parametrize("op", ["block_layer_bottleneck", "block_layer_bottleneck_backward", "channel_sums"])
+def test_opcheck(op):
+    buf = _buffer(2, 9, (3, 5), torch.float64)
+    args = _layer_args(6, 4, 2, torch.float64)
+    if op == "channel_sums":
+        call = (buf,)
+    elif op == "block_layer_bottleneck":
+        call = (buf, 6, *args, 1e-5)
+    else:
+        call = (_buffer(2, 4, (3, 5), torch.float64, 2), buf, 6, *args, 1e-5, torch.zeros_like(buf))
+    torch.library.opcheck(getattr(_ops, op).default, call, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(channels=0), r"channels: expected a value in \[1, 9\].*got 0"),
+    (dict(channels=10), r"channels: expected a value in \[1, 9\].*got 10"),
+    (dict(mean=torch.zeros(5, dtype=torch.float64)), r"mean: expected shape \[6\], got \[5\]"),
+    (dict(var=torch.ones(6, dtype=torch.float32)), r"var: expected dtype Double"),
+    (dict(conv=torch.zeros(4, 6, 3, 3, dtype=torch.float64)), r"conv_weight: expected shape \[4, 6, 1, 1\]"),
+    (dict(eps=0.0), r"eps: expected a positive value, got 0"),
+    (dict(buf=torch.zeros(2, 9, 3, 5, dtype=torch.float16)), r"buffer: expected dtype float32 or float64"),
+])
+def test_bad_layer_arguments_name_the_argument(bad, match):
+    buf = bad.get("buf", _buffer(2, 9, (3, 5), torch.float64))
+    mean, var, weight, bias, conv = _layer_args(6, 4, 2, torch.float64)
+    mean, var, conv = bad.get("mean", mean), bad.get("var", var), bad.get("conv", conv)
+    with pytest.raises(RuntimeError, match=match):
+        _ops.block_layer_bottleneck(buf, bad.get("channels", 6), mean, var, weight, bias, conv, bad.get("eps", 1e-5))
+
+
+def test_grad_buffer_must_be_channels_last():
+    buf = _buffer(2, 9, (3, 5), torch.float64)
+    args = _layer_args(6, 4, 2, torch.float64)
+    dy = _buffer(2, 4, (3, 5), torch.float64, 2)
+    with pytest.raises(RuntimeError, match=r"grad_buffer: expected a channels_last contiguous tensor"):
+        _ops.block_layer_bottleneck_backward(dy, buf, 6, *args, 1e-5, torch.zeros(2, 9, 3, 5, dtype=torch.float64))
+
+
+def test_sync_models_without_process_group_run_the_plain_fused_path():
+    # SyncBatchNorm without an initialised process group is plain BatchNorm: the fused kernels, no warning.
+    import copy
+    import warnings
+
+    from convert_utils import randomize_bn, train_steps, tv_small
+
+    import densenet_fast as dnf
+    base = randomize_bn(tv_small(torch.float64))
+    ref = copy.deepcopy(base)
+    model = dnf.convert(torch.nn.SyncBatchNorm.convert_sync_batchnorm(base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps([model, ref], [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)],
+                    tol_out=1e-10, tol_grad=1e-9)
+    assert rel_err(model.features.norm5.running_var, ref.features.norm5.running_var) < 1e-10
