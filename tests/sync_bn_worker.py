@@ -25,17 +25,25 @@ import densenet_fast as dnf  # noqa: E402
 from densenet_fast.convert import convert  # noqa: E402
 
 MODEL = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classes=5, bn_size=2)
-SIZE = 20  # stem 10x10 -> pool 5x5 (odd: the transition's pool drops a row and a column) -> 2x2
+MONAI = dict(spatial_dims=3, in_channels=1, out_channels=3, init_features=4, growth_rate=2, block_config=(2, 2),
+             bn_size=2)
+# 2-D: stem 10x10 -> pool 5x5 (odd: the transition's pool drops a row and a column) -> 2x2.
+# 3-D: stem 6^3 -> pool 3^3 -> transition 1^3: a rank with batch 1 has one value per channel in the last
+# block, which SyncBatchNorm accepts (the global batch has more).
+INPUT = {"torchvision": (3, 20, 20), "monai3d": (1, 12, 12, 12)}
 STEPS = 2
 
 
-def base_model() -> nn.Module:
+def base_model(family: str = "torchvision") -> nn.Module:
     torch.manual_seed(0)
-    return randomize_bn(tv_small(torch.float64, **MODEL))
+    if family == "torchvision":
+        return randomize_bn(tv_small(torch.float64, **MODEL))
+    from monai.networks.nets import DenseNet
+    return randomize_bn(DenseNet(**MONAI)).double()
 
 
-def global_batch(step: int, n: int) -> torch.Tensor:
-    return torch.randn(n, 3, SIZE, SIZE, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
+def global_batch(step: int, n: int, family: str = "torchvision") -> torch.Tensor:
+    return torch.randn(n, *INPUT[family], dtype=torch.float64, generator=torch.Generator().manual_seed(100 + step))
 
 
 def local_slice(x: torch.Tensor, batches, rank: int) -> torch.Tensor:
@@ -62,17 +70,24 @@ class Traffic:
         dist.all_reduce = self._orig
 
 
-def _models(base: nn.Module):
+def _models(family: str, base: nn.Module):
     from densenet_fast.nn.sync_batchnorm import DistributedDataParallel as DDP  # accepts CPU SyncBatchNorm
     sync = nn.SyncBatchNorm.convert_sync_batchnorm
-    ours = dnf.DenseNet(**MODEL, sync_bn=True).double()
+    if family == "torchvision":
+        ours = dnf.DenseNet(**MODEL, sync_bn=True).double()
+    else:
+        ours = dnf.DenseNet3d(**MONAI, sync_bn=True).double()
     ours.load_state_dict(base.state_dict())
-    return {
+    models = {
         "sync_then_convert": convert(sync(copy.deepcopy(base))),
         "convert_then_sync": sync(convert(copy.deepcopy(base))),
         "densenet_fast_sync_bn": ours,
-        "ddp": DDP(convert(sync(copy.deepcopy(base)))),
     }
+    if family == "torchvision":
+        models["ddp"] = DDP(convert(sync(copy.deepcopy(base))))
+        # torch.compile: the synchronised modules are graph breaks (torch.compiler.disable), the rest is traced.
+        models["compiled"] = torch.compile(convert(sync(copy.deepcopy(base))), backend="aot_eager")
+    return models
 
 
 def run(rank: int, world: int, batches) -> dict:
@@ -80,35 +95,40 @@ def run(rank: int, world: int, batches) -> dict:
     res = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        models = _models(base_model())
-        for name, model in models.items():
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-            r = res[name] = {"outs": [], "grads": [], "calls": [], "values": []}
-            for step in range(STEPS):
-                x = local_slice(global_batch(step, n_global), batches, rank)
-                opt.zero_grad(set_to_none=True)
-                with Traffic() as traffic:
-                    out = model(x)
-                    # Each rank's share of the global loss mean over samples of out**2; DDP averages gradients
-                    # over ranks, so its ranks' losses are scaled by the world size.
-                    loss = out.square().sum() / n_global
-                    (loss * world if name == "ddp" else loss).backward()
-                if name != "ddp":
-                    for p in model.parameters():  # the rank-summed gradient
-                        dist.all_reduce(p.grad)
-                r["outs"].append(out.detach().clone())
-                r["grads"].append([p.grad.clone() for p in model.parameters()])
-                r["calls"].append(traffic.calls)
-                r["values"].append(traffic.values)
-                opt.step()
-            module = model.module if name == "ddp" else model
-            r["state"] = {k: v.clone() for k, v in module.state_dict().items()}
-            module.eval()  # SyncBatchNorm in eval: running statistics, no collective
-            with torch.no_grad(), Traffic() as traffic:
-                r["eval_out"] = module(local_slice(global_batch(STEPS, n_global), batches, rank)).clone()
-            r["eval_calls"] = traffic.calls
+        for family in INPUT:
+            for name, model in _models(family, base_model(family)).items():
+                res[f"{family}/{name}"] = _train(model, name, family, rank, world, batches, n_global)
     res["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     return res
+
+
+def _train(model, name, family, rank, world, batches, n_global) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    r = {"outs": [], "grads": [], "calls": [], "values": []}
+    for step in range(STEPS):
+        x = local_slice(global_batch(step, n_global, family), batches, rank)
+        opt.zero_grad(set_to_none=True)
+        with Traffic() as traffic:
+            out = model(x)
+            # Each rank's share of the global loss mean over samples of out**2; DDP averages gradients over
+            # ranks, so its ranks' losses are scaled by the world size.
+            loss = out.square().sum() / n_global
+            (loss * world if name == "ddp" else loss).backward()
+        if name != "ddp":
+            for p in model.parameters():  # the rank-summed gradient
+                dist.all_reduce(p.grad)
+        r["outs"].append(out.detach().clone())
+        r["grads"].append([p.grad.clone() for p in model.parameters()])
+        r["calls"].append(traffic.calls)
+        r["values"].append(traffic.values)
+        opt.step()
+    module = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    r["state"] = {k: v.clone() for k, v in module.state_dict().items()}
+    module.eval()  # SyncBatchNorm in eval: running statistics, no collective
+    with torch.no_grad(), Traffic() as traffic:
+        r["eval_out"] = module(local_slice(global_batch(STEPS, n_global, family), batches, rank)).clone()
+    r["eval_calls"] = traffic.calls
+    return r
 
 
 def worker(rank: int, world: int, port: int, outfile: str, batches) -> None:

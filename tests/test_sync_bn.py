@@ -23,7 +23,9 @@ torchvision = pytest.importorskip("torchvision")
 _ops = torch.ops.densenet_fast
 
 WORLDS = {"2-ranks": (3, 1), "4-ranks": (2, 1, 3, 2)}  # per-rank batch sizes (uneven; a rank with batch 1)
-MODELS = ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn", "ddp")
+MODELS = [f"torchvision/{m}" for m in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn", "ddp",
+                                       "compiled")]
+MODELS += [f"monai3d/{m}" for m in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn")]
 TOL = 1e-9
 
 
@@ -50,13 +52,13 @@ def reference():
     """One process, unconverted torchvision model with plain BatchNorm, on the global batch of every step."""
     import sync_bn_worker as w
 
-    def run(n_global: int):
-        model = w.base_model()
+    def run(family: str, n_global: int):
+        model = w.base_model(family)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         outs, grads = [], []
         for step in range(w.STEPS):
             opt.zero_grad(set_to_none=True)
-            out = model(w.global_batch(step, n_global))
+            out = model(w.global_batch(step, n_global, family))
             (out.square().sum() / n_global).backward()
             outs.append(out.detach().clone())
             grads.append([p.grad.clone() for p in model.parameters()])
@@ -64,25 +66,31 @@ def reference():
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.eval()
         with torch.no_grad():
-            eval_out = model(w.global_batch(w.STEPS, n_global))
+            eval_out = model(w.global_batch(w.STEPS, n_global, family))
         return {"outs": outs, "grads": grads, "state": state, "eval_out": eval_out,
                 "names": [n for n, _ in model.named_parameters()]}
     cache = {}
-    return lambda n: cache.setdefault(n, run(n))
+    return lambda family, n: cache[(family, n)] if (family, n) in cache else cache.setdefault((family, n),
+                                                                                           run(family, n))
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_each_rank_matches_one_process_on_the_global_batch(dist_run, reference, name):
     import sync_bn_worker as w
     batches, ranks = dist_run
-    ref = reference(sum(batches))
+    ref = reference(name.split("/")[0], sum(batches))
     for rank, res in enumerate(ranks):
         r = res[name]
         for step in range(w.STEPS):
             want = w.local_slice(ref["outs"][step], batches, rank)
             assert_close_rel(r["outs"][step], want, TOL, f"rank {rank} step {step} output")
+            # Each gradient relative to its own magnitude, floored at 1e-6 of the model's largest: the stem norm's
+            # gradients are analytically ~0 where every reader of its output is a training-mode BatchNorm
+            # (MONAI's 3-D stem here), and then pure roundoff in both computations.
+            top = max(g.abs().max().item() for g in ref["grads"][step])
             for pname, g, g_ref in zip(ref["names"], r["grads"][step], ref["grads"][step]):
-                assert_close_rel(g, g_ref, TOL, f"rank {rank} step {step} rank-summed grad {pname}")
+                err = (g - g_ref).abs().max().item() / max(g_ref.abs().max().item(), 1e-6 * top)
+                assert err <= TOL, f"rank {rank} step {step} rank-summed grad {pname}: relative error {err:.3e}"
         for key, v in ref["state"].items():  # running statistics (and parameters after two SGD steps)
             if v.dtype == torch.long:
                 assert torch.equal(r["state"][key], v), f"rank {rank} {key}"
@@ -113,9 +121,9 @@ def test_collectives_are_per_layer_and_linear_in_depth(dist_run):
     batches, ranks = dist_run
     calls, values = _expected_traffic()
     for res in ranks:
-        for name in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn"):
-            assert res[name]["calls"] == [calls] * 2, name
-            assert res[name]["values"] == [values] * 2, name
+        for name in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn", "ddp", "compiled"):
+            assert res[f"torchvision/{name}"]["calls"] == [calls] * 2, name
+            assert res[f"torchvision/{name}"]["values"] == [values] * 2, name
 
 
 def test_no_reference_path_fallback(dist_run):

@@ -159,7 +159,12 @@ class FusedFeatures(nn.Sequential):
                 x = fused_stem(m, x)
                 i += span
                 continue
-            x = m(x)
+            group = sync_group([m]) if type(m) is nn.SyncBatchNorm and not has_hooks(m) else None
+            if group is not None and sync_input_problem(x) is None:
+                # A SyncBatchNorm no fused operator reads (e.g. a 3-D stem's): synchronised here, also on CPU.
+                x = sync_reader("bn", m, x, group, *(_stats_for(m, stats) if stats is not None else ()))
+            else:
+                x = m(x)
             i += 1
         if pending is not None:
             x = pending.buffer

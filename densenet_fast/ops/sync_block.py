@@ -266,7 +266,8 @@ class _SyncDenseBlock(torch.autograd.Function):
 
 
 def _check_sync_args(x: Tensor, params: BlockParams, drop_rate: float, dropout_mask, eps: float) -> None:
-    check_dense_block_args(x, *params[:6], [], [], [], [], dropout_mask, drop_rate, True, eps)
+    # training=False: a rank may hold one value per channel (SyncBatchNorm's rule counts the global batch).
+    check_dense_block_args(x, *params, dropout_mask, drop_rate, False, eps)
     if x.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"input: the synchronised block computes in float32 or float64, got {x.dtype}")
     sd = x.dtype

@@ -143,8 +143,17 @@ def _stem_bwd(grad, x, mean, var, w, b, _cw, eps):
     return (*bn_relu_maxpool_backward(grad, x, mean, var, w, b, False, eps), None)
 
 
+def _bn_fwd(x, mean, var, w, b, _cw, eps):
+    return torch.batch_norm(x, w, b, mean, var, False, 0.0, eps, False)
+
+
+def _bn_bwd(grad, x, mean, var, w, b, _cw, eps):
+    return (*torch.ops.aten.native_batch_norm_backward(grad, x, w, mean, var, None, None, False, eps,
+                                                       [True, True, True]), None)
+
+
 _READERS = {"transition": (_transition_fwd, _transition_bwd), "norm_relu_pool": (_pool_fwd, _pool_bwd),
-            "stem": (_stem_fwd, _stem_bwd)}
+            "stem": (_stem_fwd, _stem_bwd), "bn": (_bn_fwd, _bn_bwd)}
 
 
 class _BNReader(torch.autograd.Function):
@@ -170,7 +179,8 @@ def bn_reader(kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, b
     """A fused BN-ReLU reader of x with the statistics ``mean``/``var`` given, differentiable in them.
 
     kind: ``"transition"`` (extra: the 1x1 conv weight; [N, C, H, W] -> [N, C_out, H/2, W/2]),
-    ``"norm_relu_pool"`` ([N, C, *] -> [N, C]) or ``"stem"`` ([N, C, H, W] -> BN-ReLU-maxpool 3x3/2).
+    ``"norm_relu_pool"`` ([N, C, *] -> [N, C]), ``"stem"`` ([N, C, H, W] -> BN-ReLU-maxpool 3x3/2) or ``"bn"``
+    (the BatchNorm alone, [N, C, *] -> [N, C, *]; torch's kernels).
     With statistics from :func:`sync_moments` (or a synchronised block) this is SyncBatchNorm's reader.
     """
     if kind not in _READERS:
