@@ -277,3 +277,75 @@ def test_sync_models_without_process_group_run_the_plain_fused_path():
         train_steps([model, ref], [torch.randn(2, 3, 32, 32, dtype=torch.float64) for _ in range(2)],
                     tol_out=1e-10, tol_grad=1e-9)
     assert rel_err(model.features.norm5.running_var, ref.features.norm5.running_var) < 1e-10
+
+
+# -- the synchronised block in one process (a one-rank group: the collectives are identities) -------------
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 4, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_sync_block_equals_fused_block_in_one_process(one_rank_group, spatial, drop_rate):
+    # One rank: SyncBatchNorm's statistics are the batch's, so the synchronised block (Python loop, per-layer
+    # operators) must give the fused operator's results, including dropout with the same mask.
+    from densenet_fast.ops import BlockParams, fused_dense_block
+    from densenet_fast.ops.sync_block import sync_dense_block
+    dims = len(spatial)
+    g = torch.Generator().manual_seed(7)
+    L, c0, k, inter = 3, 5, 3, 4
+    p = [[], [], [], [], [], [], [], [], [], []]
+    for i in range(L):
+        c = c0 + i * k
+        p[0].append(torch.rand(c, dtype=torch.float64, generator=g) + 0.5)
+        p[1].append(torch.randn(c, dtype=torch.float64, generator=g) * 0.2)
+        p[2].append(torch.randn(inter, c, *[1] * dims, dtype=torch.float64, generator=g) / c ** 0.5)
+        p[3].append(torch.rand(inter, dtype=torch.float64, generator=g) + 0.5)
+        p[4].append(torch.randn(inter, dtype=torch.float64, generator=g) * 0.2)
+        p[5].append(torch.randn(k, inter, *[3] * dims, dtype=torch.float64, generator=g) / (9 * inter) ** 0.5)
+        p[6].append(torch.zeros(c, dtype=torch.float64))
+        p[7].append(torch.ones(c, dtype=torch.float64))
+        p[8].append(torch.zeros(inter, dtype=torch.float64))
+        p[9].append(torch.ones(inter, dtype=torch.float64))
+    x = torch.randn(2, c0, *spatial, dtype=torch.float64, generator=g)
+    mask = (torch.rand(2, L * k, *spatial, generator=g) > drop_rate) if drop_rate else None
+    runs = []
+    for fn in ("fused", "sync"):
+        params = BlockParams(*[[t.clone().requires_grad_(i < 6) for t in ts] for i, ts in enumerate(p)])
+        xi = x.clone().requires_grad_()
+        if fn == "fused":
+            out = fused_dense_block(xi, params, training=True, drop_rate=drop_rate, dropout_mask=mask)
+        else:
+            out = sync_dense_block(xi, params, group=one_rank_group, drop_rate=drop_rate, dropout_mask=mask)
+            assert out.count == x.numel() // c0
+        w = torch.randn(out.buffer.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        (out.buffer * w).sum().backward()
+        runs.append((out, xi.grad, [t.grad for ts in params[:6] for t in ts]))
+    (fo, fdx, fgrads), (so, sdx, sgrads) = runs
+    for name in ("buffer", "mean", "var", "mean2", "var2"):
+        assert_close_rel(getattr(so, name), getattr(fo, name), 1e-12, name)
+    assert_close_rel(sdx, fdx, 1e-11, "grad input")
+    for i, (a, b) in enumerate(zip(sgrads, fgrads)):
+        assert_close_rel(a, b, 1e-11, f"param grad {i}")
+
+
+def test_sync_block_refuses_half_precision(one_rank_group):
+    from densenet_fast.ops import BlockParams
+    from densenet_fast.ops.sync_block import sync_dense_block
+    x = torch.randn(2, 4, 5, 5, dtype=torch.bfloat16)
+    p = BlockParams([torch.ones(4)], [torch.zeros(4)], [torch.randn(4, 4, 1, 1, dtype=torch.bfloat16)], [torch.ones(4)],
+                    [torch.zeros(4)], [torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)], [torch.zeros(4)],
+                    [torch.ones(4)], [torch.zeros(4)], [torch.ones(4)])
+    with pytest.raises(RuntimeError, match=r"input: the synchronised block computes in float32 or float64, got "
+                                           r"torch.bfloat16"):
+        sync_dense_block(x, p, group=one_rank_group)
