@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_utils import randomize_bn, tv_small  # noqa: E402
+from convert_utils import randomize_bn, timm_small, tv_small  # noqa: E402
 
 import densenet_fast as dnf  # noqa: E402
 from densenet_fast.convert import convert  # noqa: E402
@@ -30,7 +30,7 @@ MONAI = dict(spatial_dims=3, in_channels=1, out_channels=3, init_features=4, gro
 # 2-D: stem 10x10 -> pool 5x5 (odd: the transition's pool drops a row and a column) -> 2x2.
 # 3-D: stem 6^3 -> pool 3^3 -> transition 1^3: a rank with batch 1 has one value per channel in the last
 # block, which SyncBatchNorm accepts (the global batch has more).
-INPUT = {"torchvision": (3, 20, 20), "monai3d": (1, 12, 12, 12)}
+INPUT = {"torchvision": (3, 20, 20), "monai3d": (1, 12, 12, 12), "timm": (3, 20, 20)}
 STEPS = 2
 
 
@@ -38,6 +38,8 @@ def base_model(family: str = "torchvision") -> nn.Module:
     torch.manual_seed(0)
     if family == "torchvision":
         return randomize_bn(tv_small(torch.float64, **MODEL))
+    if family == "timm":  # BatchNormAct2d norms; timm's convert_sync_batchnorm makes them SyncBatchNormAct
+        return randomize_bn(timm_small(torch.float64, growth_rate=4, block_config=(2, 2), bn_size=2))
     from monai.networks.nets import DenseNet
     return randomize_bn(DenseNet(**MONAI)).double()
 
@@ -73,6 +75,10 @@ class Traffic:
 def _models(family: str, base: nn.Module):
     from densenet_fast.nn.sync_batchnorm import DistributedDataParallel as DDP  # accepts CPU SyncBatchNorm
     sync = nn.SyncBatchNorm.convert_sync_batchnorm
+    if family == "timm":
+        from timm.layers import convert_sync_batchnorm
+        return {"sync_then_convert": convert(convert_sync_batchnorm(copy.deepcopy(base))),
+                "convert_then_sync": convert_sync_batchnorm(convert(copy.deepcopy(base)))}
     if family == "torchvision":
         ours = dnf.DenseNet(**MODEL, sync_bn=True).double()
     else:

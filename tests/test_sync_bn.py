@@ -26,6 +26,7 @@ WORLDS = {"2-ranks": (3, 1), "4-ranks": (2, 1, 3, 2)}  # per-rank batch sizes (u
 MODELS = [f"torchvision/{m}" for m in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn", "ddp",
                                        "compiled")]
 MODELS += [f"monai3d/{m}" for m in ("sync_then_convert", "convert_then_sync", "densenet_fast_sync_bn")]
+MODELS += [f"timm/{m}" for m in ("sync_then_convert", "convert_then_sync")]
 TOL = 1e-9
 
 
