@@ -10,10 +10,12 @@ is the same for every implementation and not counted). Implementations, each in 
   (``tests/ddp_worker.install_cpu_sync_bn_shim``): its real Python code path and collectives run; its memory
   is that of the shim's kernels;
 * ``tv``: torchvision densenet121 with plain BatchNorm (per-process statistics), the memory reference: torch's
-  SyncBatchNorm saves the same tensors for backward as BatchNorm (input, weight, mean, invstd, counts).
+  SyncBatchNorm saves the same tensors for backward as BatchNorm (input, weight, mean, invstd, counts);
+* ``dnf``: ``densenet_fast.densenet121()`` with plain BatchNorm (the fused operators): what synchronising costs.
 
 Per implementation and rank: the step peak memory (peak RSS growth of a step after a warm-up step,
-``benchmarks.measure.step_peak_memory``), the median step time, and every collective of a step, counted by
+``benchmarks.measure.step_peak_memory``, with glibc's mmap threshold fixed at 128 KiB so that RSS follows the
+live tensors), the median step time, and every collective of a step, counted by
 wrapping ``torch.distributed.all_reduce`` / ``all_gather`` / ``all_gather_into_tensor``: calls, values and
 bytes each rank contributes. Also, from the model's geometry, the channels whose statistics each side
 exchanges per forward (torchvision: every SyncBatchNorm's input channels; fused: each block's input, each
@@ -47,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
 
-IMPLS = ("dnf-sync", "tv-syncbn", "tv")
+IMPLS = ("dnf-sync", "tv-syncbn", "tv", "dnf")
 
 __all__ = ["IMPLS", "fused_sync_channels", "torch_sync_channels", "run"]
 
@@ -114,6 +116,10 @@ def _model(impl: str) -> nn.Module:
         return model
     if impl == "tv-syncbn":
         return nn.SyncBatchNorm.convert_sync_batchnorm(ref)
+    if impl == "dnf":
+        model = dnf.densenet121()
+        model.load_state_dict(ref.state_dict())
+        return model
     return ref
 
 
@@ -146,7 +152,7 @@ def _worker(rank: int, world: int, port: int, impl: str, batch: int, size: int, 
             times.append(time.perf_counter() - t0)
         row = {"impl": impl, "rank": rank, "collectives": counted, **mem, "step_median_s": statistics.median(times),
                "step_min_s": min(times)}
-        if impl != "tv":
+        if impl in ("dnf-sync", "tv-syncbn"):
             row["channels"] = (fused_sync_channels(model) if impl == "dnf-sync"
                                else {"forward": torch_sync_channels(model), "backward": torch_sync_channels(model)})
         rows: List[dict] = [None] * world  # type: ignore[list-item]
@@ -166,6 +172,11 @@ def _free_port() -> int:
 def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls=IMPLS) -> dict:
     """Runs every implementation in ``world`` fresh processes; returns the JSON record."""
     import torch.multiprocessing as mp
+    # A fixed mmap threshold (glibc): every allocation >= 128 KiB is its own mapping, returned to the OS when
+    # freed, so the RSS peak follows the live tensors instead of the heap's fragmentation (the default
+    # threshold grows with the first large frees and then keeps freed blocks in the heap). Read by the
+    # spawned interpreters at startup; the same for every implementation.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     rows = []
     for impl in impls:
         with tempfile.TemporaryDirectory() as tmp:
@@ -183,9 +194,15 @@ def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls
         summary["peak_ratio_vs_tv_syncbn"] = peak("dnf-sync") / peak("tv-syncbn")
         if "tv" in by:
             summary["peak_ratio_vs_tv"] = peak("dnf-sync") / peak("tv")
+        if "dnf" in by:
+            summary["peak_ratio_vs_dnf_unsynchronised"] = peak("dnf-sync") / peak("dnf")
+    import torchvision
+
     from benchmarks.report import machine_info
+    grad_bytes = sum(p.numel() * 4 for p in torchvision.models.densenet121().parameters())  # float32 gradients
     settings = {"benchmark": "sync_bn", "model": "densenet121", "world": world, "batch_per_rank": batch,
-                "size": size, "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats}
+                "size": size, "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats,
+                "param_grad_bytes": grad_bytes}
     return {"machine": machine_info(torch.device("cpu")), "settings": settings, "rows": rows, "summary": summary}
 
 
@@ -196,7 +213,8 @@ def markdown(record: dict) -> str:
     lines = [f"{st['model']} {st['size']}x{st['size']}, {st['world']} processes x batch {st['batch_per_rank']} "
              f"(gloo, CPU, {st['threads_per_rank']} thread each) on {m.get('cpu_model')}, "
              f"{m.get('logical_cores')} cores (shared machine: times are noisy; load average "
-             f"{m.get('load_average')}).", "",
+             f"{', '.join(f'{v:.1f}' for v in m.get('load_average') or [])}). The step peak includes the "
+             f"{st['param_grad_bytes'] / 2**20:.1f} MiB of parameter gradients the step allocates.", "",
              "| implementation | step peak / rank | step time (median) | all-reduce/gather calls | values | bytes "
              "| channels fwd + bwd |", "|---|---|---|---|---|---|---|"]
     for impl in dict.fromkeys(r["impl"] for r in record["rows"]):

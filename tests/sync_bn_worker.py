@@ -96,6 +96,11 @@ def _models(family: str, base: nn.Module):
     return models
 
 
+def subgroups(world: int):
+    """Ranks of the two process groups of the ``process_group`` run (4 ranks): {0, 1} and {2, 3}."""
+    return [list(range(world // 2)), list(range(world // 2, world))]
+
+
 def run(rank: int, world: int, batches) -> dict:
     n_global = sum(batches)
     res = {}
@@ -104,11 +109,17 @@ def run(rank: int, world: int, batches) -> dict:
         for family in INPUT:
             for name, model in _models(family, base_model(family)).items():
                 res[f"{family}/{name}"] = _train(model, name, family, rank, world, batches, n_global)
+        if world == 4:  # SyncBatchNorm(process_group=...): statistics shared within {0, 1} and within {2, 3}
+            groups = [dist.new_group(ranks) for ranks in subgroups(world)]  # every rank creates every group
+            mine = groups[rank * 2 // world]
+            model = convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base_model()), mine))
+            res["torchvision/process_group"] = _train(model, "process_group", "torchvision", rank, world, batches,
+                                                      n_global, group=mine)
     res["warnings"] = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     return res
 
 
-def _train(model, name, family, rank, world, batches, n_global) -> dict:
+def _train(model, name, family, rank, world, batches, n_global, group=None) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     r = {"outs": [], "grads": [], "calls": [], "values": []}
     for step in range(STEPS):
@@ -118,11 +129,12 @@ def _train(model, name, family, rank, world, batches, n_global) -> dict:
             out = model(x)
             # Each rank's share of the global loss mean over samples of out**2; DDP averages gradients over
             # ranks, so its ranks' losses are scaled by the world size.
-            loss = out.square().sum() / n_global
+            n_loss = n_global if group is None else sum(batches[r] for r in dist.get_process_group_ranks(group))
+            loss = out.square().sum() / n_loss
             (loss * world if name == "ddp" else loss).backward()
         if name != "ddp":
-            for p in model.parameters():  # the rank-summed gradient
-                dist.all_reduce(p.grad)
+            for p in model.parameters():  # the rank-summed gradient (over the norms' process group)
+                dist.all_reduce(p.grad, group=group)
         r["outs"].append(out.detach().clone())
         r["grads"].append([p.grad.clone() for p in model.parameters()])
         r["calls"].append(traffic.calls)

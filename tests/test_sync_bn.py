@@ -53,26 +53,31 @@ def reference():
     """One process, unconverted torchvision model with plain BatchNorm, on the global batch of every step."""
     import sync_bn_worker as w
 
-    def run(family: str, n_global: int):
+    def run(family: str, n_global: int, lo: int = 0, hi=None):
+        """Trains on samples [lo, hi) of each step's global batch (hi=None: all)."""
+        hi = n_global if hi is None else hi
         model = w.base_model(family)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         outs, grads = [], []
         for step in range(w.STEPS):
             opt.zero_grad(set_to_none=True)
-            out = model(w.global_batch(step, n_global, family))
-            (out.square().sum() / n_global).backward()
+            out = model(w.global_batch(step, n_global, family)[lo:hi])
+            (out.square().sum() / (hi - lo)).backward()
             outs.append(out.detach().clone())
             grads.append([p.grad.clone() for p in model.parameters()])
             opt.step()
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.eval()
         with torch.no_grad():
-            eval_out = model(w.global_batch(w.STEPS, n_global, family))
+            eval_out = model(w.global_batch(w.STEPS, n_global, family)[lo:hi])
         return {"outs": outs, "grads": grads, "state": state, "eval_out": eval_out,
                 "names": [n for n, _ in model.named_parameters()]}
     cache = {}
-    return lambda family, n: cache[(family, n)] if (family, n) in cache else cache.setdefault((family, n),
-                                                                                           run(family, n))
+    def get(*key):
+        if key not in cache:
+            cache[key] = run(*key)
+        return cache[key]
+    return get
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -99,6 +104,28 @@ def test_each_rank_matches_one_process_on_the_global_batch(dist_run, reference, 
                 assert_close_rel(r["state"][key], v, TOL, f"rank {rank} {key}")
         assert_close_rel(r["eval_out"], w.local_slice(ref["eval_out"], batches, rank), TOL, f"rank {rank} eval")
         assert r["eval_calls"] == 0  # eval: running statistics, no collective
+
+
+def test_process_group_is_honoured(dist_run, reference):
+    # 4 ranks, norms synchronised within {0, 1} and within {2, 3}: each half equals one process on its half of
+    # the global batch (the other half's samples never enter its statistics).
+    import sync_bn_worker as w
+    batches, ranks = dist_run
+    if len(batches) != 4:
+        pytest.skip("the process_group run uses 4 ranks")
+    for members in w.subgroups(4):
+        lo, hi = sum(batches[:members[0]]), sum(batches[:members[-1] + 1])
+        ref = reference("torchvision", sum(batches), lo, hi)
+        sub = [batches[r] for r in members]
+        for i, rank in enumerate(members):
+            r = ranks[rank]["torchvision/process_group"]
+            for step in range(w.STEPS):
+                assert_close_rel(r["outs"][step], w.local_slice(ref["outs"][step], sub, i), TOL, f"rank {rank} out")
+                for pname, g, g_ref in zip(ref["names"], r["grads"][step], ref["grads"][step]):
+                    assert_close_rel(g, g_ref, TOL, f"rank {rank} step {step} grad {pname}")
+            for key, v in ref["state"].items():
+                if v.dtype != torch.long:
+                    assert_close_rel(r["state"][key], v, TOL, f"rank {rank} {key}")
 
 
 def _expected_traffic(batches_unused=None):

@@ -244,7 +244,8 @@ class _SyncDenseBlock(torch.autograd.Function):
             dout = _dropout(G[:, c:c + k], mask, l, k, p)
             dv, dw2, _ = torch.ops.aten.convolution_backward(dout, v4, w2[l], None, [1] * dims, [1] * dims,
                                                              [1] * dims, False, [0] * dims, 1, [True, True, False])
-            dz = torch.ops.aten.threshold_backward(_mat(dv.contiguous(memory_format=_cl(dims))), v, 0)
+            dz = _mat(dv.contiguous(memory_format=_cl(dims)))
+            dz.masked_fill_(v <= 0, 0.0)  # ReLU backward (threshold_backward's rule), in place
             del dv, v, v4
             xhat = _mat(y).sub_(mean2[l]).mul_(is2)  # in place over Y (not needed any more)
             sums = torch.stack([dz.sum(0, dtype=torch.float64), (dz * xhat).sum(0, dtype=torch.float64)])

@@ -102,9 +102,10 @@ class _SyncMoments(torch.autograd.Function):
         all_reduce_(g, ctx.group)  # every rank's loss depends on the global statistics
         shape = [1, C] + [1] * (x.dim() - 2)
         n = ctx.count
-        dx = (x - mean.view(shape).to(x.dtype)) * (2.0 * g[1] / n).view(shape).to(x.dtype)
-        dx += (g[0] / n).view(shape).to(x.dtype)
-        return dx, None
+        # dx = dmean/n + 2 (x - mean) dvar/n = x·c1 + c0, one allocation
+        c1 = 2.0 * g[1] / n
+        c0 = g[0] / n - mean * c1
+        return torch.addcmul(c0.view(shape).to(x.dtype), x, c1.view(shape).to(x.dtype)), None
 
 
 @torch.compiler.disable
