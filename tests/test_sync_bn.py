@@ -377,3 +377,40 @@ def test_sync_block_refuses_half_precision(one_rank_group):
     with pytest.raises(RuntimeError, match=r"input: the synchronised block computes in float32 or float64, got "
                                            r"torch.bfloat16"):
         sync_dense_block(x, p, group=one_rank_group)
+
+
+@pytest.mark.parametrize("kind", ["transition", "norm_relu_pool", "stem", "bn"])
+def test_bn_reader_gradients_through_its_statistics(kind):
+    # A reader fed with differentiable batch statistics (torch's own mean/var of x) must give training-mode
+    # BatchNorm's gradients: its dmean/dvar carry the statistics' terms that its eval-mode kernel leaves out.
+    from densenet_fast.ops.sync_stats import bn_reader
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 6, 9, 7, dtype=torch.float64, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.5
+    b = torch.randn(6, dtype=torch.float64, generator=g) * 0.3
+    cw = torch.randn(4, 6, 1, 1, dtype=torch.float64, generator=g) if kind == "transition" else None
+
+    def torch_reader(xi, wi, bi, ci):
+        u = F.batch_norm(xi, None, None, wi, bi, True, 0.0, 1e-5)
+        if kind == "bn":
+            return u
+        u = torch.relu(u)
+        if kind == "transition":
+            return F.avg_pool2d(F.conv2d(u, ci), 2)
+        if kind == "stem":
+            return F.max_pool2d(u, 3, 2, 1)
+        return u.mean((2, 3))
+
+    results = []
+    for ours in (True, False):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        ci = cw.clone().requires_grad_() if cw is not None else None
+        if ours:
+            mean, var = xi.mean((0, 2, 3)), xi.var((0, 2, 3), unbiased=False)
+            out = bn_reader(kind, xi, mean, var, wi, bi, ci, eps=1e-5)
+        else:
+            out = torch_reader(xi, wi, bi, ci)
+        (out * torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append([out] + [t.grad for t in (xi, wi, bi, ci) if t is not None])
+    for name, a, e in zip(("out", "dx", "dweight", "dbias", "dconv"), *results):
+        assert_close_rel(a, e, 1e-10, f"{kind} {name}")
