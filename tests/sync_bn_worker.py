@@ -109,6 +109,13 @@ def run(rank: int, world: int, batches) -> dict:
         for family in INPUT:
             for name, model in _models(family, base_model(family)).items():
                 res[f"{family}/{name}"] = _train(model, name, family, rank, world, batches, n_global)
+        # An empty batch on a rank: a clear error on every rank, before any collective (no hang).
+        model = convert(nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base_model())))
+        try:
+            model(global_batch(0, 1)[:0])
+            res["empty_batch_error"] = None
+        except ValueError as err:
+            res["empty_batch_error"] = str(err)
         if world == 4:  # SyncBatchNorm(process_group=...): statistics shared within {0, 1} and within {2, 3}
             groups = [dist.new_group(ranks) for ranks in subgroups(world)]  # every rank creates every group
             mine = groups[rank * 2 // world]

@@ -154,6 +154,13 @@ def test_collectives_are_per_layer_and_linear_in_depth(dist_run):
             assert res[f"torchvision/{name}"]["values"] == [values] * 2, name
 
 
+def test_empty_batch_on_a_rank_is_a_clear_error(dist_run):
+    _, ranks = dist_run
+    for res in ranks:
+        assert res["empty_batch_error"] is not None and "expected a non-empty batch on every rank" in \
+            res["empty_batch_error"], res["empty_batch_error"]
+
+
 def test_no_reference_path_fallback(dist_run):
     _, ranks = dist_run
     for res in ranks:

@@ -18,7 +18,13 @@ from torch import Tensor, nn
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
-from densenet_fast.nn.sync_batchnorm import sync_group, sync_input_problem, sync_problem, sync_reader
+from densenet_fast.nn.sync_batchnorm import (
+    refuse_empty_batch,
+    sync_group,
+    sync_input_problem,
+    sync_problem,
+    sync_reader,
+)
 from densenet_fast.ops import dense_block as _block_ops
 from densenet_fast.ops import sync_block as _sync_ops
 from densenet_fast.ops import tail as _tail_ops
@@ -234,6 +240,7 @@ class DenseBlock(nn.ModuleDict):
         layers = self._layers()
         _check_module_input(x, layers[0].conv1.weight, "DenseBlock")
         if x.dim() in (4, 5) and x.shape[0] == 0:
+            refuse_empty_batch(x, [m for layer in layers for m in (layer.norm1, layer.norm2)], "DenseBlock")
             return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
         reason = sync_problem(norms)
@@ -386,6 +393,7 @@ class Transition(nn.Sequential):
         if getattr(self, "impl", "fused") != "fused" or exporting_to_onnx():
             return False  # ONNX export: standard ATen ops (documented rule, no warning)
         _check_module_input(x, self.conv.weight, "Transition")
+        refuse_empty_batch(x, [self.norm], "Transition")
         if x.dim() != self.conv.weight.dim() or x.shape[0] == 0 or min(x.shape[2:]) < 2:
             return False
         reason = None
@@ -437,6 +445,7 @@ def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Ten
     synchronising ``nn.SyncBatchNorm`` uses the global statistics (given with their ``count`` by a
     synchronised block, or all-reduced here)."""
     if isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[0] == 0:
+        refuse_empty_batch(x, [bn], "final norm")
         return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
     group = sync_group([bn])
     if group is not None:

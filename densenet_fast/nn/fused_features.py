@@ -32,7 +32,7 @@ from densenet_fast.nn.dense_block import (
     fused_norm_relu_pool,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
-from densenet_fast.nn.sync_batchnorm import sync_group, sync_input_problem, sync_reader
+from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.stem import bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -97,6 +97,7 @@ def fused_stem(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
 
 def _stem_can_fuse(x: Tensor, bn: nn.Module) -> bool:
     # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
+    refuse_empty_batch(x, [bn], "stem")
     if sync_group([bn]) is not None and sync_input_problem(x) is not None:
         return False  # SyncBatchNorm's own synchronisation
     return x.dim() == 4 and x.shape[0] > 0 and _fused_device_ok(x)

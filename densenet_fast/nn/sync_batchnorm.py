@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from densenet_fast.nn.batchnorm_stats import update_running_stats
 from densenet_fast.ops.sync_stats import bn_reader, sync_moments
 
-__all__ = ["is_sync_bn", "sync_problem", "sync_group", "sync_input_problem", "sync_reader", "DistributedDataParallel"]
+__all__ = ["is_sync_bn", "sync_problem", "sync_group", "sync_input_problem", "sync_reader", "refuse_empty_batch",
+           "DistributedDataParallel"]
 
 
 def is_sync_bn(m: nn.Module) -> bool:
@@ -64,6 +65,15 @@ def sync_input_problem(x: Tensor) -> Optional[str]:
     if x.device.type not in ("cpu", "cuda"):
         return f"no synchronised fused path for {x.device.type} tensors"
     return None
+
+
+def refuse_empty_batch(x: Tensor, norms: Iterable[nn.Module], owner: str) -> None:
+    """ValueError for an empty batch on this rank while ``norms`` synchronise: the fused path cannot join the
+    other ranks' collectives with no data (torch's SyncBatchNorm, which can, uses different collectives, so
+    mixing the two would hang the process group)."""
+    if isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == 0 and sync_group(norms) is not None:
+        raise ValueError(f"{owner}: input: expected a non-empty batch on every rank with synchronised "
+                         f"SyncBatchNorm (the fused synchronised path), got shape {tuple(x.shape)}")
 
 
 def sync_reader(kind: str, bn: nn.modules.batchnorm._BatchNorm, x: Tensor, group, mean: Optional[Tensor] = None,
