@@ -65,6 +65,22 @@ TORCH_LIBRARY(densenet_fast, m) {
   m.def("bn_relu_conv1x1(Tensor input, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
   // Per-channel mean and biased variance [C] of a 4-D tensor (fp32 accumulation or better).
   m.def("channel_moments(Tensor input) -> (Tensor mean, Tensor var)");
+  // Per-layer entry points of the synchronised block (SyncBatchNorm, docs/design.md §13), which runs
+  // the layers in a Python loop with all-reduces of the statistics between them. The 1x1 stage of
+  // layer l: Y = conv1x1(relu(bn(buffer[:, :channels]))) [N, inter, ...] (channels_last) with the given
+  // (global) statistics, the BN+ReLU applied tile by tile as the GEMM prologue.
+  m.def(
+      "block_layer_bottleneck(Tensor buffer, int channels, Tensor mean, Tensor var, Tensor weight, "
+      "Tensor bias, Tensor conv_weight, float eps) -> Tensor");
+  // Its backward with the statistics held constant: grad_buffer[:, :channels] += a*dU (in place);
+  // returns dW1 and the per-channel sums of dU and dU*xhat (local dbeta and dgamma).
+  m.def(
+      "block_layer_bottleneck_backward(Tensor grad_y, Tensor buffer, int channels, Tensor mean, Tensor var, "
+      "Tensor weight, Tensor bias, Tensor conv_weight, float eps, Tensor(a!) grad_buffer) "
+      "-> (Tensor grad_conv_weight, Tensor sum_du, Tensor sum_du_xhat)");
+  // [2, C] float64 per-channel sum and sum of squares of [N, C, ...] (float64 accumulation): a rank's
+  // share of the all-reduced statistics. Reads a channel slice of a channels_last buffer in place.
+  m.def("channel_sums(Tensor input) -> Tensor");
 }
 
 #ifndef DNF_TORCH_VERSION

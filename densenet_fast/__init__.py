@@ -30,9 +30,10 @@ from densenet_fast.models import (  # noqa: E402
     se_densenet201,
 )
 from densenet_fast.nn import DenseBlock, DenseLayer, SqueezeExcite, Transition  # noqa: E402
+from densenet_fast.nn.sync_batchnorm import DistributedDataParallel  # noqa: E402
 
 __all__ = ["__version__", "build_info", "ops", "DenseNet", "densenet121", "densenet161", "densenet169",
            "densenet201", "densenet_bc", "SEDenseNet", "se_densenet121", "se_densenet169", "se_densenet201",
            "DenseBlock", "DenseLayer", "Transition", "SqueezeExcite", "convert", "conversion_report", "set_impl",
            "ConversionReport", "fold_for_inference", "DenseNet3d", "densenet121_3d", "densenet169_3d",
-           "densenet201_3d", "densenet264_3d"]
+           "densenet201_3d", "densenet264_3d", "DistributedDataParallel"]

@@ -21,10 +21,11 @@ reference path (used when the fused kernels cannot run) calls them exactly as to
 Blocks that cannot be fused exactly (non-ReLU activations, blur-pool transitions, unusual convolutions,
 ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
 
-SyncBatchNorm: the fused kernels compute per-process batch statistics, so a block whose norms are
-``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before or after ``convert``, or timm's
-``convert_sync_batchnorm``) runs the reference per-layer path, which synchronises statistics exactly as
-the unconverted model would; a one-time ``RuntimeWarning`` says so. The model stays convertible both ways.
+SyncBatchNorm: a block whose norms are ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before
+or after ``convert``, or timm's ``convert_sync_batchnorm``) converts like any other. In distributed training its
+fused modules synchronise the statistics across the process group (all-reduced per-channel sums, O(L·k)
+values per block, docs/design.md §13), on CUDA and on CPU; in eval or without a process group they compute
+plain batch norm, as ``SyncBatchNorm`` does. The model stays convertible both ways.
 """
 from __future__ import annotations
 
@@ -380,8 +381,8 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
                 new = _convert_block(m)
                 src = "torchvision _DenseBlock" if _tv(m, "_DenseBlock") else "timm DenseBlock"
                 report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers)"))
-                if _is_sync_bn(new._layers()[0].norm1):  # DenseBlock.can_fuse warns once at run time
-                    report.notes.append(f"{name}: SyncBatchNorm -> runs the reference (per-layer) path")
+                if _is_sync_bn(new._layers()[0].norm1):
+                    report.notes.append(f"{name}: SyncBatchNorm -> synchronised fused path in distributed training")
             memo[id(m)] = new
             return new
         if _tv(m, "_Transition") or _timm(m, "DenseTransition"):
@@ -405,7 +406,7 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
                 report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
                                                f"{dims}-D)"))
                 if _is_sync_bn(new._layers()[0].norm1):
-                    report.notes.append(f"{name}: SyncBatchNorm -> runs the reference (per-layer) path")
+                    report.notes.append(f"{name}: SyncBatchNorm -> synchronised fused path in distributed training")
             memo[id(m)] = new
             return new
         src = _concat_source(m, "_Transition")

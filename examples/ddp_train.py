@@ -2,14 +2,17 @@
 
     torchrun --nproc_per_node=2 examples/ddp_train.py                  # 2 CPU processes, gloo, ~15 s
     torchrun --nproc_per_node=2 examples/ddp_train.py --converted      # a converted torchvision DenseNet
+    torchrun --nproc_per_node=2 examples/ddp_train.py --sync-bn        # synchronised BatchNorm, also on CPU
     torchrun --nproc_per_node=4 examples/ddp_train.py --device cuda --sync-bn --steps 100
     python examples/ddp_train.py                                        # also runs as a single process
 
 Each process trains on its shard of a synthetic dataset (``DistributedSampler``); DDP averages the
 gradients, rank 0 prints progress. BatchNorm statistics are per process, as with ``nn.BatchNorm2d``
-under DDP. ``--sync-bn`` converts the norms to ``nn.SyncBatchNorm``: the dense blocks then run the
-reference per-layer path (the fused kernels compute per-process statistics) and PyTorch's SyncBatchNorm
-only trains on GPUs, so use it with ``--device cuda``.
+under DDP. ``--sync-bn`` makes every norm an ``nn.SyncBatchNorm`` (``sync_bn=True``, or
+``convert_sync_batchnorm`` for the converted model): the fused blocks, transitions, final norm and stem
+then normalise with the statistics of the global batch, all-reduced across the processes
+(docs/design.md §13), on GPUs and also on CPUs over gloo, where torch's own SyncBatchNorm does not run
+(``densenet_fast.DistributedDataParallel`` is torch's DDP accepting SyncBatchNorm in a CPU module).
 """
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -31,6 +33,7 @@ try:
 except ImportError:  # running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import densenet_fast as dnf
+from densenet_fast import DistributedDataParallel as DDP  # noqa: E402  (torch's DDP; also CPU SyncBatchNorm)
 from densenet_fast.convert import convert  # noqa: E402
 
 
@@ -39,8 +42,10 @@ def build_model(args) -> torch.nn.Module:
         import torchvision
         model = torchvision.models.DenseNet(growth_rate=12, block_config=(6, 6, 6), num_init_features=24,
                                             num_classes=10)
+        if args.sync_bn:  # before or after convert(): the same model
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return convert(model)
-    return dnf.densenet_bc(depth=args.depth, growth_rate=12, num_classes=10)
+    return dnf.densenet_bc(depth=args.depth, growth_rate=12, num_classes=10, sync_bn=args.sync_bn)
 
 
 def main() -> None:
@@ -53,7 +58,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps (0: one full epoch)")
     p.add_argument("--lr", type=float, default=0.05, help="learning rate")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train")
-    p.add_argument("--sync-bn", action="store_true", help="nn.SyncBatchNorm (GPU only in PyTorch)")
+    p.add_argument("--sync-bn", action="store_true", help="nn.SyncBatchNorm: global-batch statistics")
     args = p.parse_args()
 
     distributed = "WORLD_SIZE" in os.environ  # set by torchrun
@@ -72,10 +77,7 @@ def main() -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
 
     torch.manual_seed(0)  # same initial weights everywhere (DDP also broadcasts rank 0's)
-    model = build_model(args)
-    if args.sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device)
+    model = build_model(args).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if distributed else model
 
     g = torch.Generator().manual_seed(1234)  # same synthetic dataset in every process
@@ -118,8 +120,14 @@ def main() -> None:
         ref = flat.clone()
         dist.broadcast(ref, 0)
         same = torch.equal(flat, ref)
+        # with --sync-bn the running statistics are the global batch's, the same on every rank
+        stats = torch.cat([b.detach().double().flatten() for n, b in model.named_buffers() if "running" in n])
+        stats_ref = stats.clone()
+        dist.broadcast(stats_ref, 0)
+        stats_diff = (stats - stats_ref).abs().max().item()
         if rank == 0:
-            print(f"done: {step} steps; parameters identical across ranks: {same}")
+            print(f"done: {step} steps; parameters identical across ranks: {same}; running statistics: max "
+                  f"difference from rank 0 {stats_diff:.1e}")
         dist.destroy_process_group()
     else:
         print(f"done: {step} steps")

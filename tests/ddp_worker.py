@@ -131,7 +131,8 @@ def run_ddp(rank: int, world: int, steps: int = 2):
 
 
 def run_sync_bn(rank: int, world: int, steps: int = 2):
-    """SyncBatchNorm: converted-after-sync, sync-after-converted and unconverted models, gradients averaged by hand."""
+    """SyncBatchNorm: converted-after-sync, sync-after-converted (densenet_fast's synchronised fused path) and
+    unconverted models (torch's SyncBatchNorm through the shim), gradients averaged by hand."""
     undo = install_cpu_sync_bn_shim()
     try:
         return _run_sync_bn(rank, world, steps)

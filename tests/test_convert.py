@@ -366,8 +366,8 @@ def test_deepcopy():
 
 @pytest.mark.parametrize("family", ["torchvision", "timm"])
 def test_sync_batchnorm_models_convert_and_match_without_process_group(family):
-    # Without an initialised process group SyncBatchNorm computes plain batch norm: the converted model's
-    # reference path must match the unconverted one (the 2-process test is in test_training_stack.py).
+    # Without an initialised process group SyncBatchNorm computes plain batch norm: the converted model (plain
+    # fused path) must match the unconverted one (the multi-process tests: test_sync_bn.py, test_training_stack.py).
     if family == "torchvision":
         base = tv_small(torch.float64)
         to_sync = nn.SyncBatchNorm.convert_sync_batchnorm

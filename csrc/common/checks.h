@@ -234,4 +234,36 @@ inline void check_transition_args(const at::Tensor& input, const at::Tensor& mea
               ", W=", input.size(-1));
 }
 
+// Geometry of one layer's bottleneck stage of a block buffer (the per-layer entry points of the
+// synchronised block, docs/design.md §13): rows = N*(D*)H*W, Ct buffer channels, `channels` read.
+struct LayerGeometry {
+  int64_t rows, Ct, channels, inter, dims;
+};
+
+// Validates block_layer_bottleneck(_backward)'s arguments: the layer reads the column prefix
+// [0, channels) of buffer, normalised with mean/var/weight/bias [channels], and multiplies it by
+// conv_weight [inter, channels, 1, 1(, 1)].
+inline LayerGeometry check_block_layer_args(const at::Tensor& buffer, int64_t channels, const at::Tensor& mean,
+                                            const at::Tensor& var, const at::Tensor& weight,
+                                            const at::Tensor& bias, const at::Tensor& conv_weight, double eps) {
+  check_input_4d(buffer, "buffer", /*training=*/false);
+  const int64_t Ct = buffer.size(1), dims = buffer.dim() - 2;
+  TORCH_CHECK(channels >= 1 && channels <= Ct, "channels: expected a value in [1, ", Ct,
+              "] (the buffer's channel count), got ", channels);
+  const char* names[] = {"mean", "var", "weight", "bias"};
+  const at::Tensor* bn[] = {&mean, &var, &weight, &bias};
+  for (int i = 0; i < 4; ++i) {
+    check_float_tensor(*bn[i], names[i], buffer, /*bn_tensor=*/true);
+    check_shape(*bn[i], {channels}, names[i]);
+  }
+  check_float_tensor(conv_weight, "conv_weight", buffer);
+  TORCH_CHECK(conv_weight.dim() == buffer.dim() && conv_weight.size(0) >= 1,
+              "conv_weight: expected shape [inter, ", channels, ", 1", dims == 3 ? ", 1, 1]" : ", 1]", ", got ",
+              conv_weight.sizes());
+  check_shape(conv_weight, conv_weight_shape(conv_weight.size(0), channels, 1, dims), "conv_weight");
+  check_channels_fit(conv_weight.size(0), "conv_weight");
+  TORCH_CHECK(eps > 0.0, "eps: expected a positive value, got ", eps);
+  return {buffer.numel() / Ct, Ct, channels, conv_weight.size(0), dims};
+}
+
 }  // namespace dnf

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate, check_impl, check_int
 from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
+from densenet_fast.nn.sync_batchnorm import sync_group
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "remap_legacy_keys",
            "load_weights"]
@@ -49,7 +50,9 @@ class DenseNet(nn.Module):
         the reference path checkpoints as torchvision does).
     Keyword-only extras: ``impl`` ("fused" or "reference"), ``compression`` (transition width factor,
         0.5 in torchvision), ``stem`` ("imagenet": 7x7/2 conv + BN + ReLU + max-pool; "cifar": one 3x3 conv),
-        ``in_channels``.
+        ``in_channels``, ``sync_bn`` (every norm an ``nn.SyncBatchNorm`` of the default process group, as
+        ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` makes it; the fused path then synchronises the
+        statistics in distributed training, docs/design.md §13; same ``state_dict``).
 
     forward(x: [N, in_channels, H, W]) -> logits [N, num_classes].
     """
@@ -57,7 +60,7 @@ class DenseNet(nn.Module):
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0, num_classes: int = 1000,
                  memory_efficient: bool = False, *, impl: str = "fused", compression: float = 0.5,
-                 stem: str = "imagenet", in_channels: int = 3) -> None:
+                 stem: str = "imagenet", in_channels: int = 3, sync_bn: bool = False) -> None:
         super().__init__()
         positive_int("growth_rate", growth_rate)
         positive_int("num_init_features", num_init_features)
@@ -116,6 +119,10 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
         self._register_load_state_dict_pre_hook(self._remap_legacy_keys_hook)
+        if not isinstance(sync_bn, bool):
+            raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__} {sync_bn!r}")
+        if sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
     @staticmethod
     def _remap_legacy_keys_hook(state_dict, prefix, *args) -> None:
@@ -150,7 +157,8 @@ class DenseNet(nn.Module):
             return (size + 2 * pick(p) - pick(d) * (pick(k) - 1) - 1) // pick(st) + 1
 
         def bn_check(bn: nn.Module) -> None:
-            if bn.training and n * h * w == 1:  # nn.BatchNorm2d's rule (an empty batch is fine)
+            # nn.BatchNorm2d's rule (an empty batch is fine); a synchronising SyncBatchNorm counts the global batch.
+            if bn.training and n * h * w == 1 and sync_group([bn]) is None:
                 raise ValueError("Expected more than 1 value per channel when training, got input size "
                                  f"{torch.Size([n, bn.num_features, h, w])}")
 

@@ -55,7 +55,9 @@ class DenseNet3d(nn.Module):
     Args (MONAI's): spatial_dims (3; 2 also works), in_channels, out_channels, init_features, growth_rate,
         block_config, bn_size, act (ReLU only), norm (batch norm only; eps/momentum), dropout_prob (> 0 adds
         MONAI's channel dropout, which runs the per-layer path with a warning).
-    Keyword-only: ``impl`` ("fused" or "reference").
+    Keyword-only: ``impl`` ("fused" or "reference"), ``sync_bn`` (every norm an ``nn.SyncBatchNorm``, as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` makes it; blocks, transitions and the final norm then
+    synchronise in distributed training, docs/design.md §13).
 
     forward(x: [N, in_channels, D, H, W]) -> logits [N, out_channels] ([N, in_channels, H, W] for spatial_dims=2).
     """
@@ -63,7 +65,7 @@ class DenseNet3d(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16), bn_size: int = 4,
                  act: Union[str, Tuple] = ("relu", {"inplace": True}), norm: Union[str, Tuple] = "batch",
-                 dropout_prob: float = 0.0, *, impl: str = "fused") -> None:
+                 dropout_prob: float = 0.0, *, impl: str = "fused", sync_bn: bool = False) -> None:
         super().__init__()
         d = check_spatial_dims(spatial_dims)
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -122,6 +124,10 @@ class DenseNet3d(nn.Module):
                 nn.init.constant_(m.bias, 0)
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
+        if not isinstance(sync_bn, bool):
+            raise TypeError(f"sync_bn: expected a bool, got {type(sync_bn).__name__} {sync_bn!r}")
+        if sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)
 
     def set_impl(self, impl: str) -> "DenseNet3d":
         """Switches every block, transition and the head between "fused" and "reference"; returns self."""

@@ -42,10 +42,11 @@ def update_running_stats(norms: Sequence[nn.modules.batchnorm._BatchNorm], means
 
 
 def fusable_norms(norms: Iterable[nn.Module]) -> bool:
-    """Whether every norm is an affine BatchNorm2d (or, all of them, BatchNorm3d) with running statistics
-    and one shared eps."""
+    """Whether every norm is an affine BatchNorm2d (or, all of them, BatchNorm3d, or all nn.SyncBatchNorm)
+    with running statistics and one shared eps."""
     norms = list(norms)
-    if not (all(isinstance(bn, nn.BatchNorm2d) for bn in norms) or all(isinstance(bn, nn.BatchNorm3d) for bn in norms)):
+    kinds = (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+    if not any(all(isinstance(bn, kind) for bn in norms) for kind in kinds):
         return False
     if not all(bn.affine and bn.track_running_stats for bn in norms):
         return False

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
+from densenet_fast.nn.sync_batchnorm import (
+    refuse_empty_batch,
+    sync_group,
+    sync_input_problem,
+    sync_problem,
+    sync_reader,
+)
 from densenet_fast.ops import dense_block as _block_ops
+from densenet_fast.ops import sync_block as _sync_ops
 from densenet_fast.ops import tail as _tail_ops
 
 IMPLS = ("fused", "reference")
@@ -232,12 +240,12 @@ class DenseBlock(nn.ModuleDict):
         layers = self._layers()
         _check_module_input(x, layers[0].conv1.weight, "DenseBlock")
         if x.dim() in (4, 5) and x.shape[0] == 0:
+            refuse_empty_batch(x, [m for layer in layers for m in (layer.norm1, layer.norm2)], "DenseBlock")
             return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
-        reason = None
-        if any(isinstance(bn, nn.SyncBatchNorm) for bn in norms):
-            reason = ("its BatchNorms are nn.SyncBatchNorm (the fused kernels compute per-process batch statistics; "
-                      "the reference path synchronises them across processes)")
+        reason = sync_problem(norms)
+        if reason is not None:
+            pass
         elif not fusable_norms(norms):
             reason = "its BatchNorms are not all affine with running statistics and one eps"
         elif len({bn.training for bn in norms}) != 1:
@@ -248,6 +256,8 @@ class DenseBlock(nn.ModuleDict):
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
         elif not _fused_device_ok(_block_ops.cpu_block_input(x), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
+        elif sync_group(norms) is not None:
+            reason = sync_input_problem(x)
         if reason is not None:
             _warn_once(f"block:{reason}",
                        f"densenet_fast.DenseBlock: using the reference PyTorch path because {reason}.")
@@ -274,6 +284,9 @@ class DenseBlock(nn.ModuleDict):
             raise ValueError(f"input: expected a {rank}-D tensor with {first.num_features} channels [N, "
                              f"{first.num_features}, {dims}], got shape {tuple(x.shape)}")
         training = first.training
+        group = sync_group(m for layer in layers for m in (layer.norm1, layer.norm2))
+        if group is not None:
+            return self._sync_forward(x, group)
         check_batch_for_training(x, training)
         params = self.block_params()
         if x.device.type == "cpu":
@@ -291,6 +304,18 @@ class DenseBlock(nn.ModuleDict):
                                  [out.var[:c] for c in widths] + list(out.var2.unbind(0)), count)
         return out
 
+    def _sync_forward(self, x: Tensor, group) -> _sync_ops.SyncBlockOutput:
+        """SyncBatchNorm in training over ``group``: global statistics (docs/design.md §13); every norm's
+        running statistics are updated with the global batch (the same values on every rank)."""
+        layers = self._layers()
+        out = _sync_ops.sync_dense_block(x, self.block_params(), group=group, eps=layers[0].norm1.eps,
+                                         drop_rate=layer_drop_rate(layers[0]))
+        widths = [layer.norm1.num_features for layer in layers]
+        update_running_stats([layer.norm1 for layer in layers] + [layer.norm2 for layer in layers],
+                             [out.mean[:c] for c in widths] + list(out.mean2.unbind(0)),
+                             [out.var[:c] for c in widths] + list(out.var2.unbind(0)), out.count)
+        return out
+
     # -- module API -------------------------------------------------------------------------------
     def forward(self, init_features: Tensor) -> Tensor:
         # nn.BatchNorm2d counts num_batches_tracked before raising this error; check first, so a call
@@ -299,9 +324,10 @@ class DenseBlock(nn.ModuleDict):
         if leaf is not None:  # torch.fx tracing: one call_module node
             return leaf
         x = init_features
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if (isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[1] and values_per_channel(x) == 1
-                and any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))):
-            check_batch_for_training(x, True)
+                and any(m.training for m in norms) and sync_group(norms) is None):
+            check_batch_for_training(x, True)  # synchronised norms: the global batch counts (SyncBatchNorm's rule)
         if self.can_fuse(init_features):
             return self.fused_forward(init_features).buffer
         return self.reference_forward(init_features)
@@ -367,6 +393,7 @@ class Transition(nn.Sequential):
         if getattr(self, "impl", "fused") != "fused" or exporting_to_onnx():
             return False  # ONNX export: standard ATen ops (documented rule, no warning)
         _check_module_input(x, self.conv.weight, "Transition")
+        refuse_empty_batch(x, [self.norm], "Transition")
         if x.dim() != self.conv.weight.dim() or x.shape[0] == 0 or min(x.shape[2:]) < 2:
             return False
         reason = None
@@ -374,6 +401,8 @@ class Transition(nn.Sequential):
             reason = "its BatchNorm is not affine with running statistics"
         elif not _fused_device_ok(_autocast_dtype_fix(x)):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
+        elif sync_group([self.norm]) is not None:
+            reason = sync_input_problem(x)
         if reason is not None:
             _warn_once(f"transition:{reason}", "densenet_fast.Transition: using the reference PyTorch path because "
                        f"{reason}.")
@@ -381,12 +410,19 @@ class Transition(nn.Sequential):
         return True
 
     def fused_forward(self, x: Tensor, batch_mean: Optional[Tensor] = None,
-                      batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
-        """``batch_mean``/``batch_var``: the input's batch statistics when already known (from the block).
+                      batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                      count: Optional[int] = None) -> Tensor:
+        """``batch_mean``/``batch_var``: the input's batch statistics when already known (from the block);
+        ``count``: their global count when they are a synchronised block's global statistics.
         ``gate`` [N, C]: an SE gate folded into the prologue (the input is then ``gate * x``, and the batch
         statistics, required in training, are that product's; see :mod:`densenet_fast.nn.se_fold`)."""
         if x.shape[1] != self.norm.num_features:
             raise ValueError(f"input: expected {self.norm.num_features} channels, got shape {tuple(x.shape)}")
+        group = sync_group([self.norm])
+        if group is not None:
+            if gate is not None:  # FusedFeatures never folds an SE into a synchronised reader
+                raise ValueError("gate: an SE gate cannot be folded into a synchronised (SyncBatchNorm) transition")
+            return sync_reader("transition", self.norm, x, group, batch_mean, batch_var, count, self.conv.weight)
         x = _tail_input(x)
         with _kernel_autocast(x):
             mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
@@ -399,7 +435,7 @@ class Transition(nn.Sequential):
         leaf = fx_leaf_call(self, x)
         if leaf is not None:  # torch.fx tracing: one call_module node
             return leaf
-        if isinstance(x, Tensor) and self.norm.training:
+        if isinstance(x, Tensor) and self.norm.training and sync_group([self.norm]) is None:
             check_batch_for_training(x, True)  # before nn.BatchNorm2d would count the batch
         if self.can_fuse(x):
             return self.fused_forward(x)
@@ -407,13 +443,24 @@ class Transition(nn.Sequential):
 
 
 def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
-                         batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+                         batch_var: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                         count: Optional[int] = None) -> Tensor:
     """flatten(adaptive_avg_pool(relu(bn(x)), 1)) as one operator: [N, C, H, W] or [N, C, D, H, W] -> [N, C].
 
     ``gate`` [N, C]: an SE gate folded into the prologue (BN of ``gate * x``; see Transition.fused_forward).
-    An empty batch (which the operator refuses) gets torchvision's computation and empty result."""
+    An empty batch (which the operator refuses) gets torchvision's computation and empty result. A
+    synchronising ``nn.SyncBatchNorm`` uses the global statistics (given with their ``count`` by a
+    synchronised block, or all-reduced here)."""
     if isinstance(x, Tensor) and x.dim() in (4, 5) and x.shape[0] == 0:
+        refuse_empty_batch(x, [bn], "final norm")
         return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
+    group = sync_group([bn])
+    if group is not None:
+        if gate is not None:  # FusedFeatures never folds an SE into a synchronised reader
+            raise ValueError("gate: an SE gate cannot be folded into a synchronised (SyncBatchNorm) final norm")
+        if sync_input_problem(x) is not None:  # SyncBatchNorm's own synchronisation (callers warn)
+            return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
+        return sync_reader("norm_relu_pool", bn, x, group, batch_mean, batch_var, count)
     x = _tail_input(x)
     with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)

@@ -36,6 +36,7 @@ from densenet_fast.nn.dense_block import (
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
+from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -49,10 +50,18 @@ def has_hooks(m: nn.Module) -> bool:
 
 
 def norm_relu_kind(m: nn.Module) -> Optional[str]:
-    """``"bn"`` for a plain ``nn.BatchNorm2d`` / ``nn.BatchNorm3d``, ``"bn_relu"`` for timm's ``BatchNormAct2d``
-    with a ReLU activation and no drop layer, ``None`` otherwise (or when the norm itself cannot be fused)."""
-    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d)) or not fusable_norms([m]):
+    """``"bn"`` for a plain ``nn.BatchNorm2d`` / ``nn.BatchNorm3d`` / ``nn.SyncBatchNorm``, ``"bn_relu"`` for timm's
+    ``BatchNormAct2d`` / ``SyncBatchNormAct`` with a ReLU activation and no drop layer, ``None`` otherwise (or when
+    the norm itself cannot be fused)."""
+    if not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)) or not fusable_norms([m]):
         return None
+    if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm):
+        return "bn"
+    act, drop = getattr(m, "act", None), getattr(m, "drop", None)
+    if (type(m).__name__ in ("BatchNormAct2d", "SyncBatchNormAct") and type(act) is nn.ReLU
+            and type(drop) is nn.Identity):
+        return "bn_relu"
+    return None
     if type(m) in (nn.BatchNorm2d, nn.BatchNorm3d):
         return "bn"
     act, drop = getattr(m, "act", None), getattr(m, "drop", None)
@@ -93,7 +102,11 @@ def stem_span(mods: List[nn.Module], i: int) -> int:
 
 def fused_stem(bn: nn.Module, x: Tensor) -> Tensor:
     """max_pool(relu(bn(x)), 3, 2, 1) over x [N, C, H, W] (BatchNorm2d) or [N, C, D, H, W] (BatchNorm3d), storing
-    only ``x`` for the backward (float32/float64 CPU, CUDA)."""
+    only ``x`` for the backward (float32/float64 CPU, CUDA). A synchronising ``nn.SyncBatchNorm`` normalises
+    with all-reduced statistics."""
+    group = sync_group([bn])
+    if group is not None:
+        return sync_reader("stem", bn, x, group)
     mean, var, training = bn_stats(bn, x, update=False)
     out = bn_relu_maxpool(x, mean, var, bn.weight, bn.bias, training, bn.eps)
     commit_bn_stats(bn, x, mean, var, training)  # only once the operator has succeeded
@@ -109,7 +122,7 @@ def conv_stem_fusable(conv: nn.Module, bn: nn.Module, x: Tensor) -> bool:
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and _ntuple(conv.dilation, 3) == (1, 1, 1) and not has_hooks(conv) and x.dim() == 5
             and x.shape[0] > 0 and x.dtype == conv.weight.dtype and _fused_device_ok(x)
-            and not torch.is_autocast_enabled(x.device.type))
+            and not torch.is_autocast_enabled(x.device.type) and sync_group([bn]) is None)
 
 
 def fused_conv_stem(conv: nn.Conv3d, bn: nn.BatchNorm3d, x: Tensor) -> Tensor:
@@ -128,8 +141,21 @@ def fused_conv_stem(conv: nn.Conv3d, bn: nn.BatchNorm3d, x: Tensor) -> Tensor:
 
 def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
     # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
+    refuse_empty_batch(x, [bn], "stem")
+    if sync_group([bn]) is not None and sync_input_problem(x) is not None:
+        return False  # SyncBatchNorm's own synchronisation
     rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4
     return x.dim() == rank and x.shape[0] > 0 and _fused_device_ok(x)
+
+
+def _stats_for(reader_norm: nn.Module, stats) -> tuple:
+    """(mean, var, count) of a fused block's output for the reader normalised by ``reader_norm``, or Nones when
+    the reader must compute its own: a synchronised block's global statistics serve a synchronising reader
+    only, a block's per-process statistics a non-synchronising one only."""
+    count = getattr(stats, "count", None)
+    if (count is not None) != (sync_group([reader_norm]) is not None):
+        return None, None, None
+    return stats.mean, stats.var, count
 
 
 class FusedFeatures(nn.Sequential):
@@ -157,7 +183,8 @@ class FusedFeatures(nn.Sequential):
             if pending is not None:
                 buf = pending.buffer
                 if isinstance(m, Transition) and not has_hooks(m) and m.can_fuse(buf):
-                    x, pending = m.fused_forward(buf, pending.mean, pending.var), None
+                    mean, var, count = _stats_for(m.norm, pending)
+                    x, pending = m.fused_forward(buf, mean, var, count=count), None
                     i += 1
                     continue
                 x, stats, pending = buf, pending, None
@@ -165,16 +192,20 @@ class FusedFeatures(nn.Sequential):
                 stats = None
             if self.fold_se and not last and not has_hooks(m) and can_fold(m, x):
                 nxt = mods[i + 1]
-                if isinstance(nxt, Transition) and not has_hooks(nxt) and nxt.can_fuse(x):
+                synced = sync_group([nxt.norm if isinstance(nxt, Transition) else nxt]) is not None
+                if synced:
+                    pass  # the SE runs on its own; its reader synchronises (no gate in the sync readers)
+                elif isinstance(nxt, Transition) and not has_hooks(nxt) and nxt.can_fuse(x):
                     x = folded_transition(m, nxt, x)  # SE -> transition, the gate in its prologue
                     i += 2
                     continue
-                if i + 1 == len(mods) - 1 and self._fuses_final_norm(nxt, x, pool_relu):
+                elif i + 1 == len(mods) - 1 and self._fuses_final_norm(nxt, x, pool_relu):
                     gate, mean, var = gate_and_stats(m, nxt, x)  # SE -> final norm (+ ReLU + pool)
                     return fused_norm_relu_pool(nxt, x, mean, var, gate=gate), True
             if last and self._fuses_final_norm(m, x, pool_relu):
                 if stats is not None and m.training == bool(stats.mean.numel()):
-                    return fused_norm_relu_pool(m, x, stats.mean, stats.var), True
+                    mean, var, count = _stats_for(m, stats)
+                    return fused_norm_relu_pool(m, x, mean, var, count=count), True
                 return fused_norm_relu_pool(m, x), True
             if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
                 pending = m.fused_forward(x)
@@ -191,7 +222,12 @@ class FusedFeatures(nn.Sequential):
                 x = fused_stem(m, x)
                 i += span
                 continue
-            x = m(x)
+            group = sync_group([m]) if type(m) is nn.SyncBatchNorm and not has_hooks(m) else None
+            if group is not None and sync_input_problem(x) is None:
+                # A SyncBatchNorm no fused operator reads (e.g. a 3-D stem's): synchronised here, also on CPU.
+                x = sync_reader("bn", m, x, group, *(_stats_for(m, stats) if stats is not None else ()))
+            else:
+                x = m(x)
             i += 1
         if pending is not None:
             x = pending.buffer
@@ -203,7 +239,7 @@ class FusedFeatures(nn.Sequential):
         if pool_relu is None or has_hooks(m):
             return False
         kind = norm_relu_kind(m)
-        rank = 5 if isinstance(m, nn.BatchNorm3d) else 4
+        rank = 5 if isinstance(m, nn.BatchNorm3d) else 4 if isinstance(m, nn.BatchNorm2d) else x.dim()
         return ((kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank
                 and _fused_device_ok(_autocast_dtype_fix(x)))
 

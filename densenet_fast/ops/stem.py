@@ -114,6 +114,13 @@ def _backward(ctx, grad):
 torch.library.register_autograd("densenet_fast::bn_relu_maxpool", _backward, setup_context=_setup)
 
 
+def bn_relu_maxpool_backward(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
+                             training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of :func:`bn_relu_maxpool`; recomputes the BN-ReLU output and
+    the pooling argmax. ``training=False``: the statistics are constants (dx = a·dz)."""
+    return _ops.bn_relu_maxpool_backward(grad, input, mean, var, weight, bias, bool(training), float(eps))
+
+
 def bn_relu_maxpool(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, training: bool,
                     eps: float) -> Tensor:
     """max_pool(relu(batch_norm(input)), 3, 2, 1) with the given statistics: [N, C, H, W] ->
