@@ -30,6 +30,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "readme-cpu": dict(model="densenet121", batch=8, size=224,
                        impls="tv,tv-memeff,timm,tv-compile,dnf,dnf-compile,dnf-convert", lowp_impls="tv,dnf",
                        dtype="float32,bfloat16", repeats=4, warmup=1, device="cpu", name="readme-cpu"),
+    # Issue #12's other rows: densenet121 at batch 32 (fp32), and the deep models: densenet201 at batch 8 and
+    # DenseNet-BC-250 (k=24, 32x32) at batch 64 (torchvision's default step would need >12 GiB there, so its
+    # memory_efficient variant is the peer).
+    "readme-cpu-b32": dict(model="densenet121", batch=32, size=224,
+                           impls="tv,tv-memeff,timm,tv-compile,dnf,dnf-compile", dtype="float32", repeats=3,
+                           warmup=1, device="cpu", name="readme-cpu-b32"),
+    "deep-cpu": dict(model="densenet201", batch=8, size=224, impls="tv,tv-memeff,timm,dnf", dtype="float32",
+                     repeats=3, warmup=1, compile=False, device="cpu", name="deep-cpu"),
+    "bc250-cpu": dict(model="densenet_bc250_k24", batch=64, impls="tv-memeff,dnf", dtype="float32", repeats=2,
+                      warmup=1, compile=False, eval=False, device="cpu", mem_cap="8GiB", name="bc250-cpu"),
     # Issue #19: SE-DenseNet-121 (SE on each block output) folded / not folded vs the plain fused model,
     # 224x224, batch 8, CPU fp32 (training step only); ratios vs dnf in the SE rows' "vs dnf" lines. One
     # thread: on a shared 2-core machine two OpenMP threads stall whenever one is descheduled, which swamps
@@ -563,8 +573,8 @@ def _warnings(rows: List[Dict[str, Any]], machine: Dict[str, Any],
                 out.append(f"noisy: {r['model']} b{r['batch']} {r['dtype']} {r['impl']} {phase.replace('_', ' ')}: "
                            f"median {med:.0f} ms = {med / low:.1f}x its min {low:.0f} ms")
     if report.is_busy(machine, load_start) and any(r.get("train_ms_median") for r in rows):
-        out.append(f"busy machine: load average {report.max_load(machine, load_start):.1f} on "
-                   f"{machine['logical_cores']} cores; the times are not reliable")
+        out.append(f"busy machine: other work's load {report.max_load(machine, load_start):.1f} (load average "
+                   f"minus this run's threads) on {machine['logical_cores']} cores; the times are not reliable")
     if out:
         out.append("-> rerun on an idle machine (more --repeats help) before quoting these times; memory numbers "
                    "are not affected")

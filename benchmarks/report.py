@@ -97,13 +97,19 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 
 def max_load(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> float:
-    """The larger 1-minute load average of the run's start and end (0 where unknown)."""
-    loads = [load[0] for load in (load_start, machine.get("load_average")) if load]
+    """The load of *other* work (1-minute load average, 0 where unknown): the larger of the load at the run's
+    start and the load at its end minus the run's own threads (``torch_threads``, which the benchmark keeps
+    busy itself; counting them flagged every run on a 2-core machine as busy)."""
+    loads = [load_start[0]] if load_start else []
+    end = machine.get("load_average")
+    if end:
+        loads.append(max(0.0, end[0] - (machine.get("torch_threads") or 0)))
     return max(loads, default=0.0)
 
 
 def is_busy(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> bool:
-    """Other work on a CPU machine: a load average above half its logical cores (GPU runs: never)."""
+    """Other work on a CPU machine: a load of other work (:func:`max_load`) above half its logical cores
+    (GPU runs: never)."""
     return not machine.get("gpu") and max_load(machine, load_start) > 0.5 * (machine.get("logical_cores") or 1)
 
 
@@ -251,7 +257,7 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
              f"implementation "
              f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
     if timed and is_busy(machine, settings.get("load_average_start")):
-        lines[-1] += (f" **The machine was busy (load average up to "
+        lines[-1] += (f" **The machine was busy (other work's load up to "
                       f"{max_load(machine, settings.get('load_average_start')):.1f} on "
                       f"{machine['logical_cores']} cores): the times are noisy.**")
     if settings.get("mem_cap_bytes") and any(r["status"] == "oom" for r in rows):

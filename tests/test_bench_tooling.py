@@ -203,7 +203,8 @@ def test_preset_mem_batch_and_budget():
     s = resolve(build_parser().parse_args(["--preset", "budget", "--budget", "3GiB"]))
     assert s.budget_bytes == 3 * 1024 ** 3
     assert set(PRESETS) == {"quick", "readme-cpu", "mem-depth", "mem-batch", "budget", "monai3d-cpu", "monai3d-128",
-                            "monai3d-budget", "monai2d-cpu", "se-cpu"}
+                            "monai3d-budget", "monai2d-cpu", "se-cpu", "readme-cpu-b32", "deep-cpu",
+                            "bc250-cpu"}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -385,3 +386,15 @@ def test_readme_figures_exist():
     assert images and all(image.startswith("benchmarks/results/") for image in images), images
     for image in images:
         assert (ROOT / image).read_bytes().startswith(_PNG), image
+
+
+def test_busy_flag_does_not_count_the_runs_own_threads():
+    """A 2-thread run on an otherwise idle 2-core machine ends at a load average near 2: not busy. Other work
+    at the start, or beyond the run's own threads at the end, is."""
+    from benchmarks import report
+    machine = {"logical_cores": 2, "torch_threads": 2, "load_average": (2.3, 1.0, 0.5)}
+    assert not report.is_busy(machine, (0.1, 0.1, 0.1))
+    assert report.max_load(machine, (0.1, 0.1, 0.1)) == pytest.approx(0.3)
+    assert report.is_busy(machine, (1.5, 0.5, 0.2))
+    assert report.is_busy(dict(machine, load_average=(4.5, 2.0, 1.0)), (0.1, 0.1, 0.1))
+    assert not report.is_busy(dict(machine, gpu="H200", load_average=(9.0, 9.0, 9.0)), (5.0, 5.0, 5.0))

@@ -81,7 +81,7 @@ def test_bn_relu_maxpool_matches_torch(shape, channels_last, training):
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stride,padding", [(2, 3), (1, 1)])
-@pytest.mark.parametrize("shape", [(2, 1, 9, 7, 11), (1, 2, 6, 5, 3)])
+@pytest.mark.parametrize("shape", [(2, 1, 9, 7, 11), (1, 2, 6, 5, 3), (3, 2, 5, 6, 7)])
 def test_conv_stem_matches_torch(shape, stride, padding, training):
     """MONAI's stem (Conv3d k7 s2 p3, BatchNorm3d, ReLU, MaxPool3d 3/2/1) vs the fused operator."""
     k = 2 * padding + 1

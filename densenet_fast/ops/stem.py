@@ -194,15 +194,54 @@ def _conv_setup(ctx, inputs, output):
 
 
 def _conv_backward(ctx, grad, _grad_mean, _grad_var):
+    """Sample by sample, so the recomputed convolution output and its gradient exist for one sample at a time
+    (for a whole batch they were the step's peak: 2 x 54 MiB for 2 x 96^3 volumes). Training needs the BN
+    backward's batch sums first, so it recomputes each sample twice: pass 1 collects sum(dz) and sum(dz*xhat)
+    (exactly eval mode's dbeta and dgamma with the batch statistics), pass 2 forms each sample's gradient
+    from eval mode's a*dz: dy = a*dz - a*(sum(dz) + xhat*sum(dz*xhat))/M, the training BN backward."""
     input, conv_weight, mean, var, weight, bias = ctx.saved_tensors
-    y = _conv(input, conv_weight, ctx.stride, ctx.padding)  # recomputed: the one transient of its size
-    dy, dw, db = _ops.bn_relu_maxpool_backward(grad, y, mean, var, weight, bias, ctx.training, ctx.eps)
-    del y
-    n = input.dim() - 2
-    dinput, dconv, _ = torch.ops.aten.convolution_backward(
-        dy, input, conv_weight, None, ctx.stride, ctx.padding, [1] * n, False, [0] * n, 1,
-        [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
-    return dinput, dconv, None, None, None, None, dw, db, None, None
+    n_dims = input.dim() - 2
+    view = (1, -1) + (1,) * n_dims
+    need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+    def sample_grads(i):  # eval-mode backward of sample i: (a*dz, sum dz*xhat, sum dz) and its conv input
+        x_i = input.narrow(0, i, 1)
+        y_i = _conv(x_i, conv_weight, ctx.stride, ctx.padding)  # recomputed, one sample at a time
+        return (x_i, y_i, *_ops.bn_relu_maxpool_backward(grad.narrow(0, i, 1), y_i, mean, var, weight, bias, False,
+                                                          ctx.eps))
+
+    if ctx.training:
+        s1 = s2 = None
+        for i in range(input.shape[0]):
+            _, _, _, dg, db = sample_grads(i)
+            s1, s2 = (db, dg) if s1 is None else (s1 + db, s2 + dg)
+        dw_bn, db_bn = s2, s1
+        invstd = torch.rsqrt(var + ctx.eps)
+        a = weight.to(mean.dtype) * invstd
+    dinput = torch.empty_like(input) if need_input else None
+    dconv = None
+    for i in range(input.shape[0]):
+        x_i, y_i, dy, dg, db = sample_grads(i)
+        if ctx.training:
+            m = y_i.numel() // y_i.shape[1] * input.shape[0]  # values per channel in the batch
+            # dy = a*dz - a*s1/m - xhat*(a*s2/m), with xhat = (y - mean)*invstd; y_i is reused in place
+            dy = dy.to(mean.dtype) if dy.dtype != mean.dtype else dy
+            y_i = y_i.to(mean.dtype) if y_i.dtype != mean.dtype else y_i
+            y_i.sub_(mean.view(view)).mul_((invstd * a * s2 / m).view(view))
+            dy.sub_((a * s1 / m).view(view)).sub_(y_i)
+            dy = dy.to(input.dtype)
+        else:
+            dw_bn = dg if i == 0 else dw_bn + dg
+            db_bn = db if i == 0 else db_bn + db
+        del y_i
+        gi, gw, _ = torch.ops.aten.convolution_backward(
+            dy, x_i, conv_weight, None, ctx.stride, ctx.padding, [1] * n_dims, False, [0] * n_dims, 1,
+            [need_input, need_weight, False])
+        if need_input:
+            dinput[i:i + 1].copy_(gi)
+        if need_weight:
+            dconv = gw if dconv is None else dconv.add_(gw)
+    return dinput, dconv, None, None, None, None, dw_bn.to(weight.dtype), db_bn.to(bias.dtype), None, None
 
 
 conv_bn_relu_maxpool.register_autograd(_conv_backward, setup_context=_conv_setup)
