@@ -81,7 +81,8 @@ _STEM_NORM = {nn.MaxPool2d: nn.BatchNorm2d, nn.MaxPool3d: nn.BatchNorm3d}
 def _is_stem_pool(m: nn.Module, norm: nn.Module) -> bool:
     """MaxPool2d / MaxPool3d(kernel 3, stride 2, padding 1), floor mode, no indices, of the norm's rank."""
     n = _STEM_POOL.get(type(m))
-    return (n is not None and isinstance(norm, _STEM_NORM[type(m)]) and _ntuple(m.kernel_size, n) == (3,) * n
+    return (n is not None and isinstance(norm, (_STEM_NORM[type(m)], nn.SyncBatchNorm))
+            and _ntuple(m.kernel_size, n) == (3,) * n
             and _ntuple(m.stride, n) == (2,) * n and _ntuple(m.padding, n) == (1,) * n
             and _ntuple(m.dilation, n) == (1,) * n and not m.ceil_mode and not m.return_indices)
 
@@ -144,7 +145,7 @@ def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
     refuse_empty_batch(x, [bn], "stem")
     if sync_group([bn]) is not None and sync_input_problem(x) is not None:
         return False  # SyncBatchNorm's own synchronisation
-    rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4
+    rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4 if isinstance(bn, nn.BatchNorm2d) else x.dim()  # Sync: any
     return x.dim() == rank and x.shape[0] > 0 and _fused_device_ok(x)
 
 

@@ -125,7 +125,7 @@ def _transition_fwd(x, mean, var, w, b, cw, eps):
 
 
 def _transition_bwd(grad, x, mean, var, w, b, cw, eps):
-    return _ops.transition_backward(grad, x, mean, var, w, b, cw, False, eps)
+    return _ops.transition_backward(grad, x, mean, var, w, b, cw, False, eps)[:4]  # no gate: its grad is empty
 
 
 def _pool_fwd(x, mean, var, w, b, _cw, eps):
@@ -133,7 +133,7 @@ def _pool_fwd(x, mean, var, w, b, _cw, eps):
 
 
 def _pool_bwd(grad, x, mean, var, w, b, _cw, eps):
-    return (*_ops.norm_relu_pool_backward(grad, x, mean, var, w, b, False, eps), None)
+    return (*_ops.norm_relu_pool_backward(grad, x, mean, var, w, b, False, eps)[:3], None)  # no gate
 
 
 def _stem_fwd(x, mean, var, w, b, _cw, eps):
