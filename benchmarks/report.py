@@ -80,6 +80,8 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         "physical_cores": physical,
         "ram_bytes": ram,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        # the memory workers' glibc mmap threshold (benchmarks/runner.py): RSS then follows live tensors
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "128 KiB (benchmarks/runner.py)"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -94,6 +96,12 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     return info
+
+
+def _mmap_note(machine: Dict[str, Any]) -> str:
+    if machine.get("gpu") or not machine.get("malloc_mmap_threshold"):  # GPU runs; runs from before the rule
+        return ""
+    return ", glibc mmap threshold fixed at 128 KiB so that RSS follows the live tensors"
 
 
 def max_load(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> float:
@@ -255,7 +263,8 @@ def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any]
              f"{' @ ' + machine['git_commit'] if machine.get('git_commit') else ''}. "
              f"Step = forward + cross-entropy + backward; {timing}; memory is measured in a fresh process per "
              f"implementation "
-             f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step)."]
+             f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step"
+             f"{_mmap_note(machine)})."]
     if timed and is_busy(machine, settings.get("load_average_start")):
         lines[-1] += (f" **The machine was busy (other work's load up to "
                       f"{max_load(machine, settings.get('load_average_start')):.1f} on "

@@ -16,9 +16,17 @@ __all__ = ["run_worker", "run_workers", "largest_batch"]
 _ROOT = Path(__file__).resolve().parents[1]  # the directory holding the ``benchmarks`` package
 
 
+# glibc's mmap threshold, fixed for every measurement worker (every implementation alike): each allocation of
+# 128 KiB or more is its own mapping, returned to the OS when freed, so the RSS peak follows the live tensors.
+# With glibc's default the threshold grows with the first large frees and freed blocks then stay in the heap,
+# which made the same step's peak vary by up to 80 MiB between runs (heap fragmentation, not tensors).
+MMAP_THRESHOLD = str(128 * 1024)
+
+
 def _env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)
     return env
 
 

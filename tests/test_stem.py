@@ -79,11 +79,15 @@ def test_bn_relu_maxpool_matches_torch(shape, channels_last, training):
     _assert_bn_close(our_bn, ref_bn, 1e-10)
 
 
+@pytest.mark.parametrize("backward", ["batch", "sample"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("stride,padding", [(2, 3), (1, 1)])
 @pytest.mark.parametrize("shape", [(2, 1, 9, 7, 11), (1, 2, 6, 5, 3), (3, 2, 5, 6, 7)])
-def test_conv_stem_matches_torch(shape, stride, padding, training):
-    """MONAI's stem (Conv3d k7 s2 p3, BatchNorm3d, ReLU, MaxPool3d 3/2/1) vs the fused operator."""
+def test_conv_stem_matches_torch(shape, stride, padding, training, backward, monkeypatch):
+    """MONAI's stem (Conv3d k7 s2 p3, BatchNorm3d, ReLU, MaxPool3d 3/2/1) vs the fused operator, with either
+    backward (the whole batch at once, or sample by sample)."""
+    import densenet_fast.ops.stem as stem_ops
+    monkeypatch.setattr(stem_ops, "CONV_STEM_BACKWARD", backward)
     k = 2 * padding + 1
     conv_ref = nn.Conv3d(shape[1], 4, k, stride, padding, bias=False).double()
     ref_bn = _bn(nn.BatchNorm3d, 4).train(training)
@@ -121,8 +125,11 @@ def test_bn_relu_maxpool_gradcheck(shape, training):
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("backward", ["batch", "sample"])
 @pytest.mark.parametrize("training", [True, False])
-def test_conv_stem_gradcheck(training):
+def test_conv_stem_gradcheck(training, backward, monkeypatch):
+    import densenet_fast.ops.stem as stem_ops
+    monkeypatch.setattr(stem_ops, "CONV_STEM_BACKWARD", backward)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 1, 5, 3, 4, dtype=torch.float64, generator=g, requires_grad=True)
     cw = torch.randn(3, 1, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)

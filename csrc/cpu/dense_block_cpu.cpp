@@ -49,12 +49,18 @@ Tensor conv3x3(const Tensor& x, const Tensor& w, int64_t dims) {
   return at::convolution(x, w, {}, ones, ones, ones, false, zeros, 1);
 }
 
-// Its input and weight gradients.
-std::tuple<Tensor, Tensor> conv3x3_backward(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t dims) {
+// Its weight gradient (needs the input x) ...
+Tensor conv3x3_weight_grad(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t dims) {
   const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
-  auto grads = at::convolution_backward(dout, x, w, c10::nullopt, ones, ones, ones, false, zeros, 1,
-                                        {true, true, false});
-  return {std::get<0>(grads), std::get<1>(grads)};
+  return std::get<1>(at::convolution_backward(dout, x, w, c10::nullopt, ones, ones, ones, false, zeros, 1,
+                                              {false, true, false}));
+}
+
+// ... and its input gradient, the transposed convolution of dout (needs only the weight: the backward frees
+// the layer's 3x3 input before this allocates its gradient).
+Tensor conv3x3_input_grad(const Tensor& dout, const Tensor& w, int64_t dims) {
+  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
+  return at::convolution(dout, w, {}, ones, ones, ones, /*transposed=*/true, zeros, 1);
 }
 
 void check_cpu_dtype(const Tensor& input) {
@@ -244,9 +250,7 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
   };
 
   Tensor y = empty_cl(g, inter, f_opts);
-  Tensor v = empty_cl(g, inter, buffer.options());
   F* Y = y.data_ptr<F>();
-  T* V = v.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
@@ -262,23 +266,28 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
                      is2.data());
 
     // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)), and V = relu(bn2(Y)) on each tile.
+    Tensor v = empty_cl(g, inter, buffer.options());
     {
       RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
-      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y, a2.data(), bb2.data(), V);
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y, a2.data(), bb2.data(),
+                         v.data_ptr<T>());
     }
 
     // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
-    // then the 3x3 conv backward (oneDNN through ATen).
+    // then the 3x3 conv backward (oneDNN through ATen): the weight gradient while V exists, then V is freed
+    // and the input gradient allocated (one [rows, inter] tensor less at the backward's peak).
     Tensor dout = empty_cl(g, g.k, buffer.options());
     finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
-    auto conv_grads = conv3x3_backward(apply_dropout(dout, op.mask, l, g.k, op.drop_rate), v, op.w2[l], g.dims);
+    dout = apply_dropout(dout, op.mask, l, g.k, op.drop_rate);
+    out.w2[l] = conv3x3_weight_grad(dout, v, op.w2[l], g.dims).contiguous();  // as the fake kernel declares
+    v.reset();
+    Tensor dv = conv3x3_input_grad(dout, op.w2[l], g.dims).contiguous(cl_format(g.dims));
     dout.reset();
-    Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims));
-    out.w2[l] = std::get<1>(conv_grads).contiguous();  // as the fake kernel declares, on every backend
     T* dV = dv.data_ptr<T>();
 
     // Stage 3. BN2 + ReLU backward, first half: dV becomes dz = relu'(V) dV (rounded to T) and the
-    // per-channel sums of dz and dz*xhat2. The second half (dz -> dY) runs on each tile of stage 4.
+    // per-channel sums of dz and dz*xhat2, V = relu(bn2(Y)) recomputed exactly as stage 1 rounded it. The
+    // second half (dz -> dY) runs on each tile of stage 4.
     std::vector<acc_t> sum2(2 * inter);
     {
       RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
@@ -292,11 +301,11 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
         for (int64_t q0 = r0; q0 < r1; q0 += 256) {
           std::fill(ts.begin(), ts.end(), acc_t(0));
           for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
-            const T* vr = V + r * inter;
             const F* yr = Y + r * inter;
             T* dvr = dV + r * inter;
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-              const F dz = relu_grad<F>(to_f<F>(vr[j]), to_f<F>(dvr[j]));
+              const F vj = to_f<F>(from_f<T>(relu<F>(yr[j] * a2[j] + bb2[j])));  // = V (bn_relu_rows)
+              const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
               dvr[j] = from_f<T>(dz);
               ts1[j] += dz;
               ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
