@@ -335,6 +335,96 @@ def _convert_transition(t: nn.Module) -> Transition:
     return _adopt(new, t)
 
 
+def _sync_note(new: nn.Module, name: str, report: ConversionReport) -> None:
+    if _is_sync_bn(new._layers()[0].norm1):
+        report.notes.append(f"{name}: SyncBatchNorm -> synchronised fused path in distributed training")
+
+
+def _leaf_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[nn.Module]:
+    """A torchvision/timm dense block -> DenseBlock; a MONAI/torchxrayvision one -> ConcatDenseBlock."""
+    if _tv(m, "_DenseBlock") or _timm(m, "DenseBlock"):
+        src, problem = ("torchvision _DenseBlock" if _tv(m, "_DenseBlock") else "timm DenseBlock"), _block_problem(m)
+        if problem:
+            report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
+            return m
+        new = _convert_block(m)
+        report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers)"))
+    else:
+        src = _concat_source(m, "_DenseBlock")
+        if src is None:
+            return None
+        problem = _concat_block_problem(m, src)
+        if problem:
+            report.left_alone.append((name, f"{_SOURCES[src]} {type(m).__name__}: {problem}"))
+            return m
+        new = _adopt(ConcatDenseBlock.from_layers(OrderedDict(m._modules)), m)
+        dims = _spatial_dims(new._layers()[0].conv1)
+        report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
+                                       f"{dims}-D)"))
+    _sync_note(new, name, report)
+    return new
+
+
+def _leaf_transition(m: nn.Module, name: str, report: ConversionReport) -> Optional[nn.Module]:
+    """A torchvision/timm/MONAI/torchxrayvision transition -> Transition."""
+    if _tv(m, "_Transition") or _timm(m, "DenseTransition"):
+        what, problem = type(m).__name__, _transition_problem(m)
+        done = f"Transition <- {'torchvision _Transition' if _tv(m, '_Transition') else 'timm DenseTransition'}"
+    else:
+        src = _concat_source(m, "_Transition")
+        if src is None:
+            return None
+        what, problem = f"{_SOURCES[src]} {type(m).__name__}", _concat_transition_problem(m)
+        done = f"Transition <- {_SOURCES[src]} _Transition ({_spatial_dims(m.conv)}-D)" if not problem else ""
+    if problem:
+        report.left_alone.append((name, f"{what}: {problem}"))
+        return m
+    report.converted.append((name, done))
+    return _convert_transition(m)
+
+
+def _leaf_se(m: nn.Module, name: str, report: ConversionReport, se_cls) -> Optional[nn.Module]:
+    """A timm SEModule -> SqueezeExcite (sharing its modules), when ``squeeze_excite`` is on."""
+    if se_cls is None or type(m) is not _cls("timm.layers.squeeze_excite", "SEModule"):
+        return None
+    new = _adopt(se_cls.from_timm(m), m)
+    plain = "" if new.fused else f" (plain path: {new._unfused_reason()})"
+    report.converted.append((name, f"SqueezeExcite <- timm SEModule{plain}"))
+    return new
+
+
+def _convert_leaf(m: nn.Module, name: str, report: ConversionReport, se_cls) -> Optional[nn.Module]:
+    """What ``m`` becomes if it is a module convert() swaps (itself when it is ours already or cannot be
+    converted, with the reason in ``report``), or None for a container to recurse into."""
+    if isinstance(m, _DnfDenseNet):
+        report.notes.append(f"{name or '<root>'} is already a densenet_fast.DenseNet")
+        return m
+    if isinstance(m, (DenseBlock, Transition)):
+        return m  # already ours
+    for leaf in (_leaf_block, _leaf_transition):
+        new = leaf(m, name, report)
+        if new is not None:
+            return new
+    return _leaf_se(m, name, report, se_cls)
+
+
+def _convert_container(m: nn.Module, name: str, report: ConversionReport, fuse_head: bool, visit) -> nn.Module:
+    """Converts ``m``'s children (``visit``), then its ``features`` Sequential and DenseNet head."""
+    for child_name, child in list(m._modules.items()):
+        if child is None:
+            continue
+        new_child = visit(child, f"{name}.{child_name}" if name else child_name)
+        if new_child is not child:
+            m._modules[child_name] = new_child
+    new = m
+    if fuse_head and type(m) is nn.Sequential and any(isinstance(c, DenseBlock) for c in m.children()):
+        new = _adopt(FusedFeatures.from_sequential(m), m)
+        report.converted.append((name, "FusedFeatures <- nn.Sequential (block -> transition / final norm fusion)"))
+    if fuse_head:
+        _fuse_densenet_head(m, name, report)
+    return new
+
+
 def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, squeeze_excite: bool = True,
             warn: bool = True) -> nn.Module:
     """Converts torchvision/timm dense blocks, transitions, DenseNet heads and timm SE modules in ``model``.
@@ -359,87 +449,14 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    memo: Dict[int, nn.Module] = {}
+    memo: Dict[int, nn.Module] = {}  # a module shared by several parents is converted once
     se_cls = SqueezeExcite if squeeze_excite else None
 
     def visit(m: nn.Module, name: str) -> nn.Module:
-        if id(m) in memo:
-            return memo[id(m)]
-        new = m
-        if isinstance(m, _DnfDenseNet):
-            report.notes.append(f"{name or '<root>'} is already a densenet_fast.DenseNet")
-            memo[id(m)] = m
-            return m
-        if isinstance(m, (DenseBlock, Transition)):
-            memo[id(m)] = m
-            return m  # already ours
-        if _tv(m, "_DenseBlock") or _timm(m, "DenseBlock"):
-            problem = _block_problem(m)
-            if problem:
-                report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
-            else:
-                new = _convert_block(m)
-                src = "torchvision _DenseBlock" if _tv(m, "_DenseBlock") else "timm DenseBlock"
-                report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers)"))
-                if _is_sync_bn(new._layers()[0].norm1):
-                    report.notes.append(f"{name}: SyncBatchNorm -> synchronised fused path in distributed training")
-            memo[id(m)] = new
-            return new
-        if _tv(m, "_Transition") or _timm(m, "DenseTransition"):
-            problem = _transition_problem(m)
-            if problem:
-                report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
-            else:
-                new = _convert_transition(m)
-                src = "torchvision _Transition" if _tv(m, "_Transition") else "timm DenseTransition"
-                report.converted.append((name, f"Transition <- {src}"))
-            memo[id(m)] = new
-            return new
-        src = _concat_source(m, "_DenseBlock")
-        if src is not None:
-            problem = _concat_block_problem(m, src)
-            if problem:
-                report.left_alone.append((name, f"{_SOURCES[src]} {type(m).__name__}: {problem}"))
-            else:
-                new = _adopt(ConcatDenseBlock.from_layers(OrderedDict(m._modules)), m)
-                dims = _spatial_dims(new._layers()[0].conv1)
-                report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
-                                               f"{dims}-D)"))
-                if _is_sync_bn(new._layers()[0].norm1):
-                    report.notes.append(f"{name}: SyncBatchNorm -> synchronised fused path in distributed training")
-            memo[id(m)] = new
-            return new
-        src = _concat_source(m, "_Transition")
-        if src is not None:
-            problem = _concat_transition_problem(m)
-            if problem:
-                report.left_alone.append((name, f"{_SOURCES[src]} {type(m).__name__}: {problem}"))
-            else:
-                new = _convert_transition(m)
-                report.converted.append((name, f"Transition <- {_SOURCES[src]} _Transition "
-                                               f"({_spatial_dims(m.conv)}-D)"))
-            memo[id(m)] = new
-            return new
-        if se_cls is not None and type(m) is _cls("timm.layers.squeeze_excite", "SEModule"):
-            new = _adopt(se_cls.from_timm(m), m)
-            plain = "" if new.fused else f" (plain path: {new._unfused_reason()})"
-            report.converted.append((name, f"SqueezeExcite <- timm SEModule{plain}"))
-            memo[id(m)] = new
-            return new
-        # generic container: recurse
-        for child_name, child in list(m._modules.items()):
-            if child is None:
-                continue
-            new_child = visit(child, f"{name}.{child_name}" if name else child_name)
-            if new_child is not child:
-                m._modules[child_name] = new_child
-        if fuse_head and type(m) is nn.Sequential and any(isinstance(c, DenseBlock) for c in m.children()):
-            new = _adopt(FusedFeatures.from_sequential(m), m)
-            report.converted.append((name, "FusedFeatures <- nn.Sequential (block -> transition / final norm fusion)"))
-        if fuse_head:
-            _fuse_densenet_head(m, name, report)
-        memo[id(m)] = new
-        return new
+        if id(m) not in memo:
+            new = _convert_leaf(m, name, report, se_cls)
+            memo[id(m)] = new if new is not None else _convert_container(m, name, report, fuse_head, visit)
+        return memo[id(m)]
 
     root = visit(model, "")
     if not report.converted:

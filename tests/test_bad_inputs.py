@@ -33,7 +33,7 @@ from torchvision.models.densenet import DenseNet as TVDenseNet
 from torchvision.models.densenet import _DenseBlock, _Transition
 
 import densenet_fast as dnf
-from densenet_fast.nn import dense_block as dnf_block
+from densenet_fast._warn import forget
 from densenet_fast.nn.dense_block import fused_norm_relu_pool
 from densenet_fast.ops import tail as tail_ops
 
@@ -774,7 +774,8 @@ def test_load_state_dict_legacy_keys_still_strict():
 # no silent slow path: warn once where the fused path cannot run
 # ------------------------------------------------------------------------------------------------
 def _fresh_warnings():
-    dnf_block._warned.clear()
+    forget("block:")
+    forget("transition:")
 
 
 @pytest.mark.parametrize("setup,reason", [

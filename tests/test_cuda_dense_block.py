@@ -36,7 +36,6 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 from conftest import rel_l2_err  # noqa: E402
 
 import densenet_fast as dnf  # noqa: E402
-from densenet_fast.nn import dense_block as nn_block  # noqa: E402
 from densenet_fast.ops import dense_block as block_ops  # noqa: E402
 from densenet_fast.ops import tail as tail_ops  # noqa: E402
 
@@ -694,7 +693,9 @@ def test_half_model_trains_like_torchvision(cuda, dtype, arch):
     x = torch.randn(8, 3, size, size, device=cuda)
     target = torch.randint(0, 10, (8,), device=cuda)
     res = {}
-    nn_block._warned.clear()  # so that a fallback to the reference path warns (again) here
+    from densenet_fast._warn import forget
+    forget("block:")  # so that a fallback to the reference path warns (again) here
+    forget("transition:")
     for name, m, xx in (("tv", tv, x.to(dtype)), ("ours", ours, x.to(dtype)), ("64", ref, x.double())):
         with warnings.catch_warnings():
             if name == "ours":  # a fallback warning fails the test

@@ -27,7 +27,6 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 from conftest import rel_err  # noqa: E402
 
 import densenet_fast.models as dn  # noqa: E402
-from densenet_fast.models import se_densenet as sednn  # noqa: E402
 from densenet_fast.models.se_densenet import (  # noqa: E402
     SEDenseBlock,
     SEDenseLayer,
@@ -251,7 +250,8 @@ def test_compile_fullgraph(placement):
 
 
 def test_layer_placement_warns_once(monkeypatch):
-    monkeypatch.setattr(sednn, "_warned", set())
+    from densenet_fast._warn import forget
+    forget("se-densenet:")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         model = make("bc16", se_placement="layer")
@@ -260,7 +260,8 @@ def test_layer_placement_warns_once(monkeypatch):
         make("bc16", se_placement="block")
     msgs = [str(w.message) for w in rec if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "se_placement='layer'" in msgs[0] and "reference" in msgs[0], msgs
-    monkeypatch.setattr(sednn, "_warned", set())
+    from densenet_fast._warn import forget
+    forget("se-densenet:")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         make("bc16", se_placement="layer", impl="reference")  # asked for the reference path: no warning

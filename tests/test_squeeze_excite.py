@@ -167,8 +167,8 @@ def test_plain_path_parity():
 
 
 def test_plain_path_warns_once_per_reason():
-    from densenet_fast.nn import squeeze_excite as nn_se
-    nn_se._warned.discard("activation GELU (fused path needs nn.ReLU)")
+    from densenet_fast._warn import forget
+    forget("squeeze-excite:activation GELU (fused path needs nn.ReLU)")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         SqueezeExcite(16, act_layer=nn.GELU)

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections import OrderedDict
 from typing import Any, Sequence
 
 from torch import Tensor, nn
 
+from densenet_fast._warn import warn_once
 from densenet_fast.models.densenet import DenseNet, WeightsLike, load_weights
 from densenet_fast.nn.dense_block import DenseBlock, DenseLayer
 from densenet_fast.nn.fused_features import FusedFeatures
@@ -50,13 +50,10 @@ _LAYER_RULE = ("se_placement='layer': the fused dense-block operator cannot run 
                "the layers of a block, so the dense blocks run the per-layer reference PyTorch path "
                "(transitions, final norm and SE gates stay fused). Use se_placement='block' to keep the "
                "blocks fused.")
-_warned: set = set()
 
 
 def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+    warn_once(f"se-densenet:{key}", message, RuntimeWarning, stacklevel=stacklevel)
 
 
 def check_se_ratio(se_ratio: Any) -> float:

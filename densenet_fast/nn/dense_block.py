@@ -8,7 +8,6 @@ through the plain per-layer PyTorch path (``impl="reference"``), which is what t
 from __future__ import annotations
 
 import contextlib
-import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from densenet_fast._warn import warn_once
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
 from densenet_fast.nn.sync_batchnorm import (
@@ -30,13 +30,10 @@ from densenet_fast.ops import sync_block as _sync_ops
 from densenet_fast.ops import tail as _tail_ops
 
 IMPLS = ("fused", "reference")
-_warned: set = set()
 
 
 def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warn_once(key, message, RuntimeWarning, stacklevel=3)
 
 
 def check_impl(impl: str) -> str:
@@ -60,18 +57,6 @@ def _fused_device_ok(x: Tensor, block: bool = False) -> bool:
         return x.dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
             "densenet_fast::dense_block_forward", "CUDA")
     return False
-
-
-def _autocast_dtype_fix(x: Tensor) -> Tensor:
-    """Under CPU autocast the fused block computes in float32 (BN precision rule); returns x cast to it.
-
-    Without autocast a float16/bfloat16 CPU input is left as is: it either matches the module's
-    parameters (reference path, with a warning) or is rejected, as torchvision's modules do.
-    """
-    if (x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-            and torch.is_autocast_enabled("cpu")):
-        return x.float()
-    return x
 
 
 def _check_module_input(x: Tensor, weight: Tensor, owner: str) -> None:
@@ -108,18 +93,9 @@ def check_drop_rate(drop_rate) -> float:
     return float(drop_rate)
 
 
-def _tail_input(x: Tensor) -> Tensor:
-    """The input a tail operator (transition, final norm) takes: a CPU bfloat16 tensor under autocast
-    (the fused block's buffer) stays bfloat16 -- the tail op computes in float32 on a transient copy and
-    saves the bfloat16 buffer autograd keeps anyway; other inputs as _autocast_dtype_fix."""
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"):
-        return x
-    return _autocast_dtype_fix(x)
-
-
 def _kernel_autocast(x: Tensor):
-    """Autocast state around the fused operators. CPU: disabled (the kernels run in float32, see
-    _autocast_dtype_fix). CUDA: left as it is, so the operators' AutocastCUDA kernels cast the input
+    """Autocast state around the fused operators. CPU: disabled (the kernels run in the dtype of
+    ops.dense_block.cpu_autocast_input). CUDA: left as it is, so the operators' AutocastCUDA kernels cast the input
     and conv weights to the autocast dtype and keep every BatchNorm tensor in float32."""
     if x.device.type == "cuda":
         return contextlib.nullcontext()
@@ -254,7 +230,7 @@ class DenseBlock(nn.ModuleDict):
             reason = "its layers have different drop rates"
         elif layer_drop_rate(layers[0]) > 0 and {layer.training for layer in layers} != {norms[0].training}:
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
-        elif not _fused_device_ok(_block_ops.cpu_block_input(x), block=True):
+        elif not _fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif sync_group(norms) is not None:
             reason = sync_input_problem(x)
@@ -291,7 +267,7 @@ class DenseBlock(nn.ModuleDict):
         params = self.block_params()
         if x.device.type == "cpu":
             # CPU: bf16 under bf16 autocast, fp32 under fp16 autocast; BN tensors in fp32 for a bf16 model.
-            x = _block_ops.cpu_block_input(x)
+            x = _block_ops.cpu_autocast_input(x, "block")
             params = _block_ops.cast_block_params(params, x.dtype)
         with _kernel_autocast(x):
             out = _block_ops.fused_dense_block(x, params, training=training, eps=first.eps,
@@ -399,7 +375,7 @@ class Transition(nn.Sequential):
         reason = None
         if not fusable_norms([self.norm]):
             reason = "its BatchNorm is not affine with running statistics"
-        elif not _fused_device_ok(_autocast_dtype_fix(x)):
+        elif not _fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif sync_group([self.norm]) is not None:
             reason = sync_input_problem(x)
@@ -423,7 +399,7 @@ class Transition(nn.Sequential):
             if gate is not None:  # FusedFeatures never folds an SE into a synchronised reader
                 raise ValueError("gate: an SE gate cannot be folded into a synchronised (SyncBatchNorm) transition")
             return sync_reader("transition", self.norm, x, group, batch_mean, batch_var, count, self.conv.weight)
-        x = _tail_input(x)
+        x = _block_ops.cpu_autocast_input(x, "tail")
         with _kernel_autocast(x):
             mean, var, training = bn_stats(self.norm, x, batch_mean, batch_var, update=False)
             out = _tail_ops.transition(x, mean, var, self.norm.weight, self.norm.bias, self.conv.weight,
@@ -461,7 +437,7 @@ def fused_norm_relu_pool(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Ten
         if sync_input_problem(x) is not None:  # SyncBatchNorm's own synchronisation (callers warn)
             return torch.flatten(F.relu(bn(x)).mean(dim=tuple(range(2, x.dim())), keepdim=True), 1)
         return sync_reader("norm_relu_pool", bn, x, group, batch_mean, batch_var, count)
-    x = _tail_input(x)
+    x = _block_ops.cpu_autocast_input(x, "tail")
     with _kernel_autocast(x):
         mean, var, training = bn_stats(bn, x, batch_mean, batch_var, update=False)
         out = _tail_ops.norm_relu_pool(x, mean, var, bn.weight, bn.bias, training=training, eps=bn.eps, gate=gate)

@@ -28,7 +28,6 @@ from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.dense_block import (
     DenseBlock,
     Transition,
-    _autocast_dtype_fix,
     _fused_device_ok,
     bn_stats,
     commit_bn_stats,
@@ -37,6 +36,7 @@ from densenet_fast.nn.dense_block import (
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
+from densenet_fast.ops.dense_block import cpu_autocast_input
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -242,7 +242,7 @@ class FusedFeatures(nn.Sequential):
         kind = norm_relu_kind(m)
         rank = 5 if isinstance(m, nn.BatchNorm3d) else 4 if isinstance(m, nn.BatchNorm2d) else x.dim()
         return ((kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank
-                and _fused_device_ok(_autocast_dtype_fix(x)))
+                and _fused_device_ok(cpu_autocast_input(x, "float32")))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)[0]

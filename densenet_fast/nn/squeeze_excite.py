@@ -10,12 +10,12 @@ and a ``UserWarning`` is issued once per configuration when such a module is bui
 
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._warn import warn_once
 from ..ops.squeeze_excite import se_gate, se_gate_of
 from .export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
 
@@ -32,7 +32,6 @@ _ACT_LAYERS: dict[str, type] = {
     "identity": nn.Identity,
 }
 
-_warned: set[str] = set()
 
 
 def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None,
@@ -170,10 +169,9 @@ class SqueezeExcite(nn.Module):
         self.fc2 = fc2
         self.gate = gate
         reason = self._unfused_reason()
-        if reason is not None and reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"SqueezeExcite: {reason}; using the plain PyTorch path instead of the "
-                          "fused densenet_fast::se_forward operator", UserWarning, stacklevel=3)
+        if reason is not None:
+            warn_once(f"squeeze-excite:{reason}", f"SqueezeExcite: {reason}; using the plain PyTorch path instead "
+                      "of the fused densenet_fast::se_forward operator", UserWarning, stacklevel=3)
 
     @classmethod
     def from_timm(cls, se_module: nn.Module) -> "SqueezeExcite":

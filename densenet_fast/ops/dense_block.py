@@ -250,20 +250,33 @@ class BlockOutput(NamedTuple):
     var2: Tensor
 
 
-def cpu_block_input(x: Tensor) -> Tensor:
-    """The dtype rule of the CPU fused block under ``torch.autocast("cpu")``: returns x cast to the dtype the
-    kernel computes in.
+def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
+    """The dtype a CPU fused operator computes in under ``torch.autocast("cpu")``: x, cast where its rule says.
 
-    bfloat16 autocast: bfloat16 (bf16 buffer and GEMM operands, fp32 accumulation, BN in fp32, as autocast
-    runs convolutions in bf16). float16 autocast: float32 (there is no fp16 CPU kernel; autocast's fp16 CPU
-    convolutions are slow reference kernels, so the block keeps fp32). Outside autocast, or for float64
-    or non-CPU inputs: x unchanged.
+    One table for every fused CPU operator (docs/design.md §7), outside autocast, for float64 and for non-CPU
+    inputs x is returned unchanged:
+
+    * ``"block"`` (the dense block): bfloat16 under bf16 autocast (bf16 buffer and GEMM operands, fp32
+      accumulation and BN, as autocast runs convolutions in bf16); float32 under fp16 autocast (no fp16 CPU
+      kernel: autocast's fp16 CPU convolutions are slow reference kernels, so the block keeps fp32).
+    * ``"tail"`` (transition, final norm): a bfloat16 input (a block's buffer) stays bfloat16, the operator
+      computes in fp32 on a transient copy and autograd saves the bf16 buffer it keeps anyway; float16 ->
+      float32.
+    * ``"float32"`` (the other readers, e.g. the stem): bfloat16 and float16 -> float32.
     """
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return x
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return x
-    return x.to(torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32)
+    if rule == "block":
+        target = torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32
+    elif rule == "tail":
+        target = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    elif rule == "float32":
+        target = torch.float32
+    else:
+        raise ValueError(f"rule: expected 'block', 'tail' or 'float32', got {rule!r}")
+    return x if x.dtype == target else x.to(target)
 
 
 def cast_block_params(params: "BlockParams", dtype: torch.dtype) -> "BlockParams":
