@@ -10,12 +10,7 @@
 // F = Opmath<T> = compute type of everything else (BN parameters and statistics, the bottleneck
 // pre-activation Y, the working gradient G): a bfloat16 block multiplies in bf16 with fp32
 // accumulation (gemm_engine.h) and keeps BN in fp32, the autocast rule for norms.
-// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
-// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
-#ifndef DNF_ISA
-#define DNF_ISA base
-#define DNF_ISA_REGISTERS 1
-#endif
+#include "cpu/isa_build.h"  // first: which ISA build this is
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
@@ -24,7 +19,6 @@
 #include "common/block_grads.h"
 #include "common/checks.h"
 #include "common/nonfinite.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 #include <type_traits>
@@ -33,11 +27,6 @@ namespace dnf::cpu::DNF_ISA {
 
 using at::Tensor;
 using at::TensorList;
-
-// channels_last (2-D) / channels_last_3d (3-D) layout of a block activation: a [rows, C] matrix.
-at::MemoryFormat cl_format(int64_t dims) {
-  return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
 
 Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts) {
   return at::empty(g.shape(C), opts.memory_format(cl_format(g.dims)));

@@ -25,6 +25,11 @@
 
 namespace dnf::cpu::DNF_ISA {
 
+// channels_last (2-D) / channels_last_3d (3-D) layout of a block activation: a [rows, C] matrix.
+inline at::MemoryFormat cl_format(int64_t dims) {
+  return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
 // Conversions between the storage type T and the compute type F in the element loops. For bfloat16
 // they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN
 // per element): widening is a shift; narrowing rounds to nearest even, NaN stays a quiet NaN.

@@ -5,12 +5,7 @@
 // Nothing of the input's size is allocated in the forward. The backward allocates only grad_input:
 // the pooling gradient is scattered into it (argmax recomputed from x, ATen's scan order and tie/NaN
 // rule), then the ReLU mask and the BN backward are applied to it in place.
-// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
-// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
-#ifndef DNF_ISA
-#define DNF_ISA base
-#define DNF_ISA_REGISTERS 1
-#endif
+#include "cpu/isa_build.h"  // first: which ISA build this is
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -23,7 +18,6 @@
 
 #include "common/checks.h"
 #include "common/nonfinite.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace dnf::cpu::DNF_ISA {

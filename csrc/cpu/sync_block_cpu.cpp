@@ -6,28 +6,19 @@
 // the fused block (csrc/cpu/dense_block_cpu.cpp) as separate operators, with the same tiling: BN1+ReLU
 // is the prologue of the GEMM, applied to one cache-sized tile of rows at a time, so the normalised
 // input of a layer is never materialised, in the forward or in the backward.
-// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
-// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
-#ifndef DNF_ISA
-#define DNF_ISA base
-#define DNF_ISA_REGISTERS 1
-#endif
+#include "cpu/isa_build.h"  // first: which ISA build this is
 
 #include <ATen/ATen.h>
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace dnf::cpu::DNF_ISA {
 
 using at::Tensor;
 
-at::MemoryFormat layer_cl_format(int64_t dims) {
-  return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
 
 LayerGeometry check_layer_cpu(const Tensor& buffer, int64_t channels, const Tensor& mean, const Tensor& var,
                               const Tensor& weight, const Tensor& bias, const Tensor& conv_weight, double eps) {
@@ -45,10 +36,10 @@ Tensor block_layer_bottleneck_cpu(const Tensor& buffer, int64_t channels, const 
                                   const Tensor& weight, const Tensor& bias, const Tensor& conv_weight,
                                   double eps) {
   const LayerGeometry g = check_layer_cpu(buffer, channels, mean, var, weight, bias, conv_weight, eps);
-  const Tensor X = buffer.contiguous(layer_cl_format(g.dims));
+  const Tensor X = buffer.contiguous(cl_format(g.dims));
   std::vector<int64_t> shape = buffer.sizes().vec();
   shape[1] = g.inter;
-  Tensor y = at::empty(shape, buffer.options().memory_format(layer_cl_format(g.dims)));
+  Tensor y = at::empty(shape, buffer.options().memory_format(cl_format(g.dims)));
   AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "block_layer_bottleneck_cpu", [&] {
     using T = scalar_t;
     gemm_engine(buffer.scalar_type());  // chosen once, outside the parallel region
@@ -77,11 +68,11 @@ std::tuple<Tensor, Tensor, Tensor> block_layer_bottleneck_backward_cpu(
   check_shape(grad_y, yshape, "grad_y");
   check_float_tensor(grad_buffer, "grad_buffer", buffer);
   check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  TORCH_CHECK(grad_buffer.is_contiguous(layer_cl_format(g.dims)),
+  TORCH_CHECK(grad_buffer.is_contiguous(cl_format(g.dims)),
               "grad_buffer: expected a ", g.dims == 3 ? "channels_last_3d" : "channels_last",
               " contiguous tensor (it is updated in place), got strides ", grad_buffer.strides());
-  const Tensor X = buffer.contiguous(layer_cl_format(g.dims));
-  const Tensor dY = grad_y.contiguous(layer_cl_format(g.dims));
+  const Tensor X = buffer.contiguous(cl_format(g.dims));
+  const Tensor dY = grad_y.contiguous(cl_format(g.dims));
   const int64_t c = channels, inter = g.inter, M = g.rows, Ct = g.Ct;
   Tensor dw1 = at::empty(conv_weight.sizes(), conv_weight.options().memory_format(at::MemoryFormat::Contiguous));
   const auto sopts = buffer.options();
@@ -167,7 +158,7 @@ Tensor channel_sums_cpu(const Tensor& input) {
   Tensor X = input;
   auto [rows, ld] = row_layout(X);
   if (rows == 0) {
-    X = input.contiguous(layer_cl_format(input.dim() - 2));
+    X = input.contiguous(cl_format(input.dim() - 2));
     rows = X.numel() / C;
     ld = C;
   }

@@ -5,12 +5,7 @@
 // never store their BN/ReLU output; the backward recomputes it tile by tile. An optional SE gate
 // g [N, C] is folded into the prologue (docs/design.md §5): the reader normalises y = g*x without
 // y ever existing, i.e. relu((a*g)*x + b); the backward returns dx = g*dy and dgate = sum_hw x*dy.
-// Compiled as itself: the baseline-ISA build, which registers the operators; csrc/cpu/isa/ includes
-// this file again for wider ISAs with DNF_ISA set (csrc/cpu/isa.h).
-#ifndef DNF_ISA
-#define DNF_ISA base
-#define DNF_ISA_REGISTERS 1
-#endif
+#include "cpu/isa_build.h"  // first: which ISA build this is
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -21,7 +16,6 @@
 
 #include "common/checks.h"
 #include "common/nonfinite.h"
-#include "cpu/isa.h"
 #include "cpu/kernels.h"
 
 namespace dnf::cpu::DNF_ISA {
