@@ -175,6 +175,25 @@ def _layer_geometry_problem(where: str, i: int, layer: nn.Module, first_layer: n
     return None
 
 
+def _layer_problem(where: str, i: int, layer: nn.Module, first_layer: nn.Module, parts: tuple, relus: tuple,
+                   dims: int, first: tuple, eps: set, sync: set) -> Optional[str]:
+    """Why one dense layer (``parts`` = norm1, conv1, norm2, conv2; ``relus`` = its separate ReLUs or Nones)
+    cannot be fused: its norms, its convolutions, then its geometry against the block's first layer. Adds
+    the norms' eps and synchronisation to ``eps`` / ``sync`` (checked across the block afterwards)."""
+    n1, c1, n2, c2 = parts
+    for bn, name, relu in ((n1, "norm1", relus[0]), (n2, "norm2", relus[1])):
+        p = _norm_problem(bn, f"{where} {name}", relu, dims)
+        if p:
+            return p
+        eps.add(bn.eps)
+        sync.add(_is_sync_bn(bn))
+    for conv, name, k, pad in ((c1, "conv1", 1, 0), (c2, "conv2", 3, 1)):
+        p = _conv_problem(conv, f"{where} {name}", k, pad, dims)
+        if p:
+            return p
+    return _layer_geometry_problem(where, i, layer, first_layer, parts, first)
+
+
 def _shared_norms_problem(eps: set, sync: set) -> Optional[str]:
     """Why a block's BatchNorms cannot run as one fused operator (one eps, all or none synchronised)."""
     if len(eps) != 1:
@@ -202,20 +221,10 @@ def _block_problem(block: nn.Module) -> Optional[str]:
             if not isinstance(getattr(layer, attr, None), nn.Module):
                 return f"{where} has no {attr}"
         n1, c1, n2, c2 = layer.norm1, layer.conv1, layer.norm2, layer.conv2
-        for bn, name, relu in ((n1, "norm1", getattr(layer, "relu1", None)),
-                               (n2, "norm2", getattr(layer, "relu2", None))):
-            p = _norm_problem(bn, f"{where} {name}", relu if tv else None)
-            if p:
-                return p
-            eps.add(bn.eps)
-            sync.add(_is_sync_bn(bn))
-        for conv, name, k, pad in ((c1, "conv1", 1, 0), (c2, "conv2", 3, 1)):
-            p = _conv_problem(conv, f"{where} {name}", k, pad)
-            if p:
-                return p
+        relus = (getattr(layer, "relu1", None), getattr(layer, "relu2", None)) if tv else (None, None)
         if i == 0:
             first = (n1.num_features, c2.out_channels, c1.out_channels)
-        p = _layer_geometry_problem(where, i, layer, layers[0], (n1, c1, n2, c2), first)
+        p = _layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), relus, 2, first, eps, sync)
         if p:
             return p
     return _shared_norms_problem(eps, sync)
@@ -298,20 +307,11 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
             return f"{where} children {names} are not {_UNIT_CHILDREN}"
         if dims is None:
             dims = _spatial_dims(unit.conv1)
-        for bn, name, relu in ((unit.norm1, "norm1", unit.relu1), (unit.norm2, "norm2", unit.relu2)):
-            p = _norm_problem(bn, f"{where} {name}", relu, dims)
-            if p:
-                return p
-            eps.add(bn.eps)
-            sync.add(_is_sync_bn(bn))
-        for conv, name, k, pad in ((unit.conv1, "conv1", 1, 0), (unit.conv2, "conv2", 3, 1)):
-            p = _conv_problem(conv, f"{where} {name}", k, pad, dims)
-            if p:
-                return p
         n1, c1, n2, c2 = unit.norm1, unit.conv1, unit.norm2, unit.conv2
         if i == 0:
             first = (n1.num_features, c2.out_channels, c1.out_channels)
-        p = _layer_geometry_problem(where, i, layer, layers[0], (n1, c1, n2, c2), first)
+        p = _layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), (unit.relu1, unit.relu2), dims, first,
+                           eps, sync)
         if p:
             return p
     return _shared_norms_problem(eps, sync)
