@@ -224,10 +224,10 @@ def _conv_backward(ctx, grad, _grad_mean, _grad_var):
 
 def _conv_backward_sample(ctx, grad):
     """Sample by sample, so the recomputed convolution output and its gradient exist for one sample at a time
-    (for a whole batch they were the step's peak: 2 x 54 MiB for 2 x 96^3 volumes). Training needs the BN
-    backward's batch sums first, so it recomputes each sample twice: pass 1 collects sum(dz) and sum(dz*xhat)
-    (exactly eval mode's dbeta and dgamma with the batch statistics), pass 2 forms each sample's gradient
-    from eval mode's a*dz: dy = a*dz - a*(sum(dz) + xhat*sum(dz*xhat))/M, the training BN backward."""
+    instead of for the whole batch. Training needs the BN backward's batch sums first, so it recomputes each
+    sample twice: pass 1 collects sum(dz) and sum(dz*xhat) (exactly eval mode's dbeta and dgamma with the batch
+    statistics), pass 2 forms each sample's gradient from eval mode's a*dz: dy = a*dz - a*(sum(dz) +
+    xhat*sum(dz*xhat))/M, the training BN backward. Eval needs one pass (its dbeta/dgamma are summed there)."""
     input, conv_weight, mean, var, weight, bias = ctx.saved_tensors
     n_dims = input.dim() - 2
     view = (1, -1) + (1,) * n_dims
@@ -239,12 +239,11 @@ def _conv_backward_sample(ctx, grad):
         return (x_i, y_i, *_ops.bn_relu_maxpool_backward(grad.narrow(0, i, 1), y_i, mean, var, weight, bias, False,
                                                           ctx.eps))
 
+    dw_bn = db_bn = 0  # sum over samples of dgamma (= sum dz*xhat) and dbeta (= sum dz)
     if ctx.training:
-        s1 = s2 = None
         for i in range(input.shape[0]):
             _, _, _, dg, db = sample_grads(i)
-            s1, s2 = (db, dg) if s1 is None else (s1 + db, s2 + dg)
-        dw_bn, db_bn = s2, s1
+            dw_bn, db_bn = dw_bn + dg, db_bn + db
         invstd = torch.rsqrt(var + ctx.eps)
         a = weight.to(mean.dtype) * invstd
     dinput = torch.empty_like(input) if need_input else None
@@ -254,14 +253,12 @@ def _conv_backward_sample(ctx, grad):
         if ctx.training:
             m = y_i.numel() // y_i.shape[1] * input.shape[0]  # values per channel in the batch
             # dy = a*dz - a*s1/m - xhat*(a*s2/m), with xhat = (y - mean)*invstd; y_i is reused in place
-            dy = dy.to(mean.dtype) if dy.dtype != mean.dtype else dy
-            y_i = y_i.to(mean.dtype) if y_i.dtype != mean.dtype else y_i
-            y_i.sub_(mean.view(view)).mul_((invstd * a * s2 / m).view(view))
-            dy.sub_((a * s1 / m).view(view)).sub_(y_i)
+            dy, y_i = dy.to(mean.dtype), y_i.to(mean.dtype)  # no copies when the dtypes match
+            y_i.sub_(mean.view(view)).mul_((invstd * a * dw_bn / m).view(view))
+            dy.sub_((a * db_bn / m).view(view)).sub_(y_i)
             dy = dy.to(input.dtype)
         else:
-            dw_bn = dg if i == 0 else dw_bn + dg
-            db_bn = db if i == 0 else db_bn + db
+            dw_bn, db_bn = dw_bn + dg, db_bn + db
         del y_i
         gi, gw, _ = torch.ops.aten.convolution_backward(
             dy, x_i, conv_weight, None, ctx.stride, ctx.padding, [1] * n_dims, False, [0] * n_dims, 1,
