@@ -171,9 +171,84 @@ def test_autocast_bf16_model_vs_fp64_truth_and_tails_save_the_bf16_buffer(train)
     # The first block's buffer [8, 13 + 3*5, 10, 8] (after the stem: 37x29 -> 19x15 -> 10x8) is saved in bf16 only.
     first_buffer = [d for s, d in saved if s == (8, 28, 10, 8)]
     assert first_buffer and set(first_buffer) == {torch.bfloat16}, first_buffer
+    # The stem runs fused on conv0's bf16 output: no int64 pooling indices, no BN-ReLU output of conv0's size.
+    assert torch.int64 not in {d for _, d in saved}, saved
+    conv0_out = [d for s, d in saved if s == (8, 13, 19, 15)]
+    assert conv0_out == [torch.bfloat16], conv0_out  # conv0's output, once (torchvision: + its BN-ReLU output)
+    # The blocks take the float32 master weights (cast per layer inside): no bf16 copy of a block weight saved.
+    block_weights = {tuple(p.shape) for n, p in ours.named_parameters() if ".denselayer" in n and "conv" in n}
+    assert not [(s, d) for s, d in saved if s in block_weights and d == torch.bfloat16]
 
 
-@pytest.mark.parametrize("op", ["transition_bf16", "norm_relu_pool_bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_autocast_bf16_stem_vs_fp64_truth(train, layout):
+    """torchvision's stem (conv0 -> norm0 -> relu0 -> pool0) under CPU bf16 autocast vs ours (the fused stem op on
+    conv0's bf16 output): output and gradients no worse than 1.5x torchvision's error against the fp64 truth."""
+    import torchvision
+
+    def stem_of(model):
+        f = model.features
+        return torch.nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
+
+    kw = dict(growth_rate=5, block_config=(2,), num_init_features=13, bn_size=3, num_classes=3)
+    ref = torchvision.models.DenseNet(**kw)
+    with torch.no_grad():
+        ref.features.norm0.weight.uniform_(0.5, 1.5), ref.features.norm0.bias.uniform_(-0.5, 0.5)
+        ref.features.norm0.running_mean.uniform_(-0.2, 0.2), ref.features.norm0.running_var.uniform_(0.5, 2.0)
+    ours, truth = dnf.DenseNet(**kw), torchvision.models.DenseNet(**kw).double()
+    ours.load_state_dict(ref.state_dict()), truth.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(4, 3, 23, 17).contiguous(memory_format=fmt)
+    g = torch.randn(4, 13, 6, 5)
+    out = {}
+    for name, model, ac in (("tv", stem_of(ref), True), ("truth", stem_of(truth), False)):
+        model.train(train)
+        xi = (x.double() if name == "truth" else x.clone()).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ac):
+            y = model(xi)
+        y.backward(g.to(y.dtype))
+        out[name] = (y, xi.grad, torch.cat([p.grad.double().flatten() for p in model.parameters()]))
+    ours.features.train(train)
+    xi = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fused path, no fallback
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ours.features.conv0(xi)
+            y = dnf.nn.fused_features.fused_stem(ours.features.norm0, y)
+    y.backward(g.to(y.dtype))
+    params = [ours.features.conv0.weight, ours.features.norm0.weight, ours.features.norm0.bias]
+    out["ours"] = (y, xi.grad, torch.cat([p.grad.double().flatten() for p in params]))
+    assert out["ours"][0].dtype == out["tv"][0].dtype == torch.bfloat16
+    for i, what in enumerate(["output", "input grad", "parameter grads"]):
+        _assert_no_worse(out["ours"][i], out["tv"][i], out["truth"][i], 1.5, what)
+    for a, b in zip(ours.features.norm0.buffers(), ref.features.norm0.buffers()):
+        assert a.dtype == b.dtype and rel_err(a.double(), b.double()) <= 2e-2
+
+
+def test_bf16_block_weight_dtype_errors():
+    """A CPU bf16 block takes conv weights in bf16 or float32 (master weights); anything else is refused by name."""
+    C, inter, k = 4, 6, 3
+    x = torch.randn(2, C, 5, 5).bfloat16()
+    bn = lambda n: [torch.ones(n)]  # noqa: E731
+    args = dict(g1=bn(C), b1=bn(C), w1=[torch.randn(inter, C, 1, 1)], g2=bn(inter), b2=bn(inter),
+                w2=[torch.randn(k, inter, 3, 3)])
+
+    def run(w1, w2):
+        return torch.ops.densenet_fast.dense_block_forward(x, args["g1"], args["b1"], w1, args["g2"], args["b2"], w2,
+                                                            [], [], [], [], None, 0.0, True, 1e-5)
+
+    buf32 = run(args["w1"], args["w2"])[0]
+    buf16 = run([w.bfloat16() for w in args["w1"]], [w.bfloat16() for w in args["w2"]])[0]
+    assert buf32.dtype == torch.bfloat16 and torch.equal(buf32, buf16)  # the same per-layer cast
+    with pytest.raises(RuntimeError, match=r"conv1_weight\[0\]: expected dtype BFloat16 \(the dtype of input\) "
+                       r"or Float, got Half"):
+        run([w.half() for w in args["w1"]], args["w2"])
+    with pytest.raises(RuntimeError, match=r"conv2_weight\[0\]: expected dtype BFloat16 .* got Double"):
+        run(args["w1"], [w.double() for w in args["w2"]])
+
+
+@pytest.mark.parametrize("op", ["transition_bf16", "norm_relu_pool_bf16", "bn_relu_maxpool_bf16"])
 def test_bf16_tail_ops_opcheck(op):
     C, Cout = 6, 3
     x = torch.randn(2, C, 5, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
@@ -182,6 +257,8 @@ def test_bf16_tail_ops_opcheck(op):
     w, b = torch.rand(C) + 0.5, torch.randn(C) * 0.1
     if op == "transition_bf16":
         args = (x, mean, var, w, b, torch.randn(Cout, C, 1, 1, requires_grad=True), True, 1e-5)
+    elif op == "bn_relu_maxpool_bf16":
+        args = (x, mean, var, w.requires_grad_(True), b.requires_grad_(True), True, 1e-5)
     else:
         args = (x, mean, var, w, b, True, 1e-5)
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), args)

@@ -51,6 +51,19 @@ inline void check_float_tensor(const at::Tensor& t, const char* name, const at::
               " (the device of input), got ", t.device());
 }
 
+// A dense block's conv weight: the input's dtype, or, for a CPU bfloat16 input, float32 master weights
+// that the CPU kernels cast per layer (autograd then saves no bfloat16 copy of every weight; docs/design.md §7).
+inline void check_conv_weight(const at::Tensor& t, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
+  const bool cpu_bf16_master = ref.device().is_cpu() && ref.scalar_type() == at::kBFloat16 &&
+                               t.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() || cpu_bf16_master, name, ": expected dtype ", ref.scalar_type(),
+              " (the dtype of input)", ref.device().is_cpu() && ref.scalar_type() == at::kBFloat16 ? " or Float" : "",
+              ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
+              " (the device of input), got ", t.device());
+}
+
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const std::string& name) {
   TORCH_CHECK(t.sizes().equals(expected), name, ": expected shape ", expected, ", got ", t.sizes());
 }
@@ -138,14 +151,14 @@ inline BlockGeometry check_dense_block_args(
       check_float_tensor((*p)[l], name.c_str(), input, true);
       check_shape((*p)[l], {c}, name + " (layer input channels C0 + l*growth_rate)");
     }
-    check_float_tensor(conv1_weight[l], ("conv1_weight" + i).c_str(), input);
+    check_conv_weight(conv1_weight[l], ("conv1_weight" + i).c_str(), input);
     check_shape(conv1_weight[l], conv_weight_shape(g.inter, c, 1, g.dims), "conv1_weight" + i);
     for (auto* p : {&norm2_weight, &norm2_bias}) {
       const std::string name = (p == &norm2_weight ? "norm2_weight" : "norm2_bias") + i;
       check_float_tensor((*p)[l], name.c_str(), input, true);
       check_shape((*p)[l], {g.inter}, name);
     }
-    check_float_tensor(conv2_weight[l], ("conv2_weight" + i).c_str(), input);
+    check_conv_weight(conv2_weight[l], ("conv2_weight" + i).c_str(), input);
     check_shape(conv2_weight[l], conv_weight_shape(g.k, g.inter, 3, g.dims), "conv2_weight" + i);
   }
   if (!training) {

@@ -99,7 +99,8 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     const int64_t c = g.in_channels(l);
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous();
-    const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous(), W1 = w1[l].contiguous();
+    const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
+    const Tensor W1 = w1[l].to(buffer.scalar_type()).contiguous();  // float32 master weights: cast here
     fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), layer_stat<F>(training, mean, rm1, l, keep),
                      layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
     {
@@ -122,7 +123,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
     }
-    Tensor out = apply_dropout(conv3x3(v, w2[l], g.dims), mask, l, g.k, p);
+    Tensor out = apply_dropout(conv3x3(v, w2[l].to(v.scalar_type()), g.dims), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
@@ -244,7 +245,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
     std::vector<Tensor> keep;
-    const Tensor gamma1 = op.g1[l].contiguous(), beta1 = op.b1[l].contiguous(), W1 = op.w1[l].contiguous();
+    const Tensor gamma1 = op.g1[l].contiguous(), beta1 = op.b1[l].contiguous();
+    const Tensor W1 = op.w1[l].to(buffer.scalar_type()).contiguous();  // float32 master weights: cast here
     const Tensor gamma2 = op.g2[l].contiguous(), beta2 = op.b2[l].contiguous();
     const F* mu1 = layer_stat<F>(training, op.mean, op.rm1, l, keep);
     fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), mu1,
@@ -268,9 +270,11 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
     Tensor dout = empty_cl(g, g.k, buffer.options());
     finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
     dout = apply_dropout(dout, op.mask, l, g.k, op.drop_rate);
-    out.w2[l] = conv3x3_weight_grad(dout, v, op.w2[l], g.dims).contiguous();  // as the fake kernel declares
+    const Tensor W2 = op.w2[l].to(buffer.scalar_type());
+    // in the weight's own dtype and layout, as the fake kernel declares
+    out.w2[l] = conv3x3_weight_grad(dout, v, W2, g.dims).to(op.w2[l].scalar_type()).contiguous();
     v.reset();
-    Tensor dv = conv3x3_input_grad(dout, op.w2[l], g.dims).contiguous(cl_format(g.dims));
+    Tensor dv = conv3x3_input_grad(dout, W2, g.dims).contiguous(cl_format(g.dims));
     dout.reset();
     T* dV = dv.data_ptr<T>();
 
@@ -365,8 +369,12 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
         for (int64_t j = 0; j < 2 * c; ++j) s[j] += ts[j];
       }
     });
-    out.w1[l] = at::empty(conv_weight_shape(inter, c, 1, g.dims), buffer.options());
-    pw.reduce_into(out.w1[l].data_ptr<T>());
+    out.w1[l] = at::empty(conv_weight_shape(inter, c, 1, g.dims), op.w1[l].options());
+    if (out.w1[l].scalar_type() == buffer.scalar_type()) {
+      pw.reduce_into(out.w1[l].data_ptr<T>());
+    } else {
+      pw.reduce_into(out.w1[l].data_ptr<F>());  // float32 master weight of a bfloat16 block
+    }
     std::vector<acc_t> sum1(2 * c);
     p1.reduce_into(sum1.data());
     out.b1[l] = at::empty({c}, f_opts);

@@ -141,12 +141,18 @@ def fused_conv_stem(conv: nn.Conv3d, bn: nn.BatchNorm3d, x: Tensor) -> Tensor:
 
 
 def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
-    # The CPU statistics kernel takes float32/float64 (under CPU autocast the stem conv emits bfloat16).
+    # CPU: float32/float64, or the bfloat16 conv0 output of CPU autocast (computed in float32).
     refuse_empty_batch(x, [bn], "stem")
     if sync_group([bn]) is not None and sync_input_problem(x) is not None:
         return False  # SyncBatchNorm's own synchronisation
     rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4 if isinstance(bn, nn.BatchNorm2d) else x.dim()  # Sync: any
-    return x.dim() == rank and x.shape[0] > 0 and _fused_device_ok(x)
+    return x.dim() == rank and x.shape[0] > 0 and (_fused_device_ok(x) or _cpu_bf16_stem(bn, x))
+
+
+def _cpu_bf16_stem(bn: nn.Module, x: Tensor) -> bool:
+    # conv0's bfloat16 output under CPU autocast (fp32 BN module): the stem op's bf16 variant.
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and bn.weight is not None
+            and bn.weight.dtype == torch.float32 and sync_group([bn]) is None)
 
 
 def _stats_for(reader_norm: nn.Module, stats) -> tuple:

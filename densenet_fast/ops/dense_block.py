@@ -86,6 +86,15 @@ def check_tensor(t: Tensor, name: str, ref: Tensor, shape, bn_tensor: bool = Fal
         _check(list(t.shape) == list(shape), lambda: f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
 
 
+def check_conv_weight(t: Tensor, name: str, ref: Tensor, shape) -> None:
+    """A block's conv weight: the input's dtype, or float32 master weights for a CPU bfloat16 input."""
+    master = ref.device.type == "cpu" and ref.dtype == torch.bfloat16 and isinstance(t, Tensor) and \
+        t.dtype == torch.float32
+    check_tensor(t, name, ref if not master else t, shape)
+    _check(t.device == ref.device, lambda: f"{name}: expected a tensor on {ref.device} (the device of input), "
+           f"got {t.device}")
+
+
 def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias, conv2_weight,
                            rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
     """Python twin of ``dnf::check_dense_block_args``; returns (L, k, inter)."""
@@ -114,10 +123,10 @@ def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_
         c = C0 + li * k
         check_tensor(norm1_weight[li], f"norm1_weight[{li}]", input, [c], bn_tensor=True)
         check_tensor(norm1_bias[li], f"norm1_bias[{li}]", input, [c], bn_tensor=True)
-        check_tensor(conv1_weight[li], f"conv1_weight[{li}]", input, conv_weight_shape(inter, c, 1, dims))
+        check_conv_weight(conv1_weight[li], f"conv1_weight[{li}]", input, conv_weight_shape(inter, c, 1, dims))
         check_tensor(norm2_weight[li], f"norm2_weight[{li}]", input, [inter], bn_tensor=True)
         check_tensor(norm2_bias[li], f"norm2_bias[{li}]", input, [inter], bn_tensor=True)
-        check_tensor(conv2_weight[li], f"conv2_weight[{li}]", input, conv_weight_shape(k, inter, 3, dims))
+        check_conv_weight(conv2_weight[li], f"conv2_weight[{li}]", input, conv_weight_shape(k, inter, 3, dims))
     if not training:
         for name, lst in (("norm1_running_mean", rm1), ("norm1_running_var", rv1), ("norm2_running_mean", rm2),
                           ("norm2_running_var", rv2)):
@@ -280,13 +289,17 @@ def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
 
 
 def cast_block_params(params: "BlockParams", dtype: torch.dtype) -> "BlockParams":
-    """params with conv weights in ``dtype`` and every BN tensor in ``stats_dtype(dtype)`` (autocast's rule).
+    """params with conv weights in ``dtype`` and every BN tensor in ``stats_dtype(dtype)`` (autocast's rule),
+    for the CPU block.
 
-    Differentiable (``Tensor.to``), and free where a tensor already has its dtype: fp32 master weights
-    get bf16 copies under autocast; a ``.bfloat16()`` model's BN tensors are read in fp32.
+    Differentiable (``Tensor.to``), and free where a tensor already has its dtype: a ``.bfloat16()`` model's
+    BN tensors are read in fp32. float32 master weights of a bfloat16 block stay float32: the CPU kernels cast
+    them layer by layer, so autograd saves no bfloat16 copy of every weight (torchvision under autocast
+    saves one per convolution) and the 1x1 weight gradients come out of the GEMM in fp32.
     """
     sd = stats_dtype(dtype)
-    conv = lambda ts: [t.to(dtype) for t in ts]  # noqa: E731
+    master = dtype == torch.bfloat16
+    conv = lambda ts: [t if master and t.dtype == torch.float32 else t.to(dtype) for t in ts]  # noqa: E731
     bn = lambda ts: [t.to(sd) for t in ts]  # noqa: E731
     p = params
     return BlockParams(bn(p.norm1_weight), bn(p.norm1_bias), conv(p.conv1_weight), bn(p.norm2_weight),
