@@ -56,9 +56,10 @@ def build_info() -> dict[str, Any]:
     Returns a dict: ``version``, ``torch_built`` (torch version compiled against), ``torch_runtime``,
     ``cuda`` (CUDA kernels compiled in), ``cuda_archs``, ``openmp``, and ``cuda_kernels_registered``
     (whether the dispatcher holds CUDA kernels for the dense-block operator), ``cpu_engine``: the CPU GEMM
-    engine per dtype (``{"float32": {"engine": "blas"|"aten", "how": ...}, ..., "amx_bf16": bool,
+    engine per dtype (``{"float32": {"engine": "blas"|"aten", "how": ...}, ..., "bfloat16": {"engine":
+    "blas"|"aten"|"brgemm", ...}, "amx_bf16": bool,
     "isa": torch's CPU capability, "kernels_isa": "base"|"avx2"|"avx512", the build of our element loops}``;
-    the engine is chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten``; the loops' ISA at load, forced by
+    the engine is chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten|brgemm``; the loops' ISA at load, forced by
     ``DNF_CPU_ISA=base|avx2|avx512``).
     """
     from densenet_fast._version import __version__

@@ -67,6 +67,25 @@ def test_engine_parity(train, layout, H, W):
         assert _l2_err(o, t) <= 1.5 * _l2_err(r, t) + 1e-6, what
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("C0_", [13, 16])
+def test_packed_bf16_parity(layout, C0_):
+    """bf16 autocast on a block whose bottleneck width is a multiple of 16 (bn_size 4 x growth 4 = 16), the shape
+    the brgemm engine packs (odd input widths 13, 17, 21 exercise its even-k padding), against torchvision's block
+    under the same autocast, both against the fp64 truth."""
+    ref, ours = tv_block_pair(3, C0_, 4, 4, torch.float32, True)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    xb = torch.randn(8, C0_, 9, 7).bfloat16().contiguous(memory_format=fmt)
+    gb = torch.randn(8, C0_ + 12, 9, 7)
+    truth = tv_block_pair(3, C0_, 4, 4, torch.float64, True)[0]
+    truth.load_state_dict(ref.state_dict())
+    tb = _step(truth, xb.double(), gb.double())
+    rb16, ob16 = _step(ref, xb, gb, True), _step(ours, xb, gb, True)
+    for o, r, t, what in zip(ob16, rb16, tb, ("output", "input grad", "parameter grads")):
+        assert o.dtype == r.dtype, what
+        assert _l2_err(o, t) <= 1.5 * _l2_err(r, t) + 1e-6, what
+
+
 def _l2_err(a, b) -> float:
     a, b = a.detach().double(), b.detach().double()
     return ((a - b).norm() / b.norm()).item()
@@ -89,7 +108,7 @@ def test_transition_engine_parity(train):
 def test_build_info_reports_the_engine():
     info = dnf.build_info()["cpu_engine"]
     for dt in ("float32", "float64", "bfloat16"):
-        assert info[dt]["engine"] in ("blas", "aten"), info
+        assert info[dt]["engine"] in (("blas", "aten", "brgemm") if dt == "bfloat16" else ("blas", "aten")), info
         assert info[dt]["how"], info
     assert isinstance(info["amx_bf16"], bool) and info["isa"]
 
@@ -99,22 +118,37 @@ def _run(env_value: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("engine", ["blas", "aten"])
+def _has_amx() -> bool:
+    return bool(dnf.build_info()["cpu_engine"]["amx_bf16"])
+
+
+@pytest.mark.parametrize("engine", ["blas", "aten", "brgemm"])
 def test_each_engine_forced(engine):
-    """The parity tests above, in a process whose engine is forced (the fallback and the BLAS)."""
+    """The parity tests above, in a process whose engine is forced (the fallback, the BLAS, and brgemm where the
+    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS)."""
+    if engine == "brgemm" and not _has_amx():
+        pytest.skip("brgemm needs cpublas::could_pack(bfloat16) (AMX bf16 tiles); this CPU has none")
     r = _run(engine, "-m", "pytest", "tests/test_cpu_engine.py", "-q", "-x", "-p", "no:cacheprovider",
-             "-k", "parity and 5-7 or transition", "-W", "ignore")
+             "-k", "parity and 5-7 or transition or packed", "-W", "ignore")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = _run(engine, "-c", "import densenet_fast as d; i = d.build_info()['cpu_engine']; "
              "print(i['float32']['engine'], i['bfloat16']['engine'], i['float32']['how'])")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[:2] == [engine, engine] and "forced by DNF_CPU_GEMM" in r.stdout
+    f32 = "blas" if engine == "brgemm" else engine
+    assert r.stdout.split()[:2] == [f32, engine] and "forced by DNF_CPU_GEMM" in r.stdout
+
+
+def test_brgemm_unavailable_is_a_clear_error():
+    if _has_amx():
+        pytest.skip("this CPU has AMX: brgemm is available")
+    r = _run("brgemm", "-c", "import densenet_fast as d; d.build_info()")
+    assert r.returncode != 0 and "DNF_CPU_GEMM: the 'brgemm' engine is not available for BFloat16" in r.stderr
 
 
 def test_bad_engine_name_is_a_clear_error():
     r = _run("mkl-please", "-c", "import densenet_fast as d; d.build_info()")
     assert r.returncode != 0
-    assert "DNF_CPU_GEMM: expected one of auto, blas, aten, got 'mkl-please'" in r.stderr
+    assert "DNF_CPU_GEMM: expected one of auto, blas, aten, brgemm, got 'mkl-please'" in r.stderr
 
 
 def _run_isa(isa: str, *args: str) -> subprocess.CompletedProcess:

@@ -34,14 +34,15 @@ Choice& choice_for(at::ScalarType dt) {
   TORCH_CHECK(false, "densenet_fast: no CPU GEMM engine for dtype ", dt);
 }
 
-// DNF_CPU_GEMM: unset or "auto" = measure; "blas" or "aten" = force that engine.
+// DNF_CPU_GEMM: unset or "auto" = measure; "blas", "aten" or "brgemm" = force that engine.
 int forced_engine() {
   const char* env = std::getenv("DNF_CPU_GEMM");
   if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
   const std::string v(env);
   if (v == "blas") return int(GemmEngine::kBlas);
   if (v == "aten") return int(GemmEngine::kAten);
-  TORCH_CHECK(false, "DNF_CPU_GEMM: expected one of auto, blas, aten, got '", v, "'");
+  if (v == "brgemm") return int(GemmEngine::kBrgemm);
+  TORCH_CHECK(false, "DNF_CPU_GEMM: expected one of auto, blas, aten, brgemm, got '", v, "'");
 }
 
 // Tile of the forward product Y^T[inter, rows] = W1 * U^T of a densenet121 layer.
@@ -69,7 +70,31 @@ double time_tile(GemmEngine e) {
   return *std::max_element(best.begin(), best.end());
 }
 
+// The same tile through the packed brgemm path (the weight packed once, outside the timing, as
+// bn_relu_gemm packs it once per call).
+double time_tile_brgemm() {
+  const int64_t nt = at::get_num_threads();
+  std::vector<double> best(nt, 1e30);
+  std::vector<c10::BFloat16> w(kOut * kIn, c10::BFloat16(0.5f));
+  const PackedWeightT B = pack_weight_t(w.data(), kOut, kIn);
+  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t end) {
+    std::vector<c10::BFloat16> u(kRows * B.kp, c10::BFloat16(0.25f));
+    std::vector<float> y(kOut * kRows);
+    for (int64_t t = b; t < end; ++t) {
+      for (int rep = 0; rep < 8; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        brgemm_rows(kRows, u.data(), B.kp, B, y.data(), kOut);
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        if (rep > 0) best[t] = std::min(best[t], s);
+      }
+    }
+    brgemm_release_thread();
+  });
+  return *std::max_element(best.begin(), best.end());
+}
+
 double time_tile_for(at::ScalarType dt, GemmEngine e) {
+  if (e == GemmEngine::kBrgemm) return time_tile_brgemm();
   switch (dt) {
     case at::kFloat: return time_tile<float, float>(e);
     case at::kDouble: return time_tile<double, double>(e);
@@ -80,22 +105,28 @@ double time_tile_for(at::ScalarType dt, GemmEngine e) {
 void choose(Choice& c) {
   const int forced = forced_engine();
   if (forced >= 0) {
-    const auto e = static_cast<GemmEngine>(forced);
-    TORCH_CHECK(engine_available(e, c.dtype), "DNF_CPU_GEMM: the '", engine_name(e), "' engine is not available for ",
-                c.dtype, " in this torch build (its BLAS symbols are missing); use 'aten' or 'auto'");
-    c.engine = e;
+    auto e = static_cast<GemmEngine>(forced);
     c.how = "forced by DNF_CPU_GEMM";
+    if (e == GemmEngine::kBrgemm && c.dtype != at::kBFloat16) {  // a bfloat16-only engine: the rest on the BLAS
+      e = GemmEngine::kBlas;
+      c.how += " (brgemm is bfloat16-only)";
+    }
+    TORCH_CHECK(engine_available(e, c.dtype), "DNF_CPU_GEMM: the '", engine_name(e), "' engine is not available for ",
+                c.dtype, e == GemmEngine::kBrgemm ? " on this CPU or torch build (it needs cpublas::brgemm with "
+                "packing, i.e. AMX bf16 tiles)" : " in this torch build (its BLAS symbols are missing)",
+                "; use 'aten' or 'auto'");
+    c.engine = e;
     return;
   }
   const double flop = 2.0 * kOut * kRows * kIn;
   std::ostringstream how;
   how << "measured";
   double best = 1e30;
-  for (GemmEngine e : {GemmEngine::kBlas, GemmEngine::kAten}) {
+  for (GemmEngine e : {GemmEngine::kBlas, GemmEngine::kAten, GemmEngine::kBrgemm}) {
     if (!engine_available(e, c.dtype)) continue;
     const double s = time_tile_for(c.dtype, e);
     how << " " << engine_name(e) << "=" << int64_t(flop / s / 1e9) << "GFLOP/s";
-    // The fallback (aten) must win by a margin: a tie under a noisy load keeps the BLAS.
+    // The others must win by a margin: a tie under a noisy load keeps the BLAS.
     if (e == GemmEngine::kBlas ? s < best : s < 0.9 * best) {
       best = s;
       c.engine = e;
@@ -107,16 +138,60 @@ void choose(Choice& c) {
 
 }  // namespace
 
-const char* engine_name(GemmEngine e) { return e == GemmEngine::kBlas ? "blas" : "aten"; }
+const char* engine_name(GemmEngine e) {
+  return e == GemmEngine::kBlas ? "blas" : e == GemmEngine::kAten ? "aten" : "brgemm";
+}
 
 bool engine_available(GemmEngine e, at::ScalarType dtype) {
   if (e == GemmEngine::kAten) return true;
+  if (e == GemmEngine::kBrgemm) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+    // Packing B is what makes it fast (AMX); without it ATen's brgemm is slower than the BLAS.
+    return dtype == at::kBFloat16 && cblas_gemm_bf16bf16f32 != nullptr &&
+           at::native::cpublas::could_pack(at::kBFloat16);
+#else
+    return false;
+#endif
+  }
   switch (dtype) {
     case at::kFloat: return sgemm_ != nullptr;
     case at::kDouble: return dgemm_ != nullptr;
     case at::kBFloat16: return cblas_gemm_bf16bf16f32 != nullptr;
     default: return false;
   }
+}
+
+PackedWeightT pack_weight_t(const c10::BFloat16* W, int64_t n, int64_t k) {
+  TORCH_CHECK(brgemm_packs(n), "densenet_fast: pack_weight_t needs n a multiple of 16, got ", n);
+  PackedWeightT B;
+  B.k = k, B.kp = k + (k & 1), B.n = n, B.nb = n % 64 == 0 ? 64 : n % 32 == 0 ? 32 : 16;
+  B.data.assign(static_cast<size_t>(B.kp * n), c10::BFloat16(0.0f));
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  // W^T [kp, n] with a zero pad row (ATen's blocked transpose copy), then each block of nb columns packed.
+  const auto opts = at::TensorOptions().dtype(at::kBFloat16);
+  at::Tensor wt = at::zeros({B.kp, n}, opts);
+  wt.narrow(0, 0, k).copy_(at::from_blob(const_cast<c10::BFloat16*>(W), {n, k}, opts).t());
+  const c10::BFloat16* wtp = wt.data_ptr<c10::BFloat16>();
+  for (int64_t j0 = 0; j0 < n; j0 += B.nb)
+    at::native::cpublas::pack(B.kp, B.nb, n, B.nb, at::kBFloat16, at::kBFloat16, wtp + j0, B.data.data() + j0 * B.kp);
+#endif
+  return B;
+}
+
+void brgemm_rows(int64_t m, const c10::BFloat16* A, int64_t lda, const PackedWeightT& B, float* C, int64_t ldc) {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  for (int64_t j0 = 0; j0 < B.n; j0 += B.nb)
+    at::native::cpublas::brgemm(m, B.nb, B.kp, lda, B.nb, ldc, /*add_C=*/false, A, B.data.data() + j0 * B.kp,
+                                C + j0, /*is_vnni=*/true);
+#else
+  TORCH_CHECK(false, "densenet_fast: this torch build has no cpublas::brgemm");
+#endif
+}
+
+void brgemm_release_thread() {
+#ifdef CPUBLAS_BRGEMM_BF16BF16F32
+  at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+#endif
 }
 
 GemmEngine gemm_engine(at::ScalarType dtype) {
@@ -135,7 +210,7 @@ std::string engine_report() {
         << c.how << "\"]";
     first = false;
   }
-  // AMX tiles are what brgemm packs for: the bf16 BLAS (MKL) uses them on such CPUs.
+  // AMX tiles are what brgemm packs for (and the bf16 BLAS, MKL, uses them on such CPUs).
   out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false");
   out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"}";  // the element loops' build (isa.h)
   return out.str();

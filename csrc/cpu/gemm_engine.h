@@ -4,6 +4,9 @@
 //   blas: the Fortran/CBLAS symbols libtorch links (MKL sgemm_/dgemm_, MKL cblas_gemm_bf16bf16f32,
 //         which uses AMX/avx512_bf16 where the CPU has them);
 //   aten: at::mm on borrowed tensors (any torch build; bfloat16 through float copies of the tile).
+//   brgemm (bfloat16 only, CPUs with AMX): oneDNN's brgemm ukernel through ATen (cpublas::brgemm) for the
+//         products with a packed weight operand, the forward 1x1 of a bfloat16 block (bn_relu_gemm); the
+//         other bfloat16 products of a process on this engine use the blas path.
 // Called from inside at::parallel_for: the product runs on the calling thread.
 #pragma once
 
@@ -11,6 +14,7 @@
 
 #include <atomic>
 #include <limits>
+#include <vector>
 
 #include "cpu/blas.h"
 
@@ -23,7 +27,7 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
 
 namespace dnf::cpu {
 
-enum class GemmEngine : int { kBlas = 0, kAten = 1 };
+enum class GemmEngine : int { kBlas = 0, kAten = 1, kBrgemm = 2 };
 
 const char* engine_name(GemmEngine e);
 // Whether `e` can multiply operands of `dtype` in this process (its symbols are linked).
@@ -33,6 +37,21 @@ bool engine_available(GemmEngine e, at::ScalarType dtype);
 GemmEngine gemm_engine(at::ScalarType dtype);
 // One line per dtype: engine, how it was chosen and the measured rates, for build_info().
 std::string engine_report();
+
+// B = W^T of Y[m, n] = U[m, k] W^T for W [n, k] row-major (a 1x1 conv weight), packed once per call for
+// cpublas::brgemm: VNNI pairs along k (k padded to kp = k rounded up to even with a zero row), in blocks of
+// nb columns (64, 32 or 16: n must be a multiple of 16, see brgemm_packs).
+struct PackedWeightT {
+  int64_t k = 0, kp = 0, n = 0, nb = 0;
+  std::vector<c10::BFloat16> data;
+};
+// Whether a [n, k] weight can be packed (n a multiple of 16; any k: odd k is padded).
+inline bool brgemm_packs(int64_t n) { return n > 0 && n % 16 == 0; }
+PackedWeightT pack_weight_t(const c10::BFloat16* W, int64_t n, int64_t k);
+// C[m, n] (row stride ldc, float) = A[m, kp] (row stride lda; A's columns k..kp-1 zero) * B. Inside a parallel
+// region: each thread calls brgemm_release_thread() when done (it releases the AMX tile state).
+void brgemm_rows(int64_t m, const c10::BFloat16* A, int64_t lda, const PackedWeightT& B, float* C, int64_t ldc);
+void brgemm_release_thread();
 
 // Compute type of a storage type: float for bfloat16, the type itself otherwise.
 template <typename T> struct Opmath { using type = T; };
@@ -68,7 +87,7 @@ template <typename T>
 inline void gemm_on(GemmEngine e, char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
                     const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (e == GemmEngine::kBlas) {
+  if (e != GemmEngine::kAten) {
     gemm(ta, tb, m, n, k, T(1), a, lda, b, ldb, beta, c, ldc);  // blas.h
   } else {
     detail::gemm_aten_acc<T, T>(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
@@ -79,7 +98,7 @@ inline void gemm_on(GemmEngine e, char ta, char tb, int64_t m, int64_t n, int64_
 inline void gemm_on(GemmEngine e, char ta, char tb, int64_t m, int64_t n, int64_t k, const c10::BFloat16* a,
                     int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (e == GemmEngine::kBlas) {
+  if (e != GemmEngine::kAten) {  // brgemm: packed products only (bn_relu_gemm); the rest on the BLAS
     detail::check_blas_dims(m, n, k, lda, ldb, ldc);
     cblas_gemm_bf16bf16f32(102, ta == 'N' ? 111 : 112, tb == 'N' ? 111 : 112, int(m), int(n), int(k), 1.0f,
                            reinterpret_cast<const uint16_t*>(a), int(lda), reinterpret_cast<const uint16_t*>(b),

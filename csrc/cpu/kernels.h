@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/bn_math.h"
@@ -119,13 +120,16 @@ void fold_channels(int64_t c, const F* gamma, const F* beta, const F* mean, cons
 
 // U[r, j] = relu(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns
 // (computed in F, stored as T: the GEMM operand).
+// U's rows are ldu >= c apart; columns c..ldu-1 are zeroed (the brgemm path's even-k padding).
 template <typename T, typename F>
 inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const F* a,
-                         const F* b, T* U) {
+                         const F* b, T* U, int64_t ldu = -1) {
+  if (ldu < 0) ldu = c;
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
-    T* ur = U + r * c;
+    T* ur = U + r * ldu;
     DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
+    for (int64_t j = c; j < ldu; ++j) ur[j] = T(0);
   }
 }
 
@@ -148,6 +152,23 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
                   T* V = nullptr) {
   const int64_t tr = tile_rows(c, sizeof(T));
   const int64_t ntiles = (rows + tr - 1) / tr;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // The brgemm engine: W^T packed once for all tiles (rule: the output width a multiple of 16, else the BLAS).
+    if (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && brgemm_packs(n_out)) {
+      const PackedWeightT B = pack_weight_t(W, n_out, c);
+      at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<T> U(tr * B.kp);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
+          bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), B.kp);
+          brgemm_rows(nr, U.data(), B.kp, B, Y + r0 * n_out, n_out);
+          if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
+        }
+        brgemm_release_thread();
+      });
+      return;
+    }
+  }
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> U(tr * c);
     for (int64_t t = t0; t < t1; ++t) {
