@@ -291,8 +291,8 @@ def test_fused_dense_block_entry_point_rejects():
         fused_dense_block(x, tuple(b.block_params())[:6], training=True)
     with pytest.raises(TypeError, match=r"input: expected a Tensor, got ndarray"):
         fused_dense_block(x.numpy(), b.block_params(), training=True)
-    for p in (1.0, -0.5, float("nan")):  # checked in eval too, where dropout is inactive
-        with pytest.raises(ValueError, match=r"drop_rate: expected a value in \[0, 1\)"):
+    for p in (1.0, -0.5, float("nan")):  # checked (by the operator) in eval too, where dropout is inactive
+        with pytest.raises(RuntimeError, match=r"drop_rate: expected a value in \[0, 1\)"):
             fused_dense_block(x, b.block_params(), training=False, drop_rate=p)
     with pytest.raises(RuntimeError, match=r"input: expected a 4-D tensor"):  # no mask drawn for a bad input
         fused_dense_block(x[0], b.block_params(), training=True, drop_rate=0.5)

@@ -19,7 +19,6 @@ from densenet_fast.nn.dense_block import (
     _CONV,
     _NORM,
     Transition,
-    check_drop_rate,
     check_impl,
     check_int,
     check_spatial_dims,
@@ -75,7 +74,6 @@ class DenseNet3d(nn.Module):
             raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
         for i, n in enumerate(block_config):
             check_int(f"block_config[{i}]", n)
-        check_drop_rate(dropout_prob)
         _check_act(act)
         bn_kw = _norm_kwargs(norm)
         self.impl = check_impl(impl)

@@ -193,8 +193,7 @@ class DenseBlock(nn.ModuleDict):
         for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
                             ("bn_size", bn_size), ("growth_rate", growth_rate)):
             check_int(name, value)
-        check_drop_rate(drop_rate)
-        self.impl = check_impl(impl)
+        self.impl = check_impl(impl)  # drop_rate: checked by each DenseLayer
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
                                                              bn_size, drop_rate, memory_efficient,

@@ -36,7 +36,7 @@ def check_rank(input: Tensor, name: str = "input") -> None:
                  f"[N, C, D, H, W], got {input.dim()}-D with shape {list(input.shape)}")
 
 
-def check_devices(input: Tensor, tensors: dict) -> None:
+def check_devices(input: Tensor, tensors: dict, input_name: str = "input") -> None:
     """Every tensor argument on input's device (``tensors``: name -> tensor, list of tensors or None).
 
     The outputs are allocated on input's device; an argument elsewhere would also make the dispatcher pick
@@ -48,7 +48,7 @@ def check_devices(input: Tensor, tensors: dict) -> None:
         for item_name, t in items:
             if isinstance(t, Tensor):
                 torch._check(t.device == input.device, lambda: f"{item_name}: expected a tensor on "
-                             f"{input.device} (the device of input), got {t.device}")
+                             f"{input.device} (the device of {input_name}), got {t.device}")
 
 
 def check_bn_reader(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, **more) -> None:

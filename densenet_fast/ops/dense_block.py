@@ -209,7 +209,8 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
         dropout_mask: bool [N, L*k, (D,) H, W], True = keep; drawn here when None and dropout is active.
 
     Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
-    actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``). The
+    actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``), drop_rate
+    in eval too. The
     operator is functional: it never writes to its arguments and its outputs are new tensors, so
     arguments may alias each other (e.g. the input sharing storage with a parameter).
     """
@@ -218,15 +219,14 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     if not isinstance(params, tuple) or len(params) != len(BlockParams._fields):
         raise TypeError(f"params: expected a BlockParams ({len(BlockParams._fields)} lists of per-layer tensors), "
                         f"got {type(params).__name__}")
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
     L = len(params.conv2_weight)
-    if training and drop_rate > 0 and dropout_mask is None and input.dim() in (4, 5) and L > 0:
+    dropout = training and 0.0 < drop_rate < 1.0  # an invalid drop_rate reaches the operator, which refuses it
+    if dropout and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
         dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]),
                                    device=input.device).bernoulli_(1.0 - drop_rate).bool()
-    if not (training and drop_rate > 0):
-        dropout_mask, drop_rate = None, 0.0
+    if not dropout:
+        dropout_mask = None  # the operator applies no dropout without a mask
     running = list(params[6:]) if not training else [[], [], [], []]
     out = _ops.dense_block_forward(input, *params[:6], *running, dropout_mask, float(drop_rate),
                                    bool(training), float(eps))
