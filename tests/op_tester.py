@@ -34,16 +34,6 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
-def randomise_bn(module: nn.Module) -> nn.Module:
-    """Non-trivial BatchNorm affine parameters and running statistics, so no test passes by symmetry."""
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    return module
-
-
 class OpTester:
     """Subclasses set ``SHAPES`` (anything :meth:`make` takes) and implement :meth:`make`; they may narrow
     ``DEVICES``, ``DTYPES``, ``LAYOUTS``, ``TRAINING`` and ``TOL`` (relative, per dtype)."""

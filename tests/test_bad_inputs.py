@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
+from convert_utils import randomize_bn
 from torch import nn
 from torchvision.models.densenet import DenseNet as TVDenseNet
 from torchvision.models.densenet import _DenseBlock, _Transition
@@ -48,21 +49,10 @@ BIG = 2**31  # one past the 32-bit BLAS limit
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-
-
 def _block(dtype=torch.float32, **kw) -> dnf.DenseBlock:
     torch.manual_seed(0)
     b = dnf.DenseBlock(L, C0, BN_SIZE, K, **kw).to(dtype)
-    _randomise_bn(b)
+    randomize_bn(b)
     return b
 
 
@@ -565,7 +555,7 @@ def _bn_message(shape) -> str:
 def _small_densenet(**kw) -> dnf.DenseNet:
     torch.manual_seed(0)
     m = dnf.densenet_bc(depth=10, growth_rate=4, num_classes=3, **kw)
-    _randomise_bn(m)
+    randomize_bn(m)
     return m
 
 
@@ -662,7 +652,7 @@ def test_block_batch1_message_identical_to_batchnorm():
 
 def test_fused_norm_relu_pool_rejects_without_touching_stats():
     bn = nn.BatchNorm2d(5).train()
-    _randomise_bn(bn)
+    randomize_bn(bn)
     snap = _snapshot(bn)
     with pytest.raises(RuntimeError, match=r"weight: expected dtype"):
         fused_norm_relu_pool(bn, torch.randn(2, 5, 3, 3, dtype=torch.float64))  # stats computed, op refuses
@@ -698,7 +688,7 @@ def test_block_wrong_weight_shape_named():
 def test_empty_batch_matches_torchvision(training):
     torch.manual_seed(0)
     tv = _DenseBlock(L, C0, BN_SIZE, K, 0.0).train(training)
-    _randomise_bn(tv)
+    randomize_bn(tv)
     ours = dnf.DenseBlock(L, C0, BN_SIZE, K).train(training)
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(0, C0, H, W, requires_grad=True)
@@ -986,7 +976,7 @@ def _same_pattern(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def test_nan_inf_propagate_like_torchvision(training, where, seed):
     torch.manual_seed(seed)
     tv = _DenseBlock(L, C0, BN_SIZE, K, 0.0).double().train(training)
-    _randomise_bn(tv, seed)
+    randomize_bn(tv, seed)
     ours = dnf.DenseBlock(L, C0, BN_SIZE, K).double().train(training)
     x = torch.randn(N, C0, 5, 5, dtype=torch.float64)
     if where == "input":
@@ -1011,7 +1001,7 @@ def test_nan_inf_propagate_like_torchvision(training, where, seed):
 
     # Transition and final norm readers of the poisoned block output.
     tr_tv = _Transition(CT, 3).double().train(training)
-    _randomise_bn(tr_tv, seed)
+    randomize_bn(tr_tv, seed)
     tr = dnf.Transition(CT, 3).double().train(training)
     tr.load_state_dict(tr_tv.state_dict())
     za, zb = ya.detach().clone().requires_grad_(), yb.detach().contiguous().clone().requires_grad_()

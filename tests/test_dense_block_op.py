@@ -6,8 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel
-from op_tester import OpTester, randomise_bn
+from conftest import assert_close_rel, tv_block_pair
+from convert_utils import randomize_bn
+from op_tester import OpTester
 from torch import nn
 from torchvision.models import densenet as tv
 
@@ -18,10 +19,7 @@ from densenet_fast.ops import BlockParams, channel_moments, fused_dense_block, n
 
 
 def _blocks(L, C0, bn_size, k, dtype=torch.float32, drop_rate=0.0):
-    ref = randomise_bn(tv._DenseBlock(L, C0, bn_size, k, drop_rate)).to(dtype)
-    ours = dnf.DenseBlock(L, C0, bn_size, k, drop_rate).to(dtype)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return tv_block_pair(L, C0, bn_size, k, dtype, drop_rate=drop_rate)
 
 
 def _run(block, x, grad):
@@ -78,7 +76,7 @@ class TestTransitionOp(OpTester):
 
     def make(self, shape, dtype):
         C, Cout, N, H, W = shape
-        ref = randomise_bn(tv._Transition(C, Cout)).to(dtype)
+        ref = randomize_bn(tv._Transition(C, Cout)).to(dtype)
         ours = dnf.Transition(C, Cout).to(dtype)
         ours.load_state_dict(ref.state_dict())
         return ref, ours, torch.randn(N, C, H, W, dtype=dtype)
@@ -96,7 +94,7 @@ class _BnReader(nn.Module):
 
 
 def _bn_reader_pair(C: int, dtype, ref_fn, our_fn):
-    bn = randomise_bn(nn.BatchNorm2d(C)).to(dtype)
+    bn = randomize_bn(nn.BatchNorm2d(C)).to(dtype)
     return _BnReader(bn, ref_fn), _BnReader(copy.deepcopy(bn), our_fn)
 
 

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from densenet_fast.nn.concat_block import ConcatDenseBlock, MonaiDenseLayer
 from densenet_fast.nn.converted import monai_pool_head
 from densenet_fast.nn.dense_block import (
-    _CONV,
-    _NORM,
+    CONV,
+    NORM,
+    DenseBlock,
     Transition,
     check_impl,
     check_int,
@@ -79,10 +80,10 @@ class DenseNet3d(nn.Module):
         self.impl = check_impl(impl)
 
         def norm_layer(c: int) -> nn.Module:
-            return _NORM[d](c, **bn_kw)
+            return NORM[d](c, **bn_kw)
 
         self.features = FusedFeatures(OrderedDict([
-            ("conv0", _CONV[d](in_channels, init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("conv0", CONV[d](in_channels, init_features, kernel_size=7, stride=2, padding=3, bias=False)),
             ("norm0", norm_layer(init_features)),
             ("relu0", nn.ReLU(inplace=True)),
             ("pool0", _MAX_POOL[d](kernel_size=3, stride=2, padding=1)),
@@ -129,7 +130,6 @@ class DenseNet3d(nn.Module):
 
     def set_impl(self, impl: str) -> "DenseNet3d":
         """Switches every block, transition and the head between "fused" and "reference"; returns self."""
-        from densenet_fast.nn.dense_block import DenseBlock
         self.impl = check_impl(impl)
         for m in self.modules():
             if isinstance(m, (DenseBlock, Transition, FusedFeatures)):
