@@ -1,6 +1,7 @@
 """Hard inputs and failure behaviour (issue 9).
 
-Every operator (``torch.ops.densenet_fast.*``, real CPU kernels and the fake/meta kernels) and every
+Every operator (``torch.ops.densenet_fast.*``: eagerly, under ``torch.compile``, and on meta tensors for
+what the fake kernels check, i.e. what the output shapes need; see FAKE/KERNEL/DEVICE below) and every
 module/model rejects bad inputs with an error naming the argument, the expected and the actual value;
 the process survives, the next valid call gives the right answer, and no running statistic changes in
 a call that raises. NaN/Inf propagate exactly as in torchvision. Large sizes: channel counts beyond
