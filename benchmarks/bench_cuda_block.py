@@ -347,17 +347,18 @@ def run_phases(benches: List[ModelBench], args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="densenet121,densenet201")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--models", default="densenet121,densenet201", help="comma-separated torchvision models")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(ALL_VARIANTS)}")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--max-batch-limit", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=64, help="batch size of the timed steps")
+    ap.add_argument("--repeats", type=int, default=10, help="timed rounds")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--max-batch-limit", type=int, default=16384, help="upper limit of the largest-batch search")
     ap.add_argument("--max-batch-s", type=float, default=60.0, help="time cap of one largest-batch search")
-    ap.add_argument("--no-max-batch", action="store_true")
+    ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
     ap.add_argument("--budget-s", type=float, default=300.0, help="hard wall-clock budget of the whole run")
-    ap.add_argument("--out", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)
     budget = Budget(args.budget_s)
     if not torch.cuda.is_available():

@@ -41,12 +41,13 @@ def build(model_name: str, num_classes: int = 1000):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="densenet121")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="densenet121", help="torchvision architecture name")
+    parser.add_argument("--size", type=int, default=224, help="input height = width")
+    parser.add_argument("--batch", type=int, default=8, help="batch size")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     args = parser.parse_args()
 
     torch.manual_seed(0)

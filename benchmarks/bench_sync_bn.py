@@ -229,13 +229,14 @@ def markdown(record: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--impls", default=",".join(IMPLS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sync-bn"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--world", type=int, default=2, help="processes (ranks)")
+    p.add_argument("--batch", type=int, default=2, help="batch size per rank")
+    p.add_argument("--size", type=int, default=224, help="input height = width")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps")
+    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sync-bn"), help="output file stem")
     a = p.parse_args(argv)
     record = run(a.world, a.batch, a.size, a.repeats, tuple(a.impls.split(",")))
     out = Path(a.out)

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also find the largest batch whose training-step peak fits SIZE (e.g. 4GiB; slow) "
                         "and time a step at that batch")
     p.add_argument("--budget-max-batch", type=int, default=1024,
-                   help="upper limit of the budget search (the batch, or the volume edge with --budget-axis size)")
+                   help="upper limit of the budget search (the batch, or the volume edge with --budget-axis size; "
+                        "default %(default)s)")
     p.add_argument("--budget-axis", choices=["batch", "size"],
                    help="what --budget maximises: the batch (default) or, at the fixed --batch, the input size "
                         "(image side / volume edge)")
@@ -157,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU: each measurement subprocess may allocate at most SIZE (RLIMIT_DATA); a run "
                         "over it is recorded as 'oom' (default: 3/4 of the available RAM / --jobs)")
     p.add_argument("--jobs", type=int, help="subprocess measurements run at once (default: 2 on CPU, 1 on CUDA)")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per subprocess")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input batch")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed per subprocess (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the input batch (default %(default)s)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="output folder (default benchmarks/results)")
     p.add_argument("--name", help="output file stem (default: the preset, else derived from the settings)")

@@ -45,8 +45,9 @@ def to_markdown(table: List[Dict[str, Any]], machine: str) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("json")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("json", help="a pytest-benchmark --benchmark-json file")
     p.add_argument("--markdown", help="also write the table here")
     args = p.parse_args()
     with open(args.json) as f:

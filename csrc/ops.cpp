@@ -1,7 +1,10 @@
 // Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/;
-// fake (meta) implementations and autograd are registered from Python (densenet_fast/ops/).
+// fake (meta) implementations and autograd are registered from Python (densenet_fast/ops/). The one
+// kernel here, check_dense_block_args, reads only metadata and runs on every device.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "common/checks.h"
 
 TORCH_LIBRARY(densenet_fast, m) {
   // A whole dense block. Returns the block buffer [N, C0 + L*k, H, W] (channels_last), and in
@@ -81,6 +84,22 @@ TORCH_LIBRARY(densenet_fast, m) {
   // [2, C] float64 per-channel sum and sum of squares of [N, C, ...] (float64 accumulation): a rank's
   // share of the all-reduced statistics. Reads a channel slice of a channels_last buffer in place.
   m.def("channel_sums(Tensor input) -> Tensor");
+  // dense_block_forward's argument checks on their own (common/checks.h), for Python entry points that
+  // validate a block without calling the operator (the synchronised block, densenet_fast/ops/sync_block.py).
+  m.def(
+      "check_dense_block_args(Tensor input, Tensor[] norm1_weight, Tensor[] norm1_bias, "
+      "Tensor[] conv1_weight, Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
+      "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
+      "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(densenet_fast, CompositeExplicitAutograd, m) {
+  m.impl("check_dense_block_args",
+         [](const at::Tensor& input, at::TensorList g1, at::TensorList b1, at::TensorList w1, at::TensorList g2,
+            at::TensorList b2, at::TensorList w2, at::TensorList rm1, at::TensorList rv1, at::TensorList rm2,
+            at::TensorList rv2, const c10::optional<at::Tensor>& mask, double p, bool training, double eps) {
+           dnf::check_dense_block_args(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
+         });
 }
 
 #ifndef DNF_TORCH_VERSION

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from densenet_fast._version import __version__
+
 _REBUILD = "pip install --no-build-isolation -e . (from a densenet_fast checkout, with this torch installed)"
 
 
@@ -62,8 +64,6 @@ def build_info() -> dict[str, Any]:
     the engine is chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten|brgemm``; the loops' ISA at load, forced by
     ``DNF_CPU_ISA=base|avx2|avx512``).
     """
-    from densenet_fast._version import __version__
-
     ext = load_extension()
     return {
         "version": __version__,

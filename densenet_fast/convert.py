@@ -5,7 +5,7 @@ Walks any ``nn.Module`` and replaces, in place,
 * torchvision ``_DenseBlock`` and timm ``DenseBlock``  -> :class:`densenet_fast.nn.DenseBlock`
 * torchvision ``_Transition`` and timm ``DenseTransition`` (average-pool ones) -> :class:`densenet_fast.nn.Transition`
 * an ``nn.Sequential`` holding dense blocks (a DenseNet's ``features``) ->
-  :class:`~densenet_fast.nn.converted.FusedFeatures` (block -> transition fusion: the transition reuses the
+  :class:`~densenet_fast.nn.fused_features.FusedFeatures` (block -> transition fusion: the transition reuses the
   block's batch statistics)
 * an exact torchvision / timm ``DenseNet`` (root or nested) gets a subclass whose ``forward`` also fuses the
   final norm + ReLU + global average pool (``__class__`` swap; ``isinstance`` still holds; a pickled converted
@@ -41,8 +41,8 @@ from torch import nn
 from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
 from densenet_fast.nn import converted as _conv
 from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
-from densenet_fast.nn.converted import FusedFeatures, norm_relu_kind
 from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl
+from densenet_fast.nn.fused_features import FusedFeatures, norm_relu_kind
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]

@@ -38,13 +38,14 @@ def synthetic_batch(batch: int, size: int, classes: int, gen: torch.Generator):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="small", choices=["small", "DenseNet121"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--arch", default="small", choices=["small", "DenseNet121"], help="MONAI model size")
     ap.add_argument("--size", type=int, default=16, help="volume edge (D = H = W)")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="volumes per step")
     ap.add_argument("--classes", type=int, default=4, help="at most 8 (octants)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=10, help="optimiser steps")
+    ap.add_argument("--lr", type=float, default=0.05, help="learning rate")
     args = ap.parse_args()
     torch.manual_seed(0)
     kw = dict(init_features=16, growth_rate=8, block_config=(2, 3, 2)) if args.arch == "small" else {}

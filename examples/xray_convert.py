@@ -28,10 +28,11 @@ from densenet_fast.convert import conversion_report, convert  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--weights", default=None, help="a torchxrayvision DenseNet state dict file")
     ap.add_argument("--size", type=int, default=64, help="image edge (the pretrained models use 224)")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2, help="images")
     args = ap.parse_args()
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None)  # densenet121 layout, 18 pathologies, 1 input channel

@@ -30,20 +30,17 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def tv_block_pair(num_layers: int, c0: int, bn_size: int, growth: int, dtype=torch.float32, train: bool = True):
+def tv_block_pair(num_layers: int, c0: int, bn_size: int, growth: int, dtype=torch.float32, train: bool = True,
+                  drop_rate: float = 0.0):
     """(torchvision ``_DenseBlock``, ``densenet_fast.DenseBlock``) with the same weights; the BatchNorms get
     random affine parameters and running statistics, so no test passes by the identity's symmetry."""
+    from convert_utils import randomize_bn
     from torchvision.models import densenet as tv
 
     import densenet_fast as dnf
 
-    ref = tv._DenseBlock(num_layers, c0, bn_size, growth, 0.0)
-    for m in ref.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    ours = dnf.DenseBlock(num_layers, c0, bn_size, growth)
+    ref = randomize_bn(tv._DenseBlock(num_layers, c0, bn_size, growth, drop_rate))
+    ours = dnf.DenseBlock(num_layers, c0, bn_size, growth, drop_rate)
     ours.load_state_dict(ref.state_dict())
     return ref.to(dtype).train(train), ours.to(dtype).train(train)
 

@@ -19,7 +19,7 @@ import densenet_fast  # noqa: E402,F401
 from densenet_fast.convert import convert  # noqa: E402
 
 
-def _x(n=2, size=32, dtype=torch.float32, seed=0):
+def image_batch(n=2, size=32, dtype=torch.float32, seed=0):
     """A seeded image batch [n, 3, size, size]."""
     return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 

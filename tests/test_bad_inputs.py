@@ -1,6 +1,7 @@
 """Hard inputs and failure behaviour (issue 9).
 
-Every operator (``torch.ops.densenet_fast.*``, real CPU kernels and the fake/meta kernels) and every
+Every operator (``torch.ops.densenet_fast.*``: eagerly, under ``torch.compile``, and on meta tensors for
+what the fake kernels check, i.e. what the output shapes need; see FAKE/KERNEL/DEVICE below) and every
 module/model rejects bad inputs with an error naming the argument, the expected and the actual value;
 the process survives, the next valid call gives the right answer, and no running statistic changes in
 a call that raises. NaN/Inf propagate exactly as in torchvision. Large sizes: channel counts beyond
@@ -28,6 +29,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from convert_utils import randomize_bn
 from torch import nn
 from torchvision.models.densenet import DenseNet as TVDenseNet
 from torchvision.models.densenet import _DenseBlock, _Transition
@@ -47,21 +50,10 @@ BIG = 2**31  # one past the 32-bit BLAS limit
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-def _randomise_bn(module: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-
-
 def _block(dtype=torch.float32, **kw) -> dnf.DenseBlock:
     torch.manual_seed(0)
     b = dnf.DenseBlock(L, C0, BN_SIZE, K, **kw).to(dtype)
-    _randomise_bn(b)
+    randomize_bn(b)
     return b
 
 
@@ -122,98 +114,130 @@ def _cat(*muts):
     return mutate
 
 
+def _to_3d_weights(a):
+    """The block's conv weights for a 5-D input: 1x1x1 and 3x3x3 (the 2-D ones repeated along depth)."""
+    a[I_W1] = [w[..., None] for w in a[I_W1]]
+    a[I_W2] = [w[..., None].expand(*w.shape, 3) for w in a[I_W2]]
+
+
+# Where a bad argument is refused (docs/design.md §6: the C++ kernels validate every argument; the fake
+# kernels check only what the output shapes need):
+FAKE = "fake"  # by the C++ kernel and by the fake kernel (meta tensors, torch.compile's tracing)
+KERNEL = "kernel"  # by the C++ kernel only (eager, and when a compiled graph runs); on meta the call returns
+DEVICE = "device"  # an argument on another device than input: the dispatcher picks the fake kernel (meta
+#                    argument), which refuses it; no meta variant (every argument is on meta there)
+
+
+def _device_params(cases):
+    """(case, device) pairs: every case on cpu, and on meta unless it is a device mix."""
+    return [pytest.param(c, d, id=f"{c[0]}-{d}") for c in cases for d in ("cpu", "meta")
+            if not (d == "meta" and c[-1] == DEVICE)]
+
+
+def _expect_refusal(call, device, exc, pattern, where):
+    """A bad call raises exc matching pattern, except a KERNEL row on meta, whose fake kernel returns outputs
+    (it checks only what the output shapes need; the C++ kernel refuses the same call)."""
+    if device == "meta" and where == KERNEL:
+        out = call()
+        assert all(t.device.type == "meta" for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+        return
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
 # ------------------------------------------------------------------------------------------------
 # dense_block_forward: table of bad arguments (CPU kernel and fake/meta kernel)
 # ------------------------------------------------------------------------------------------------
-# (id, training, mutate(args), exception, regex that names argument/expected/actual, cpu_only)
+# (id, training, mutate(args), exception, regex that names argument/expected/actual, where refused)
 BLOCK_FORWARD_CASES = [
-    ("input-3d", True, _set(I_INPUT, lambda a: a[0][0]), RuntimeError, r"input: expected a 4-D tensor.*got 3-D", False),
+    ("input-3d", True, _set(I_INPUT, lambda a: a[0][0]), RuntimeError, r"input: expected a 4-D tensor.*got 3-D", FAKE),
     ("input-6d", True, _set(I_INPUT, lambda a: a[0][None, None]), RuntimeError,
-     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", False),
+     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", FAKE),
     # A 5-D (3D) input for a block of 2D weights.
     ("input-5d-2d-weights", True, _set(I_INPUT, lambda a: a[0][None]), RuntimeError,
      r"conv2_weight\[0\]: expected a 5-D weight \[k, inter, 3, 3, 3\] for a 5-D input, got shape \[2, 4, 3, 3\]",
-     False),
+     FAKE),
     # 3D weights for a 2D block (4-D input).
     ("input-4d-3d-weights", True, _set(I_W2, lambda a: [w[..., None].expand(*w.shape, 3) for w in a[I_W2]]),
      RuntimeError, r"conv2_weight\[0\]: expected a 4-D weight \[k, inter, 3, 3\] for a 4-D input, got shape "
-     r"\[2, 4, 3, 3, 3\]", False),
+     r"\[2, 4, 3, 3, 3\]", FAKE),
     ("input-5d-2d-conv1", True, _cat(_set(I_INPUT, lambda a: a[0][:, :, None]),
                                      _set(I_W2, lambda a: [w[..., None].expand(*w.shape, 3) for w in a[I_W2]])),
-     RuntimeError, r"conv1_weight\[0\]: expected a 5-D weight \[inter, C0, 1, 1, 1\] for a 5-D input", False),
-    ("input-5d-zero-depth", True, _set(I_INPUT, lambda a: a[0][:, :, None][:, :, :0]), RuntimeError,
-     r"input: expected a non-zero spatial size, got D=0, H=4, W=4", False),
+     RuntimeError, r"conv1_weight\[0\]: expected a 5-D weight \[inter, C0, 1, 1, 1\] for a 5-D input", FAKE),
+    ("input-5d-zero-depth", True, _cat(_set(I_INPUT, lambda a: a[0][:, :, None][:, :, :0]), _to_3d_weights),
+     RuntimeError,
+     r"input: expected a non-zero spatial size, got D=0, H=4, W=4", KERNEL),
     ("input-int", True, _set(I_INPUT, lambda a: a[0].long()), RuntimeError,
-     r"input: expected a floating-point dtype.*got Long|input: expected a floating-point dtype.*int64", False),
+     r"input: expected a floating-point dtype.*got Long|input: expected a floating-point dtype.*int64", KERNEL),
     ("input-bool", False, _set(I_INPUT, lambda a: a[0] > 0), RuntimeError, r"input: expected a floating-point dtype",
-     False),
+     KERNEL),
     ("input-complex", True, _set(I_INPUT, lambda a: a[0].to(torch.complex64)), RuntimeError,
-     r"input: expected a floating-point dtype", False),
+     r"input: expected a floating-point dtype", KERNEL),
     # fp16 on CPU (no autocast at the operator level): BN tensors fp32, conv weights fp16 -> CPU refuses
     # (bf16 is a CPU dtype of the block: tests/test_bf16.py).
     ("input-fp16-cpu", True, _cat(_set(I_INPUT, lambda a: a[0].half()), _set(I_W1,
                                                                              lambda a: [t.half() for t in a[I_W1]]),
                                   _set(I_W2, lambda a: [t.half() for t in a[I_W2]])), RuntimeError,
-     r"input: expected dtype float32, float64 or bfloat16 on CPU.*got Half", True),
+     r"input: expected dtype float32, float64 or bfloat16 on CPU.*got Half", KERNEL),
     ("dtype-input-vs-params", True, _set(I_INPUT, lambda a: a[0].double()), RuntimeError,
-     r"norm1_weight\[0\]: expected dtype .*(Double|float64).*got (Float|torch.float32)", False),
+     r"norm1_weight\[0\]: expected dtype .*(Double|float64).*got (Float|torch.float32)", KERNEL),
     ("dtype-conv1", True, _set_item(I_W1, 1, lambda t: t.double()), RuntimeError,
-     r"conv1_weight\[1\]: expected dtype .*(Float|float32).*got (Double|torch.float64)", False),
+     r"conv1_weight\[1\]: expected dtype .*(Float|float32).*got (Double|torch.float64)", KERNEL),
     ("dtype-norm2-bias", True, _set_item(I_B2, 0, lambda t: t.double()), RuntimeError,
-     r"norm2_bias\[0\]: expected dtype", False),
+     r"norm2_bias\[0\]: expected dtype", KERNEL),
     ("dtype-running-var", False, _set_item(I_RV2, 1, lambda t: t.double()), RuntimeError,
-     r"norm2_running_var\[1\]: expected dtype", False),
+     r"norm2_running_var\[1\]: expected dtype", KERNEL),
     ("device-param-meta", True, _set_item(I_G1, 1, lambda t: t.to("meta")), RuntimeError,
-     r"norm1_weight\[1\]: expected a tensor on cpu.*got meta", True),
+     r"norm1_weight\[1\]: expected a tensor on cpu.*got meta", DEVICE),
     ("device-input-meta", True, _set(I_INPUT, lambda a: a[0].to("meta")), RuntimeError,
-     r"norm1_weight\[0\]: expected a tensor on meta.*got cpu", True),
+     r"norm1_weight\[0\]: expected a tensor on meta.*got cpu", DEVICE),
     ("device-running-meta", False, _set_item(I_RM1, 0, lambda t: t.to("meta")), RuntimeError,
-     r"norm1_running_mean\[0\]: expected a tensor on cpu.*got meta", True),
+     r"norm1_running_mean\[0\]: expected a tensor on cpu.*got meta", DEVICE),
     ("empty-batch", True, _set(I_INPUT, lambda a: a[0][:0]), RuntimeError,
-     r"input: expected a non-empty batch, got batch size 0", False),
+     r"input: expected a non-empty batch, got batch size 0", KERNEL),
     ("empty-batch-eval", False, _set(I_INPUT, lambda a: a[0][:0]), RuntimeError,
-     r"input: expected a non-empty batch", False),
+     r"input: expected a non-empty batch", KERNEL),
     ("zero-height", True, _set(I_INPUT, lambda a: a[0][:, :, :0]), RuntimeError,
-     r"input: expected a non-zero spatial size, got H=0, W=4", False),
+     r"input: expected a non-zero spatial size, got H=0, W=4", KERNEL),
     ("zero-width", False, _set(I_INPUT, lambda a: a[0][:, :, :, :0]), RuntimeError,
-     r"input: expected a non-zero spatial size, got H=4, W=0", False),
+     r"input: expected a non-zero spatial size, got H=4, W=0", KERNEL),
     ("zero-channels", True, _set(I_INPUT, lambda a: a[0][:, :0]), RuntimeError,
-     r"input: expected at least one channel, got 0", False),
+     r"input: expected at least one channel, got 0", KERNEL),
     ("batch1-1x1-train", True, _set(I_INPUT, lambda a: a[0][:1, :, :1, :1]), ValueError,
-     r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 3, 1, 1\]\)$", False),
+     r"^Expected more than 1 value per channel when training, got input size torch.Size\(\[1, 3, 1, 1\]\)$", KERNEL),
     ("channels-vs-block", True, _set(I_INPUT, lambda a: torch.cat([a[0], a[0][:, :1]], 1)), RuntimeError,
-     r"norm1_weight\[0\].*: expected shape \[4\], got \[3\]", False),
+     r"norm1_weight\[0\].*: expected shape \[4\], got \[3\]", KERNEL),
     ("norm1-weight-shape", True, _set_item(I_G1, 1, lambda t: t[:-1]), RuntimeError,
-     r"norm1_weight\[1\].*: expected shape \[5\], got \[4\]", False),
+     r"norm1_weight\[1\].*: expected shape \[5\], got \[4\]", KERNEL),
     ("conv1-weight-shape", True, _set_item(I_W1, 0, lambda t: t[:, :, :, :].repeat(1, 1, 3, 3)), RuntimeError,
-     r"conv1_weight\[0\]: expected shape \[4, 3, 1, 1\], got \[4, 3, 3, 3\]", False),
+     r"conv1_weight\[0\]: expected shape \[4, 3, 1, 1\], got \[4, 3, 3, 3\]", KERNEL),
     ("conv1-weight-2d", True, _set_item(I_W1, 0, lambda t: t.flatten(1)), RuntimeError,
-     r"conv1_weight\[0\]: expected a 4-D weight", False),
+     r"conv1_weight\[0\]: expected a 4-D weight", FAKE),
     ("conv2-weight-growth", True, _set_item(I_W2, 1, lambda t: t[:1]), RuntimeError,
-     r"conv2_weight\[1\]: expected shape \[2, 4, 3, 3\], got \[1, 4, 3, 3\]", False),
+     r"conv2_weight\[1\]: expected shape \[2, 4, 3, 3\], got \[1, 4, 3, 3\]", KERNEL),
     ("conv2-weight-kernel", True, _set_item(I_W2, 0, lambda t: t[:, :, :1, :1]), RuntimeError,
-     r"conv2_weight\[0\]: expected shape \[2, 4, 3, 3\], got \[2, 4, 1, 1\]", False),
+     r"conv2_weight\[0\]: expected shape \[2, 4, 3, 3\], got \[2, 4, 1, 1\]", KERNEL),
     ("norm2-weight-shape", True, _set_item(I_G2, 0, lambda t: torch.cat([t, t])), RuntimeError,
-     r"norm2_weight\[0\]: expected shape \[4\].*got \[8\]", False),
-    ("list-length", True, _drop_item(I_B1), RuntimeError, r"norm1_bias: expected 2 tensors.*got 1", False),
+     r"norm2_weight\[0\]: expected shape \[4\].*got \[8\]", KERNEL),
+    ("list-length", True, _drop_item(I_B1), RuntimeError, r"norm1_bias: expected 2 tensors.*got 1", KERNEL),
     ("no-layers", True, _cat(*[_set(i, []) for i in range(I_G1, I_W2 + 1)]), RuntimeError,
-     r"norm1_weight: expected at least one layer", False),
-    ("eval-no-running", False, _set(I_RM1, []), RuntimeError, r"norm1_running_mean: expected 2 tensors.*got 0", False),
+     r"norm1_weight: expected at least one layer", FAKE),
+    ("eval-no-running", False, _set(I_RM1, []), RuntimeError, r"norm1_running_mean: expected 2 tensors.*got 0", KERNEL),
     ("eval-running-shape", False, _set_item(I_RV1, 1, lambda t: t[:2]), RuntimeError,
-     r"norm1_running_var\[1\]: expected shape \[5\].*got \[2\]", False),
-    ("drop-rate-one", True, _set(I_P, 1.0), RuntimeError, r"drop_rate: expected a value in \[0, 1\), got 1", False),
+     r"norm1_running_var\[1\]: expected shape \[5\].*got \[2\]", KERNEL),
+    ("drop-rate-one", True, _set(I_P, 1.0), RuntimeError, r"drop_rate: expected a value in \[0, 1\), got 1", KERNEL),
     ("drop-rate-negative", True, _set(I_P, -0.25), RuntimeError, r"drop_rate: expected a value in \[0, 1\), got -0.25",
-     False),
-    ("drop-rate-nan", True, _set(I_P, float("nan")), RuntimeError, r"drop_rate: expected a value in \[0, 1\)", False),
-    ("eps-zero", True, _set(I_EPS, 0.0), RuntimeError, r"eps: expected a positive value, got 0", False),
-    ("eps-nan", False, _set(I_EPS, float("nan")), RuntimeError, r"eps: expected a positive value, got nan", False),
+     KERNEL),
+    ("drop-rate-nan", True, _set(I_P, float("nan")), RuntimeError, r"drop_rate: expected a value in \[0, 1\)", KERNEL),
+    ("eps-zero", True, _set(I_EPS, 0.0), RuntimeError, r"eps: expected a positive value, got 0", KERNEL),
+    ("eps-nan", False, _set(I_EPS, float("nan")), RuntimeError, r"eps: expected a positive value, got nan", KERNEL),
     ("mask-dtype", True, _set(I_MASK, lambda a: torch.ones(N, L * K, H, W, device=a[0].device)), RuntimeError,
-     r"dropout_mask: expected dtype torch.bool, got (Float|torch.float32)", False),
+     r"dropout_mask: expected dtype torch.bool, got (Float|torch.float32)", KERNEL),
     ("mask-shape", True, _set(I_MASK, lambda a: torch.ones(N, L * K + 1, H, W, dtype=torch.bool,
                                                            device=a[0].device)), RuntimeError,
-     r"dropout_mask: expected shape \[2, 4, 4, 4\], got \[2, 5, 4, 4\]", False),
+     r"dropout_mask: expected shape \[2, 4, 4, 4\], got \[2, 5, 4, 4\]", KERNEL),
     ("mask-device", True, _set(I_MASK, torch.ones(N, L * K, H, W, dtype=torch.bool, device="meta")), RuntimeError,
-     r"dropout_mask: expected a tensor on cpu.*got meta", True),
+     r"dropout_mask: expected a tensor on cpu.*got meta", DEVICE),
 ]
 
 
@@ -222,23 +246,32 @@ def block_baselines():
     return {t: [o.clone() for o in ops.dense_block_forward(*_block_op_args(t))] for t in (True, False)}
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("case", BLOCK_FORWARD_CASES, ids=[c[0] for c in BLOCK_FORWARD_CASES])
+@pytest.mark.parametrize("case,device", _device_params(BLOCK_FORWARD_CASES))
 def test_dense_block_forward_rejects(case, device, block_baselines):
-    name, training, mutate, exc, pattern, cpu_only = case
-    if device == "meta" and cpu_only:
-        pytest.skip("CPU-specific (device mix or CPU dtype rule)")
+    name, training, mutate, exc, pattern, where = case
     args = _block_op_args(training)
     if device == "meta":
         args = _to_meta(args)
     mutate(args)
-    with pytest.raises(exc, match=pattern):
-        ops.dense_block_forward(*args)
+    _expect_refusal(lambda: ops.dense_block_forward(*args), device, exc, pattern, where)
     # The process survives and the next valid call gives the right answer.
     good = _block_op_args(training)
     out = ops.dense_block_forward(*good)
     for o, ref in zip(out, block_baselines[training]):
         torch.testing.assert_close(o, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", BLOCK_FORWARD_CASES, ids=[c[0] for c in BLOCK_FORWARD_CASES])
+def test_compiled_dense_block_forward_rejects(case):
+    """Under torch.compile every row is refused with the same message: FAKE and DEVICE rows while tracing (the
+    fake kernel), KERNEL rows when the compiled graph calls the C++ kernel."""
+    name, training, mutate, exc, pattern, where = case
+    args = _block_op_args(training)
+    mutate(args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: ops.dense_block_forward(*a), fullgraph=True, backend="eager")
+    with pytest.raises(exc, match=pattern):
+        compiled(*args)
 
 
 def test_fused_dense_block_entry_point_rejects():
@@ -249,8 +282,8 @@ def test_fused_dense_block_entry_point_rejects():
         fused_dense_block(x, tuple(b.block_params())[:6], training=True)
     with pytest.raises(TypeError, match=r"input: expected a Tensor, got ndarray"):
         fused_dense_block(x.numpy(), b.block_params(), training=True)
-    for p in (1.0, -0.5, float("nan")):  # checked in eval too, where dropout is inactive
-        with pytest.raises(ValueError, match=r"drop_rate: expected a value in \[0, 1\)"):
+    for p in (1.0, -0.5, float("nan")):  # checked (by the operator) in eval too, where dropout is inactive
+        with pytest.raises(RuntimeError, match=r"drop_rate: expected a value in \[0, 1\)"):
             fused_dense_block(x, b.block_params(), training=False, drop_rate=p)
     with pytest.raises(RuntimeError, match=r"input: expected a 4-D tensor"):  # no mask drawn for a bad input
         fused_dense_block(x[0], b.block_params(), training=True, drop_rate=0.5)
@@ -270,40 +303,40 @@ def _block_backward_args(training: bool):
 
 B_GRAD, B_BUF, B_MEAN, B_VAR, B_MEAN2, B_VAR2 = range(6)
 B_NIF = 20
-BLOCK_BACKWARD_CASES = [
+BLOCK_BACKWARD_CASES = [  # (id, training, mutate(args), exception, pattern, where refused)
     ("grad-shape", True, _set(B_GRAD, lambda a: a[0][:, :-1]), RuntimeError,
-     r"grad_buffer: expected shape \[2, 7, 4, 4\], got \[2, 6, 4, 4\]"),
-    ("grad-dtype", True, _set(B_GRAD, lambda a: a[0].double()), RuntimeError, r"grad_buffer: expected dtype"),
+     r"grad_buffer: expected shape \[2, 7, 4, 4\], got \[2, 6, 4, 4\]", KERNEL),
+    ("grad-dtype", True, _set(B_GRAD, lambda a: a[0].double()), RuntimeError, r"grad_buffer: expected dtype", KERNEL),
     ("grad-device", False, _set(B_GRAD, lambda a: a[0].to("meta")), RuntimeError,
-     r"grad_buffer: expected a tensor on cpu.*got meta"),
-    ("buffer-3d", True, _set(B_BUF, lambda a: a[1][0]), RuntimeError, r"buffer: expected a 4-D or 5-D tensor, got 3-D"),
+     r"grad_buffer: expected a tensor on cpu.*got meta", DEVICE),
+    ("buffer-3d", True, _set(B_BUF, lambda a: a[1][0]), RuntimeError, r"buffer: expected a 4-D tensor.*got 3-D", FAKE),
     ("num-input-features-0", True, _set(B_NIF, 0), RuntimeError,
-     r"num_input_features: expected a value in \[1, 7\), got 0"),
+     r"num_input_features: expected a value in \[1, 7\), got 0", FAKE),
     ("num-input-features-big", True, _set(B_NIF, 7), RuntimeError,
-     r"num_input_features: expected a value in \[1, 7\), got 7"),
-    ("buffer-channels", True, _set(B_NIF, 2), RuntimeError, r"norm1_weight\[0\].*: expected shape \[2\], got \[3\]"),
-    ("mean-shape", True, _set(B_MEAN, lambda a: a[2][:-1]), RuntimeError, r"mean: expected shape \[7\], got \[6\]"),
-    ("mean2-dtype", True, _set(B_MEAN2, lambda a: a[4].double()), RuntimeError, r"mean2: expected dtype"),
+     r"num_input_features: expected a value in \[1, 7\), got 7", FAKE),
+    ("buffer-channels", True, _set(B_NIF, 2), RuntimeError, r"norm1_weight\[0\].*: expected shape \[2\], got \[3\]",
+     KERNEL),
+    ("mean-shape", True, _set(B_MEAN, lambda a: a[2][:-1]), RuntimeError, r"mean: expected shape \[7\], got \[6\]",
+     KERNEL),
+    ("mean2-dtype", True, _set(B_MEAN2, lambda a: a[4].double()), RuntimeError, r"mean2: expected dtype", KERNEL),
     ("var2-device", True, _set(B_VAR2, lambda a: a[5].to("meta")), RuntimeError,
-     r"var2: expected a tensor on cpu.*got meta"),
+     r"var2: expected a tensor on cpu.*got meta", DEVICE),
     ("var2-shape", True, _set(B_VAR2, lambda a: a[5][:1]), RuntimeError,
-     r"var2: expected shape \[2, 4\], got \[1, 4\]"),
+     r"var2: expected shape \[2, 4\], got \[1, 4\]", KERNEL),
 ]
 
 
-@pytest.mark.parametrize("case", BLOCK_BACKWARD_CASES, ids=[c[0] for c in BLOCK_BACKWARD_CASES])
-def test_dense_block_backward_rejects(case):
-    name, training, mutate, exc, pattern = case
+@pytest.mark.parametrize("case,device", _device_params(BLOCK_BACKWARD_CASES))
+def test_dense_block_backward_rejects(case, device):
+    name, training, mutate, exc, pattern, where = case
     args = _block_backward_args(training)
     ref = [t.clone() if isinstance(t, torch.Tensor) else [u.clone() for u in t]
            for t in ops.dense_block_backward(*args)]
     bad = list(args)
+    if device == "meta":
+        bad = _to_meta(bad)
     mutate(bad)
-    with pytest.raises(exc, match=pattern):
-        ops.dense_block_backward(*bad)
-    if "device" not in name:  # the fake kernel validates the same way
-        with pytest.raises(exc, match=pattern):
-            ops.dense_block_backward(*_to_meta(bad))
+    _expect_refusal(lambda: ops.dense_block_backward(*bad), device, exc, pattern, where)
     again = ops.dense_block_backward(*args)
     torch.testing.assert_close(list(again[0:1]) + [t for lst in again[1:] for t in lst],
                                list(ref[0:1]) + [t for lst in ref[1:] for t in lst], rtol=0, atol=0)
@@ -324,55 +357,53 @@ def _tail_args(with_conv: bool):
 
 T_IN, T_MEAN, T_VAR, T_W, T_B, T_CONV = range(6)
 TAIL_CASES = [  # (id, applies to transition / norm_relu_pool, mutate, exception, pattern, cpu_only)
-    ("input-3d", "tn", _set(T_IN, lambda a: a[0][0]), RuntimeError, r"input: expected a 4-D tensor", False),
+    ("input-3d", "tn", _set(T_IN, lambda a: a[0][0]), RuntimeError, r"input: expected a 4-D tensor", FAKE),
     ("input-int", "tn", _set(T_IN, lambda a: a[0].int()), RuntimeError, r"input: expected a floating-point dtype",
-     False),
+     KERNEL),
     ("input-complex", "tn", _set(T_IN, lambda a: a[0].to(torch.complex64)), RuntimeError,
-     r"input: expected a floating-point dtype", False),
+     r"input: expected a floating-point dtype", KERNEL),
     ("input-fp16-cpu", "tn", _cat(_set(T_IN, lambda a: a[0].half()),
                                   _set(T_CONV, lambda a: a[T_CONV].half() if len(a) > 7 else a[T_CONV])),
-     RuntimeError, r"input: expected dtype float32 or float64 on CPU", True),
-    ("empty-batch", "tn", _set(T_IN, lambda a: a[0][:0]), RuntimeError, r"input: expected a non-empty batch", False),
+     RuntimeError, r"input: expected dtype float32 or float64 on CPU", KERNEL),
+    ("empty-batch", "tn", _set(T_IN, lambda a: a[0][:0]), RuntimeError, r"input: expected a non-empty batch", KERNEL),
     ("zero-width", "tn", _set(T_IN, lambda a: a[0][..., :0]), RuntimeError, r"input: expected a non-zero spatial size",
-     False),
+     KERNEL),
     ("channels", "tn", _set(T_IN, lambda a: a[0][:, :4]), RuntimeError, r"mean: expected shape \[4\], got \[5\]",
-     False),
+     KERNEL),
     ("dtype-weight", "tn", _set(T_W, lambda a: a[T_W].double()), RuntimeError,
-     r"weight: expected dtype .*(Float|float32).*got (Double|torch.float64)", False),
-    ("dtype-input", "tn", _set(T_IN, lambda a: a[0].double()), RuntimeError, r"mean: expected dtype", False),
+     r"weight: expected dtype .*(Float|float32).*got (Double|torch.float64)", KERNEL),
+    ("dtype-input", "tn", _set(T_IN, lambda a: a[0].double()), RuntimeError, r"mean: expected dtype", KERNEL),
     ("device-var", "tn", _set(T_VAR, lambda a: a[T_VAR].to("meta")), RuntimeError,
-     r"var: expected a tensor on cpu.*got meta", True),
+     r"var: expected a tensor on cpu.*got meta", DEVICE),
     ("bias-shape", "tn", _set(T_B, lambda a: a[T_B][:, None]), RuntimeError,
      r"bias: expected shape \[5\], got \[5, 1\]",
-     False),
-    ("eps", "tn", _set(-1, 0.0), RuntimeError, r"eps: expected a positive value", False),
+     KERNEL),
+    ("eps", "tn", _set(-1, 0.0), RuntimeError, r"eps: expected a positive value", KERNEL),
     ("conv-shape", "t", _set(T_CONV, lambda a: a[T_CONV][:, :4]), RuntimeError,
-     r"conv_weight: expected shape \[C_out, 5, 1, 1\], got \[3, 4, 1, 1\]", False),
+     r"conv_weight: expected shape \[C_out, 5, 1, 1\], got \[3, 4, 1, 1\]", KERNEL),
     ("conv-no-outputs", "t", _set(T_CONV, lambda a: a[T_CONV][:0]), RuntimeError,
-     r"conv_weight: expected .*output channel", False),
+     r"conv_weight: expected .*output channel", KERNEL),
     ("conv-dtype", "t", _set(T_CONV, lambda a: a[T_CONV].double()), RuntimeError, r"conv_weight: expected dtype",
-     False),
+     KERNEL),
     ("pool-too-small", "t", _set(T_IN, lambda a: a[0][:, :, :1]), RuntimeError,
-     r"input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=1, W=6", False),
+     r"input: the transition's 2x2 average pool needs H >= 2 and W >= 2, got H=1, W=6", KERNEL),
     ("input-6d", "tn", _set(T_IN, lambda a: a[0][None, None]), RuntimeError,
-     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", False),
+     r"input: expected a 4-D tensor \[N, C, H, W\] or a 5-D tensor \[N, C, D, H, W\], got 6-D", FAKE),
     ("conv-2d-for-5d", "t", _set(T_IN, lambda a: a[0][:, :, None].expand(-1, -1, 2, -1, -1)), RuntimeError,
-     r"conv_weight: expected shape \[C_out, 5, 1, 1, 1\], got \[3, 5, 1, 1\]", False),
+     r"conv_weight: expected shape \[C_out, 5, 1, 1, 1\], got \[3, 5, 1, 1\]", FAKE),
     ("pool-depth-1", "t", _cat(_set(T_IN, lambda a: a[0][:, :, None]), _set(T_CONV, lambda a: a[T_CONV][..., None])),
      RuntimeError, r"input: the transition's 2x2x2 average pool needs D >= 2, H >= 2 and W >= 2, got D=1, H=4, W=6",
-     False),
+     KERNEL),
 ]
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("op", ["transition", "norm_relu_pool"])
-@pytest.mark.parametrize("case", TAIL_CASES, ids=[c[0] for c in TAIL_CASES])
+_TAIL_OPS = {"t": "transition", "n": "norm_relu_pool"}
+
+
+@pytest.mark.parametrize("op,case,device", [pytest.param(_TAIL_OPS[o], *p.values, id=f"{_TAIL_OPS[o]}-{p.id}")
+                                            for p in _device_params(TAIL_CASES) for o in p.values[0][1]])
 def test_tail_ops_reject(case, op, device):
-    name, applies, mutate, exc, pattern, cpu_only = case
-    if (op == "transition") != ("t" in applies) and not ("n" in applies and op == "norm_relu_pool"):
-        pytest.skip("not an argument of this operator")
-    if device == "meta" and cpu_only:
-        pytest.skip("CPU-specific")
+    name, applies, mutate, exc, pattern, where = case
     fn = ops.transition_forward if op == "transition" else ops.norm_relu_pool_forward
     args = _tail_args(op == "transition")
     ref = fn(*args).clone()
@@ -380,9 +411,21 @@ def test_tail_ops_reject(case, op, device):
     if device == "meta":
         bad = _to_meta(bad)
     mutate(bad)
-    with pytest.raises(exc, match=pattern):
-        fn(*bad)
+    _expect_refusal(lambda: fn(*bad), device, exc, pattern, where)
     torch.testing.assert_close(fn(*_tail_args(op == "transition")), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op,case", [pytest.param(_TAIL_OPS[o], c, id=f"{_TAIL_OPS[o]}-{c[0]}")
+                                     for c in TAIL_CASES for o in c[1]])
+def test_compiled_tail_ops_reject(case, op):
+    """As test_compiled_dense_block_forward_rejects: every row refused with its message under torch.compile."""
+    name, applies, mutate, exc, pattern, where = case
+    fn = ops.transition_forward if op == "transition" else ops.norm_relu_pool_forward
+    bad = _tail_args(op == "transition")
+    mutate(bad)
+    torch._dynamo.reset()
+    with pytest.raises(exc, match=pattern):
+        torch.compile(lambda *a: fn(*a), fullgraph=True, backend="eager")(*bad)
 
 
 def test_tail_backward_rejects_bad_grad():
@@ -394,8 +437,9 @@ def test_tail_backward_rejects_bad_grad():
         ops.norm_relu_pool_backward(torch.zeros(2, 4), *n_args)
     with pytest.raises(RuntimeError, match=r"grad_output: expected dtype"):
         ops.norm_relu_pool_backward(torch.zeros(2, 5, dtype=torch.float64), *n_args)
-    with pytest.raises(RuntimeError, match=r"grad_output: expected shape"):  # fake kernel too
-        ops.transition_backward(*_to_meta([torch.zeros(2, 3, 4, 6), *t_args]))
+    # The fake kernel needs only the input's shape: on meta a wrong grad_output gives the input-shaped outputs.
+    gx = ops.transition_backward(*_to_meta([torch.zeros(2, 3, 4, 6), *t_args]))[0]
+    assert gx.shape == t_args[0].shape and gx.device.type == "meta"
 
 
 # The optional SE gate [N, C] of the tail operators (checked in C++, csrc/common/checks.h; the fake
@@ -440,15 +484,14 @@ def test_gated_reader_refuses_cpu_bf16_input():
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("op", ["channel_moments", "sample_moments"])
-@pytest.mark.parametrize("bad,pattern", [
-    (lambda: torch.zeros(3, 4, 4), r"input: expected a 4-D tensor"),
-    (lambda: torch.zeros(2, 3, 4, 4, dtype=torch.int32), r"input: expected a floating-point dtype"),
-    (lambda: torch.zeros(0, 3, 4, 4), r"input: expected a non-empty batch"),
-    (lambda: torch.zeros(2, 3, 0, 4), r"input: expected a non-zero spatial size"),
+@pytest.mark.parametrize("bad,pattern,where", [
+    (lambda: torch.zeros(3, 4, 4), r"input: expected a 4-D tensor", FAKE),
+    (lambda: torch.zeros(2, 3, 4, 4, dtype=torch.int32), r"input: expected a floating-point dtype", KERNEL),
+    (lambda: torch.zeros(0, 3, 4, 4), r"input: expected a non-empty batch", KERNEL),
+    (lambda: torch.zeros(2, 3, 0, 4), r"input: expected a non-zero spatial size", KERNEL),
 ], ids=["3d", "int", "empty", "zero-h"])
-def test_channel_moments_rejects(bad, pattern, device, op):
-    with pytest.raises(RuntimeError, match=pattern):
-        getattr(ops, op)(bad().to(device))
+def test_channel_moments_rejects(bad, pattern, where, device, op):
+    _expect_refusal(lambda: getattr(ops, op)(bad().to(device)), device, RuntimeError, pattern, where)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -465,8 +508,6 @@ def test_block_beyond_int32_channels_refused_before_allocation():
     args[I_INPUT] = torch.zeros(1, 1, 1, 1).expand(1, BIG - 3, 1, 2)
     with pytest.raises(RuntimeError, match=r"block buffer would hold C0 \+ L\*k = 2147483645 \+ 2\*2 channels"):
         ops.dense_block_forward(*args)
-    with pytest.raises(RuntimeError, match=r"block buffer would hold"):
-        ops.dense_block_forward(*_to_meta(args))
     # Still usable.
     ops.dense_block_forward(*_block_op_args(True))
 
@@ -515,7 +556,7 @@ def _bn_message(shape) -> str:
 def _small_densenet(**kw) -> dnf.DenseNet:
     torch.manual_seed(0)
     m = dnf.densenet_bc(depth=10, growth_rate=4, num_classes=3, **kw)
-    _randomise_bn(m)
+    randomize_bn(m)
     return m
 
 
@@ -612,7 +653,7 @@ def test_block_batch1_message_identical_to_batchnorm():
 
 def test_fused_norm_relu_pool_rejects_without_touching_stats():
     bn = nn.BatchNorm2d(5).train()
-    _randomise_bn(bn)
+    randomize_bn(bn)
     snap = _snapshot(bn)
     with pytest.raises(RuntimeError, match=r"weight: expected dtype"):
         fused_norm_relu_pool(bn, torch.randn(2, 5, 3, 3, dtype=torch.float64))  # stats computed, op refuses
@@ -648,7 +689,7 @@ def test_block_wrong_weight_shape_named():
 def test_empty_batch_matches_torchvision(training):
     torch.manual_seed(0)
     tv = _DenseBlock(L, C0, BN_SIZE, K, 0.0).train(training)
-    _randomise_bn(tv)
+    randomize_bn(tv)
     ours = dnf.DenseBlock(L, C0, BN_SIZE, K).train(training)
     ours.load_state_dict(tv.state_dict())
     x = torch.randn(0, C0, H, W, requires_grad=True)
@@ -936,7 +977,7 @@ def _same_pattern(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def test_nan_inf_propagate_like_torchvision(training, where, seed):
     torch.manual_seed(seed)
     tv = _DenseBlock(L, C0, BN_SIZE, K, 0.0).double().train(training)
-    _randomise_bn(tv, seed)
+    randomize_bn(tv, seed)
     ours = dnf.DenseBlock(L, C0, BN_SIZE, K).double().train(training)
     x = torch.randn(N, C0, 5, 5, dtype=torch.float64)
     if where == "input":
@@ -961,7 +1002,7 @@ def test_nan_inf_propagate_like_torchvision(training, where, seed):
 
     # Transition and final norm readers of the poisoned block output.
     tr_tv = _Transition(CT, 3).double().train(training)
-    _randomise_bn(tr_tv, seed)
+    randomize_bn(tr_tv, seed)
     tr = dnf.Transition(CT, 3).double().train(training)
     tr.load_state_dict(tr_tv.state_dict())
     za, zb = ya.detach().clone().requires_grad_(), yb.detach().contiguous().clone().requires_grad_()

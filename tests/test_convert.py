@@ -18,8 +18,8 @@ import pytest
 import torch
 from conftest import rel_err
 from convert_utils import (
-    _x,
     assert_state_close,
+    image_batch,
     pair,
     randomize_bn,
     saved_tensor_bytes,
@@ -32,7 +32,7 @@ from torch import nn
 import densenet_fast as dnf
 from densenet_fast.convert import ConversionReport, conversion_report, convert
 from densenet_fast.nn import DenseBlock, Transition
-from densenet_fast.nn.converted import FusedFeatures
+from densenet_fast.nn.fused_features import FusedFeatures
 
 torchvision = pytest.importorskip("torchvision")
 timm = pytest.importorskip("timm")
@@ -98,7 +98,7 @@ def test_timm_blur_pool_transitions_are_left_alone_and_reported():
     assert report.count("DenseBlock") == 3 and report.count("Transition") == 0
     assert [n for n, _ in report.left_alone] == ["features.transition1", "features.transition2"]
     assert type(model.features.transition1) is timm_densenet.DenseTransition
-    train_steps([model, ref], [_x(seed=s) for s in range(2)], per_param=False)
+    train_steps([model, ref], [image_batch(seed=s) for s in range(2)], per_param=False)
 
 
 def test_non_relu_activation_is_left_alone():
@@ -109,7 +109,7 @@ def test_non_relu_activation_is_left_alone():
     report = conversion_report(model)
     assert report.count("DenseBlock") == 0 and len(report.left_alone) >= 3
     assert not isinstance(model.features.denseblock1, DenseBlock)
-    x = _x()
+    x = image_batch()
     torch.testing.assert_close(model(x), ref(x))
 
 
@@ -165,7 +165,7 @@ def test_hooks_are_kept_and_still_fire():
     h1 = model.features.denseblock2.register_forward_hook(lambda m, i, o: seen.append(("block", o.shape)))
     model.features.norm5.register_forward_hook(lambda m, i, o: seen.append(("norm5", o.shape)))
     convert(model)
-    x = _x()
+    x = image_batch()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
     assert [s[0] for s in seen] == ["block", "norm5"]
     h1.remove()  # the old handle removes the hook from the converted block
@@ -179,10 +179,10 @@ def test_hooks_are_kept_and_still_fire():
 
 def test_torchvision_training_parity_fp32_small():
     model, ref = pair(tv_small)
-    train_steps([model, ref], [_x(seed=s) for s in range(3)], per_param=False)
+    train_steps([model, ref], [image_batch(seed=s) for s in range(3)], per_param=False)
     assert_state_close(model, ref, 1e-4)
     model.eval(), ref.eval()
-    x = _x(seed=9)
+    x = image_batch(seed=9)
     assert rel_err(model(x), ref(x)) < 1e-4
 
 
@@ -196,7 +196,7 @@ def test_training_parity_fp64(kind):
         "dropout-eval": lambda: tv_small(torch.float64, drop_rate=0.2),
     }
     model, ref = pair(makers[kind])
-    inputs = [_x(dtype=torch.float64, seed=s) for s in range(3)]
+    inputs = [image_batch(dtype=torch.float64, seed=s) for s in range(3)]
     if kind == "dropout-eval":  # dropout masks differ: compare in eval mode (and running stats after train steps)
         for m in (model, ref):
             m.eval()
@@ -216,23 +216,23 @@ def test_bn_momentum_variants(momentum):
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum
     model, ref = pair(lambda: model)
-    train_steps([model, ref], [_x(dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-9, tol_grad=1e-8)
+    train_steps([model, ref], [image_batch(dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-9, tol_grad=1e-8)
     assert_state_close(model, ref, 1e-9)
 
 
 def test_full_densenet121_training_parity_fp64():
     model, ref = pair(lambda: torchvision.models.densenet121(num_classes=10).double())
     # batch 4 at 32x32: block 4 runs at 1x1, so its BN sees 4 values per channel (2 would be ill-conditioned)
-    train_steps([model, ref], [_x(n=4, dtype=torch.float64, seed=0)], tol_out=1e-9, tol_grad=1e-8)
+    train_steps([model, ref], [image_batch(n=4, dtype=torch.float64, seed=0)], tol_out=1e-9, tol_grad=1e-8)
     assert_state_close(model, ref, 1e-9)
 
 
 def test_timm_head_variants_and_forward_intermediates():
     # non-average global pool: the class is swapped but forward falls back to timm's head
     model, ref = pair(lambda: timm_small(torch.float64, global_pool="max"))
-    train_steps([model, ref], [_x(dtype=torch.float64)], tol_out=1e-9, tol_grad=1e-8)
+    train_steps([model, ref], [image_batch(dtype=torch.float64)], tol_out=1e-9, tol_grad=1e-8)
     model, ref = pair(lambda: timm_small(torch.float64))
-    x = _x(dtype=torch.float64)
+    x = image_batch(dtype=torch.float64)
     final, inter = model.forward_intermediates(x)
     final_r, inter_r = ref.forward_intermediates(x)
     assert all(rel_err(a, b) < 1e-10 for a, b in zip(inter + [final], inter_r + [final_r]))
@@ -244,7 +244,7 @@ def test_timm_head_variants_and_forward_intermediates():
     convert(feats).eval()
     assert conversion_report(feats).count("DenseBlock") == 3
     with torch.no_grad():
-        outs, outs_r = feats(_x(size=32)), ref(_x(size=32))
+        outs, outs_r = feats(image_batch(size=32)), ref(image_batch(size=32))
     assert all(rel_err(a, b) < 1e-4 for a, b in zip(outs, outs_r))
 
 
@@ -260,7 +260,7 @@ def test_timm_squeeze_excite_modules_are_converted():
     assert conversion_report(model).count("SqueezeExcite") == 2
     assert all(p is params[n] for n, p in model.named_parameters())
     assert list(model.state_dict()) == list(ref.state_dict())
-    train_steps([model, ref], [_x(n=3, size=12, dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-9,
+    train_steps([model, ref], [image_batch(n=3, size=12, dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-9,
                 tol_grad=1e-8)
     # squeeze_excite=False leaves them alone
     other = convert(copy.deepcopy(ref), squeeze_excite=False)
@@ -272,7 +272,7 @@ def test_converted_reaches_densenet_fast_activation_memory():
     ours = dnf.DenseNet(**cfg)
     tv = torchvision.models.DenseNet(**cfg)
     conv = convert(copy.deepcopy(tv))
-    x = _x(n=4, size=32)
+    x = image_batch(n=4, size=32)
     b_ours, b_conv, b_tv = (saved_tensor_bytes(m, x) for m in (ours, conv, tv))
     assert b_conv == b_ours, (b_conv, b_ours)
     assert b_conv < 0.6 * b_tv, (b_conv, b_tv)
@@ -288,7 +288,7 @@ def test_optimizer_built_before_conversion_keeps_working(opt_name):
     make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
             "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[opt_name]
     opt, opt_ref = make(model.parameters()), make(ref.parameters())
-    xs = [_x(dtype=torch.float64, seed=s) for s in range(3)]
+    xs = [image_batch(dtype=torch.float64, seed=s) for s in range(3)]
 
     def step(m, o, x):
         o.zero_grad()
@@ -312,10 +312,10 @@ def _roundtrip(obj):
 
 
 def test_save_load_both_ways():
-    x = _x(seed=3)
+    x = image_batch(seed=3)
     conv = randomize_bn(tv_small())
     convert(conv)
-    train_steps([conv], [_x(seed=1)])  # non-trivial running stats / num_batches_tracked
+    train_steps([conv], [image_batch(seed=1)])  # non-trivial running stats / num_batches_tracked
     conv.eval()
     expected = conv(x)
 
@@ -338,12 +338,12 @@ def test_save_load_both_ways():
     assert rel_err(whole_plain.eval()(x), expected) < 1e-5
     # training continues identically after loading
     a, b = convert(_roundtrip(plain)), _roundtrip(plain)
-    train_steps([a, b], [_x(seed=4)], per_param=False)
+    train_steps([a, b], [image_batch(seed=4)], per_param=False)
 
 
 def test_save_load_timm():
     conv = convert(randomize_bn(timm_small()))
-    x = _x()
+    x = image_batch()
     whole = _roundtrip(conv)
     plain = timm_small()
     plain.load_state_dict(whole.state_dict(), strict=True)
@@ -359,7 +359,7 @@ def test_deepcopy():
     assert all(p is not q and torch.equal(p, q) for p, q in zip(model.parameters(), clone.parameters()))
     assert conversion_report(clone) is not None
     ref = copy.deepcopy(clone)
-    train_steps([clone, ref], [_x(dtype=torch.float64)], tol_out=1e-9, tol_grad=1e-8)
+    train_steps([clone, ref], [image_batch(dtype=torch.float64)], tol_out=1e-9, tol_grad=1e-8)
     # the original was not touched by training the clone
     assert int(model.features.norm5.num_batches_tracked) == 0
 
@@ -381,5 +381,6 @@ def test_sync_batchnorm_models_convert_and_match_without_process_group(family):
         convert(model)
         report = conversion_report(model)
         assert report.count("DenseBlock") == 2 and "SyncBatchNorm" in str(report)
-        train_steps([model, ref], [_x(dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-10, tol_grad=1e-9)
+        train_steps([model, ref], [image_batch(dtype=torch.float64, seed=s) for s in range(2)], tol_out=1e-10,
+                    tol_grad=1e-9)
     assert_state_close(model, ref, 1e-10)

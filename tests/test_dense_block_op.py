@@ -6,23 +6,20 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel
+from conftest import assert_close_rel, tv_block_pair
+from convert_utils import randomize_bn
+from op_tester import OpTester
+from torch import nn
 from torchvision.models import densenet as tv
 
 import densenet_fast as dnf
+from densenet_fast.nn.dense_block import fused_norm_relu_pool
+from densenet_fast.nn.fused_features import fused_stem
 from densenet_fast.ops import BlockParams, channel_moments, fused_dense_block, norm_relu_pool, transition
 
 
 def _blocks(L, C0, bn_size, k, dtype=torch.float32, drop_rate=0.0):
-    ref = tv._DenseBlock(L, C0, bn_size, k, drop_rate).to(dtype)
-    for m in ref.modules():  # non-trivial affine parameters and running stats
-        if isinstance(m, torch.nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    ours = dnf.DenseBlock(L, C0, bn_size, k, drop_rate).to(dtype)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return tv_block_pair(L, C0, bn_size, k, dtype, drop_rate=drop_rate)
 
 
 def _run(block, x, grad):
@@ -30,16 +27,6 @@ def _run(block, x, grad):
     y = block(x)
     y.backward(grad)
     return y.detach(), x.grad, {n: p.grad for n, p in block.named_parameters()}
-
-
-def _layout(x, layout):
-    if layout == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if layout == "noncontiguous":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    return x
 
 
 def _compare_block(ref, ours, x, tol, train=True, steps=2):
@@ -67,20 +54,73 @@ def ref_channels(ref, x):
     return x.shape[1] + len(layers) * layers[0].conv2.out_channels
 
 
-@pytest.mark.parametrize("H,W", [(1, 3), (3, 3), (7, 5), (13, 13)])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
-@pytest.mark.parametrize("train", [True, False])
-def test_block_matches_torchvision_fp32(H, W, layout, train):
-    ref, ours = _blocks(3, 5, 2, 3)
-    x = _layout(torch.randn(3, 5, H, W), layout)
-    _compare_block(ref, ours, x, 1e-4, train)
+# -- the operators against the reference modules, over device x dtype x layout x train/eval x shape ------------
+class TestDenseBlockOp(OpTester):
+    """The fused block (DenseBlock) against torchvision's _DenseBlock."""
+
+    SHAPES = [(1, 1, 1, 1, 2, 1, 3), (3, 5, 2, 3, 3, 3, 3), (2, 7, 1, 1, 2, 7, 5), (4, 16, 4, 8, 2, 13, 13),
+              (5, 3, 3, 5, 2, 5, 6), (1, 3, 4, 2, 3, 1, 1)]  # (L, C0, bn_size, k, N, H, W)
+    TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+
+    def make(self, shape, dtype):
+        L, C0, bn_size, k, N, H, W = shape
+        ref, ours = _blocks(L, C0, bn_size, k, dtype)
+        return ref, ours, torch.randn(N, C0, H, W, dtype=dtype)
 
 
-@pytest.mark.parametrize("L,C0,bn_size,k", [(1, 1, 1, 1), (1, 3, 4, 2), (2, 7, 1, 1), (4, 16, 4, 8), (5, 3, 3, 5)])
-def test_block_configs_fp64(L, C0, bn_size, k):
-    ref, ours = _blocks(L, C0, bn_size, k, torch.float64)
-    _compare_block(ref, ours, torch.randn(2, C0, 5, 6, dtype=torch.float64), 1e-10, True)
-    _compare_block(ref, ours, torch.randn(2, C0, 5, 6, dtype=torch.float64), 1e-10, False)
+class TestTransitionOp(OpTester):
+    """The fused transition against torchvision's _Transition."""
+
+    SHAPES = [(6, 3, 3, 2, 2), (6, 3, 3, 5, 7), (6, 3, 3, 8, 8), (5, 1, 2, 3, 3)]  # (C, C_out, N, H, W)
+    TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+    def make(self, shape, dtype):
+        C, Cout, N, H, W = shape
+        ref = randomize_bn(tv._Transition(C, Cout)).to(dtype)
+        ours = dnf.Transition(C, Cout).to(dtype)
+        ours.load_state_dict(ref.state_dict())
+        return ref, ours, torch.randn(N, C, H, W, dtype=dtype)
+
+
+class _BnReader(nn.Module):
+    """A BatchNorm2d read by an epilogue: ``fn(bn, x)``."""
+
+    def __init__(self, bn: nn.BatchNorm2d, fn) -> None:
+        super().__init__()
+        self.bn, self.fn = bn, fn
+
+    def forward(self, x):
+        return self.fn(self.bn, x)
+
+
+def _bn_reader_pair(C: int, dtype, ref_fn, our_fn):
+    bn = randomize_bn(nn.BatchNorm2d(C)).to(dtype)
+    return _BnReader(bn, ref_fn), _BnReader(copy.deepcopy(bn), our_fn)
+
+
+class TestFinalNormOp(OpTester):
+    """The final norm (norm_relu_pool) against BatchNorm2d -> ReLU -> global average pool."""
+
+    SHAPES = [(5, 2, 1, 3), (6, 3, 4, 5), (3, 2, 9, 8)]  # (C, N, H, W)
+    TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+    def make(self, shape, dtype):
+        C, N, H, W = shape
+        ref, ours = _bn_reader_pair(C, dtype, lambda bn, x: torch.flatten(F.adaptive_avg_pool2d(F.relu(bn(x)), 1), 1),
+                                    fused_norm_relu_pool)
+        return ref, ours, torch.randn(N, C, H, W, dtype=dtype)
+
+
+class TestStemOp(OpTester):
+    """The stem (bn_relu_maxpool) against BatchNorm2d -> ReLU -> max_pool2d(3, 2, 1)."""
+
+    SHAPES = [(4, 3, 1, 1), (4, 3, 4, 5), (4, 3, 9, 8), (3, 2, 7, 2)]  # (C, N, H, W)
+    TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+    def make(self, shape, dtype):
+        C, N, H, W = shape
+        ref, ours = _bn_reader_pair(C, dtype, lambda bn, x: F.max_pool2d(F.relu(bn(x)), 3, 2, 1), fused_stem)
+        return ref, ours, torch.randn(N, C, H, W, dtype=dtype)
 
 
 def test_batch_one_spatial_one_training_error_matches_batchnorm():
@@ -164,27 +204,6 @@ def test_gradcheck_transition_and_final_norm_fp64(training):
 
     assert torch.autograd.gradcheck(trans, (x, w, b, cw), eps=1e-6, atol=1e-6, rtol=1e-5)
     assert torch.autograd.gradcheck(final, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("H,W", [(2, 2), (5, 7), (8, 8)])
-@pytest.mark.parametrize("train", [True, False])
-def test_transition_matches_torchvision(H, W, train):
-    ref = tv._Transition(6, 3)
-    with torch.no_grad():
-        ref.norm.weight.uniform_(0.5, 1.5), ref.norm.bias.uniform_(-0.5, 0.5)
-        ref.norm.running_mean.uniform_(-0.2, 0.2), ref.norm.running_var.uniform_(0.5, 2.0)
-    ours = dnf.Transition(6, 3)
-    ours.load_state_dict(ref.state_dict())
-    ref.train(train), ours.train(train)
-    x = torch.randn(3, 6, H, W)
-    g = torch.randn(3, 3, H // 2, W // 2)
-    yr, gxr, gpr = _run(ref, x, g)
-    yo, gxo, gpo = _run(ours, x, g)
-    assert_close_rel(yo, yr, 1e-5, "output")
-    assert_close_rel(gxo, gxr, 1e-5, "input grad")
-    for n in gpr:
-        assert_close_rel(gpo[n], gpr[n], 1e-5, n)
-    assert_close_rel(ours.norm.running_var, ref.norm.running_var, 1e-5, "running_var")
 
 
 def test_opcheck_operators():
@@ -307,31 +326,6 @@ def test_compile_inductor_fullgraph():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         assert_close_rel(torch.compile(model, fullgraph=True)(x), model(x), 1e-5, "inductor output")
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("H,W", [(1, 1), (4, 5), (9, 8)])
-def test_stem_bn_relu_maxpool_matches_torch(training, H, W):
-    from densenet_fast.nn.fused_features import fused_stem
-
-    ref_bn = torch.nn.BatchNorm2d(4).double()
-    with torch.no_grad():
-        ref_bn.weight.uniform_(0.5, 1.5), ref_bn.bias.uniform_(-0.5, 0.5)
-        ref_bn.running_mean.uniform_(-0.2, 0.2), ref_bn.running_var.uniform_(0.5, 2.0)
-    our_bn = copy.deepcopy(ref_bn)
-    ref_bn.train(training), our_bn.train(training)
-    x = torch.randn(3, 4, H, W, dtype=torch.float64)
-    xr, xo = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    yr = F.max_pool2d(F.relu(ref_bn(xr)), 3, 2, 1)
-    yo = fused_stem(our_bn, xo)
-    g = torch.randn_like(yr)
-    yr.backward(g), yo.backward(g)
-    assert_close_rel(yo, yr, 1e-12, "output")
-    assert_close_rel(xo.grad, xr.grad, 1e-10, "input grad")
-    assert_close_rel(our_bn.weight.grad, ref_bn.weight.grad, 1e-10, "weight grad")
-    assert_close_rel(our_bn.bias.grad, ref_bn.bias.grad, 1e-10, "bias grad")
-    assert_close_rel(our_bn.running_var, ref_bn.running_var, 1e-12, "running_var")
-    assert int(our_bn.num_batches_tracked) == int(ref_bn.num_batches_tracked)
 
 
 def test_stem_opcheck_and_saved_bytes():

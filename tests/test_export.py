@@ -13,17 +13,13 @@ import importlib.util
 import pytest
 import torch
 from conftest import rel_err
-from convert_utils import ROOT, randomize_bn, timm_small, tv_small
+from convert_utils import ROOT, image_batch, randomize_bn, timm_small, tv_small
 from torch import nn
 
 import densenet_fast as dnf
 
 _HAVE_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 needs_onnx = pytest.mark.skipif(not _HAVE_ONNX, reason="needs onnx, onnxscript and onnxruntime (the test extra)")
-
-
-def _x(n=2, size=32, dtype=torch.float32, seed=0):
-    return torch.randn(n, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
 def _tv121():
@@ -63,7 +59,7 @@ def onnx_densenet121(tmp_path_factory):
     torch.manual_seed(0)
     tv = _tv121()
     model = _dnf_from(tv, lambda: dnf.densenet121(num_classes=10))
-    session, graph = _onnx_export(model, _x(2), tmp_path_factory.mktemp("onnx") / "densenet121.onnx", True)
+    session, graph = _onnx_export(model, image_batch(2), tmp_path_factory.mktemp("onnx") / "densenet121.onnx", True)
     return tv, model, session, graph
 
 
@@ -73,7 +69,7 @@ def test_onnx_densenet121_dynamic_batch(onnx_densenet121, batch):
     tv, model, session, graph = onnx_densenet121
     dim0 = graph.input[0].type.tensor_type.shape.dim[0]
     assert dim0.dim_param and not dim0.dim_value, "batch dimension is not symbolic"
-    x = _x(batch, seed=batch)
+    x = image_batch(batch, seed=batch)
     with torch.no_grad():
         expected, eager = tv(x), model(x)
     out = _ort_run(session, x)
@@ -107,10 +103,10 @@ def _small_cases():
 def test_onnx_small_models(tmp_path, name, make_ref, make_model, dynamic_batch):
     ref = randomize_bn(make_ref()).eval()
     model = make_model(ref).eval()
-    x = _x(1 if not dynamic_batch else 2, size=24)
+    x = image_batch(1 if not dynamic_batch else 2, size=24)
     session, _ = _onnx_export(model, x, tmp_path / f"{name}.onnx", dynamic_batch)
     for n in ([1] if not dynamic_batch else [1, 2, 5]):
-        xn = _x(n, size=24, seed=n)
+        xn = image_batch(n, size=24, seed=n)
         with torch.no_grad():
             expected = ref(xn)
         out = _ort_run(session, xn)
@@ -121,7 +117,7 @@ def test_onnx_small_models(tmp_path, name, make_ref, make_model, dynamic_batch):
 def test_onnx_export_leaves_eager_path_fused(tmp_path):
     """Export routes to standard ops only while torch.onnx.export runs; afterwards the fused path is back."""
     model = dnf.densenet_bc(depth=10, num_classes=5).eval()
-    _onnx_export(model, _x(1), tmp_path / "m.onnx", False)
+    _onnx_export(model, image_batch(1), tmp_path / "m.onnx", False)
     assert model.features.denseblock1.can_fuse(torch.randn(1, 24, 8, 8))
 
 
@@ -132,7 +128,7 @@ def test_onnx_export_leaves_eager_path_fused(tmp_path):
                                   lambda: dnf.convert(tv_small())], ids=["densenet_bc", "torchvision_converted"])
 def test_torch_export_keeps_fused_ops(make, train):
     model = randomize_bn(make()).train(train)
-    x = _x(4, size=16)
+    x = image_batch(4, size=16)
     twin = copy.deepcopy(model)
     program = torch.export.export(model, (x,))
     targets = {str(n.target) for gm in program.graph_module.modules() if isinstance(gm, torch.fx.GraphModule)
@@ -174,7 +170,7 @@ def test_create_feature_extractor_matches_eager(make):
     # blocks and transitions stay single (fused) modules in the traced graph
     call_modules = {n.target for n in extractor.graph.nodes if n.op == "call_module"}
     assert {"features.denseblock1", "features.transition1", "features.denseblock4"} <= call_modules
-    x = _x(2, size=64)
+    x = image_batch(2, size=64)
     with torch.no_grad():
         out = extractor(x)
         expected = _hooked_features(model, x, _NODES)
@@ -191,7 +187,7 @@ def test_create_feature_extractor_train_mode_fp64():
     nodes = {"features.denseblock2": "b2", "features.transition2": "t2", "features.norm5": "n"}
     extractor = create_feature_extractor(model, return_nodes=nodes)
     twin = copy.deepcopy(model)
-    x = _x(3, size=16, dtype=torch.float64)
+    x = image_batch(3, size=16, dtype=torch.float64)
     out = extractor(x)
     expected = _hooked_features(twin, x, nodes)
     for name, key in nodes.items():
@@ -206,7 +202,7 @@ def test_create_feature_extractor_se_densenet():
     se_nodes = [n for n in eval_nodes if n.endswith(".se") or ".se" in n]
     assert se_nodes, eval_nodes
     extractor = create_feature_extractor(model, return_nodes=[se_nodes[0], "features.denseblock3"])
-    x = _x(2, size=16)
+    x = image_batch(2, size=16)
     with torch.no_grad():
         out = extractor(x)
         expected = _hooked_features(model, x, [se_nodes[0], "features.denseblock3"])
@@ -220,7 +216,7 @@ def test_intermediate_layer_getter():
     from torchvision.models._utils import IntermediateLayerGetter
     model = randomize_bn(dnf.densenet121(num_classes=10)).eval()
     getter = IntermediateLayerGetter(model.features, {"denseblock2": "0", "denseblock3": "1"})
-    x = _x(2, size=64)
+    x = image_batch(2, size=64)
     with torch.no_grad():
         out = getter(x)
         expected = _hooked_features(model, x, ["features.denseblock2", "features.denseblock3"])
@@ -233,7 +229,7 @@ def test_fpn_backbone_example():
     import runpy
     result = runpy.run_path(str(ROOT / "examples" / "fpn_backbone.py"), run_name="not_main")
     backbone = result["build_backbone"]()
-    x = _x(2, size=64)
+    x = image_batch(2, size=64)
     with torch.no_grad():
         feats = backbone.eval()(x)
     assert list(feats) == ["0", "1", "2", "pool"]
@@ -255,7 +251,7 @@ def test_hub_load_local():
     assert isinstance(model, dnf.DenseNet) and model.classifier.out_features == 10
     tv = _tv121()
     model.load_state_dict(tv.state_dict())
-    x = _x(1)
+    x = image_batch(1)
     with torch.no_grad():
         assert rel_err(model.eval()(x), tv(x)) <= 1e-5
     bc = torch.hub.load(str(ROOT), "densenet_bc", source="local", depth=10)
@@ -286,7 +282,7 @@ def test_fold_for_inference_parity(name, make_ref, make_model):
     layers = [m for m in folded.modules() if hasattr(m, "conv1") and hasattr(m, "norm2")]
     assert layers and all(layer.conv1.bias is not None for layer in layers)
     assert all(not isinstance(layer.norm2, nn.BatchNorm2d) for layer in layers)
-    x64 = _x(3, size=32, dtype=torch.float64)
+    x64 = image_batch(3, size=32, dtype=torch.float64)
     with torch.no_grad():
         truth = ref64(x64)
         assert rel_err(folded(x64), truth) <= 1e-9

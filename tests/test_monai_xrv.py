@@ -23,7 +23,7 @@ from torch import nn
 from densenet_fast.convert import conversion_report, convert
 from densenet_fast.nn import Transition
 from densenet_fast.nn.concat_block import ConcatDenseBlock
-from densenet_fast.nn.converted import FusedFeatures
+from densenet_fast.nn.fused_features import FusedFeatures
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 xrv = pytest.importorskip("torchxrayvision")

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from conftest import rel_err  # noqa: E402
+from op_tester import OpTester  # noqa: E402
 
 from densenet_fast.nn.squeeze_excite import SqueezeExcite, make_divisible  # noqa: E402
 from densenet_fast.ops import squeeze_excite as se_ops  # noqa: E402
@@ -91,20 +92,22 @@ NAMES = ["y", "x.grad", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
 
 
 # --- parity with timm -------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("hw", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("channels", CHANNELS)
-@pytest.mark.parametrize("batch", [1, 3])
-def test_parity_fp32(batch, channels, hw, layout):
-    ref, ours = _pair(channels)
-    assert ours.fused
-    x = _make_x(batch, channels, *hw, layout)
-    dy = torch.randn_like(x)
-    for name, a, b in zip(NAMES, _run(ours, x, dy), _run(ref, x, dy)):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert rel_err(a, b) <= 1e-4, (name, rel_err(a, b))
-    y = ours(x)
-    assert y.stride() == x.stride()  # layout preserved
+class TestSqueezeExciteOp(OpTester):
+    """The fused SE (se_forward / se_backward) against timm's SEModule; no BatchNorm, so train/eval is one case."""
+
+    SHAPES = [(n, c, h, w) for n in (1, 3) for c in CHANNELS for (h, w) in SIZES]  # (N, C, H, W)
+    TRAINING = [True]
+    TOL = {torch.float32: 1e-4, torch.float64: 1e-10}
+    STEPS = 1  # no running statistics
+
+    def make(self, shape, dtype):
+        N, C, H, W = shape
+        ref, ours = _pair(C, dtype)
+        assert ours.fused
+        return ref, ours, torch.randn(N, C, H, W, dtype=dtype)
+
+    def check_output(self, x, y):
+        assert y.stride() == torch.empty_like(x).stride()  # laid out like the input (channels_last stays)
 
 
 @pytest.mark.parametrize("kwargs", [dict(bias=False), dict(rd_channels=5), dict(rd_ratio=0.5)],
@@ -232,19 +235,19 @@ def test_from_timm_rejects_other_modules():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(channels=0), ValueError, r"channels must be >= 1, got 0"),
-    (dict(channels=-3), ValueError, r"channels must be >= 1"),
-    (dict(channels=2.5), TypeError, r"channels must be an int, got float"),
-    (dict(channels=True), TypeError, r"channels must be an int"),
-    (dict(channels=16, rd_ratio=0.0), ValueError, r"rd_ratio must be in \(0, 1\], got 0.0"),
-    (dict(channels=16, rd_ratio=1.5), ValueError, r"rd_ratio must be in \(0, 1\], got 1.5"),
-    (dict(channels=16, rd_ratio="x"), TypeError, r"rd_ratio must be a float"),
-    (dict(channels=16, rd_channels=0), ValueError, r"rd_channels must be >= 1, got 0"),
-    (dict(channels=16, rd_divisor=0), ValueError, r"rd_divisor must be >= 1, got 0"),
-    (dict(channels=16, bias="yes"), TypeError, r"bias must be a bool"),
-    (dict(channels=16, act_layer="nope"), ValueError, r"unknown act_layer 'nope'"),
-    (dict(channels=16, gate_layer=3), TypeError, r"gate_layer must be a name"),
-    (dict(channels=16, norm_layer=5), TypeError, r"norm_layer must be None or a callable"),
+    (dict(channels=0), ValueError, r"channels: expected an integer >= 1, got 0"),
+    (dict(channels=-3), ValueError, r"channels: expected an integer >= 1, got -3"),
+    (dict(channels=2.5), TypeError, r"channels: expected an integer >= 1, got float 2.5"),
+    (dict(channels=True), TypeError, r"channels: expected an integer >= 1, got bool"),
+    (dict(channels=16, rd_ratio=0.0), ValueError, r"rd_ratio: expected a value in \(0, 1\], got 0.0"),
+    (dict(channels=16, rd_ratio=1.5), ValueError, r"rd_ratio: expected a value in \(0, 1\], got 1.5"),
+    (dict(channels=16, rd_ratio="x"), TypeError, r"rd_ratio: expected a float in \(0, 1\], got str 'x'"),
+    (dict(channels=16, rd_channels=0), ValueError, r"rd_channels: expected an integer >= 1, got 0"),
+    (dict(channels=16, rd_divisor=0), ValueError, r"rd_divisor: expected an integer >= 1, got 0"),
+    (dict(channels=16, bias="yes"), TypeError, r"bias: expected a bool, got str 'yes'"),
+    (dict(channels=16, act_layer="nope"), ValueError, r"act_layer: expected one of .*, got 'nope'"),
+    (dict(channels=16, gate_layer=3), TypeError, r"gate_layer: expected a name.*got int"),
+    (dict(channels=16, norm_layer=5), TypeError, r"norm_layer: expected None or a callable.*got int"),
 ])
 def test_constructor_validation(kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -331,25 +334,27 @@ def test_compile_fullgraph_parity():
 def _bad_inputs():
     x, w1, b1, w2, b2 = (a.detach() for a in _op_args(n=2, c=13, r=8))
     meta = lambda t: t.to("meta")  # noqa: E731  a device other than x's, available everywhere
-    return [
-        ("x_3d", (x[0], w1, b1, w2, b2), ValueError, r"x must be a 4-D \[N, C, H, W\] tensor, got 3-D"),
-        ("x_int", (x.long(), w1, b1, w2, b2), TypeError, r"x must be a floating-point tensor.*got torch.int64"),
-        ("x_bool", (x > 0, w1, b1, w2, b2), TypeError, r"x must be a floating-point.*got torch.bool"),
-        ("empty_batch", (x[:0], w1, b1, w2, b2), ValueError, r"non-empty batch, got N=0"),
-        ("zero_hw", (x[:, :, :0], w1, b1, w2, b2), ValueError, r"H\*W >= 1, got H=0, W=7"),
-        ("no_channels", (x[:, :0], w1[:, :0], b1, w2[:0], b2[:0]), ValueError, r"at least one channel, got C=0"),
-        ("w1_channels", (x, w1[:, :5], b1, w2, b2), ValueError,
-         r"channel mismatch: x has C=13 channels but w1 has shape \[8, 5\]; expected w1 of shape \[R, 13\]"),
-        ("w1_3d", (x, w1[None], b1, w2, b2), ValueError, r"w1 must be a 2-D \[R, C\] tensor, got 3-D"),
-        ("w2_shape", (x, w1, b1, w2[:, :4], b2), ValueError, r"w2 must have shape \[13, 8\].*got \[13, 4\]"),
-        ("b1_shape", (x, w1, b1[:3], w2, b2), ValueError, r"b1 must have shape \[8\].*got \[3\]"),
-        ("b2_shape", (x, w1, b1, w2, b2[:3]), ValueError, r"b2 must have shape \[13\].*got \[3\]"),
-        ("w1_dtype", (x, w1.double(), b1, w2, b2), TypeError,
-         r"w1 must have the same dtype as x \(torch.float32\), got torch.float64"),
-        ("b2_dtype", (x, w1, b1, w2, b2.half()), TypeError, r"b2 must have the same dtype as x.*got torch.float16"),
+    return [  # the operators' policy: RuntimeError naming the argument, the expected and the actual value
+        ("x_3d", (x[0], w1, b1, w2, b2), RuntimeError, r"x: expected a 4-D tensor \[N, C, H, W\], got 3-D"),
+        ("x_int", (x.long(), w1, b1, w2, b2), RuntimeError, r"x: expected a floating-point dtype.*got torch.int64"),
+        ("x_bool", (x > 0, w1, b1, w2, b2), RuntimeError, r"x: expected a floating-point dtype.*got torch.bool"),
+        ("empty_batch", (x[:0], w1, b1, w2, b2), RuntimeError, r"x: expected a non-empty batch, got batch size 0"),
+        ("zero_hw", (x[:, :, :0], w1, b1, w2, b2), RuntimeError, r"x: expected a non-zero spatial size, got H=0, W=7"),
+        ("no_channels", (x[:, :0], w1[:, :0], b1, w2[:0], b2[:0]), RuntimeError,
+         r"x: expected at least one channel, got 0"),
+        ("w1_channels", (x, w1[:, :5], b1, w2, b2), RuntimeError,
+         r"w1: expected shape \[8, 13\] \(\[R, C\] with C=13 channels of x\), got \[8, 5\]"),
+        ("w1_3d", (x, w1[None], b1, w2, b2), RuntimeError, r"w1: expected a 2-D tensor \[R, C\].*got 3-D"),
+        ("w2_shape", (x, w1, b1, w2[:, :4], b2), RuntimeError, r"w2: expected shape \[13, 8\].*got \[13, 4\]"),
+        ("b1_shape", (x, w1, b1[:3], w2, b2), RuntimeError, r"b1: expected shape \[8\].*got \[3\]"),
+        ("b2_shape", (x, w1, b1, w2, b2[:3]), RuntimeError, r"b2: expected shape \[13\].*got \[3\]"),
+        ("w1_dtype", (x, w1.double(), b1, w2, b2), RuntimeError,
+         r"w1: expected dtype torch.float32 \(the dtype of x\), got torch.float64"),
+        ("b2_dtype", (x, w1, b1, w2, b2.half()), RuntimeError, r"b2: expected dtype torch.float32.*got torch.float16"),
         ("w1_not_tensor", (x, [[1.0]], b1, w2, b2), RuntimeError,
          r"Expected a value of type 'Tensor' for argument 'w1'"),
-        ("w2_device", (x, w1, b1, meta(w2), b2), RuntimeError, r"w2 must be on the same device as x \(cpu\), got meta"),
+        ("w2_device", (x, w1, b1, meta(w2), b2), RuntimeError,
+         r"w2: expected a tensor on cpu \(the device of x\), got meta"),
     ]
 
 
@@ -359,12 +364,28 @@ def test_bad_inputs(name, args, exc, match):
         torch.ops.densenet_fast.se_forward(*args)
 
 
+_META_ROWS = [c for c in _bad_inputs() if c[0] not in ("w2_device", "w1_not_tensor")]  # no meta variant
+
+
+@pytest.mark.parametrize("name,args,exc,match", _META_ROWS, ids=[c[0] for c in _META_ROWS])
+def test_bad_inputs_meta(name, args, exc, match):
+    """On meta the fake kernel checks what its output shapes need (x's and w1's rank, devices) with the same
+    message; the other rows return outputs there (the real kernel refuses them, test_bad_inputs)."""
+    to_meta = lambda t: t.detach().to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    margs = [to_meta(a) for a in args]
+    if name in ("x_3d", "w1_3d"):
+        with pytest.raises(exc, match=match):
+            torch.ops.densenet_fast.se_forward(*margs)
+    else:
+        assert all(t.device.type == "meta" for t in torch.ops.densenet_fast.se_forward(*margs))
+
+
 def test_bad_inputs_backward():
     x, w1, b1, w2, b2 = (a.detach() for a in _op_args())
     _, s, g = torch.ops.densenet_fast.se_forward(x, w1, b1, w2, b2)
-    with pytest.raises(ValueError, match=r"dy must have shape \[2, 13, 7, 7\]"):
+    with pytest.raises(RuntimeError, match=r"dy: expected shape \[2, 13, 7, 7\]"):
         torch.ops.densenet_fast.se_backward(x[:1], x, s, g, w1, b1, w2)
-    with pytest.raises(TypeError, match=r"s must have dtype torch.float32"):
+    with pytest.raises(RuntimeError, match=r"s: expected dtype torch.float32"):
         torch.ops.densenet_fast.se_backward(x, x, s.double(), g, w1, b1, w2)
 
 
@@ -383,7 +404,8 @@ def test_backend_env_validation(monkeypatch):
 
 
 def test_module_rejects_wrong_channels():
-    with pytest.raises(ValueError, match=r"x has C=8 channels but w1 has shape \[8, 16\]"):
+    with pytest.raises(ValueError, match=r"input: expected a 4-D tensor with 16 channels \[N, 16, H, W\], "
+                                         r"got shape \(1, 8, 4, 4\)"):
         SqueezeExcite(16)(torch.randn(1, 8, 4, 4))
 
 

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import rel_err
-from convert_utils import _x, assert_grads_close, assert_state_close, pair, randomize_bn, train_steps, tv_small
+from convert_utils import (
+    assert_grads_close,
+    assert_state_close,
+    image_batch,
+    pair,
+    randomize_bn,
+    train_steps,
+    tv_small,
+)
 from torch import nn
 
 import densenet_fast as dnf
@@ -43,7 +51,7 @@ def _inductor_fresh():
 def test_compile_converted_model_training_step(_inductor_fresh):
     model, ref = pair(lambda: tv_small(growth_rate=4, block_config=(2, 2), num_init_features=8))
     compiled = torch.compile(model, fullgraph=True)  # fullgraph: any graph break raises
-    x = _x(size=16)
+    x = image_batch(size=16)
     out = compiled(x)
     out.square().mean().backward()
     out_ref = ref(x)
@@ -56,7 +64,7 @@ def test_compile_converted_model_training_step(_inductor_fresh):
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compile_densenet_fast_model_inference(_inductor_fresh):
     model = randomize_bn(dnf.densenet_bc(depth=16, growth_rate=4)).eval()
-    x = _x(size=16)
+    x = image_batch(size=16)
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
@@ -68,7 +76,7 @@ def test_compile_densenet_fast_model_inference(_inductor_fresh):
 def test_cpu_autocast_bfloat16_matches_torchvision_precision():
     model, ref_ac = pair(tv_small)
     ref32 = copy.deepcopy(ref_ac)
-    x = _x(n=4)
+    x = image_batch(n=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
         out_ac = ref_ac(x)
@@ -90,7 +98,7 @@ def test_cpu_autocast_bfloat16_matches_torchvision_precision():
 def test_channels_last_model_and_inputs():
     model, ref = pair(tv_small)
     model.to(memory_format=torch.channels_last)
-    xs = [_x(seed=s).contiguous(memory_format=torch.channels_last) for s in range(2)]
+    xs = [image_batch(seed=s).contiguous(memory_format=torch.channels_last) for s in range(2)]
     train_steps([model, ref], xs, per_param=False)
     assert_state_close(model, ref, 1e-4)
 
@@ -106,7 +114,7 @@ def test_gradient_accumulation_and_zero_grad_set_to_none():
             opt.zero_grad(set_to_none=True)
             assert all(p.grad is None for p in m.parameters())
             for micro in range(2):  # two micro-batches accumulated into one step
-                (m(_x(dtype=torch.float64, seed=10 * step + micro)).square().mean() / 2).backward()
+                (m(image_batch(dtype=torch.float64, seed=10 * step + micro)).square().mean() / 2).backward()
         assert_grads_close(model, ref, 1e-8)
         for opt in opts:
             opt.step()
@@ -115,7 +123,7 @@ def test_gradient_accumulation_and_zero_grad_set_to_none():
     for m, opt in zip((model, ref), opts):
         opt.zero_grad(set_to_none=False)
         assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
-        m(_x(dtype=torch.float64, seed=7)).sum().backward()
+        m(image_batch(dtype=torch.float64, seed=7)).sum().backward()
     assert_grads_close(model, ref, 1e-8)
 
 
@@ -131,7 +139,7 @@ def test_frozen_parameters(frozen):
             params = [p for mod in m.modules() if isinstance(mod, nn.BatchNorm2d) for p in mod.parameters()]
         for p in params:
             p.requires_grad_(False)
-    xs = [_x(dtype=torch.float64, seed=s) for s in range(2)]
+    xs = [image_batch(dtype=torch.float64, seed=s) for s in range(2)]
     trainable = [[p for p in m.parameters() if p.requires_grad] for m in (model, ref)]
     opts = [torch.optim.SGD(ps, lr=0.1) for ps in trainable]
     for x in xs:
@@ -143,7 +151,7 @@ def test_frozen_parameters(frozen):
             opt.step()
     assert_state_close(model, ref, 1e-9)  # running stats still update in train mode
     # input gradient through frozen fused blocks
-    xg, xr = (_x(dtype=torch.float64).requires_grad_() for _ in range(2))
+    xg, xr = (image_batch(dtype=torch.float64).requires_grad_() for _ in range(2))
     model(xg).sum().backward()
     ref(xr).sum().backward()
     assert rel_err(xg.grad, xr.grad) < 1e-8
@@ -151,7 +159,7 @@ def test_frozen_parameters(frozen):
 
 def test_no_grad_and_inference_mode():
     model, ref = pair(lambda: tv_small(torch.float64))
-    x = _x(dtype=torch.float64)
+    x = image_batch(dtype=torch.float64)
     with torch.no_grad():  # train-mode forward without autograd: batch statistics, running stats updated
         out, out_ref = model(x), ref(x)
     assert not out.requires_grad and rel_err(out, out_ref) < 1e-10
@@ -166,7 +174,7 @@ def test_no_grad_and_inference_mode():
 
 def test_double_backward_raises_clearly_and_reference_path_supports_it():
     model, ref = pair(lambda: tv_small(torch.float64, block_config=(2, 2)))
-    x = _x(dtype=torch.float64).requires_grad_()
+    x = image_batch(dtype=torch.float64).requires_grad_()
     loss = model(x).square().mean()
     (gx,) = torch.autograd.grad(loss, x, create_graph=True)  # first order with create_graph: fine
     xr = x.detach().clone().requires_grad_()

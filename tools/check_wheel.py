@@ -152,14 +152,15 @@ def expected_archs(arch_list: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("wheel", type=Path)
+    p.add_argument("wheel", type=Path, help="the .whl file to check")
     p.add_argument("--expect", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="wheel variant (auto: from the local version tag, +cuXYZ means CUDA)")
+                   help="wheel variant (auto: from the local version tag, +cuXYZ means CUDA; default %(default)s)")
     p.add_argument("--archs", default=os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0+PTX"),
-                   help="CUDA archs the extension must carry code for (CUDA wheels)")
-    p.add_argument("--python", default=sys.executable, help="interpreter that creates the venv")
-    p.add_argument("--torch", default="torch==2.14.1", help="torch requirement for the venv")
-    p.add_argument("--torchvision", default="torchvision==0.29.1", help="torchvision requirement for the venv")
+                   help="CUDA archs the extension must carry code for (CUDA wheels; default %(default)s)")
+    p.add_argument("--python", default=sys.executable, help="interpreter that creates the venv (default %(default)s)")
+    p.add_argument("--torch", default="torch==2.14.1", help="torch requirement for the venv (default %(default)s)")
+    p.add_argument("--torchvision", default="torchvision==0.29.1",
+                   help="torchvision requirement for the venv (default %(default)s)")
     p.add_argument("--venv", type=Path, help="venv folder (default: a temporary one, removed afterwards)")
     args = p.parse_args(argv)
 

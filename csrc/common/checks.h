@@ -189,17 +189,40 @@ inline BlockGeometry check_dense_block_args(
   return g;
 }
 
-// Batch statistics handed to dense_block_backward (the forward's outputs) in training.
-inline void check_block_stats(const BlockGeometry& g, const at::Tensor& ref, const at::Tensor& mean,
-                              const at::Tensor& var, const at::Tensor& mean2, const at::Tensor& var2) {
-  check_float_tensor(mean, "mean", ref, true);
-  check_shape(mean, {g.Ct}, "mean");
-  check_float_tensor(var, "var", ref, true);
-  check_shape(var, {g.Ct}, "var");
-  check_float_tensor(mean2, "mean2", ref, true);
-  check_shape(mean2, {g.L, g.inter}, "mean2");
-  check_float_tensor(var2, "var2", ref, true);
-  check_shape(var2, {g.L, g.inter}, "var2");
+// Validates every argument of dense_block_backward on any backend and returns the geometry: the buffer
+// [N, C0 + L*k, ...] whose first num_input_features channels are the block input, grad_buffer like the
+// buffer, the forward's arguments, and in training the forward's batch statistics.
+inline BlockGeometry check_dense_block_backward_args(
+    const at::Tensor& grad_buffer, const at::Tensor& buffer, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& mean2, const at::Tensor& var2, at::TensorList norm1_weight, at::TensorList norm1_bias,
+    at::TensorList conv1_weight, at::TensorList norm2_weight, at::TensorList norm2_bias,
+    at::TensorList conv2_weight, at::TensorList norm1_running_mean, at::TensorList norm1_running_var,
+    at::TensorList norm2_running_mean, at::TensorList norm2_running_var,
+    const c10::optional<at::Tensor>& dropout_mask, double drop_rate, bool training, double eps,
+    int64_t num_input_features) {
+  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5,
+              "buffer: expected a 4-D tensor [N, C, H, W] or a 5-D tensor [N, C, D, H, W], got ", buffer.dim(),
+              "-D with shape ", buffer.sizes());
+  TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
+              "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
+  const BlockGeometry g = check_dense_block_args(
+      buffer.narrow(1, 0, num_input_features), norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+      conv2_weight, norm1_running_mean, norm1_running_var, norm2_running_mean, norm2_running_var, dropout_mask,
+      drop_rate, training, eps);
+  TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
+  check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
+  check_float_tensor(grad_buffer, "grad_buffer", buffer);  // the buffer's dtype
+  if (training) {
+    for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var)}) {
+      check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
+      check_shape(*item.second, {g.Ct}, item.first);
+    }
+    for (auto item : {std::make_pair("mean2", &mean2), std::make_pair("var2", &var2)}) {
+      check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
+      check_shape(*item.second, {g.L, g.inter}, item.first);
+    }
+  }
+  return g;
 }
 
 // Validates the arguments of the BN-ReLU "tail" readers (transition and final norm).

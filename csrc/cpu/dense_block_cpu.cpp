@@ -399,17 +399,10 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
                          TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                          TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
                          bool training, double eps, int64_t num_input_features) {
-  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5, "buffer: expected a 4-D or 5-D tensor, got ", buffer.dim(), "-D");
-  TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
-              "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
-  const Tensor input_meta = buffer.narrow(1, 0, num_input_features);
-  const BlockGeometry g = check_dense_block_args(input_meta, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask,
-                                                 p, training, eps);
+  const BlockGeometry g = check_dense_block_backward_args(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2,
+                                                          b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
+                                                          num_input_features);
   check_cpu_dtype(buffer);
-  TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
-  check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  check_float_tensor(grad_buffer, "grad_buffer", buffer);  // the buffer's dtype
-  if (training) check_block_stats(g, buffer, mean, var, mean2, var2);
   const Tensor X = buffer.contiguous(cl_format(g.dims));
   // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
   Tensor G = empty_cl(g, g.Ct, buffer.options().dtype(stats_dtype(buffer.scalar_type())));

@@ -253,26 +253,10 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
                      TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2,
                      TensorList rv2, const c10::optional<Tensor>& mask, double p, bool training, double eps,
                      int64_t num_input_features) {
-  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5, "buffer: expected a 4-D or 5-D tensor, got ", buffer.dim(), "-D");
-  TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
-              "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
   check_cuda_input(buffer, "buffer");
-  const Tensor input_meta = buffer.narrow(1, 0, num_input_features);
-  const BlockGeometry g = check_dense_block_args(input_meta, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p,
-                                                 training, eps);
-  TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
-  check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  check_float_tensor(grad_buffer, "grad_buffer", buffer);
-  if (training) {
-    for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var)}) {
-      check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
-      check_shape(*item.second, {g.Ct}, item.first);
-    }
-    for (auto item : {std::make_pair("mean2", &mean2), std::make_pair("var2", &var2)}) {
-      check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
-      check_shape(*item.second, {g.L, g.inter}, item.first);
-    }
-  }
+  const BlockGeometry g = check_dense_block_backward_args(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2,
+                                                          b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
+                                                          num_input_features);
   const DeviceScope scope(buffer);
   const Tensor X = buffer.contiguous(cl_format(buffer.dim()));
   const auto acc_dtype = stats_dtype(buffer.scalar_type());

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from densenet_fast.nn.dense_block import DenseBlock, Transition, check_drop_rate, check_impl, check_int
+from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl, check_int
 from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 from densenet_fast.nn.sync_batchnorm import sync_group
@@ -74,7 +74,6 @@ class DenseNet(nn.Module):
             raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
         for i, n in enumerate(block_config):
             positive_int(f"block_config[{i}]", n)
-        check_drop_rate(drop_rate)
         if isinstance(compression, bool) or not isinstance(compression, (int, float)):
             raise TypeError(
                 f"compression: expected a float in (0, 1], got {type(compression).__name__} {compression!r}")

@@ -16,10 +16,10 @@ from torch import Tensor, nn
 from densenet_fast.nn.concat_block import ConcatDenseBlock, MonaiDenseLayer
 from densenet_fast.nn.converted import monai_pool_head
 from densenet_fast.nn.dense_block import (
-    _CONV,
-    _NORM,
+    CONV,
+    NORM,
+    DenseBlock,
     Transition,
-    check_drop_rate,
     check_impl,
     check_int,
     check_spatial_dims,
@@ -75,16 +75,15 @@ class DenseNet3d(nn.Module):
             raise ValueError(f"block_config: expected a non-empty sequence of layer counts, got {block_config!r}")
         for i, n in enumerate(block_config):
             check_int(f"block_config[{i}]", n)
-        check_drop_rate(dropout_prob)
         _check_act(act)
         bn_kw = _norm_kwargs(norm)
         self.impl = check_impl(impl)
 
         def norm_layer(c: int) -> nn.Module:
-            return _NORM[d](c, **bn_kw)
+            return NORM[d](c, **bn_kw)
 
         self.features = FusedFeatures(OrderedDict([
-            ("conv0", _CONV[d](in_channels, init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+            ("conv0", CONV[d](in_channels, init_features, kernel_size=7, stride=2, padding=3, bias=False)),
             ("norm0", norm_layer(init_features)),
             ("relu0", nn.ReLU(inplace=True)),
             ("pool0", _MAX_POOL[d](kernel_size=3, stride=2, padding=1)),
@@ -131,7 +130,6 @@ class DenseNet3d(nn.Module):
 
     def set_impl(self, impl: str) -> "DenseNet3d":
         """Switches every block, transition and the head between "fused" and "reference"; returns self."""
-        from densenet_fast.nn.dense_block import DenseBlock
         self.impl = check_impl(impl)
         for m in self.modules():
             if isinstance(m, (DenseBlock, Transition, FusedFeatures)):

@@ -15,11 +15,11 @@ from typing import List
 import torch
 from torch import Tensor, nn
 
+from densenet_fast._warn import warn_once
 from densenet_fast.nn.dense_block import (
-    _CONV,
-    _NORM,
+    CONV,
+    NORM,
     DenseBlock,
-    _warn_once,
     check_drop_rate,
     check_int,
     check_spatial_dims,
@@ -50,7 +50,7 @@ class MonaiDenseLayer(nn.Module):
         check_int("growth_rate", growth_rate)
         check_int("bn_size", bn_size)
         check_drop_rate(dropout_prob)
-        conv, norm, inter = _CONV[spatial_dims], _NORM[spatial_dims], bn_size * growth_rate
+        conv, norm, inter = CONV[spatial_dims], NORM[spatial_dims], bn_size * growth_rate
         self.layers = nn.Sequential()
         self.layers.add_module("norm1", norm(in_channels))
         self.layers.add_module("relu1", nn.ReLU(inplace=True))
@@ -82,9 +82,9 @@ class ConcatDenseBlock(DenseBlock):
 
     def can_fuse(self, x: Tensor) -> bool:
         if getattr(self, "impl", "fused") == "fused" and any("dropout" in u._modules for u in self._layers()):
-            _warn_once("block:channel-dropout", "densenet_fast.ConcatDenseBlock: using the reference PyTorch path "
-                       "because its layers use channel dropout (Dropout2d/Dropout3d), which the fused block does "
-                       "not compute.")
+            warn_once("block:channel-dropout", "densenet_fast.ConcatDenseBlock: using the reference PyTorch path "
+                      "because its layers use channel dropout (Dropout2d/Dropout3d), which the fused block does "
+                      "not compute.", stacklevel=2)
             return False
         return super().can_fuse(x)
 

@@ -21,10 +21,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from densenet_fast.nn.fused_features import FusedFeatures, has_hooks, norm_relu_kind  # noqa: F401  (re-exported)
-
-__all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
-
+from densenet_fast.nn.fused_features import FusedFeatures, has_hooks
 
 # -- model classes (created lazily) --------------------------------------------------------------------
 

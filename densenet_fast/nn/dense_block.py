@@ -32,10 +32,6 @@ from densenet_fast.ops import tail as _tail_ops
 IMPLS = ("fused", "reference")
 
 
-def _warn_once(key: str, message: str) -> None:
-    warn_once(key, message, RuntimeWarning, stacklevel=3)
-
-
 def check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
@@ -45,7 +41,7 @@ def check_impl(impl: str) -> str:
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _fused_device_ok(x: Tensor, block: bool = False) -> bool:
+def fused_device_ok(x: Tensor, block: bool = False) -> bool:
     """The fused kernels exist for CPU (float32/float64; bfloat16 for the dense block, ``block=True``) and,
     when compiled in, CUDA (float32/float64, float16/bfloat16: under autocast, or a .half()/.bfloat16()
     model whose BN tensors the kernels take in that dtype and compute with in float32, as torch's
@@ -113,9 +109,9 @@ def check_batch_for_training(x: Tensor, training: bool) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
-_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-_AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+AVG_POOL = {2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
 def check_spatial_dims(spatial_dims) -> int:
@@ -143,7 +139,7 @@ class DenseLayer(nn.Module):
         check_int("growth_rate", growth_rate)
         check_int("bn_size", bn_size)
         check_drop_rate(drop_rate)
-        conv, norm = _CONV[check_spatial_dims(spatial_dims)], _NORM[spatial_dims]
+        conv, norm = CONV[check_spatial_dims(spatial_dims)], NORM[spatial_dims]
         self.norm1 = norm(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = conv(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
@@ -193,8 +189,7 @@ class DenseBlock(nn.ModuleDict):
         for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
                             ("bn_size", bn_size), ("growth_rate", growth_rate)):
             check_int(name, value)
-        check_drop_rate(drop_rate)
-        self.impl = check_impl(impl)
+        self.impl = check_impl(impl)  # drop_rate: checked by each DenseLayer
         for i in range(num_layers):
             self.add_module(f"denselayer{i + 1}", DenseLayer(num_input_features + i * growth_rate, growth_rate,
                                                              bn_size, drop_rate, memory_efficient,
@@ -230,13 +225,13 @@ class DenseBlock(nn.ModuleDict):
             reason = "its layers have different drop rates"
         elif layer_drop_rate(layers[0]) > 0 and {layer.training for layer in layers} != {norms[0].training}:
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
-        elif not _fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
+        elif not fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif sync_group(norms) is not None:
             reason = sync_input_problem(x)
         if reason is not None:
-            _warn_once(f"block:{reason}",
-                       f"densenet_fast.DenseBlock: using the reference PyTorch path because {reason}.")
+            warn_once(f"block:{reason}", "densenet_fast.DenseBlock: using the reference PyTorch path because "
+                      f"{reason}.", stacklevel=2)
             return False
         return True
 
@@ -353,10 +348,10 @@ class Transition(nn.Sequential):
         check_int("num_input_features", num_input_features)
         check_int("num_output_features", num_output_features)
         check_spatial_dims(spatial_dims)
-        self.norm = _NORM[spatial_dims](num_input_features)
+        self.norm = NORM[spatial_dims](num_input_features)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = _CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = _AVG_POOL[spatial_dims](kernel_size=2, stride=2)
+        self.conv = CONV[spatial_dims](num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = AVG_POOL[spatial_dims](kernel_size=2, stride=2)
         self.impl = check_impl(impl)
 
     __prepare_scriptable__ = refuse_torchscript
@@ -375,13 +370,13 @@ class Transition(nn.Sequential):
         reason = None
         if not fusable_norms([self.norm]):
             reason = "its BatchNorm is not affine with running statistics"
-        elif not _fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")):
+        elif not fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif sync_group([self.norm]) is not None:
             reason = sync_input_problem(x)
         if reason is not None:
-            _warn_once(f"transition:{reason}", "densenet_fast.Transition: using the reference PyTorch path because "
-                       f"{reason}.")
+            warn_once(f"transition:{reason}", "densenet_fast.Transition: using the reference PyTorch path because "
+                      f"{reason}.", stacklevel=2)
             return False
         return True
 

@@ -28,9 +28,9 @@ from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.dense_block import (
     DenseBlock,
     Transition,
-    _fused_device_ok,
     bn_stats,
     commit_bn_stats,
+    fused_device_ok,
     fused_norm_relu_pool,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
@@ -122,7 +122,7 @@ def conv_stem_fusable(conv: nn.Module, bn: nn.Module, x: Tensor) -> bool:
     return (type(conv) is nn.Conv3d and isinstance(bn, nn.BatchNorm3d) and conv.bias is None and conv.groups == 1
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and _ntuple(conv.dilation, 3) == (1, 1, 1) and not has_hooks(conv) and x.dim() == 5
-            and x.shape[0] > 0 and x.dtype == conv.weight.dtype and _fused_device_ok(x)
+            and x.shape[0] > 0 and x.dtype == conv.weight.dtype and fused_device_ok(x)
             and not torch.is_autocast_enabled(x.device.type) and sync_group([bn]) is None)
 
 
@@ -146,7 +146,7 @@ def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
     if sync_group([bn]) is not None and sync_input_problem(x) is not None:
         return False  # SyncBatchNorm's own synchronisation
     rank = 5 if isinstance(bn, nn.BatchNorm3d) else 4 if isinstance(bn, nn.BatchNorm2d) else x.dim()  # Sync: any
-    return x.dim() == rank and x.shape[0] > 0 and (_fused_device_ok(x) or _cpu_bf16_stem(bn, x))
+    return x.dim() == rank and x.shape[0] > 0 and (fused_device_ok(x) or _cpu_bf16_stem(bn, x))
 
 
 def _cpu_bf16_stem(bn: nn.Module, x: Tensor) -> bool:
@@ -248,7 +248,7 @@ class FusedFeatures(nn.Sequential):
         kind = norm_relu_kind(m)
         rank = 5 if isinstance(m, nn.BatchNorm3d) else 4 if isinstance(m, nn.BatchNorm2d) else x.dim()
         return ((kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank
-                and _fused_device_ok(cpu_autocast_input(x, "float32")))
+                and fused_device_ok(cpu_autocast_input(x, "float32")))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)[0]

@@ -20,7 +20,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from densenet_fast.nn.dense_block import Transition, _fused_device_ok
+from densenet_fast.nn.dense_block import Transition, fused_device_ok
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 from densenet_fast.ops import tail as _tail_ops
 from densenet_fast.ops.dense_block import cpu_autocast_input
@@ -35,7 +35,7 @@ def can_fold(se: nn.Module, x: Tensor) -> bool:
     is not folded: the CPU tail kernels compute bfloat16 in float32 on a transient copy and take no gate."""
     return (type(se) is SqueezeExcite and se.fused and isinstance(x, Tensor) and x.dim() == 4
             and x.shape[0] > 0 and x.shape[1] == se.fc1.in_channels and cpu_autocast_input(x, "tail") is x
-            and cpu_autocast_input(x, "float32") is x and _fused_device_ok(x))
+            and cpu_autocast_input(x, "float32") is x and fused_device_ok(x))
 
 
 def gate_and_stats(se: SqueezeExcite, bn: nn.BatchNorm2d, x: Tensor) -> tuple[Tensor, Optional[Tensor],

@@ -15,9 +15,10 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .._warn import warn_once
-from ..ops.squeeze_excite import se_gate, se_gate_of
-from .export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
+from densenet_fast._warn import warn_once
+from densenet_fast.nn.dense_block import check_int
+from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
+from densenet_fast.ops.squeeze_excite import se_gate, se_gate_of
 
 __all__ = ["SqueezeExcite", "make_divisible"]
 
@@ -67,9 +68,8 @@ def _create_layer(spec: LayerSpec, arg: str, inplace: Optional[bool] = None) -> 
     if isinstance(spec, str):
         key = spec.strip().lower()
         if key not in _ACT_LAYERS:
-            raise ValueError(f"SqueezeExcite: unknown {arg} {spec!r}; expected one of "
-                             f"{sorted(_ACT_LAYERS)}, an nn.Module class or instance, or a "
-                             "function")
+            raise ValueError(f"{arg}: expected one of {sorted(_ACT_LAYERS)}, an nn.Module class or instance, "
+                             f"or a function, got {spec!r}")
         spec = _ACT_LAYERS[key]
     if isinstance(spec, type) and issubclass(spec, nn.Module):
         if inplace is not None:
@@ -80,8 +80,8 @@ def _create_layer(spec: LayerSpec, arg: str, inplace: Optional[bool] = None) -> 
         return spec()
     if callable(spec):
         return _Lambda(spec)
-    raise TypeError(f"SqueezeExcite: {arg} must be a name, an nn.Module class or instance, or a "
-                    f"function, got {type(spec).__name__}")
+    raise TypeError(f"{arg}: expected a name, an nn.Module class or instance, or a function, got "
+                    f"{type(spec).__name__}")
 
 
 def _is_relu(m: nn.Module) -> bool:
@@ -98,15 +98,6 @@ def _is_sigmoid(m: nn.Module) -> bool:
     # timm's own `timm.layers.activations.Sigmoid` (x.sigmoid(), optionally in place)
     cls = type(m)
     return cls.__name__ == "Sigmoid" and cls.__module__.startswith("timm.")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SqueezeExcite: {name} must be an int, got {type(value).__name__} "
-                        f"({value!r})")
-    if value < minimum:
-        raise ValueError(f"SqueezeExcite: {name} must be >= {minimum}, got {value}")
-    return value
 
 
 class SqueezeExcite(nn.Module):
@@ -134,22 +125,21 @@ class SqueezeExcite(nn.Module):
                  gate_layer: LayerSpec = "sigmoid", bias: bool = True,
                  add_maxpool: bool = False) -> None:
         super().__init__()
-        _check_int("channels", channels, 1)
-        _check_int("rd_divisor", rd_divisor, 1)
+        check_int("channels", channels)
+        check_int("rd_divisor", rd_divisor)
         if isinstance(rd_ratio, bool) or not isinstance(rd_ratio, (int, float)):
-            raise TypeError(f"SqueezeExcite: rd_ratio must be a float, got "
-                            f"{type(rd_ratio).__name__} ({rd_ratio!r})")
+            raise TypeError(f"rd_ratio: expected a float in (0, 1], got {type(rd_ratio).__name__} {rd_ratio!r}")
         if not 0.0 < rd_ratio <= 1.0:
-            raise ValueError(f"SqueezeExcite: rd_ratio must be in (0, 1], got {rd_ratio}")
+            raise ValueError(f"rd_ratio: expected a value in (0, 1], got {rd_ratio!r}")
         if rd_channels is None:
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
         else:
-            _check_int("rd_channels", rd_channels, 1)
+            check_int("rd_channels", rd_channels)
         if not isinstance(bias, bool):
-            raise TypeError(f"SqueezeExcite: bias must be a bool, got {type(bias).__name__}")
+            raise TypeError(f"bias: expected a bool, got {type(bias).__name__} {bias!r}")
         if norm_layer is not None and not callable(norm_layer):
-            raise TypeError(f"SqueezeExcite: norm_layer must be None or a callable taking the "
-                            f"hidden width, got {type(norm_layer).__name__}")
+            raise TypeError(f"norm_layer: expected None or a callable taking the hidden width, got "
+                            f"{type(norm_layer).__name__}")
         self._build(
             fc1=nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias),
             bn=norm_layer(rd_channels) if norm_layer is not None else nn.Identity(),
@@ -183,17 +173,15 @@ class SqueezeExcite(nn.Module):
         """
         for name in ("fc1", "fc2", "act", "gate"):
             if not isinstance(getattr(se_module, name, None), nn.Module):
-                raise TypeError(f"SqueezeExcite.from_timm: expected a timm SEModule with an "
-                                f"nn.Module attribute {name!r}, got {type(se_module).__name__}")
+                raise TypeError(f"se_module: expected a timm SEModule (an nn.Module attribute {name!r}), got "
+                                f"{type(se_module).__name__}")
         fc1, fc2 = se_module.fc1, se_module.fc2
         for name, fc in (("fc1", fc1), ("fc2", fc2)):
             if not isinstance(fc, nn.Conv2d) or fc.kernel_size != (1, 1) or fc.groups != 1:
-                raise TypeError(f"SqueezeExcite.from_timm: {name} must be a 1x1 nn.Conv2d with "
-                                f"groups=1, got {fc!r}")
+                raise TypeError(f"se_module.{name}: expected a 1x1 nn.Conv2d with groups=1, got {fc!r}")
         if fc2.in_channels != fc1.out_channels or fc2.out_channels != fc1.in_channels:
-            raise ValueError(f"SqueezeExcite.from_timm: fc1 {fc1.in_channels}->"
-                             f"{fc1.out_channels} and fc2 {fc2.in_channels}->"
-                             f"{fc2.out_channels} don't form a C->R->C bottleneck")
+            raise ValueError(f"se_module: expected fc1 C->R and fc2 R->C, got fc1 {fc1.in_channels}->"
+                             f"{fc1.out_channels} and fc2 {fc2.in_channels}->{fc2.out_channels}")
         obj = cls.__new__(cls)
         nn.Module.__init__(obj)
         bn = getattr(se_module, "bn", None)
@@ -232,6 +220,10 @@ class SqueezeExcite(nn.Module):
             return leaf
         if not self.fused or exporting_to_onnx():  # ONNX export: standard ATen ops
             return self._forward_plain(x)
+        C = self.fc1.in_channels
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != C:  # as DenseBlock (the module policy)
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"input: expected a 4-D tensor with {C} channels [N, {C}, H, W], got {got}")
         return se_gate(x, *self._weights(x))
 
     def _weights(self, x: Tensor):

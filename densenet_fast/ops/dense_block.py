@@ -11,186 +11,80 @@ import torch
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
+from densenet_fast.ops.common import check_devices, check_rank, empty_cl, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
-_CL = torch.channels_last
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of BN parameters and statistics for an input dtype (float32 for float16/bfloat16)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def check_dense_block_args(input: Tensor, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+                           conv2_weight, norm1_running_mean, norm1_running_var, norm2_running_mean,
+                           norm2_running_var, dropout_mask: Optional[Tensor], drop_rate: float, training: bool,
+                           eps: float) -> None:
+    """Validates ``dense_block_forward``'s arguments with the operator's own C++ checks (csrc/common/checks.h),
+    for a Python entry point that does not call the operator itself (the synchronised block)."""
+    _ops.check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+                                conv2_weight, norm1_running_mean, norm1_running_var, norm2_running_mean,
+                                norm2_running_var, dropout_mask, float(drop_rate), bool(training), float(eps))
 
 
-def _empty_cl(shape, like: Tensor) -> Tensor:
-    """channels_last (4-D) / channels_last_3d (5-D) tensor: a [rows, C] matrix."""
-    fmt = torch.channels_last_3d if len(shape) == 5 else _CL
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
-
-
-# -- argument validation of the fake (meta) kernels -------------------------------------------------
-# The same checks, with the same argument names, as csrc/common/checks.h: a call with meta tensors, or
-# one traced by torch.compile, fails like the real kernels instead of returning made-up shapes.
-# Errors are RuntimeError (as TORCH_CHECK), except the BatchNorm batch-size rule (ValueError).
-_MAX_CHANNELS = 2**31 - 1  # channel counts are GEMM dimensions of a 32-bit BLAS
-
-
-def _check(cond, msg) -> None:
-    torch._check(cond, msg)  # RuntimeError; defers to a runtime assert for symbolic sizes
-
-
-def spatial_numel(t: Tensor):
-    """H*W of [N, C, H, W], D*H*W of [N, C, D, H, W]."""
-    n = 1
-    for s in t.shape[2:]:
-        n = n * s
-    return n
-
-
-def conv_weight_shape(out: int, inp: int, kernel: int, dims: int) -> list:
-    """[out, in, kernel, kernel(, kernel)] for 2 (3) spatial dimensions."""
-    return [out, inp] + [kernel] * dims
-
-
-def check_input_4d(input: Tensor, name: str, training: bool) -> None:
-    """A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation (2 or 3 spatial dimensions)."""
-    _check(input.dim() in (4, 5), lambda: f"{name}: expected a 4-D tensor [N, C, H, W] or a 5-D tensor "
-           f"[N, C, D, H, W], got {input.dim()}-D with shape {list(input.shape)}")
-    _check(input.dtype.is_floating_point, lambda: f"{name}: expected a floating-point dtype (float32, float64; "
-           f"float16/bfloat16 on CUDA), got {input.dtype}")
-    N, C = input.shape[:2]
-    H, W = input.shape[-2:]
-    depth = f"D={input.shape[2]}, " if input.dim() == 5 else ""
-    _check(N > 0, lambda: f"{name}: expected a non-empty batch, got batch size 0 (shape {list(input.shape)})")
-    _check(spatial_numel(input) > 0, lambda: f"{name}: expected a non-zero spatial size, got {depth}H={H}, W={W}")
-    _check(C > 0, lambda: f"{name}: expected at least one channel, got 0")
-    _check(C <= _MAX_CHANNELS, lambda: f"{name}: expected at most {_MAX_CHANNELS} channels (GEMM dimensions are "
-           f"32-bit), got {C}")
-    if training:
-        torch._check_value(N * spatial_numel(input) > 1,
-                           lambda: "Expected more than 1 value per channel when training, got "
-                           f"input size {input.size()}")
-
-
-def check_tensor(t: Tensor, name: str, ref: Tensor, shape, bn_tensor: bool = False) -> None:
-    """dtype (the input's, or the BatchNorm dtype for it), device (the input's) and shape of an argument."""
-    _check(isinstance(t, Tensor), lambda: f"{name}: expected a tensor, got {type(t).__name__}")
-    want = stats_dtype(ref.dtype) if bn_tensor else ref.dtype
-    # BN tensors may also have the input's own dtype (a .half()/.bfloat16() model; BN still computes in want).
-    what = "(the BatchNorm dtype for input's dtype) or input's dtype" if bn_tensor else "(the dtype of input)"
-    _check(t.dtype == want or (bn_tensor and t.dtype == ref.dtype),
-           lambda: f"{name}: expected dtype {want} {what}, got {t.dtype}")
-    _check(t.device == ref.device, lambda: f"{name}: expected a tensor on {ref.device} (the device of input), "
-           f"got {t.device}")
-    if shape is not None:
-        _check(list(t.shape) == list(shape), lambda: f"{name}: expected shape {list(shape)}, got {list(t.shape)}")
-
-
-def check_conv_weight(t: Tensor, name: str, ref: Tensor, shape) -> None:
-    """A block's conv weight: the input's dtype, or float32 master weights for a CPU bfloat16 input."""
-    master = ref.device.type == "cpu" and ref.dtype == torch.bfloat16 and isinstance(t, Tensor) and \
-        t.dtype == torch.float32
-    check_tensor(t, name, ref if not master else t, shape)
-    _check(t.device == ref.device, lambda: f"{name}: expected a tensor on {ref.device} (the device of input), "
-           f"got {t.device}")
-
-
-def check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias, conv2_weight,
-                           rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
-    """Python twin of ``dnf::check_dense_block_args``; returns (L, k, inter)."""
-    check_input_4d(input, "input", training)
-    N, C0 = input.shape[:2]
-    dims = input.dim() - 2
-    k3, k1 = ", ".join(["3"] * dims), ", ".join(["1"] * dims)
+# -- fake (meta) kernels: output shapes only (docs/design.md §6; the C++ kernels validate) -----------------
+def _block_geometry(input: Tensor, norm1_weight, conv1_weight, conv2_weight) -> tuple:
+    """(L, k, inter) of a block, from what the output shapes need: L from norm1_weight, growth rate k and
+    bottleneck width inter from the first layer's conv weights (of the input's rank)."""
+    check_rank(input)
     L = len(norm1_weight)
-    _check(L >= 1, lambda: "norm1_weight: expected at least one layer, got an empty list")
-    for name, lst in (("norm1_bias", norm1_bias), ("conv1_weight", conv1_weight), ("norm2_weight", norm2_weight),
-                      ("norm2_bias", norm2_bias), ("conv2_weight", conv2_weight)):
-        _check(len(lst) == L,
-               lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
-    _check(conv2_weight[0].dim() == input.dim(), lambda: f"conv2_weight[0]: expected a {input.dim()}-D weight "
-           f"[k, inter, {k3}] for a {input.dim()}-D input, got shape {list(conv2_weight[0].shape)}")
-    _check(conv1_weight[0].dim() == input.dim(), lambda: f"conv1_weight[0]: expected a {input.dim()}-D weight "
-           f"[inter, C0, {k1}] for a {input.dim()}-D input, got shape {list(conv1_weight[0].shape)}")
-    k, inter = conv2_weight[0].shape[0], conv1_weight[0].shape[0]
-    _check(k >= 1 and inter >= 1, lambda: "conv weights: expected growth_rate >= 1 and bn_size*growth_rate >= 1, "
-           f"got k={k}, inter={inter}")
-    _check(inter <= _MAX_CHANNELS, lambda: f"conv1_weight[0] (bn_size*growth_rate): expected at most "
-           f"{_MAX_CHANNELS} channels (GEMM dimensions are 32-bit), got {inter}")
-    _check(C0 + L * k <= _MAX_CHANNELS, lambda: f"input, conv2_weight: the block buffer would hold C0 + L*k = {C0} + "
-           f"{L}*{k} channels, more than {_MAX_CHANNELS} (GEMM dimensions are 32-bit)")
-    for li in range(L):
-        c = C0 + li * k
-        check_tensor(norm1_weight[li], f"norm1_weight[{li}]", input, [c], bn_tensor=True)
-        check_tensor(norm1_bias[li], f"norm1_bias[{li}]", input, [c], bn_tensor=True)
-        check_conv_weight(conv1_weight[li], f"conv1_weight[{li}]", input, conv_weight_shape(inter, c, 1, dims))
-        check_tensor(norm2_weight[li], f"norm2_weight[{li}]", input, [inter], bn_tensor=True)
-        check_tensor(norm2_bias[li], f"norm2_bias[{li}]", input, [inter], bn_tensor=True)
-        check_conv_weight(conv2_weight[li], f"conv2_weight[{li}]", input, conv_weight_shape(k, inter, 3, dims))
-    if not training:
-        for name, lst in (("norm1_running_mean", rm1), ("norm1_running_var", rv1), ("norm2_running_mean", rm2),
-                          ("norm2_running_var", rv2)):
-            _check(len(lst) == L, lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), "
-                   f"got {len(lst)}")
-            for li, t in enumerate(lst):
-                check_tensor(t, f"{name}[{li}]", input, [C0 + li * k] if name.startswith("norm1") else [inter],
-                             bn_tensor=True)
-    _check(0.0 <= drop_rate < 1.0, lambda: f"drop_rate: expected a value in [0, 1), got {drop_rate}")
-    _check(eps > 0.0, lambda: f"eps: expected a positive value, got {eps}")
-    if dropout_mask is not None:
-        _check(dropout_mask.dtype == torch.bool, lambda: f"dropout_mask: expected dtype torch.bool, got "
-               f"{dropout_mask.dtype}")
-        _check(dropout_mask.device == input.device, lambda: f"dropout_mask: expected a tensor on {input.device}, "
-               f"got {dropout_mask.device}")
-        mask_shape = [N, L * k, *input.shape[2:]]
-        _check(list(dropout_mask.shape) == mask_shape, lambda: f"dropout_mask: expected shape "
-               f"{mask_shape}, got {list(dropout_mask.shape)}")
-    return L, k, inter
+    torch._check(L >= 1, lambda: "norm1_weight: expected at least one layer, got an empty list")
+    for name, lst in (("conv1_weight", conv1_weight), ("conv2_weight", conv2_weight)):
+        torch._check(len(lst) == L,
+                     lambda: f"{name}: expected {L} tensors (one per layer, from norm1_weight), got {len(lst)}")
+    k3, k1 = ", ".join(["3"] * (input.dim() - 2)), ", ".join(["1"] * (input.dim() - 2))
+    torch._check(conv2_weight[0].dim() == input.dim(), lambda: f"conv2_weight[0]: expected a {input.dim()}-D "
+                 f"weight [k, inter, {k3}] for a {input.dim()}-D input, got shape {list(conv2_weight[0].shape)}")
+    torch._check(conv1_weight[0].dim() == input.dim(), lambda: f"conv1_weight[0]: expected a {input.dim()}-D "
+                 f"weight [inter, C0, {k1}] for a {input.dim()}-D input, got shape {list(conv1_weight[0].shape)}")
+    return L, conv2_weight[0].shape[0], conv1_weight[0].shape[0]
 
 
 @torch.library.register_fake("densenet_fast::dense_block_forward")
 def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
                               conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps):
-    L, k, inter = check_dense_block_args(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
-                                         conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps)
+    L, k, inter = _block_geometry(input, norm1_weight, conv1_weight, conv2_weight)
+    check_devices(input, dict(norm1_weight=norm1_weight, norm1_bias=norm1_bias, conv1_weight=conv1_weight,
+                              norm2_weight=norm2_weight, norm2_bias=norm2_bias, conv2_weight=conv2_weight,
+                              norm1_running_mean=rm1, norm1_running_var=rv1, norm2_running_mean=rm2,
+                              norm2_running_var=rv2, dropout_mask=dropout_mask))
     N, C0 = input.shape[:2]
-    Ct = C0 + L * k
-    n_stats, sd = (Ct if training else 0), stats_dtype(input.dtype)
-    return (_empty_cl((N, Ct, *input.shape[2:]), input), input.new_empty(n_stats, dtype=sd),
-            input.new_empty(n_stats, dtype=sd),
-            input.new_empty((L if training else 0, inter), dtype=sd),
-            input.new_empty((L if training else 0, inter), dtype=sd))
+    (n_stats, n_layers), sd = ((C0 + L * k, L) if training else (0, 0)), stats_dtype(input.dtype)
+    return (empty_cl((N, C0 + L * k, *input.shape[2:]), input), input.new_empty(n_stats, dtype=sd),
+            input.new_empty(n_stats, dtype=sd), input.new_empty((n_layers, inter), dtype=sd),
+            input.new_empty((n_layers, inter), dtype=sd))
 
 
 @torch.library.register_fake("densenet_fast::bn_relu_conv1x1")
 def _bn_relu_conv1x1_fake(input, scale, shift, weight):
-    shape = [input.shape[0], weight.shape[0], *input.shape[2:]]
-    fmt = torch.channels_last_3d if input.dim() == 5 else _CL
-    return torch.empty(shape, dtype=stats_dtype(input.dtype), device=input.device, memory_format=fmt)
+    check_rank(input)
+    check_devices(input, dict(scale=scale, shift=shift, weight=weight))
+    return empty_cl([input.shape[0], weight.shape[0], *input.shape[2:]], input, stats_dtype(input.dtype))
 
 
 @torch.library.register_fake("densenet_fast::dense_block_backward")
 def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
                                conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
                                dropout_mask, drop_rate, training, eps, num_input_features):
-    _check(buffer.dim() in (4, 5), lambda: f"buffer: expected a 4-D or 5-D tensor, got {buffer.dim()}-D")
-    _check(1 <= num_input_features < buffer.shape[1], lambda: f"num_input_features: expected a value in [1, "
-           f"{buffer.shape[1]}), got {num_input_features}")
-    L, k, inter = check_dense_block_args(buffer.narrow(1, 0, num_input_features), norm1_weight, norm1_bias,
-                                         conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
-                                         dropout_mask, drop_rate, training, eps)
-    Ct = num_input_features + L * k
-    _check(buffer.shape[1] == Ct, lambda: f"buffer: expected {Ct} channels (C0 + L*k), got {buffer.shape[1]}")
-    check_tensor(grad_buffer, "grad_buffer", buffer, list(buffer.shape))
-    if training:
-        for name, t, shape in (("mean", mean, [Ct]), ("var", var, [Ct]), ("mean2", mean2, [L, inter]),
-                               ("var2", var2, [L, inter])):
-            check_tensor(t, name, buffer, shape, bn_tensor=True)
-    N = buffer.shape[0]
+    check_rank(buffer, "buffer")
+    # The input gradient's shape: [N, num_input_features, ...] of the buffer.
+    torch._check(1 <= num_input_features < buffer.shape[1], lambda: "num_input_features: expected a value in "
+                 f"[1, {buffer.shape[1]}), got {num_input_features}")
+    check_devices(buffer, dict(grad_buffer=grad_buffer, mean=mean, var=var, mean2=mean2, var2=var2,
+                               norm1_weight=norm1_weight, norm1_bias=norm1_bias, conv1_weight=conv1_weight,
+                               norm2_weight=norm2_weight, norm2_bias=norm2_bias, conv2_weight=conv2_weight,
+                               norm1_running_mean=rm1, norm1_running_var=rv1, norm2_running_mean=rm2,
+                               norm2_running_var=rv2, dropout_mask=dropout_mask))
     like = lambda ts: [torch.empty_like(t, memory_format=torch.contiguous_format) for t in ts]  # noqa: E731
     # Every backend returns contiguous weight gradients (torch.compile asserts the real strides match).
-    return (_empty_cl((N, num_input_features, *buffer.shape[2:]), buffer), like(norm1_weight), like(norm1_bias),
-            like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
+    return (empty_cl((buffer.shape[0], num_input_features, *buffer.shape[2:]), buffer), like(norm1_weight),
+            like(norm1_bias), like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
 
 
 def _setup_context(ctx, inputs, output):
@@ -319,7 +213,8 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
         dropout_mask: bool [N, L*k, (D,) H, W], True = keep; drawn here when None and dropout is active.
 
     Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
-    actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``). The
+    actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``), drop_rate
+    in eval too. The
     operator is functional: it never writes to its arguments and its outputs are new tensors, so
     arguments may alias each other (e.g. the input sharing storage with a parameter).
     """
@@ -328,15 +223,14 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     if not isinstance(params, tuple) or len(params) != len(BlockParams._fields):
         raise TypeError(f"params: expected a BlockParams ({len(BlockParams._fields)} lists of per-layer tensors), "
                         f"got {type(params).__name__}")
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
     L = len(params.conv2_weight)
-    if training and drop_rate > 0 and dropout_mask is None and input.dim() in (4, 5) and L > 0:
+    dropout = training and 0.0 < drop_rate < 1.0  # an invalid drop_rate reaches the operator, which refuses it
+    if dropout and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
         dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]),
                                    device=input.device).bernoulli_(1.0 - drop_rate).bool()
-    if not (training and drop_rate > 0):
-        dropout_mask, drop_rate = None, 0.0
+    if not dropout:
+        dropout_mask = None  # the operator applies no dropout without a mask
     running = list(params[6:]) if not training else [[], [], [], []]
     out = _ops.dense_block_forward(input, *params[:6], *running, dropout_mask, float(drop_rate),
                                    bool(training), float(eps))

@@ -41,7 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import triton as _triton
+from densenet_fast.ops import triton as _triton
+from densenet_fast.ops.common import check_devices, stats_dtype
 
 __all__ = ["se_gate", "se_forward", "se_backward", "se_gate_of", "BACKEND_ENV", "backend_for"]
 
@@ -69,103 +70,79 @@ def backend_for(device: torch.device, dtype: torch.dtype) -> str:
     return "triton"
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------------
-# input validation (shared by the real kernels and the fake ones, so compile fails early too)
+# input validation: the one home of the SE operators' checks (their kernels are Python); messages and
+# RuntimeError as the C++ operators' (argument: expected ..., got ...). The fake kernels check only what
+# their output shapes need (x's rank, w1's rank, devices); the real kernels run the rest.
 # --------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t: object, op: str) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
-    return t
+def _check_device_dtype(name: str, t: Tensor, x: Tensor, dtype: Optional[torch.dtype] = None,
+                        what: str = "the dtype of x") -> None:
+    torch._check(t.device == x.device, lambda: f"{name}: expected a tensor on {x.device} (the device of x), "
+                 f"got {t.device}")
+    want = x.dtype if dtype is None else dtype
+    torch._check(t.dtype == want, lambda: f"{name}: expected dtype {want} ({what}), got {t.dtype}")
 
 
-def _check_same(name: str, t: Tensor, x: Tensor, op: str) -> None:
-    if t.device != x.device:
-        raise RuntimeError(f"{op}: {name} must be on the same device as x ({x.device}), "
-                           f"got {t.device}")
-    if t.dtype != x.dtype:
-        raise TypeError(f"{op}: {name} must have the same dtype as x ({x.dtype}), got {t.dtype}")
+def _check_shape(name: str, t: Tensor, expected: tuple, what: str) -> None:
+    torch._check(tuple(t.shape) == tuple(expected), lambda: f"{name}: expected shape {list(expected)} ({what}), "
+                 f"got {list(t.shape)}")
 
 
-def _check_shape(name: str, t: Tensor, expected: tuple, what: str, op: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{op}: {name} must have shape {list(expected)} ({what}), "
-                         f"got {list(t.shape)}")
+def _check_x_rank(x: Tensor, name: str = "x") -> None:
+    torch._check(x.dim() == 4, lambda: f"{name}: expected a 4-D tensor [N, C, H, W], got {x.dim()}-D with shape "
+                 f"{list(x.shape)}")
 
 
-def _check_x(x: object, op: str, name: str = "x") -> Tensor:
-    x = _check_tensor(name, x, op)
-    if x.dim() != 4:
-        raise ValueError(f"{op}: {name} must be a 4-D [N, C, H, W] tensor, got {x.dim()}-D "
-                         f"with shape {list(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{op}: {name} must be a floating-point tensor (float16, bfloat16, "
-                        f"float32 or float64), got {x.dtype}")
+def _check_w1_rank(w1: Tensor) -> None:
+    torch._check(w1.dim() == 2, lambda: f"w1: expected a 2-D tensor [R, C] (flatten a 1x1 conv weight with "
+                 f".flatten(1)), got {w1.dim()}-D with shape {list(w1.shape)}")
+
+
+def _check_x(x: Tensor, name: str = "x") -> None:
+    _check_x_rank(x, name)
+    torch._check(x.is_floating_point(), lambda: f"{name}: expected a floating-point dtype (float16, bfloat16, "
+                 f"float32 or float64), got {x.dtype}")
     n, c, h, w = x.shape
-    if n == 0:
-        raise ValueError(f"{op}: {name} must have a non-empty batch, got N=0 "
-                         f"(shape {list(x.shape)})")
-    if c == 0:
-        raise ValueError(f"{op}: {name} must have at least one channel, got C=0 "
-                         f"(shape {list(x.shape)})")
-    if h * w == 0:
-        raise ValueError(f"{op}: {name} must have a non-empty spatial size H*W >= 1, got "
-                         f"H={h}, W={w}")
-    return x
+    torch._check(n > 0, lambda: f"{name}: expected a non-empty batch, got batch size 0 (shape {list(x.shape)})")
+    torch._check(c > 0, lambda: f"{name}: expected at least one channel, got 0 (shape {list(x.shape)})")
+    torch._check(h * w > 0, lambda: f"{name}: expected a non-zero spatial size, got H={h}, W={w}")
 
 
-def _check_params(x: Tensor, w1: object, b1: object, w2: object, b2: object, op: str) -> None:
+def _check_params(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> None:
     c = x.shape[1]
-    w1 = _check_tensor("w1", w1, op)
-    w2 = _check_tensor("w2", w2, op)
-    if w1.dim() != 2:
-        raise ValueError(f"{op}: w1 must be a 2-D [R, C] tensor, got {w1.dim()}-D with shape "
-                         f"{list(w1.shape)} (flatten a 1x1 conv weight with .flatten(1))")
+    _check_w1_rank(w1)
     r = w1.shape[0]
-    if r == 0:
-        raise ValueError(f"{op}: w1 must have at least one output row (R >= 1), got shape "
-                         f"{list(w1.shape)}")
-    if w1.shape[1] != c:
-        raise ValueError(f"{op}: channel mismatch: x has C={c} channels but w1 has shape "
-                         f"{list(w1.shape)}; expected w1 of shape [R, {c}]")
-    _check_shape("w2", w2, (c, r), f"[C, R] with C={c} channels of x and R={r} rows of w1", op)
-    _check_same("w1", w1, x, op)
-    _check_same("w2", w2, x, op)
+    torch._check(r > 0, lambda: f"w1: expected at least one row (R >= 1), got shape {list(w1.shape)}")
+    _check_shape("w1", w1, (r, c), f"[R, C] with C={c} channels of x")
+    _check_shape("w2", w2, (c, r), f"[C, R] with C={c} channels of x and R={r} rows of w1")
+    _check_device_dtype("w1", w1, x)
+    _check_device_dtype("w2", w2, x)
     for name, b, n in (("b1", b1, r), ("b2", b2, c)):
-        if b is None:
-            continue
-        b = _check_tensor(name, b, op)
-        _check_shape(name, b, (n,), "one bias per output", op)
-        _check_same(name, b, x, op)
+        if b is not None:
+            _check_shape(name, b, (n,), "one bias per output")
+            _check_device_dtype(name, b, x)
 
 
 def _check_forward(x, w1, b1, w2, b2) -> None:
-    op = "densenet_fast::se_forward"
-    x = _check_x(x, op)
-    _check_params(x, w1, b1, w2, b2, op)
+    _check_x(x)
+    _check_params(x, w1, b1, w2, b2)
 
 
 def _check_backward(dy, x, s, g, w1, b1, w2) -> None:
-    op = "densenet_fast::se_backward"
-    x = _check_x(x, op)
-    _check_params(x, w1, b1, w2, None, op)
-    dy = _check_tensor("dy", dy, op)
-    _check_shape("dy", dy, tuple(x.shape), "the shape of x", op)
-    _check_same("dy", dy, x, op)
+    _check_forward(x, w1, b1, w2, None)
+    _check_shape("dy", dy, tuple(x.shape), "the shape of x")
+    _check_device_dtype("dy", dy, x)
     n, c = x.shape[:2]
-    acc = _acc_dtype(x.dtype)
     for name, t in (("s", s), ("g", g)):
-        t = _check_tensor(name, t, op)
-        _check_shape(name, t, (n, c), "[N, C] from se_forward", op)
-        if t.device != x.device:
-            raise RuntimeError(f"{op}: {name} must be on the same device as x ({x.device}), "
-                               f"got {t.device}")
-        if t.dtype != acc:
-            raise TypeError(f"{op}: {name} must have dtype {acc} (from se_forward), "
-                            f"got {t.dtype}")
+        _check_shape(name, t, (n, c), "[N, C] from se_forward")
+        _check_device_dtype(name, t, x, stats_dtype(x.dtype), "the accumulation dtype, from se_forward")
+
+
+def _check_fake(x: Tensor, w1: Tensor, **tensors) -> None:
+    """What the fake kernels need: x's and w1's rank (their shapes size the outputs), every tensor on x's device."""
+    _check_x_rank(x)
+    _check_w1_rank(w1)
+    check_devices(x, dict(w1=w1, **tensors), "x")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +159,7 @@ def _excite_torch(s: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
 
 def _forward_torch(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
                    b2: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(x.dtype)
+    acc = stats_dtype(x.dtype)
     s = x.mean(dim=(2, 3), dtype=acc)
     _, g = _excite_torch(s, w1, b1, w2, b2)
     y = torch.empty_like(x)
@@ -263,15 +240,15 @@ se_backward.register_kernel("cuda")(_backward_impl)
 
 @se_forward.register_fake
 def _se_forward_fake(x, w1, b1, w2, b2):
-    _check_forward(x, w1, b1, w2, b2)
+    _check_fake(x, w1, b1=b1, w2=w2, b2=b2)
     n, c = x.shape[:2]
-    acc = _acc_dtype(x.dtype)
+    acc = stats_dtype(x.dtype)
     return (torch.empty_like(x), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc))
 
 
 @se_backward.register_fake
 def _se_backward_fake(dy, x, s, g, w1, b1, w2):
-    _check_backward(dy, x, s, g, w1, b1, w2)
+    _check_fake(x, w1, dy=dy, s=s, g=g, b1=b1, w2=w2)
     r, c = w1.shape
     return (torch.empty_like(x), torch.empty_like(w1, memory_format=torch.contiguous_format),
             w1.new_empty((r,)), torch.empty_like(w2, memory_format=torch.contiguous_format),
@@ -317,9 +294,9 @@ def se_gate_of(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
 
 @se_gate_of.register_fake
 def _se_gate_of_fake(x, w1, b1, w2, b2):
-    _check_forward(x, w1, b1, w2, b2)
+    _check_fake(x, w1, b1=b1, w2=w2, b2=b2)
     n, c = x.shape[:2]
-    acc = _acc_dtype(x.dtype)
+    acc = stats_dtype(x.dtype)
     return tuple(x.new_empty((n, c), dtype=acc) for _ in range(3))
 
 

@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.dense_block import check_tensor
-from densenet_fast.ops.tail import _check_tail_args
+from densenet_fast.ops.common import check_bn_reader
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -89,14 +88,13 @@ def _backward_composite(grad, input, mean, var, weight, bias, training, eps):
 
 @torch.library.register_fake("densenet_fast::bn_relu_maxpool")
 def _forward_fake(input, mean, var, weight, bias, training, eps):
-    _check_tail_args(input, mean, var, weight, bias, eps)
+    check_bn_reader(input, mean, var, weight, bias)
     return input.new_empty(_out_shape(input)).contiguous(memory_format=_memory_format(input))
 
 
 @torch.library.register_fake("densenet_fast::bn_relu_maxpool_backward")
 def _backward_fake(grad, input, mean, var, weight, bias, training, eps):
-    _check_tail_args(input, mean, var, weight, bias, eps)
-    check_tensor(grad, "grad_output", input, _out_shape(input))
+    check_bn_reader(input, mean, var, weight, bias, grad_output=grad)
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias))
 

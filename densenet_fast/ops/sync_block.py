@@ -27,7 +27,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.dense_block import BlockParams, _empty_cl, check_dense_block_args
+from densenet_fast.ops.common import empty_cl
+from densenet_fast.ops.dense_block import BlockParams, check_dense_block_args
 from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums
 
 load_extension()
@@ -52,7 +53,7 @@ def _mat(t: Tensor) -> Tensor:
 def _bottleneck_fake(buffer, channels, mean, var, weight, bias, conv_weight, eps):
     torch._check(1 <= channels <= buffer.shape[1], lambda: f"channels: expected a value in [1, {buffer.shape[1]}] "
                  f"(the buffer's channel count), got {channels}")
-    return _empty_cl([buffer.shape[0], conv_weight.shape[0], *buffer.shape[2:]], buffer)
+    return empty_cl([buffer.shape[0], conv_weight.shape[0], *buffer.shape[2:]], buffer)
 
 
 @torch.library.register_fake("densenet_fast::block_layer_bottleneck_backward")
@@ -159,7 +160,7 @@ class _SyncDenseBlock(torch.autograd.Function):
         N, C0 = x.shape[:2]
         k, inter = w2[0].shape[0], w1[0].shape[0]
         Ct = C0 + L * k
-        buffer = _empty_cl((N, Ct, *x.shape[2:]), x)
+        buffer = empty_cl((N, Ct, *x.shape[2:]), x)
         buffer[:, :C0].copy_(x)
         mean, var = x.new_empty(Ct), x.new_empty(Ct)
         mean2, var2 = x.new_empty(L, inter), x.new_empty(L, inter)

@@ -19,21 +19,13 @@ from typing import Optional
 import torch
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.dense_block import _MAX_CHANNELS, _check, check_input_4d, check_tensor
+from densenet_fast.ops.common import check_bn_reader, check_rank, cl_format, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
 
 
-def _check_gate_device(input, gate) -> None:
-    """The only gate check of the fake kernels (the C++ kernels check the rest, csrc/common/checks.h): a gate on
-    another device would make the dispatcher pick that device's kernel (a meta gate: this fake kernel) for a
-    call whose outputs live on input's device."""
-    if gate is not None:
-        _check(gate.device == input.device, lambda: f"gate: expected a tensor on {input.device} (the device of "
-               f"input), got {gate.device}")
-
-
+# -- fake (meta) kernels: output shapes only (docs/design.md §6; the C++ kernels validate) -----------------
 def _gate_grad(input, gate):
     """The fake of the backward's ``grad_gate``: [N, C] in the gate's dtype, or an empty [0] when ungated."""
     if gate is None:
@@ -41,87 +33,53 @@ def _gate_grad(input, gate):
     return gate.new_empty((input.shape[0], input.shape[1]))
 
 
-def _check_tail_args(input, mean, var, weight, bias, eps) -> None:
-    """Python twin of ``dnf::check_tail_args`` (for the fake kernels)."""
-    check_input_4d(input, "input", training=False)
-    C = input.shape[1]
-    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
-        check_tensor(t, name, input, [C], bn_tensor=True)
-    _check(eps > 0.0, lambda: f"eps: expected a positive value, got {eps}")
-
-
-def _check_transition_args(input, mean, var, weight, bias, conv_weight, eps) -> None:
-    _check_tail_args(input, mean, var, weight, bias, eps)
-    check_tensor(conv_weight, "conv_weight", input, None)
+def _transition_out_shape(input: torch.Tensor, conv_weight: torch.Tensor) -> list:
     C = input.shape[1]
     ones = ", ".join(["1"] * (input.dim() - 2))
-    _check(conv_weight.dim() == input.dim() and conv_weight.shape[1] == C
-           and all(s == 1 for s in conv_weight.shape[2:]), lambda: f"conv_weight: expected shape [C_out, {C}, "
-           f"{ones}], got {list(conv_weight.shape)}")
-    _check(1 <= conv_weight.shape[0] <= _MAX_CHANNELS, lambda: "conv_weight: expected between 1 and "
-           f"{_MAX_CHANNELS} output channels, got shape {list(conv_weight.shape)}")
-    if input.dim() == 5:
-        D, H, W = input.shape[2:]
-        _check(D >= 2 and H >= 2 and W >= 2, lambda: "input: the transition's 2x2x2 average pool needs D >= 2, "
-               f"H >= 2 and W >= 2, got D={D}, H={H}, W={W}")
-    _check(input.shape[-2] >= 2 and input.shape[-1] >= 2, lambda: "input: the transition's 2x2 average pool needs "
-           f"H >= 2 and W >= 2, got H={input.shape[-2]}, W={input.shape[-1]}")
-
-
-def _memory_format(x: torch.Tensor):
-    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-
-
-def _pooled_shape(input: torch.Tensor, c_out: int) -> list:
-    return [input.shape[0], c_out] + [s // 2 for s in input.shape[2:]]
+    torch._check(conv_weight.dim() == input.dim(), lambda: f"conv_weight: expected shape [C_out, {C}, {ones}], "
+                 f"got {list(conv_weight.shape)}")
+    return [input.shape[0], conv_weight.shape[0]] + [s // 2 for s in input.shape[2:]]
 
 
 @torch.library.register_fake("densenet_fast::transition_forward")
 def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
-    _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
-    _check_gate_device(input, gate)
-    return torch.empty(_pooled_shape(input, conv_weight.shape[0]), dtype=input.dtype, device=input.device,
-                       memory_format=_memory_format(input))
+    check_bn_reader(input, mean, var, weight, bias, gate=gate, conv_weight=conv_weight)
+    return torch.empty(_transition_out_shape(input, conv_weight), dtype=input.dtype, device=input.device,
+                       memory_format=cl_format(input.dim()))
 
 
 @torch.library.register_fake("densenet_fast::transition_backward")
 def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
-    _check_transition_args(input, mean, var, weight, bias, conv_weight, eps)
-    _check_gate_device(input, gate)
-    check_tensor(grad_output, "grad_output", input, _pooled_shape(input, conv_weight.shape[0]))
-    return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
+    check_bn_reader(input, mean, var, weight, bias, gate=gate, conv_weight=conv_weight, grad_output=grad_output)
+    return (torch.empty_like(input, memory_format=cl_format(input.dim())), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
             _gate_grad(input, gate))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_forward")
 def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps, gate=None):
-    _check_tail_args(input, mean, var, weight, bias, eps)
-    _check_gate_device(input, gate)
+    check_bn_reader(input, mean, var, weight, bias, gate=gate)
     return input.new_empty((input.shape[0], input.shape[1]))
 
 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_backward")
 def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps, gate=None):
-    _check_tail_args(input, mean, var, weight, bias, eps)
-    _check_gate_device(input, gate)
-    check_tensor(grad_output, "grad_output", input, [input.shape[0], input.shape[1]])
-    return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
+    check_bn_reader(input, mean, var, weight, bias, gate=gate, grad_output=grad_output)
+    return (torch.empty_like(input, memory_format=cl_format(input.dim())), torch.empty_like(weight),
             torch.empty_like(bias), _gate_grad(input, gate))
 
 
 @torch.library.register_fake("densenet_fast::channel_moments")
 def _channel_moments_fake(input):
-    check_input_4d(input, "input", training=False)
-    # BN statistics: float32 for float16/bfloat16 inputs, like every other BN tensor of the operators.
-    sd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    check_rank(input)
+    sd = stats_dtype(input.dtype)
     return input.new_empty(input.shape[1], dtype=sd), input.new_empty(input.shape[1], dtype=sd)
 
 
 @torch.library.register_fake("densenet_fast::sample_moments")
 def _sample_moments_fake(input):
-    check_input_4d(input, "input", training=False)
-    sd = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    check_rank(input)
+    sd = stats_dtype(input.dtype)
     shape = (input.shape[0], input.shape[1])
     return input.new_empty(shape, dtype=sd), input.new_empty(shape, dtype=sd)
 

@@ -1,0 +1,58 @@
+"""Helpers shared by the operators' Python side: the BatchNorm dtype rule, channels_last allocation and the
+few checks a fake (meta) kernel needs.
+
+Argument validation lives in C++ (``csrc/common/checks.h``, docs/design.md §6). A fake kernel checks only
+what it needs to compute its outputs' shapes, dtypes and device — with the C++ kernels' wording, so a meta
+or traced call fails with the same message where it fails at all; everything else is checked when the real
+kernel runs (under ``torch.compile`` too: the compiled graph calls it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of BN parameters and statistics for an input dtype (float32 for float16/bfloat16)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def cl_format(dim: int) -> torch.memory_format:
+    """channels_last for a 4-D, channels_last_3d for a 5-D tensor."""
+    return torch.channels_last_3d if dim == 5 else torch.channels_last
+
+
+def empty_cl(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised channels_last(_3d) tensor on like's device (like's dtype unless given): a [rows, C]
+    matrix."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=cl_format(len(shape)))
+
+
+def check_rank(input: Tensor, name: str = "input") -> None:
+    """A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation: the output shapes and layouts need it."""
+    torch._check(input.dim() in (4, 5), lambda: f"{name}: expected a 4-D tensor [N, C, H, W] or a 5-D tensor "
+                 f"[N, C, D, H, W], got {input.dim()}-D with shape {list(input.shape)}")
+
+
+def check_devices(input: Tensor, tensors: dict, input_name: str = "input") -> None:
+    """Every tensor argument on input's device (``tensors``: name -> tensor, list of tensors or None).
+
+    The outputs are allocated on input's device; an argument elsewhere would also make the dispatcher pick
+    that device's kernel — a meta argument this fake kernel — for a call on input's device.
+    """
+    for name, value in tensors.items():
+        items = [(name, value)] if not isinstance(value, (list, tuple)) else [
+            (f"{name}[{i}]", t) for i, t in enumerate(value)]
+        for item_name, t in items:
+            if isinstance(t, Tensor):
+                torch._check(t.device == input.device, lambda: f"{item_name}: expected a tensor on "
+                             f"{input.device} (the device of {input_name}), got {t.device}")
+
+
+def check_bn_reader(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, **more) -> None:
+    """What the fake kernel of a BN reader (transition, final norm, stem) needs: the input's rank, and its
+    BN tensors and ``more`` (name -> tensor or None) on input's device."""
+    check_rank(input)
+    check_devices(input, dict(mean=mean, var=var, weight=weight, bias=bias, **more))
