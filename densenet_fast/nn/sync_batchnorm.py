@@ -84,9 +84,11 @@ def sync_reader(kind: str, bn: nn.modules.batchnorm._BatchNorm, x: Tensor, group
     (their gradients then flow back into the block); otherwise they are all-reduced here. Updates ``bn``'s
     running statistics with the global batch once the operator has run.
     """
-    if mean is None or var is None or count is None:
+    block = mean is not None and var is not None and count is not None
+    if not block:
         mean, var, count = sync_moments(x, group)
-    out = bn_reader(kind, x, mean, var, bn.weight, bn.bias, extra, eps=bn.eps)
+    # A block's buffer is internal to FusedFeatures: its gradient is handed over to the block's backward.
+    out = bn_reader(kind, x, mean, var, bn.weight, bn.bias, extra, eps=bn.eps, hand_over=block)
     update_running_stats([bn], [mean], [var], count)
     return out
 

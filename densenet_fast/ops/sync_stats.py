@@ -32,7 +32,8 @@ from densenet_fast.ops.stem import bn_relu_maxpool, bn_relu_maxpool_backward
 load_extension()
 _ops = torch.ops.densenet_fast
 
-__all__ = ["all_reduce_", "moments_from_sums", "sync_moments", "bn_reader", "channel_sums", "bn_stats_grads"]
+__all__ = ["all_reduce_", "moments_from_sums", "sync_moments", "bn_reader", "channel_sums", "bn_stats_grads",
+           "owns_grad"]
 
 
 def all_reduce_(t: Tensor, group) -> Tensor:
@@ -41,9 +42,10 @@ def all_reduce_(t: Tensor, group) -> Tensor:
     return t
 
 
-def channel_sums(x: Tensor) -> Tensor:
-    """[2, C] float64: per-channel Σx and Σx² of x [N, C, *] (a channel slice of a block buffer is read in place)."""
-    return _ops.channel_sums(x)
+def channel_sums(x: Tensor, other: Optional[Tensor] = None) -> Tensor:
+    """[2, C] float64: per-channel Σx and Σx² of x [N, C, *] (with ``other``, same shape: Σx and Σx·other),
+    accumulated in float64 without temporaries (channel slices of block buffers are read in place)."""
+    return _ops.channel_sums(x, other)
 
 
 def moments_from_sums(sums: Tensor, count: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -157,11 +159,26 @@ _READERS = {"transition": (_transition_fwd, _transition_bwd), "norm_relu_pool": 
             "stem": (_stem_fwd, _stem_bwd), "bn": (_bn_fwd, _bn_bwd)}
 
 
+_FRESH = "_dnf_fresh_grad"
+
+
+def owns_grad(grad: Tensor) -> bool:
+    """Whether ``grad`` (a gradient a backward receives) is a reader's fresh input gradient (see
+    :func:`bn_reader`) that autograd handed over unchanged: the receiving backward may update it in place.
+
+    The tag is set on the input gradient that ``_BNReader.backward`` allocates when the reader reads a
+    synchronised block's buffer with the block's statistics (``hand_over``: only ``FusedFeatures`` does, and
+    the buffer never leaves it, so no hook, ``retain_grad`` or ``autograd.grad(inputs=...)`` can hold that
+    gradient). Autograd hands it to the block's backward as is, or summed in place with other consumers'
+    gradients (then the sum is autograd's own): either way nothing else reads it afterwards."""
+    return getattr(grad, _FRESH, False)
+
+
 class _BNReader(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-                extra: Optional[Tensor], eps: float) -> Tensor:
-        ctx.kind, ctx.eps = kind, eps
+                extra: Optional[Tensor], eps: float, hand_over: bool) -> Tensor:
+        ctx.kind, ctx.eps, ctx.hand_over = kind, eps, hand_over
         ctx.save_for_backward(x, mean, var, weight, bias, extra)
         return _READERS[kind][0](x, mean, var, weight, bias, extra, eps)
 
@@ -170,20 +187,24 @@ class _BNReader(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, mean, var, weight, bias, extra = ctx.saved_tensors
         dx, dw, db, dextra = _READERS[ctx.kind][1](grad.contiguous(), x, mean, var, weight, bias, extra, ctx.eps)
+        if ctx.hand_over and dx is not grad:
+            setattr(dx, _FRESH, True)  # fresh: the block's backward may use it as its gradient buffer
         dmean, dvar = bn_stats_grads(weight, var, ctx.eps, dw, db)
-        return None, dx, dmean, dvar, dw, db, dextra, None
+        return None, dx, dmean, dvar, dw, db, dextra, None, None
 
 
 @torch.compiler.disable
 def bn_reader(kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-              extra: Optional[Tensor] = None, *, eps: float) -> Tensor:
+              extra: Optional[Tensor] = None, *, eps: float, hand_over: bool = False) -> Tensor:
     """A fused BN-ReLU reader of x with the statistics ``mean``/``var`` given, differentiable in them.
 
     kind: ``"transition"`` (extra: the 1x1 conv weight; [N, C, H, W] -> [N, C_out, H/2, W/2]),
     ``"norm_relu_pool"`` ([N, C, *] -> [N, C]), ``"stem"`` ([N, C, H, W] -> BN-ReLU-maxpool 3x3/2) or ``"bn"``
     (the BatchNorm alone, [N, C, *] -> [N, C, *]; torch's kernels).
     With statistics from :func:`sync_moments` (or a synchronised block) this is SyncBatchNorm's reader.
+    ``hand_over``: x is a synchronised block's internal buffer (no other code holds it): x's gradient is
+    tagged so that the block's backward may update it in place (:func:`owns_grad`) instead of copying it.
     """
     if kind not in _READERS:
         raise ValueError(f"kind: expected one of {sorted(_READERS)}, got {kind!r}")
-    return _BNReader.apply(kind, x, mean, var, weight, bias, extra, float(eps))
+    return _BNReader.apply(kind, x, mean, var, weight, bias, extra, float(eps), bool(hand_over))
