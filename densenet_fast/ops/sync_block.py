@@ -242,8 +242,8 @@ class _SyncDenseBlock(torch.autograd.Function):
             c = C0 + l * k
             if l + 1 < L:
                 finalize(c, k)
-            # The step's peak is here, in the first block's layers (docs/design.md §13): at most two
-            # [rows, bn_size·k] temporaries live beside Y (V then dV, ReLU mask 1 byte per value).
+            # The step's peak is here, in the first block's layers (docs/design.md §13): beside Y, one more
+            # [rows, bn_size·k] tensor at a time (V, then dV) and a 1-byte ReLU mask.
             y = _ops.block_layer_bottleneck(buffer, c, mean[:c], var[:c], g1[l], b1[l], w1[l], eps)
             a2, s2, is2 = _fold(g2[l], b2[l], mean2[l], var2[l], eps)
             v = torch.mul(_mat(y), a2).add_(s2).relu_()  # V = relu(bn2(Y)), one allocation
