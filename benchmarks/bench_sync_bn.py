@@ -1,32 +1,40 @@
-"""SyncBatchNorm across processes: all-reduced volume and step peak memory per rank, fused vs torchvision.
+"""SyncBatchNorm across processes: all-reduced volume and step peak memory per rank, fused vs torch's.
 
-Runs ``--world`` gloo processes on the CPU (one thread each), each training step on its own batch of
-``--batch`` images of ``--size``² with every norm an ``nn.SyncBatchNorm``; no DDP (the gradient all-reduce
-is the same for every implementation and not counted). Implementations, each in fresh processes:
+Runs ``--world`` gloo processes on the CPU (one thread each), each training step on its own batch with every
+norm an ``nn.SyncBatchNorm``; no DDP (the gradient all-reduce is the same for every implementation and not
+counted). Two cases (``--cases``), each implementation in fresh processes:
 
-* ``dnf-sync``: ``densenet_fast.densenet121(sync_bn=True)``: the synchronised fused path (docs/design.md §13);
-* ``tv-syncbn``: torchvision densenet121 + ``nn.SyncBatchNorm.convert_sync_batchnorm``. torch's SyncBatchNorm
-  has no CPU kernels, so the five CUDA-only ATen kernels it calls get plain CPU implementations
-  (``tests/ddp_worker.install_cpu_sync_bn_shim``): its real Python code path and collectives run; its memory
-  is that of the shim's kernels;
-* ``tv``: torchvision densenet121 with plain BatchNorm (per-process statistics), the memory reference: torch's
-  SyncBatchNorm saves the same tensors for backward as BatchNorm (input, weight, mean, invstd, counts);
-* ``dnf``: ``densenet_fast.densenet121()`` with plain BatchNorm (the fused operators): what synchronising costs.
+* ``2d``: densenet121, 2 processes x batch 2 of 3x224x224 images (``--batch``, ``--size``);
+  ``dnf-sync``: ``densenet_fast.densenet121(sync_bn=True)``, the synchronised fused path (docs/design.md §13);
+  ``tv-syncbn``: torchvision densenet121 + ``nn.SyncBatchNorm.convert_sync_batchnorm``; ``tv``: torchvision
+  with plain BatchNorm (per-process statistics); ``dnf``: ``densenet_fast.densenet121()`` with plain BatchNorm;
+* ``3d``: MONAI's DenseNet121 for volumes (``spatial_dims=3``, 1 input channel, 2 classes), 2 processes x batch 1
+  of 1x64x64x64 volumes (``--batch-3d``, ``--size-3d``); ``dnf-sync``: ``densenet_fast.DenseNet3d(..., sync_bn=True)``
+  with MONAI's weights; ``monai-syncbn``: MONAI + ``nn.SyncBatchNorm.convert_sync_batchnorm``; ``monai``: MONAI
+  with plain BatchNorm; ``dnf``: ``DenseNet3d`` with plain BatchNorm.
+
+torch's SyncBatchNorm has no CPU kernels, so the five CUDA-only ATen kernels it calls get plain CPU
+implementations (``tests/ddp_worker.install_cpu_sync_bn_shim``, the stand-ins the tests use): its real Python
+code path and collectives run; its memory is that of the stand-in kernels. The plain-BatchNorm rows are the
+memory reference (torch's SyncBatchNorm saves the same tensors for backward as BatchNorm: input, weight, mean,
+invstd, counts) and what synchronising costs the fused path.
 
 Per implementation and rank: the step peak memory (peak RSS growth of a step after a warm-up step,
 ``benchmarks.measure.step_peak_memory``, with glibc's mmap threshold fixed at 128 KiB so that RSS follows the
 live tensors), the median step time, and every collective of a step, counted by
 wrapping ``torch.distributed.all_reduce`` / ``all_gather`` / ``all_gather_into_tensor``: calls, values and
 bytes each rank contributes. Also, from the model's geometry, the channels whose statistics each side
-exchanges per forward (torchvision: every SyncBatchNorm's input channels; fused: each block's input, each
+exchanges per forward (torch: every SyncBatchNorm's input channels; fused: each block's input, each
 layer's bottleneck and new channels, the stem).
 
 Usage::
 
-    python -m benchmarks.bench_sync_bn [--world 2] [--batch 2] [--size 224] [--out benchmarks/results/sync-bn]
+    python -m benchmarks.bench_sync_bn [--cases 2d,3d] [--world 2] [--batch 2] [--size 224] [--batch-3d 1]
+        [--size-3d 64] [--out benchmarks/results/sync-bn]
 
-writes ``<out>/cpu.json`` (machine, settings, every rank's row, the summary) and ``<out>/cpu.md`` (a table). Its own
-folder: ``python -m benchmarks --report`` gathers the model runs of ``benchmarks/results/`` only.
+writes ``<out>/cpu.json`` (machine, and per case its settings, every rank's row, the summary) and
+``<out>/cpu.md`` (a table per case). Its own folder: ``python -m benchmarks --report`` gathers the model runs of
+``benchmarks/results/`` only.
 """
 from __future__ import annotations
 
@@ -49,9 +57,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
 
-IMPLS = ("dnf-sync", "tv-syncbn", "tv", "dnf")
+# case -> its model and input, and its implementations: the fused synchronised one, torch's SyncBatchNorm on the
+# reference model, the reference model with plain BatchNorm, the fused one with plain BatchNorm.
+CASES: Dict[str, dict] = {
+    "2d": {"model": "densenet121", "spatial_dims": 2, "in_channels": 3, "classes": 1000, "batch": 2, "size": 224,
+           "impls": ("dnf-sync", "tv-syncbn", "tv", "dnf")},
+    "3d": {"model": "monai DenseNet121 (spatial_dims=3)", "spatial_dims": 3, "in_channels": 1, "classes": 2,
+           "batch": 1, "size": 64, "impls": ("dnf-sync", "monai-syncbn", "monai", "dnf")},
+}
+IMPLS = CASES["2d"]["impls"]
+_TORCH_SYNC = ("tv-syncbn", "monai-syncbn")
 
-__all__ = ["IMPLS", "fused_sync_channels", "torch_sync_channels", "run"]
+__all__ = ["CASES", "IMPLS", "fused_sync_channels", "torch_sync_channels", "run"]
 
 
 def torch_sync_channels(model: nn.Module) -> int:
@@ -104,39 +121,45 @@ class _Traffic:
         self.by_name = {}
 
 
-def _model(impl: str) -> nn.Module:
-    import torchvision
-
+def _model(case: str, impl: str) -> nn.Module:
+    """The case's model for ``impl``, every implementation with the same weights (the reference model's)."""
     import densenet_fast as dnf
     torch.manual_seed(0)
+    if case == "3d":
+        from monai.networks.nets import DenseNet121
+        c = CASES["3d"]
+        ref = DenseNet121(spatial_dims=3, in_channels=c["in_channels"], out_channels=c["classes"])
+        if impl in ("dnf-sync", "dnf"):
+            model = dnf.DenseNet3d(3, c["in_channels"], c["classes"], sync_bn=impl == "dnf-sync")
+            model.load_state_dict(ref.state_dict())
+            return model
+        return nn.SyncBatchNorm.convert_sync_batchnorm(ref) if impl == "monai-syncbn" else ref
+    import torchvision
     ref = torchvision.models.densenet121()
-    if impl == "dnf-sync":
-        model = dnf.densenet121(sync_bn=True)
+    if impl in ("dnf-sync", "dnf"):
+        model = dnf.densenet121(sync_bn=impl == "dnf-sync")
         model.load_state_dict(ref.state_dict())
         return model
-    if impl == "tv-syncbn":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(ref)
-    if impl == "dnf":
-        model = dnf.densenet121()
-        model.load_state_dict(ref.state_dict())
-        return model
-    return ref
+    return nn.SyncBatchNorm.convert_sync_batchnorm(ref) if impl == "tv-syncbn" else ref
 
 
-def _worker(rank: int, world: int, port: int, impl: str, batch: int, size: int, repeats: int, out: str) -> None:
+def _worker(rank: int, world: int, port: int, case: str, impl: str, batch: int, size: int, repeats: int,
+            out: str) -> None:
     from benchmarks.measure import make_inputs, step_peak_memory, train_step
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        if impl == "tv-syncbn":
+        if impl in _TORCH_SYNC:
             sys.path.insert(0, str(ROOT / "tests"))
             from ddp_worker import install_cpu_sync_bn_shim
             install_cpu_sync_bn_shim()
         traffic = _Traffic()
         traffic.install()
-        model = _model(impl).train()
-        x, y = make_inputs(batch, size, 1000, torch.device("cpu"), seed=rank)
+        model = _model(case, impl).train()
+        c = CASES[case]
+        x, y = make_inputs(batch, size, c["classes"], torch.device("cpu"), seed=rank, spatial_dims=c["spatial_dims"],
+                           in_channels=c["in_channels"])
         traffic.on = True
         train_step(model, x, y)  # warm-up, and the step whose collectives are counted
         traffic.on = False
@@ -152,9 +175,12 @@ def _worker(rank: int, world: int, port: int, impl: str, batch: int, size: int, 
             times.append(time.perf_counter() - t0)
         row = {"impl": impl, "rank": rank, "collectives": counted, **mem, "step_median_s": statistics.median(times),
                "step_min_s": min(times)}
-        if impl in ("dnf-sync", "tv-syncbn"):
-            row["channels"] = (fused_sync_channels(model) if impl == "dnf-sync"
-                               else {"forward": torch_sync_channels(model), "backward": torch_sync_channels(model)})
+        if impl == "dnf-sync":
+            row["channels"] = fused_sync_channels(model)
+        elif impl in _TORCH_SYNC:
+            row["channels"] = {"forward": torch_sync_channels(model), "backward": torch_sync_channels(model)}
+        if impl in ("dnf-sync",) + _TORCH_SYNC:
+            row["param_grad_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         rows: List[dict] = [None] * world  # type: ignore[list-item]
         dist.all_gather_object(rows, row)
         if rank == 0:
@@ -169,86 +195,109 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls=IMPLS) -> dict:
-    """Runs every implementation in ``world`` fresh processes; returns the JSON record."""
+def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls=None, case: str = "2d") -> dict:
+    """Runs every implementation of ``case`` in ``world`` fresh processes; returns the case's JSON record."""
     import torch.multiprocessing as mp
     # A fixed mmap threshold (glibc): every allocation >= 128 KiB is its own mapping, returned to the OS when
     # freed, so the RSS peak follows the live tensors instead of the heap's fragmentation (the default
     # threshold grows with the first large frees and then keeps freed blocks in the heap). Read by the
     # spawned interpreters at startup; the same for every implementation.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    impls = tuple(impls or CASES[case]["impls"])
+    unknown = set(impls) - set(CASES[case]["impls"])
+    if unknown:
+        raise ValueError(f"impls: expected some of {CASES[case]['impls']} for case {case!r}, got {sorted(unknown)}")
     rows = []
     for impl in impls:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "rows.json")
-            mp.spawn(_worker, args=(world, _free_port(), impl, batch, size, repeats, out), nprocs=world, join=True)
+            mp.spawn(_worker, args=(world, _free_port(), case, impl, batch, size, repeats, out), nprocs=world,
+                     join=True)
             rows += json.loads(Path(out).read_text())
     by = {impl: [r for r in rows if r["impl"] == impl] for impl in impls}
     summary = {}
-    if "dnf-sync" in by and "tv-syncbn" in by:
-        ours, theirs = by["dnf-sync"][0], by["tv-syncbn"][0]
-        summary["bytes_ratio_vs_tv_syncbn"] = ours["collectives"]["bytes"] / theirs["collectives"]["bytes"]
-        summary["values_ratio_vs_tv_syncbn"] = ours["collectives"]["values"] / theirs["collectives"]["values"]
+    torch_sync, plain = CASES[case]["impls"][1:3]
+    peak = lambda impl: max(r["peak_bytes"] for r in by[impl])  # noqa: E731
+    if "dnf-sync" in by and torch_sync in by:
+        ours, theirs = by["dnf-sync"][0], by[torch_sync][0]
+        summary[f"bytes_ratio_vs_{torch_sync}"] = ours["collectives"]["bytes"] / theirs["collectives"]["bytes"]
+        summary[f"values_ratio_vs_{torch_sync}"] = ours["collectives"]["values"] / theirs["collectives"]["values"]
         summary["forward_channels_ratio"] = ours["channels"]["forward"] / theirs["channels"]["forward"]
-        peak = lambda impl: max(r["peak_bytes"] for r in by[impl])  # noqa: E731
-        summary["peak_ratio_vs_tv_syncbn"] = peak("dnf-sync") / peak("tv-syncbn")
-        if "tv" in by:
-            summary["peak_ratio_vs_tv"] = peak("dnf-sync") / peak("tv")
-        if "dnf" in by:
-            summary["peak_ratio_vs_dnf_unsynchronised"] = peak("dnf-sync") / peak("dnf")
-    import torchvision
-
-    from benchmarks.report import machine_info
-    grad_bytes = sum(p.numel() * 4 for p in torchvision.models.densenet121().parameters())  # float32 gradients
-    settings = {"benchmark": "sync_bn", "model": "densenet121", "world": world, "batch_per_rank": batch,
-                "size": size, "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats,
+        summary[f"peak_ratio_vs_{torch_sync}"] = peak("dnf-sync") / peak(torch_sync)
+    if "dnf-sync" in by and plain in by:
+        summary[f"peak_ratio_vs_{plain}"] = peak("dnf-sync") / peak(plain)
+    if "dnf-sync" in by and "dnf" in by:
+        summary["peak_ratio_vs_dnf_unsynchronised"] = peak("dnf-sync") / peak("dnf")
+    grad_bytes = next((r["param_grad_bytes"] for r in rows if "param_grad_bytes" in r), None)
+    c = CASES[case]
+    settings = {"benchmark": "sync_bn", "case": case, "model": c["model"], "spatial_dims": c["spatial_dims"],
+                "in_channels": c["in_channels"], "world": world, "batch_per_rank": batch, "size": size,
+                "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats,
                 "param_grad_bytes": grad_bytes}
-    return {"machine": machine_info(torch.device("cpu")), "settings": settings, "rows": rows, "summary": summary}
+    return {"settings": settings, "rows": rows, "summary": summary}
 
 
 def markdown(record: dict) -> str:
-    """A table of the record: per implementation the largest rank's step peak, the median step time and the
-    collectives of one training step (what each rank contributes)."""
-    m, st = record["machine"], record["settings"]
-    lines = [f"{st['model']} {st['size']}x{st['size']}, {st['world']} processes x batch {st['batch_per_rank']} "
-             f"(gloo, CPU, {st['threads_per_rank']} thread each) on {m.get('cpu_model')}, "
-             f"{m.get('logical_cores')} cores (shared machine: times are noisy; load average "
-             f"{', '.join(f'{v:.1f}' for v in m.get('load_average') or [])}). The step peak includes the "
-             f"{st['param_grad_bytes'] / 2**20:.1f} MiB of parameter gradients the step allocates.", "",
-             "| implementation | step peak / rank | step time (median) | all-reduce/gather calls | values | bytes "
-             "| channels fwd + bwd |", "|---|---|---|---|---|---|---|"]
-    for impl in dict.fromkeys(r["impl"] for r in record["rows"]):
-        rows = [r for r in record["rows"] if r["impl"] == impl]
-        c = rows[0]["collectives"]
-        ch = rows[0].get("channels")
-        lines.append(f"| {impl} | {max(r['peak_bytes'] for r in rows) / 2**20:.0f} MiB | "
-                     f"{statistics.median(r['step_median_s'] for r in rows):.2f} s | {c['calls']} | {c['values']} | "
-                     f"{c['bytes'] / 1024:.0f} KiB | {ch['forward'] + ch['backward'] if ch else '-'} |")
-    lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in record["summary"].items()), ""]
-    return "\n".join(lines)
+    """Tables of the record: per case and implementation the largest rank's step peak, the median step time and
+    the collectives of one training step (what each rank contributes)."""
+    m = record["machine"]
+    lines = [f"{m.get('cpu_model')}, {m.get('logical_cores')} cores, gloo, CPU, one thread per process (shared "
+             f"machine: times are noisy; load average {', '.join(f'{v:.1f}' for v in m.get('load_average') or [])})."]
+    for case in record["cases"].values():
+        st = case["settings"]
+        shape = "x".join([str(st["size"])] * st["spatial_dims"])
+        grads = st["param_grad_bytes"]
+        lines += ["", f"**{st['model']}**, {st['in_channels']}x{shape}, {st['world']} processes x batch "
+                  f"{st['batch_per_rank']}" + (f". The step peak includes the {grads / 2**20:.1f} MiB of parameter "
+                                                f"gradients the step allocates." if grads else "."), "",
+                  "| implementation | step peak / rank | step time (median) | all-reduce/gather calls | values | bytes "
+                  "| channels fwd + bwd |", "|---|---|---|---|---|---|---|"]
+        for impl in dict.fromkeys(r["impl"] for r in case["rows"]):
+            rows = [r for r in case["rows"] if r["impl"] == impl]
+            c = rows[0]["collectives"]
+            ch = rows[0].get("channels")
+            lines.append(f"| {impl} | {max(r['peak_bytes'] for r in rows) / 2**20:.1f} MiB | "
+                         f"{statistics.median(r['step_median_s'] for r in rows):.2f} s | {c['calls']} | "
+                         f"{c['values']} | {c['bytes'] / 1024:.0f} KiB | "
+                         f"{ch['forward'] + ch['backward'] if ch else '-'} |")
+        lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in case["summary"].items())]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: 2d, 3d")
     p.add_argument("--world", type=int, default=2, help="processes (ranks)")
-    p.add_argument("--batch", type=int, default=2, help="batch size per rank")
-    p.add_argument("--size", type=int, default=224, help="input height = width")
+    p.add_argument("--batch", type=int, default=CASES["2d"]["batch"], help="batch size per rank (2-D case)")
+    p.add_argument("--size", type=int, default=CASES["2d"]["size"], help="input height = width (2-D case)")
+    p.add_argument("--batch-3d", type=int, default=CASES["3d"]["batch"], help="batch size per rank (3-D case)")
+    p.add_argument("--size-3d", type=int, default=CASES["3d"]["size"], help="volume edge (3-D case)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps")
-    p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sync-bn"), help="output file stem")
+    p.add_argument("--impls", default=None, help="comma-separated subset of each case's implementations")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sync-bn"), help="output folder")
     a = p.parse_args(argv)
-    record = run(a.world, a.batch, a.size, a.repeats, tuple(a.impls.split(",")))
+    from benchmarks.report import machine_info
+    cases = [c for c in a.cases.split(",") if c]
+    for c in cases:
+        if c not in CASES:
+            p.error(f"--cases: expected some of {', '.join(CASES)}, got {c!r}")
+    record = {"machine": machine_info(torch.device("cpu")), "cases": {}}
+    for c in cases:
+        batch, size = (a.batch_3d, a.size_3d) if c == "3d" else (a.batch, a.size)
+        impls = [i for i in a.impls.split(",") if i in CASES[c]["impls"]] if a.impls else None
+        record["cases"][c] = run(a.world, batch, size, a.repeats, impls, case=c)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cpu.json").write_text(json.dumps(record, indent=1) + "\n")
     (out / "cpu.md").write_text(markdown(record))
-    for r in record["rows"]:
-        c = r["collectives"]
-        print(f"{r['impl']:10s} rank {r['rank']}: peak {r['peak_bytes'] / 2**20:8.1f} MiB  step "
-              f"{r['step_median_s']:.2f} s  collectives {c['calls']:4d} calls {c['values']:8d} values "
-              f"{c['bytes'] / 1024:8.1f} KiB  channels {r.get('channels')}")
-    print(json.dumps(record["summary"], indent=1))
+    for c, rec in record["cases"].items():
+        for r in rec["rows"]:
+            k = r["collectives"]
+            print(f"{c} {r['impl']:12s} rank {r['rank']}: peak {r['peak_bytes'] / 2**20:8.1f} MiB  step "
+                  f"{r['step_median_s']:.2f} s  collectives {k['calls']:4d} calls {k['values']:8d} values "
+                  f"{k['bytes'] / 1024:8.1f} KiB  channels {r.get('channels')}")
+        print(c, json.dumps(rec["summary"], indent=1))
 
 
 if __name__ == "__main__":

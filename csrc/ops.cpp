@@ -82,8 +82,9 @@ TORCH_LIBRARY(densenet_fast, m) {
       "Tensor weight, Tensor bias, Tensor conv_weight, float eps, Tensor(a!) grad_buffer) "
       "-> (Tensor grad_conv_weight, Tensor sum_du, Tensor sum_du_xhat)");
   // [2, C] float64 per-channel sum and sum of squares of [N, C, ...] (float64 accumulation): a rank's
-  // share of the all-reduced statistics. Reads a channel slice of a channels_last buffer in place.
-  m.def("channel_sums(Tensor input) -> Tensor");
+  // share of the all-reduced statistics; with ``other`` (same shape and dtype) the sums of input and of
+  // input*other (the BN backward's sum dz, sum dz*xhat). Reads channel slices of channels_last buffers in place.
+  m.def("channel_sums(Tensor input, Tensor? other=None) -> Tensor");
   // dense_block_forward's argument checks on their own (common/checks.h), for Python entry points that
   // validate a block without calling the operator (the synchronised block, densenet_fast/ops/sync_block.py).
   m.def(

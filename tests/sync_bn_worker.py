@@ -28,9 +28,10 @@ MODEL = dict(growth_rate=4, block_config=(2, 3), num_init_features=8, num_classe
 MONAI = dict(spatial_dims=3, in_channels=1, out_channels=3, init_features=4, growth_rate=2, block_config=(2, 2),
              bn_size=2)
 # 2-D: stem 10x10 -> pool 5x5 (odd: the transition's pool drops a row and a column) -> 2x2.
-# 3-D: stem 6^3 -> pool 3^3 -> transition 1^3: a rank with batch 1 has one value per channel in the last
-# block, which SyncBatchNorm accepts (the global batch has more).
-INPUT = {"torchvision": (3, 20, 20), "monai3d": (1, 12, 12, 12), "timm": (3, 20, 20)}
+# 3-D, odd and unequal sizes: 11x9x7 -> stem 6x5x4 -> pool 3x3x2 (the transition's pool drops a plane) ->
+# transition 1x1x1: a rank with batch 1 has one value per channel in the last block, which SyncBatchNorm
+# accepts (the global batch has more).
+INPUT = {"torchvision": (3, 20, 20), "monai3d": (1, 11, 9, 7), "timm": (3, 20, 20)}
 STEPS = 2
 
 

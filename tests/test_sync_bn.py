@@ -242,6 +242,25 @@ def test_channel_sums_of_a_buffer_slice(dtype):
     assert_close_rel(_ops.channel_sums(nchw), want, 1e-14, "channel sums (NCHW)")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spatial", [(5, 3), (3, 1, 5)], ids=["2d", "3d"])
+def test_channel_sums_with_other(dtype, spatial):
+    # Σx and Σx·other (the BN2 backward's Σdz, Σdz·x̂), float64 accumulation, slices of two buffers read in place.
+    a = _buffer(3, 10, spatial, dtype)[:, 2:9]
+    b = _buffer(3, 8, spatial, dtype, seed=4)[:, 1:8]
+    dims = [0] + list(range(2, a.dim()))
+    want = torch.stack([a.double().sum(dims), (a.double() * b.double()).sum(dims)])
+    got = _ops.channel_sums(a, b)
+    assert got.dtype == torch.float64 and got.shape == (2, 7)
+    assert_close_rel(got, want, 1e-14, "channel sums with other")
+    assert_close_rel(_ops.channel_sums(a.contiguous(), b.contiguous()), want, 1e-14, "NCHW copies")
+    assert torch.equal(_ops.channel_sums(a, None), _ops.channel_sums(a))
+    with pytest.raises(RuntimeError, match=r"other: expected shape \[3, 7, "):
+        _ops.channel_sums(a, b[:, :6])
+    with pytest.raises(RuntimeError, match=r"other: expected dtype"):
+        _ops.channel_sums(a, b.to(torch.float16))
+
+
 def test_composites_match_cpu_kernels():
     # The ATen composites serve as the CUDA kernels of the three operators: same results as the C++ CPU ones.
     from densenet_fast.ops import sync_block as sb
@@ -256,14 +275,19 @@ def test_composites_match_cpu_kernels():
     for x, y, what in zip((*a, G1), (*b, G2), ("dw", "sum_du", "sum_du_xhat", "grad_buffer")):
         assert_close_rel(x, y, 1e-12, what)
     assert_close_rel(sb.channel_sums_composite(buf[:, 2:5]), _ops.channel_sums(buf[:, 2:5]), 1e-14, "sums")
+    assert_close_rel(sb.channel_sums_composite(buf[:, 2:5], buf[:, 6:9]), _ops.channel_sums(buf[:, 2:5], buf[:, 6:9]),
+                     1e-14, "sums with other")
 
 
-@pytest.mark.parametrize("op", ["block_layer_bottleneck", "block_layer_bottleneck_backward", "channel_sums"])
+@pytest.mark.parametrize("op", ["block_layer_bottleneck", "block_layer_bottleneck_backward", "channel_sums",
+                                "channel_sums_other"])
 def test_opcheck(op):
     buf = _buffer(2, 9, (3, 5), torch.float64)
     args = _layer_args(6, 4, 2, torch.float64)
     if op == "channel_sums":
         call = (buf,)
+    elif op == "channel_sums_other":
+        op, call = "channel_sums", (buf, _buffer(2, 9, (3, 5), torch.float64, seed=3))
     elif op == "block_layer_bottleneck":
         call = (buf, 6, *args, 1e-5)
     else:
@@ -421,3 +445,87 @@ def test_bn_reader_gradients_through_its_statistics(kind):
         results.append([out] + [t.grad for t in (xi, wi, bi, ci) if t is not None])
     for name, a, e in zip(("out", "dx", "dweight", "dbias", "dconv"), *results):
         assert_close_rel(a, e, 1e-10, f"{kind} {name}")
+
+
+def _torch_training_reader(kind, xi, wi, bi, ci):
+    """torch's training-mode BatchNorm (batch statistics) followed by the reader's ReLU / pooling / convolution."""
+    u = F.batch_norm(xi, None, None, wi, bi, True, 0.0, 1e-5)
+    if kind == "bn":
+        return u
+    u = torch.relu(u)
+    three_d = xi.dim() == 5
+    if kind == "transition":
+        return F.avg_pool3d(F.conv3d(u, ci), 2) if three_d else F.avg_pool2d(F.conv2d(u, ci), 2)
+    if kind == "stem":
+        return F.max_pool3d(u, 3, 2, 1) if three_d else F.max_pool2d(u, 3, 2, 1)
+    return u.mean(tuple(range(2, xi.dim())))
+
+
+@pytest.mark.parametrize("spatial", [(9, 7), (5, 3, 7)], ids=["2d", "3d"])
+@pytest.mark.parametrize("kind", ["transition", "norm_relu_pool", "stem", "bn"])
+def test_sync_bn_reader_is_training_batch_norm(one_rank_group, kind, spatial):
+    # The reader that computes its own synchronised statistics (stem, lone SyncBatchNorm): in a one-rank group its
+    # statistics are the batch's, so output and every gradient are training-mode BatchNorm's; running statistics
+    # are fed from the returned global mean/var.
+    from densenet_fast.ops.sync_stats import sync_bn_reader
+    g = torch.Generator().manual_seed(12)
+    fmt = torch.channels_last_3d if len(spatial) == 3 else torch.channels_last
+    x = torch.randn(3, 6, *spatial, dtype=torch.float64, generator=g).contiguous(memory_format=fmt) * 1.3 + 0.4
+    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.5
+    b = torch.randn(6, dtype=torch.float64, generator=g) * 0.3
+    cw = torch.randn(4, 6, *[1] * len(spatial), dtype=torch.float64, generator=g) if kind == "transition" else None
+    results = []
+    for ours in (True, False):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        ci = cw.clone().requires_grad_() if cw is not None else None
+        if ours:
+            out, mean, var, count = sync_bn_reader(kind, xi, wi, bi, ci, group=one_rank_group, eps=1e-5)
+            assert count == x.numel() // 6 and not mean.requires_grad
+            dims = [0] + list(range(2, x.dim()))
+            assert_close_rel(mean, x.mean(dims), 1e-13, "mean")
+            assert_close_rel(var, x.var(dims, unbiased=False), 1e-13, "var")
+        else:
+            out = _torch_training_reader(kind, xi, wi, bi, ci)
+        (out * torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results.append([out] + [t.grad for t in (xi, wi, bi, ci) if t is not None])
+    for name, a, e in zip(("out", "dx", "dweight", "dbias", "dconv"), *results):
+        assert_close_rel(a, e, 1e-10, f"{kind} {name}")
+
+
+def test_block_reader_hands_its_gradient_over(one_rank_group):
+    # bn_reader(hand_over=True) tags the input gradient it allocates (owns_grad): the synchronised block's backward
+    # then updates it in place instead of copying it; gradients are the same either way.
+    from densenet_fast.ops import BlockParams
+    from densenet_fast.ops.sync_block import sync_dense_block
+    from densenet_fast.ops.sync_stats import bn_reader, owns_grad
+    g = torch.Generator().manual_seed(5)
+    L, c0, k, inter = 2, 3, 2, 4
+    p = [[], [], [], [], [], []]
+    for i in range(L):
+        c = c0 + i * k
+        p[0].append(torch.rand(c, dtype=torch.float64, generator=g) + 0.5)
+        p[1].append(torch.randn(c, dtype=torch.float64, generator=g) * 0.2)
+        p[2].append(torch.randn(inter, c, 1, 1, dtype=torch.float64, generator=g) / c ** 0.5)
+        p[3].append(torch.rand(inter, dtype=torch.float64, generator=g) + 0.5)
+        p[4].append(torch.randn(inter, dtype=torch.float64, generator=g) * 0.2)
+        p[5].append(torch.randn(k, inter, 3, 3, dtype=torch.float64, generator=g) / (9 * inter) ** 0.5)
+    running = [[torch.zeros(c0 + i * k, dtype=torch.float64) for i in range(L)],
+               [torch.ones(c0 + i * k, dtype=torch.float64) for i in range(L)],
+               [torch.zeros(inter, dtype=torch.float64)] * L, [torch.ones(inter, dtype=torch.float64)] * L]
+    x = torch.randn(2, c0, 5, 7, dtype=torch.float64, generator=g)
+    ct = c0 + L * k
+    w, b = torch.rand(ct, dtype=torch.float64, generator=g) + 0.5, torch.randn(ct, dtype=torch.float64, generator=g)
+    cw = torch.randn(3, ct, 1, 1, dtype=torch.float64, generator=g)
+    runs = []
+    for hand_over in (False, True):
+        params = BlockParams(*[[t.clone().requires_grad_() for t in ts] for ts in p], *running)
+        xi = x.clone().requires_grad_()
+        blk = sync_dense_block(xi, params, group=one_rank_group)
+        seen = []
+        blk.buffer.register_hook(lambda grad: seen.append(owns_grad(grad)))
+        out = bn_reader("transition", blk.buffer, blk.mean, blk.var, w, b, cw, eps=1e-5, hand_over=hand_over)
+        (out * torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))).sum().backward()
+        assert seen == [hand_over]
+        runs.append([xi.grad] + [t.grad for ts in params[:6] for t in ts])
+    for i, (a, e) in enumerate(zip(*runs)):
+        assert torch.equal(a, e), f"gradient {i}"

@@ -147,35 +147,46 @@ std::pair<int64_t, int64_t> row_layout(const Tensor& x) {
   return {x.numel() / x.size(1), ld};
 }
 
-// [2, C] float64: per-channel sum and sum of squares over every other dimension, accumulated in
-// float64 (a float32 value's square is exact in float64), in fixed row chunks (thread-count
-// independent). A channel slice of a block buffer is read in place.
-Tensor channel_sums_cpu(const Tensor& input) {
+// [rows, C] matrix of a [N, C, *] tensor read in place (see row_layout), else a channels_last copy.
+std::pair<Tensor, int64_t> row_matrix(const Tensor& x) {
+  const auto [rows, ld] = row_layout(x);
+  if (rows != 0 || x.numel() == 0) return {x, ld};
+  return {x.contiguous(cl_format(x.dim() - 2)), x.size(1)};
+}
+
+// [2, C] float64: per-channel sum and sum of squares (or, with ``other``, sum of input and of
+// input*other) over every other dimension, accumulated in float64 (a float32 value's square or product
+// is exact in float64), in fixed row chunks (thread-count independent). Channel slices of block buffers
+// are read in place: no float64 or product temporary (the BN2 backward's sums run at the step's peak).
+Tensor channel_sums_cpu(const Tensor& input, const std::optional<Tensor>& other) {
   check_input_4d(input, "input", /*training=*/false);
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
-  const int64_t C = input.size(1);
-  Tensor X = input;
-  auto [rows, ld] = row_layout(X);
-  if (rows == 0) {
-    X = input.contiguous(cl_format(input.dim() - 2));
-    rows = X.numel() / C;
-    ld = C;
+  const bool dot = other.has_value() && other->defined();
+  if (dot) {
+    check_float_tensor(*other, "other", input);
+    check_shape(*other, input.sizes(), "other");
   }
+  const int64_t C = input.size(1);
+  const int64_t rows = C == 0 ? 0 : input.numel() / C;
+  const auto [X, ldx] = row_matrix(input);
+  const auto [Y, ldy] = dot ? row_matrix(*other) : std::pair<Tensor, int64_t>{X, ldx};
   Tensor out = at::zeros({2, C}, input.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_sums_cpu", [&] {
     const scalar_t* xp = X.data_ptr<scalar_t>();
+    const scalar_t* yp = Y.data_ptr<scalar_t>();
     const int64_t nchunks = (rows + kReduceChunk - 1) / kReduceChunk;
     std::vector<double> part(nchunks * 2 * C, 0.0);
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t ch = b; ch < e; ++ch) {
         double* s = part.data() + ch * 2 * C;
         for (int64_t r = ch * kReduceChunk; r < std::min(rows, (ch + 1) * kReduceChunk); ++r) {
-          const scalar_t* row = xp + r * ld;
+          const scalar_t* row = xp + r * ldx;
+          const scalar_t* orow = yp + r * ldy;
           for (int64_t j = 0; j < C; ++j) {
             const double v = static_cast<double>(row[j]);
             s[j] += v;
-            s[C + j] += v * v;
+            s[C + j] += v * static_cast<double>(orow[j]);
           }
         }
       }

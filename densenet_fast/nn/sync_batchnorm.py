@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from densenet_fast.nn.batchnorm_stats import update_running_stats
-from densenet_fast.ops.sync_stats import bn_reader, sync_moments
+from densenet_fast.ops.sync_stats import bn_reader, sync_bn_reader
 
 __all__ = ["is_sync_bn", "sync_problem", "sync_group", "sync_input_problem", "sync_reader", "refuse_empty_batch",
            "DistributedDataParallel"]
@@ -85,8 +85,9 @@ def sync_reader(kind: str, bn: nn.modules.batchnorm._BatchNorm, x: Tensor, group
     running statistics with the global batch once the operator has run.
     """
     if mean is None or var is None or count is None:
-        mean, var, count = sync_moments(x, group)
-    out = bn_reader(kind, x, mean, var, bn.weight, bn.bias, extra, eps=bn.eps)
+        out, mean, var, count = sync_bn_reader(kind, x, bn.weight, bn.bias, extra, group=group, eps=bn.eps)
+    else:  # a block's buffer, internal to FusedFeatures: its gradient is handed over to the block's backward
+        out = bn_reader(kind, x, mean, var, bn.weight, bn.bias, extra, eps=bn.eps, hand_over=True)
     update_running_stats([bn], [mean], [var], count)
     return out
 

@@ -29,7 +29,7 @@ from torch.autograd.function import once_differentiable
 from densenet_fast._extension import load_extension
 from densenet_fast.ops.common import empty_cl
 from densenet_fast.ops.dense_block import BlockParams, check_dense_block_args
-from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums
+from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums, owns_grad
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -63,7 +63,10 @@ def _bottleneck_backward_fake(grad_y, buffer, channels, mean, var, weight, bias,
 
 
 @torch.library.register_fake("densenet_fast::channel_sums")
-def _channel_sums_fake(input):
+def _channel_sums_fake(input, other=None):
+    if other is not None:
+        torch._check(other.shape == input.shape, lambda: f"other: expected shape {tuple(input.shape)} (the shape "
+                     f"of input), got {tuple(other.shape)}")
     return input.new_empty((2, input.shape[1]), dtype=torch.float64)
 
 
@@ -103,11 +106,11 @@ def bottleneck_backward_composite(grad_y: Tensor, buffer: Tensor, channels: int,
     return dw.contiguous(), dz.sum(dims), (dz * xhat).sum(dims)
 
 
-def channel_sums_composite(input: Tensor) -> Tensor:
-    """``channel_sums`` in ATen ops (a float64 copy of the input, transiently)."""
+def channel_sums_composite(input: Tensor, other: Optional[Tensor] = None) -> Tensor:
+    """``channel_sums`` in ATen ops (float64 copies of the inputs, transiently)."""
     x = input.double()
     dims = [0] + list(range(2, input.dim()))
-    return torch.stack([x.sum(dims), (x * x).sum(dims)])
+    return torch.stack([x.sum(dims), (x * (x if other is None else other.double())).sum(dims)])
 
 
 for _name, _fn in (("block_layer_bottleneck", bottleneck_composite),
@@ -208,11 +211,13 @@ class _SyncDenseBlock(torch.autograd.Function):
         g1, b1, w1, g2, b2, w2 = (flat[i * L:(i + 1) * L] for i in range(6))
         dims, k, inter = buffer.dim() - 2, w2[0].shape[0], w1[0].shape[0]
         Ct = buffer.shape[1]
-        G = torch.empty_like(buffer, memory_format=_cl(dims))
         if grad_buffer is None:
-            G.zero_()
+            G = torch.zeros_like(buffer, memory_format=_cl(dims))
+        elif owns_grad(grad_buffer) and grad_buffer.dtype == buffer.dtype and grad_buffer.shape == buffer.shape \
+                and grad_buffer.is_contiguous(memory_format=_cl(dims)):
+            G = grad_buffer  # our reader's fresh dx, handed over unshared: updated in place (no second copy)
         else:
-            G.copy_(grad_buffer)
+            G = torch.empty_like(buffer, memory_format=_cl(dims)).copy_(grad_buffer)
         invstd = torch.rsqrt(var + eps)
         # Merged BN1 backward of every reader of a channel: S1 = Σ γ·dβ, S2 = Σ γ·dγ (docs/design.md §3). A
         # reader outside the block returned dmean = -γ·invstd·dβ and dvar = -½·γ·invstd²·dγ instead.
@@ -238,27 +243,33 @@ class _SyncDenseBlock(torch.autograd.Function):
             c = C0 + l * k
             if l + 1 < L:
                 finalize(c, k)
+            # The step's peak is here, in the first block's layers (docs/design.md §13): beside Y, one more
+            # [rows, bn_size·k] tensor at a time (V, then dV) and a 1-byte ReLU mask.
             y = _ops.block_layer_bottleneck(buffer, c, mean[:c], var[:c], g1[l], b1[l], w1[l], eps)
             a2, s2, is2 = _fold(g2[l], b2[l], mean2[l], var2[l], eps)
-            v = torch.relu(_mat(y) * a2 + s2).view_as(_mat(y))
+            v = torch.mul(_mat(y), a2).add_(s2).relu_()  # V = relu(bn2(Y)), one allocation
             v4 = v.view(y.shape[0], *y.shape[2:], inter).movedim(-1, 1)
             dout = _dropout(G[:, c:c + k], mask, l, k, p)
-            dv, dw2, _ = torch.ops.aten.convolution_backward(dout, v4, w2[l], None, [1] * dims, [1] * dims,
-                                                             [1] * dims, False, [0] * dims, 1, [True, True, False])
-            dz = _mat(dv.contiguous(memory_format=_cl(dims)))
-            dz.masked_fill_(v <= 0, 0.0)  # ReLU backward (threshold_backward's rule), in place
-            del dv, v, v4
+            conv_args = ([1] * dims, [1] * dims, [1] * dims, False, [0] * dims, 1)
+            # dW2 reads V, dV does not: two calls, so that V is freed before dV is allocated.
+            dw2 = torch.ops.aten.convolution_backward(dout, v4, w2[l], None, *conv_args, [False, True, False])[1]
+            dead = v <= 0  # ReLU backward (threshold_backward's rule)
+            del v, v4
+            dv = torch.ops.aten.convolution_backward(dout, y, w2[l], None, *conv_args, [True, False, False])[0]
+            dv = dv.contiguous(memory_format=_cl(dims))  # (Y stands in for V's shape: dV does not read it)
+            dz = _mat(dv)
+            dz.masked_fill_(dead, 0.0)  # in place
+            del dead
             xhat = _mat(y).sub_(mean2[l]).mul_(is2)  # in place over Y (not needed any more)
-            sums = torch.stack([dz.sum(0, dtype=torch.float64), (dz * xhat).sum(0, dtype=torch.float64)])
+            sums = channel_sums(dv, y)  # [Σdz, Σdz·x̂] in float64, no temporaries (y holds x̂ now)
             grads[4][l], grads[3][l] = sums[0].to(g2[l].dtype), sums[1].to(g2[l].dtype)  # local dβ2, dγ2
             sg = all_reduce_(sums.to(buffer.dtype, copy=True), group)
             # BN2 backward with global sums: dY = a2·(dz - Σdz/n - x̂·Σdz·x̂/n), in place over dz.
             dz.sub_(xhat.mul_(sg[1] / n).add_(sg[0] / n)).mul_(a2)
-            dy = dz.view(y.shape[0], *y.shape[2:], inter).movedim(-1, 1)
             del xhat, y
-            dw1, sdu, sdux = _ops.block_layer_bottleneck_backward(dy, buffer, c, mean[:c], var[:c], g1[l], b1[l],
+            dw1, sdu, sdux = _ops.block_layer_bottleneck_backward(dv, buffer, c, mean[:c], var[:c], g1[l], b1[l],
                                                                   w1[l], eps, G)
-            del dz, dy
+            del dz, dv
             grads[2][l], grads[1][l], grads[0][l], grads[5][l] = dw1, sdu, sdux, dw2.contiguous()
             S[0, :c] += g1[l] * sdu
             S[1, :c] += g1[l] * sdux

@@ -32,7 +32,8 @@ from densenet_fast.ops.stem import bn_relu_maxpool, bn_relu_maxpool_backward
 load_extension()
 _ops = torch.ops.densenet_fast
 
-__all__ = ["all_reduce_", "moments_from_sums", "sync_moments", "bn_reader", "channel_sums", "bn_stats_grads"]
+__all__ = ["all_reduce_", "moments_from_sums", "sync_moments", "bn_reader", "sync_bn_reader", "channel_sums",
+           "bn_stats_grads", "owns_grad"]
 
 
 def all_reduce_(t: Tensor, group) -> Tensor:
@@ -41,9 +42,10 @@ def all_reduce_(t: Tensor, group) -> Tensor:
     return t
 
 
-def channel_sums(x: Tensor) -> Tensor:
-    """[2, C] float64: per-channel Σx and Σx² of x [N, C, *] (a channel slice of a block buffer is read in place)."""
-    return _ops.channel_sums(x)
+def channel_sums(x: Tensor, other: Optional[Tensor] = None) -> Tensor:
+    """[2, C] float64: per-channel Σx and Σx² of x [N, C, *] (with ``other``, same shape: Σx and Σx·other),
+    accumulated in float64 without temporaries (channel slices of block buffers are read in place)."""
+    return _ops.channel_sums(x, other)
 
 
 def moments_from_sums(sums: Tensor, count: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -73,16 +75,42 @@ def bn_stats_grads(weight: Tensor, var: Tensor, eps: float, grad_weight: Tensor,
     return -(w * invstd) * grad_bias, -0.5 * w * invstd * invstd * grad_weight
 
 
+def _global_moments(x: Tensor, group) -> Tuple[Tensor, Tensor, int]:
+    """(mean, var, count) of x [N, C, *] over ``group``: this rank's sums and count, one all-reduce."""
+    C = x.shape[1]
+    pack = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
+    pack[:2 * C].copy_(channel_sums(x).flatten())
+    pack[2 * C] = values_per_channel(x)
+    all_reduce_(pack, group)
+    count = int(pack[2 * C].item())
+    mean, var = moments_from_sums(pack[:2 * C].view(2, C), count, _stats_dtype(x.dtype))
+    return mean, var, count
+
+
+def _moments_backward(x: Tensor, mean: Tensor, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], group,
+                      count: int, into: Optional[Tensor] = None) -> Tensor:
+    """dx of the global moments: ``dmean/n + 2 (x - mean) dvar/n`` (n = count) with (dmean, dvar) all-reduced
+    (every rank's loss depends on the global statistics); added in place to ``into`` when given."""
+    C = x.shape[1]
+    g = torch.zeros(2, C, dtype=mean.dtype, device=x.device)
+    if grad_mean is not None:
+        g[0].copy_(grad_mean)
+    if grad_var is not None:
+        g[1].copy_(grad_var)
+    all_reduce_(g, group)
+    shape = [1, C] + [1] * (x.dim() - 2)
+    # dx = x·c1 + c0
+    c1 = (2.0 * g[1] / count).view(shape).to(x.dtype)
+    c0 = (g[0] / count - mean * (2.0 * g[1] / count)).view(shape).to(x.dtype)
+    if into is None:
+        return torch.addcmul(c0, x, c1)  # one allocation
+    return into.addcmul_(x, c1).add_(c0)
+
+
 class _SyncMoments(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, group) -> Tuple[Tensor, Tensor, Tensor]:
-        C = x.shape[1]
-        pack = torch.empty(2 * C + 1, dtype=torch.float64, device=x.device)
-        pack[:2 * C].copy_(channel_sums(x).flatten())
-        pack[2 * C] = values_per_channel(x)
-        all_reduce_(pack, group)
-        count = int(pack[2 * C].item())
-        mean, var = moments_from_sums(pack[:2 * C].view(2, C), count, _stats_dtype(x.dtype))
+        mean, var, count = _global_moments(x, group)
         ctx.group, ctx.count = group, count
         ctx.save_for_backward(x, mean)
         count_t = torch.tensor(count)
@@ -93,19 +121,7 @@ class _SyncMoments(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_mean: Optional[Tensor], grad_var: Optional[Tensor], _grad_count):
         x, mean = ctx.saved_tensors
-        C = x.shape[1]
-        g = torch.zeros(2, C, dtype=mean.dtype, device=x.device)
-        if grad_mean is not None:
-            g[0].copy_(grad_mean)
-        if grad_var is not None:
-            g[1].copy_(grad_var)
-        all_reduce_(g, ctx.group)  # every rank's loss depends on the global statistics
-        shape = [1, C] + [1] * (x.dim() - 2)
-        n = ctx.count
-        # dx = dmean/n + 2 (x - mean) dvar/n = x·c1 + c0, one allocation
-        c1 = 2.0 * g[1] / n
-        c0 = g[0] / n - mean * c1
-        return torch.addcmul(c0.view(shape).to(x.dtype), x, c1.view(shape).to(x.dtype)), None
+        return _moments_backward(x, mean, grad_mean, grad_var, ctx.group, ctx.count), None
 
 
 @torch.compiler.disable
@@ -157,11 +173,26 @@ _READERS = {"transition": (_transition_fwd, _transition_bwd), "norm_relu_pool": 
             "stem": (_stem_fwd, _stem_bwd), "bn": (_bn_fwd, _bn_bwd)}
 
 
+_FRESH = "_dnf_fresh_grad"
+
+
+def owns_grad(grad: Tensor) -> bool:
+    """Whether ``grad`` (a gradient a backward receives) is a reader's fresh input gradient (see
+    :func:`bn_reader`) that autograd handed over unchanged: the receiving backward may update it in place.
+
+    The tag is set on the input gradient that ``_BNReader.backward`` allocates when the reader reads a
+    synchronised block's buffer with the block's statistics (``hand_over``: only ``FusedFeatures`` does, and
+    the buffer never leaves it, so no hook, ``retain_grad`` or ``autograd.grad(inputs=...)`` can hold that
+    gradient). Autograd hands it to the block's backward as is, or summed in place with other consumers'
+    gradients (then the sum is autograd's own): either way nothing else reads it afterwards."""
+    return getattr(grad, _FRESH, False)
+
+
 class _BNReader(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-                extra: Optional[Tensor], eps: float) -> Tensor:
-        ctx.kind, ctx.eps = kind, eps
+                extra: Optional[Tensor], eps: float, hand_over: bool) -> Tensor:
+        ctx.kind, ctx.eps, ctx.hand_over = kind, eps, hand_over
         ctx.save_for_backward(x, mean, var, weight, bias, extra)
         return _READERS[kind][0](x, mean, var, weight, bias, extra, eps)
 
@@ -170,20 +201,66 @@ class _BNReader(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, mean, var, weight, bias, extra = ctx.saved_tensors
         dx, dw, db, dextra = _READERS[ctx.kind][1](grad.contiguous(), x, mean, var, weight, bias, extra, ctx.eps)
+        if ctx.hand_over and dx is not grad:
+            setattr(dx, _FRESH, True)  # fresh: the block's backward may use it as its gradient buffer
         dmean, dvar = bn_stats_grads(weight, var, ctx.eps, dw, db)
-        return None, dx, dmean, dvar, dw, db, dextra, None
+        return None, dx, dmean, dvar, dw, db, dextra, None, None
 
 
 @torch.compiler.disable
 def bn_reader(kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
-              extra: Optional[Tensor] = None, *, eps: float) -> Tensor:
+              extra: Optional[Tensor] = None, *, eps: float, hand_over: bool = False) -> Tensor:
     """A fused BN-ReLU reader of x with the statistics ``mean``/``var`` given, differentiable in them.
 
     kind: ``"transition"`` (extra: the 1x1 conv weight; [N, C, H, W] -> [N, C_out, H/2, W/2]),
     ``"norm_relu_pool"`` ([N, C, *] -> [N, C]), ``"stem"`` ([N, C, H, W] -> BN-ReLU-maxpool 3x3/2) or ``"bn"``
     (the BatchNorm alone, [N, C, *] -> [N, C, *]; torch's kernels).
     With statistics from :func:`sync_moments` (or a synchronised block) this is SyncBatchNorm's reader.
+    ``hand_over``: x is a synchronised block's internal buffer (no other code holds it): x's gradient is
+    tagged so that the block's backward may update it in place (:func:`owns_grad`) instead of copying it.
     """
     if kind not in _READERS:
         raise ValueError(f"kind: expected one of {sorted(_READERS)}, got {kind!r}")
-    return _BNReader.apply(kind, x, mean, var, weight, bias, extra, float(eps))
+    return _BNReader.apply(kind, x, mean, var, weight, bias, extra, float(eps), bool(hand_over))
+
+
+class _SyncBNReader(torch.autograd.Function):
+    """:func:`sync_moments` followed by :func:`bn_reader` as one autograd node: the same collectives and
+    arithmetic, but the statistics' gradient terms are added to the reader's fresh dx in place, instead of
+    autograd summing two input-sized gradients (the step's peak of a 3-D model is its stem's backward)."""
+
+    @staticmethod
+    def forward(ctx, kind: str, x: Tensor, weight: Tensor, bias: Tensor, extra: Optional[Tensor], eps: float,
+                group):
+        mean, var, count = _global_moments(x, group)
+        ctx.kind, ctx.eps, ctx.group, ctx.count = kind, eps, group, count
+        ctx.save_for_backward(x, mean, var, weight, bias, extra)
+        out = _READERS[kind][0](x, mean, var, weight, bias, extra, eps)
+        count_t = torch.tensor(count)
+        ctx.mark_non_differentiable(mean, var, count_t)
+        return out, mean, var, count_t
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor, _gm, _gv, _gc):
+        x, mean, var, weight, bias, extra = ctx.saved_tensors
+        dx, dw, db, dextra = _READERS[ctx.kind][1](grad.contiguous(), x, mean, var, weight, bias, extra, ctx.eps)
+        dmean, dvar = bn_stats_grads(weight, var, ctx.eps, dw, db)
+        if dx is grad:  # not the reader's own allocation: do not update it in place
+            dx = dx.clone()
+        dx = _moments_backward(x, mean, dmean, dvar, ctx.group, ctx.count, into=dx)
+        return None, dx, dw, db, dextra, None, None
+
+
+@torch.compiler.disable
+def sync_bn_reader(kind: str, x: Tensor, weight: Tensor, bias: Tensor, extra: Optional[Tensor] = None, *,
+                   group, eps: float) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """SyncBatchNorm's reader of x [N, C, *] over ``group``: ``bn_reader(kind, x, *sync_moments(x, group)[:2],
+    ...)`` in one autograd node (same results and collectives, one input-sized gradient fewer in the backward).
+
+    Returns (output, mean, var, count): the global statistics (not differentiable; for the running statistics).
+    """
+    if kind not in _READERS:
+        raise ValueError(f"kind: expected one of {sorted(_READERS)}, got {kind!r}")
+    out, mean, var, count = _SyncBNReader.apply(kind, x, weight, bias, extra, float(eps), group)
+    return out, mean, var, int(count)
