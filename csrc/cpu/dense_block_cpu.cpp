@@ -392,21 +392,34 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
   finalized_columns(0, g.C0, training, grad_input.data_ptr<T>());
 }
 
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
-           std::vector<Tensor>, std::vector<Tensor>>
-dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const Tensor& mean, const Tensor& var,
-                         const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1, TensorList w1,
-                         TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
-                         TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
-                         bool training, double eps, int64_t num_input_features) {
+using BackwardResult = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+                                  std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
+
+// reuse_grad: grad_buffer is the working gradient G itself, updated in place (dense_block_backward_inplace:
+// the caller hands over a gradient nothing else reads, so no second block-sized tensor exists at the peak).
+BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, const Tensor& mean, const Tensor& var,
+                              const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1, TensorList w1,
+                              TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
+                              TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
+                              bool training, double eps, int64_t num_input_features, bool reuse_grad) {
   const BlockGeometry g = check_dense_block_backward_args(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2,
                                                           b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
                                                           num_input_features);
   check_cpu_dtype(buffer);
   const Tensor X = buffer.contiguous(cl_format(g.dims));
   // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
-  Tensor G = empty_cl(g, g.Ct, buffer.options().dtype(stats_dtype(buffer.scalar_type())));
-  G.copy_(grad_buffer);
+  const at::ScalarType gt = stats_dtype(buffer.scalar_type());
+  Tensor G;
+  if (reuse_grad) {
+    TORCH_CHECK(grad_buffer.scalar_type() == gt && grad_buffer.is_contiguous(cl_format(g.dims)),
+                "grad_buffer: expected a ", gt, " ", g.dims == 3 ? "channels_last_3d" : "channels_last",
+                " tensor to update in place (dense_block_backward_inplace), got ", grad_buffer.scalar_type(),
+                " with strides ", grad_buffer.strides());
+    G = grad_buffer;
+  } else {
+    G = empty_cl(g, g.Ct, buffer.options().dtype(gt));
+    G.copy_(grad_buffer);
+  }
   const BlockOperands op{g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2,
                          mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
                          mask, p, eps, training};
@@ -418,6 +431,26 @@ dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const 
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
 
+BackwardResult dense_block_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const Tensor& mean,
+                                        const Tensor& var, const Tensor& mean2, const Tensor& var2, TensorList g1,
+                                        TensorList b1, TensorList w1, TensorList g2, TensorList b2, TensorList w2,
+                                        TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2,
+                                        const c10::optional<Tensor>& mask, double p, bool training, double eps,
+                                        int64_t num_input_features) {
+  return backward_entry(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask,
+                        p, training, eps, num_input_features, /*reuse_grad=*/false);
+}
+
+BackwardResult dense_block_backward_inplace_cpu(const Tensor& grad_buffer, const Tensor& buffer, const Tensor& mean,
+                                                const Tensor& var, const Tensor& mean2, const Tensor& var2,
+                                                TensorList g1, TensorList b1, TensorList w1, TensorList g2,
+                                                TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
+                                                TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask,
+                                                double p, bool training, double eps, int64_t num_input_features) {
+  return backward_entry(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask,
+                        p, training, eps, num_input_features, /*reuse_grad=*/true);
+}
+
 }  // namespace dnf::cpu::DNF_ISA
 
 #ifdef DNF_ISA_REGISTERS
@@ -425,11 +458,13 @@ namespace dnf::cpu {
 
 DNF_DECLARE_ISA_VARIANTS(dense_block_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_cpu)
+DNF_DECLARE_ISA_VARIANTS(dense_block_backward_inplace_cpu)
 DNF_DECLARE_ISA_VARIANTS(bn_relu_conv1x1_cpu)
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("dense_block_forward", DNF_PICK_ISA(dense_block_forward_cpu));
   m.impl("dense_block_backward", DNF_PICK_ISA(dense_block_backward_cpu));
+  m.impl("dense_block_backward_inplace", DNF_PICK_ISA(dense_block_backward_inplace_cpu));
   m.impl("bn_relu_conv1x1", DNF_PICK_ISA(bn_relu_conv1x1_cpu));
 }
 

@@ -36,6 +36,7 @@ from densenet_fast.nn.dense_block import (
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
+from densenet_fast.ops.common import mark_sole_reader
 from densenet_fast.ops.dense_block import cpu_autocast_input
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
@@ -191,7 +192,8 @@ class FusedFeatures(nn.Sequential):
                 buf = pending.buffer
                 if isinstance(m, Transition) and not has_hooks(m) and m.can_fuse(buf):
                     mean, var, count = _stats_for(m.norm, pending)
-                    x, pending = m.fused_forward(buf, mean, var, count=count), None
+                    # its only reader: the block may take the transition's input gradient as its own (hand-over)
+                    x, pending = m.fused_forward(mark_sole_reader(buf), mean, var, count=count), None
                     i += 1
                     continue
                 x, stats, pending = buf, pending, None
@@ -212,7 +214,7 @@ class FusedFeatures(nn.Sequential):
             if last and self._fuses_final_norm(m, x, pool_relu):
                 if stats is not None and m.training == bool(stats.mean.numel()):
                     mean, var, count = _stats_for(m, stats)
-                    return fused_norm_relu_pool(m, x, mean, var, count=count), True
+                    return fused_norm_relu_pool(m, mark_sole_reader(x), mean, var, count=count), True
                 return fused_norm_relu_pool(m, x), True
             if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
                 pending = m.fused_forward(x)

@@ -30,6 +30,42 @@ def empty_cl(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = 
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=cl_format(len(shape)))
 
 
+# -- gradient hand-over (docs/design.md §11) ------------------------------------------------------------------
+# A block's backward needs a block-sized working gradient G. When the gradient autograd hands it is one that
+# nothing else can read — the fresh input gradient of the block's only reader, inside FusedFeatures, where the
+# buffer never leaves the module (no hook, retain_grad or autograd.grad(inputs=...) can reach it) — the block
+# updates it in place instead of copying it: one block-sized tensor less at the step's peak.
+_SOLE_READER = "_dnf_sole_reader"
+_FRESH = "_dnf_fresh_grad"
+
+
+def mark_sole_reader(buffer: Tensor) -> Tensor:
+    """Marks a block buffer that FusedFeatures hands to exactly one fused reader (and nothing else). Eager only:
+    a traced graph has no hand-over (torch.compile keeps the copying backward)."""
+    if not torch.compiler.is_compiling():
+        setattr(buffer, _SOLE_READER, True)
+    return buffer
+
+
+def is_sole_reader_input(input: Tensor) -> bool:
+    """Whether a reader's input was marked by :func:`mark_sole_reader` (its input gradient may be handed over)."""
+    return getattr(input, _SOLE_READER, False)
+
+
+def mark_fresh(grad: Tensor) -> Tensor:
+    """Tags a reader's freshly allocated input gradient as handed over (see :func:`owns_grad`)."""
+    setattr(grad, _FRESH, True)
+    return grad
+
+
+def owns_grad(grad: Tensor) -> bool:
+    """Whether ``grad`` (a gradient a block's backward receives) is a sole reader's fresh input gradient
+    (:func:`mark_fresh`) that autograd handed over unchanged, or summed in place with other consumers'
+    gradients (then the sum is autograd's own): either way nothing else reads it afterwards, and the receiving
+    backward may update it in place."""
+    return getattr(grad, _FRESH, False)
+
+
 def check_rank(input: Tensor, name: str = "input") -> None:
     """A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation: the output shapes and layouts need it."""
     torch._check(input.dim() in (4, 5), lambda: f"{name}: expected a 4-D tensor [N, C, H, W] or a 5-D tensor "

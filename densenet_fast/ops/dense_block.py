@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import check_devices, check_rank, empty_cl, stats_dtype
+from densenet_fast.ops.common import check_devices, check_rank, cl_format, empty_cl, owns_grad, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -87,6 +87,19 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
             like(norm1_bias), like(conv1_weight), like(norm2_weight), like(norm2_bias), like(conv2_weight))
 
 
+torch.library.register_fake("densenet_fast::dense_block_backward_inplace")(_dense_block_backward_fake)
+
+
+def _can_reuse_grad(grad_buffer: Tensor, buffer: Tensor) -> bool:
+    """Whether the block's backward may use ``grad_buffer`` as its working gradient (updated in place): handed
+    over by the block's only reader (ops/common.py) and already what the kernel would copy it into (CPU,
+    float32/float64 like the buffer, channels_last). Eager only: the in-place operator returns tensor lists,
+    which torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
+    return (owns_grad(grad_buffer) and not torch.compiler.is_compiling() and grad_buffer.device.type == "cpu" and buffer.device.type == "cpu"
+            and grad_buffer.dtype == buffer.dtype and buffer.dtype in (torch.float32, torch.float64)
+            and grad_buffer.shape == buffer.shape and grad_buffer.is_contiguous(memory_format=cl_format(buffer.dim())))
+
+
 def _setup_context(ctx, inputs, output):
     (input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, drop_rate, training, eps) = inputs
     buffer, mean, var, mean2, var2 = output
@@ -112,7 +125,8 @@ def _backward(ctx, grad_buffer, _gm, _gv, _gm2, _gv2):
     mask = saved[-1] if ctx.has_mask else None
     if grad_buffer is None:
         grad_buffer = torch.zeros_like(buffer)
-    grad_input, *grads = _ops.dense_block_backward(
+    backward = _ops.dense_block_backward_inplace if _can_reuse_grad(grad_buffer, buffer) else _ops.dense_block_backward
+    grad_input, *grads = backward(
         grad_buffer, buffer, mean, var, mean2, var2, *params, *running, mask, ctx.drop_rate,
         ctx.training, ctx.eps, ctx.num_input_features)
     no_grad_running = [[None] * R for _ in range(4)]  # running stats: no gradient

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
+from densenet_fast.ops.common import mark_fresh, owns_grad
 from densenet_fast.ops.stem import bn_relu_maxpool, bn_relu_maxpool_backward
 
 load_extension()
@@ -173,21 +174,6 @@ _READERS = {"transition": (_transition_fwd, _transition_bwd), "norm_relu_pool": 
             "stem": (_stem_fwd, _stem_bwd), "bn": (_bn_fwd, _bn_bwd)}
 
 
-_FRESH = "_dnf_fresh_grad"
-
-
-def owns_grad(grad: Tensor) -> bool:
-    """Whether ``grad`` (a gradient a backward receives) is a reader's fresh input gradient (see
-    :func:`bn_reader`) that autograd handed over unchanged: the receiving backward may update it in place.
-
-    The tag is set on the input gradient that ``_BNReader.backward`` allocates when the reader reads a
-    synchronised block's buffer with the block's statistics (``hand_over``: only ``FusedFeatures`` does, and
-    the buffer never leaves it, so no hook, ``retain_grad`` or ``autograd.grad(inputs=...)`` can hold that
-    gradient). Autograd hands it to the block's backward as is, or summed in place with other consumers'
-    gradients (then the sum is autograd's own): either way nothing else reads it afterwards."""
-    return getattr(grad, _FRESH, False)
-
-
 class _BNReader(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
@@ -202,7 +188,7 @@ class _BNReader(torch.autograd.Function):
         x, mean, var, weight, bias, extra = ctx.saved_tensors
         dx, dw, db, dextra = _READERS[ctx.kind][1](grad.contiguous(), x, mean, var, weight, bias, extra, ctx.eps)
         if ctx.hand_over and dx is not grad:
-            setattr(dx, _FRESH, True)  # fresh: the block's backward may use it as its gradient buffer
+            mark_fresh(dx)  # fresh: the block's backward may use it as its gradient buffer
         dmean, dvar = bn_stats_grads(weight, var, ctx.eps, dw, db)
         return None, dx, dmean, dvar, dw, db, dextra, None, None
 

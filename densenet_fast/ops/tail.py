@@ -19,7 +19,14 @@ from typing import Optional
 import torch
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import check_bn_reader, check_rank, cl_format, stats_dtype
+from densenet_fast.ops.common import (
+    check_bn_reader,
+    check_rank,
+    cl_format,
+    is_sole_reader_input,
+    mark_fresh,
+    stats_dtype,
+)
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -90,19 +97,25 @@ def _setup(ctx, inputs, output):
     i = next(k for k, v in enumerate(inputs) if isinstance(v, bool))
     gate = inputs[i + 2] if len(inputs) > i + 2 else None
     ctx.training, ctx.eps, ctx.gated = inputs[i], inputs[i + 1], gate is not None
+    ctx.hand_over = is_sole_reader_input(inputs[0])  # a block buffer only this reader reads (FusedFeatures)
     ctx.save_for_backward(*inputs[:i], gate)
+
+
+def _fresh(ctx, gx: torch.Tensor) -> torch.Tensor:
+    # The block's backward may update it in place (ops/common.py, hand-over): nothing else reads it.
+    return mark_fresh(gx) if ctx.hand_over else gx
 
 
 def _transition_backward(ctx, grad):
     *tensors, gate = ctx.saved_tensors
     gx, gw, gb, gc, gg = _ops.transition_backward(grad, *tensors, ctx.training, ctx.eps, gate)
-    return gx, None, None, gw, gb, gc, None, None, gg if ctx.gated else None
+    return _fresh(ctx, gx), None, None, gw, gb, gc, None, None, gg if ctx.gated else None
 
 
 def _norm_relu_pool_backward(ctx, grad):
     *tensors, gate = ctx.saved_tensors
     gx, gw, gb, gg = _ops.norm_relu_pool_backward(grad, *tensors, ctx.training, ctx.eps, gate)
-    return gx, None, None, gw, gb, None, None, gg if ctx.gated else None
+    return _fresh(ctx, gx), None, None, gw, gb, None, None, gg if ctx.gated else None
 
 
 def _sample_moments_setup(ctx, inputs, output):
