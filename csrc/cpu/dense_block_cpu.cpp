@@ -268,9 +268,11 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
     Tensor dout = empty_cl(g, g.k, buffer.options());
     finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
     dout = apply_dropout(dout, op.mask, l, g.k, op.drop_rate);
-    out.w2[l] = conv3x3_weight_grad(dout, v, op.w2[l], g.dims).contiguous();  // as the fake kernel declares
+    // The weight in the activations' layout once: ATen would make (and drop) that copy in each of the two calls.
+    const Tensor w2 = op.w2[l].contiguous(cl_format(g.dims));
+    out.w2[l] = conv3x3_weight_grad(dout, v, w2, g.dims).contiguous();  // as the fake kernel declares
     v.reset();
-    Tensor dv = conv3x3_input_grad(dout, op.w2[l], g.dims).contiguous(cl_format(g.dims));
+    Tensor dv = conv3x3_input_grad(dout, w2, g.dims).contiguous(cl_format(g.dims));
     dout.reset();
     T* dV = dv.data_ptr<T>();
 
