@@ -170,7 +170,8 @@ def conv_bn_relu_maxpool(input: Tensor, conv_weight: Tensor, stride: List[int], 
 
     training: BN uses the batch statistics of the convolution's output, returned as ``mean``/``var``
     ([C], biased variance; the caller updates the running statistics with them); eval: the running
-    statistics (``mean``/``var`` are returned empty). Saves only ``input`` and ``conv_weight``.
+    statistics (``mean``/``var`` are returned empty). Saves only ``input`` and ``conv_weight``. The convolution
+    runs on ``input`` in channels_last(_3d), so on CPU float32 (oneDNN) the output is channels_last(_3d).
     """
     _check_conv_stem(input, conv_weight, stride, padding)
     y = _conv(input, conv_weight, stride, padding)
@@ -220,8 +221,9 @@ def _conv_backward_batch(ctx, grad):
 
 # How the 3-D stem's backward recomputes conv0 (read at import from DNF_CONV_STEM_BACKWARD; the module attribute
 # may be changed at run time): "batch" (default; one recompute for the whole batch) or "sample" (one sample at a
-# time: the lowest step peak, for one more conv0 recompute in training). MONAI DenseNet121 3D, 2 x 1x96^3, this
-# Xeon: step peak 0.28x / 0.21-0.24x of MONAI's, step time 1.04x / 1.28x of MONAI's (README, 3-D section).
+# time: the recomputed output and its gradient exist for one sample, for one more conv0 recompute in training).
+# MONAI DenseNet121 3D, 2 x 1x96^3, this Xeon: the same step peak (the step's peak is elsewhere); the sample mode's
+# stem forward + backward takes ~1.35x the batch mode's, ~6% of the step (docs/design.md §4).
 CONV_STEM_BACKWARD = os.environ.get("DNF_CONV_STEM_BACKWARD", "batch")
 if CONV_STEM_BACKWARD not in ("batch", "sample"):
     raise ValueError(f"DNF_CONV_STEM_BACKWARD: expected 'batch' or 'sample', got {CONV_STEM_BACKWARD!r}")
