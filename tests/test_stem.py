@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from conftest import rel_err  # noqa: E402
 
 import densenet_fast as dnf  # noqa: E402
+from densenet_fast.models.densenet import DenseNet  # noqa: E402
 from densenet_fast.nn.fused_features import fused_conv_stem, fused_stem  # noqa: E402
 from densenet_fast.ops import channel_moments  # noqa: E402
 
@@ -180,6 +181,27 @@ def test_conv_stem_runs_channels_last(channels, channels_last):
     assert x.untyped_storage().data_ptr() in saved  # the image itself, not a copy
     out.backward(torch.randn(out.shape, dtype=dtype, generator=g))
     assert cw.grad is not None and torch.isfinite(cw.grad).all()
+
+
+@pytest.mark.parametrize("build", ["convert", "ours"])
+def test_2d_conv0_answers_channels_last_and_saves_the_image(build):
+    """Before a fused 2-D stem conv0 runs with its weight in channels_last: its output (saved by the stem) is
+    channels_last for a contiguous image, and the image itself is what conv0 saves (no channels_last copy)."""
+    tv = pytest.importorskip("torchvision")
+    kw = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    model = dnf.convert(tv.models.DenseNet(**kw)) if build == "convert" else DenseNet(**kw)
+    x = torch.randn(2, 3, 33, 31)
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(tuple(t.shape), []).append((t.untyped_storage().data_ptr(), t.stride()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    conv0_out = torch.empty(2, 8, 17, 16).contiguous(memory_format=torch.channels_last)
+    assert (x.untyped_storage().data_ptr(), x.stride()) in saved[tuple(x.shape)]
+    assert [st for _, st in saved[tuple(conv0_out.shape)]] == [conv0_out.stride()]
 
 
 def _saved_storages(fn) -> dict:
