@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from conftest import rel_err  # noqa: E402
 
 import densenet_fast as dnf  # noqa: E402
+from densenet_fast.models.densenet import DenseNet  # noqa: E402
 from densenet_fast.nn.fused_features import fused_conv_stem, fused_stem  # noqa: E402
 from densenet_fast.ops import channel_moments  # noqa: E402
 
@@ -144,7 +145,7 @@ def test_conv_stem_gradcheck(training, backward, monkeypatch):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (2, 3, 6, 7)])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4, 3), (2, 1, 5, 4, 3), (2, 3, 6, 7)])
 def test_stem_opcheck(shape, channels_last):
     x = _layout(torch.randn(shape), channels_last).requires_grad_(True)
     mean, var = channel_moments(x.detach())
@@ -158,6 +159,49 @@ def test_stem_opcheck(shape, channels_last):
         for training in (True, False):
             torch.library.opcheck(OPS.conv_bn_relu_maxpool.default,
                                   (x, cw, [2, 2, 2], [1, 1, 1], rm, rv, w4, b4, training, 1e-5))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_conv_stem_runs_channels_last(channels, channels_last):
+    """conv0 runs on the image in channels_last_3d, so the stem's output (the first dense block's input) is
+    channels_last_3d whatever the image's layout (the stem kernels vectorise over channels there, and the block
+    copies it without a transpose), and a one-channel contiguous image is saved as it is (a view, no copy).
+    float32: oneDNN follows the input's layout (ATen's float64 conv3d answers contiguous, as its fake does)."""
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(6)
+    x = _layout(torch.randn(2, channels, 9, 8, 7, dtype=dtype, generator=g), channels_last)
+    cw = torch.randn(4, channels, 3, 3, 3, dtype=dtype, generator=g, requires_grad=True)
+    w, b = torch.rand(4, dtype=dtype, requires_grad=True), torch.randn(4, dtype=dtype, requires_grad=True)
+    rm, rv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+    saved = _saved_storages(lambda: OPS.conv_bn_relu_maxpool(x, cw, [2, 2, 2], [1, 1, 1], rm, rv, w, b, True, 1e-5))
+    out = OPS.conv_bn_relu_maxpool(x, cw, [2, 2, 2], [1, 1, 1], rm, rv, w, b, True, 1e-5)[0]
+    assert out.shape == (2, 4, 3, 2, 2)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous(), out.stride()
+    assert x.untyped_storage().data_ptr() in saved  # the image itself, not a copy
+    out.backward(torch.randn(out.shape, dtype=dtype, generator=g))
+    assert cw.grad is not None and torch.isfinite(cw.grad).all()
+
+
+@pytest.mark.parametrize("build", ["convert", "ours"])
+def test_2d_conv0_answers_channels_last_and_saves_the_image(build):
+    """Before a fused 2-D stem conv0 runs with its weight in channels_last: its output (saved by the stem) is
+    channels_last for a contiguous image, and the image itself is what conv0 saves (no channels_last copy)."""
+    tv = pytest.importorskip("torchvision")
+    kw = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=3)
+    model = dnf.convert(tv.models.DenseNet(**kw)) if build == "convert" else DenseNet(**kw)
+    x = torch.randn(2, 3, 33, 31)
+    saved = {}
+
+    def pack(t):
+        saved.setdefault(tuple(t.shape), []).append((t.untyped_storage().data_ptr(), t.stride()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    conv0_out = torch.empty(2, 8, 17, 16).contiguous(memory_format=torch.channels_last)
+    assert (x.untyped_storage().data_ptr(), x.stride()) in saved[tuple(x.shape)]
+    assert [st for _, st in saved[tuple(conv0_out.shape)]] == [conv0_out.stride()]
 
 
 def _saved_storages(fn) -> dict:

@@ -270,7 +270,9 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
     Tensor dout = empty_cl(g, g.k, buffer.options());
     finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
     dout = apply_dropout(dout, op.mask, l, g.k, op.drop_rate);
-    const Tensor W2 = op.w2[l].to(buffer.scalar_type());
+    // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
+    // ATen would make (and drop) the layout copy in each of the two calls.
+    const Tensor W2 = op.w2[l].to(buffer.scalar_type()).contiguous(cl_format(g.dims));
     // in the weight's own dtype and layout, as the fake kernel declares
     out.w2[l] = conv3x3_weight_grad(dout, v, W2, g.dims).to(op.w2[l].scalar_type()).contiguous();
     v.reset();

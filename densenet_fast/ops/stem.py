@@ -166,9 +166,19 @@ def bn_relu_maxpool(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bi
 # weight gradient needs it anyway) and recomputes the convolution in the backward: one extra conv0
 # forward per step for the largest saved tensor of the model (docs/design.md §4).
 
+def _channels_last(image: Tensor) -> Tensor:
+    """``image`` in channels_last(_3d): the convolution's output then comes out channels_last too (oneDNN follows
+    its input's layout), where the stem kernels vectorise over the channels and the dense block after the stem
+    takes it without a transpose (contiguous: ~3x slower stem forward + backward). A one-channel contiguous
+    image is also channels_last; the view only sets the strides that say so (no copy)."""
+    if image.shape[1] == 1 and image.is_contiguous():
+        return image.view(image.shape[0], *image.shape[2:], 1).movedim(-1, 1)
+    return image.contiguous(memory_format=torch.channels_last_3d if image.dim() == 5 else torch.channels_last)
+
+
 def _conv(image: Tensor, weight: Tensor, stride: List[int], padding: List[int]) -> Tensor:
     conv = F.conv3d if image.dim() == 5 else F.conv2d
-    return conv(image, weight, None, stride, padding)
+    return conv(_channels_last(image), weight, None, stride, padding)
 
 
 def _check_conv_stem(image: Tensor, conv_weight: Tensor, stride: List[int], padding: List[int]) -> None:
@@ -191,7 +201,8 @@ def conv_bn_relu_maxpool(input: Tensor, conv_weight: Tensor, stride: List[int], 
 
     training: BN uses the batch statistics of the convolution's output, returned as ``mean``/``var``
     ([C], biased variance; the caller updates the running statistics with them); eval: the running
-    statistics (``mean``/``var`` are returned empty). Saves only ``input`` and ``conv_weight``.
+    statistics (``mean``/``var`` are returned empty). Saves only ``input`` and ``conv_weight``. The convolution
+    runs on ``input`` in channels_last(_3d), so on CPU float32 (oneDNN) the output is channels_last(_3d).
     """
     _check_conv_stem(input, conv_weight, stride, padding)
     y = _conv(input, conv_weight, stride, padding)
@@ -228,6 +239,7 @@ def _conv_setup(ctx, inputs, output):
 def _conv_backward_batch(ctx, grad):
     """The whole batch at once: one conv0 recompute, its output and gradient coexisting (2x the memory)."""
     input, conv_weight, mean, var, weight, bias = ctx.saved_tensors
+    input = _channels_last(input)  # as the forward ran it (a view for one channel), for the conv backward too
     y = _conv(input, conv_weight, ctx.stride, ctx.padding)
     dy, dw, db = _ops.bn_relu_maxpool_backward(grad, y, mean, var, weight, bias, ctx.training, ctx.eps)
     del y
@@ -240,8 +252,9 @@ def _conv_backward_batch(ctx, grad):
 
 # How the 3-D stem's backward recomputes conv0 (read at import from DNF_CONV_STEM_BACKWARD; the module attribute
 # may be changed at run time): "batch" (default; one recompute for the whole batch) or "sample" (one sample at a
-# time: the lowest step peak, for one more conv0 recompute in training). MONAI DenseNet121 3D, 2 x 1x96^3, this
-# Xeon: step peak 0.28x / 0.21-0.24x of MONAI's, step time 1.04x / 1.28x of MONAI's (README, 3-D section).
+# time: the recomputed output and its gradient exist for one sample, for one more conv0 recompute in training).
+# MONAI DenseNet121 3D, 2 x 1x96^3, this Xeon: the same step peak (the step's peak is elsewhere); the sample mode's
+# stem forward + backward takes ~1.35x the batch mode's, ~6% of the step (docs/design.md §4).
 CONV_STEM_BACKWARD = os.environ.get("DNF_CONV_STEM_BACKWARD", "batch")
 if CONV_STEM_BACKWARD not in ("batch", "sample"):
     raise ValueError(f"DNF_CONV_STEM_BACKWARD: expected 'batch' or 'sample', got {CONV_STEM_BACKWARD!r}")
@@ -260,6 +273,7 @@ def _conv_backward_sample(ctx, grad):
     statistics), pass 2 forms each sample's gradient from eval mode's a*dz: dy = a*dz - a*(sum(dz) +
     xhat*sum(dz*xhat))/M, the training BN backward. Eval needs one pass (its dbeta/dgamma are summed there)."""
     input, conv_weight, mean, var, weight, bias = ctx.saved_tensors
+    input = _channels_last(input)  # as the forward ran it (a view for one channel), for the conv backward too
     n_dims = input.dim() - 2
     view = (1, -1) + (1,) * n_dims
     need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
