@@ -95,7 +95,8 @@ def _can_reuse_grad(grad_buffer: Tensor, buffer: Tensor) -> bool:
     over by the block's only reader (ops/common.py) and already what the kernel would copy it into (CPU,
     float32/float64 like the buffer, channels_last). Eager only: the in-place operator returns tensor lists,
     which torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
-    return (owns_grad(grad_buffer) and not torch.compiler.is_compiling() and grad_buffer.device.type == "cpu" and buffer.device.type == "cpu"
+    return (owns_grad(grad_buffer) and not torch.compiler.is_compiling()
+            and grad_buffer.device.type == "cpu" and buffer.device.type == "cpu"
             and grad_buffer.dtype == buffer.dtype and buffer.dtype in (torch.float32, torch.float64)
             and grad_buffer.shape == buffer.shape
             and grad_buffer.is_contiguous(memory_format=cl_format(buffer.dim())))
