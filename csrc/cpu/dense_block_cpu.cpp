@@ -18,6 +18,7 @@
 
 #include "common/block_grads.h"
 #include "common/checks.h"
+#include "common/layout.h"
 #include "common/nonfinite.h"
 #include "cpu/kernels.h"
 
@@ -28,8 +29,9 @@ namespace dnf::cpu::DNF_ISA {
 using at::Tensor;
 using at::TensorList;
 
+// A [rows, C] matrix of the block's geometry (common/layout.h).
 Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts) {
-  return at::empty(g.shape(C), opts.memory_format(cl_format(g.dims)));
+  return ::dnf::empty_cl(g.shape(C), opts);
 }
 
 // The layers' 3x3 (3x3x3) convolution, stride 1, padding 1, through ATen (oneDNN).

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cuda/launch.cuh"
 
 namespace dnf::DNF_CUDA_NS {
@@ -22,13 +23,7 @@ inline at::MemoryFormat cl_format(int64_t dim) {
   return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
 }
 
-inline Tensor empty_cl(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  return at::empty(shape, opts.memory_format(cl_format(static_cast<int64_t>(shape.size()))));
-}
-
-inline Tensor empty_cl(int64_t N, int64_t C, int64_t H, int64_t W, const at::TensorOptions& opts) {
-  return empty_cl({N, C, H, W}, opts);
-}
+using ::dnf::empty_cl;  // common/layout.h
 
 // [N*(D*)H*W, C] row-major view of a channels_last(_3d)-contiguous [N, C, (D,) H, W] tensor (never a copy).
 inline Tensor rows_view(const Tensor& t) {

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import empty_cl
+from densenet_fast.ops.common import cl_format, empty_cl
 from densenet_fast.ops.dense_block import BlockParams, check_dense_block_args
 from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums, owns_grad
 
@@ -35,10 +35,6 @@ load_extension()
 _ops = torch.ops.densenet_fast
 
 __all__ = ["SyncBlockOutput", "sync_dense_block"]
-
-
-def _cl(dims: int):
-    return torch.channels_last_3d if dims == 3 else torch.channels_last
 
 
 def _mat(t: Tensor) -> Tensor:
@@ -85,7 +81,7 @@ def bottleneck_composite(buffer: Tensor, channels: int, mean: Tensor, var: Tenso
                          conv_weight: Tensor, eps: float) -> Tensor:
     """``block_layer_bottleneck`` in ATen ops (materialises relu(bn(buffer[:, :channels])) transiently)."""
     u = torch.relu(F.batch_norm(buffer[:, :channels], mean, var, weight, bias, False, 0.0, eps))
-    return _conv1x1(u, conv_weight).contiguous(memory_format=_cl(buffer.dim() - 2))
+    return _conv1x1(u, conv_weight).contiguous(memory_format=cl_format(buffer.dim()))
 
 
 def bottleneck_backward_composite(grad_y: Tensor, buffer: Tensor, channels: int, mean: Tensor, var: Tensor,
@@ -212,12 +208,12 @@ class _SyncDenseBlock(torch.autograd.Function):
         dims, k, inter = buffer.dim() - 2, w2[0].shape[0], w1[0].shape[0]
         Ct = buffer.shape[1]
         if grad_buffer is None:
-            G = torch.zeros_like(buffer, memory_format=_cl(dims))
+            G = torch.zeros_like(buffer, memory_format=cl_format(dims + 2))
         elif owns_grad(grad_buffer) and grad_buffer.dtype == buffer.dtype and grad_buffer.shape == buffer.shape \
-                and grad_buffer.is_contiguous(memory_format=_cl(dims)):
+                and grad_buffer.is_contiguous(memory_format=cl_format(dims + 2)):
             G = grad_buffer  # our reader's fresh dx, handed over unshared: updated in place (no second copy)
         else:
-            G = torch.empty_like(buffer, memory_format=_cl(dims)).copy_(grad_buffer)
+            G = torch.empty_like(buffer, memory_format=cl_format(dims + 2)).copy_(grad_buffer)
         invstd = torch.rsqrt(var + eps)
         # Merged BN1 backward of every reader of a channel: S1 = Σ γ·dβ, S2 = Σ γ·dγ (docs/design.md §3). A
         # reader outside the block returned dmean = -γ·invstd·dβ and dvar = -½·γ·invstd²·dγ instead.
@@ -256,7 +252,7 @@ class _SyncDenseBlock(torch.autograd.Function):
             dead = v <= 0  # ReLU backward (threshold_backward's rule)
             del v, v4
             dv = torch.ops.aten.convolution_backward(dout, y, w2[l], None, *conv_args, [True, False, False])[0]
-            dv = dv.contiguous(memory_format=_cl(dims))  # (Y stands in for V's shape: dV does not read it)
+            dv = dv.contiguous(memory_format=cl_format(dims + 2))  # (Y stands in for V's shape: dV does not read it)
             dz = _mat(dv)
             dz.masked_fill_(dead, 0.0)  # in place
             del dead
@@ -274,7 +270,7 @@ class _SyncDenseBlock(torch.autograd.Function):
             S[0, :c] += g1[l] * sdu
             S[1, :c] += g1[l] * sdux
         finalize(0, C0)
-        grad_x = G[:, :C0].contiguous(memory_format=_cl(dims))  # G is released here
+        grad_x = G[:, :C0].contiguous(memory_format=cl_format(dims + 2))  # G is released here
         return (grad_x, None, None, None, None, *[g for group_ in grads for g in group_])
 
 

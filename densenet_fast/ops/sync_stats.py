@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import mark_fresh, owns_grad
+from densenet_fast.ops.common import mark_fresh, owns_grad, stats_dtype
 from densenet_fast.ops.stem import bn_relu_maxpool, bn_relu_maxpool_backward
 
 load_extension()
@@ -60,10 +60,6 @@ def moments_from_sums(sums: Tensor, count: int, dtype: torch.dtype) -> Tuple[Ten
     return mean.to(dtype), var.to(dtype)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 def values_per_channel(x: Tensor) -> int:
     return x.numel() // x.shape[1]
 
@@ -84,7 +80,7 @@ def _global_moments(x: Tensor, group) -> Tuple[Tensor, Tensor, int]:
     pack[2 * C] = values_per_channel(x)
     all_reduce_(pack, group)
     count = int(pack[2 * C].item())
-    mean, var = moments_from_sums(pack[:2 * C].view(2, C), count, _stats_dtype(x.dtype))
+    mean, var = moments_from_sums(pack[:2 * C].view(2, C), count, stats_dtype(x.dtype))
     return mean, var, count
 
 

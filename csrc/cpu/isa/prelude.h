@@ -18,6 +18,7 @@
 #include "common/block_grads.h"
 #include "common/bn_math.h"
 #include "common/checks.h"
+#include "common/layout.h"
 #include "common/nonfinite.h"
 #include "cpu/gemm_engine.h"
 #include "cpu/isa.h"
