@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/checks.h"
 
 TORCH_LIBRARY(densenet_fast, m) {
@@ -17,27 +19,20 @@ TORCH_LIBRARY(densenet_fast, m) {
       "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
       "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps) "
       "-> (Tensor buffer, Tensor mean, Tensor var, Tensor mean2, Tensor var2)");
-  // Recompute-based backward: one reverse sweep over the layers with a block-level gradient buffer.
-  m.def(
-      "dense_block_backward(Tensor grad_buffer, Tensor buffer, Tensor mean, Tensor var, Tensor mean2, "
+  // Recompute-based backward: one reverse sweep over the layers with a block-level gradient buffer. The
+  // _inplace variant uses grad_buffer (float32/float64, channels_last; CPU) as that buffer and overwrites it:
+  // for a caller that hands over a gradient nothing else reads (docs/design.md §11).
+  const std::string backward_rest =
+      " buffer, Tensor mean, Tensor var, Tensor mean2, "
       "Tensor var2, Tensor[] norm1_weight, Tensor[] norm1_bias, Tensor[] conv1_weight, "
       "Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
       "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
       "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps, "
       "int num_input_features) -> (Tensor grad_input, Tensor[] grad_norm1_weight, "
       "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, Tensor[] grad_norm2_weight, "
-      "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)");
-  // The same with grad_buffer (float32/float64, channels_last) used as the working gradient and overwritten
-  // (CPU): for a caller that hands over a gradient nothing else reads (docs/design.md §11).
-  m.def(
-      "dense_block_backward_inplace(Tensor(a!) grad_buffer, Tensor buffer, Tensor mean, Tensor var, Tensor mean2, "
-      "Tensor var2, Tensor[] norm1_weight, Tensor[] norm1_bias, Tensor[] conv1_weight, "
-      "Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
-      "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
-      "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps, "
-      "int num_input_features) -> (Tensor grad_input, Tensor[] grad_norm1_weight, "
-      "Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, Tensor[] grad_norm2_weight, "
-      "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)");
+      "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)";
+  m.def(torch::schema(("dense_block_backward(Tensor grad_buffer, Tensor" + backward_rest).c_str()));
+  m.def(torch::schema(("dense_block_backward_inplace(Tensor(a!) grad_buffer, Tensor" + backward_rest).c_str()));
   // `training` = mean/var are the batch statistics of the BN input: the backward then includes their
   // own gradient terms (mean/var get no gradient). In eval they are running statistics.
   // `gate`: an optional SE gate [N, C] (docs/design.md §5); the BN input is then y = gate[n, c] * input,
