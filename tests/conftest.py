@@ -30,6 +30,17 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, w
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def assert_buffers_close(ours: torch.nn.Module, ref: torch.nn.Module, tol: float) -> None:
+    """Every buffer of ``ours`` against ``ref``'s of the same name: ``num_batches_tracked`` equal, the running
+    statistics within ``tol`` (relative)."""
+    ref_buffers = dict(ref.named_buffers())
+    for name, b in ours.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            assert int(b) == int(ref_buffers[name]), name
+        else:
+            assert_close_rel(b, ref_buffers[name], tol, f"buffer {name}")
+
+
 def tv_block_pair(num_layers: int, c0: int, bn_size: int, growth: int, dtype=torch.float32, train: bool = True,
                   drop_rate: float = 0.0):
     """(torchvision ``_DenseBlock``, ``densenet_fast.DenseBlock``) with the same weights; the BatchNorms get

@@ -12,7 +12,7 @@ from typing import Sequence, Tuple
 
 import pytest
 import torch
-from conftest import assert_close_rel, requires_cuda
+from conftest import assert_buffers_close, assert_close_rel, requires_cuda
 from torch import nn
 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda())]
@@ -83,9 +83,4 @@ class OpTester:
                 for name in pr:
                     assert_close_rel(po[name].grad, pr[name].grad, tol, f"grad of {name}, step {step}")
         self.check_output(x, yo)
-        ref_buffers = dict(ref.named_buffers())
-        for name, b in ours.named_buffers():
-            if name.endswith("num_batches_tracked"):
-                assert int(b) == int(ref_buffers[name]), name
-            else:
-                assert_close_rel(b, ref_buffers[name], tol, f"buffer {name}")
+        assert_buffers_close(ours, ref, tol)

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_rel, tv_block_pair
+from conftest import assert_buffers_close, assert_close_rel, tv_block_pair
 from convert_utils import randomize_bn
 from op_tester import OpTester
 from torch import nn
@@ -41,12 +41,7 @@ def _compare_block(ref, ours, x, tol, train=True, steps=2):
             assert_close_rel(gpo[n], gpr[n], tol, f"grad {n}")
             ref.get_parameter(n).grad = None
             ours.get_parameter(n).grad = None
-    rb = dict(ref.named_buffers())
-    for n, b in ours.named_buffers():
-        if n.endswith("num_batches_tracked"):
-            assert int(b) == int(rb[n]), n
-        else:
-            assert_close_rel(b, rb[n], tol, f"buffer {n}")
+    assert_buffers_close(ours, ref, tol)
 
 
 def ref_channels(ref, x):

@@ -496,8 +496,9 @@ def test_block_reader_hands_its_gradient_over(one_rank_group):
     # bn_reader(hand_over=True) tags the input gradient it allocates (owns_grad): the synchronised block's backward
     # then updates it in place instead of copying it; gradients are the same either way.
     from densenet_fast.ops import BlockParams
+    from densenet_fast.ops.common import owns_grad
     from densenet_fast.ops.sync_block import sync_dense_block
-    from densenet_fast.ops.sync_stats import bn_reader, owns_grad
+    from densenet_fast.ops.sync_stats import bn_reader
     g = torch.Generator().manual_seed(5)
     L, c0, k, inter = 2, 3, 2, 4
     p = [[], [], [], [], [], []]

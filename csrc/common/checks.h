@@ -37,31 +37,27 @@ inline at::ScalarType stats_dtype(at::ScalarType input) {
   return (input == at::kHalf || input == at::kBFloat16) ? at::kFloat : input;
 }
 
+// conv_weight: a dense block's conv weight, which for a CPU bfloat16 input may also be the float32 master
+// weight that the CPU kernels cast per layer (autograd then saves no bfloat16 copy of every weight;
+// docs/design.md §7).
 inline void check_float_tensor(const at::Tensor& t, const char* name, const at::Tensor& ref,
-                               bool bn_tensor = false) {
+                               bool bn_tensor = false, bool conv_weight = false) {
   TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
   const at::ScalarType want = bn_tensor ? stats_dtype(ref.scalar_type()) : ref.scalar_type();
   // A BN tensor may also have the input's own dtype (a model converted with .half()/.bfloat16()): the
   // kernels then still compute BN in stats_dtype, as torch's batch_norm does for such a model.
   const bool model_dtype_bn = bn_tensor && t.scalar_type() == ref.scalar_type();
-  TORCH_CHECK(t.scalar_type() == want || model_dtype_bn, name, ": expected dtype ", want,
+  const bool master_allowed = conv_weight && ref.device().is_cpu() && ref.scalar_type() == at::kBFloat16;
+  const bool master = master_allowed && t.scalar_type() == at::kFloat;
+  TORCH_CHECK(t.scalar_type() == want || model_dtype_bn || master, name, ": expected dtype ", want,
               bn_tensor ? " (the BatchNorm dtype for input's dtype) or input's dtype" : " (the dtype of input)",
-              ", got ", t.scalar_type());
+              master_allowed ? " or Float" : "", ", got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
               " (the device of input), got ", t.device());
 }
 
-// A dense block's conv weight: the input's dtype, or, for a CPU bfloat16 input, float32 master weights
-// that the CPU kernels cast per layer (autograd then saves no bfloat16 copy of every weight; docs/design.md §7).
 inline void check_conv_weight(const at::Tensor& t, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.defined(), name, ": expected a tensor, got None");
-  const bool cpu_bf16_master = ref.device().is_cpu() && ref.scalar_type() == at::kBFloat16 &&
-                               t.scalar_type() == at::kFloat;
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type() || cpu_bf16_master, name, ": expected dtype ", ref.scalar_type(),
-              " (the dtype of input)", ref.device().is_cpu() && ref.scalar_type() == at::kBFloat16 ? " or Float" : "",
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == ref.device(), name, ": expected a tensor on ", ref.device(),
-              " (the device of input), got ", t.device());
+  check_float_tensor(t, name, ref, /*bn_tensor=*/false, /*conv_weight=*/true);
 }
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const std::string& name) {

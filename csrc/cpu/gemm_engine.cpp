@@ -50,47 +50,52 @@ constexpr int64_t kOut = 128, kRows = 256, kIn = 256;
 
 // Seconds of the fastest of a few runs, measured as the kernels call it: every thread multiplies its
 // own tile inside at::parallel_for (the BLAS then runs single-threaded); the slowest thread counts.
-// The first run pays for first touch and JIT, and is dropped.
-template <typename T, typename F>
-double time_tile(GemmEngine e) {
+// The first run pays for first touch and JIT, and is dropped. make_product() builds a thread's product (its
+// buffers); done() runs on each thread after its runs.
+template <typename MakeProduct, typename Done>
+double time_on_threads(MakeProduct make_product, Done done) {
   const int64_t nt = at::get_num_threads();
   std::vector<double> best(nt, 1e30);
   at::parallel_for(0, nt, 1, [&](int64_t b, int64_t end) {
-    std::vector<T> w(kOut * kIn, T(0.5f)), u(kRows * kIn, T(0.25f));
-    std::vector<F> y(kOut * kRows);
+    auto product = make_product();
     for (int64_t t = b; t < end; ++t) {
       for (int rep = 0; rep < 8; ++rep) {
         const auto t0 = std::chrono::steady_clock::now();
-        gemm_on(e, 'T', 'N', kOut, kRows, kIn, w.data(), kIn, u.data(), kIn, F(0), y.data(), kOut);
+        product();
         const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         if (rep > 0) best[t] = std::min(best[t], s);
       }
     }
+    done();
   });
   return *std::max_element(best.begin(), best.end());
+}
+
+template <typename T, typename F>
+double time_tile(GemmEngine e) {
+  return time_on_threads(
+      [e] {
+        return [e, w = std::vector<T>(kOut * kIn, T(0.5f)), u = std::vector<T>(kRows * kIn, T(0.25f)),
+                y = std::vector<F>(kOut * kRows)]() mutable {
+          gemm_on(e, 'T', 'N', kOut, kRows, kIn, w.data(), kIn, u.data(), kIn, F(0), y.data(), kOut);
+        };
+      },
+      [] {});
 }
 
 // The same tile through the packed brgemm path (the weight packed once, outside the timing, as
 // bn_relu_gemm packs it once per call).
 double time_tile_brgemm() {
-  const int64_t nt = at::get_num_threads();
-  std::vector<double> best(nt, 1e30);
-  std::vector<c10::BFloat16> w(kOut * kIn, c10::BFloat16(0.5f));
+  const std::vector<c10::BFloat16> w(kOut * kIn, c10::BFloat16(0.5f));
   const PackedWeightT B = pack_weight_t(w.data(), kOut, kIn);
-  at::parallel_for(0, nt, 1, [&](int64_t b, int64_t end) {
-    std::vector<c10::BFloat16> u(kRows * B.kp, c10::BFloat16(0.25f));
-    std::vector<float> y(kOut * kRows);
-    for (int64_t t = b; t < end; ++t) {
-      for (int rep = 0; rep < 8; ++rep) {
-        const auto t0 = std::chrono::steady_clock::now();
-        brgemm_rows(kRows, u.data(), B.kp, B, y.data(), kOut);
-        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        if (rep > 0) best[t] = std::min(best[t], s);
-      }
-    }
-    brgemm_release_thread();
-  });
-  return *std::max_element(best.begin(), best.end());
+  return time_on_threads(
+      [&B] {
+        return [&B, u = std::vector<c10::BFloat16>(kRows * B.kp, c10::BFloat16(0.25f)),
+                y = std::vector<float>(kOut * kRows)]() mutable {
+          brgemm_rows(kRows, u.data(), B.kp, B, y.data(), kOut);
+        };
+      },
+      [] { brgemm_release_thread(); });
 }
 
 double time_tile_for(at::ScalarType dt, GemmEngine e) {

@@ -156,42 +156,41 @@ template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
                   const T* W, int64_t n_out, F* Y, const F* a2 = nullptr, const F* b2 = nullptr,
                   T* V = nullptr) {
+  if (rows == 0) return;
   // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
   // densenet121's block 4 at batch 8 has 392 rows, 3 tiles of 132 rows on 2 threads ran at 0.76x of 4 of 98).
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  int64_t ntiles = (rows + tile_rows(c, sizeof(T), kGemmTileBytes) - 1) / tile_rows(c, sizeof(T), kGemmTileBytes);
-  ntiles = std::max<int64_t>(1, std::min(rows, (ntiles + nt - 1) / nt * nt));
-  const int64_t tr = (rows + ntiles - 1) / ntiles;
-  ntiles = (rows + tr - 1) / tr;
+  const int64_t target = tile_rows(c, sizeof(T), kGemmTileBytes);
+  const int64_t rounds = ((rows + target - 1) / target + nt - 1) / nt;
+  const int64_t tr = (rows + rounds * nt - 1) / (rounds * nt);
+  const int64_t ntiles = (rows + tr - 1) / tr;
+  // The brgemm engine multiplies with W^T packed once for all tiles. Rules: the output width a multiple of 16,
+  // and at least kBrgemmMinRowsPerThread rows per thread (below that packing the weight costs more than the
+  // faster tiles save: densenet121's blocks 3-4 at batch 8, 0.38x / 0.37x of oneDNN vs 0.46x / 0.62x on the
+  // BLAS); otherwise the BLAS.
+  PackedWeightT packed;
+  bool use_brgemm = false;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // The brgemm engine: W^T packed once for all tiles. Rules: the output width a multiple of 16, and at least
-    // kBrgemmMinRowsPerThread rows per thread (below that packing the weight costs more than the faster tiles
-    // save: densenet121's blocks 3-4 at batch 8, 0.38x / 0.37x of oneDNN vs 0.46x / 0.62x on the BLAS);
-    // otherwise the BLAS.
-    if (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && brgemm_packs(n_out) &&
-        rows >= kBrgemmMinRowsPerThread * nt) {
-      const PackedWeightT B = pack_weight_t(W, n_out, c);
-      at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> U(tr * B.kp);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
-          bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), B.kp);
-          brgemm_rows(nr, U.data(), B.kp, B, Y + r0 * n_out, n_out);
-          if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
-        }
-        brgemm_release_thread();
-      });
-      return;
-    }
+    use_brgemm = gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && brgemm_packs(n_out) &&
+                 rows >= kBrgemmMinRowsPerThread * nt;
+    if (use_brgemm) packed = pack_weight_t(W, n_out, c);
   }
+  const int64_t ldu = use_brgemm ? packed.kp : c;  // the brgemm path's even-k padding
+  auto multiply = [&](const T* U, int64_t nr, F* y) {  // y[nr, n_out] = U[nr, c] W^T
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (use_brgemm) return brgemm_rows(nr, U, ldu, packed, y, n_out);
+    }
+    gemm_acc('T', 'N', n_out, nr, c, W, c, U, c, F(0), y, n_out);
+  };
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> U(tr * c);
+    std::vector<T> U(tr * ldu);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
-      bn_relu_tile(X, ld, r0, nr, c, a, b, U.data());
-      gemm_acc('T', 'N', n_out, nr, c, W, c, U.data(), c, F(0), Y + r0 * n_out, n_out);
+      bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), ldu);
+      multiply(U.data(), nr, Y + r0 * n_out);
       if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
     }
+    if (use_brgemm) brgemm_release_thread();
   });
 }
 

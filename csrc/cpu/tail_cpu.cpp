@@ -259,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
   check_gate(gate, input);
   const PoolDims pd(input);
   const int64_t N = pd.N, C = input.size(1), D = pd.D, H = pd.H, W = pd.W, D2 = pd.D2, H2 = pd.H2, W2 = pd.W2;
-  const int64_t M2 = N * D2 * H2 * W2, M = N * D * H * W, Cout = conv_weight.size(0);
+  const int64_t M2 = N * D2 * H2 * W2, Cout = conv_weight.size(0);
   check_shape(grad_output, pd.out_shape(Cout, input.dim() - 2), "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const Tensor X = input.contiguous(cl_format(input));

@@ -66,6 +66,14 @@ def owns_grad(grad: Tensor) -> bool:
     return getattr(grad, _FRESH, False)
 
 
+def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
+    """Whether a block's backward may use ``grad`` as its working gradient (updated in place): handed over
+    (:func:`owns_grad`) and already what the block would copy it into (``buffer``'s device, dtype, shape and
+    channels_last layout)."""
+    return (owns_grad(grad) and grad.device == buffer.device and grad.dtype == buffer.dtype
+            and grad.shape == buffer.shape and grad.is_contiguous(memory_format=cl_format(buffer.dim())))
+
+
 def check_rank(input: Tensor, name: str = "input") -> None:
     """A 4-D [N, C, H, W] or 5-D [N, C, D, H, W] activation: the output shapes and layouts need it."""
     torch._check(input.dim() in (4, 5), lambda: f"{name}: expected a 4-D tensor [N, C, H, W] or a 5-D tensor "

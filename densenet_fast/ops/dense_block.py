@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import check_devices, check_rank, cl_format, empty_cl, owns_grad, stats_dtype
+from densenet_fast.ops.common import can_take_over, check_devices, check_rank, empty_cl, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -91,15 +91,12 @@ torch.library.register_fake("densenet_fast::dense_block_backward_inplace")(_dens
 
 
 def _can_reuse_grad(grad_buffer: Tensor, buffer: Tensor) -> bool:
-    """Whether the block's backward may use ``grad_buffer`` as its working gradient (updated in place): handed
-    over by the block's only reader (ops/common.py) and already what the kernel would copy it into (CPU,
-    float32/float64 like the buffer, channels_last). Eager only: the in-place operator returns tensor lists,
-    which torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
-    return (owns_grad(grad_buffer) and not torch.compiler.is_compiling()
-            and grad_buffer.device.type == "cpu" and buffer.device.type == "cpu"
-            and grad_buffer.dtype == buffer.dtype and buffer.dtype in (torch.float32, torch.float64)
-            and grad_buffer.shape == buffer.shape
-            and grad_buffer.is_contiguous(memory_format=cl_format(buffer.dim())))
+    """Whether ``dense_block_backward_inplace`` may take ``grad_buffer`` as its working gradient: handed over
+    by the block's only reader (ops/common.py, :func:`can_take_over`), on CPU, float32/float64 (a bfloat16
+    block's working gradient is float32). Eager only: the in-place operator returns tensor lists, which
+    torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
+    return (not torch.compiler.is_compiling() and buffer.device.type == "cpu"
+            and buffer.dtype in (torch.float32, torch.float64) and can_take_over(grad_buffer, buffer))
 
 
 def _setup_context(ctx, inputs, output):

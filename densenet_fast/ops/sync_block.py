@@ -27,9 +27,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import cl_format, empty_cl
+from densenet_fast.ops.common import can_take_over, cl_format, empty_cl
 from densenet_fast.ops.dense_block import BlockParams, check_dense_block_args
-from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums, owns_grad
+from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -209,8 +209,7 @@ class _SyncDenseBlock(torch.autograd.Function):
         Ct = buffer.shape[1]
         if grad_buffer is None:
             G = torch.zeros_like(buffer, memory_format=cl_format(dims + 2))
-        elif owns_grad(grad_buffer) and grad_buffer.dtype == buffer.dtype and grad_buffer.shape == buffer.shape \
-                and grad_buffer.is_contiguous(memory_format=cl_format(dims + 2)):
+        elif can_take_over(grad_buffer, buffer):
             G = grad_buffer  # our reader's fresh dx, handed over unshared: updated in place (no second copy)
         else:
             G = torch.empty_like(buffer, memory_format=cl_format(dims + 2)).copy_(grad_buffer)

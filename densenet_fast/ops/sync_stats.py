@@ -27,14 +27,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import mark_fresh, owns_grad, stats_dtype
+from densenet_fast.ops.common import mark_fresh, stats_dtype
 from densenet_fast.ops.stem import bn_relu_maxpool, bn_relu_maxpool_backward
 
 load_extension()
 _ops = torch.ops.densenet_fast
 
 __all__ = ["all_reduce_", "moments_from_sums", "sync_moments", "bn_reader", "sync_bn_reader", "channel_sums",
-           "bn_stats_grads", "owns_grad"]
+           "bn_stats_grads"]
 
 
 def all_reduce_(t: Tensor, group) -> Tensor:
@@ -199,7 +199,7 @@ def bn_reader(kind: str, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, b
     (the BatchNorm alone, [N, C, *] -> [N, C, *]; torch's kernels).
     With statistics from :func:`sync_moments` (or a synchronised block) this is SyncBatchNorm's reader.
     ``hand_over``: x is a synchronised block's internal buffer (no other code holds it): x's gradient is
-    tagged so that the block's backward may update it in place (:func:`owns_grad`) instead of copying it.
+    tagged so that the block's backward may update it in place (``ops.common.owns_grad``) instead of copying it.
     """
     if kind not in _READERS:
         raise ValueError(f"kind: expected one of {sorted(_READERS)}, got {kind!r}")
