@@ -82,7 +82,8 @@ def build_info() -> dict[str, Any]:
 def cpu_engine() -> dict[str, Any]:
     """The CPU GEMM engine per dtype, how it was chosen (measured rates, or forced by ``DNF_CPU_GEMM``),
     whether the CPU has AMX bf16 tiles, torch's CPU capability and the ISA build of our element loops
-    (``kernels_isa``). Runs the one-time choice."""
+    (``kernels_isa``) and how its bfloat16 element loops narrow to bfloat16 (``bf16_rows``: ``"avx512_bf16"``
+    on CPUs with that extension, else ``"portable"``). Runs the one-time choice."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
@@ -90,4 +91,5 @@ def cpu_engine() -> dict[str, Any]:
     out["amx_bf16"] = bool(raw["amx_bf16"])
     out["isa"] = torch.backends.cpu.get_cpu_capability()
     out["kernels_isa"] = raw["kernels_isa"]
+    out["bf16_rows"] = raw["bf16_rows"]
     return out

@@ -364,7 +364,7 @@ TAIL_CASES = [  # (id, applies to transition / norm_relu_pool, mutate, exception
      r"input: expected a floating-point dtype", KERNEL),
     ("input-fp16-cpu", "tn", _cat(_set(T_IN, lambda a: a[0].half()),
                                   _set(T_CONV, lambda a: a[T_CONV].half() if len(a) > 7 else a[T_CONV])),
-     RuntimeError, r"input: expected dtype float32 or float64 on CPU", KERNEL),
+     RuntimeError, r"input: expected dtype float32, float64 or bfloat16 on CPU", KERNEL),
     ("empty-batch", "tn", _set(T_IN, lambda a: a[0][:0]), RuntimeError, r"input: expected a non-empty batch", KERNEL),
     ("zero-width", "tn", _set(T_IN, lambda a: a[0][..., :0]), RuntimeError, r"input: expected a non-zero spatial size",
      KERNEL),

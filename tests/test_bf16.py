@@ -248,17 +248,99 @@ def test_bf16_block_weight_dtype_errors():
         run(args["w1"], [w.double() for w in args["w2"]])
 
 
-@pytest.mark.parametrize("op", ["transition_bf16", "norm_relu_pool_bf16", "bn_relu_maxpool_bf16"])
-def test_bf16_tail_ops_opcheck(op):
-    C, Cout = 6, 3
-    x = torch.randn(2, C, 5, 4).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("op", ["transition_forward", "norm_relu_pool_forward", "bn_relu_maxpool"])
+@pytest.mark.parametrize("master", [True, False], ids=["f32-params", "bf16-params"])
+def test_bf16_reader_ops_opcheck(op, master):
+    # The readers take a bfloat16 buffer natively: float32 BN tensors and a float32 master conv weight under
+    # autocast, or a model cast with .bfloat16() (all bfloat16). Outputs and the input gradient in bfloat16,
+    # parameter gradients in the parameters' dtypes.
+    C, Cout = 7, 3
+    x = torch.randn(2, C, 5, 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     x.requires_grad_(True)
-    mean, var = torch.randn(C) * 0.1, torch.rand(C) + 0.5
-    w, b = torch.rand(C) + 0.5, torch.randn(C) * 0.1
-    if op == "transition_bf16":
-        args = (x, mean, var, w, b, torch.randn(Cout, C, 1, 1, requires_grad=True), True, 1e-5)
-    elif op == "bn_relu_maxpool_bf16":
-        args = (x, mean, var, w.requires_grad_(True), b.requires_grad_(True), True, 1e-5)
+    pd = torch.float32 if master else torch.bfloat16
+    mean, var = (torch.randn(C) * 0.1).to(pd), (torch.rand(C) + 0.5).to(pd)
+    w, b = (torch.rand(C) + 0.5).to(pd).requires_grad_(True), (torch.randn(C) * 0.1).to(pd).requires_grad_(True)
+    if op == "transition_forward":
+        args = (x, mean, var, w, b, torch.randn(Cout, C, 1, 1).to(pd).requires_grad_(True), True, 1e-5)
     else:
         args = (x, mean, var, w, b, True, 1e-5)
     torch.library.opcheck(getattr(torch.ops.densenet_fast, op), args)
+    out = getattr(torch.ops.densenet_fast, op)(*args)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == pd and b.grad.dtype == pd
+
+
+def _bn(C):
+    bn = torch.nn.BatchNorm2d(C)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2), bn.running_var.uniform_(0.5, 2.0)
+    return bn
+
+
+class _FinalNorm(torch.nn.Module):
+    """torchvision's norm5 -> relu -> global average pool."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.norm = _bn(C)
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.norm(x)), 1).flatten(1)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("reader", ["transition", "norm_relu_pool"])
+@pytest.mark.parametrize("H,W", [(7, 5), (8, 6)])
+def test_autocast_bf16_readers_vs_fp64_truth(train, reader, H, W):
+    """The transition / final norm on a bfloat16 buffer (read natively, float32 BN math) against torchvision's
+    _Transition / norm5-relu-pool under the same autocast, both measured against fp64: output, input
+    gradient, BN and conv weight gradients no worse than 1.5x; odd H, W (the floor-mode pool drops pixels)."""
+    import copy
+
+    from torchvision.models.densenet import _Transition
+
+    C, Cout = 13, 6
+    torch.manual_seed(0)
+    if reader == "transition":
+        ref = _Transition(C, Cout)
+        ref.norm = _bn(C)
+    else:
+        ref = _FinalNorm(C)
+    x = torch.randn(4, C, H, W).contiguous(memory_format=torch.channels_last).bfloat16()
+    with torch.no_grad():
+        gout = torch.randn_like(copy.deepcopy(ref).float()(x.float()))
+
+    def params(m):
+        return [m.norm.weight, m.norm.bias] + ([m.conv.weight] if reader == "transition" else [])
+
+    def step(m, xin, autocast, ours):
+        m = m.train(train)
+        xi = xin.detach().clone().requires_grad_(True)
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if not ours:
+                y = m(xi)
+            else:
+                bn = m.norm
+                if train:
+                    xf = xi.detach().float()
+                    mean, var = xf.mean((0, 2, 3)), xf.var((0, 2, 3), unbiased=False)
+                else:
+                    mean, var = bn.running_mean, bn.running_var
+                if reader == "transition":
+                    y = dnf.ops.tail.transition(xi, mean, var, bn.weight, bn.bias, m.conv.weight, training=train)
+                else:
+                    y = dnf.ops.tail.norm_relu_pool(xi, mean, var, bn.weight, bn.bias, training=train)
+        y.backward(gout.to(y.dtype))
+        return y, [xi.grad] + [p.grad for p in params(m)]
+
+    yo, go = step(copy.deepcopy(ref), x, True, True)
+    yr, gr = step(copy.deepcopy(ref), x, True, False)
+    yt, gt = step(copy.deepcopy(ref).double(), x.double(), False, False)
+    assert yo.dtype == yr.dtype == torch.bfloat16
+    assert go[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in go[1:])
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    for name, o, r, t in zip(["input", "weight", "bias", "conv weight"], go, gr, gt):
+        _assert_no_worse(o, r, t, 1.5, f"grad {name}")

@@ -247,7 +247,7 @@ inline void check_transition_args(const at::Tensor& input, const at::Tensor& mea
                                   const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& conv_weight,
                                   double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
-  check_float_tensor(conv_weight, "conv_weight", input);
+  check_conv_weight(conv_weight, "conv_weight", input);
   const int64_t dims = input.dim() - 2;
   TORCH_CHECK(conv_weight.dim() == input.dim() && conv_weight.size(1) == input.size(1) &&
                   c10::multiply_integers(conv_weight.sizes().slice(2)) == 1,

@@ -190,6 +190,9 @@ struct BlockOperands {
   bool training;
 };
 
+// G: the working gradient of the whole buffer, in the buffer's dtype (a bfloat16 block adds each layer's
+// float contribution into bfloat16 G, one rounding per layer, as autograd sums torchvision's bfloat16
+// feature gradients; docs/design.md §7).
 template <typename T>
 void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G, const BlockOperands& op,
                    BlockGrads& out, Tensor& grad_input) {
@@ -199,8 +202,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
   const bool training = op.training;
   gemm_engine(buffer.scalar_type());
   const T* X = buffer.data_ptr<T>();
-  const F* Gp = G.data_ptr<F>();
-  F* Gw = G.data_ptr<F>();
+  const T* Gp = G.data_ptr<T>();
+  T* Gw = G.data_ptr<T>();
   const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
   // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
   std::vector<acc_t> S1(Ct, 0), S2(Ct, 0);
@@ -227,15 +230,15 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
     at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = X + r * Ct + c0;
-        const F* gr = Gp + r * Ct + c0;
+        const T* gr = Gp + r * Ct + c0;
         T* dr = dst + r * width;
         if (finalize) {
           DNF_SIMD for (int64_t j = 0; j < width; ++j) {
             const F xhat = (to_f<F>(xr[j]) - mu[j]) * is[j];
-            dr[j] = from_f<T>(finalize_grad<F>(gr[j], xhat, isn[j], s1[j], s2[j]));
+            dr[j] = from_f<T>(finalize_grad<F>(to_f<F>(gr[j]), xhat, isn[j], s1[j], s2[j]));
           }
         } else {
-          DNF_SIMD for (int64_t j = 0; j < width; ++j) dr[j] = from_f<T>(gr[j]);
+          std::copy(gr, gr + width, dr);
         }
       }
     });
@@ -360,14 +363,14 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
         F* ts2 = ts.data() + c;
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
-          F* gr = Gw + (r0 + r) * Ct;
+          T* gr = Gw + (r0 + r) * Ct;
           const T* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           DNF_SIMD for (int64_t j = 0; j < c; ++j) {
             const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
             ts1[j] += d;
             ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is[j];
-            gr[j] += a[j] * d;
+            gr[j] = from_f<T>(to_f<F>(gr[j]) + a[j] * d);
           }
         }
         for (int64_t j = 0; j < 2 * c; ++j) s[j] += ts[j];
@@ -411,8 +414,8 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
                                                           num_input_features);
   check_cpu_dtype(buffer);
   const Tensor X = buffer.contiguous(cl_format(g.dims));
-  // The working gradient, in the compute type (fp32 for a bfloat16 block: every layer adds into it).
-  const at::ScalarType gt = stats_dtype(buffer.scalar_type());
+  // The working gradient, in the buffer's dtype (backward_impl).
+  const at::ScalarType gt = buffer.scalar_type();
   Tensor G;
   if (reuse_grad) {
     TORCH_CHECK(grad_buffer.scalar_type() == gt && grad_buffer.is_contiguous(cl_format(g.dims)),

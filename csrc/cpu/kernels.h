@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/bn_math.h"
+#include "cpu/bf16_rows.h"
 #include "cpu/gemm_engine.h"
 
 // The including kernel source names the ISA build (csrc/cpu/isa.h): base, avx2 or avx512.
@@ -131,6 +132,9 @@ template <typename T, typename F>
 inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const F* a,
                          const F* b, T* U, int64_t ldu = -1) {
   if (ldu < 0) ldu = c;
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
+    if (native_bf16_rows()) return bn_relu_rows_native(x + r0 * ld, ld, rows, c, a, b, U, ldu);
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
     T* ur = U + r * ldu;
@@ -139,9 +143,21 @@ inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64
   }
 }
 
+// out[i] = x[i] in the storage type, i < n.
+template <typename T, typename F>
+inline void narrow_rows(const F* x, int64_t n, T* out) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
+    if (native_bf16_rows()) return narrow_native(x, n, out);
+  }
+  DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(x[i]);
+}
+
 // V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y (T == F).
 template <typename T, typename F>
 inline void bn_relu_rows(const F* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
+    if (native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
+  }
   for (int64_t r = r0; r < r0 + rows; ++r) {
     const F* yr = Y + r * c;
     T* vr = V + r * c;

@@ -5,6 +5,9 @@
 // Nothing of the input's size is allocated in the forward. The backward allocates only grad_input:
 // the pooling gradient is scattered into it (argmax recomputed from x, ATen's scan order and tie/NaN
 // rule), then the ReLU mask and the BN backward are applied to it in place.
+// Storage type T (float32, float64, bfloat16: conv0's output under CPU autocast), compute type F = Opmath<T>:
+// a bfloat16 stem reads conv0's bfloat16 output and writes bfloat16 gradients (the pooled gradient summed
+// in bfloat16, at most 4 (2-D) / 8 (3-D) windows per element), with float BN math and statistics.
 #include "cpu/isa_build.h"  // first: which ISA build this is
 
 #include <ATen/ATen.h>
@@ -71,42 +74,48 @@ bool is_channels_last(const Tensor& x) {
 void check_stem(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
                 double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
+  const auto st = input.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "input: expected dtype float32, float64 or bfloat16 on CPU, got ", st);
 }
+
+#define DNF_DISPATCH_CPU_STEM(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename T>
 struct Fold {
   std::vector<T> a, b, invstd, mean;
 };
 
-template <typename T>
-Fold<T> fold_stem(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
+// In the compute type F (the BN tensors may have the input's own dtype: a model cast with .bfloat16()).
+template <typename F>
+Fold<F> fold_stem(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
   const int64_t C = mean.numel();
-  Fold<T> f{std::vector<T>(C), std::vector<T>(C), std::vector<T>(C), std::vector<T>(C)};
-  const Tensor m = mean.contiguous(), v = var.contiguous(), w = weight.contiguous(), bi = bias.contiguous();
-  fold_channels<T>(C, w.data_ptr<T>(), bi.data_ptr<T>(), m.data_ptr<T>(), v.data_ptr<T>(), eps, f.a.data(),
+  Fold<F> f{std::vector<F>(C), std::vector<F>(C), std::vector<F>(C), std::vector<F>(C)};
+  const auto ft = c10::CppTypeToScalarType<F>::value;
+  const Tensor m = mean.to(ft).contiguous(), v = var.to(ft).contiguous(), w = weight.to(ft).contiguous(),
+               bi = bias.to(ft).contiguous();
+  fold_channels<F>(C, w.data_ptr<F>(), bi.data_ptr<F>(), m.data_ptr<F>(), v.data_ptr<F>(), eps, f.a.data(),
                    f.b.data(), f.invstd.data());
-  std::copy(m.data_ptr<T>(), m.data_ptr<T>() + C, f.mean.begin());
+  std::copy(m.data_ptr<F>(), m.data_ptr<F>() + C, f.mean.begin());
   return f;
 }
 
 // Max of relu(a*x + b) over one window and its flat input offset (ATen's rule: scan (d, h, w) in
 // order, replace on a strictly greater value or a NaN; the first element of the window always wins
 // over the initial -inf).
-template <typename T>
-inline void window_max(const T* xc, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, T a, T b, T& best,
+template <typename T, typename F>
+inline void window_max(const T* xc, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, F a, F b, F& best,
                        int64_t& arg) {
   const int64_t d0 = std::max<int64_t>(od * g.sd - g.pd, 0), d1 = std::min(od * g.sd - g.pd + g.kd, g.D);
   const int64_t h0 = std::max<int64_t>(2 * oh - 1, 0), h1 = std::min(2 * oh + 2, g.H);
   const int64_t w0 = std::max<int64_t>(2 * ow - 1, 0), w1 = std::min(2 * ow + 2, g.W);
-  best = -std::numeric_limits<T>::infinity();
+  best = -std::numeric_limits<F>::infinity();
   arg = ((d0 * g.H + h0) * g.W + w0) * g.sP;
   for (int64_t d = d0; d < d1; ++d)
     for (int64_t h = h0; h < h1; ++h)
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t off = ((d * g.H + h) * g.W + w) * g.sP;
-        const T v = relu<T>(xc[off] * a + b);
+        const F v = relu<F>(to_f<F>(xc[off]) * a + b);
         if (v > best || std::isnan(v)) best = v, arg = off;
       }
 }
@@ -114,15 +123,15 @@ inline void window_max(const T* xc, const StemGeom& g, int64_t od, int64_t oh, i
 // channels_last: window_max for all C channels of one output pixel at once (the channel loop is the
 // vector loop; same scan order and NaN rule per channel). x points at sample n; arg[c] receives the
 // winning element's offset (from x) of channel c's window, best[c] its value.
-template <typename T>
-inline void window_max_cl(const T* x, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, const Fold<T>& f,
-                          T* best, int32_t* pos, int64_t* arg) {
+template <typename T, typename F>
+inline void window_max_cl(const T* x, const StemGeom& g, int64_t od, int64_t oh, int64_t ow, const Fold<F>& f,
+                          F* best, int32_t* pos, int64_t* arg) {
   const int64_t d0 = std::max<int64_t>(od * g.sd - g.pd, 0), d1 = std::min(od * g.sd - g.pd + g.kd, g.D);
   const int64_t h0 = std::max<int64_t>(2 * oh - 1, 0), h1 = std::min(2 * oh + 2, g.H);
   const int64_t w0 = std::max<int64_t>(2 * ow - 1, 0), w1 = std::min(2 * ow + 2, g.W);
   const int64_t C = g.C;
-  const T* __restrict__ a = f.a.data();
-  const T* __restrict__ b = f.b.data();
+  const F* __restrict__ a = f.a.data();
+  const F* __restrict__ b = f.b.data();
   int64_t offs[27];
   int32_t k = 0;
   for (int64_t d = d0; d < d1; ++d)
@@ -131,17 +140,17 @@ inline void window_max_cl(const T* x, const StemGeom& g, int64_t od, int64_t oh,
   {  // the window's first element always wins over the initial -inf
     const T* __restrict__ xr = x + offs[0];
     DNF_SIMD for (int64_t c = 0; c < C; ++c) {
-      best[c] = relu<T>(xr[c] * a[c] + b[c]);
+      best[c] = relu<F>(to_f<F>(xr[c]) * a[c] + b[c]);
       pos[c] = 0;
     }
   }
   for (int32_t i = 1; i < k; ++i) {
     const T* __restrict__ xr = x + offs[i];
     DNF_SIMD for (int64_t c = 0; c < C; ++c) {
-      const T v = relu<T>(xr[c] * a[c] + b[c]);
+      const F v = relu<F>(to_f<F>(xr[c]) * a[c] + b[c]);
       // take v when v > best or v is NaN, written as selects so the loop vectorises
-      const T cur = best[c];
-      const T keep_or_nan = v != v ? v : cur;
+      const F cur = best[c];
+      const F keep_or_nan = v != v ? v : cur;
       best[c] = v > cur ? v : keep_or_nan;
       pos[c] = v > cur ? i : (v != v ? i : pos[c]);
     }
@@ -157,21 +166,22 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
   const Tensor X = input.contiguous(layout_of(input, cl));
   const StemGeom g(X, cl);
   Tensor out = at::empty(g.out_shape(input.dim()), input.options().memory_format(layout_of(input, cl)));
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
+  DNF_DISPATCH_CPU_STEM(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
     using T = scalar_t;
-    const Fold<T> f = fold_stem<T>(mean, var, weight, bias, eps);
+    using F = typename Opmath<T>::type;
+    const Fold<F> f = fold_stem<F>(mean, var, weight, bias, eps);
     const T* Xp = X.data_ptr<T>();
     T* O = out.data_ptr<T>();
     if (g.cl) {
       at::parallel_for(0, g.N * g.OH, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> best(g.C);
+        std::vector<F> best(g.C);
         std::vector<int32_t> pos(g.C);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t n = t / g.OH, oh = t % g.OH;
           for (int64_t od = 0; od < g.OD; ++od)
             for (int64_t ow = 0; ow < g.OW; ++ow) {
-              window_max_cl<T>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), nullptr);
-              std::copy(best.begin(), best.end(), O + n * g.oN + ((od * g.OH + oh) * g.OW + ow) * g.C);
+              window_max_cl<T, F>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), nullptr);
+              narrow_rows<T, F>(best.data(), g.C, O + n * g.oN + ((od * g.OH + oh) * g.OW + ow) * g.C);
             }
         }
       });
@@ -184,8 +194,11 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
         const T* xc = Xp + n * g.sN + c * g.sC;
         T* oc = O + n * g.oN + c * g.oC;
         for (int64_t od = 0; od < g.OD; ++od)
-          for (int64_t ow = 0; ow < g.OW; ++ow)
-            window_max<T>(xc, g, od, oh, ow, f.a[c], f.b[c], oc[((od * g.OH + oh) * g.OW + ow) * g.oP], arg);
+          for (int64_t ow = 0; ow < g.OW; ++ow) {
+            F best;
+            window_max<T, F>(xc, g, od, oh, ow, f.a[c], f.b[c], best, arg);
+            oc[((od * g.OH + oh) * g.OW + ow) * g.oP] = from_f<T>(best);
+          }
       }
     });
   });
@@ -195,8 +208,8 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
 // Per-channel sums of d = relu_grad(u, G) and d*xhat over the whole input, in double, independent of
 // the thread count: fixed (n, c, plane-chunk) pieces in the contiguous layout, fixed row chunks in
 // channels_last; partials added in a fixed order.
-template <typename T>
-void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<T>& f, std::vector<double>& s1,
+template <typename T, typename F>
+void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<F>& f, std::vector<double>& s1,
                std::vector<double>& s2) {
   const int64_t C = g.C, S = g.D * g.H * g.W;
   const int64_t chunks_per_row = (S + kReduceChunk - 1) / kReduceChunk;  // per (n, c) plane or per n (cl)
@@ -213,9 +226,10 @@ void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<T>& f, std:
           const T* xr = X + n * g.sN + p * C;
           const T* gr = G + n * g.sN + p * C;
           DNF_SIMD for (int64_t c = 0; c < C; ++c) {
-            const T d = bn_relu_grad<T>(xr[c] * f.a[c] + f.b[c], gr[c]);
+            const F x = to_f<F>(xr[c]);
+            const F d = bn_relu_grad<F>(x * f.a[c] + f.b[c], to_f<F>(gr[c]));
             p1[c] += d;
-            p2[c] += d * ((xr[c] - f.mean[c]) * f.invstd[c]);
+            p2[c] += d * ((x - f.mean[c]) * f.invstd[c]);
           }
         }
       } else {
@@ -224,9 +238,10 @@ void grad_sums(const T* X, const T* G, const StemGeom& g, const Fold<T>& f, std:
         const T* gp = G + n * g.sN + c * g.sC;
         double a1 = 0.0, a2 = 0.0;
         for (int64_t p = p0; p < pe; ++p) {
-          const T d = bn_relu_grad<T>(xp[p] * f.a[c] + f.b[c], gp[p]);
+          const F x = to_f<F>(xp[p]);
+          const F d = bn_relu_grad<F>(x * f.a[c] + f.b[c], to_f<F>(gp[p]));
           a1 += d;
-          a2 += d * ((xp[p] - f.mean[c]) * f.invstd[c]);
+          a2 += d * ((x - f.mean[c]) * f.invstd[c]);
         }
         p1[c] += a1, p2[c] += a2;
       }
@@ -249,10 +264,12 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
   check_float_tensor(grad_output, "grad_output", input);
   const Tensor dO = grad_output.contiguous(layout_of(input, cl));
   Tensor dX = at::zeros_like(X, layout_of(input, cl));
-  Tensor dgamma = at::empty({g.C}, input.options()), dbeta = at::empty({g.C}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
+  const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
+  Tensor dgamma = at::empty({g.C}, f_opts), dbeta = at::empty({g.C}, f_opts);
+  DNF_DISPATCH_CPU_STEM(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
     using T = scalar_t;
-    const Fold<T> f = fold_stem<T>(mean, var, weight, bias, eps);
+    using F = typename Opmath<T>::type;
+    const Fold<F> f = fold_stem<F>(mean, var, weight, bias, eps);
     const T *Xp = X.data_ptr<T>(), *dOp = dO.data_ptr<T>();
     T* G = dX.data_ptr<T>();
     // 1. Pool backward into dX. Windows of output rows oh and oh + 2 are disjoint (rows 2oh-1..2oh+1),
@@ -260,7 +277,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
     for (int64_t parity = 0; parity < 2 && g.cl; ++parity) {
       const int64_t rows = (g.OH - parity + 1) / 2;  // oh = parity, parity + 2, ...
       at::parallel_for(0, g.N * rows, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<T> best(g.C);
+        std::vector<F> best(g.C);
         std::vector<int32_t> pos(g.C);
         std::vector<int64_t> arg(g.C);
         for (int64_t t = t0; t < t1; ++t) {
@@ -268,9 +285,9 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
           T* gn = G + n * g.sN;
           for (int64_t od = 0; od < g.OD; ++od)
             for (int64_t ow = 0; ow < g.OW; ++ow) {
-              window_max_cl<T>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), arg.data());
+              window_max_cl<T, F>(Xp + n * g.sN, g, od, oh, ow, f, best.data(), pos.data(), arg.data());
               const T* orow = dOp + n * g.oN + ((od * g.OH + oh) * g.OW + ow) * g.C;
-              for (int64_t c = 0; c < g.C; ++c) gn[arg[c] + c] += orow[c];
+              for (int64_t c = 0; c < g.C; ++c) gn[arg[c] + c] = from_f<T>(to_f<F>(gn[arg[c] + c]) + to_f<F>(orow[c]));
             }
         }
       });
@@ -291,22 +308,22 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
           const T* oc = dOp + n * g.oN + c * g.oC;
           for (int64_t od = 0; od < g.OD; ++od)
             for (int64_t ow = 0; ow < g.OW; ++ow) {
-              T best;
-              window_max<T>(xc, g, od, oh, ow, f.a[c], f.b[c], best, arg);
-              gc[arg] += oc[((od * g.OH + oh) * g.OW + ow) * g.oP];
+              F best;
+              window_max<T, F>(xc, g, od, oh, ow, f.a[c], f.b[c], best, arg);
+              gc[arg] = from_f<T>(to_f<F>(gc[arg]) + to_f<F>(oc[((od * g.OH + oh) * g.OW + ow) * g.oP]));
             }
         }
       });
     }
     // 2. ReLU mask + BN backward, in place over dX.
     std::vector<double> s1, s2;
-    grad_sums<T>(Xp, G, g, f, s1, s2);
+    grad_sums<T, F>(Xp, G, g, f, s1, s2);
     const int64_t M = g.N * g.D * g.H * g.W;
-    std::vector<T> m1(g.C, T(0)), m2(g.C, T(0));
-    T *dg = dgamma.data_ptr<T>(), *db = dbeta.data_ptr<T>();
+    std::vector<F> m1(g.C, F(0)), m2(g.C, F(0));
+    F *dg = dgamma.data_ptr<F>(), *db = dbeta.data_ptr<F>();
     for (int64_t c = 0; c < g.C; ++c) {
-      db[c] = static_cast<T>(s1[c]), dg[c] = static_cast<T>(s2[c]);
-      if (training) m1[c] = static_cast<T>(s1[c] / M), m2[c] = static_cast<T>(s2[c] / M);
+      db[c] = static_cast<F>(s1[c]), dg[c] = static_cast<F>(s2[c]);
+      if (training) m1[c] = static_cast<F>(s1[c] / M), m2[c] = static_cast<F>(s2[c] / M);
     }
     // Rows of C channels (channels_last) or planes of S positions of one channel (contiguous); the mode
     // branch of bn_backward (common/nonfinite.h) hoisted so the inner loop vectorises.
@@ -317,14 +334,15 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
         const T* xr = Xp + o * inner;
         T* gr = G + o * inner;
         const int64_t cc = o % g.C;  // the plane's channel (contiguous layout)
-        const T *a = f.a.data(), *b = f.b.data(), *mu = f.mean.data(), *is = f.invstd.data();
-        const T *p1 = m1.data(), *p2 = m2.data();
+        const F *a = f.a.data(), *b = f.b.data(), *mu = f.mean.data(), *is = f.invstd.data();
+        const F *p1 = m1.data(), *p2 = m2.data();
         auto elem = [&](auto train, int64_t i, int64_t c) {
-          const T d = bn_relu_grad<T>(xr[i] * a[c] + b[c], gr[i]);
+          const F x = to_f<F>(xr[i]);
+          const F d = bn_relu_grad<F>(x * a[c] + b[c], to_f<F>(gr[i]));
           if constexpr (decltype(train)::value) {
-            gr[i] = bn_backward_train<T>(d, (xr[i] - mu[c]) * is[c], a[c], p1[c], p2[c]);
+            gr[i] = from_f<T>(bn_backward_train<F>(d, (x - mu[c]) * is[c], a[c], p1[c], p2[c]));
           } else {
-            gr[i] = a[c] * d;
+            gr[i] = from_f<T>(a[c] * d);
           }
         };
         if (g.cl && training) {
@@ -339,7 +357,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
       }
     });
   });
-  return {dX, dgamma, dbeta};
+  return {dX, dgamma.to(weight.scalar_type()), dbeta.to(bias.scalar_type())};
 }
 
 }  // namespace dnf::cpu::DNF_ISA

@@ -92,11 +92,11 @@ torch.library.register_fake("densenet_fast::dense_block_backward_inplace")(_dens
 
 def _can_reuse_grad(grad_buffer: Tensor, buffer: Tensor) -> bool:
     """Whether ``dense_block_backward_inplace`` may take ``grad_buffer`` as its working gradient: handed over
-    by the block's only reader (ops/common.py, :func:`can_take_over`), on CPU, float32/float64 (a bfloat16
-    block's working gradient is float32). Eager only: the in-place operator returns tensor lists, which
+    by the block's only reader (ops/common.py, :func:`can_take_over`), on CPU (the working gradient has the
+    buffer's dtype there, bfloat16 included). Eager only: the in-place operator returns tensor lists, which
     torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
     return (not torch.compiler.is_compiling() and buffer.device.type == "cpu"
-            and buffer.dtype in (torch.float32, torch.float64) and can_take_over(grad_buffer, buffer))
+            and buffer.dtype in (torch.float32, torch.float64, torch.bfloat16) and can_take_over(grad_buffer, buffer))
 
 
 def _setup_context(ctx, inputs, output):

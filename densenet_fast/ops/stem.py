@@ -113,36 +113,6 @@ def _backward(ctx, grad):
 torch.library.register_autograd("densenet_fast::bn_relu_maxpool", _backward, setup_context=_setup)
 
 
-# -- CPU bfloat16 input -------------------------------------------------------------------------------
-# Under CPU bf16 autocast conv0 emits bfloat16. The CPU stem kernels compute in float32, so this op runs
-# them on a transient float32 copy and saves the bfloat16 conv0 output: the stem then stores 2 bytes per
-# conv0 value where torchvision under the same autocast stores 2 (conv output) + 2 (BN-ReLU output) + 8 / 4
-# (int64 pooling indices of the pooled output).
-
-
-@torch.library.custom_op("densenet_fast::bn_relu_maxpool_bf16", mutates_args=())
-def bn_relu_maxpool_bf16(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, training: bool,
-                         eps: float) -> Tensor:
-    """:func:`bn_relu_maxpool` of a bfloat16 CPU input with float32 BN tensors -> bfloat16 (as the pool of
-    torchvision's bfloat16 stem under autocast)."""
-    return _ops.bn_relu_maxpool(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
-
-
-@bn_relu_maxpool_bf16.register_fake
-def _(input, mean, var, weight, bias, training, eps):
-    return _forward_fake(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
-
-
-def _bf16_backward(ctx, grad):
-    input, mean, var, weight, bias = ctx.saved_tensors
-    dx, dw, db = _ops.bn_relu_maxpool_backward(grad.float(), input.float(), mean, var, weight, bias, ctx.training,
-                                               ctx.eps)
-    return dx.to(input.dtype), None, None, dw, db, None, None
-
-
-bn_relu_maxpool_bf16.register_autograd(_bf16_backward, setup_context=_setup)
-
-
 def bn_relu_maxpool_backward(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,
                              training: bool, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of :func:`bn_relu_maxpool`; recomputes the BN-ReLU output and
@@ -154,9 +124,9 @@ def bn_relu_maxpool(input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bi
                     eps: float) -> Tensor:
     """max_pool(relu(batch_norm(input)), 3, 2, 1) with the given statistics: [N, C, H, W] ->
     [N, C, (H-1)//2+1, (W-1)//2+1], or [N, C, D, H, W] -> [N, C, (D-1)//2+1, (H-1)//2+1, (W-1)//2+1].
-    A CPU bfloat16 input (float32 BN tensors) computes in float32 and returns bfloat16."""
-    if input.device.type == "cpu" and input.dtype == torch.bfloat16:
-        return bn_relu_maxpool_bf16(input, mean, var, weight, bias, bool(training), float(eps))
+    A CPU bfloat16 input (conv0's output under autocast; float32 BN tensors) is read in bfloat16 with float32
+    BN math and returns bfloat16 (as the pool of torchvision's stem under the same autocast); only that input
+    is saved for the backward."""
     return _ops.bn_relu_maxpool(input, mean, var, weight, bias, bool(training), float(eps))
 
 

@@ -143,56 +143,6 @@ torch.library.register_autograd("densenet_fast::sample_moments", _sample_moments
                                 setup_context=_sample_moments_setup)
 
 
-# -- CPU bfloat16 inputs ------------------------------------------------------------------------------
-# Under CPU bf16 autocast the fused block's buffer is bfloat16. The CPU tail kernels compute in float32,
-# so these two ops run them on a transient float32 copy and save the bfloat16 input for the backward:
-# the only saved tensor is the block buffer autograd already keeps, not a float32 twin of it.
-
-
-@torch.library.custom_op("densenet_fast::transition_bf16", mutates_args=())
-def transition_bf16(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor, conv_weight: torch.Tensor, training: bool, eps: float) -> torch.Tensor:
-    """``transition_forward`` of a bfloat16 input [N, C, (D,) H, W] with float32 BN and conv tensors; the
-    output is bfloat16, as the 1x1 convolution's under autocast."""
-    return _ops.transition_forward(input.float(), mean, var, weight, bias, conv_weight, training,
-                                   eps).to(input.dtype)
-
-
-@transition_bf16.register_fake
-def _(input, mean, var, weight, bias, conv_weight, training, eps):
-    return _ops.transition_forward(input.float(), mean, var, weight, bias, conv_weight, training,
-                                   eps).to(input.dtype)
-
-
-@torch.library.custom_op("densenet_fast::norm_relu_pool_bf16", mutates_args=())
-def norm_relu_pool_bf16(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor, training: bool, eps: float) -> torch.Tensor:
-    """``norm_relu_pool_forward`` of a bfloat16 input with float32 BN tensors -> bfloat16 [N, C]."""
-    return _ops.norm_relu_pool_forward(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
-
-
-@norm_relu_pool_bf16.register_fake
-def _(input, mean, var, weight, bias, training, eps):
-    return _ops.norm_relu_pool_forward(input.float(), mean, var, weight, bias, training, eps).to(input.dtype)
-
-
-def _transition_bf16_backward(ctx, grad):
-    input, *rest, _ = ctx.saved_tensors
-    gx, gw, gb, gc, _ = _ops.transition_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
-    return gx.to(input.dtype), None, None, gw, gb, gc, None, None
-
-
-def _norm_relu_pool_bf16_backward(ctx, grad):
-    input, *rest, _ = ctx.saved_tensors
-    gx, gw, gb, _ = _ops.norm_relu_pool_backward(grad.float(), input.float(), *rest, ctx.training, ctx.eps)
-    return gx.to(input.dtype), None, None, gw, gb, None, None
-
-
-torch.library.register_autograd("densenet_fast::transition_bf16", _transition_bf16_backward, setup_context=_setup)
-torch.library.register_autograd("densenet_fast::norm_relu_pool_bf16", _norm_relu_pool_bf16_backward,
-                                setup_context=_setup)
-
-
 def _cpu_bf16(input: torch.Tensor) -> bool:
     return input.device.type == "cpu" and input.dtype == torch.bfloat16
 
@@ -208,11 +158,10 @@ def transition(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weigh
                gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """avg_pool(conv1x1(relu(batch_norm(y))), 2) with ``y = gate[:, :, None, None] * input`` (``y = input``
     without a gate): [N, C, H, W] -> [N, C_out, H//2, W//2], or [N, C, D, H, W] -> [N, C_out, D//2, H//2, W//2].
-    ``gate``: [N, C] (differentiable); mean/var are then the statistics of y. A CPU bfloat16 input (float32 BN
-    and conv tensors, no gate) computes in float32 and returns bfloat16."""
+    ``gate``: [N, C] (differentiable); mean/var are then the statistics of y. A CPU bfloat16 input (CPU
+    autocast; float32 BN tensors and float32 master or bfloat16 conv weight, no gate) is read and its gradient
+    written in bfloat16, with float32 BN math and accumulation; the output is bfloat16."""
     _refuse_cpu_bf16_gate(input, gate)
-    if _cpu_bf16(input):
-        return transition_bf16(input, mean, var, weight, bias, conv_weight, bool(training), float(eps))
     return _ops.transition_forward(input, mean, var, weight, bias, conv_weight, bool(training), float(eps), gate)
 
 
@@ -220,11 +169,9 @@ def norm_relu_pool(input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, w
                    bias: torch.Tensor, *, training: bool, eps: float = 1e-5,
                    gate: Optional[torch.Tensor] = None) -> torch.Tensor:
     """adaptive_avg_pool(relu(batch_norm(y)), 1).flatten(1), ``y = gate[:, :, None, None] * input`` (or input):
-    [N, C, (D,) H, W] -> [N, C]. A CPU bfloat16 input (float32 BN tensors, no gate) computes in float32 and
-    returns bfloat16."""
+    [N, C, (D,) H, W] -> [N, C]. A CPU bfloat16 input (float32 BN tensors, no gate) is read in bfloat16 with
+    float32 BN math; the output is bfloat16."""
     _refuse_cpu_bf16_gate(input, gate)
-    if _cpu_bf16(input):
-        return norm_relu_pool_bf16(input, mean, var, weight, bias, bool(training), float(eps))
     return _ops.norm_relu_pool_forward(input, mean, var, weight, bias, bool(training), float(eps), gate)
 
 
