@@ -2,7 +2,8 @@
 
 Setup: densenet121 and densenet201, 224x224, ``torch.autocast("cuda", dtype=torch.bfloat16)``,
 channels_last; a step is ``benchmarks.measure.train_step`` (zero_grad, forward, cross-entropy,
-backward), timed with ``benchmarks.timing.interleaved_times``. Variants share their initial weights:
+backward), timed by the harness (``benchmarks.harness``: interleaved, rows written as they finish,
+wall-clock budget). Variants share their initial weights:
 
 * ``ours``                 dnf.densenetXXX() (fused blocks, transitions, final norm; default 1x1 path)
 * ``ours_fused_gemm``      the same with DNF_CUDA_BN_GEMM=fused (opt-in; not in the default list)
@@ -25,15 +26,9 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime as _dt
 import gc
-import json
-import os
 import platform
-import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -48,8 +43,10 @@ if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
 
 import densenet_fast as dnf  # noqa: E402
-from benchmarks.measure import is_oom, make_inputs, train_step  # noqa: E402
-from benchmarks.timing import interleaved_times, summarize  # noqa: E402
+from benchmarks import harness  # noqa: E402
+from benchmarks.harness import Budget, Recorder, run_row  # noqa: E402
+from benchmarks.measure import is_oom, make_inputs, step_peak_memory, train_step  # noqa: E402
+from benchmarks.runner import largest_batch  # noqa: E402
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 FUSED_ENV = "DNF_CUDA_BN_GEMM"
@@ -59,68 +56,6 @@ MAX_BATCH_VARIANTS = ("ours", "torchvision")
 DTYPE = torch.bfloat16
 LOSS_RTOL = 0.02  # bf16 autocast: every variant's first loss within 2% of torchvision's
 
-# Peak DRAM bandwidth (GB/s) by device name, when the driver reports no memory clock and bus width.
-PEAK_BW_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0,
-               "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0,
-               "L40S": 864.0, "A10": 600.0, "RTX 4090": 1008.0}
-
-
-def peak_bandwidth_gbs(device: torch.device) -> Optional[float]:
-    """Theoretical DRAM bandwidth of the device (GB/s), or None when unknown."""
-    props = torch.cuda.get_device_properties(device)
-    clock_khz = getattr(props, "memory_clock_rate", 0) or 0
-    bus_bits = getattr(props, "memory_bus_width", 0) or 0
-    if clock_khz and bus_bits:
-        return 2.0 * clock_khz * 1e3 * bus_bits / 8 / 1e9
-    return next((v for k, v in PEAK_BW_GBS.items() if k in props.name), None)
-
-
-def gpu_tag(device: torch.device) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
-
-
-@contextlib.contextmanager
-def env(name: str, value: Optional[str]):
-    old = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
-class BudgetExceeded(BaseException):  # not an Exception: no per-call error handler may swallow it
-    pass
-
-
-class Budget:
-    """Wall-clock budget: ``left()`` seconds remain; ``guard()`` interrupts a step that runs past it."""
-
-    def __init__(self, seconds: float):
-        self.deadline = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return self.deadline - time.monotonic()
-
-    @contextlib.contextmanager
-    def guard(self):
-        def on_alarm(signum, frame):
-            raise BudgetExceeded("time budget")
-
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, max(self.left(), 0.01))
-        try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, old)
-
 
 class Variant:
     """One model variant; ``step(x, y)`` runs one training step under bf16 autocast."""
@@ -129,17 +64,20 @@ class Variant:
         self.name, self.model = name, model
         self.env_value = "fused" if name == "ours_fused_gemm" else None
 
+    def _env(self):
+        return harness.env_var(FUSED_ENV, self.env_value) if self.env_value else contextlib.nullcontext()
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        with env(FUSED_ENV, self.env_value) if self.env_value else contextlib.nullcontext():
+        with self._env():
             train_step(self.model, x, y, DTYPE)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        with env(FUSED_ENV, self.env_value) if self.env_value else contextlib.nullcontext():
-            with torch.autocast("cuda", dtype=DTYPE):
-                return F.cross_entropy(self.model(x), y).item()
+        with self._env(), torch.autocast("cuda", dtype=DTYPE):
+            return F.cross_entropy(self.model(x), y).item()
 
 
-def build_variants(model: str, names: List[str], device: torch.device) -> Dict[str, Variant]:
+def setup_variants(model: str, names: List[str], device: torch.device) -> Dict[str, Variant]:
+    """The setup: every variant of ``model`` with torchvision's initial weights, channels_last, in train mode."""
     import torchvision
 
     torch.manual_seed(0)
@@ -157,6 +95,7 @@ def build_variants(model: str, names: List[str], device: torch.device) -> Dict[s
 
 
 def inputs(n: int, device: torch.device):
+    """A batch of ``n`` 224x224 images (channels_last) and class targets."""
     x, y = make_inputs(n, 224, 1000, device)
     return x.to(memory_format=torch.channels_last), y
 
@@ -168,15 +107,12 @@ def free(device: torch.device) -> None:
 
 
 def peak_memory(v: Variant, n: int, device: torch.device) -> dict:
+    """``max_memory_allocated`` of one step at batch ``n`` after a warm-up step, and its part above what was
+    resident before the step (``benchmarks.measure.step_peak_memory``)."""
     x, y = inputs(n, device)
-    v.step(x, y)  # warm: allocator, cuDNN plans, compilation
-    free(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    resident = torch.cuda.memory_allocated(device)
-    v.step(x, y)
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device)
-    return {"max_memory_allocated_mib": peak / 2**20, "peak_above_resident_mib": (peak - resident) / 2**20}
+    m = step_peak_memory(lambda: v.step(x, y), device, warmup=1)
+    return {"max_memory_allocated_mib": (m["peak_bytes"] + m["baseline_bytes"]) / harness.MIB,
+            "peak_above_resident_mib": m["peak_bytes"] / harness.MIB}
 
 
 def fits(v: Variant, n: int, device: torch.device) -> bool:
@@ -193,74 +129,35 @@ def fits(v: Variant, n: int, device: torch.device) -> bool:
         free(device)
 
 
-def largest_batch(v: Variant, device: torch.device, start: int, limit: int, seconds: float) -> tuple:
-    """(largest batch <= limit that fits, found to ~6%; whether the search finished within `seconds`:
-    if not, the batch is a lower bound)."""
-    stop = time.monotonic() + seconds
-    lo, hi = 0, start
-    while hi <= limit and fits(v, hi, device):
-        lo, hi = hi, hi * 2
+class _OutOfTime(Exception):
+    pass
+
+
+def largest_fitting_batch(v: Variant, device: torch.device, start: int, limit: int, seconds: float) -> tuple:
+    """(largest batch <= limit that fits, found to ~6% by ``benchmarks.runner.largest_batch`` from ``start``,
+    doubling; whether the search finished within ``seconds``: if not, the batch is a lower bound)."""
+    stop, best = time.monotonic() + seconds, [0]
+
+    def peak_at(b: int) -> Optional[int]:  # 0 "bytes" when it fits, None when it does not
         if time.monotonic() > stop:
-            return lo, False
-    hi = min(hi, limit + 1)
-    while hi - lo > max(1, lo // 16):
-        if time.monotonic() > stop:
-            return lo, False
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(v, mid, device) else (lo, mid)
-    return lo, True
+            raise _OutOfTime
+        if not fits(v, b, device):
+            return None
+        best[0] = max(best[0], b)
+        return 0
 
-
-class Recorder:
-    """Appends rows to the result file as they finish; tracks the verdict."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path, self.doc = path, {**header, "rows": []}
-        self.failed = self.skipped = 0
-        self.flush()
-
-    def flush(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.doc, indent=1, default=str))
-        tmp.replace(self.path)
-
-    def add(self, row: dict) -> None:
-        status = row.setdefault("status", "ok")
-        self.failed += status == "failed"
-        self.skipped += status == "skipped"
-        self.doc["rows"].append(row)
-        self.flush()
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "times_s"}
-        print("row", json.dumps(shown, default=str), flush=True)
-
-
-def run_row(rec: Recorder, budget: Budget, need_s: float, base: dict, fn, record: bool = True) -> Optional[dict]:
-    """Runs fn() -> dict as one row (recorded unless record=False) unless fewer than need_s seconds are
-    left; records failures and budget skips."""
-    if budget.left() < need_s:
-        rec.add({**base, "status": "skipped",
-                 "reason": f"time budget ({budget.left():.0f} s left, ~{need_s:.0f} s needed)"})
-        return None
     try:
-        with budget.guard():
-            result = fn()
-    except BudgetExceeded:
-        rec.add({**base, "status": "skipped", "reason": "time budget (interrupted)"})
-        return None
-    except Exception as err:  # noqa: BLE001 - one broken row must not end the run
-        rec.add({**base, "status": "failed", "error": f"{type(err).__name__}: {err}"[:2000]})
-        return None
-    if record:
-        rec.add({**base, **result})
-    return result
+        return largest_batch(peak_at, 0, start, limit, growth=2.0, rel_tol=1 / 16)[0], True
+    except _OutOfTime:
+        return best[0], False
 
 
 class ModelBench:
-    """The variants of one model and the rows measured on them, phase by phase (see PHASES)."""
+    """The variants of one model and the rows measured on them, phase by phase (see run_phases)."""
 
     def __init__(self, rec: Recorder, budget: Budget, model: str, names: List[str], args, device: torch.device):
         self.rec, self.budget, self.model, self.args, self.device = rec, budget, model, args, device
-        self.variants = build_variants(model, names, device)
+        self.variants = setup_variants(model, names, device)
         self.losses: Dict[str, float] = {}
         self.largest: Dict[str, int] = {}
         self.data64 = inputs(args.batch, device)
@@ -290,7 +187,7 @@ class ModelBench:
             free(self.device)
 
     def timing(self, label: str, batches: Dict[str, int], repeats: int) -> None:
-        """Interleaved step times (benchmarks.timing) of the variants whose memory row passed."""
+        """Interleaved step times (harness.time_impls) of the variants whose memory row passed."""
         batches = {n: b for n, b in batches.items() if n in self.losses and b}
         if not batches:
             return
@@ -298,11 +195,8 @@ class ModelBench:
         def measure() -> dict:
             data = {n: inputs(b, self.device) for n, b in batches.items()}
             fns = {n: (lambda v=self.variants[n], d=data[n]: v.step(*d)) for n in batches}
-            errors: Dict[str, str] = {}
-            times = interleaved_times(fns, repeats, self.args.warmup, self.device,
-                                      on_error=lambda n, e: errors.__setitem__(n, f"{type(e).__name__}: {e}"))
-            return {n: {**summarize(times[n], batches[n]), "batch": batches[n], "error": errors.get(n)}
-                    for n in batches}
+            res = harness.time_impls(fns, batches, repeats, self.args.warmup, self.device)
+            return {n: {**r, "batch": batches[n]} for n, r in res.items()}
 
         need = 5.0 + 0.5 * repeats * len(batches) * max(1, max(batches.values()) // self.args.batch)
         res = run_row(self.rec, self.budget, min(need, 60.0), {"model": self.model, "what": f"step time, {label}"},
@@ -316,7 +210,8 @@ class ModelBench:
         for name in [n for n in MAX_BATCH_VARIANTS if n in self.losses]:
             def row(v=self.variants[name]):
                 search_s = min(self.args.max_batch_s, self.budget.left() - 20.0)
-                b, complete = largest_batch(v, self.device, self.args.batch, self.args.max_batch_limit, search_s)
+                b, complete = largest_fitting_batch(v, self.device, self.args.batch, self.args.max_batch_limit,
+                                                    search_s)
                 self.largest[v.name] = b
                 return {"largest_batch": b, "complete_search": complete, "limit": self.args.max_batch_limit,
                         **(peak_memory(v, b, self.device) if b else {})}
@@ -347,13 +242,10 @@ def run_phases(benches: List[ModelBench], args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = harness.parser(__doc__, repeats=10, warmup=2)
     ap.add_argument("--models", default="densenet121,densenet201", help="comma-separated torchvision models")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(ALL_VARIANTS)}")
     ap.add_argument("--batch", type=int, default=64, help="batch size of the timed steps")
-    ap.add_argument("--repeats", type=int, default=10, help="timed rounds")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--max-batch-limit", type=int, default=16384, help="upper limit of the largest-batch search")
     ap.add_argument("--max-batch-s", type=float, default=60.0, help="time cap of one largest-batch search")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
@@ -375,17 +267,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    props = torch.cuda.get_device_properties(device)
     import torchvision
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d_%H%M%S")
-    path = args.out / f"bench_cuda_block_{gpu_tag(device)}_{stamp}.json"
+    path, stamp = harness.result_path(args.out, "bench_cuda_block", device)
     rec = Recorder(path, {
-        "benchmark": "bench_cuda_block", "when": stamp,
-        "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                   "total_memory_mib": props.total_memory / 2**20, "sm_count": props.multi_processor_count,
-                   "peak_bandwidth_gbs": peak_bandwidth_gbs(device)},
+        "benchmark": "bench_cuda_block", "when": stamp, "device": harness.cuda_device_info(device),
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
                      "torchvision": torchvision.__version__, "densenet_fast": info.get("version"),
                      "python": platform.python_version()},
@@ -403,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     run_phases(benches, args)
     rec.doc["complete"] = rec.skipped == 0
     rec.flush()
+    timed = [r for r in rec.doc["rows"] if r.get("what", "").startswith("step time")]
+    for line in harness.noisy_lines(timed, lambda r: f"{r['model']} {r['variant']} {r['what']}"):
+        print(line)
     print(f"wrote {path}: {len(rec.doc['rows'])} rows, {rec.failed} failed, {rec.skipped} skipped for time")
     return 1 if rec.failed else 0
 

@@ -38,14 +38,12 @@ writes ``<out>/cpu.json`` (machine, and per case its settings, every rank's row,
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -56,6 +54,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness  # noqa: E402
 
 # case -> its model and input, and its implementations: the fused synchronised one, torch's SyncBatchNorm on the
 # reference model, the reference model with plain BatchNorm, the fused one with plain BatchNorm.
@@ -144,8 +144,9 @@ def _model(case: str, impl: str) -> nn.Module:
 
 
 def _worker(rank: int, world: int, port: int, case: str, impl: str, batch: int, size: int, repeats: int,
-            out: str) -> None:
-    from benchmarks.measure import make_inputs, step_peak_memory, train_step
+            warmup: int, out: str) -> None:
+    from benchmarks.measure import make_inputs, step_peak_memory, time_once, train_step
+    from benchmarks.timing import summarize
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -167,14 +168,16 @@ def _worker(rank: int, world: int, port: int, case: str, impl: str, batch: int, 
                    "by_name": traffic.by_name}
         mem = step_peak_memory(lambda: train_step(model, x, y), torch.device("cpu"), warmup=1,
                                before=lambda: model.zero_grad(set_to_none=True))
+        # One implementation per set of processes, so nothing to interleave: the ranks start each step together.
         times = []
-        for _ in range(repeats):
+        for r in range(warmup + repeats):
             dist.barrier()
-            t0 = time.perf_counter()
-            train_step(model, x, y)
-            times.append(time.perf_counter() - t0)
-        row = {"impl": impl, "rank": rank, "collectives": counted, **mem, "step_median_s": statistics.median(times),
-               "step_min_s": min(times)}
+            dt = time_once(lambda: train_step(model, x, y), torch.device("cpu"))
+            if r >= warmup:
+                times.append(dt)
+        s = summarize(times, batch)
+        row = {"impl": impl, "rank": rank, "collectives": counted, **mem, "step_median_s": s["ms_median"] / 1e3,
+               "step_min_s": s["ms_min"] / 1e3, "noisy": s["noisy"]}
         if impl == "dnf-sync":
             row["channels"] = fused_sync_channels(model)
         elif impl in _TORCH_SYNC:
@@ -195,7 +198,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls=None, case: str = "2d") -> dict:
+def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls=None, case: str = "2d",
+        warmup: int = 0) -> dict:
     """Runs every implementation of ``case`` in ``world`` fresh processes; returns the case's JSON record."""
     import torch.multiprocessing as mp
     # A fixed mmap threshold (glibc): every allocation >= 128 KiB is its own mapping, returned to the OS when
@@ -211,7 +215,7 @@ def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls
     for impl in impls:
         with tempfile.TemporaryDirectory() as tmp:
             out = str(Path(tmp) / "rows.json")
-            mp.spawn(_worker, args=(world, _free_port(), case, impl, batch, size, repeats, out), nprocs=world,
+            mp.spawn(_worker, args=(world, _free_port(), case, impl, batch, size, repeats, warmup, out), nprocs=world,
                      join=True)
             rows += json.loads(Path(out).read_text())
     by = {impl: [r for r in rows if r["impl"] == impl] for impl in impls}
@@ -232,9 +236,28 @@ def run(world: int = 2, batch: int = 2, size: int = 224, repeats: int = 3, impls
     c = CASES[case]
     settings = {"benchmark": "sync_bn", "case": case, "model": c["model"], "spatial_dims": c["spatial_dims"],
                 "in_channels": c["in_channels"], "world": world, "batch_per_rank": batch, "size": size,
-                "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats,
+                "threads_per_rank": 1, "backend": "gloo", "device": "cpu", "repeats": repeats, "warmup": warmup,
                 "param_grad_bytes": grad_bytes}
     return {"settings": settings, "rows": rows, "summary": summary}
+
+
+def _impl_rows(case: dict) -> List[dict]:
+    """One row per implementation of a case: the largest rank's step peak, the median over ranks of the median
+    step time, rank 0's collectives and channels."""
+    out = []
+    for impl in dict.fromkeys(r["impl"] for r in case["rows"]):
+        rows = [r for r in case["rows"] if r["impl"] == impl]
+        ch = rows[0].get("channels")
+        out.append({"impl": impl, "peak_mib": max(r["peak_bytes"] for r in rows) / 2**20,
+                    "step_s": statistics.median(r["step_median_s"] for r in rows), **rows[0]["collectives"],
+                    "channels": ch["forward"] + ch["backward"] if ch else None})
+    return out
+
+
+COLUMNS = [("implementation", "impl", ""), ("step peak / rank", lambda r: f"{r['peak_mib']:.1f} MiB", ""),
+           ("step time (median)", lambda r: f"{r['step_s']:.2f} s", ""), ("all-reduce/gather calls", "calls", "d"),
+           ("values", "values", "d"), ("bytes", lambda r: f"{r['bytes'] / 1024:.0f} KiB", ""),
+           ("channels fwd + bwd", "channels", "d")]
 
 
 def markdown(record: dict) -> str:
@@ -250,30 +273,19 @@ def markdown(record: dict) -> str:
         lines += ["", f"**{st['model']}**, {st['in_channels']}x{shape}, {st['world']} processes x batch "
                   f"{st['batch_per_rank']}" + (f". The step peak includes the {grads / 2**20:.1f} MiB of parameter "
                                                 f"gradients the step allocates." if grads else "."), "",
-                  "| implementation | step peak / rank | step time (median) | all-reduce/gather calls | values | bytes "
-                  "| channels fwd + bwd |", "|---|---|---|---|---|---|---|"]
-        for impl in dict.fromkeys(r["impl"] for r in case["rows"]):
-            rows = [r for r in case["rows"] if r["impl"] == impl]
-            c = rows[0]["collectives"]
-            ch = rows[0].get("channels")
-            lines.append(f"| {impl} | {max(r['peak_bytes'] for r in rows) / 2**20:.1f} MiB | "
-                         f"{statistics.median(r['step_median_s'] for r in rows):.2f} s | {c['calls']} | "
-                         f"{c['values']} | {c['bytes'] / 1024:.0f} KiB | "
-                         f"{ch['forward'] + ch['backward'] if ch else '-'} |")
-        lines += ["", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in case["summary"].items())]
+                  harness.table(_impl_rows(case), COLUMNS, markdown=True),
+                  "", "Summary: " + ", ".join(f"{k} {v:.3f}" for k, v in case["summary"].items())]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = harness.parser(__doc__, repeats=3, warmup=0)
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated: 2d, 3d")
     p.add_argument("--world", type=int, default=2, help="processes (ranks)")
     p.add_argument("--batch", type=int, default=CASES["2d"]["batch"], help="batch size per rank (2-D case)")
     p.add_argument("--size", type=int, default=CASES["2d"]["size"], help="input height = width (2-D case)")
     p.add_argument("--batch-3d", type=int, default=CASES["3d"]["batch"], help="batch size per rank (3-D case)")
     p.add_argument("--size-3d", type=int, default=CASES["3d"]["size"], help="volume edge (3-D case)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps")
     p.add_argument("--impls", default=None, help="comma-separated subset of each case's implementations")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sync-bn"), help="output folder")
     a = p.parse_args(argv)
@@ -286,10 +298,9 @@ def main(argv=None) -> None:
     for c in cases:
         batch, size = (a.batch_3d, a.size_3d) if c == "3d" else (a.batch, a.size)
         impls = [i for i in a.impls.split(",") if i in CASES[c]["impls"]] if a.impls else None
-        record["cases"][c] = run(a.world, batch, size, a.repeats, impls, case=c)
+        record["cases"][c] = run(a.world, batch, size, a.repeats, impls, case=c, warmup=a.warmup)
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu.json").write_text(json.dumps(record, indent=1) + "\n")
+    harness.write_json(out / "cpu.json", record)
     (out / "cpu.md").write_text(markdown(record))
     for c, rec in record["cases"].items():
         for r in rec["rows"]:
@@ -298,6 +309,9 @@ def main(argv=None) -> None:
                   f"{r['step_median_s']:.2f} s  collectives {k['calls']:4d} calls {k['values']:8d} values "
                   f"{k['bytes'] / 1024:8.1f} KiB  channels {r.get('channels')}")
         print(c, json.dumps(rec["summary"], indent=1))
+        for line in harness.noisy_lines([{**r, "ms_median": r["step_median_s"] * 1e3, "ms_min": r["step_min_s"] * 1e3}
+                                         for r in rec["rows"]], lambda r: f"{c} {r['impl']} rank {r['rank']}"):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from benchmarks.harness import cpu_model
 from benchmarks.impls import baseline_for
 
 __all__ = ["machine_info", "add_ratios", "format_table", "write_json", "write_csv", "write_markdown",
@@ -24,17 +25,6 @@ RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms
                                        ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
                                        ("max_batch", "max_batch_x"), ("max_size", "max_size_x"),
                                        ("budget_train_img_s", "budget_img_s_x"))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(module: str) -> Optional[str]:
@@ -75,7 +65,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {
         "timestamp": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([_program()] + sys.argv[1:]),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "logical_cores": os.cpu_count(),
         "physical_cores": physical,
         "ram_bytes": ram,

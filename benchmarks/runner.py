@@ -63,13 +63,15 @@ def run_workers(jobs: List[Dict[str, Any]], parallel: int = 1, timeout: float = 
 
 
 def largest_batch(peak_at: Callable[[int], Optional[int]], budget: int, guess: int,
-                  max_batch: int = 1024, growth: float = 1.25) -> Tuple[int, List[Tuple[int, Optional[int]]]]:
+                  max_batch: int = 1024, growth: float = 1.25,
+                  rel_tol: float = 0.0) -> Tuple[int, List[Tuple[int, Optional[int]]]]:
     """Largest batch b <= max_batch with ``peak_at(b) <= budget`` (0 if even b=1 does not fit).
 
     ``peak_at`` returns the measured peak bytes, or None when the run failed (out of memory). Starts at
     ``guess`` (an extrapolation from a measured batch), steps away from it by ``growth`` — the step
     doubling each time, so a bad guess costs only a few probes — until the answer is bracketed, then
-    bisects. Assumes peak memory grows with the batch. Returns (batch, probes).
+    bisects — to the exact batch, or with ``rel_tol`` > 0 until the bracket is within that fraction of the batch
+    (fewer probes). Assumes peak memory grows with the batch. Returns (batch, probes).
     """
     probes: Dict[int, Optional[int]] = {}
 
@@ -96,7 +98,7 @@ def largest_batch(peak_at: Callable[[int], Optional[int]], budget: int, guess: i
                 lo = nb
                 break
             hi, step = nb, step * 2
-    while hi - lo > 1:
+    while hi - lo > max(1, int(lo * rel_tol)):
         mid = (lo + hi) // 2
         if fits(mid):
             lo = mid

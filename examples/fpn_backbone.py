@@ -46,10 +46,11 @@ def build_backbone(weights: Optional[str] = None, out_channels: int = 256) -> Ba
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", default=None, help="torchvision densenet121 state dict file")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=2)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights", default=None, help="torchvision densenet121 state dict file (None: random)")
+    parser.add_argument("--image-size", type=int, default=64, help="input height = width")
+    parser.add_argument("--batch", type=int, default=2, help="batch size")
     args = parser.parse_args()
 
     backbone = build_backbone(args.weights)

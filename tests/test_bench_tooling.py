@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
 
-from benchmarks import measure, plots, report  # noqa: E402
+from benchmarks import harness, measure, plots, report  # noqa: E402
 from benchmarks.cli import PRESETS, build_parser, parse_size, resolve  # noqa: E402
 from benchmarks.impls import IMPLS, build_model, parse_impls  # noqa: E402
 from benchmarks.runner import largest_batch, run_worker  # noqa: E402
@@ -57,6 +57,16 @@ def test_largest_batch_linear(budget, expected, guess):
 def test_largest_batch_treats_failures_as_over_budget():
     best, _ = largest_batch(lambda b: None if b > 9 else 10 * b, budget=10 ** 6, guess=4, max_batch=1024)
     assert best == 9
+
+
+@pytest.mark.parametrize("largest", [1, 63, 64, 100, 1000, 5000])
+def test_largest_batch_relative_tolerance(largest):
+    """bench_cuda_block's search: doubling from 64, then bisecting to 1/16 of the batch (fewer probes)."""
+    exact, exact_probes = largest_batch(lambda b: None if b > largest else 0, 0, 64, 16384, growth=2.0)
+    best, probes = largest_batch(lambda b: None if b > largest else 0, 0, 64, 16384, growth=2.0, rel_tol=1 / 16)
+    assert exact == largest
+    assert largest - largest / 16 - 1 <= best <= largest
+    assert len(probes) <= len(exact_probes)
 
 
 def test_step_peak_memory_sees_an_allocation():
@@ -398,3 +408,74 @@ def test_busy_flag_does_not_count_the_runs_own_threads():
     assert report.is_busy(machine, (1.5, 0.5, 0.2))
     assert report.is_busy(dict(machine, load_average=(4.5, 2.0, 1.0)), (0.1, 0.1, 0.1))
     assert not report.is_busy(dict(machine, gpu="H200", load_average=(9.0, 9.0, 9.0)), (5.0, 5.0, 5.0))
+
+
+# --- benchmarks/harness.py: the single-operation scripts' shared part ----------------------------------------------
+
+def test_harness_time_impls_interleaves_and_drops_a_failing_impl():
+    calls = []
+
+    def fn(name, fail=False):
+        def call():
+            calls.append(name)
+            if fail and len([c for c in calls if c == name]) > 1:  # fails after its first (warm-up) call
+                raise RuntimeError("boom")
+        return call
+
+    res = harness.time_impls({"a": fn("a"), "b": fn("b"), "c": fn("c", fail=True)}, {"a": 2, "b": 4, "c": 1},
+                             repeats=3, warmup=1, device=torch.device("cpu"))
+    assert [res[n]["n"] for n in "abc"] == [3, 3, 0]
+    assert res["c"]["error"] == "RuntimeError: boom" and res["a"]["error"] is None
+    assert res["b"]["img_s"] == pytest.approx(4 / (res["b"]["ms_median"] * 1e-3))
+    # warm-up a b c; rounds rotate: a b c (c fails and is dropped), b (c) a, (c) a b
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "a", "a", "b"]
+
+
+def test_harness_table_and_noisy_lines():
+    rows = [{"impl": "x", "ms_median": 2.0, "ms_min": 1.0, "noisy": True, "note": None},
+            {"impl": "longer", "ms_median": 10.25, "ms_min": 10.0, "noisy": False, "note": "n"}]
+    cols = [("impl", "impl", ""), ("ms", "ms_median", ".1f"), ("note", "note", "")]
+    text = harness.table(rows, cols).splitlines()
+    assert text[0].split() == ["impl", "ms", "note"] and set(text[1]) == {"-"}
+    assert text[2].split() == ["x", "2.0", "-"] and text[3].split() == ["longer", "10.2", "n"]
+    assert text[2].index("2.0") + 3 == text[3].index("10.2") + 4  # numbers right-aligned
+    md = harness.table(rows, cols, markdown=True).splitlines()
+    assert md == ["| impl | ms | note |", "|---|---|---|", "| x | 2.0 | - |", "| longer | 10.2 | n |"]
+    (line,) = harness.noisy_lines(rows, lambda r: r["impl"])
+    assert line.startswith("WARNING: noisy timing, x:") and "2.0x the min" in line
+    renamed = [{"impl": r["impl"], "median_ms": r["ms_median"], "min_ms": r["ms_min"], "noisy": r["noisy"]}
+               for r in rows]  # bench_se's row keys
+    assert harness.noisy_lines(renamed, lambda r: r["impl"], "median_ms", "min_ms") == [line]
+
+
+def test_harness_recorder_writes_rows_as_they_finish(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    rec = harness.Recorder(path, {"benchmark": "t"}, echo=False)
+    assert json.loads(path.read_text()) == {"benchmark": "t", "rows": []}
+    rec.add({"a": 1})
+    rec.add({"a": 2, "status": "failed"})
+    assert json.loads(path.read_text())["rows"] == [{"a": 1, "status": "ok"}, {"a": 2, "status": "failed"}]
+    assert (rec.failed, rec.skipped) == (1, 0)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+def test_bench_se_runs_on_cpu(tmp_path, capsys):
+    """bench_se through the harness on the CPU path: its command line, table and JSON fields."""
+    from benchmarks import bench_se
+
+    out = tmp_path / "se.json"
+    assert bench_se.main(["--device", "cpu", "--impls", "densenet_fast,timm", "--repeats", "2", "--warmup", "0",
+                          "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "bench_se" and doc["device"] == harness.device_name(torch.device("cpu"))
+    assert [r["impl"] for r in doc["rows"]] == ["densenet_fast", "timm"]  # the test extra installs timm
+    for r in doc["rows"]:
+        assert r["layout"] == "channels_last" and r["shape"] == [8, 128, 28, 28] and r["error"] is None
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] and r["gbps"] is None
+    ours, timm = doc["rows"]
+    assert ours["speedup_vs_timm"] == pytest.approx(timm["median_ms"] / ours["median_ms"])
+    printed = capsys.readouterr().out
+    assert "SE fwd+bwd on" in printed and "densenet_fast" in printed
+    with pytest.raises(SystemExit):
+        bench_se.main(["--impls", "nope"])
+

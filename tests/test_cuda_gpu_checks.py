@@ -1,5 +1,5 @@
 """The non-GPU logic of the GPU verdict (tools/run_gpu_checks.sh, tools/gpu_checks.py) and of the GPU
-benchmark's row bookkeeping (benchmarks/bench_cuda_block.py), on any machine."""
+benchmark's row bookkeeping (benchmarks/harness.py, used by benchmarks/bench_cuda_block.py), on any machine."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,8 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_checks  # noqa: E402
+
+from benchmarks import harness as bench  # noqa: E402
 
 STEPS = ("environment", "build", "build-info", "tests", "fused-tests", "memcheck", "racecheck", "synccheck",
          "bench", "se")
@@ -138,10 +140,9 @@ def test_summary_without_steps_fails(tmp_path):
     assert gpu_checks.main(["summary", str(tmp_path)]) == 1
 
 
-# --- benchmarks/bench_cuda_block.py: rows as they finish, budget, verdict ------------------------------
+# --- benchmarks/harness.py (bench_cuda_block's rows): rows as they finish, budget, verdict ------------------
 
 def test_bench_rows_written_as_they_finish(tmp_path):
-    bench = pytest.importorskip("benchmarks.bench_cuda_block")
     path = tmp_path / "out.json"
     rec = bench.Recorder(path, {"device": {"name": "test"}})
     budget = bench.Budget(30.0)
@@ -160,7 +161,6 @@ def test_bench_rows_written_as_they_finish(tmp_path):
 
 
 def test_bench_budget_interrupts_a_long_row(tmp_path):
-    bench = pytest.importorskip("benchmarks.bench_cuda_block")
     rec = bench.Recorder(tmp_path / "out.json", {})
     budget = bench.Budget(0.5)
 

@@ -414,7 +414,9 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
     import json, os, sys
     assert os.environ["TRITON_INTERPRET"] == "1"
     sys.path.insert(0, sys.argv[1])
+    sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     import torch
+    from conftest import rel_err
     from densenet_fast.ops import squeeze_excite as se_ops
     from densenet_fast.ops.triton import load_se_kernels
     K = load_se_kernels()
@@ -443,9 +445,6 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
         grads = [t.grad if t is not None else None for t in (xd, w1d, b1d, w2d, b2d)]
         return [y.detach(), s.detach(), g.detach()], grads
 
-    def rel(a, b):
-        return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
     # The interpreter truncates fp32->bf16 (GPUs round to nearest): allow one bf16 ulp (2^-7);
     # the CUDA tests hold bf16 to half an ulp.
     TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
@@ -454,10 +453,10 @@ _TRITON_SCRIPT = textwrap.dedent(r"""
     def check(label, dtype, fwd, bwd, ref_fwd, ref_bwd, x, dy):
         errs = {}
         for nm, a, b in zip(["y", "s", "g"], fwd, ref_fwd):
-            errs[nm] = rel(a, b)
+            errs[nm] = rel_err(a, b)
         for nm, a, b in zip(NAMES, bwd, ref_bwd):
             if b is not None:
-                errs[nm] = rel(a, b)
+                errs[nm] = rel_err(a, b)
         ok = max(errs.values()) <= TOL[dtype]
         ok &= fwd[0].dtype == dtype and fwd[0].stride() == torch.empty_like(x).stride()
         ok &= bwd[0].dtype == dtype and bwd[0].stride() == torch.empty_like(x).stride()

@@ -4,12 +4,21 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
+
 namespace dnf {
+
+// The layout of an activation with `spatial_dims` (2 or 3) spatial dimensions, i.e. of rank spatial_dims + 2.
+inline at::MemoryFormat cl_format(int64_t spatial_dims) {
+  return spatial_dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+}
+
+// The layout of a 4-D / 5-D activation `t` (by its rank).
+inline at::MemoryFormat cl_format(const at::Tensor& t) { return cl_format(t.dim() - 2); }
 
 // An uninitialised tensor of `shape` (4-D or 5-D) in that layout.
 inline at::Tensor empty_cl(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  return at::empty(shape, opts.memory_format(shape.size() == 5 ? at::MemoryFormat::ChannelsLast3d
-                                                                : at::MemoryFormat::ChannelsLast));
+  return at::empty(shape, opts.memory_format(cl_format(static_cast<int64_t>(shape.size()) - 2)));
 }
 
 }  // namespace dnf

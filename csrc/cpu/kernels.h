@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/bn_math.h"
+#include "common/layout.h"
 #include "cpu/bf16_rows.h"
 #include "cpu/gemm_engine.h"
 
@@ -27,10 +28,7 @@
 
 namespace dnf::cpu::DNF_ISA {
 
-// channels_last (2-D) / channels_last_3d (3-D) layout of a block activation: a [rows, C] matrix.
-inline at::MemoryFormat cl_format(int64_t dims) {
-  return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
+using ::dnf::cl_format;  // common/layout.h: by spatial dims or by tensor
 
 // Conversions between the storage type T and the compute type F in the element loops. For bfloat16
 // they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN

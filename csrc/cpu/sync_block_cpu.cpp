@@ -151,7 +151,7 @@ std::pair<int64_t, int64_t> row_layout(const Tensor& x) {
 std::pair<Tensor, int64_t> row_matrix(const Tensor& x) {
   const auto [rows, ld] = row_layout(x);
   if (rows != 0 || x.numel() == 0) return {x, ld};
-  return {x.contiguous(cl_format(x.dim() - 2)), x.size(1)};
+  return {x.contiguous(cl_format(x)), x.size(1)};
 }
 
 // [2, C] float64: per-channel sum and sum of squares (or, with ``other``, sum of input and of

@@ -102,8 +102,6 @@ struct PoolDims {
   }
 };
 
-at::MemoryFormat cl_format(const Tensor& x) { return cl_format(x.dim() - 2); }  // kernels.h, by rank
-
 // P[r, :] for output rows [q0, q0+nr): the 2x2(x2) average of relu(a*x + b) (avg_pool, floor mode);
 // `a` is the (gated) scale of each sample (Gate::a_row).
 // Summed in F, stored as T (the GEMM operand).

@@ -18,16 +18,12 @@ namespace dnf::DNF_CUDA_NS {
 using at::Tensor;
 using at::TensorList;
 
-// channels_last (4-D) / channels_last_3d (5-D): the [rows, C] matrix layout of every activation.
-inline at::MemoryFormat cl_format(int64_t dim) {
-  return dim == 5 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
-
-using ::dnf::empty_cl;  // common/layout.h
+using ::dnf::cl_format;  // common/layout.h: the [rows, C] matrix layout, by spatial dims or by tensor
+using ::dnf::empty_cl;
 
 // [N*(D*)H*W, C] row-major view of a channels_last(_3d)-contiguous [N, C, (D,) H, W] tensor (never a copy).
 inline Tensor rows_view(const Tensor& t) {
-  TORCH_INTERNAL_ASSERT((t.dim() == 4 || t.dim() == 5) && t.is_contiguous(cl_format(t.dim())));
+  TORCH_INTERNAL_ASSERT((t.dim() == 4 || t.dim() == 5) && t.is_contiguous(cl_format(t)));
   const int64_t C = t.size(1);
   return t.as_strided({t.numel() / C, C}, {C, 1});
 }

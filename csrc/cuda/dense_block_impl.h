@@ -110,7 +110,7 @@ void dense_block_forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList
     for_each(inter, FoldBn<acc_t>{vec_ptr<acc_t>(g2[l], keep), vec_ptr<acc_t>(b2[l], keep), s2.first, s2.second,
                                   eps, a2, bb2, is2});
     for_each(M * inter, BnReluApply<T, acc_t>{Y, inter, Y, inter, inter, a2, bb2});
-    const Tensor out = conv3x3(v4, w2[l], g.dims).contiguous(cl_format(g.dims + 2));
+    const Tensor out = conv3x3(v4, w2[l], g.dims).contiguous(cl_format(g.dims));
     for_each(M * k, StoreNewFeatures<T, acc_t>{out.data_ptr<T>(), X, Ct, c, k, mask_view(mask, l, k, g.D * g.H, g.W),
                                                inv_keep});
     if (training)
@@ -187,7 +187,7 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
     for_each(M * k, GradOfNewFeatures<T, acc_t>{Gp, dout.data_ptr<T>(), Ct, c, k, mask_view(mask, l, k, g.D * g.H, g.W),
                                                 inv_keep});
     auto conv_grads = conv3x3_backward(dout4, v4, w2[l], g.dims);
-    Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims + 2));
+    Tensor dv = std::get<0>(conv_grads).contiguous(cl_format(g.dims));
     out.w2[l] = std::get<1>(conv_grads).contiguous();
     T* dV = dv.data_ptr<T>();
 
@@ -258,7 +258,7 @@ dense_block_backward(const Tensor& grad_buffer, const Tensor& buffer, const Tens
                                                           b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
                                                           num_input_features);
   const DeviceScope scope(buffer);
-  const Tensor X = buffer.contiguous(cl_format(buffer.dim()));
+  const Tensor X = buffer.contiguous(cl_format(buffer));
   const auto acc_dtype = stats_dtype(buffer.scalar_type());
   Tensor G = empty_cl(g.shape(g.Ct), buffer.options().dtype(acc_dtype));
   G.copy_(grad_buffer);

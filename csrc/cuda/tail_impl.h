@@ -84,7 +84,7 @@ inline Tensor transition_forward(const Tensor& input, const Tensor& mean, const 
   const DeviceScope scope(input);
   const int64_t C = input.size(1), Cout = conv_weight.size(0);
   const PoolGeometry pg = pool_geometry(input);
-  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor X = input.contiguous(cl_format(input));
   Tensor out = empty_cl(pooled_shape(input, pg, Cout), input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "transition_forward_cuda", [&] {
     std::vector<Tensor> keep;
@@ -134,8 +134,8 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward(
   check_shape(grad_output, pooled_shape(input, pg, Cout), "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const DeviceScope scope(input);
-  const Tensor X = input.contiguous(cl_format(input.dim()));
-  const Tensor dO = rows_view(grad_output.contiguous(cl_format(input.dim())));  // [M2, Cout]
+  const Tensor X = input.contiguous(cl_format(input));
+  const Tensor dO = rows_view(grad_output.contiguous(cl_format(input)));  // [M2, Cout]
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dX = empty_cl(input.sizes(), input.options());
   Tensor dgamma = at::empty({C}, sopts), dbeta = at::empty({C}, sopts);
@@ -174,7 +174,7 @@ inline Tensor norm_relu_pool_forward(const Tensor& input, const Tensor& mean, co
   check_gate(gate, input);
   const DeviceScope scope(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // (D*)H*W
-  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor X = input.contiguous(cl_format(input));
   Tensor out = at::empty({N, C}, input.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "norm_relu_pool_forward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
@@ -197,7 +197,7 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward(
   check_shape(grad_output, {N, C}, "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const DeviceScope scope(input);
-  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor X = input.contiguous(cl_format(input));
   const Tensor dO = grad_output.contiguous();
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dX = empty_cl(input.sizes(), input.options());
@@ -221,7 +221,7 @@ inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
   const DeviceScope scope(input);
   const int64_t C = input.size(1), M = input.numel() / C;
-  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor X = input.contiguous(cl_format(input));
   // BN statistics in stats_dtype(input): float32 for half inputs, as the fake kernel declares.
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({C}, sopts), var = at::empty({C}, sopts);
@@ -240,7 +240,7 @@ inline std::tuple<Tensor, Tensor> sample_moments(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
   const DeviceScope scope(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);
-  const Tensor X = input.contiguous(cl_format(input.dim()));
+  const Tensor X = input.contiguous(cl_format(input));
   const auto sopts = input.options().dtype(stats_dtype(input.scalar_type())).memory_format(at::MemoryFormat::Contiguous);
   Tensor mean = at::empty({N, C}, sopts), var = at::empty({N, C}, sopts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sample_moments_cuda", [&] {

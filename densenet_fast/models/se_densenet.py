@@ -52,10 +52,6 @@ _LAYER_RULE = ("se_placement='layer': the fused dense-block operator cannot run 
                "blocks fused.")
 
 
-def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
-    warn_once(f"se-densenet:{key}", message, RuntimeWarning, stacklevel=stacklevel)
-
-
 def check_se_ratio(se_ratio: Any) -> float:
     """Returns ``se_ratio`` as a float; ValueError unless it is a real number with 0 < se_ratio <= 1."""
     if (isinstance(se_ratio, bool) or not isinstance(se_ratio, numbers.Real) or not math.isfinite(se_ratio)
@@ -131,7 +127,7 @@ class SEDenseBlock(DenseBlock):
 
     def can_fuse(self, x: Tensor) -> bool:
         if getattr(self, "impl", "fused") == "fused":
-            _warn_once("layer", f"densenet_fast.SEDenseBlock: {_LAYER_RULE}")
+            warn_once("se-densenet:layer", f"densenet_fast.SEDenseBlock: {_LAYER_RULE}", stacklevel=2)
         return False
 
 
@@ -160,7 +156,7 @@ class SEDenseNet(DenseNet):
         self.se_ratio = se_ratio
         self.se_placement = se_placement
         if se_placement == "layer" and self.impl == "fused":
-            _warn_once("layer", f"densenet_fast.SEDenseNet: {_LAYER_RULE}")
+            warn_once("se-densenet:layer", f"densenet_fast.SEDenseNet: {_LAYER_RULE}", stacklevel=2)
         children = OrderedDict()
         for name, module in self.features.named_children():
             if isinstance(module, DenseBlock) and se_placement == "layer":

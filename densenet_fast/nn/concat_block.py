@@ -20,10 +20,10 @@ from densenet_fast.nn.dense_block import (
     CONV,
     NORM,
     DenseBlock,
-    check_drop_rate,
     check_int,
     check_spatial_dims,
 )
+from densenet_fast.ops.common import check_drop_rate
 
 __all__ = ["ConcatDenseBlock", "MonaiDenseLayer", "layer_unit"]
 

@@ -28,6 +28,7 @@ from densenet_fast.nn.sync_batchnorm import (
 from densenet_fast.ops import dense_block as _block_ops
 from densenet_fast.ops import sync_block as _sync_ops
 from densenet_fast.ops import tail as _tail_ops
+from densenet_fast.ops.common import check_drop_rate
 
 IMPLS = ("fused", "reference")
 
@@ -79,14 +80,6 @@ def check_int(name: str, value, low: int = 1) -> int:
     if value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
     return value
-
-
-def check_drop_rate(drop_rate) -> float:
-    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
-        raise TypeError(f"drop_rate: expected a float in [0, 1), got {type(drop_rate).__name__} {drop_rate!r}")
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
-    return float(drop_rate)
 
 
 def _kernel_autocast(x: Tensor):

@@ -19,6 +19,16 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def check_drop_rate(drop_rate) -> float:
+    """``drop_rate`` as a float; TypeError unless a real number (not a bool), ValueError unless in [0, 1). The
+    modules check it when built; the synchronised block before it draws a dropout mask from it."""
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
+        raise TypeError(f"drop_rate: expected a float in [0, 1), got {type(drop_rate).__name__} {drop_rate!r}")
+    if not 0.0 <= float(drop_rate) < 1.0:
+        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+    return float(drop_rate)
+
+
 def cl_format(dim: int) -> torch.memory_format:
     """channels_last for a 4-D, channels_last_3d for a 5-D tensor."""
     return torch.channels_last_3d if dim == 5 else torch.channels_last

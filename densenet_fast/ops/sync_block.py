@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import can_take_over, cl_format, empty_cl
+from densenet_fast.ops.common import can_take_over, check_drop_rate, cl_format, empty_cl
 from densenet_fast.ops.dense_block import BlockParams, check_dense_block_args
 from densenet_fast.ops.sync_stats import all_reduce_, channel_sums, moments_from_sums
 
@@ -299,8 +299,7 @@ def sync_dense_block(input: Tensor, params: BlockParams, *, group, eps: float = 
     Returns a :class:`SyncBlockOutput`. Every rank of ``group`` must call it with the same block (the
     collectives are matched in order). Under ``torch.compile`` this call is a graph break.
     """
-    if not 0.0 <= float(drop_rate) < 1.0:
-        raise ValueError(f"drop_rate: expected a value in [0, 1), got {drop_rate!r}")
+    drop_rate = check_drop_rate(drop_rate)
     L = len(params.conv2_weight)
     if drop_rate > 0 and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
