@@ -85,17 +85,17 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
                   TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
                   bool training, double eps, Tensor& mean, Tensor& var, Tensor& mean2, Tensor& var2) {
   using F = typename Opmath<T>::type;
-  constexpr bool kSame = std::is_same_v<T, F>;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
   gemm_engine(buffer.scalar_type());  // chosen (and measured) once, outside the parallel regions
   T* X = buffer.data_ptr<T>();
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
   const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
-  // Y: the bottleneck pre-activation (F); V = relu(bn2(Y)), the 3x3 conv input (T, in place when T == F).
-  Tensor y = empty_cl(g, inter, f_opts);
-  Tensor v = kSame ? y : empty_cl(g, inter, buffer.options());
-  F* Y = y.data_ptr<F>();
-  T* V = v.data_ptr<T>();
+  // Y: the bottleneck pre-activation (T, as torchvision's conv1 output); V = relu(bn2(Y)), the 3x3 conv
+  // input, written in place of Y once its statistics are taken.
+  Tensor y = empty_cl(g, inter, buffer.options());
+  Tensor v = y;
+  T* Y = y.data_ptr<T>();
+  T* V = Y;
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t c = g.in_channels(l);
@@ -113,7 +113,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     const F* v2;
     if (training) {
       RECORD_FUNCTION("dnf_cpu::moments", {});
-      column_moments<F>(Y, M, inter, 0, inter, mean2.data_ptr<F>() + l * inter, var2.data_ptr<F>() + l * inter);
+      column_moments<T>(Y, M, inter, 0, inter, mean2.data_ptr<F>() + l * inter, var2.data_ptr<F>() + l * inter);
       mu2 = mean2.data_ptr<F>() + l * inter;
       v2 = var2.data_ptr<F>() + l * inter;
     } else {
@@ -167,7 +167,7 @@ Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tenso
   const int64_t M = X.numel() / C, n_out = weight.size(0);
   std::vector<int64_t> shape = input.sizes().vec();
   shape[1] = n_out;
-  Tensor out = at::empty(shape, input.options().dtype(stats_dtype(input.scalar_type())).memory_format(cl_format(dims)));
+  Tensor out = at::empty(shape, input.options().memory_format(cl_format(dims)));
   DNF_DISPATCH_CPU_BLOCK(input.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     using F = typename Opmath<scalar_t>::type;
     gemm_engine(input.scalar_type());
@@ -175,7 +175,7 @@ Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tenso
     const Tensor b = shift.to(c10::CppTypeToScalarType<F>::value).contiguous();
     const Tensor W = weight.contiguous();
     bn_relu_gemm<scalar_t, F>(X.data_ptr<scalar_t>(), M, C, C, a.data_ptr<F>(), b.data_ptr<F>(),
-                              W.data_ptr<scalar_t>(), n_out, out.data_ptr<F>());
+                              W.data_ptr<scalar_t>(), n_out, out.data_ptr<scalar_t>());
   });
   return out;
 }
@@ -244,8 +244,8 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
     });
   };
 
-  Tensor y = empty_cl(g, inter, f_opts);
-  F* Y = y.data_ptr<F>();
+  Tensor y = empty_cl(g, inter, buffer.options());  // the recomputed bottleneck, as the forward rounded it
+  T* Y = y.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = g.L - 1; l >= 0; --l) {
     const int64_t c = g.in_channels(l);
@@ -301,14 +301,15 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
         for (int64_t q0 = r0; q0 < r1; q0 += 256) {
           std::fill(ts.begin(), ts.end(), acc_t(0));
           for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
-            const F* yr = Y + r * inter;
+            const T* yr = Y + r * inter;
             T* dvr = dV + r * inter;
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-              const F vj = to_f<F>(from_f<T>(relu<F>(yr[j] * a2[j] + bb2[j])));  // = V (bn_relu_rows)
+              const F yj = to_f<F>(yr[j]);
+              const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + bb2[j])));  // = V (bn_relu_rows)
               const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
               dvr[j] = from_f<T>(dz);
               ts1[j] += dz;
-              ts2[j] += dz * (yr[j] - mu2[j]) * is2[j];
+              ts2[j] += dz * (yj - mu2[j]) * is2[j];
             }
           }
           for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
@@ -343,11 +344,11 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tr, nr = std::min(tr, M - r0);
         for (int64_t r = r0; r < r0 + nr; ++r) {
-          const F* yr = Y + r * inter;
+          const T* yr = Y + r * inter;
           T* dvr = dV + r * inter;
           if (training) {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-              const F xhat = (yr[j] - mu2[j]) * is2[j];
+              const F xhat = (to_f<F>(yr[j]) - mu2[j]) * is2[j];
               dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
             }
           } else {

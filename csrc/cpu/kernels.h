@@ -150,25 +150,26 @@ inline void narrow_rows(const F* x, int64_t n, T* out) {
   DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(x[i]);
 }
 
-// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y (T == F).
-template <typename T, typename F>
-inline void bn_relu_rows(const F* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices (Y: T or F); V may alias Y.
+template <typename T, typename F, typename TY>
+inline void bn_relu_rows(const TY* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
     if (native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
   }
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    const F* yr = Y + r * c;
+    const TY* yr = Y + r * c;
     T* vr = V + r * c;
-    DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(yr[j] * a[j] + b[j]));
+    DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(to_f<F>(yr[j]) * a[j] + b[j]));
   }
 }
 
-// Y[rows, n_out] (F) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the
-// normalised input exists only as one cache-sized tile per thread. With V, also V = relu(a2*Y + b2)
-// on each tile while it is in cache (the backward's recompute, whose BN2 statistics are known).
+// Y[rows, n_out] (T: the product is accumulated in F and rounded once, as a bfloat16 convolution's output
+// under autocast) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the normalised
+// input exists only as one cache-sized tile per thread. With V, also V = relu(a2*Y + b2) on each tile while
+// it is in cache (the backward's recompute, whose BN2 statistics are known), from the rounded Y.
 template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
-                  const T* W, int64_t n_out, F* Y, const F* a2 = nullptr, const F* b2 = nullptr,
+                  const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
                   T* V = nullptr) {
   if (rows == 0) return;
   // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
@@ -198,20 +199,26 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
   };
   at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> U(tr * ldu);
+    std::vector<F> Yt(std::is_same_v<T, F> ? 0 : tr * n_out);  // the product's float tile (bfloat16)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
       bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), ldu);
-      multiply(U.data(), nr, Y + r0 * n_out);
-      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
+      if constexpr (std::is_same_v<T, F>) {
+        multiply(U.data(), nr, Y + r0 * n_out);
+      } else {
+        multiply(U.data(), nr, Yt.data());
+        narrow_rows<T, F>(Yt.data(), nr * n_out, Y + r0 * n_out);
+      }
+      if (V != nullptr) bn_relu_rows<T, F, T>(Y, r0, nr, n_out, a2, b2, V);
     }
     if (use_brgemm) brgemm_release_thread();
   });
 }
 
-// V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y (T == F).
+// V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y.
 template <typename T, typename F>
-void bn_relu_out(const F* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V); });
+void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F, T>(Y, r0, r1 - r0, c, a, b, V); });
 }
 
 // Per-thread partial sums, reduced in thread order (deterministic for a given thread count).

@@ -65,7 +65,7 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
 def _bn_relu_conv1x1_fake(input, scale, shift, weight):
     check_rank(input)
     check_devices(input, dict(scale=scale, shift=shift, weight=weight))
-    return empty_cl([input.shape[0], weight.shape[0], *input.shape[2:]], input, stats_dtype(input.dtype))
+    return empty_cl([input.shape[0], weight.shape[0], *input.shape[2:]], input, input.dtype)
 
 
 @torch.library.register_fake("densenet_fast::dense_block_backward")
