@@ -8,7 +8,7 @@ kernel runs (under ``torch.compile`` too: the compiled graph calls it).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -29,15 +29,17 @@ def check_drop_rate(drop_rate) -> float:
     return float(drop_rate)
 
 
-def cl_format(dim: int) -> torch.memory_format:
-    """channels_last for a 4-D, channels_last_3d for a 5-D tensor."""
-    return torch.channels_last_3d if dim == 5 else torch.channels_last
+def cl_format(x: Union[Tensor, int]) -> torch.memory_format:
+    """The activation layout of every operator: channels_last / channels_last_3d of a 4-D / 5-D tensor, or of
+    2 / 3 spatial dimensions (the two overloads of ``cl_format`` in csrc/common/layout.h)."""
+    dims = x.dim() - 2 if isinstance(x, Tensor) else x
+    return torch.channels_last_3d if dims == 3 else torch.channels_last
 
 
 def empty_cl(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """An uninitialised channels_last(_3d) tensor on like's device (like's dtype unless given): a [rows, C]
     matrix."""
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=cl_format(len(shape)))
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=cl_format(len(shape) - 2))
 
 
 # -- gradient hand-over (docs/design.md §11) ------------------------------------------------------------------
@@ -81,7 +83,7 @@ def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
     (:func:`owns_grad`) and already what the block would copy it into (``buffer``'s device, dtype, shape and
     channels_last layout)."""
     return (owns_grad(grad) and grad.device == buffer.device and grad.dtype == buffer.dtype
-            and grad.shape == buffer.shape and grad.is_contiguous(memory_format=cl_format(buffer.dim())))
+            and grad.shape == buffer.shape and grad.is_contiguous(memory_format=cl_format(buffer)))
 
 
 def check_rank(input: Tensor, name: str = "input") -> None:

@@ -175,9 +175,9 @@ def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
     * ``"block"`` (the dense block): bfloat16 under bf16 autocast (bf16 buffer and GEMM operands, fp32
       accumulation and BN, as autocast runs convolutions in bf16); float32 under fp16 autocast (no fp16 CPU
       kernel: autocast's fp16 CPU convolutions are slow reference kernels, so the block keeps fp32).
-    * ``"tail"`` (transition, final norm): a bfloat16 input (a block's buffer) stays bfloat16, the operator
-      computes in fp32 on a transient copy and autograd saves the bf16 buffer it keeps anyway; float16 ->
-      float32.
+    * ``"tail"`` (transition, final norm): a bfloat16 input (a block's buffer) stays bfloat16: the operator
+      reads it and writes its gradient in bfloat16 with fp32 BN math, and autograd saves the bf16 buffer it
+      keeps anyway; float16 -> float32.
     * ``"float32"`` (the other readers, e.g. the stem): bfloat16 and float16 -> float32.
     """
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import check_bn_reader
+from densenet_fast.ops.common import check_bn_reader, cl_format
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -41,7 +41,7 @@ def _out_shape(input: Tensor) -> list:
 
 def _memory_format(input: Tensor) -> torch.memory_format:
     # channels_last(_3d) for a channels_last(_3d) input that is not also contiguous (the CPU kernel's rule).
-    cl = torch.channels_last_3d if input.dim() == 5 else torch.channels_last
+    cl = cl_format(input)
     if input.is_contiguous() or not input.is_contiguous(memory_format=cl):
         return torch.contiguous_format
     return cl

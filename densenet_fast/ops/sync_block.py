@@ -81,7 +81,7 @@ def bottleneck_composite(buffer: Tensor, channels: int, mean: Tensor, var: Tenso
                          conv_weight: Tensor, eps: float) -> Tensor:
     """``block_layer_bottleneck`` in ATen ops (materialises relu(bn(buffer[:, :channels])) transiently)."""
     u = torch.relu(F.batch_norm(buffer[:, :channels], mean, var, weight, bias, False, 0.0, eps))
-    return _conv1x1(u, conv_weight).contiguous(memory_format=cl_format(buffer.dim()))
+    return _conv1x1(u, conv_weight).contiguous(memory_format=cl_format(buffer))
 
 
 def bottleneck_backward_composite(grad_y: Tensor, buffer: Tensor, channels: int, mean: Tensor, var: Tensor,
@@ -208,11 +208,11 @@ class _SyncDenseBlock(torch.autograd.Function):
         dims, k, inter = buffer.dim() - 2, w2[0].shape[0], w1[0].shape[0]
         Ct = buffer.shape[1]
         if grad_buffer is None:
-            G = torch.zeros_like(buffer, memory_format=cl_format(dims + 2))
+            G = torch.zeros_like(buffer, memory_format=cl_format(dims))
         elif can_take_over(grad_buffer, buffer):
             G = grad_buffer  # our reader's fresh dx, handed over unshared: updated in place (no second copy)
         else:
-            G = torch.empty_like(buffer, memory_format=cl_format(dims + 2)).copy_(grad_buffer)
+            G = torch.empty_like(buffer, memory_format=cl_format(dims)).copy_(grad_buffer)
         invstd = torch.rsqrt(var + eps)
         # Merged BN1 backward of every reader of a channel: S1 = Σ γ·dβ, S2 = Σ γ·dγ (docs/design.md §3). A
         # reader outside the block returned dmean = -γ·invstd·dβ and dvar = -½·γ·invstd²·dγ instead.
@@ -251,7 +251,7 @@ class _SyncDenseBlock(torch.autograd.Function):
             dead = v <= 0  # ReLU backward (threshold_backward's rule)
             del v, v4
             dv = torch.ops.aten.convolution_backward(dout, y, w2[l], None, *conv_args, [True, False, False])[0]
-            dv = dv.contiguous(memory_format=cl_format(dims + 2))  # (Y stands in for V's shape: dV does not read it)
+            dv = dv.contiguous(memory_format=cl_format(dims))  # (Y stands in for V's shape: dV does not read it)
             dz = _mat(dv)
             dz.masked_fill_(dead, 0.0)  # in place
             del dead
@@ -269,7 +269,7 @@ class _SyncDenseBlock(torch.autograd.Function):
             S[0, :c] += g1[l] * sdu
             S[1, :c] += g1[l] * sdux
         finalize(0, C0)
-        grad_x = G[:, :C0].contiguous(memory_format=cl_format(dims + 2))  # G is released here
+        grad_x = G[:, :C0].contiguous(memory_format=cl_format(dims))  # G is released here
         return (grad_x, None, None, None, None, *[g for group_ in grads for g in group_])
 
 

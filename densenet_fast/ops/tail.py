@@ -52,13 +52,13 @@ def _transition_out_shape(input: torch.Tensor, conv_weight: torch.Tensor) -> lis
 def _transition_forward_fake(input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     check_bn_reader(input, mean, var, weight, bias, gate=gate, conv_weight=conv_weight)
     return torch.empty(_transition_out_shape(input, conv_weight), dtype=input.dtype, device=input.device,
-                       memory_format=cl_format(input.dim()))
+                       memory_format=cl_format(input))
 
 
 @torch.library.register_fake("densenet_fast::transition_backward")
 def _transition_backward_fake(grad_output, input, mean, var, weight, bias, conv_weight, training, eps, gate=None):
     check_bn_reader(input, mean, var, weight, bias, gate=gate, conv_weight=conv_weight, grad_output=grad_output)
-    return (torch.empty_like(input, memory_format=cl_format(input.dim())), torch.empty_like(weight),
+    return (torch.empty_like(input, memory_format=cl_format(input)), torch.empty_like(weight),
             torch.empty_like(bias), torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
             _gate_grad(input, gate))
 
@@ -72,7 +72,7 @@ def _norm_relu_pool_forward_fake(input, mean, var, weight, bias, training, eps, 
 @torch.library.register_fake("densenet_fast::norm_relu_pool_backward")
 def _norm_relu_pool_backward_fake(grad_output, input, mean, var, weight, bias, training, eps, gate=None):
     check_bn_reader(input, mean, var, weight, bias, gate=gate, grad_output=grad_output)
-    return (torch.empty_like(input, memory_format=cl_format(input.dim())), torch.empty_like(weight),
+    return (torch.empty_like(input, memory_format=cl_format(input)), torch.empty_like(weight),
             torch.empty_like(bias), _gate_grad(input, gate))
 
 
