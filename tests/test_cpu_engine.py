@@ -69,15 +69,17 @@ def test_engine_parity(train, layout, H, W):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("C0_", [13, 16])
-def test_packed_bf16_parity(layout, C0_):
-    """bf16 autocast on a block whose bottleneck width is a multiple of 16 (bn_size 4 x growth 4 = 16), the shape
-    the brgemm engine packs (odd input widths 13, 17, 21 exercise its even-k padding), against torchvision's block
-    under the same autocast, both against the fp64 truth."""
-    ref, ours = tv_block_pair(3, C0_, 4, 4, torch.float32, True)
+@pytest.mark.parametrize("growth", [4, 8], ids=["inter16", "inter32"])
+def test_packed_bf16_parity(layout, C0_, growth):
+    """bf16 autocast on a block whose bottleneck width is a multiple of 16 (bn_size 4 x growth 4 = 16: cpublas
+    brgemm) or of 32 (4 x 8: the AMX kernel), the shapes the brgemm engine packs (odd input widths exercise the
+    k padding; 9 x 7 x 8 = 504 rows, not a multiple of 32), against torchvision's block under the same
+    autocast, both against the fp64 truth."""
+    ref, ours = tv_block_pair(3, C0_, 4, growth, torch.float32, True)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     xb = torch.randn(8, C0_, 9, 7).bfloat16().contiguous(memory_format=fmt)
-    gb = torch.randn(8, C0_ + 12, 9, 7)
-    truth = tv_block_pair(3, C0_, 4, 4, torch.float64, True)[0]
+    gb = torch.randn(8, C0_ + 3 * growth, 9, 7)
+    truth = tv_block_pair(3, C0_, 4, growth, torch.float64, True)[0]
     truth.load_state_dict(ref.state_dict())
     tb = _step(truth, xb.double(), gb.double())
     rb16, ob16 = _step(ref, xb, gb, True), _step(ours, xb, gb, True)
@@ -113,8 +115,8 @@ def test_build_info_reports_the_engine():
     assert isinstance(info["amx_bf16"], bool) and info["isa"]
 
 
-def _run(env_value: str, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DNF_CPU_GEMM=env_value)
+def _run(env_value: str, *args: str, amx_kernel: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DNF_CPU_GEMM=env_value, DNF_CPU_AMX_KERNEL="1" if amx_kernel else "0")
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -122,20 +124,25 @@ def _has_amx() -> bool:
     return bool(dnf.build_info()["cpu_engine"]["amx_bf16"])
 
 
-@pytest.mark.parametrize("engine", ["blas", "aten", "brgemm"])
+@pytest.mark.parametrize("engine", ["blas", "aten", "brgemm", "brgemm-without-amx-kernel"])
 def test_each_engine_forced(engine):
     """The parity tests above, in a process whose engine is forced (the fallback, the BLAS, and brgemm where the
-    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS)."""
+    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS; brgemm with our own AMX kernel for
+    the 1x1 forward, and with cpublas::brgemm for it: DNF_CPU_AMX_KERNEL=0)."""
+    amx_kernel = engine != "brgemm-without-amx-kernel"
+    engine = engine.split("-")[0]
     if engine == "brgemm" and not _has_amx():
         pytest.skip("brgemm needs cpublas::could_pack(bfloat16) (AMX bf16 tiles); this CPU has none")
     r = _run(engine, "-m", "pytest", "tests/test_cpu_engine.py", "-q", "-x", "-p", "no:cacheprovider",
-             "-k", "parity and 5-7 or transition or packed", "-W", "ignore")
+             "-k", "parity and 5-7 or transition or packed or conv1x1_stage", "-W", "ignore", amx_kernel=amx_kernel)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = _run(engine, "-c", "import densenet_fast as d; i = d.build_info()['cpu_engine']; "
-             "print(i['float32']['engine'], i['bfloat16']['engine'], i['float32']['how'])")
+             "print(i['float32']['engine'], i['bfloat16']['engine'], i['amx_kernel'], i['float32']['how'])",
+             amx_kernel=amx_kernel)
     assert r.returncode == 0, r.stderr[-2000:]
     f32 = "blas" if engine == "brgemm" else engine
-    assert r.stdout.split()[:2] == [f32, engine] and "forced by DNF_CPU_GEMM" in r.stdout
+    uses_amx_kernel = engine == "brgemm" and amx_kernel and dnf.build_info()["cpu_engine"]["bf16_rows"] == "avx512_bf16"
+    assert r.stdout.split()[:3] == [f32, engine, str(uses_amx_kernel)] and "forced by DNF_CPU_GEMM" in r.stdout
 
 
 def test_brgemm_unavailable_is_a_clear_error():
@@ -206,8 +213,9 @@ def _bn_relu_conv1x1_truth(x, a, b, w):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5)])
-def test_bn_relu_conv1x1_stage(dtype, layout, shape):
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5), (3, 45, 7, 9)])
+@pytest.mark.parametrize("n_out", [6, 32, 64])
+def test_bn_relu_conv1x1_stage(dtype, layout, shape, n_out):
     """The fused 1x1 stage on its own (what benchmarks/test_bench_ops.py times against oneDNN) equals
     conv(relu(x*scale + shift)) computed by torch in float64; output in the input's dtype (float accumulation,
     rounded once for bfloat16, as oneDNN's bfloat16 convolution), channels_last."""
@@ -218,7 +226,7 @@ def test_bn_relu_conv1x1_stage(dtype, layout, shape):
     c = shape[1]
     bn_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     a, b = (torch.rand(c, generator=g) + 0.5).to(bn_dtype), torch.randn(c, generator=g).to(bn_dtype)
-    w = torch.randn(6, c, *([1] * (x.dim() - 2)), generator=g).to(dtype)
+    w = torch.randn(n_out, c, *([1] * (x.dim() - 2)), generator=g).to(dtype)
     y = torch.ops.densenet_fast.bn_relu_conv1x1(x, a, b, w)
     truth = _bn_relu_conv1x1_truth(x, a, b, w)
     assert y.dtype == dtype and y.shape == truth.shape

@@ -2,6 +2,7 @@
 // and dtype on a tile of the shape the fused block multiplies, and reported through
 // torch.ops.densenet_fast.cpu_engine_report() (densenet_fast.build_info()["cpu_engine"]).
 #include "cpu/gemm_engine.h"
+#include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
 #include "cpu/isa.h"
 
@@ -227,12 +228,13 @@ std::string engine_report() {
   // AMX tiles are what brgemm packs for (and the bf16 BLAS, MKL, uses them on such CPUs).
   out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false");
   out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"";  // the element loops' build (isa.h)
-  out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"}";     // bfloat16 narrowing (bf16_rows.h)
+  out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"";     // bfloat16 narrowing (bf16_rows.h)
+  out << ", \"amx_kernel\": " << (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && use_amx_kernel() ? "true" : "false") << "}";  // amx_gemm.h
   return out.str();
 }
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
-  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str}; runs the one-time engine choice.
+  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str, "amx_kernel": bool}; runs the one-time engine choice.
   m.def("cpu_engine_report() -> str", [] { return engine_report(); });
 }
 

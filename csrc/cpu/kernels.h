@@ -13,6 +13,7 @@
 
 #include "common/bn_math.h"
 #include "common/layout.h"
+#include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
 #include "cpu/gemm_engine.h"
 
@@ -172,6 +173,17 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
                   const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
                   T* V = nullptr) {
   if (rows == 0) return;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    // On the brgemm engine (AMX CPUs) our own AMX kernel, prologue and narrowing fused per 32 rows
+    // (cpu/amx_gemm.h); each thread takes one contiguous range of 32-row blocks.
+    if (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && amx_kernel_fits(n_out) && use_amx_kernel()) {
+      const AmxWeight P = amx_pack_weight(W, n_out, c);
+      at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t b0, int64_t b1) {
+        amx_bn_relu_gemm_rows(X, ld, b0 * 32, std::min(rows, b1 * 32), c, a, b, P, Y, a2, b2, V);
+      });
+      return;
+    }
+  }
   // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
   // densenet121's block 4 at batch 8 has 392 rows, 3 tiles of 132 rows on 2 threads ran at 0.76x of 4 of 98).
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());

@@ -1,0 +1,141 @@
+// The AMX kernel of cpu/amx_gemm.h. Library headers first (isa/prelude.h); only these functions get the
+// AMX / AVX512_BF16 target, and they run only where amx_kernel_available().
+#include "cpu/isa/prelude.h"
+#include "cpu/amx_gemm.h"
+#include "cpu/bf16_rows.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#if DNF_MULTI_ISA && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace dnf::cpu {
+namespace {
+constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: request permission for an XSAVE feature
+constexpr long kXfeatureXtiledata = 18;     // the AMX tile data
+}  // namespace
+
+bool amx_kernel_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    if (!native_bf16_rows() || !__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16"))
+      return false;
+    // Linux hands out the tile state on request (oneDNN makes the same call); granted once per process.
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+bool use_amx_kernel() {
+  static const bool on = [] {
+    const char* env = std::getenv("DNF_CPU_AMX_KERNEL");
+    return amx_kernel_available() && !(env != nullptr && std::string(env) == "0");
+  }();
+  return on;
+}
+
+AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k) {
+  TORCH_CHECK(amx_kernel_fits(n), "densenet_fast: amx_pack_weight needs n a multiple of 32, got ", n);
+  AmxWeight P;
+  P.k = k, P.kp = (k + 31) / 32 * 32, P.n = n;
+  P.data.assign(static_cast<size_t>(P.kp * n), c10::BFloat16(0.0f));
+  const int64_t ksteps = P.kp / 32;
+  for (int64_t cb = 0; cb < n / 16; ++cb)
+    for (int64_t kb = 0; kb < ksteps; ++kb) {
+      c10::BFloat16* tile = P.data.data() + (cb * ksteps + kb) * 512;  // 16 pair-rows x 16 cols x 2
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t col = 0; col < 16; ++col)
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t kk = kb * 32 + 2 * p + e;
+            if (kk < k) tile[(p * 16 + col) * 2 + e] = W[(cb * 16 + col) * k + kk];
+          }
+    }
+  return P;
+}
+
+}  // namespace dnf::cpu
+
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+
+namespace dnf::cpu {
+namespace {
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+constexpr int64_t kRows = 32;  // rows per block: two 16-row A tiles
+
+}  // namespace
+
+void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const AmxWeight& W, c10::BFloat16* Y, const float* a2, const float* b2,
+                           c10::BFloat16* V) {
+  if (r1 <= r0) return;
+  const int64_t kp = W.kp, n = W.n, ksteps = kp / 32;
+  // Tiles 0-3: the 32 x 32 float result block; 4-5: the two 16-row halves of U; 6-7: two 16-column weight tiles.
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  std::vector<c10::BFloat16> U(static_cast<size_t>(kRows * kp) + 32);
+  std::vector<float> Yt(static_cast<size_t>(kRows * n));
+  c10::BFloat16* u = U.data();
+  float* yt = Yt.data();
+  const c10::BFloat16* wp = W.data.data();
+  for (int64_t rb = r0; rb < r1; rb += kRows) {
+    const int64_t nr = std::min(kRows, r1 - rb);
+    // The rows two blocks ahead start moving towards L2 while this block computes.
+    bn_relu_rows_native(X + rb * ld, ld, nr, c, a, b, u, kp);
+    if (nr < kRows) std::memset(static_cast<void*>(u + nr * kp), 0, sizeof(c10::BFloat16) * (kRows - nr) * kp);
+    for (int64_t nb = 0; nb < n / 32; ++nb) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const c10::BFloat16* w0 = wp + (2 * nb) * ksteps * 512;
+      const c10::BFloat16* w1 = wp + (2 * nb + 1) * ksteps * 512;
+      for (int64_t kb = 0; kb < ksteps; ++kb) {
+        _tile_loadd(4, u + kb * 32, kp * 2);
+        _tile_loadd(5, u + 16 * kp + kb * 32, kp * 2);
+        _tile_loadd(6, w0 + kb * 512, 64);
+        _tile_loadd(7, w1 + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, yt + nb * 32, n * 4);
+      _tile_stored(1, yt + nb * 32 + 16, n * 4);
+      _tile_stored(2, yt + 16 * n + nb * 32, n * 4);
+      _tile_stored(3, yt + 16 * n + nb * 32 + 16, n * 4);
+    }
+    narrow_native(yt, nr * n, Y + rb * n);
+    if (V != nullptr) bn_relu_rows_native(Y + rb * n, n, nr, n, a2, b2, V + rb * n, n);
+  }
+  _tile_release();
+}
+
+}  // namespace dnf::cpu
+
+#else  // no x86-64 Linux GCC/Clang build: never available
+
+namespace dnf::cpu {
+bool amx_kernel_available() { return false; }
+bool use_amx_kernel() { return false; }
+AmxWeight amx_pack_weight(const c10::BFloat16*, int64_t, int64_t) {
+  TORCH_CHECK(false, "densenet_fast: no AMX build");
+}
+void amx_bn_relu_gemm_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                           const AmxWeight&, c10::BFloat16*, const float*, const float*, c10::BFloat16*) {
+  TORCH_CHECK(false, "densenet_fast: no AMX build");
+}
+}  // namespace dnf::cpu
+
+#endif
