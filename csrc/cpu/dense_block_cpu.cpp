@@ -190,159 +190,179 @@ struct BlockOperands {
   bool training;
 };
 
-// G: the working gradient of the whole buffer, in the buffer's dtype (a bfloat16 block adds each layer's
-// float contribution into bfloat16 G, one rounding per layer, as autograd sums torchvision's bfloat16
-// feature gradients; docs/design.md §7).
+// One layer's folded BN maps and 1x1 weight, built once per layer of the backward.
+template <typename F>
+struct LayerFold {
+  int64_t c = 0;                                // the layer's input channels
+  std::vector<F> a1, b1, invstd1, a2, b2, invstd2;
+  const F* mean1 = nullptr;                     // BN1 / BN2 statistics the layer normalised with
+  const F* mean2 = nullptr;
+  Tensor gamma1, W1;                            // BN1 scale (its sums feed S2), conv1 in the buffer's dtype
+  std::vector<Tensor> keep;                     // owners of the eval statistics' float copies
+};
+
+// The backward of a block, layer by layer from the last, in four stages per layer (recompute the
+// bottleneck; 3x3 conv backward; BN2 backward sums; 1x1 conv + BN1 backward per tile), then the block
+// input's gradient. G: the working gradient of the whole buffer, in the buffer's dtype (a bfloat16 block
+// adds each layer's float contribution into bfloat16 G, one rounding per layer, as autograd sums
+// torchvision's bfloat16 feature gradients; docs/design.md §7).
 template <typename T>
-void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G, const BlockOperands& op,
-                   BlockGrads& out, Tensor& grad_input) {
+class BlockBackward {
   using F = typename Opmath<T>::type;
   using acc_t = typename Acc<T>::type;
-  const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
-  const bool training = op.training;
-  gemm_engine(buffer.scalar_type());
-  const T* X = buffer.data_ptr<T>();
-  const T* Gp = G.data_ptr<T>();
-  T* Gw = G.data_ptr<T>();
-  const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
-  // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
-  std::vector<acc_t> S1(Ct, 0), S2(Ct, 0);
-  std::vector<F> shared_is(training ? Ct : 0);
-  if (training) {
-    const F* v = op.var.data_ptr<F>();
-    for (int64_t j = 0; j < Ct; ++j) shared_is[j] = invstd_from_var<F>(v[j], op.eps);
+
+ public:
+  BlockBackward(const BlockGeometry& geom, const Tensor& buffer, const Tensor& G, const BlockOperands& op,
+                BlockGrads& out)
+      : geom_(geom), buffer_(buffer), op_(op), out_(out), M_(geom.rows()), X_(buffer.data_ptr<T>()),
+        G_(G.data_ptr<T>()), f_opts_(buffer.options().dtype(c10::CppTypeToScalarType<F>::value)),
+        S1_(geom.Ct, 0), S2_(geom.Ct, 0), shared_invstd_(op.training ? geom.Ct : 0),
+        Y_(empty_cl(geom, geom.inter, buffer.options())) {
+    if (op.training) {
+      const F* v = op.var.data_ptr<F>();
+      for (int64_t j = 0; j < geom.Ct; ++j) shared_invstd_[j] = invstd_from_var<F>(v[j], op.eps);
+    }
   }
-  // Columns [c0, c0+width) of G, finalised when every BN reader of theirs is done (training, and the
-  // channels have a reader), written as T into the dense [rows, width] matrix `dst`: a layer's output
-  // gradient (the 3x3 backward's operand) or the block's input gradient. G itself is not updated:
-  // nothing reads these columns afterwards. The last layer's channels have no reader in the block:
-  // passed through as given (0 * a non-finite xhat must not turn their gradient into NaN).
-  auto finalized_columns = [&](int64_t c0, int64_t width, bool finalize, T* dst) {
-    RECORD_FUNCTION("dnf_cpu::finalize", {});
-    const F* mu = training ? op.mean.data_ptr<F>() + c0 : nullptr;
-    const F* is = training ? shared_is.data() + c0 : nullptr;
-    std::vector<F> s1(width), s2(width), isn(width);
-    for (int64_t j = 0; j < width && finalize; ++j) {
-      s1[j] = F(S1[c0 + j]);
-      s2[j] = F(S2[c0 + j]);
-      isn[j] = is[j] / F(M);
+
+  Tensor run() {
+    gemm_engine(buffer_.scalar_type());
+    for (int64_t l = geom_.L - 1; l >= 0; --l) {
+      const LayerFold<F> f = fold_layer(l);
+      Tensor v = recompute_bottleneck(f);
+      Tensor dv = conv3x3_backward(l, std::move(v));
+      const std::vector<F> m = bn2_backward_sums(l, f, dv.data_ptr<T>());
+      gemm1x1_bn1_backward(l, f, dv.data_ptr<T>(), m.data(), m.data() + geom_.inter);
     }
-    at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* xr = X + r * Ct + c0;
-        const T* gr = Gp + r * Ct + c0;
-        T* dr = dst + r * width;
-        if (finalize) {
-          DNF_SIMD for (int64_t j = 0; j < width; ++j) {
-            const F xhat = (to_f<F>(xr[j]) - mu[j]) * is[j];
-            dr[j] = from_f<T>(finalize_grad<F>(to_f<F>(gr[j]), xhat, isn[j], s1[j], s2[j]));
-          }
-        } else {
-          std::copy(gr, gr + width, dr);
-        }
-      }
-    });
-  };
+    // The block's input channels: every layer reads them.
+    Tensor grad_input = empty_cl(geom_, geom_.C0, buffer_.options());
+    finalized_columns(0, geom_.C0, op_.training, grad_input.data_ptr<T>());
+    return grad_input;
+  }
 
-  Tensor y = empty_cl(g, inter, buffer.options());  // the recomputed bottleneck, as the forward rounded it
-  T* Y = y.data_ptr<T>();
-  std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
-  for (int64_t l = g.L - 1; l >= 0; --l) {
-    const int64_t c = g.in_channels(l);
-    std::vector<Tensor> keep;
-    const Tensor gamma1 = op.g1[l].contiguous(), beta1 = op.b1[l].contiguous();
-    const Tensor W1 = op.w1[l].to(buffer.scalar_type()).contiguous();  // float32 master weights: cast here
-    const Tensor gamma2 = op.g2[l].contiguous(), beta2 = op.b2[l].contiguous();
-    const F* mu1 = layer_stat<F>(training, op.mean, op.rm1, l, keep);
-    fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), mu1,
-                     layer_stat<F>(training, op.var, op.rv1, l, keep), op.eps, a.data(), b.data(), is.data());
-    const F* mu2 = training ? op.mean2.data_ptr<F>() + l * inter : layer_stat<F>(false, op.mean2, op.rm2, l, keep);
-    const F* v2 = training ? op.var2.data_ptr<F>() + l * inter : layer_stat<F>(false, op.var2, op.rv2, l, keep);
-    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, op.eps, a2.data(), bb2.data(),
-                     is2.data());
+ private:
+  LayerFold<F> fold_layer(int64_t l) {
+    const int64_t inter = geom_.inter;
+    const bool training = op_.training;
+    LayerFold<F> f;
+    f.c = geom_.in_channels(l);
+    f.a1.resize(f.c), f.b1.resize(f.c), f.invstd1.resize(f.c);
+    f.a2.resize(inter), f.b2.resize(inter), f.invstd2.resize(inter);
+    f.gamma1 = op_.g1[l].contiguous();
+    const Tensor beta1 = op_.b1[l].contiguous(), gamma2 = op_.g2[l].contiguous(), beta2 = op_.b2[l].contiguous();
+    f.W1 = op_.w1[l].to(buffer_.scalar_type()).contiguous();  // float32 master weights: cast here
+    f.mean1 = layer_stat<F>(training, op_.mean, op_.rm1, l, f.keep);
+    const Tensor& gamma1 = f.gamma1;
+    fold_channels<F>(f.c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), f.mean1,
+                     layer_stat<F>(training, op_.var, op_.rv1, l, f.keep), op_.eps, f.a1.data(), f.b1.data(),
+                     f.invstd1.data());
+    f.mean2 = training ? op_.mean2.data_ptr<F>() + l * inter : layer_stat<F>(false, op_.mean2, op_.rm2, l, f.keep);
+    const F* var2 = training ? op_.var2.data_ptr<F>() + l * inter
+                             : layer_stat<F>(false, op_.var2, op_.rv2, l, f.keep);
+    fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), f.mean2, var2, op_.eps, f.a2.data(),
+                     f.b2.data(), f.invstd2.data());
+    return f;
+  }
 
-    // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)), and V = relu(bn2(Y)) on each tile.
-    Tensor v = empty_cl(g, inter, buffer.options());
-    {
-      RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
-      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y, a2.data(), bb2.data(),
-                         v.data_ptr<T>());
-    }
+  // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)) into Y_, and V = relu(bn2(Y)) on each tile.
+  Tensor recompute_bottleneck(const LayerFold<F>& f) {
+    RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
+    Tensor v = empty_cl(geom_, geom_.inter, buffer_.options());
+    const Tensor& W1 = f.W1;
+    bn_relu_gemm<T, F>(X_, M_, geom_.Ct, f.c, f.a1.data(), f.b1.data(), W1.data_ptr<T>(), geom_.inter,
+                       Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), v.data_ptr<T>());
+    return v;
+  }
 
-    // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
-    // then the 3x3 conv backward (oneDNN through ATen): the weight gradient while V exists, then V is freed
-    // and the input gradient allocated (one [rows, inter] tensor less at the backward's peak).
-    Tensor dout = empty_cl(g, g.k, buffer.options());
-    finalized_columns(c, g.k, training && block_channels_have_reader(l, g.L), dout.data_ptr<T>());
-    dout = apply_dropout(dout, op.mask, l, g.k, op.drop_rate);
+  // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
+  // then the 3x3 conv backward (oneDNN through ATen): the weight gradient while V exists, then V is freed
+  // and the input gradient dV allocated (one [rows, inter] tensor less at the backward's peak).
+  Tensor conv3x3_backward(int64_t l, Tensor v) {
+    const int64_t c = geom_.in_channels(l);
+    Tensor dout = empty_cl(geom_, geom_.k, buffer_.options());
+    finalized_columns(c, geom_.k, op_.training && block_channels_have_reader(l, geom_.L), dout.data_ptr<T>());
+    dout = apply_dropout(dout, op_.mask, l, geom_.k, op_.drop_rate);
     // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
     // ATen would make (and drop) the layout copy in each of the two calls.
-    const Tensor W2 = op.w2[l].to(buffer.scalar_type()).contiguous(cl_format(g.dims));
+    const Tensor W2 = op_.w2[l].to(buffer_.scalar_type()).contiguous(cl_format(geom_.dims));
     // in the weight's own dtype and layout, as the fake kernel declares
-    out.w2[l] = conv3x3_weight_grad(dout, v, W2, g.dims).to(op.w2[l].scalar_type()).contiguous();
+    out_.w2[l] = conv3x3_weight_grad(dout, v, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     v.reset();
-    Tensor dv = conv3x3_input_grad(dout, W2, g.dims).contiguous(cl_format(g.dims));
-    dout.reset();
-    T* dV = dv.data_ptr<T>();
+    return conv3x3_input_grad(dout, W2, geom_.dims).contiguous(cl_format(geom_.dims));
+  }
 
-    // Stage 3. BN2 + ReLU backward, first half: dV becomes dz = relu'(V) dV (rounded to T) and the
-    // per-channel sums of dz and dz*xhat2, V = relu(bn2(Y)) recomputed exactly as stage 1 rounded it. The
-    // second half (dz -> dY) runs on each tile of stage 4.
-    std::vector<acc_t> sum2(2 * inter);
-    {
-      RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
-      ThreadPartials<acc_t> p2(2 * inter);
-      at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
-        // Sums over at most 256 rows, then added to the thread's partials.
-        std::vector<acc_t> ts(2 * inter);
-        acc_t* ts1 = ts.data();
-        acc_t* ts2 = ts.data() + inter;
-        acc_t* s = p2.mine();
-        for (int64_t q0 = r0; q0 < r1; q0 += 256) {
-          std::fill(ts.begin(), ts.end(), acc_t(0));
-          for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
-            const T* yr = Y + r * inter;
-            T* dvr = dV + r * inter;
-            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-              const F yj = to_f<F>(yr[j]);
-              const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + bb2[j])));  // = V (bn_relu_rows)
-              const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
-              dvr[j] = from_f<T>(dz);
-              ts1[j] += dz;
-              ts2[j] += dz * (yj - mu2[j]) * is2[j];
-            }
+  // Stage 3. BN2 + ReLU backward, first half: dV becomes dz = relu'(V) dV (rounded to T) and the
+  // per-channel sums of dz and dz*xhat2 (the BN2 parameter gradients), V = relu(bn2(Y)) recomputed exactly
+  // as stage 1 rounded it. Returns the sums' means [m1 (inter), m2 (inter)] (zeros in eval) for the second
+  // half (dz -> dY), which runs on each tile of stage 4.
+  std::vector<F> bn2_backward_sums(int64_t l, const LayerFold<F>& f, T* dV) {
+    RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
+    const int64_t inter = geom_.inter;
+    const T* Y = Y_.data_ptr<T>();
+    const F *a2 = f.a2.data(), *b2 = f.b2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
+    std::vector<acc_t> sums(2 * inter);
+    ThreadPartials<acc_t> partials(2 * inter);
+    at::parallel_for(0, M_, 256, [&](int64_t r0, int64_t r1) {
+      // Sums over at most 256 rows, then added to the thread's partials.
+      std::vector<acc_t> ts(2 * inter);
+      acc_t* ts1 = ts.data();
+      acc_t* ts2 = ts.data() + inter;
+      acc_t* s = partials.mine();
+      for (int64_t q0 = r0; q0 < r1; q0 += 256) {
+        std::fill(ts.begin(), ts.end(), acc_t(0));
+        for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
+          const T* yr = Y + r * inter;
+          T* dvr = dV + r * inter;
+          DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
+            const F yj = to_f<F>(yr[j]);
+            const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
+            const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
+            dvr[j] = from_f<T>(dz);
+            ts1[j] += dz;
+            ts2[j] += dz * (yj - mu2[j]) * is2[j];
           }
-          for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
         }
-      });
-      p2.reduce_into(sum2.data());
-    }
-    out.b2[l] = at::empty({inter}, f_opts);
-    out.g2[l] = at::empty({inter}, f_opts);
-    std::vector<F> m1(inter), m2(inter);
+        for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
+      }
+    });
+    partials.reduce_into(sums.data());
+    out_.b2[l] = at::empty({inter}, f_opts_);
+    out_.g2[l] = at::empty({inter}, f_opts_);
+    std::vector<F> means(2 * inter);
     for (int64_t j = 0; j < inter; ++j) {
-      out.b2[l].data_ptr<F>()[j] = static_cast<F>(sum2[j]);
-      out.g2[l].data_ptr<F>()[j] = static_cast<F>(sum2[inter + j]);
-      m1[j] = training ? static_cast<F>(sum2[j] / M) : F(0);
-      m2[j] = training ? static_cast<F>(sum2[inter + j] / M) : F(0);
+      out_.b2[l].data_ptr<F>()[j] = static_cast<F>(sums[j]);
+      out_.g2[l].data_ptr<F>()[j] = static_cast<F>(sums[inter + j]);
+      means[j] = op_.training ? static_cast<F>(sums[j] / M_) : F(0);
+      means[inter + j] = op_.training ? static_cast<F>(sums[inter + j] / M_) : F(0);
     }
+    return means;
+  }
 
-    // Stage 4. Per tile of rows: dY from dz (BN2 backward, second half), then the 1x1 conv + BN1/ReLU
-    // backward with the recomputed input tile U: dW1 += dY^T U, dU = dY W1 masked by U > 0,
-    // G[:, :c] += a*dU, and the per-channel sums of dU and dU*xhat1.
-    const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
-    const int64_t ntiles = (M + tr - 1) / tr;
+  // Stage 4. Per tile of rows: dY from dz (BN2 backward, second half, with the means m1, m2 of stage 3),
+  // then the 1x1 conv + BN1/ReLU backward with the recomputed input tile U: dW1 += dY^T U, dU = dY W1
+  // masked by U > 0, G[:, :c] += a1*dU, and the per-channel sums of dU and dU*xhat1 (the BN1 parameter
+  // gradients, and the layer's share of the merged finalisation S1, S2).
+  void gemm1x1_bn1_backward(int64_t l, const LayerFold<F>& f, T* dV, const F* m1, const F* m2) {
     RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
-    ThreadPartials<F> pw(inter * c);
-    ThreadPartials<acc_t> p1(2 * c);
-    const T* W1p = W1.data_ptr<T>();
+    const int64_t c = f.c, inter = geom_.inter, Ct = geom_.Ct;
+    const bool training = op_.training;
+    const T* Y = Y_.data_ptr<T>();
+    const T* X = X_;
+    T* G = G_;
+    const F *a1 = f.a1.data(), *b1 = f.b1.data(), *mu1 = f.mean1, *is1 = f.invstd1.data();
+    const F *a2 = f.a2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
+    const Tensor& W1t = f.W1;
+    const T* W1 = W1t.data_ptr<T>();
+    const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
+    const int64_t ntiles = (M_ + tr - 1) / tr;
+    ThreadPartials<F> dw_partials(inter * c);
+    ThreadPartials<acc_t> sum_partials(2 * c);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<T> U(tr * c);
       std::vector<F> dU(tr * c), ts(2 * c);
-      F* dw = pw.mine();
-      acc_t* s = p1.mine();
+      F* dw = dw_partials.mine();
+      acc_t* s = sum_partials.mine();
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r0 = t * tr, nr = std::min(tr, M - r0);
+        const int64_t r0 = t * tr, nr = std::min(tr, M_ - r0);
         for (int64_t r = r0; r < r0 + nr; ++r) {
           const T* yr = Y + r * inter;
           T* dvr = dV + r * inter;
@@ -356,49 +376,95 @@ void backward_impl(const BlockGeometry& g, const Tensor& buffer, const Tensor& G
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
           }
         }
-        bn_relu_tile<T, F>(X, Ct, r0, nr, c, a.data(), b.data(), U.data());
+        bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data());
         gemm_acc('N', 'T', c, inter, nr, U.data(), c, dV + r0 * inter, inter, F(1), dw, c);
-        gemm_acc('N', 'N', c, nr, inter, W1p, c, dV + r0 * inter, inter, F(0), dU.data(), c);
+        gemm_acc('N', 'N', c, nr, inter, W1, c, dV + r0 * inter, inter, F(0), dU.data(), c);
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
-          T* gr = Gw + (r0 + r) * Ct;
+          T* gr = G + (r0 + r) * Ct;
           const T* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           DNF_SIMD for (int64_t j = 0; j < c; ++j) {
             const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
             ts1[j] += d;
-            ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is[j];
-            gr[j] = from_f<T>(to_f<F>(gr[j]) + a[j] * d);
+            ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is1[j];
+            gr[j] = from_f<T>(to_f<F>(gr[j]) + a1[j] * d);
           }
         }
         for (int64_t j = 0; j < 2 * c; ++j) s[j] += ts[j];
       }
     });
-    out.w1[l] = at::empty(conv_weight_shape(inter, c, 1, g.dims), op.w1[l].options());
-    if (out.w1[l].scalar_type() == buffer.scalar_type()) {
-      pw.reduce_into(out.w1[l].data_ptr<T>());
+    out_.w1[l] = at::empty(conv_weight_shape(inter, c, 1, geom_.dims), op_.w1[l].options());
+    if (out_.w1[l].scalar_type() == buffer_.scalar_type()) {
+      dw_partials.reduce_into(out_.w1[l].data_ptr<T>());
     } else {
-      pw.reduce_into(out.w1[l].data_ptr<F>());  // float32 master weight of a bfloat16 block
+      dw_partials.reduce_into(out_.w1[l].data_ptr<F>());  // float32 master weight of a bfloat16 block
     }
-    std::vector<acc_t> sum1(2 * c);
-    p1.reduce_into(sum1.data());
-    out.b1[l] = at::empty({c}, f_opts);
-    out.g1[l] = at::empty({c}, f_opts);
-    const F* gam = gamma1.data_ptr<F>();
+    std::vector<acc_t> sums(2 * c);
+    sum_partials.reduce_into(sums.data());
+    out_.b1[l] = at::empty({c}, f_opts_);
+    out_.g1[l] = at::empty({c}, f_opts_);
+    const Tensor& gamma1 = f.gamma1;
+    const F* gamma = gamma1.data_ptr<F>();
     for (int64_t j = 0; j < c; ++j) {
-      out.b1[l].data_ptr<F>()[j] = static_cast<F>(sum1[j]);
-      out.g1[l].data_ptr<F>()[j] = static_cast<F>(sum1[c + j]);
-      S1[j] += gam[j] * sum1[j];
-      S2[j] += gam[j] * sum1[c + j];
+      out_.b1[l].data_ptr<F>()[j] = static_cast<F>(sums[j]);
+      out_.g1[l].data_ptr<F>()[j] = static_cast<F>(sums[c + j]);
+      S1_[j] += gamma[j] * sums[j];
+      S2_[j] += gamma[j] * sums[c + j];
     }
   }
-  // The block's input channels: every layer reads them.
-  grad_input = empty_cl(g, g.C0, buffer.options());
-  finalized_columns(0, g.C0, training, grad_input.data_ptr<T>());
-}
+
+  // Columns [c0, c0+width) of G, finalised when every BN reader of theirs is done (training, and the
+  // channels have a reader), written as T into the dense [rows, width] matrix `dst`: a layer's output
+  // gradient (the 3x3 backward's operand) or the block's input gradient. G itself is not updated:
+  // nothing reads these columns afterwards. The last layer's channels have no reader in the block:
+  // passed through as given (0 * a non-finite xhat must not turn their gradient into NaN).
+  void finalized_columns(int64_t c0, int64_t width, bool finalize, T* dst) {
+    RECORD_FUNCTION("dnf_cpu::finalize", {});
+    const int64_t Ct = geom_.Ct, M = M_;
+    const F* mu = op_.training ? op_.mean.data_ptr<F>() + c0 : nullptr;
+    const F* is = op_.training ? shared_invstd_.data() + c0 : nullptr;
+    std::vector<F> s1(width), s2(width), isn(width);
+    for (int64_t j = 0; j < width && finalize; ++j) {
+      s1[j] = F(S1_[c0 + j]);
+      s2[j] = F(S2_[c0 + j]);
+      isn[j] = is[j] / F(M);
+    }
+    const T* X = X_;
+    const T* G = G_;
+    at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = X + r * Ct + c0;
+        const T* gr = G + r * Ct + c0;
+        T* dr = dst + r * width;
+        if (finalize) {
+          DNF_SIMD for (int64_t j = 0; j < width; ++j) {
+            const F xhat = (to_f<F>(xr[j]) - mu[j]) * is[j];
+            dr[j] = from_f<T>(finalize_grad<F>(to_f<F>(gr[j]), xhat, isn[j], s1[j], s2[j]));
+          }
+        } else {
+          std::copy(gr, gr + width, dr);
+        }
+      }
+    });
+  }
+
+  const BlockGeometry& geom_;
+  const Tensor& buffer_;
+  const BlockOperands& op_;
+  BlockGrads& out_;
+  const int64_t M_;
+  const T* X_;
+  T* G_;
+  const at::TensorOptions f_opts_;
+  // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
+  std::vector<acc_t> S1_, S2_;
+  std::vector<F> shared_invstd_;  // of the block's batch statistics (training)
+  Tensor Y_;                      // the recomputed bottleneck [rows, inter], as the forward rounded it
+};
 
 using BackwardResult = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                                   std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
@@ -415,7 +481,7 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
                                                           num_input_features);
   check_cpu_dtype(buffer);
   const Tensor X = buffer.contiguous(cl_format(g.dims));
-  // The working gradient, in the buffer's dtype (backward_impl).
+  // The working gradient, in the buffer's dtype (BlockBackward).
   const at::ScalarType gt = buffer.scalar_type();
   Tensor G;
   if (reuse_grad) {
@@ -434,7 +500,7 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
   BlockGrads out(g.L);
   Tensor grad_input;
   DNF_DISPATCH_CPU_BLOCK(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
-    backward_impl<scalar_t>(g, X, G, op, out, grad_input);
+    grad_input = BlockBackward<scalar_t>(g, X, G, op, out).run();
   });
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
