@@ -247,3 +247,27 @@ def test_bn_relu_conv1x1_bad_inputs():
         op(x, a, b, w[:, :12])
     with pytest.raises(RuntimeError, match=r"weight: expected dtype Float \(the dtype of input\), got Double"):
         op(x, a, b, w.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_relu_conv1x1_stage_across_thread_counts(dtype):
+    """1, 2 and 3 threads on 1001 rows (not a multiple of 32) and a 64-wide output: the same result. Bitwise on
+    the AMX kernel (each 32-row block is computed the same whichever thread takes it); within rounding on the
+    BLAS engines, whose tile heights follow the thread count."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 45, 11, 13, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    a, b = torch.rand(45, generator=g) + 0.5, torch.randn(45, generator=g)
+    w = torch.randn(64, 45, 1, 1, generator=g).to(dtype)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(torch.ops.densenet_fast.bn_relu_conv1x1(x, a, b, w))
+    finally:
+        torch.set_num_threads(before)
+    bitwise = dtype == torch.bfloat16 and dnf.build_info()["cpu_engine"]["amx_kernel"]
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0]) if bitwise else rel_err(o, outs[0]) <= tol
+    assert rel_err(outs[0], _bn_relu_conv1x1_truth(x, a, b, w)) <= tol
