@@ -18,11 +18,9 @@ bool native_bf16_rows();
 const char* bf16_rows_name();
 
 // U[r, j] = relu(a[j] * x[r, j] + b[j]) for r < rows, j < c; U's columns c..ldu-1 are zeroed.
-// x: rows ld apart (bfloat16 or float), U: rows ldu >= c apart.
+// x: rows ld apart, U: rows ldu >= c apart.
 void bn_relu_rows_native(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t c, const float* a,
                          const float* b, c10::BFloat16* U, int64_t ldu);
-void bn_relu_rows_native(const float* x, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b,
-                         c10::BFloat16* U, int64_t ldu);
 
 // out[i] = x[i] rounded to bfloat16, i < n.
 void narrow_native(const float* x, int64_t n, c10::BFloat16* out);

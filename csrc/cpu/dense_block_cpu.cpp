@@ -54,15 +54,6 @@ Tensor conv3x3_input_grad(const Tensor& dout, const Tensor& w, int64_t dims) {
   return at::convolution(dout, w, {}, ones, ones, ones, /*transposed=*/true, zeros, 1);
 }
 
-void check_cpu_dtype(const Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
-                  input.scalar_type() == at::kBFloat16,
-              "input: expected dtype float32, float64 or bfloat16 on CPU, got ", input.scalar_type());
-}
-
-#define DNF_DISPATCH_CPU_BLOCK(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 // Per-layer BN statistics: the block's shared batch statistics in training, the layer's own
 // running statistics in eval.
 template <typename F>
@@ -143,7 +134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   const auto opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor mean = at::empty({training ? g.Ct : 0}, opts), var = at::empty({training ? g.Ct : 0}, opts);
   Tensor mean2 = at::empty({training ? g.L : 0, g.inter}, opts), var2 = at::empty({training ? g.L : 0, g.inter}, opts);
-  DNF_DISPATCH_CPU_BLOCK(input.scalar_type(), "dense_block_forward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "dense_block_forward_cpu", [&] {
     forward_impl<scalar_t>(g, buffer, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
                            mean, var, mean2, var2);
   });
@@ -168,7 +159,7 @@ Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tenso
   std::vector<int64_t> shape = input.sizes().vec();
   shape[1] = n_out;
   Tensor out = at::empty(shape, input.options().memory_format(cl_format(dims)));
-  DNF_DISPATCH_CPU_BLOCK(input.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     using F = typename Opmath<scalar_t>::type;
     gemm_engine(input.scalar_type());
     const Tensor a = scale.to(c10::CppTypeToScalarType<F>::value).contiguous();
@@ -499,7 +490,7 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
                          mask, p, eps, training};
   BlockGrads out(g.L);
   Tensor grad_input;
-  DNF_DISPATCH_CPU_BLOCK(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
     grad_input = BlockBackward<scalar_t>(g, X, G, op, out).run();
   });
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};

@@ -31,6 +31,23 @@ namespace dnf::cpu::DNF_ISA {
 
 using ::dnf::cl_format;  // common/layout.h: by spatial dims or by tensor
 
+// The activation dtypes of the CPU kernels: float32, float64 and bfloat16 (CPU autocast), computed in
+// Opmath<T> below.
+#define DNF_DISPATCH_CPU_KERNEL(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline void check_cpu_dtype(const at::Tensor& input) {
+  const auto st = input.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
+              "input: expected dtype float32, float64 or bfloat16 on CPU, got ", st);
+}
+
+// A per-channel tensor (BN parameters or statistics, a gate) in the compute type F, contiguous: it may have
+// the input's own dtype (a model cast with .bfloat16()).
+template <typename F>
+inline at::Tensor as_f(const at::Tensor& t) {
+  return t.to(c10::CppTypeToScalarType<F>::value).contiguous();
+}
+
 // Conversions between the storage type T and the compute type F in the element loops. For bfloat16
 // they are plain integer ops the compiler vectorises (c10::BFloat16's own conversion branches on NaN
 // per element): widening is a shift; narrowing rounds to nearest even, NaN stays a quiet NaN.
@@ -151,14 +168,14 @@ inline void narrow_rows(const F* x, int64_t n, T* out) {
   DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(x[i]);
 }
 
-// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices (Y: T or F); V may alias Y.
-template <typename T, typename F, typename TY>
-inline void bn_relu_rows(const TY* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y.
+template <typename T, typename F>
+inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
     if (native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
   }
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    const TY* yr = Y + r * c;
+    const T* yr = Y + r * c;
     T* vr = V + r * c;
     DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(to_f<F>(yr[j]) * a[j] + b[j]));
   }
@@ -221,7 +238,7 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
         multiply(U.data(), nr, Yt.data());
         narrow_rows<T, F>(Yt.data(), nr * n_out, Y + r0 * n_out);
       }
-      if (V != nullptr) bn_relu_rows<T, F, T>(Y, r0, nr, n_out, a2, b2, V);
+      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
     }
     if (use_brgemm) brgemm_release_thread();
   });
@@ -230,7 +247,7 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
 // V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y.
 template <typename T, typename F>
 void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F, T>(Y, r0, r1 - r0, c, a, b, V); });
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V); });
 }
 
 // Per-thread partial sums, reduced in thread order (deterministic for a given thread count).

@@ -74,12 +74,8 @@ bool is_channels_last(const Tensor& x) {
 void check_stem(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias,
                 double eps) {
   check_tail_args(input, mean, var, weight, bias, eps);
-  const auto st = input.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16,
-              "input: expected dtype float32, float64 or bfloat16 on CPU, got ", st);
+  check_cpu_dtype(input);
 }
-
-#define DNF_DISPATCH_CPU_STEM(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 template <typename T>
 struct Fold {
@@ -91,9 +87,7 @@ template <typename F>
 Fold<F> fold_stem(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
   const int64_t C = mean.numel();
   Fold<F> f{std::vector<F>(C), std::vector<F>(C), std::vector<F>(C), std::vector<F>(C)};
-  const auto ft = c10::CppTypeToScalarType<F>::value;
-  const Tensor m = mean.to(ft).contiguous(), v = var.to(ft).contiguous(), w = weight.to(ft).contiguous(),
-               bi = bias.to(ft).contiguous();
+  const Tensor m = as_f<F>(mean), v = as_f<F>(var), w = as_f<F>(weight), bi = as_f<F>(bias);
   fold_channels<F>(C, w.data_ptr<F>(), bi.data_ptr<F>(), m.data_ptr<F>(), v.data_ptr<F>(), eps, f.a.data(),
                    f.b.data(), f.invstd.data());
   std::copy(m.data_ptr<F>(), m.data_ptr<F>() + C, f.mean.begin());
@@ -166,7 +160,7 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
   const Tensor X = input.contiguous(layout_of(input, cl));
   const StemGeom g(X, cl);
   Tensor out = at::empty(g.out_shape(input.dim()), input.options().memory_format(layout_of(input, cl)));
-  DNF_DISPATCH_CPU_STEM(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     const Fold<F> f = fold_stem<F>(mean, var, weight, bias, eps);
@@ -266,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
   Tensor dX = at::zeros_like(X, layout_of(input, cl));
   const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dgamma = at::empty({g.C}, f_opts), dbeta = at::empty({g.C}, f_opts);
-  DNF_DISPATCH_CPU_STEM(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     const Fold<F> f = fold_stem<F>(mean, var, weight, bias, eps);

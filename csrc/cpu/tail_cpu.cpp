@@ -30,12 +30,6 @@ struct Folded {
   Tensor a, b, invstd;  // per-channel, dtype of the input
 };
 
-// A BN tensor in the compute type F (it may have the input's own dtype: a model cast with .bfloat16()).
-template <typename F>
-Tensor as_f(const Tensor& t) {
-  return t.to(c10::CppTypeToScalarType<F>::value).contiguous();
-}
-
 template <typename F>
 Folded fold(const Tensor& mean, const Tensor& var, const Tensor& weight, const Tensor& bias, double eps) {
   const int64_t C = mean.numel();
@@ -74,20 +68,17 @@ struct Gate {
   const T* g_row(int64_t n) const { return g.data() + n * stride; }
 };
 
-// The statistics ops take float32/float64; the readers also bfloat16 (CPU autocast).
-void check_cpu(const Tensor& input, bool bf16_ok = false) {
-  const auto st = input.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || (bf16_ok && st == at::kBFloat16), "input: expected dtype ",
-              bf16_ok ? "float32, float64 or bfloat16" : "float32 or float64", " on CPU, got ", st);
+// The statistics ops take float32/float64 (the readers check_cpu_dtype: also bfloat16).
+void check_cpu(const Tensor& input) {
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+              "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
 }
 
 void check_transition(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                       const Tensor& bias, const Tensor& conv_weight, double eps) {
   check_transition_args(input, mean, var, weight, bias, conv_weight, eps);
-  check_cpu(input, /*bf16_ok=*/true);
+  check_cpu_dtype(input);
 }
-
-#define DNF_DISPATCH_CPU_READER(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 // Spatial geometry of the transition's average pool: 2x2 over [H, W] (2-D, D = D2 = kd = 1) or
 // 2x2x2 over [D, H, W] (3-D, kd = 2), floor mode.
@@ -154,7 +145,7 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
   const int64_t C = input.size(1), M2 = pd.N * pd.D2 * pd.H2 * pd.W2, Cout = conv_weight.size(0);
   const Tensor X = input.contiguous(cl_format(input));
   Tensor out = at::empty(pd.out_shape(Cout, input.dim() - 2), input.options().memory_format(cl_format(input)));
-  DNF_DISPATCH_CPU_READER(input.scalar_type(), "transition_forward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "transition_forward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     const Folded f = fold<F>(mean, var, weight, bias, eps);
@@ -288,7 +279,7 @@ Tensor gate_grad_like(const c10::optional<Tensor>& gate, const Tensor& input) {
   return at::empty({0}, input.options());
 }
 
-Tensor gs_dtype(const Tensor& dgate, const c10::optional<Tensor>& gate) {
+Tensor gate_grad_in_gate_dtype(const Tensor& dgate, const c10::optional<Tensor>& gate) {
   return gate.has_value() && gate->defined() ? dgate.to(gate->scalar_type()) : dgate;
 }
 
@@ -309,7 +300,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
   Tensor dgamma = at::empty({C}, f_opts), dbeta = at::empty({C}, f_opts);
   Tensor dWc = at::empty(conv_weight.sizes(), f_opts);
   Tensor dgate = gate_grad_like(gate, input);
-  DNF_DISPATCH_CPU_READER(input.scalar_type(), "transition_backward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "transition_backward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     const Folded f = fold<F>(mean, var, weight, bias, eps);
@@ -370,18 +361,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
   });
   // Parameter gradients in their parameters' dtypes (float32 masters under autocast: no copy).
   return {dX, dgamma.to(weight.scalar_type()), dbeta.to(bias.scalar_type()),
-          dWc.to(conv_weight.scalar_type()).contiguous(), gs_dtype(dgate, gate)};
+          dWc.to(conv_weight.scalar_type()).contiguous(), gate_grad_in_gate_dtype(dgate, gate)};
 }
 
 Tensor norm_relu_pool_forward_cpu(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                                   const Tensor& bias, bool /*training*/, double eps, const c10::optional<Tensor>& gate) {
   check_tail_args(input, mean, var, weight, bias, eps);
   check_gate(gate, input);
-  check_cpu(input, /*bf16_ok=*/true);
+  check_cpu_dtype(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
   const Tensor X = input.contiguous(cl_format(input));
   Tensor out = at::empty({N, C}, input.options());
-  DNF_DISPATCH_CPU_READER(input.scalar_type(), "norm_relu_pool_forward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "norm_relu_pool_forward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     using acc_t = typename Acc<T>::type;
@@ -411,7 +402,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
     const Tensor& bias, bool training, double eps, const c10::optional<Tensor>& gate) {
   check_tail_args(input, mean, var, weight, bias, eps);
   check_gate(gate, input);
-  check_cpu(input, /*bf16_ok=*/true);
+  check_cpu_dtype(input);
   const int64_t N = input.size(0), C = input.size(1), HW = input.numel() / (N * C);  // D*H*W in 3-D
   check_shape(grad_output, {N, C}, "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
@@ -420,7 +411,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
   const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dgamma = at::empty({C}, f_opts), dbeta = at::empty({C}, f_opts);
   Tensor dgate = gate_grad_like(gate, input);
-  DNF_DISPATCH_CPU_READER(input.scalar_type(), "norm_relu_pool_backward_cpu", [&] {
+  DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "norm_relu_pool_backward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
     const Folded f = fold<F>(mean, var, weight, bias, eps);
@@ -432,7 +423,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
                            f.invstd.data_ptr<F>(), training, F(1) / F(HW), up, dX.data_ptr<T>(),
                            dgamma.data_ptr<F>(), dbeta.data_ptr<F>(), gs.on ? dgate.data_ptr<F>() : nullptr);
   });
-  return {dX, dgamma.to(weight.scalar_type()), dbeta.to(bias.scalar_type()), gs_dtype(dgate, gate)};
+  return {dX, dgamma.to(weight.scalar_type()), dbeta.to(bias.scalar_type()), gate_grad_in_gate_dtype(dgate, gate)};
 }
 
 std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {

@@ -84,14 +84,13 @@ void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  std::vector<c10::BFloat16> U(static_cast<size_t>(kRows * kp) + 32);
+  std::vector<c10::BFloat16> U(static_cast<size_t>(kRows * kp));
   std::vector<float> Yt(static_cast<size_t>(kRows * n));
   c10::BFloat16* u = U.data();
   float* yt = Yt.data();
   const c10::BFloat16* wp = W.data.data();
   for (int64_t rb = r0; rb < r1; rb += kRows) {
     const int64_t nr = std::min(kRows, r1 - rb);
-    // The rows two blocks ahead start moving towards L2 while this block computes.
     bn_relu_rows_native(X + rb * ld, ld, nr, c, a, b, u, kp);
     if (nr < kRows) std::memset(static_cast<void*>(u + nr * kp), 0, sizeof(c10::BFloat16) * (kRows - nr) * kp);
     for (int64_t nb = 0; nb < n / 32; ++nb) {

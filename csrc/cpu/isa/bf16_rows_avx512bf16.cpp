@@ -24,26 +24,25 @@ const char* bf16_rows_name() { return native_bf16_rows() ? "avx512_bf16" : "port
 namespace dnf::cpu {
 namespace {
 
-// 16 values (the first `n`, the rest zero) widened to float.
+// 16 values (those of mask m, the rest zero) widened to float.
 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
 // relu(a*x + b); max(0, v) returns v when v is NaN (the second operand), as relu() in bn_math.h.
-template <typename X>
-inline __m512 bn_relu16(const X* x, const float* a, const float* b, __mmask16 m) {
+inline __m512 bn_relu16(const c10::BFloat16* x, const float* a, const float* b, __mmask16 m) {
   const __m512 v = _mm512_fmadd_ps(load16(x, m), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b));
   return _mm512_max_ps(_mm512_setzero_ps(), v);
 }
 
-template <typename X>
-void bn_relu_rows_impl(const X* x, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b,
-                       c10::BFloat16* U, int64_t ldu) {
+}  // namespace
+
+void bn_relu_rows_native(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t c, const float* a,
+                         const float* b, c10::BFloat16* U, int64_t ldu) {
   constexpr __mmask16 kAll = 0xFFFF;
   for (int64_t r = 0; r < rows; ++r) {
-    const X* xr = x + r * ld;
+    const c10::BFloat16* xr = x + r * ld;
     c10::BFloat16* ur = U + r * ldu;
     int64_t j = 0;
     for (; j + 32 <= c; j += 32) {
@@ -57,17 +56,6 @@ void bn_relu_rows_impl(const X* x, int64_t ld, int64_t rows, int64_t c, const fl
     }
     for (j = c; j < ldu; ++j) ur[j] = c10::BFloat16(0.0f);
   }
-}
-
-}  // namespace
-
-void bn_relu_rows_native(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t c, const float* a,
-                         const float* b, c10::BFloat16* U, int64_t ldu) {
-  bn_relu_rows_impl(x, ld, rows, c, a, b, U, ldu);
-}
-void bn_relu_rows_native(const float* x, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b,
-                         c10::BFloat16* U, int64_t ldu) {
-  bn_relu_rows_impl(x, ld, rows, c, a, b, U, ldu);
 }
 
 void narrow_native(const float* x, int64_t n, c10::BFloat16* out) {
@@ -89,10 +77,6 @@ bool native_bf16_rows() { return false; }
 const char* bf16_rows_name() { return "portable"; }
 void bn_relu_rows_native(const c10::BFloat16*, int64_t, int64_t, int64_t, const float*, const float*,
                          c10::BFloat16*, int64_t) {
-  TORCH_CHECK(false, "densenet_fast: no AVX512_BF16 build");
-}
-void bn_relu_rows_native(const float*, int64_t, int64_t, int64_t, const float*, const float*, c10::BFloat16*,
-                         int64_t) {
   TORCH_CHECK(false, "densenet_fast: no AVX512_BF16 build");
 }
 void narrow_native(const float*, int64_t, c10::BFloat16*) { TORCH_CHECK(false, "densenet_fast: no AVX512_BF16 build"); }
