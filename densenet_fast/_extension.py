@@ -83,9 +83,9 @@ def cpu_engine() -> dict[str, Any]:
     """The CPU GEMM engine per dtype, how it was chosen (measured rates, or forced by ``DNF_CPU_GEMM``),
     whether the CPU has AMX bf16 tiles, torch's CPU capability and the ISA build of our element loops
     (``kernels_isa``) and how its bfloat16 element loops narrow to bfloat16 (``bf16_rows``: ``"avx512_bf16"``
-    on CPUs with that extension, else ``"portable"``) and whether the bfloat16 1x1 forward of the brgemm engine
-    runs on densenet_fast's own AMX kernel (``amx_kernel``; ``DNF_CPU_AMX_KERNEL=0`` turns it off). Runs the
-    one-time choice."""
+    on CPUs with that extension, else ``"portable"``) and whether the bfloat16 fused 1x1 stage (forward, and its
+    backward recompute) runs on densenet_fast's own AMX kernel whatever the engine (``amx_kernel``: AMX and
+    AVX512_BF16 CPUs; ``DNF_CPU_AMX_KERNEL=0`` turns it off). Runs the one-time choice."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}

@@ -124,12 +124,14 @@ def _has_amx() -> bool:
     return bool(dnf.build_info()["cpu_engine"]["amx_bf16"])
 
 
-@pytest.mark.parametrize("engine", ["blas", "aten", "brgemm", "brgemm-without-amx-kernel"])
+@pytest.mark.parametrize("engine", ["blas-without-amx-kernel", "aten-without-amx-kernel", "brgemm-without-amx-kernel",
+                                    "blas", "brgemm"])
 def test_each_engine_forced(engine):
     """The parity tests above, in a process whose engine is forced (the fallback, the BLAS, and brgemm where the
-    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS; brgemm with our own AMX kernel for
-    the 1x1 forward, and with cpublas::brgemm for it: DNF_CPU_AMX_KERNEL=0)."""
-    amx_kernel = engine != "brgemm-without-amx-kernel"
+    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS), with our own AMX kernel for the
+    bfloat16 1x1 stage (on AMX CPUs, whatever the engine) and without it (DNF_CPU_AMX_KERNEL=0: each engine's
+    own tile loop runs that stage)."""
+    amx_kernel = not engine.endswith("-without-amx-kernel")
     engine = engine.split("-")[0]
     if engine == "brgemm" and not _has_amx():
         pytest.skip("brgemm needs cpublas::could_pack(bfloat16) (AMX bf16 tiles); this CPU has none")
@@ -141,7 +143,7 @@ def test_each_engine_forced(engine):
              amx_kernel=amx_kernel)
     assert r.returncode == 0, r.stderr[-2000:]
     f32 = "blas" if engine == "brgemm" else engine
-    uses_amx_kernel = engine == "brgemm" and amx_kernel and dnf.build_info()["cpu_engine"]["bf16_rows"] == "avx512_bf16"
+    uses_amx_kernel = amx_kernel and _has_amx() and dnf.build_info()["cpu_engine"]["bf16_rows"] == "avx512_bf16"
     assert r.stdout.split()[:3] == [f32, engine, str(uses_amx_kernel)] and "forced by DNF_CPU_GEMM" in r.stdout
 
 

@@ -4,15 +4,20 @@
 // normalised rows into an L1-resident operand, the tile unit multiplies it with the packed weight, and
 // the float result is narrowed in cache: one pass over X, one write of Y (cpublas::brgemm on whole tiles
 // runs the prologue, the product and the narrowing as three passes, and needs >= 2048 rows per thread to
-// pay for its packing). Software prefetch of the rows ahead measured slower (it stalls the tile loop).
+// pay for its packing). The three are software-pipelined: block i's tiles run while the vector units write
+// block i+1's operand and narrow block i-1's result. Software prefetch of the rows ahead and streaming
+// stores of Y measured no faster.
 // Runs where amx_kernel_available(): AMX-BF16 and AVX512_BF16, the OS granted the tile state, the AVX-512
 // kernels registered; for output widths n that are multiples of 32.
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <vector>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 
 namespace dnf::cpu {
 
@@ -22,11 +27,33 @@ bool amx_kernel_available();
 bool use_amx_kernel();
 inline bool amx_kernel_fits(int64_t n) { return n > 0 && n % 32 == 0; }
 
+// n zero-initialised values on a 64-byte boundary (tile rows are 64 bytes: an unaligned row spans two cache
+// lines and loads at about half speed).
+template <typename T>
+class AlignedBuffer {
+ public:
+  AlignedBuffer() = default;
+  explicit AlignedBuffer(int64_t n)
+      : p_(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64))) {
+    TORCH_CHECK(p_ != nullptr, "densenet_fast: out of memory allocating ", n * sizeof(T), " bytes");
+    std::memset(static_cast<void*>(p_.get()), 0, static_cast<size_t>(n) * sizeof(T));
+  }
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> p_;
+};
+
 // W [n, k] row-major packed for the tile unit: k padded to kp (a multiple of 32) with zeros; per column
 // block of 16 and k-step of 32, a 16 x 64-byte tile of (k, k+1) pairs.
 struct AmxWeight {
   int64_t k = 0, kp = 0, n = 0;
-  std::vector<c10::BFloat16> data;
+  AlignedBuffer<c10::BFloat16> data;
+  const c10::BFloat16* tiles() const { return data.data(); }
 };
 AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k);
 

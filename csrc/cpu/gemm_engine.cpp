@@ -229,7 +229,7 @@ std::string engine_report() {
   out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false");
   out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"";  // the element loops' build (isa.h)
   out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"";     // bfloat16 narrowing (bf16_rows.h)
-  out << ", \"amx_kernel\": " << (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && use_amx_kernel() ? "true" : "false") << "}";  // amx_gemm.h
+  out << ", \"amx_kernel\": " << (use_amx_kernel() ? "true" : "false") << "}";  // amx_gemm.h: any engine
   return out.str();
 }
 

@@ -191,9 +191,10 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
                   T* V = nullptr) {
   if (rows == 0) return;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    // On the brgemm engine (AMX CPUs) our own AMX kernel, prologue and narrowing fused per 32 rows
-    // (cpu/amx_gemm.h); each thread takes one contiguous range of 32-row blocks.
-    if (gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && amx_kernel_fits(n_out) && use_amx_kernel()) {
+    // On AMX CPUs our own AMX kernel, prologue and narrowing pipelined per 32 rows (cpu/amx_gemm.h), whatever
+    // the engine chosen for the other products (it beats all three on this stage: they multiply a tile
+    // whose prologue and narrowing run before and after); each thread takes one contiguous range of blocks.
+    if (amx_kernel_fits(n_out) && use_amx_kernel()) {
       const AmxWeight P = amx_pack_weight(W, n_out, c);
       at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t b0, int64_t b1) {
         amx_bn_relu_gemm_rows(X, ld, b0 * 32, std::min(rows, b1 * 32), c, a, b, P, Y, a2, b2, V);

@@ -42,7 +42,7 @@ AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k) {
   TORCH_CHECK(amx_kernel_fits(n), "densenet_fast: amx_pack_weight needs n a multiple of 32, got ", n);
   AmxWeight P;
   P.k = k, P.kp = (k + 31) / 32 * 32, P.n = n;
-  P.data.assign(static_cast<size_t>(P.kp * n), c10::BFloat16(0.0f));
+  P.data = AlignedBuffer<c10::BFloat16>(P.kp * n);  // zeros: the k padding
   const int64_t ksteps = P.kp / 32;
   for (int64_t cb = 0; cb < n / 16; ++cb)
     for (int64_t kb = 0; kb < ksteps; ++kb) {
@@ -79,20 +79,40 @@ void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
                            const float* b, const AmxWeight& W, c10::BFloat16* Y, const float* a2, const float* b2,
                            c10::BFloat16* V) {
   if (r1 <= r0) return;
-  const int64_t kp = W.kp, n = W.n, ksteps = kp / 32;
+  const int64_t kp = W.kp, n = W.n, ksteps = kp / 32, nblocks = (r1 - r0 + kRows - 1) / kRows;
   // Tiles 0-3: the 32 x 32 float result block; 4-5: the two 16-row halves of U; 6-7: two 16-column weight tiles.
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  std::vector<c10::BFloat16> U(static_cast<size_t>(kRows * kp));
-  std::vector<float> Yt(static_cast<size_t>(kRows * n));
-  c10::BFloat16* u = U.data();
-  float* yt = Yt.data();
-  const c10::BFloat16* wp = W.data.data();
-  for (int64_t rb = r0; rb < r1; rb += kRows) {
-    const int64_t nr = std::min(kRows, r1 - rb);
-    bn_relu_rows_native(X + rb * ld, ld, nr, c, a, b, u, kp);
-    if (nr < kRows) std::memset(static_cast<void*>(u + nr * kp), 0, sizeof(c10::BFloat16) * (kRows - nr) * kp);
+  // Two operands and two float results, 64-byte aligned (a tile row across two cache lines loads at half
+  // speed: block 2's product ran 2.9x slower from a 16-byte aligned operand). The results' second copy is
+  // offset by 64 floats so that the tile stores into one and the narrowing loads from the other do not
+  // alias on the low 12 address bits.
+  const int64_t u_size = kRows * kp, yt_size = kRows * n + 64;
+  AlignedBuffer<c10::BFloat16> U(2 * u_size);
+  AlignedBuffer<float> Yt(2 * yt_size);
+  const c10::BFloat16* wp = W.tiles();
+  auto prologue_row = [&](int64_t rb, int64_t r, c10::BFloat16* u) {  // row r of the block at rb into u
+    if (rb + r < r1) bn_relu_rows_native(X + (rb + r) * ld, ld, 1, c, a, b, u + r * kp, kp);
+    else std::memset(static_cast<void*>(u + r * kp), 0, sizeof(c10::BFloat16) * kp);
+  };
+  auto narrow_row = [&](int64_t rb, int64_t r, const float* yt) {  // row r of the block at rb out of yt
+    if (rb + r >= r1) return;
+    narrow_native(yt + r * n, n, Y + (rb + r) * n);
+    if (V != nullptr) bn_relu_rows_native(Y + (rb + r) * n, n, 1, n, a2, b2, V + (rb + r) * n, n);
+  };
+  // Software pipeline: while the tile unit multiplies block i, the vector units write block i+1's operand
+  // and narrow block i-1's result, a row after every few tile steps, so the three overlap (measured on a
+  // Xeon: 15% faster than running them in turn; the vector work alone is ~60% of the tile loop's time).
+  for (int64_t r = 0; r < kRows; ++r) prologue_row(r0, r, U.data());
+  const int64_t steps = (n / 32) * ksteps;
+  for (int64_t i = 0; i < nblocks; ++i) {
+    const int64_t rb = r0 + i * kRows;
+    const c10::BFloat16* u = U.data() + (i & 1) * u_size;
+    c10::BFloat16* u_next = U.data() + ((i + 1) & 1) * u_size;
+    float* yt = Yt.data() + (i & 1) * yt_size;
+    const float* yt_prev = Yt.data() + ((i + 1) & 1) * yt_size;
+    int64_t pro = i + 1 < nblocks ? 0 : kRows, nar = i > 0 ? 0 : kRows;  // next rows to do (kRows: none)
     for (int64_t nb = 0; nb < n / 32; ++nb) {
       _tile_zero(0);
       _tile_zero(1);
@@ -109,15 +129,18 @@ void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
         _tile_dpbf16ps(1, 4, 7);
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
+        const int64_t due = kRows * (nb * ksteps + kb + 1) / steps;  // rows of each side due after this step
+        for (; pro < due; ++pro) prologue_row(rb + kRows, pro, u_next);
+        for (; nar < due; ++nar) narrow_row(rb - kRows, nar, yt_prev);
       }
       _tile_stored(0, yt + nb * 32, n * 4);
       _tile_stored(1, yt + nb * 32 + 16, n * 4);
       _tile_stored(2, yt + 16 * n + nb * 32, n * 4);
       _tile_stored(3, yt + 16 * n + nb * 32 + 16, n * 4);
     }
-    narrow_native(yt, nr * n, Y + rb * n);
-    if (V != nullptr) bn_relu_rows_native(Y + rb * n, n, nr, n, a2, b2, V + rb * n, n);
   }
+  const int64_t last = nblocks - 1;
+  for (int64_t r = 0; r < kRows; ++r) narrow_row(r0 + last * kRows, r, Yt.data() + (last & 1) * yt_size);
   _tile_release();
 }
 
