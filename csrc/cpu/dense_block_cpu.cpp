@@ -80,7 +80,6 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   gemm_engine(buffer.scalar_type());  // chosen (and measured) once, outside the parallel regions
   T* X = buffer.data_ptr<T>();
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
-  const auto f_opts = buffer.options().dtype(c10::CppTypeToScalarType<F>::value);
   // Y: the bottleneck pre-activation (T, as torchvision's conv1 output); V = relu(bn2(Y)), the 3x3 conv
   // input, written in place of Y once its statistics are taken.
   Tensor y = empty_cl(g, inter, buffer.options());
