@@ -224,6 +224,6 @@ def test_conv1x1_stage(benchmark, case: str, impl: str, dtype: str) -> None:
     n, c, hw = STAGES_1X1[case]
     benchmark.group = f"1x1 stage {case} {dtype}"
     benchmark.extra_info["gflop"] = 2 * n * hw * hw * c * BOTTLENECK / 1e9
-    out = benchmark.pedantic(impls[impl], rounds=8, warmup_rounds=2)
+    out = benchmark.pedantic(impls[impl], rounds=30, warmup_rounds=3)  # ~1 ms kernels: the min of many
     err = ((out.double() - truth).norm() / truth.norm()).item()
     assert err < (1e-5 if dtype == "float32" else 2e-2), err  # bf16: operands rounded to 8 bits

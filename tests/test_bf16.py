@@ -111,7 +111,7 @@ def test_bf16_model_without_autocast_runs_fused_like_torchvision(train):
 
 
 def test_bf16_model_trains():
-    """A few SGD steps of a .bfloat16() model (fused blocks, reference tails) lower the loss."""
+    """A few SGD steps of a .bfloat16() model (fused blocks and tails) lower the loss."""
     torch.manual_seed(0)
     model = dnf.densenet_bc(depth=10, growth_rate=5, num_classes=3).bfloat16()
     x = torch.randn(8, 3, 12, 12).bfloat16()
@@ -119,7 +119,7 @@ def test_bf16_model_trains():
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tails warn once that they run the reference path in bf16
+        warnings.simplefilter("error")  # no reference-path fallback warning
         for _ in range(6):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
@@ -178,6 +178,115 @@ def test_autocast_bf16_model_vs_fp64_truth_and_tails_save_the_bf16_buffer(train)
     # The blocks take the float32 master weights (cast per layer inside): no bf16 copy of a block weight saved.
     block_weights = {tuple(p.shape) for n, p in ours.named_parameters() if ".denselayer" in n and "conv" in n}
     assert not [(s, d) for s, d in saved if s in block_weights and d == torch.bfloat16]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_bf16_model_readers_fused_vs_fp64_truth(train, layout, monkeypatch):
+    """A .bfloat16() DenseNet on CPU (no autocast): the stem, transitions and final norm run their fused kernels on
+    the bf16 tensors (BN math in float32 inside, as torch's batch_norm on bf16), and the output, every parameter
+    gradient and the running statistics are no worse than torchvision's .bfloat16() model against the fp64
+    truth (1.5x), in torchvision's dtypes; odd sizes."""
+    import torchvision
+
+    import densenet_fast.nn.fused_features as ff
+    import densenet_fast.ops.tail as tail
+
+    calls = {"transition": 0, "norm_relu_pool": 0, "bn_relu_maxpool": 0}
+
+    def counting(mod, name):
+        f = getattr(mod, name)
+
+        def g(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        monkeypatch.setattr(mod, name, g)
+    counting(tail, "transition"), counting(tail, "norm_relu_pool"), counting(ff, "bn_relu_maxpool")
+    kw = dict(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3, num_classes=7)
+    torch.manual_seed(1)
+    ref = torchvision.models.DenseNet(**kw)
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    ref = ref.bfloat16()  # the shared weights: exactly representable in every copy below
+    ours, truth = dnf.DenseNet(**kw).bfloat16(), torchvision.models.DenseNet(**kw).double()
+    ours.load_state_dict(ref.state_dict()), truth.load_state_dict(ref.state_dict())
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(8, 3, 37, 29).bfloat16().contiguous(memory_format=fmt)
+    g = torch.randn(8, 7).bfloat16()
+    out = {}
+    for name, model in (("tv", ref), ("ours", ours), ("truth", truth)):
+        dt = torch.float64 if name == "truth" else torch.bfloat16
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no reference-path fallback warning
+            y = model.train(train)(x.to(dt))
+        y.backward(g.to(dt))
+        out[name] = (y, {n: p.grad for n, p in model.named_parameters()}, dict(model.named_buffers()))
+    assert calls["transition"] == 1 and calls["norm_relu_pool"] == 1 and calls["bn_relu_maxpool"] == 1, calls
+    (yo, go, bo), (yr, gr, br), (yt, gt, bt) = out["ours"], out["tv"], out["truth"]
+    assert yo.dtype == yr.dtype == torch.bfloat16
+    assert all(go[n].dtype == gr[n].dtype for n in gr)
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    _assert_no_worse(_flat(go), _flat(gr), _flat(gt), 1.5, "all parameter gradients")
+    # (Per tensor, bf16 gradients are chaotic at ~1e-1 for both: the global norm is the metric, as above.)
+    for n, b in br.items():
+        assert bo[n].dtype == b.dtype, n
+        if b.is_floating_point():
+            _assert_no_worse(bo[n], b, bt[n], 1.5, f"buffer {n}")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_bf16_model_3d_readers_fused_vs_fp64_truth(train, monkeypatch):
+    """The same for a .bfloat16() DenseNet3d (MONAI's layout): fused 3-D stem, transition and final norm on the
+    bf16 tensors vs the same model on its reference path (torch's modules in bf16), both against fp64. torch
+    has no CPU bfloat16 avg_pool3d (MONAI's .bfloat16() 3-D DenseNet cannot run on a CPU), so the reference's
+    pool accumulates in float32 and rounds once, as a bfloat16 pooling kernel would."""
+    import torch.nn.functional as F
+
+    import densenet_fast.ops.tail as tail
+
+    calls = {"transition": 0, "norm_relu_pool": 0}
+
+    def counting(name):
+        f = getattr(tail, name)
+
+        def g(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+        monkeypatch.setattr(tail, name, g)
+    counting("transition"), counting("norm_relu_pool")
+    avg_pool3d = F.avg_pool3d
+    monkeypatch.setattr(F, "avg_pool3d", lambda x, *a, **k: avg_pool3d(x.float(), *a, **k).to(x.dtype))
+    kw = dict(spatial_dims=3, in_channels=1, out_channels=3, init_features=7, growth_rate=5, block_config=(2, 2),
+              bn_size=3)
+    torch.manual_seed(2)
+    base = dnf.DenseNet3d(**kw)
+    for m in base.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    base = base.bfloat16()
+    models = {"ours": dnf.DenseNet3d(**kw).bfloat16(), "ref": dnf.DenseNet3d(**kw, impl="reference").bfloat16(),
+              "truth": dnf.DenseNet3d(**kw, impl="reference").double()}
+    x, g = torch.randn(6, 1, 15, 13, 11).bfloat16(), torch.randn(6, 3).bfloat16()
+    out = {}
+    for name, model in models.items():
+        model.load_state_dict(base.state_dict())
+        dt = torch.float64 if name == "truth" else torch.bfloat16
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no reference-path fallback warning
+            y = model.train(train)(x.to(dt))
+        y.backward(g.to(dt))
+        out[name] = (y, {n: p.grad for n, p in model.named_parameters()})
+        if name == "ours":
+            assert calls["transition"] == 1 and calls["norm_relu_pool"] == 1, calls
+    (yo, go), (yr, gr), (yt, gt) = out["ours"], out["ref"], out["truth"]
+    assert yo.dtype == yr.dtype == torch.bfloat16 and all(go[n].dtype == gr[n].dtype for n in gr)
+    _assert_no_worse(yo, yr, yt, 1.5, "output")
+    _assert_no_worse(_flat(go), _flat(gr), _flat(gt), 1.5, "all parameter gradients")
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

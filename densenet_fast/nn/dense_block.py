@@ -56,6 +56,20 @@ def fused_device_ok(x: Tensor, block: bool = False) -> bool:
     return False
 
 
+def cpu_bf16_reader_ok(x: Tensor, norm: nn.Module) -> bool:
+    """A ``.bfloat16()`` model's BN reader (transition, final norm, stem) on CPU outside autocast: the reader
+    kernels read the bfloat16 input and take its bfloat16 BN (and conv) tensors natively, with float32 BN math
+    inside, as torch's batch_norm computes a bfloat16 input. (Under autocast ``cpu_autocast_input`` rules.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_autocast_enabled("cpu")
+            and getattr(norm, "weight", None) is not None and norm.weight.dtype == torch.bfloat16)
+
+
+def reader_device_ok(x: Tensor, norm: nn.Module) -> bool:
+    """Whether a fused BN reader (transition, final norm) has a kernel for ``x``: :func:`fused_device_ok` on the
+    dtype it computes in under autocast, or a ``.bfloat16()`` model on CPU (:func:`cpu_bf16_reader_ok`)."""
+    return fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")) or cpu_bf16_reader_ok(x, norm)
+
+
 def _check_module_input(x: Tensor, weight: Tensor, owner: str) -> None:
     """Errors no path of a fused module accepts (RuntimeError, as torch's own modules raise for these):
     a non-tensor, a device other than the parameters', a non-floating dtype, or (outside autocast) a
@@ -363,7 +377,7 @@ class Transition(nn.Sequential):
         reason = None
         if not fusable_norms([self.norm]):
             reason = "its BatchNorm is not affine with running statistics"
-        elif not fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")):
+        elif not reader_device_ok(x, self.norm):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif sync_group([self.norm]) is not None:
             reason = sync_input_problem(x)

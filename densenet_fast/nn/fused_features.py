@@ -30,14 +30,15 @@ from densenet_fast.nn.dense_block import (
     Transition,
     bn_stats,
     commit_bn_stats,
+    cpu_bf16_reader_ok,
     fused_device_ok,
     fused_norm_relu_pool,
+    reader_device_ok,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
 from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.common import mark_sole_reader
-from densenet_fast.ops.dense_block import cpu_autocast_input
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
@@ -160,9 +161,10 @@ def _stem_can_fuse(bn: nn.Module, x: Tensor) -> bool:
 
 
 def _cpu_bf16_stem(bn: nn.Module, x: Tensor) -> bool:
-    # conv0's bfloat16 output under CPU autocast (fp32 BN module): the stem op's bf16 variant.
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and bn.weight is not None
-            and bn.weight.dtype == torch.float32 and sync_group([bn]) is None)
+    # conv0's bfloat16 output under CPU autocast (fp32 BN module), or of a .bfloat16() model: the stem op reads
+    # it natively.
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and bn.weight is not None and sync_group([bn]) is None
+            and (bn.weight.dtype == torch.float32 or cpu_bf16_reader_ok(x, bn)))
 
 
 def _stats_for(reader_norm: nn.Module, stats) -> tuple:
@@ -264,7 +266,7 @@ class FusedFeatures(nn.Sequential):
         kind = norm_relu_kind(m)
         rank = 5 if isinstance(m, nn.BatchNorm3d) else 4 if isinstance(m, nn.BatchNorm2d) else x.dim()
         return ((kind == "bn_relu" or (kind == "bn" and pool_relu)) and x.dim() == rank
-                and fused_device_ok(cpu_autocast_input(x, "float32")))
+                and reader_device_ok(x, m))
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)[0]
