@@ -215,7 +215,9 @@ def _bn_relu_conv1x1_truth(x, a, b, w):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5), (3, 45, 7, 9)])
+# Rows: 70, 3 (one partial 32-row block of the AMX kernel's pipeline), 120, 189, 64 (two full blocks); C odd or
+# not a multiple of 32.
+@pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5), (3, 45, 7, 9), (2, 40, 4, 8)])
 @pytest.mark.parametrize("n_out", [6, 32, 64])
 def test_bn_relu_conv1x1_stage(dtype, layout, shape, n_out):
     """The fused 1x1 stage on its own (what benchmarks/test_bench_ops.py times against oneDNN) equals
