@@ -27,16 +27,16 @@ bool amx_kernel_available();
 bool use_amx_kernel();
 inline bool amx_kernel_fits(int64_t n) { return n > 0 && n % 32 == 0; }
 
-// n zero-initialised values on a 64-byte boundary (tile rows are 64 bytes: an unaligned row spans two cache
-// lines and loads at about half speed).
+// n values on a 64-byte boundary (tile rows are 64 bytes: an unaligned row spans two cache lines and loads at
+// about half speed), zero-initialised unless the owner writes every value before reading it.
 template <typename T>
 class AlignedBuffer {
  public:
   AlignedBuffer() = default;
-  explicit AlignedBuffer(int64_t n)
+  explicit AlignedBuffer(int64_t n, bool zeroed = true)
       : p_(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64))) {
     TORCH_CHECK(p_ != nullptr, "densenet_fast: out of memory allocating ", n * sizeof(T), " bytes");
-    std::memset(static_cast<void*>(p_.get()), 0, static_cast<size_t>(n) * sizeof(T));
+    if (zeroed) std::memset(static_cast<void*>(p_.get()), 0, static_cast<size_t>(n) * sizeof(T));
   }
   T* data() { return p_.get(); }
   const T* data() const { return p_.get(); }

@@ -127,6 +127,7 @@ inline void window_max_cl(const T* x, const StemGeom& g, int64_t od, int64_t oh,
   const F* __restrict__ a = f.a.data();
   const F* __restrict__ b = f.b.data();
   int64_t offs[27];
+  offs[0] = 0;  // overwritten below (a window is never empty); GCC cannot see it
   int32_t k = 0;
   for (int64_t d = d0; d < d1; ++d)
     for (int64_t h = h0; h < h1; ++h)
