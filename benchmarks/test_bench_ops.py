@@ -12,11 +12,14 @@ Compare columns within one group, e.g. ``pytest benchmarks/ --benchmark-group-by
   input never stored) vs oneDNN's 1x1 convolution alone (``F.conv2d`` on a precomputed normalised input,
   channels_last) and vs BN-ReLU + the convolution in PyTorch, on densenet121's four blocks (batch 8,
   the widest 1x1 input of each block), float32 and bfloat16 (CPU). Every implementation's output is
-  checked against float64. Ratios: ``python -m benchmarks.micro_report <pytest-benchmark json>``.
+  checked against float64. Ratios: ``python -m benchmarks.micro_report <pytest-benchmark json>``. The same
+  three are also timed interleaved in one loop (``test_conv1x1_stage_interleaved``: min and median of each in
+  the JSON's ``extra_info``), so that a drift of a shared machine spreads over all of them.
 """
 from __future__ import annotations
 
 import copy
+import statistics
 from typing import Callable, Dict, Tuple
 
 import pytest
@@ -227,3 +230,24 @@ def test_conv1x1_stage(benchmark, case: str, impl: str, dtype: str) -> None:
     out = benchmark.pedantic(impls[impl], rounds=30, warmup_rounds=3)  # ~1 ms kernels: the min of many
     err = ((out.double() - truth).norm() / truth.norm()).item()
     assert err < (1e-5 if dtype == "float32" else 2e-2), err  # bf16: operands rounded to 8 bits
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(STAGES_1X1))
+def test_conv1x1_stage_interleaved(benchmark, case: str, dtype: str) -> None:
+    """The three 1x1-stage implementations in one interleaved loop (benchmarks/timing.py: A B C, B C A, ...),
+    30 rounds each: min and median per implementation in ``extra_info["interleaved"]`` (milliseconds), which
+    micro_report turns into ratios by both. pytest-benchmark itself times one more call of ours."""
+    from benchmarks.timing import interleaved_times
+
+    impls, truth = _stage(case, getattr(torch, dtype))
+    n, c, hw = STAGES_1X1[case]
+    times = interleaved_times(impls, repeats=30, warmup=3, device=torch.device("cpu"))
+    assert all(len(v) == 30 for v in times.values()), {k: len(v) for k, v in times.items()}
+    benchmark.group = f"1x1 stage interleaved {case} {dtype}"
+    benchmark.extra_info["gflop"] = 2 * n * hw * hw * c * BOTTLENECK / 1e9
+    benchmark.extra_info["interleaved"] = {
+        k: {"ms_min": min(v) * 1e3, "ms_median": statistics.median(v) * 1e3} for k, v in times.items()}
+    out = benchmark.pedantic(impls["densenet_fast"], rounds=1, warmup_rounds=0)
+    err = ((out.double() - truth).norm() / truth.norm()).item()
+    assert err < (1e-5 if dtype == "float32" else 2e-2), err
