@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package lives at the root
 
-from benchmarks import harness, measure, plots, report  # noqa: E402
+from benchmarks import harness, measure, micro_report, plots, report  # noqa: E402
 from benchmarks.cli import PRESETS, build_parser, parse_size, resolve  # noqa: E402
 from benchmarks.impls import IMPLS, build_model, parse_impls  # noqa: E402
 from benchmarks.runner import largest_batch, run_worker  # noqa: E402
@@ -479,3 +479,28 @@ def test_bench_se_runs_on_cpu(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_se.main(["--impls", "nope"])
 
+
+
+def test_micro_report_ratios_back_to_back_and_interleaved():
+    """micro_report: per-implementation groups (pytest-benchmark's stats) and an interleaved group (its times in
+    extra_info) give throughput vs oneDNN by minima and by medians, GFLOP/s at the minimum."""
+    def bench(group, impl, t_min, t_med, extra=None):
+        return {"group": group, "name": f"test[{impl}]", "params": {"impl": impl},
+                "stats": {"min": t_min, "median": t_med}, "extra_info": extra or {"gflop": 2.0}}
+    data = {"benchmarks": [
+        bench("g", "onednn-conv1x1", 1.0, 1.2), bench("g", "densenet_fast", 2.0, 2.0),
+        bench("gi", "densenet_fast", 9.0, 9.0, {"gflop": 4.0, "interleaved": {
+            "onednn-conv1x1": {"ms_min": 1000.0, "ms_median": 1500.0},
+            "densenet_fast": {"ms_min": 800.0, "ms_median": 1600.0}}}),
+    ]}
+    rows = {(r["group"], r["impl"]): r for r in micro_report.rows(data)}
+    assert len(rows) == 4
+    r = rows[("g", "densenet_fast")]
+    assert r["vs_base"] == pytest.approx(0.5) and r["vs_base_median"] == pytest.approx(0.6)
+    assert r["gflops"] == pytest.approx(1.0) and r["median_ms"] == pytest.approx(2000.0)
+    r = rows[("gi", "densenet_fast")]  # from extra_info, not from pytest-benchmark's own 9 s
+    assert r["min_ms"] == pytest.approx(800.0) and r["vs_base"] == pytest.approx(1.25)
+    assert r["vs_base_median"] == pytest.approx(1500 / 1600) and r["gflops"] == pytest.approx(5.0)
+    assert rows[("gi", "onednn-conv1x1")]["vs_base"] == pytest.approx(1.0)
+    md = micro_report.to_markdown(micro_report.rows(data), "test machine")
+    assert "| gi | densenet_fast | 800.00 | 1600.00 | 5 | 1.25x | 0.94x |" in md
