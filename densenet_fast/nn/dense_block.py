@@ -48,7 +48,7 @@ def fused_device_ok(x: Tensor, block: bool = False) -> bool:
     model whose BN tensors the kernels take in that dtype and compute with in float32, as torch's
     batch_norm does)."""
     if x.device.type == "cpu":
-        # bfloat16: the dense-block kernel only (block=True); the CPU tail kernels take float32/float64.
+        # bfloat16: the dense block (block=True); the readers' bfloat16 rules are reader_device_ok's.
         return x.dtype in (torch.float32, torch.float64) or (block and x.dtype == torch.bfloat16)
     if x.device.type == "cuda":
         return x.dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
