@@ -376,6 +376,22 @@ def test_report_gathers_the_results_folder(tmp_path):
     assert "CPU engine: {'float32': 'onednn'}" in text and "| densenet_fast fused |" in text
 
 
+def test_report_takes_micro_benchmark_json_and_skips_git_ignored_runs(tmp_path):
+    """A pytest-benchmark JSON gets its micro_report table (no CSV link, no figure); a run git ignores (the
+    local --quick files) is left out."""
+    import subprocess
+
+    (tmp_path / "micro-x.json").write_text(json.dumps({"benchmarks": [], "machine_info": {}}))
+    (tmp_path / "micro-x.md").write_text("| group | implementation |\n|---|---|\n| g | densenet_fast |\n")
+    (tmp_path / "quick.json").write_text(json.dumps({"benchmarks": []}))
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("quick.*\n")
+    text = report.write_report(tmp_path).read_text()
+    assert "## micro-x" in text and "| g | densenet_fast |" in text and "micro-x.csv" not in text
+    assert "python -m benchmarks.micro_report micro-x.json --markdown micro-x.md" in text
+    assert "quick" not in text
+
+
 def test_worker_over_the_memory_cap_is_recorded_as_oom(tmp_path):
     from benchmarks.impls import torchvision_model
 
