@@ -38,6 +38,19 @@ def _flat(grads):
     return torch.cat([grads[n].double().flatten() for n in sorted(grads)])
 
 
+def _count_calls(monkeypatch, *targets):
+    """Wraps each (module, function name) so that its calls are counted: {name: calls so far}."""
+    calls = {}
+    for mod, name in targets:
+        calls[name] = 0
+
+        def counted(*args, _f=getattr(mod, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(mod, name, counted)
+    return calls
+
+
 def _assert_no_worse(ours, theirs, truth, factor, what):
     # Relative L2 error: on few rows the max error of a bf16 BN backward is dominated by single elements.
     err_o, err_t = rel_l2_err(ours, truth), rel_l2_err(theirs, truth)
@@ -192,16 +205,7 @@ def test_bf16_model_readers_fused_vs_fp64_truth(train, layout, monkeypatch):
     import densenet_fast.nn.fused_features as ff
     import densenet_fast.ops.tail as tail
 
-    calls = {"transition": 0, "norm_relu_pool": 0, "bn_relu_maxpool": 0}
-
-    def counting(mod, name):
-        f = getattr(mod, name)
-
-        def g(*a, **k):
-            calls[name] += 1
-            return f(*a, **k)
-        monkeypatch.setattr(mod, name, g)
-    counting(tail, "transition"), counting(tail, "norm_relu_pool"), counting(ff, "bn_relu_maxpool")
+    calls = _count_calls(monkeypatch, (tail, "transition"), (tail, "norm_relu_pool"), (ff, "bn_relu_maxpool"))
     kw = dict(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3, num_classes=7)
     torch.manual_seed(1)
     ref = torchvision.models.DenseNet(**kw)
@@ -247,16 +251,7 @@ def test_bf16_model_3d_readers_fused_vs_fp64_truth(train, monkeypatch):
 
     import densenet_fast.ops.tail as tail
 
-    calls = {"transition": 0, "norm_relu_pool": 0}
-
-    def counting(name):
-        f = getattr(tail, name)
-
-        def g(*a, **k):
-            calls[name] += 1
-            return f(*a, **k)
-        monkeypatch.setattr(tail, name, g)
-    counting("transition"), counting("norm_relu_pool")
+    calls = _count_calls(monkeypatch, (tail, "transition"), (tail, "norm_relu_pool"))
     avg_pool3d = F.avg_pool3d
     monkeypatch.setattr(F, "avg_pool3d", lambda x, *a, **k: avg_pool3d(x.float(), *a, **k).to(x.dtype))
     kw = dict(spatial_dims=3, in_channels=1, out_channels=3, init_features=7, growth_rate=5, block_config=(2, 2),

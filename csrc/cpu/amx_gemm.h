@@ -22,8 +22,8 @@
 namespace dnf::cpu {
 
 bool amx_kernel_available();
-// amx_kernel_available() and not turned off with DNF_CPU_AMX_KERNEL=0 (then cpublas::brgemm runs these
-// products: the tests compare the two).
+// amx_kernel_available() and not turned off with DNF_CPU_AMX_KERNEL=0 (then bn_relu_gemm's tile loop runs
+// these products on the process's GEMM engine: the tests run every engine both ways).
 bool use_amx_kernel();
 inline bool amx_kernel_fits(int64_t n) { return n > 0 && n % 32 == 0; }
 

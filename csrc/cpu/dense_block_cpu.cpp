@@ -161,8 +161,7 @@ Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tenso
   DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_conv1x1_cpu", [&] {
     using F = typename Opmath<scalar_t>::type;
     gemm_engine(input.scalar_type());
-    const Tensor a = scale.to(c10::CppTypeToScalarType<F>::value).contiguous();
-    const Tensor b = shift.to(c10::CppTypeToScalarType<F>::value).contiguous();
+    const Tensor a = as_f<F>(scale), b = as_f<F>(shift);
     const Tensor W = weight.contiguous();
     bn_relu_gemm<scalar_t, F>(X.data_ptr<scalar_t>(), M, C, C, a.data_ptr<F>(), b.data_ptr<F>(),
                               W.data_ptr<scalar_t>(), n_out, out.data_ptr<scalar_t>());
