@@ -85,7 +85,9 @@ def cpu_engine() -> dict[str, Any]:
     (``kernels_isa``) and how its bfloat16 element loops narrow to bfloat16 (``bf16_rows``: ``"avx512_bf16"``
     on CPUs with that extension, else ``"portable"``) and whether the bfloat16 fused 1x1 stage (forward, and its
     backward recompute) runs on densenet_fast's own AMX kernel whatever the engine (``amx_kernel``: AMX and
-    AVX512_BF16 CPUs; ``DNF_CPU_AMX_KERNEL=0`` turns it off). Runs the one-time choice."""
+    AVX512_BF16 CPUs; ``DNF_CPU_AMX_KERNEL=0`` turns it off), and whether the float32 fused 1x1 stage runs on its
+    own AVX-512 kernel (``f32_kernel``: ``{"on": bool, "how": measured rates or forced}``; it runs where it
+    measured faster than the float32 engine; ``DNF_CPU_F32_KERNEL=0|1`` forces it). Runs the one-time choices."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
@@ -95,4 +97,5 @@ def cpu_engine() -> dict[str, Any]:
     out["kernels_isa"] = raw["kernels_isa"]
     out["bf16_rows"] = raw["bf16_rows"]
     out["amx_kernel"] = bool(raw["amx_kernel"])
+    out["f32_kernel"] = {"on": bool(raw["f32_kernel"][0]), "how": raw["f32_kernel"][1]}
     return out

@@ -113,10 +113,18 @@ def test_build_info_reports_the_engine():
         assert info[dt]["engine"] in (("blas", "aten", "brgemm") if dt == "bfloat16" else ("blas", "aten")), info
         assert info[dt]["how"], info
     assert isinstance(info["amx_bf16"], bool) and info["isa"]
+    f32 = info["f32_kernel"]
+    assert isinstance(f32["on"], bool) and f32["how"], f32
+    if f32["on"]:  # it runs only where it was measured faster (or forced)
+        assert f32["how"].startswith("measured own=") or f32["how"] == "forced by DNF_CPU_F32_KERNEL", f32
 
 
-def _run(env_value: str, *args: str, amx_kernel: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DNF_CPU_GEMM=env_value, DNF_CPU_AMX_KERNEL="1" if amx_kernel else "0")
+def _run(env_value: str, *args: str, own_kernels: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
+    """A fresh process with DNF_CPU_GEMM=env_value and our own 1x1-stage kernels (AMX bf16, AVX-512 fp32) on
+    where the CPU has them, or both off."""
+    env = dict(os.environ, DNF_CPU_GEMM=env_value, DNF_CPU_AMX_KERNEL="1" if own_kernels else "0",
+               DNF_CPU_F32_KERNEL="1" if own_kernels else "0")
+    env.update(env_extra)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -124,27 +132,34 @@ def _has_amx() -> bool:
     return bool(dnf.build_info()["cpu_engine"]["amx_bf16"])
 
 
-@pytest.mark.parametrize("engine", ["blas-without-amx-kernel", "aten-without-amx-kernel", "brgemm-without-amx-kernel",
-                                    "blas", "brgemm"])
+def _has_f32_kernel() -> bool:
+    return "unavailable" not in dnf.build_info()["cpu_engine"]["f32_kernel"]["how"]
+
+
+@pytest.mark.parametrize("engine", ["blas-without-own-kernels", "aten-without-own-kernels",
+                                    "brgemm-without-own-kernels", "blas", "aten", "brgemm"])
 def test_each_engine_forced(engine):
     """The parity tests above, in a process whose engine is forced (the fallback, the BLAS, and brgemm where the
-    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS), with our own AMX kernel for the
-    bfloat16 1x1 stage (on AMX CPUs, whatever the engine) and without it (DNF_CPU_AMX_KERNEL=0: each engine's
-    own tile loop runs that stage)."""
-    amx_kernel = not engine.endswith("-without-amx-kernel")
+    CPU packs for AMX: bfloat16 only, the other dtypes then run on the BLAS), with our own 1x1-stage kernels
+    (the AMX kernel for bfloat16 on AMX CPUs, the AVX-512 kernel for float32 on AVX-512 CPUs, whatever the
+    engine) and without them (DNF_CPU_AMX_KERNEL=0, DNF_CPU_F32_KERNEL=0: each engine's own tile loop runs that
+    stage)."""
+    own = not engine.endswith("-without-own-kernels")
     engine = engine.split("-")[0]
     if engine == "brgemm" and not _has_amx():
         pytest.skip("brgemm needs cpublas::could_pack(bfloat16) (AMX bf16 tiles); this CPU has none")
     r = _run(engine, "-m", "pytest", "tests/test_cpu_engine.py", "-q", "-x", "-p", "no:cacheprovider",
-             "-k", "parity and 5-7 or transition or packed or conv1x1_stage", "-W", "ignore", amx_kernel=amx_kernel)
+             "-k", "parity and 5-7 or transition or packed or conv1x1_stage", "-W", "ignore", own_kernels=own)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     r = _run(engine, "-c", "import densenet_fast as d; i = d.build_info()['cpu_engine']; "
-             "print(i['float32']['engine'], i['bfloat16']['engine'], i['amx_kernel'], i['float32']['how'])",
-             amx_kernel=amx_kernel)
+             "print(i['float32']['engine'], i['bfloat16']['engine'], i['amx_kernel'], i['f32_kernel']['on'], "
+             "i['float32']['how'])", own_kernels=own)
     assert r.returncode == 0, r.stderr[-2000:]
     f32 = "blas" if engine == "brgemm" else engine
-    uses_amx_kernel = amx_kernel and _has_amx() and dnf.build_info()["cpu_engine"]["bf16_rows"] == "avx512_bf16"
-    assert r.stdout.split()[:3] == [f32, engine, str(uses_amx_kernel)] and "forced by DNF_CPU_GEMM" in r.stdout
+    uses_amx_kernel = own and _has_amx() and dnf.build_info()["cpu_engine"]["bf16_rows"] == "avx512_bf16"
+    uses_f32_kernel = own and _has_f32_kernel()
+    assert r.stdout.split()[:4] == [f32, engine, str(uses_amx_kernel), str(uses_f32_kernel)]
+    assert "forced by DNF_CPU_GEMM" in r.stdout
 
 
 def test_brgemm_unavailable_is_a_clear_error():
@@ -158,6 +173,12 @@ def test_bad_engine_name_is_a_clear_error():
     r = _run("mkl-please", "-c", "import densenet_fast as d; d.build_info()")
     assert r.returncode != 0
     assert "DNF_CPU_GEMM: expected one of auto, blas, aten, brgemm, got 'mkl-please'" in r.stderr
+
+
+def test_bad_f32_kernel_switch_is_a_clear_error():
+    r = _run("auto", "-c", "import densenet_fast as d; d.build_info()", DNF_CPU_F32_KERNEL="yes")
+    assert r.returncode != 0
+    assert "DNF_CPU_F32_KERNEL: expected one of auto, 0, 1, got 'yes'" in r.stderr
 
 
 def _run_isa(isa: str, *args: str) -> subprocess.CompletedProcess:
@@ -215,10 +236,12 @@ def _bn_relu_conv1x1_truth(x, a, b, w):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-# Rows: 70, 3 (one partial 32-row block of the AMX kernel's pipeline), 120, 189, 64 (two full blocks); C odd or
-# not a multiple of 32.
+# Rows: 70 (five full 14-row blocks of the float32 kernel), 3 (one partial 32-row block of the AMX kernel's
+# pipeline), 120, 189, 64 (two full AMX blocks); C odd or not a multiple of 32. Output widths: one partial
+# 32-column panel of the float32 kernel (6: one half-masked vector), whole panels (32, 64), a last panel with one
+# full and one partial vector (57).
 @pytest.mark.parametrize("shape", [(2, 13, 5, 7), (1, 29, 3, 1), (2, 11, 3, 4, 5), (3, 45, 7, 9), (2, 40, 4, 8)])
-@pytest.mark.parametrize("n_out", [6, 32, 64])
+@pytest.mark.parametrize("n_out", [6, 32, 57, 64])
 def test_bn_relu_conv1x1_stage(dtype, layout, shape, n_out):
     """The fused 1x1 stage on its own (what benchmarks/test_bench_ops.py times against oneDNN) equals
     conv(relu(x*scale + shift)) computed by torch in float64; output in the input's dtype (float accumulation,
@@ -255,9 +278,9 @@ def test_bn_relu_conv1x1_bad_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bn_relu_conv1x1_stage_across_thread_counts(dtype):
-    """1, 2 and 3 threads on 1001 rows (not a multiple of 32) and a 64-wide output: the same result. Bitwise on
-    the AMX kernel (each 32-row block is computed the same whichever thread takes it); within rounding on the
-    BLAS engines, whose tile heights follow the thread count."""
+    """1, 2 and 3 threads on 1001 rows (not a multiple of 32 or 14) and a 64-wide output: the same result. Bitwise
+    on our own kernels (each row block, 32 rows on AMX, 14 in float32, is computed the same whichever thread takes
+    it); within rounding on the BLAS engines, whose tile heights follow the thread count."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(7, 45, 11, 13, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     a, b = torch.rand(45, generator=g) + 0.5, torch.randn(45, generator=g)
@@ -270,7 +293,8 @@ def test_bn_relu_conv1x1_stage_across_thread_counts(dtype):
             outs.append(torch.ops.densenet_fast.bn_relu_conv1x1(x, a, b, w))
     finally:
         torch.set_num_threads(before)
-    bitwise = dtype == torch.bfloat16 and dnf.build_info()["cpu_engine"]["amx_kernel"]
+    info = dnf.build_info()["cpu_engine"]
+    bitwise = info["amx_kernel"] if dtype == torch.bfloat16 else info["f32_kernel"]["on"]
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
     for o in outs[1:]:
         assert torch.equal(o, outs[0]) if bitwise else rel_err(o, outs[0]) <= tol

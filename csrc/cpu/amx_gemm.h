@@ -12,12 +12,10 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
+
+#include "cpu/aligned_buffer.h"
 
 namespace dnf::cpu {
 
@@ -26,27 +24,6 @@ bool amx_kernel_available();
 // these products on the process's GEMM engine: the tests run every engine both ways).
 bool use_amx_kernel();
 inline bool amx_kernel_fits(int64_t n) { return n > 0 && n % 32 == 0; }
-
-// n values on a 64-byte boundary (tile rows are 64 bytes: an unaligned row spans two cache lines and loads at
-// about half speed), zero-initialised unless the owner writes every value before reading it.
-template <typename T>
-class AlignedBuffer {
- public:
-  AlignedBuffer() = default;
-  explicit AlignedBuffer(int64_t n, bool zeroed = true)
-      : p_(static_cast<T*>(std::aligned_alloc(64, (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64))) {
-    TORCH_CHECK(p_ != nullptr, "densenet_fast: out of memory allocating ", n * sizeof(T), " bytes");
-    if (zeroed) std::memset(static_cast<void*>(p_.get()), 0, static_cast<size_t>(n) * sizeof(T));
-  }
-  T* data() { return p_.get(); }
-  const T* data() const { return p_.get(); }
-
- private:
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> p_;
-};
 
 // W [n, k] row-major packed for the tile unit: k padded to kp (a multiple of 32) with zeros; per column
 // block of 16 and k-step of 32, a 16 x 64-byte tile of (k, k+1) pairs.

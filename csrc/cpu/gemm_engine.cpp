@@ -4,6 +4,7 @@
 #include "cpu/gemm_engine.h"
 #include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/f32_gemm.h"
 #include "cpu/isa.h"
 
 #include <ATen/native/CPUBlas.h>
@@ -151,6 +152,64 @@ void choose(Choice& c) {
           std::to_string(kOut) + " tile)";
 }
 
+// The float32 1x1 stage on a tile of kRows rows: our AVX-512 kernel (f32_gemm.h), or the same prologue and the
+// engine's product as bn_relu_gemm's tile loop runs them. Our weight is packed outside the timing: a call packs
+// it once for all its rows (thousands per thread), MKL packs its operands inside every tile's product.
+double time_f32_stage(bool own, GemmEngine e) {
+  const std::vector<float> w(kOut * kIn, 0.03f);
+  const F32Weight P = f32_pack_weight(w.data(), kOut, kIn);
+  return time_on_threads(
+      [own, e, &w, &P] {
+        return [own, e, &w, &P, x = std::vector<float>(kRows * kIn, 0.25f), ab = std::vector<float>(kIn, 0.5f),
+                u = std::vector<float>(kRows * kIn), y = std::vector<float>(kOut * kRows)]() mutable {
+          if (own) {
+            f32_bn_relu_gemm_rows(x.data(), kIn, 0, kRows, kIn, ab.data(), ab.data(), P, y.data(), nullptr, nullptr,
+                                  nullptr);
+          } else {
+            f32_bn_relu_rows(x.data(), kIn, kRows, kIn, ab.data(), ab.data(), u.data(), kIn);
+            gemm_on(e, 'T', 'N', kOut, kRows, kIn, w.data(), kIn, u.data(), kIn, 0.0f, y.data(), kOut);
+          }
+        };
+      },
+      [] {});
+}
+
+struct F32KernelChoice {
+  std::once_flag once;
+  bool on = false;
+  std::string how;
+} g_f32_kernel;
+
+// DNF_CPU_F32_KERNEL: unset or "auto" = measure; "1" = use it where available; "0" = never.
+void choose_f32_kernel(F32KernelChoice& c) {
+  const char* env = std::getenv("DNF_CPU_F32_KERNEL");
+  const std::string v = env == nullptr ? "" : env;
+  TORCH_CHECK(v.empty() || v == "auto" || v == "0" || v == "1",
+              "DNF_CPU_F32_KERNEL: expected one of auto, 0, 1, got '", v, "'");
+  if (!f32_kernel_available()) {
+    c.how = "unavailable (needs the AVX-512 kernels: an AVX-512 CPU, DNF_CPU_ISA not below avx512)";
+    return;
+  }
+  if (v == "0" || v == "1") {
+    c.on = v == "1";
+    c.how = "forced by DNF_CPU_F32_KERNEL";
+    return;
+  }
+  const GemmEngine e = gemm_engine(at::kFloat);
+  double own = 1e30, engine = 1e30;
+  for (int round = 0; round < 3; ++round) {  // alternating, the best of each (as the engine choice)
+    own = std::min(own, time_f32_stage(true, e));
+    engine = std::min(engine, time_f32_stage(false, e));
+  }
+  c.on = own < engine;
+  const double flop = 2.0 * kOut * kRows * kIn;
+  std::ostringstream how;
+  how << "measured own=" << int64_t(flop / own / 1e9) << "GFLOP/s " << engine_name(e) << "="
+      << int64_t(flop / engine / 1e9) << "GFLOP/s (per thread, BN-ReLU prologue + " << kRows << "x" << kIn << "x"
+      << kOut << " product)";
+  c.how = how.str();
+}
+
 }  // namespace
 
 const char* engine_name(GemmEngine e) {
@@ -209,6 +268,16 @@ void brgemm_release_thread() {
 #endif
 }
 
+bool use_f32_kernel() {
+  std::call_once(g_f32_kernel.once, [] { choose_f32_kernel(g_f32_kernel); });
+  return g_f32_kernel.on;
+}
+
+std::string f32_kernel_report() {
+  use_f32_kernel();
+  return g_f32_kernel.how;
+}
+
 GemmEngine gemm_engine(at::ScalarType dtype) {
   Choice& c = choice_for(dtype);
   std::call_once(c.once, [&] { choose(c); });
@@ -229,12 +298,14 @@ std::string engine_report() {
   out << ", \"amx_bf16\": " << (at::native::cpublas::could_pack(at::kBFloat16) ? "true" : "false");
   out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"";  // the element loops' build (isa.h)
   out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"";     // bfloat16 narrowing (bf16_rows.h)
-  out << ", \"amx_kernel\": " << (use_amx_kernel() ? "true" : "false") << "}";  // amx_gemm.h: any engine
+  out << ", \"amx_kernel\": " << (use_amx_kernel() ? "true" : "false");  // amx_gemm.h: any engine
+  out << ", \"f32_kernel\": [" << (use_f32_kernel() ? "true" : "false") << ", \"" << f32_kernel_report() << "\"]}";
   return out.str();
 }
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
-  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str, "amx_kernel": bool}; runs the one-time engine choice.
+  // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str, "amx_kernel": bool,
+  // "f32_kernel": [bool, how chosen]}; runs the one-time engine choice.
   m.def("cpu_engine_report() -> str", [] { return engine_report(); });
 }
 

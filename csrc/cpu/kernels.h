@@ -15,6 +15,7 @@
 #include "common/layout.h"
 #include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/f32_gemm.h"
 #include "cpu/gemm_engine.h"
 
 // The including kernel source names the ISA build (csrc/cpu/isa.h): base, avx2 or avx512.
@@ -198,6 +199,17 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
       const AmxWeight P = amx_pack_weight(W, n_out, c);
       at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t b0, int64_t b1) {
         amx_bn_relu_gemm_rows(X, ld, b0 * 32, std::min(rows, b1 * 32), c, a, b, P, Y, a2, b2, V);
+      });
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    // Our own AVX-512 kernel where it measured faster than the engine (cpu/f32_gemm.h): prologue and product per
+    // kF32Rows rows, the operand never repacked; each thread takes one contiguous range of blocks.
+    if (use_f32_kernel()) {
+      const F32Weight P = f32_pack_weight(W, n_out, c);
+      at::parallel_for(0, (rows + kF32Rows - 1) / kF32Rows, 1, [&](int64_t b0, int64_t b1) {
+        f32_bn_relu_gemm_rows(X, ld, b0 * kF32Rows, std::min(rows, b1 * kF32Rows), c, a, b, P, Y, a2, b2, V);
       });
       return;
     }

@@ -1,0 +1,163 @@
+// The AVX-512 kernel of cpu/f32_gemm.h. Library headers first (isa/prelude.h); only these functions get the
+// AVX-512 target, and they run only where f32_kernel_available().
+#include "cpu/isa/prelude.h"
+#include "cpu/f32_gemm.h"
+
+#include <array>
+#include <limits>
+#include <utility>
+
+#if DNF_MULTI_ISA
+#include <immintrin.h>
+
+namespace dnf::cpu {
+
+bool f32_kernel_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && cpu_isa() == CpuIsa::kAvx512;
+  }();
+  return ok;
+}
+
+// Panel p of the packed weight (below, with the AVX-512 target): its `cols` <= 32 valid columns.
+void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out);
+
+F32Weight f32_pack_weight(const float* W, int64_t n, int64_t k) {
+  TORCH_CHECK(n > 0 && k > 0, "densenet_fast: f32_pack_weight needs n, k > 0, got ", n, ", ", k);
+  TORCH_CHECK(16 * k * 4 <= std::numeric_limits<int32_t>::max(), "densenet_fast: f32_pack_weight: k = ", k,
+              " too large for 32-bit gather offsets");
+  F32Weight P;
+  P.k = k, P.n = n, P.panels = (n + kF32Panel - 1) / kF32Panel;
+  P.data = AlignedBuffer<float>(P.panels * k * kF32Panel);  // zeros: the columns past n
+  // Per call, on the threads: a panel row holds the k-th values of 32 weight rows.
+  at::parallel_for(0, P.panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) pack_panel(W, k, std::min(kF32Panel, n - p * kF32Panel), p, P.data.data());
+  });
+  return P;
+}
+
+}  // namespace dnf::cpu
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+
+namespace dnf::cpu {
+namespace {
+
+inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
+
+// max(0, v) returns v when v is NaN, as relu() in bn_math.h. (The zero-masked form: GCC 12 warns that the
+// plain _mm512_max_ps's undefined pass-through operand "may be used uninitialized".)
+inline __m512 relu16(__m512 v) { return _mm512_maskz_max_ps(__mmask16(0xFFFF), _mm512_setzero_ps(), v); }
+
+// relu(a*x + b) of 16 channels (those of mask m).
+inline __m512 bn_relu16(const float* x, const float* a, const float* b, __mmask16 m) {
+  return relu16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b)));
+}
+
+// Y[r, 0:width] (and V) for MR rows of the operand U (rows ldu apart) times one weight panel ([k, 32]).
+template <int MR>
+void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int64_t width, float* Y, int64_t ldy,
+                 const float* a2, const float* b2, float* V) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m512 w0 = _mm512_load_ps(panel + kk * kF32Panel), w1 = _mm512_load_ps(panel + kk * kF32Panel + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 u = _mm512_set1_ps(U[r * ldu + kk]);
+      lo[r] = _mm512_fmadd_ps(u, w0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(u, w1, hi[r]);
+    }
+  }
+  const __mmask16 m0 = first_n(width), m1 = first_n(width - 16 > 0 ? width - 16 : 0);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(Y + r * ldy, m0, lo[r]);
+    _mm512_mask_storeu_ps(Y + r * ldy + 16, m1, hi[r]);
+  }
+  if (V == nullptr) return;
+  // V from the accumulators while they are in registers (float: Y is exactly these values).
+  const __m512 a0 = _mm512_maskz_loadu_ps(m0, a2), a1 = _mm512_maskz_loadu_ps(m1, a2 + 16);
+  const __m512 c0 = _mm512_maskz_loadu_ps(m0, b2), c1 = _mm512_maskz_loadu_ps(m1, b2 + 16);
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    _mm512_mask_storeu_ps(V + r * ldy, m0, relu16(_mm512_fmadd_ps(lo[r], a0, c0)));
+    _mm512_mask_storeu_ps(V + r * ldy + 16, m1, relu16(_mm512_fmadd_ps(hi[r], a1, c1)));
+  }
+}
+
+using Microkernel = decltype(&microkernel<1>);
+template <size_t... I>
+constexpr std::array<Microkernel, sizeof...(I)> microkernels(std::index_sequence<I...>) {
+  return {&microkernel<int(I) + 1>...};
+}
+constexpr auto kMicrokernels = microkernels(std::make_index_sequence<kF32Rows>());  // [mr - 1]: the last block's rows
+
+}  // namespace
+
+// Per k, the panel row is two 16-lane gathers of 32 weight rows' k-th values (element by element: densenet121's
+// block-3 weight, 128 x 992, took ~5% of the stage).
+void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out) {
+  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(k)));  // element offsets
+  const __mmask16 m0 = first_n(cols), m1 = first_n(cols > 16 ? cols - 16 : 0);
+  const float* w0 = W + p * kF32Panel * k;
+  const float* w1 = w0 + 16 * k;
+  out += p * k * kF32Panel;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    _mm512_store_ps(out + kk * kF32Panel, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, rows, w0 + kk, 4));
+    _mm512_store_ps(out + kk * kF32Panel + 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, rows, w1 + kk, 4));
+  }
+}
+
+void f32_bn_relu_rows(const float* X, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b, float* U,
+                      int64_t ldu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = X + r * ld;
+    float* ur = U + r * ldu;
+    for (int64_t j = 0; j < c; j += 16) {
+      const __mmask16 m = first_n(c - j);
+      _mm512_mask_storeu_ps(ur + j, m, bn_relu16(xr + j, a + j, b + j, m));
+    }
+  }
+}
+
+void f32_bn_relu_gemm_rows(const float* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const F32Weight& W, float* Y, const float* a2, const float* b2, float* V) {
+  if (r1 <= r0) return;
+  TORCH_CHECK(W.k == c, "densenet_fast: f32_bn_relu_gemm_rows: weight packed for k = ", W.k, ", got c = ", c);
+  const int64_t n = W.n, ldu = (c + 15) / 16 * 16;  // operand rows on 64-byte boundaries
+  AlignedBuffer<float> U(kF32Rows * ldu, /*zeroed=*/false);  // every value read is written by the prologue
+  for (int64_t r = r0; r < r1; r += kF32Rows) {
+    const int64_t mr = std::min<int64_t>(kF32Rows, r1 - r);
+    f32_bn_relu_rows(X + r * ld, ld, mr, c, a, b, U.data(), ldu);
+    for (int64_t p = 0; p < W.panels; ++p) {
+      const int64_t col = p * kF32Panel;
+      kMicrokernels[mr - 1](U.data(), ldu, c, W.panel(p), std::min(kF32Panel, n - col), Y + r * n + col, n,
+                            a2 ? a2 + col : nullptr, b2 ? b2 + col : nullptr, V ? V + r * n + col : nullptr);
+    }
+  }
+}
+
+}  // namespace dnf::cpu
+
+#else  // no x86-64 GCC/Clang build: never available
+
+namespace dnf::cpu {
+bool f32_kernel_available() { return false; }
+// Panel p of the packed weight (below, with the AVX-512 target): its `cols` <= 32 valid columns.
+void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out);
+
+F32Weight f32_pack_weight(const float*, int64_t, int64_t) { TORCH_CHECK(false, "densenet_fast: no AVX-512 build"); }
+void f32_bn_relu_gemm_rows(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                           const F32Weight&, float*, const float*, const float*, float*) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+void f32_bn_relu_rows(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+}  // namespace dnf::cpu
+
+#endif
