@@ -29,7 +29,8 @@ F32Weight f32_pack_weight(const float* W, int64_t n, int64_t k) {
               " too large for 32-bit gather offsets");
   F32Weight P;
   P.k = k, P.n = n, P.panels = (n + kF32Panel - 1) / kF32Panel;
-  P.data = AlignedBuffer<float>(P.panels * k * kF32Panel);  // zeros: the columns past n
+  // Not zeroed: pack_panel writes every value (zeros past column n).
+  P.data = AlignedBuffer<float>(P.panels * k * kF32Panel, /*zeroed=*/false);
   // Per call, on the threads: a panel row holds the k-th values of 32 weight rows.
   at::parallel_for(0, P.panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) pack_panel(W, k, std::min(kF32Panel, n - p * kF32Panel), p, P.data.data());
