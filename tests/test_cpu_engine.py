@@ -274,6 +274,9 @@ def test_bn_relu_conv1x1_bad_inputs():
         op(x, a, b, w[:, :12])
     with pytest.raises(RuntimeError, match=r"weight: expected dtype Float \(the dtype of input\), got Double"):
         op(x, a, b, w.double())
+    # torch's convolution refuses a weight without output channels too (not an empty output, not a crash).
+    with pytest.raises(RuntimeError, match=r"weight: expected at least one output channel .*got shape \[0, 13, 1, 1\]"):
+        op(x, a, b, w[:0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -153,6 +153,8 @@ Tensor bn_relu_conv1x1_cpu(const Tensor& input, const Tensor& scale, const Tenso
   TORCH_CHECK(weight.dim() == input.dim() && weight.size(1) == C, "weight: expected shape [C_out, ", C,
               dims == 3 ? ", 1, 1, 1]" : ", 1, 1]", ", got ", weight.sizes());
   check_shape(weight, conv_weight_shape(weight.size(0), C, 1, dims), "weight");
+  TORCH_CHECK(weight.size(0) > 0, "weight: expected at least one output channel (as torch's convolution), got shape ",
+              weight.sizes());
   const Tensor X = input.contiguous(cl_format(dims));
   const int64_t M = X.numel() / C, n_out = weight.size(0);
   std::vector<int64_t> shape = input.sizes().vec();

@@ -65,6 +65,8 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
 def _bn_relu_conv1x1_fake(input, scale, shift, weight):
     check_rank(input)
     check_devices(input, dict(scale=scale, shift=shift, weight=weight))
+    torch._check(weight.shape[0] > 0, lambda: "weight: expected at least one output channel (as torch's convolution), "
+                 f"got shape {list(weight.shape)}")
     return empty_cl([input.shape[0], weight.shape[0], *input.shape[2:]], input, input.dtype)
 
 
