@@ -25,8 +25,9 @@ bool amx_kernel_available();
 bool use_amx_kernel();
 inline bool amx_kernel_fits(int64_t n) { return n > 0 && n % 32 == 0; }
 
-// W [n, k] row-major packed for the tile unit: k padded to kp (a multiple of 32) with zeros; per column
-// block of 16 and k-step of 32, a 16 x 64-byte tile of (k, k+1) pairs.
+// W [n, k] row-major packed for the tile unit: k padded to kp (a multiple of 32) with zeros and, within each
+// k-step of 32, in the operand's order (the even k, then the odd: amx_gemm_amx.cpp); per column block of 16
+// and k-step, a 16 x 64-byte tile of consecutive pairs.
 struct AmxWeight {
   int64_t k = 0, kp = 0, n = 0;
   AlignedBuffer<c10::BFloat16> data;

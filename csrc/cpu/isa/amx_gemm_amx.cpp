@@ -39,7 +39,9 @@ bool use_amx_kernel() {
   return on;
 }
 
-// One 16-column block of the packed weight (below, with the AVX-512 target).
+// Below, with the AVX-512 target: rows [r0, r1) of W with k permuted to the operand's order (even_odd_rows), and
+// one 16-column block of the packed weight.
+void even_odd_rows(const c10::BFloat16* W, int64_t k, int64_t kp, int64_t r0, int64_t r1, c10::BFloat16* out);
 void pack_column_block(const c10::BFloat16* W, int64_t k, int64_t ksteps, int64_t cb, c10::BFloat16* out);
 
 AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k) {
@@ -48,12 +50,17 @@ AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k) {
               " too large for 32-bit gather offsets");
   AmxWeight P;
   P.k = k, P.kp = (k + 31) / 32 * 32, P.n = n;
-  P.data = AlignedBuffer<c10::BFloat16>(P.kp * n);  // zeros: the k padding
+  P.data = AlignedBuffer<c10::BFloat16>(P.kp * n, /*zeroed=*/false);  // every tile is written whole
   const int64_t ksteps = P.kp / 32;
+  // W with k in the operand's even/odd order, zero-padded to kp (so every k-step packs with whole gathers).
+  AlignedBuffer<c10::BFloat16> Weo(n * P.kp, /*zeroed=*/false);
   // Per call, so on the threads (densenet121's block 3 weight, 128 x 992: 25-40 us element by element on one
-  // thread, 10-25% of the whole stage at batch 8).
+  // thread, 10-25% of the whole stage at batch 8); each column block permutes its own 16 rows first.
   at::parallel_for(0, n / 16, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t cb = c0; cb < c1; ++cb) pack_column_block(W, k, ksteps, cb, P.data.data());
+    for (int64_t cb = c0; cb < c1; ++cb) {
+      even_odd_rows(W, k, P.kp, cb * 16, cb * 16 + 16, Weo.data());
+      pack_column_block(Weo.data(), P.kp, ksteps, cb, P.data.data());
+    }
   });
   return P;
 }
@@ -75,6 +82,30 @@ struct alignas(64) TileConfig {
 constexpr int64_t kRows = 32;  // rows per block: two 16-row A tiles
 
 }  // namespace
+
+// Position q of every 32-wide k chunk of the operand holds k = 2q (q < 16) or 2(q - 16) + 1: the BN-ReLU
+// prologue widens the even and the odd bfloat16 values of a 32-value load with one shift and one mask (no
+// widening shuffle) and narrows them back with one vcvtne2ps2bf16 as [even 16 | odd 16]; the weight's k follows.
+// (Measured on this Xeon with a standalone copy: 1-4% faster than the natural order, the most on block 2.)
+constexpr int kEvenOdd[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
+                              1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+
+inline __mmask32 first_n32(int64_t n) {
+  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
+}
+
+void even_odd_rows(const c10::BFloat16* W, int64_t k, int64_t kp, int64_t r0, int64_t r1, c10::BFloat16* out) {
+  __m512i idx = _mm512_setzero_si512();
+  {
+    alignas(64) int16_t ix[32];
+    for (int q = 0; q < 32; ++q) ix[q] = static_cast<int16_t>(kEvenOdd[q]);
+    idx = _mm512_load_si512(ix);
+  }
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t j = 0; j < kp; j += 32)
+      _mm512_storeu_si512(out + r * kp + j,
+                          _mm512_permutexvar_epi16(idx, _mm512_maskz_loadu_epi16(first_n32(k - j), W + r * k + j)));
+}
 
 // Tile (cb, kb) holds W[cb*16 + col, kb*32 + 2p + e] at (p*16 + col)*2 + e: per pair-row p, one 32-bit gather
 // of the (k, k+1) pairs of the 16 weight rows; the last k-step, where k is not a multiple of 32, element by
@@ -100,6 +131,29 @@ void pack_column_block(const c10::BFloat16* W, int64_t k, int64_t ksteps, int64_
   }
 }
 
+namespace {
+// u[0, kp) = relu(a*x + b) in the even/odd order above; ae / be: a and b in that order, zero past c (so is u).
+// max(0, v) returns v when v is NaN, as relu() in bn_math.h.
+inline void bn_relu_row_even_odd(const c10::BFloat16* x, int64_t c, const float* ae, const float* be,
+                                 c10::BFloat16* u, int64_t kp) {
+  // The zero-masked forms of the shift and the max: GCC 12 warns that the plain ones' undefined pass-through
+  // operand "may be used uninitialized".
+  constexpr __mmask16 kAll = 0xFFFF;
+  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < kp; j += 32) {
+    const __m512i v = _mm512_maskz_loadu_epi16(first_n32(c - j), x + j);
+    const __m512 even = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, v, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    const __m512 ue =
+        _mm512_maskz_max_ps(kAll, zero, _mm512_fmadd_ps(even, _mm512_load_ps(ae + j), _mm512_load_ps(be + j)));
+    const __m512 uo = _mm512_maskz_max_ps(kAll, zero,
+                                          _mm512_fmadd_ps(odd, _mm512_load_ps(ae + j + 16), _mm512_load_ps(be + j + 16)));
+    _mm512_store_si512(u + j, (__m512i)_mm512_cvtne2ps_pbh(uo, ue));
+  }
+}
+}  // namespace
+
 void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
                            const float* b, const AmxWeight& W, c10::BFloat16* Y, const float* a2, const float* b2,
                            c10::BFloat16* V) {
@@ -119,8 +173,16 @@ void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
   AlignedBuffer<c10::BFloat16> U(2 * u_size, /*zeroed=*/false);
   AlignedBuffer<float> Yt(2 * yt_size, /*zeroed=*/false);
   const c10::BFloat16* wp = W.tiles();
+  AlignedBuffer<float> ab_eo(2 * kp, /*zeroed=*/false);  // a, then b, in the operand's k order
+  float* ae = ab_eo.data();
+  float* be = ab_eo.data() + kp;
+  for (int64_t q = 0; q < kp; ++q) {
+    const int64_t src = q / 32 * 32 + kEvenOdd[q % 32];
+    ae[q] = src < c ? a[src] : 0.0f;
+    be[q] = src < c ? b[src] : 0.0f;
+  }
   auto prologue_row = [&](int64_t rb, int64_t r, c10::BFloat16* u) {  // row r of the block at rb into u
-    if (rb + r < r1) bn_relu_rows_native(X + (rb + r) * ld, ld, 1, c, a, b, u + r * kp, kp);
+    if (rb + r < r1) bn_relu_row_even_odd(X + (rb + r) * ld, c, ae, be, u + r * kp, kp);
     else std::memset(static_cast<void*>(u + r * kp), 0, sizeof(c10::BFloat16) * kp);
   };
   auto narrow_row = [&](int64_t rb, int64_t r, const float* yt) {  // row r of the block at rb out of yt
