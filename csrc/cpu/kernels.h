@@ -190,7 +190,7 @@ template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
                   const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
                   T* V = nullptr) {
-  if (rows == 0 || n_out == 0) return;  // an empty output (a weight with no output channels, as torch's conv allows)
+  if (rows == 0) return;
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // On AMX CPUs our own AMX kernel, prologue and narrowing pipelined per 32 rows (cpu/amx_gemm.h), whatever
     // the engine chosen for the other products (it beats all three on this stage: they multiply a tile

@@ -14,6 +14,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include "cpu/isa/masks.h"
+
 namespace dnf::cpu {
 namespace {
 constexpr long kArchReqXcompPerm = 0x1023;  // arch_prctl: request permission for an XSAVE feature
@@ -89,10 +91,6 @@ constexpr int64_t kRows = 32;  // rows per block: two 16-row A tiles
 // (Measured on this Xeon with a standalone copy: 1-4% faster than the natural order, the most on block 2.)
 constexpr int kEvenOdd[32] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30,
                               1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-
-inline __mmask32 first_n32(int64_t n) {
-  return n >= 32 ? __mmask32(0xFFFFFFFFu) : n <= 0 ? __mmask32(0) : __mmask32((1u << n) - 1u);
-}
 
 void even_odd_rows(const c10::BFloat16* W, int64_t k, int64_t kp, int64_t r0, int64_t r1, c10::BFloat16* out) {
   __m512i idx = _mm512_setzero_si512();

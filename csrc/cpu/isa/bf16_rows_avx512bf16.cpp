@@ -6,6 +6,8 @@
 #if DNF_MULTI_ISA
 #include <immintrin.h>
 
+#include "cpu/isa/masks.h"
+
 namespace dnf::cpu {
 
 bool native_bf16_rows() {
@@ -24,34 +26,37 @@ const char* bf16_rows_name() { return native_bf16_rows() ? "avx512_bf16" : "port
 namespace dnf::cpu {
 namespace {
 
+// The zero-masked forms of the widening, the shift and the max, with every lane on: GCC 12 warns that the plain
+// ones' undefined pass-through operand "may be used uninitialized" (as in f32_gemm_avx512.cpp, amx_gemm_amx.cpp).
+constexpr __mmask16 kAllLanes = 0xFFFF;
+
 // 16 values (those of mask m, the rest zero) widened to float.
 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAllLanes, _mm512_maskz_cvtepu16_epi32(kAllLanes, h), 16));
 }
 
 // relu(a*x + b); max(0, v) returns v when v is NaN (the second operand), as relu() in bn_math.h.
 inline __m512 bn_relu16(const c10::BFloat16* x, const float* a, const float* b, __mmask16 m) {
   const __m512 v = _mm512_fmadd_ps(load16(x, m), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b));
-  return _mm512_max_ps(_mm512_setzero_ps(), v);
+  return _mm512_maskz_max_ps(kAllLanes, _mm512_setzero_ps(), v);
 }
 
 }  // namespace
 
 void bn_relu_rows_native(const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t c, const float* a,
                          const float* b, c10::BFloat16* U, int64_t ldu) {
-  constexpr __mmask16 kAll = 0xFFFF;
   for (int64_t r = 0; r < rows; ++r) {
     const c10::BFloat16* xr = x + r * ld;
     c10::BFloat16* ur = U + r * ldu;
     int64_t j = 0;
     for (; j + 32 <= c; j += 32) {
-      const __m512 lo = bn_relu16(xr + j, a + j, b + j, kAll);
-      const __m512 hi = bn_relu16(xr + j + 16, a + j + 16, b + j + 16, kAll);
+      const __m512 lo = bn_relu16(xr + j, a + j, b + j, kAllLanes);
+      const __m512 hi = bn_relu16(xr + j + 16, a + j + 16, b + j + 16, kAllLanes);
       _mm512_storeu_si512(ur + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     for (; j < c; j += 16) {
-      const __mmask16 m = c - j >= 16 ? kAll : __mmask16((1u << (c - j)) - 1u);
+      const __mmask16 m = first_n16(c - j);
       _mm256_mask_storeu_epi16(ur + j, m, (__m256i)_mm512_cvtneps_pbh(bn_relu16(xr + j, a + j, b + j, m)));
     }
     for (j = c; j < ldu; ++j) ur[j] = c10::BFloat16(0.0f);
@@ -63,7 +68,7 @@ void narrow_native(const float* x, int64_t n, c10::BFloat16* out) {
   for (; i + 32 <= n; i += 32)
     _mm512_storeu_si512(out + i, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
   for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
+    const __mmask16 m = first_n16(n - i);
     _mm256_mask_storeu_epi16(out + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, x + i)));
   }
 }

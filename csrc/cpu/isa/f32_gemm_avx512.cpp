@@ -10,15 +10,12 @@
 #if DNF_MULTI_ISA
 #include <immintrin.h>
 
+#include "cpu/isa/masks.h"
+
 namespace dnf::cpu {
 
-bool f32_kernel_available() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && cpu_isa() == CpuIsa::kAvx512;
-  }();
-  return ok;
-}
+// The AVX-512 build is registered only on CPUs that support it (isa.cpp).
+bool f32_kernel_available() { return cpu_isa() == CpuIsa::kAvx512; }
 
 // Panel p of the packed weight (below, with the AVX-512 target): its `cols` <= 32 valid columns.
 void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out);
@@ -45,8 +42,6 @@ F32Weight f32_pack_weight(const float* W, int64_t n, int64_t k) {
 namespace dnf::cpu {
 namespace {
 
-inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
-
 // max(0, v) returns v when v is NaN, as relu() in bn_math.h. (The zero-masked form: GCC 12 warns that the
 // plain _mm512_max_ps's undefined pass-through operand "may be used uninitialized".)
 inline __m512 relu16(__m512 v) { return _mm512_maskz_max_ps(__mmask16(0xFFFF), _mm512_setzero_ps(), v); }
@@ -72,7 +67,7 @@ void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int
       hi[r] = _mm512_fmadd_ps(u, w1, hi[r]);
     }
   }
-  const __mmask16 m0 = first_n(width), m1 = first_n(width - 16 > 0 ? width - 16 : 0);
+  const __mmask16 m0 = first_n16(width), m1 = first_n16(width - 16);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
     _mm512_mask_storeu_ps(Y + r * ldy, m0, lo[r]);
@@ -103,7 +98,7 @@ constexpr auto kMicrokernels = microkernels(std::make_index_sequence<kF32Rows>()
 void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out) {
   const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32(static_cast<int32_t>(k)));  // element offsets
-  const __mmask16 m0 = first_n(cols), m1 = first_n(cols > 16 ? cols - 16 : 0);
+  const __mmask16 m0 = first_n16(cols), m1 = first_n16(cols - 16);
   const float* w0 = W + p * kF32Panel * k;
   const float* w1 = w0 + 16 * k;
   out += p * k * kF32Panel;
@@ -119,7 +114,7 @@ void f32_bn_relu_rows(const float* X, int64_t ld, int64_t rows, int64_t c, const
     const float* xr = X + r * ld;
     float* ur = U + r * ldu;
     for (int64_t j = 0; j < c; j += 16) {
-      const __mmask16 m = first_n(c - j);
+      const __mmask16 m = first_n16(c - j);
       _mm512_mask_storeu_ps(ur + j, m, bn_relu16(xr + j, a + j, b + j, m));
     }
   }
@@ -148,9 +143,6 @@ void f32_bn_relu_gemm_rows(const float* X, int64_t ld, int64_t r0, int64_t r1, i
 
 namespace dnf::cpu {
 bool f32_kernel_available() { return false; }
-// Panel p of the packed weight (below, with the AVX-512 target): its `cols` <= 32 valid columns.
-void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out);
-
 F32Weight f32_pack_weight(const float*, int64_t, int64_t) { TORCH_CHECK(false, "densenet_fast: no AVX-512 build"); }
 void f32_bn_relu_gemm_rows(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
                            const F32Weight&, float*, const float*, const float*, float*) {
