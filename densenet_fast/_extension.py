@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import warnings
 from typing import Any
 
 import torch
 
+from densenet_fast import _switches
 from densenet_fast._version import __version__
 
 _REBUILD = "pip install --no-build-isolation -e . (from a densenet_fast checkout, with this torch installed)"
-
-
-_ISAS = ("base", "avx2", "avx512")  # builds of the CPU element loops (csrc/cpu/isa.h)
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -28,9 +25,8 @@ def load_extension():
     Raises ImportError saying how to rebuild when the extension is missing or was compiled
     against another torch release (whose C++ ABI is not compatible).
     """
-    isa = os.environ.get("DNF_CPU_ISA")
-    if isa is not None and isa not in _ISAS:
-        raise ValueError(f"DNF_CPU_ISA: expected one of {', '.join(_ISAS)}, got {isa!r}")
+    _switches.check_all()
+    isa = _switches.requested("DNF_CPU_ISA")
     try:
         ext = importlib.import_module("densenet_fast._C")
     except ImportError as err:
@@ -98,4 +94,5 @@ def cpu_engine() -> dict[str, Any]:
     out["bf16_rows"] = raw["bf16_rows"]
     out["amx_kernel"] = bool(raw["amx_kernel"])
     out["f32_kernel"] = {"on": bool(raw["f32_kernel"][0]), "how": raw["f32_kernel"][1]}
+    out["bf16_conv"] = raw["bf16_conv"]
     return out

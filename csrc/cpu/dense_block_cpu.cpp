@@ -20,6 +20,7 @@
 #include "common/checks.h"
 #include "common/layout.h"
 #include "common/nonfinite.h"
+#include "cpu/conv3x3.h"
 #include "cpu/kernels.h"
 
 #include <type_traits>
@@ -32,26 +33,6 @@ using at::TensorList;
 // A [rows, C] matrix of the block's geometry (common/layout.h).
 Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts) {
   return ::dnf::empty_cl(g.shape(C), opts);
-}
-
-// The layers' 3x3 (3x3x3) convolution, stride 1, padding 1, through ATen (oneDNN).
-Tensor conv3x3(const Tensor& x, const Tensor& w, int64_t dims) {
-  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
-  return at::convolution(x, w, {}, ones, ones, ones, false, zeros, 1);
-}
-
-// Its weight gradient (needs the input x) ...
-Tensor conv3x3_weight_grad(const Tensor& dout, const Tensor& x, const Tensor& w, int64_t dims) {
-  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
-  return std::get<1>(at::convolution_backward(dout, x, w, c10::nullopt, ones, ones, ones, false, zeros, 1,
-                                              {false, true, false}));
-}
-
-// ... and its input gradient, the transposed convolution of dout (needs only the weight: the backward frees
-// the layer's 3x3 input before this allocates its gradient).
-Tensor conv3x3_input_grad(const Tensor& dout, const Tensor& w, int64_t dims) {
-  const std::vector<int64_t> ones(dims, 1), zeros(dims, 0);
-  return at::convolution(dout, w, {}, ones, ones, ones, /*transposed=*/true, zeros, 1);
 }
 
 // Per-layer BN statistics: the block's shared batch statistics in training, the layer's own
@@ -78,6 +59,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   using F = typename Opmath<T>::type;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
   gemm_engine(buffer.scalar_type());  // chosen (and measured) once, outside the parallel regions
+  if (std::is_same_v<T, c10::BFloat16>) bf16_conv_compute(g.dims, ConvPass::kForward);
   T* X = buffer.data_ptr<T>();
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
   // Y: the bottleneck pre-activation (T, as torchvision's conv1 output); V = relu(bn2(Y)), the 3x3 conv
@@ -217,6 +199,7 @@ class BlockBackward {
 
   Tensor run() {
     gemm_engine(buffer_.scalar_type());
+    if (std::is_same_v<T, c10::BFloat16>) bf16_conv_compute(geom_.dims, ConvPass::kForward);
     for (int64_t l = geom_.L - 1; l >= 0; --l) {
       const LayerFold<F> f = fold_layer(l);
       Tensor v = recompute_bottleneck(f);
@@ -275,7 +258,8 @@ class BlockBackward {
     // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
     // ATen would make (and drop) the layout copy in each of the two calls.
     const Tensor W2 = op_.w2[l].to(buffer_.scalar_type()).contiguous(cl_format(geom_.dims));
-    // in the weight's own dtype and layout, as the fake kernel declares
+    // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
+    // float32: conv3x3.h)
     out_.w2[l] = conv3x3_weight_grad(dout, v, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     v.reset();
     return conv3x3_input_grad(dout, W2, geom_.dims).contiguous(cl_format(geom_.dims));

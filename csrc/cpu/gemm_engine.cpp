@@ -3,9 +3,11 @@
 // torch.ops.densenet_fast.cpu_engine_report() (densenet_fast.build_info()["cpu_engine"]).
 #include "cpu/gemm_engine.h"
 #include "cpu/amx_gemm.h"
+#include "cpu/conv3x3.h"
 #include "cpu/bf16_rows.h"
 #include "cpu/f32_gemm.h"
 #include "cpu/isa.h"
+#include "cpu/switches.h"
 
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
@@ -39,13 +41,11 @@ Choice& choice_for(at::ScalarType dt) {
 
 // DNF_CPU_GEMM: unset or "auto" = measure; "blas", "aten" or "brgemm" = force that engine.
 int forced_engine() {
-  const char* env = std::getenv("DNF_CPU_GEMM");
-  if (env == nullptr || *env == '\0' || std::string(env) == "auto") return -1;
-  const std::string v(env);
+  const std::string v = cpu_switch("DNF_CPU_GEMM", {"blas", "aten", "brgemm"});
   if (v == "blas") return int(GemmEngine::kBlas);
   if (v == "aten") return int(GemmEngine::kAten);
   if (v == "brgemm") return int(GemmEngine::kBrgemm);
-  TORCH_CHECK(false, "DNF_CPU_GEMM: expected one of auto, blas, aten, brgemm, got '", v, "'");
+  return -1;
 }
 
 // Tile of the forward product Y^T[inter, rows] = W1 * U^T of a densenet121 layer.
@@ -182,10 +182,7 @@ struct F32KernelChoice {
 
 // DNF_CPU_F32_KERNEL: unset or "auto" = measure; "1" = use it where available; "0" = never.
 void choose_f32_kernel(F32KernelChoice& c) {
-  const char* env = std::getenv("DNF_CPU_F32_KERNEL");
-  const std::string v = env == nullptr ? "" : env;
-  TORCH_CHECK(v.empty() || v == "auto" || v == "0" || v == "1",
-              "DNF_CPU_F32_KERNEL: expected one of auto, 0, 1, got '", v, "'");
+  const std::string v = cpu_switch("DNF_CPU_F32_KERNEL", {"0", "1"});
   if (!f32_kernel_available()) {
     c.how = "unavailable (needs the AVX-512 kernels: an AVX-512 CPU, DNF_CPU_ISA not below avx512)";
     return;
@@ -299,13 +296,14 @@ std::string engine_report() {
   out << ", \"kernels_isa\": \"" << isa_name(cpu_isa()) << "\"";  // the element loops' build (isa.h)
   out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"";     // bfloat16 narrowing (bf16_rows.h)
   out << ", \"amx_kernel\": " << (use_amx_kernel() ? "true" : "false");  // amx_gemm.h: any engine
-  out << ", \"f32_kernel\": [" << (use_f32_kernel() ? "true" : "false") << ", \"" << f32_kernel_report() << "\"]}";
+  out << ", \"f32_kernel\": [" << (use_f32_kernel() ? "true" : "false") << ", \"" << f32_kernel_report() << "\"]";
+  out << ", \"bf16_conv\": " << bf16_conv_report() << "}";  // conv3x3.h: a bfloat16 block's 3x3 passes
   return out.str();
 }
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str, "amx_kernel": bool,
-  // "f32_kernel": [bool, how chosen]}; runs the one-time engine choice.
+  // "f32_kernel": [bool, how chosen], "bf16_conv": {rank: {pass: dtype, "how": ...}}}; runs the one-time choices.
   m.def("cpu_engine_report() -> str", [] { return engine_report(); });
 }
 

@@ -1,10 +1,10 @@
 // The ISA of the registered CPU kernels (isa.h): torch's CPU capability, capped by the CPU's own
 // report (a wrong ATEN_CPU_CAPABILITY must not run instructions the CPU lacks), or DNF_CPU_ISA.
 #include "cpu/isa.h"
+#include "cpu/switches.h"
 
 #include <ATen/Version.h>
 
-#include <cstdlib>
 #include <string>
 
 namespace dnf::cpu {
@@ -36,12 +36,10 @@ CpuIsa torch_capability() {
 CpuIsa choose() {
   const CpuIsa supported = cpu_supports();
   CpuIsa want = torch_capability();
-  if (const char* env = std::getenv("DNF_CPU_ISA"); env != nullptr) {
-    const std::string v(env);
-    if (v == "base") want = CpuIsa::kBase;
-    else if (v == "avx2") want = CpuIsa::kAvx2;
-    else if (v == "avx512") want = CpuIsa::kAvx512;
-  }
+  const std::string v = cpu_switch_nothrow("DNF_CPU_ISA", {"base", "avx2", "avx512"});
+  if (v == "base") want = CpuIsa::kBase;
+  else if (v == "avx2") want = CpuIsa::kAvx2;
+  else if (v == "avx512") want = CpuIsa::kAvx512;
   return static_cast<int>(want) <= static_cast<int>(supported) ? want : supported;
 }
 

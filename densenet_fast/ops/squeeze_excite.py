@@ -32,30 +32,25 @@ Environment variable ``DENSENET_FAST_SE_BACKEND`` (read at every call):
   set before the kernels are first used (tests run the kernels this way).
 """
 
-from __future__ import annotations
-
 import contextlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from densenet_fast import _switches
 from densenet_fast.ops import triton as _triton
 from densenet_fast.ops.common import check_devices, stats_dtype
 
 __all__ = ["se_gate", "se_forward", "se_backward", "se_gate_of", "BACKEND_ENV", "backend_for"]
 
 BACKEND_ENV = "DENSENET_FAST_SE_BACKEND"
-_BACKENDS = ("auto", "torch", "triton")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def backend_for(device: torch.device, dtype: torch.dtype) -> str:
     """``"torch"`` or ``"triton"``: which kernel the SE ops use for tensors of this kind."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in _BACKENDS:
-        raise ValueError(f"{BACKEND_ENV} must be one of {_BACKENDS}, got {choice!r}")
+    choice = _switches.read(BACKEND_ENV)
     if choice == "torch" or dtype not in _TRITON_DTYPES:
         return "torch"
     if choice == "auto":

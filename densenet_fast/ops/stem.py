@@ -12,15 +12,13 @@ in the forward and only the input gradient in the backward, in the input's own l
 channels_last). Other devices: the composite of ATen ops below (registered as
 ``CompositeExplicitAutograd``), which has transient BN/ReLU outputs but the same saved tensors.
 """
-from __future__ import annotations
-
-import os
 from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from densenet_fast import _switches
 from densenet_fast._extension import load_extension
 from densenet_fast.ops.common import check_bn_reader, cl_format
 
@@ -225,9 +223,7 @@ def _conv_backward_batch(ctx, grad):
 # time: the recomputed output and its gradient exist for one sample, for one more conv0 recompute in training).
 # MONAI DenseNet121 3D, 2 x 1x96^3, this Xeon: the same step peak (the step's peak is elsewhere); the sample mode's
 # stem forward + backward takes ~1.35x the batch mode's, ~6% of the step (docs/design.md §4).
-CONV_STEM_BACKWARD = os.environ.get("DNF_CONV_STEM_BACKWARD", "batch")
-if CONV_STEM_BACKWARD not in ("batch", "sample"):
-    raise ValueError(f"DNF_CONV_STEM_BACKWARD: expected 'batch' or 'sample', got {CONV_STEM_BACKWARD!r}")
+CONV_STEM_BACKWARD = _switches.read("DNF_CONV_STEM_BACKWARD")
 
 
 def _conv_backward(ctx, grad, _grad_mean, _grad_var):

@@ -3,6 +3,7 @@
 #include "cpu/isa/prelude.h"
 #include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/switches.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -35,8 +36,8 @@ bool amx_kernel_available() {
 
 bool use_amx_kernel() {
   static const bool on = [] {
-    const char* env = std::getenv("DNF_CPU_AMX_KERNEL");
-    return amx_kernel_available() && !(env != nullptr && std::string(env) == "0");
+    // "1" is the default made explicit: the kernel runs wherever it is available.
+    return amx_kernel_available() && cpu_switch("DNF_CPU_AMX_KERNEL", {"0", "1"}) != "0";
   }();
   return on;
 }

@@ -2,6 +2,7 @@
 // (isa/prelude.h), so only these functions use the wider ISA; they run only where native_bf16_rows().
 #include "cpu/isa/prelude.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/switches.h"
 
 #if DNF_MULTI_ISA
 #include <immintrin.h>
@@ -11,9 +12,12 @@
 namespace dnf::cpu {
 
 bool native_bf16_rows() {
+  // DNF_CPU_BF16_ROWS=portable runs the portable loops on any CPU (and so turns the AMX kernel off, which
+  // needs these): what a CPU without AVX512_BF16 runs; "native" runs these where the CPU has them (the default).
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && cpu_isa() == CpuIsa::kAvx512;
+    return __builtin_cpu_supports("avx512bf16") && cpu_isa() == CpuIsa::kAvx512 &&
+           cpu_switch("DNF_CPU_BF16_ROWS", {"native", "portable"}) != "portable";
   }();
   return ok;
 }
@@ -78,7 +82,10 @@ void narrow_native(const float* x, int64_t n, c10::BFloat16* out) {
 #else  // no x86-64 GCC/Clang: the portable loops only
 
 namespace dnf::cpu {
-bool native_bf16_rows() { return false; }
+bool native_bf16_rows() {
+  cpu_switch("DNF_CPU_BF16_ROWS", {"native", "portable"});  // a bad value is refused on every build
+  return false;
+}
 const char* bf16_rows_name() { return "portable"; }
 void bn_relu_rows_native(const c10::BFloat16*, int64_t, int64_t, int64_t, const float*, const float*,
                          c10::BFloat16*, int64_t) {

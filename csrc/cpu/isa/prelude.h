@@ -20,5 +20,6 @@
 #include "common/checks.h"
 #include "common/layout.h"
 #include "common/nonfinite.h"
+#include "cpu/conv3x3.h"
 #include "cpu/gemm_engine.h"
 #include "cpu/isa.h"

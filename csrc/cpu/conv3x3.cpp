@@ -1,0 +1,169 @@
+// The dense layer's 3x3 convolution and the compute dtype of a bfloat16 block's passes (conv3x3.h).
+#include "cpu/conv3x3.h"
+
+#include "cpu/switches.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <mutex>
+#include <sstream>
+#include <vector>
+
+namespace dnf::cpu {
+namespace {
+
+std::vector<int64_t> ones(int64_t dims) { return std::vector<int64_t>(dims, 1); }
+std::vector<int64_t> zeros(int64_t dims) { return std::vector<int64_t>(dims, 0); }
+
+at::Tensor conv_raw(const at::Tensor& x, const at::Tensor& w, int64_t dims) {
+  return at::convolution(x, w, {}, ones(dims), ones(dims), ones(dims), false, zeros(dims), 1);
+}
+at::Tensor weight_grad_raw(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w, int64_t dims) {
+  return std::get<1>(at::convolution_backward(dout, x, w, c10::nullopt, ones(dims), ones(dims), ones(dims), false,
+                                              zeros(dims), 1, {false, true, false}));
+}
+at::Tensor input_grad_raw(const at::Tensor& dout, const at::Tensor& w, int64_t dims) {
+  return at::convolution(dout, w, {}, ones(dims), ones(dims), ones(dims), /*transposed=*/true, zeros(dims), 1);
+}
+
+const char* pass_name(int p) { return p == 0 ? "forward" : p == 1 ? "input_grad" : "weight_grad"; }
+
+struct RankChoice {
+  std::once_flag once;
+  bool chosen = false;
+  at::ScalarType dtype[3] = {at::kBFloat16, at::kBFloat16, at::kBFloat16};
+  std::string how;
+};
+RankChoice g_rank[2];  // 2-D, 3-D
+
+// Seconds of the fastest of `reps` runs of fn (the first, which pays for oneDNN's primitive creation, dropped).
+template <typename Fn>
+double best_of(Fn fn, int reps = 4) {
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+// Relative max error of oneDNN's bfloat16 3-D weight gradient on a depth-2 volume against the float32 one of
+// the same (bfloat16-valued) operands; inf when it is not finite.
+double probe_3d_weight_grad() {
+  const auto gen = at::make_generator<at::CPUGeneratorImpl>(/*seed=*/20261207);
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor x = at::randn({2, 16, 2, 3, 3}, gen, opts).to(at::kBFloat16);
+  const at::Tensor w = at::randn({8, 16, 3, 3, 3}, gen, opts).to(at::kBFloat16);
+  const at::Tensor dout = at::randn({2, 8, 2, 3, 3}, gen, opts).to(at::kBFloat16);
+  const at::Tensor got = weight_grad_raw(dout, x, w, 3).to(at::kFloat);
+  const at::Tensor want = weight_grad_raw(dout.to(at::kFloat), x.to(at::kFloat), w.to(at::kFloat), 3);
+  if (!at::isfinite(got).all().item<bool>()) return INFINITY;
+  return (got - want).abs().max().item<double>() / std::max(want.abs().max().item<double>(), 1e-30);
+}
+
+void choose(RankChoice& c, int64_t dims) {
+  const std::string forced = cpu_switch("DNF_CPU_BF16_CONV", {"bf16", "fp32"});
+  std::ostringstream how;
+  if (!forced.empty()) {
+    for (auto& d : c.dtype) d = forced == "fp32" ? at::kFloat : at::kBFloat16;
+    how << "forced by DNF_CPU_BF16_CONV";
+  } else {
+    // A densenet121 layer of block 3 (2-D: 14x14, batch 4; 3-D: a volume of as many rows), the float32 passes
+    // timed with their widening casts. Three rounds alternating, the best of each; float32 must win by 10%.
+    const std::vector<int64_t> sp = dims == 2 ? std::vector<int64_t>{14, 14} : std::vector<int64_t>{6, 6, 6};
+    const int64_t n = dims == 2 ? 4 : 4;
+    auto shape = [&](int64_t ch) {
+      std::vector<int64_t> s{n, ch};
+      s.insert(s.end(), sp.begin(), sp.end());
+      return s;
+    };
+    const auto cl = dims == 2 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+    const auto bf = at::TensorOptions().dtype(at::kBFloat16);
+    const at::Tensor x = at::ones(shape(128), bf).contiguous(cl), dout = at::ones(shape(32), bf).contiguous(cl);
+    std::vector<int64_t> ws{32, 128};
+    ws.insert(ws.end(), dims, 3);
+    const at::Tensor w = at::full(ws, 0.01, bf).contiguous(cl);
+    auto run = [&](int p, bool fp32) {
+      const at::Tensor xx = fp32 ? x.to(at::kFloat) : x, ww = fp32 ? w.to(at::kFloat) : w;
+      const at::Tensor dd = fp32 ? dout.to(at::kFloat) : dout;
+      if (p == 0) return conv_raw(xx, ww, dims);
+      if (p == 1) return input_grad_raw(dd, ww, dims).to(at::kBFloat16);
+      return weight_grad_raw(dd, xx, ww, dims);
+    };
+    double secs[3][2];
+    for (auto& s : secs) s[0] = s[1] = 1e30;
+    for (int round = 0; round < 3; ++round)
+      for (int p = 0; p < 3; ++p)
+        for (int f = 0; f < 2; ++f) secs[p][f] = std::min(secs[p][f], best_of([&] { run(p, f == 1); }));
+    how << "measured";
+    for (int p = 0; p < 3; ++p) {
+      c.dtype[p] = secs[p][1] < 0.9 * secs[p][0] ? at::kFloat : at::kBFloat16;
+      how << " " << pass_name(p) << " bf16=" << int64_t(secs[p][0] * 1e6) << "us fp32=" << int64_t(secs[p][1] * 1e6)
+          << "us";
+    }
+  }
+  if (dims == 3 && c.dtype[2] == at::kBFloat16) {
+    const double err = probe_3d_weight_grad();
+    if (!(err < 0.05)) {
+      c.dtype[2] = at::kFloat;
+      how << "; weight_grad in float32: oneDNN's bfloat16 3-D weight gradient failed the depth-2 probe (rel err "
+          << err << ")";
+    } else {
+      how << "; depth-2 weight-gradient probe passed (rel err " << err << ")";
+    }
+  }
+  c.how = how.str();
+  c.chosen = true;
+}
+
+RankChoice& rank(int64_t dims) {
+  TORCH_CHECK(dims == 2 || dims == 3, "densenet_fast: the 3x3 convolution has 2 or 3 spatial dims, got ", dims);
+  RankChoice& c = g_rank[dims - 2];
+  std::call_once(c.once, [&] { choose(c, dims); });
+  return c;
+}
+
+// x in the pass's compute dtype.
+at::Tensor in_compute(const at::Tensor& x, int64_t dims, ConvPass pass) {
+  if (x.scalar_type() != at::kBFloat16) return x;
+  return bf16_conv_compute(dims, pass) == at::kFloat ? x.to(at::kFloat) : x;
+}
+
+}  // namespace
+
+at::ScalarType bf16_conv_compute(int64_t dims, ConvPass pass) { return rank(dims).dtype[int(pass)]; }
+
+at::Tensor conv3x3(const at::Tensor& x, const at::Tensor& w, int64_t dims) {
+  return conv_raw(in_compute(x, dims, ConvPass::kForward), in_compute(w, dims, ConvPass::kForward), dims);
+}
+
+at::Tensor conv3x3_weight_grad(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& w, int64_t dims) {
+  const auto p = ConvPass::kWeightGrad;
+  return weight_grad_raw(in_compute(dout, dims, p), in_compute(x, dims, p), in_compute(w, dims, p), dims);
+}
+
+at::Tensor conv3x3_input_grad(const at::Tensor& dout, const at::Tensor& w, int64_t dims) {
+  const auto p = ConvPass::kInputGrad;
+  return input_grad_raw(in_compute(dout, dims, p), in_compute(w, dims, p), dims).to(dout.scalar_type());
+}
+
+std::string bf16_conv_report() {
+  std::ostringstream out;
+  out << "{";
+  for (int64_t dims = 2; dims <= 3; ++dims) {
+    const RankChoice& c = rank(dims);
+    out << (dims == 2 ? "" : ", ") << "\"" << dims << "d\": {";
+    for (int p = 0; p < 3; ++p)
+      out << "\"" << pass_name(p) << "\": \"" << (c.dtype[p] == at::kFloat ? "float32" : "bfloat16") << "\", ";
+    out << "\"how\": \"" << c.how << "\"}";
+  }
+  out << "}";
+  return out.str();
+}
+
+}  // namespace dnf::cpu
