@@ -158,6 +158,7 @@ def test_simulated_phases_accumulate_across_calls(tmp_path):
     proc, summary, _ = _simulate(tmp_path, "bench", "--prebuilt", sim="bench=timeout,se=ok")
     assert proc.returncode == 3  # a benchmark cut by its limit is incomplete, not a failure
     assert "VERDICT (this call): INCOMPLETE" in summary and "INCOMPLETE: 1 rows skipped for time" in summary
+    assert re.search(r"channel moments \[64, 32, 7, 7\] +densenet_fast +0.011", summary)  # the hot-spot rows
     assert "phases recorded: preflight, build, tests, sanitizer, bench" in summary
     assert "VERDICT (all phases): FAIL" in summary
     assert len(summary.splitlines()) <= 60
@@ -364,3 +365,22 @@ def test_bench_budget_interrupts_a_long_row(tmp_path):
 def test_help_lists_usage():
     proc = _run("--help")
     assert proc.returncode == 0 and "Usage: tools/run_gpu_checks.sh" in proc.stdout
+
+
+def _documented_calls():
+    text = (ROOT / "tools" / "README.md").read_text()
+    return re.findall(r"^\| \d \| `(bash tools/run_gpu_checks\.sh [^`]*)` \| (\d+) \|", text, re.M)
+
+
+def test_documented_device_calls_are_valid(tmp_path):
+    """tools/README.md's device calls: at most 2000 characters, timeout_s <= 600 with a minute above the
+    script's own budget, and each is a valid plan (a dry run of the same arguments)."""
+    calls = _documented_calls()
+    assert len(calls) == 3
+    for command, timeout_s in calls:
+        assert len(command) <= 2000 and int(timeout_s) <= 600
+        args = command.split()[2:]
+        assert int(timeout_s) - int(args[args.index("--budget-s") + 1]) >= 60
+        proc = _run(*args, "--dry-run", env={"LOG_DIR": str(tmp_path / "log")})
+        assert proc.returncode == 0, proc.stderr
+        assert _planned(proc.stdout)

@@ -298,7 +298,7 @@ def bench_table(doc: dict) -> List[str]:
     """Per model: batch-64 step time, img/s, memory and the largest batch of every variant."""
     by: Dict[str, Dict[str, dict]] = {}
     for row in doc.get("rows", []):
-        if "variant" not in row or "model" not in row:
+        if "variant" not in row or "model" not in row or row["model"] == "hot spot":
             continue
         entry = by.setdefault(row["model"], {}).setdefault(row["variant"], {})
         what = row.get("what", "")
@@ -346,6 +346,15 @@ def target_lines(variants: Dict[str, dict]) -> List[str]:
         out.append(f"  target largest batch >= 6x torchvision: {r:.1f}x{bound} "
                    f"{'met' if r >= BATCH_RATIO_TARGET else 'MISSED'}")
     return out
+
+
+def hot_spot_lines(doc: dict) -> List[str]:
+    """The hot-spot rows of bench_cuda_block (its hot_spot_rows: side-by-side timings), one line each."""
+    rows = [r for r in doc.get("rows", []) if r.get("model") == "hot spot" and "variant" in r]
+    return ["hot spots (ms, median):"] * bool(rows) + [
+        f"  {r['what'][len('hot spot: '):]:<52} {r['variant']:<16} "
+        + (f"{r['ms_median']:8.3f}" if r.get("status") == "ok" and r.get("ms_median") else str(r.get("status")))
+        for r in rows]
 
 
 def se_lines(doc: dict) -> List[str]:
@@ -470,7 +479,7 @@ def summary_lines(log_dir: Path, phases: Optional[List[str]] = None) -> List[str
         doc = json.loads(path.read_text())
         skipped = sum(r.get("status") == "skipped" for r in doc.get("rows", []))
         lines += [f"benchmark: {path.name}" + (f" (INCOMPLETE: {skipped} rows skipped for time)" if skipped else "")]
-        lines += bench_table(doc)
+        lines += bench_table(doc) + hot_spot_lines(doc)
     se = log_dir / "bench_se.json"
     if se.exists():
         lines += se_lines(json.loads(se.read_text()))
@@ -540,6 +549,8 @@ def _sim_bench(log_dir: Path, status: str) -> None:
                      "max_memory_allocated_mib": mem})
         rows.append({"model": "densenet121", "variant": variant, "what": "step time, batch 64", "status": "ok",
                      "ms_median": ms, "img_s": 64e3 / ms})
+    rows.append({"model": "hot spot", "variant": "densenet_fast", "what": "hot spot: channel moments [64, 32, 7, 7]",
+                 "status": "ok", "ms_median": 0.011})
     if status == "fail":
         rows.append({"model": "densenet201", "variant": "ours", "what": "memory", "status": "failed",
                      "error": "CUDA error: an illegal memory access was encountered"})
