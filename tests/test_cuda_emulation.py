@@ -875,7 +875,7 @@ def _ref_moments(x64, dims):
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 3, 3), (64, 32, 7, 7), (3, 7, 64, 65), (2, 3, 150, 150)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_moments_one_pass_match_fp64(emu, shape, dtype):
-    """channel_moments / sample_moments (Welford per chunk, Chan's merge up the tree): against fp64 on data
+    """channel_moments / sample_moments (two-pass chunks, Chan's merge up the tree): against fp64 on data
     far from zero (mean 50, std 1.5), where a naive one-pass sum of squares would lose every digit.
     Shapes: one row; one chunk; 7x7 at batch 64 with k = 32 channels (the narrow case that now uses
     16-row chunks and three levels); many chunks with partial last chunks and two or three tree levels."""

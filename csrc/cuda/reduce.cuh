@@ -67,12 +67,16 @@ at::Tensor column_sums(int64_t rows, int64_t width, const Term& term, const at::
   return part.view({NV, width});
 }
 
-// --- moments: one pass (Welford within a chunk, Chan's merge up the tree) --------------------------
+// --- moments: one pass over memory (two-pass chunks, Chan's merge up the tree) -------------------------
 //
-// Mean and biased variance of a column reduction read the data once: the first level keeps (mean, M2)
-// per (chunk, column) by Welford's update, each tree level merges up to kTreeFanIn of them in a fixed
-// order by Chan et al.'s pairwise formula, and the last level writes the results: 1 + ceil(log32(chunks))
-// launches per statistics call (two-pass sums took 2 * (1 + levels) + 2).
+// Mean and biased variance of a column reduction read the data from memory once: the first level sums a
+// chunk's rows, then sums their squared deviations from the chunk's mean (the same rows again, now in
+// cache) and keeps (sum, M2) per (chunk, column); each tree level merges up to kTreeFanIn of them in a
+// fixed order by Chan et al.'s pairwise formula, and the last level writes the results: 1 +
+// ceil(log32(chunks)) launches per statistics call (two-pass sums over the whole column took
+// 2 * (1 + levels) + 2, reading the data twice). Carrying sums rather than running means keeps the
+// non-finite semantics of the CPU kernels (csrc/common/nonfinite.h): an Inf makes the mean Inf and the
+// variance NaN, where a running-mean update would turn the mean into NaN.
 
 // The moments' first level has at least kMomentItems work items where it can: rows per chunk start at
 // kRowsPerChunk and halve (down to 16) while the level would be narrower, so small images and narrow
@@ -107,25 +111,25 @@ struct SampleValue {
   }
 };
 
-// Where a level puts (mean, M2) of group g, column j: part [groups, 2, width], or, at the last level
-// (part == nullptr), mean_out[j] and var_out[j] = M2 / rows.
+// Where a level puts (sum, M2) of group g, column j: part [groups, 2, width], or, at the last level
+// (part == nullptr), mean_out[j] = sum / rows and var_out[j] = M2 / rows.
 template <typename acc_t, typename out_t>
 struct MomentSink {
   acc_t* part;
   out_t *mean_out, *var_out;
   int64_t width, rows;
-  C10_HOST_DEVICE void put(int64_t g, int64_t j, acc_t mean, acc_t m2) const {
+  C10_HOST_DEVICE void put(int64_t g, int64_t j, acc_t sum, acc_t m2) const {
     if (part != nullptr) {
-      part[(g * 2) * width + j] = mean;
+      part[(g * 2) * width + j] = sum;
       part[(g * 2 + 1) * width + j] = m2;
     } else {
-      mean_out[j] = static_cast<out_t>(mean);
+      mean_out[j] = static_cast<out_t>(sum / static_cast<acc_t>(rows));
       var_out[j] = static_cast<out_t>(m2 / static_cast<acc_t>(rows));
     }
   }
 };
 
-// Level 1: Welford's update over the rows of one chunk, in order.
+// Level 1: the sum of a chunk's rows, then the sum of their squared deviations from the chunk's mean.
 template <typename acc_t, typename out_t, class Value>
 struct MomentPartials {
   Value value;
@@ -135,38 +139,43 @@ struct MomentPartials {
     int64_t chunk, j;
     divmod(i, sink.width, chunk, j);
     const int64_t r0 = chunk * chunk_rows, r1 = r0 + chunk_rows < rows ? r0 + chunk_rows : rows;
-    acc_t mean = acc_t(0), m2 = acc_t(0);
+    acc_t sum = acc_t(0), m2 = acc_t(0);
+    for (int64_t r = r0; r < r1; ++r) sum += value(r, j);
+    const acc_t mean = sum / static_cast<acc_t>(r1 - r0);
     for (int64_t r = r0; r < r1; ++r) {
-      const acc_t x = value(r, j), d = x - mean;
-      mean += d / static_cast<acc_t>(r - r0 + 1);
-      m2 += d * (x - mean);
+      const acc_t d = value(r, j) - mean;
+      m2 += d * d;
     }
-    sink.put(chunk, j, mean, m2);
+    sink.put(chunk, j, sum, m2);
   }
 };
 
 // One tree level: group o merges inputs t in [o*kTreeFanIn, (o+1)*kTreeFanIn) below n_in, in order (Chan
-// et al.); input t covers rows [t*span, (t+1)*span) below rows.
+// et al.: M2 = M2a + M2b + (mean_b - mean_a)^2 * na*nb/(na + nb)); input t covers rows
+// [t*span, (t+1)*span) below rows.
 template <typename acc_t, typename out_t>
 struct MomentMerge {
   const acc_t* in;
   int64_t n_in, span;
   MomentSink<acc_t, out_t> sink;
+  C10_HOST_DEVICE acc_t count(int64_t t) const {
+    const int64_t left = sink.rows - t * span;
+    return static_cast<acc_t>(left < span ? left : span);
+  }
   C10_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t width = sink.width;
     int64_t o, j;
     divmod(i, width, o, j);
-    const int64_t t1 = (o + 1) * kTreeFanIn < n_in ? (o + 1) * kTreeFanIn : n_in;
-    acc_t mean = acc_t(0), m2 = acc_t(0), n = acc_t(0);
-    for (int64_t t = o * kTreeFanIn; t < t1; ++t) {
-      const int64_t left = sink.rows - t * span;
-      const acc_t nb = static_cast<acc_t>(left < span ? left : span), nt = n + nb;
-      const acc_t delta = in[(t * 2) * width + j] - mean;
-      mean += delta * (nb / nt);
-      m2 += in[(t * 2 + 1) * width + j] + delta * delta * (n * nb / nt);
-      n = nt;
+    const int64_t t0 = o * kTreeFanIn, t1 = t0 + kTreeFanIn < n_in ? t0 + kTreeFanIn : n_in;
+    acc_t sum = in[(t0 * 2) * width + j], m2 = in[(t0 * 2 + 1) * width + j], n = count(t0);
+    for (int64_t t = t0 + 1; t < t1; ++t) {
+      const acc_t nb = count(t), sb = in[(t * 2) * width + j];
+      const acc_t delta = sb / nb - sum / n;
+      m2 += in[(t * 2 + 1) * width + j] + delta * delta * (n * nb / (n + nb));
+      sum += sb;
+      n += nb;
     }
-    sink.put(o, j, mean, m2);
+    sink.put(o, j, sum, m2);
   }
 };
 
