@@ -188,7 +188,12 @@ sanitizer_probe() {
   "$d/probe" || { echo "the probe kernel failed without the sanitizer"; return 1; }
   [[ -x $SAN ]] || command -v "$SAN" > /dev/null || { echo "compute-sanitizer not found ($SAN): unsupported"; return 3; }
   "$SAN" --version | head -n 3
-  "$SAN" --tool memcheck --error-exitcode 1 "$d/probe"
+  "$SAN" --tool memcheck --error-exitcode 1 "$d/probe" || return $?
+  # the kernel filter the sanitizer phase uses; without it that phase checks every kernel (slower)
+  if ! "$SAN" --tool memcheck --error-exitcode 1 --kernel-name kns=probe "$d/probe"; then
+    echo "WARNING: this compute-sanitizer refuses --kernel-name kns=...: the sanitizer phase runs unfiltered"
+    touch "$LOG_DIR/sanitizer.nofilter"
+  fi
 }
 
 build() {
@@ -221,12 +226,13 @@ sanitize() {
     echo "compute-sanitizer unsupported on this device (preflight): $(cat "$LOG_DIR/sanitizer.unsupported")"
     return 3
   fi
-  local extra=()
-  [[ $tool == memcheck ]] && extra=(--leak-check no)
-  [[ $tool == racecheck ]] && extra=(--racecheck-report all)
+  local extra=(--kernel-name "kns=$filter")
+  [[ -f $LOG_DIR/sanitizer.nofilter ]] && extra=()  # the probe found the filter refused
+  [[ $tool == memcheck ]] && extra+=(--leak-check no)
+  [[ $tool == racecheck ]] && extra+=(--racecheck-report all)
   local env=()
   [[ $tool == memcheck ]] && env=(env PYTORCH_NO_CUDA_MEMORY_CACHING=1)  # every allocation exact: bounds checked
-  "${env[@]}" "$SAN" --tool "$tool" --error-exitcode 1 --kernel-name "kns=$filter" "${extra[@]}" "$PY" tools/gpu_checks.py smoke "$@"
+  "${env[@]}" "$SAN" --tool "$tool" --error-exitcode 1 "${extra[@]}" "$PY" tools/gpu_checks.py smoke "$@"
 }
 
 bench() {
