@@ -12,7 +12,8 @@ wall-clock budget). Variants share their initial weights:
 * ``torchvision_compile``  torch.compile(torchvision.models.densenetXXX())
 
 Rows, in this order per model: each variant's loss (must agree with torchvision's) and
-``max_memory_allocated`` at batch 64; the interleaved step times at batch 64; the largest batch that
+``max_memory_allocated`` at batch 64; the interleaved step times at batch 64; the hot spots of issue 30
+(``hot_spot_rows``: dropout, statistics, odd-size transitions, side by side); the largest batch that
 fits for ours and torchvision (doubling, then bisection to ~6%), with memory and time there. Every
 row is appended to the JSON file (benchmarks/results/bench_cuda_block_<gpu>_<time>.json) as soon as it
 finishes; a row that does not start before ``--budget-s`` has run out is written as
@@ -220,15 +221,69 @@ class ModelBench:
             free(self.device)
 
 
+# --- hot spots (issue 30): each a side-by-side timing whose rows are ready to compare across commits ------
+
+def _time_row(rec: Recorder, budget: Budget, what: str, fns: Dict[str, object], batch: int, args,
+              device: torch.device) -> None:
+    """One interleaved timing of ``fns`` (name -> callable), a row per name: ``{"model": "hot spot", ...}``."""
+    res = run_row(rec, budget, 15.0, {"model": "hot spot", "what": what},
+                  lambda: {"variants": harness.time_impls(fns, batch, args.repeats, args.warmup, device)},
+                  record=False)
+    for n, r in (res or {}).get("variants", {}).items():
+        rec.add({"model": "hot spot", "variant": n, "what": what, "status": "failed" if r["error"] else "ok", **r})
+    free(device)
+
+
+def hot_spot_rows(rec: Recorder, budget: Budget, args, device: torch.device) -> None:
+    """The CUDA hot spots of issue 30, measured where they show:
+
+    * dropout: a densenet121 training step with drop_rate 0.2 (its channels_last masks) vs 0.0;
+    * moments: ``dnf.ops.channel_moments`` (one pass, wide first level) vs ``torch.var_mean`` on the
+      narrow 7x7 batch-64 tensors of the last block (k = 32 new channels, 128 bottleneck channels) and a
+      56x56 one, bf16 channels_last;
+    * the transition backward at odd vs even H/W (15x15 vs 14x14; the odd one adds the dropped-pixel NaN
+      rule, now a column reduction), bf16 channels_last."""
+    x, y = inputs(args.batch, device)
+    torch.manual_seed(0)
+    models = {f"ours_drop{p}": dnf.densenet121(drop_rate=p).to(device).to(memory_format=torch.channels_last).train()
+              for p in (0.0, 0.2)}
+    steps = {n: (lambda m=m: train_step(m, x, y, DTYPE)) for n, m in models.items()}
+    _time_row(rec, budget, "hot spot: densenet121 step, dropout", steps, args.batch, args, device)
+    del models, steps
+    for shape in ((64, 32, 7, 7), (64, 128, 7, 7), (64, 256, 56, 56)):
+        t = torch.randn(shape, device=device, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+        _time_row(rec, budget, f"hot spot: channel moments {list(shape)}",
+                  {"densenet_fast": lambda t=t: dnf.ops.channel_moments(t),
+                   "torch.var_mean": lambda t=t: torch.var_mean(t.float(), (0, 2, 3), correction=0)}, shape[0],
+                  args, device)
+    fns = {}
+    for hw in (14, 15):
+        t = torch.randn(64, 512, hw, hw, device=device, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+        t.requires_grad_()
+        mean, var = dnf.ops.channel_moments(t.detach())
+        w, b = torch.ones(512, device=device), torch.zeros(512, device=device)
+        cw = torch.randn(256, 512, 1, 1, device=device, dtype=DTYPE)
+        g = torch.randn(64, 256, hw // 2, hw // 2, device=device, dtype=DTYPE)
+
+        def fwd_bwd(t=t, mean=mean, var=var, w=w, b=b, cw=cw, g=g):
+            out = dnf.ops.transition(t, mean, var, w, b, cw, training=True)
+            torch.autograd.grad(out, t, g.contiguous(memory_format=torch.channels_last))
+
+        fns[f"{hw}x{hw}"] = fwd_bwd
+    _time_row(rec, budget, "hot spot: transition fwd+bwd [64, 512, H, W], odd vs even", fns, args.batch, args, device)
+
+
 # Phases in priority order, so that a tight budget cuts the least important rows: batch-64 memory and
-# loss, batch-64 times, largest batches, the torch.compile'd variant (minutes of compilation), times
-# at the largest batches. Each phase runs for every model before the next starts.
+# loss, batch-64 times, the hot spots (seconds), largest batches, the torch.compile'd variant (minutes of
+# compilation), times at the largest batches. Each phase runs for every model before the next starts.
 def run_phases(benches: List[ModelBench], args) -> None:
     eager = [n for n in ALL_VARIANTS if not n.endswith("compile")]
     for mb in benches:
         mb.memory(eager)
     for mb in benches:
         mb.timing("batch 64", {n: args.batch for n in eager}, args.repeats)
+    if benches and not args.no_hot_spots:
+        hot_spot_rows(benches[0].rec, benches[0].budget, args, benches[0].device)
     if not args.no_max_batch:
         for mb in benches:
             mb.largest_batches()
@@ -249,6 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--max-batch-limit", type=int, default=16384, help="upper limit of the largest-batch search")
     ap.add_argument("--max-batch-s", type=float, default=60.0, help="time cap of one largest-batch search")
     ap.add_argument("--no-max-batch", action="store_true", help="skip the largest-batch search")
+    ap.add_argument("--no-hot-spots", action="store_true", help="skip the hot-spot rows (hot_spot_rows)")
     ap.add_argument("--budget-s", type=float, default=300.0, help="hard wall-clock budget of the whole run")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR, help="output folder")
     args = ap.parse_args(argv)

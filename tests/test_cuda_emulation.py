@@ -19,8 +19,10 @@ The emulation module is JIT-built once (about a minute) into torch's extension c
 """
 from __future__ import annotations
 
+import math
 import statistics
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -203,6 +205,32 @@ def test_block_dropout_mask(emu):
     big[:, ::2] = mask
     out2 = run_emu(emu, x, P, True, big[:, ::2], p)
     assert torch.equal(out2[0], out[0])
+    # the channels_last mask fused_dense_block draws (coalesced reads by channel) gives the same result
+    out3 = run_emu(emu, x, P, True, mask.contiguous(memory_format=torch.channels_last), p)
+    assert torch.equal(out3[0], out[0])
+    ours3 = emu_backward(emu, grad, out, x, P, True, mask.contiguous(memory_format=torch.channels_last), p)
+    flat = [ours[0]] + [t for lst in ours[1:] for t in lst]
+    flat3 = [ours3[0]] + [t for lst in ours3[1:] for t in lst]
+    assert all(torch.equal(a, b) for a, b in zip(flat3, flat))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 7), (2, 4, 3, 5, 7)])
+def test_drawn_dropout_mask_is_channels_last(monkeypatch, shape):
+    """fused_dense_block draws the mask in the activations' layout: channel stride 1, so the kernels'
+    MaskView reads consecutive channels of one pixel across consecutive threads."""
+    seen = {}
+
+    def capture(*args):
+        seen["mask"] = args[11]
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(block_ops, "_ops", types.SimpleNamespace(dense_block_forward=capture))
+    blk_params = make_params(shape[1], 2, 3, 2, dtype=torch.float32)
+    params = block_ops.BlockParams(*[blk_params[n] for n in ORDER], *[blk_params[n] for n in RUNNING])
+    with pytest.raises(RuntimeError, match="captured"):
+        block_ops.fused_dense_block(torch.randn(shape), params, training=True, drop_rate=0.5)
+    mask = seen["mask"]
+    assert mask.dtype == torch.bool and mask.shape == (shape[0], 6, *shape[2:]) and mask.stride(1) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -836,3 +864,98 @@ def test_tails_nonfinite_match_cpu(emu, case, training, shape):
                     OPS.norm_relu_pool_backward(g, x, mean, var, weight, bias, training, 1e-5)):
         assert torch.equal(a.isnan(), b.isnan())
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+# --- hot spots of issue 30: one-pass moments, 32-bit index decode, the dropped-pixel NaN rule -----------
+
+def _ref_moments(x64, dims):
+    return x64.mean(dims), x64.var(dims, unbiased=False)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 3, 3), (64, 32, 7, 7), (3, 7, 64, 65), (2, 3, 150, 150)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_moments_one_pass_match_fp64(emu, shape, dtype):
+    """channel_moments / sample_moments (two-pass chunks, Chan's merge up the tree): against fp64 on data
+    far from zero (mean 50, std 1.5), where a naive one-pass sum of squares would lose every digit.
+    Shapes: one row; one chunk; 7x7 at batch 64 with k = 32 channels (the narrow case that now uses
+    16-row chunks and three levels); many chunks with partial last chunks and two or three tree levels."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 50).to(dtype)
+    x64 = x.double()
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-5}[dtype]
+    mean, var = emu.channel_moments(x)
+    m_ref, v_ref = _ref_moments(x64, (0, 2, 3))
+    torch.testing.assert_close(mean.double(), m_ref, rtol=tol, atol=0)
+    torch.testing.assert_close(var.double(), v_ref, rtol=5 * tol if dtype != torch.float64 else tol, atol=tol)
+    sm, sv = emu.sample_moments(x)
+    sm_ref, sv_ref = _ref_moments(x64.flatten(2), 2)
+    torch.testing.assert_close(sm.double(), sm_ref, rtol=tol, atol=0)
+    torch.testing.assert_close(sv.double(), sv_ref, rtol=5 * tol if dtype != torch.float64 else tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(64, 32, 7, 7), (64, 128, 7, 7), (8, 64, 56, 56), (2, 3, 1, 1), (4, 5, 200, 200)])
+def test_moments_are_few_wide_launches(emu, shape):
+    """One statistics call is 1 + ceil(log32(chunks)) launches (the two-pass version: 2 * (1 + levels) + 2),
+    and its first level has at least min(2^15, rows/16 * width) items: narrow layers get 16-row chunks."""
+    N, C, H, W = shape
+    rows = N * H * W
+    x = torch.randn(shape)
+    emu.take_launch_log()
+    emu.channel_moments(x)
+    log = emu.take_launch_log()
+    chunks = -(-rows // 16)
+    levels = math.ceil(math.log(chunks, 32)) if chunks > 1 else 0
+    assert 1 <= len(log) <= 1 + levels
+    assert log[0] >= min(2 ** 15, chunks * C, rows * C) or len(log) == 1
+    assert log[-1] == C  # the last level writes the statistics
+    if shape == (64, 32, 7, 7):
+        assert len(log) == 3 and log[0] == 196 * 32  # was 6 launches, the first 25 * 32 = 800 threads wide
+
+
+@pytest.mark.parametrize("a,b", [(0, 1), (7, 3), (2**32 - 1, 7), (2**32 - 1, 2**32 - 1), (2**32, 7), (2**40 + 5, 3),
+                                 (5, 2**33), (3 * 2**31, 2**31), (2**62 + 12345, 2**20 + 7)])
+def test_index_divmod_32_and_64_bit(emu, a, b):
+    """launch.cuh's divmod: 32-bit division where both operands fit, 64-bit past 2^32; both equal Python's."""
+    assert emu.divmod(a, b) == divmod(a, b)
+
+
+@pytest.mark.parametrize("dhw,kd", [((1, 5, 7), 1), ((1, 6, 7), 1), ((1, 5, 6), 1), ((1, 6, 6), 1), ((3, 5, 7), 2),
+                                    ((3, 4, 4), 2), ((2, 5, 6), 2), ((1, 1, 3), 1)])
+def test_dropped_pixels_enumerates_exactly_the_dropped_ones(emu, dhw, kd):
+    D, H, W = dhw
+    Dr, Hr, Wr = kd * (D // kd), 2 * (H // 2), 2 * (W // 2)
+    want = [(d * H + h) * W + w for d in range(D) for h in range(H) for w in range(W)
+            if d >= Dr or h >= Hr or w >= Wr]
+    got = emu.dropped_pixels(D, H, W, kd)
+    assert sorted(got) == want and len(set(got)) == len(got)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 6), (2, 4, 6, 7), (2, 4, 5, 7), (2, 4, 3, 5, 7), (2, 4, 3, 4, 4)])
+def test_dropped_pixel_nan_rule_each_run(emu, shape):
+    """The transition's dWc NaN rule, now a column reduction over the dropped pixels: an Inf in one dropped
+    pixel of channel c (the last column, the last row, the last plane, each where the shape has it) makes
+    exactly column c of dWc NaN, as the CPU kernel does; eval mode, so nothing else is poisoned."""
+    N, C = shape[:2]
+    spatial = shape[2:]
+    kd = 2 if len(shape) == 5 else 1
+    D, H, W = (spatial if kd == 2 else (1, *spatial))
+    Dr, Hr, Wr = kd * (D // kd), 2 * (H // 2), 2 * (W // 2)
+    candidates = [(Dr - 1 if Dr else 0, 0, W - 1)] if W > Wr else []
+    candidates += [(0, H - 1, 1)] if H > Hr else []
+    candidates += [(D - 1, 1, 0)] if D > Dr else []
+    assert candidates
+    weight, bias = tail_args(C, torch.float32)
+    mean, var = torch.rand(C) - 0.5, torch.rand(C) + 0.5
+    Cout = 3
+    cw = torch.randn(Cout, C, *([1] * len(spatial)))
+    pooled = [s // 2 for s in spatial]
+    for c, (d, h, w) in enumerate(candidates):
+        x = torch.randn(shape)
+        idx = (1, c, d, h, w) if kd == 2 else (1, c, h, w)
+        x[idx] = float("inf")
+        g = torch.randn(N, Cout, *pooled)
+        ours = emu.transition_backward(g, x, mean, var, weight, bias, cw, False, 1e-5)
+        spec = OPS.transition_backward(g, x, mean, var, weight, bias, cw, False, 1e-5)
+        dwc = ours[3].flatten(1)
+        assert dwc[:, c].isnan().all() and not dwc[:, [j for j in range(C) if j != c]].isnan().any()
+        assert torch.equal(ours[3].isnan(), spec[3].isnan())

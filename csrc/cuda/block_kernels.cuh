@@ -36,7 +36,8 @@ struct BnReluApply {
   int64_t ldo, width;
   const acc_t *a, *b;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / width, j = i - r * width;
+    int64_t r, j;
+    divmod(i, width, r, j);
     out[r * ldo + j] = static_cast<T>(relu<acc_t>(a[j] * static_cast<acc_t>(x[r * ldx + j]) + b[j]));
   }
 };
@@ -46,7 +47,9 @@ struct MaskView {
   const bool* p = nullptr;
   int64_t sN = 0, sC = 0, sH = 0, sW = 0, HW = 1, W = 1, ch0 = 0;
   C10_HOST_DEVICE bool keep(int64_t r, int64_t j) const {
-    const int64_t n = r / HW, hw = r - n * HW, h = hw / W, w = hw - h * W;
+    int64_t n, hw, h, w;
+    divmod(r, HW, n, hw);
+    divmod(hw, W, h, w);
     return p[n * sN + (ch0 + j) * sC + h * sH + w * sW];
   }
 };
@@ -61,7 +64,8 @@ struct StoreNewFeatures {
   MaskView mask;
   acc_t inv_keep;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / k, j = i - r * k;
+    int64_t r, j;
+    divmod(i, k, r, j);
     acc_t v = static_cast<acc_t>(src[i]);
     if (mask.p != nullptr) v = mask.keep(r, j) ? v * inv_keep : acc_t(0);
     dst[r * ld + c0 + j] = static_cast<T>(v);
@@ -77,7 +81,8 @@ struct GradOfNewFeatures {
   MaskView mask;
   acc_t inv_keep;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / k, j = i - r * k;
+    int64_t r, j;
+    divmod(i, k, r, j);
     acc_t v = G[r * ld + c0 + j];
     if (mask.p != nullptr) v = mask.keep(r, j) ? v * inv_keep : acc_t(0);
     dout[i] = static_cast<T>(v);
@@ -134,7 +139,8 @@ struct Bn2BackwardApply {
   int64_t width;
   bool training;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t j = i % width;
+    int64_t r, j;
+    divmod(i, width, r, j);
     const acc_t dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), static_cast<acc_t>(dV[i]));
     const acc_t xhat = (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
     dV[i] = static_cast<T>(bn_backward<acc_t>(dz, xhat, a[j], m[j], m[width + j], training));
@@ -172,8 +178,9 @@ struct FinalizeGrad {
   int64_t ld, c0, width, rows;
   const acc_t *mean, *invstd, *S1, *S2;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / width, j = c0 + (i - r * width);
-    const int64_t e = r * ld + j;
+    int64_t r, jj;
+    divmod(i, width, r, jj);
+    const int64_t j = c0 + jj, e = r * ld + j;
     const acc_t xhat = (static_cast<acc_t>(X[e]) - mean[j]) * invstd[j];
     G[e] = finalize_grad<acc_t>(G[e], xhat, invstd[j] / static_cast<acc_t>(rows), S1[j], S2[j]);
   }
@@ -205,7 +212,11 @@ struct ScaleByGate {
   const acc_t *a, *g;
   int64_t C;
   acc_t* ag;
-  C10_HOST_DEVICE void operator()(int64_t i) const { ag[i] = a[i % C] * g[i]; }
+  C10_HOST_DEVICE void operator()(int64_t i) const {
+    int64_t n, j;
+    divmod(i, C, n, j);
+    ag[i] = a[j] * g[i];
+  }
 };
 
 // P[q, j] = 2x2(x2) average (floor mode) of relu(a*x + b) around output position q.
@@ -218,9 +229,11 @@ struct PoolBnRelu {
   const acc_t* b;
   T* P;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t q = i / C, j = i - q * C;
-    const int64_t nd = q / (g.H2 * g.W2), rem = q - nd * g.H2 * g.W2, oh = rem / g.W2, ow = rem - oh * g.W2;
-    const int64_t n = nd / g.D2, od = nd - n * g.D2;
+    int64_t q, j, nd, rem, oh, ow, n, od;
+    divmod(i, C, q, j);
+    divmod(q, g.H2 * g.W2, nd, rem);
+    divmod(rem, g.W2, oh, ow);
+    divmod(nd, g.D2, n, od);
     const acc_t aj = a.scale(n, j), bj = b[j];
     acc_t s = acc_t(0);
     for (int64_t dz = 0; dz < g.kd; ++dz) {
@@ -243,7 +256,8 @@ struct NormReluPool {
   const acc_t* b;
   T* out;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t n = i / C, j = i - n * C;
+    int64_t n, j;
+    divmod(i, C, n, j);
     const T* x = X + n * HW * C + j;
     const acc_t aj = a.scale(n, j);
     acc_t s = acc_t(0);
@@ -258,7 +272,9 @@ struct GlobalPoolUp {
   const T* dO;
   int64_t HW, C;
   C10_HOST_DEVICE acc_t operator()(int64_t r, int64_t j) const {
-    return static_cast<acc_t>(dO[(r / HW) * C + j]) / static_cast<acc_t>(HW);
+    int64_t n, p;
+    divmod(r, HW, n, p);
+    return static_cast<acc_t>(dO[n * C + j]) / static_cast<acc_t>(HW);
   }
 };
 
@@ -270,10 +286,13 @@ struct AvgPool2Up {
   PoolGeometry g;
   int64_t C;
   C10_HOST_DEVICE acc_t operator()(int64_t r, int64_t j) const {
-    const int64_t HW = g.H * g.W, nd = r / HW, hw = r - nd * HW, h = hw / g.W, w = hw - h * g.W;
-    const int64_t n = nd / g.D, d = nd - n * g.D;
+    int64_t nd, hw, h, w, n, d;
+    divmod(r, g.H * g.W, nd, hw);
+    divmod(hw, g.W, h, w);
+    divmod(nd, g.D, n, d);
     if (h >= 2 * g.H2 || w >= 2 * g.W2 || d >= g.kd * g.D2) return acc_t(0);
-    return static_cast<acc_t>(dP[(((n * g.D2 + d / g.kd) * g.H2 + h / 2) * g.W2 + w / 2) * C + j]) /
+    // d / kd, h / 2, w / 2 of non-negative values: shifts (kd is 1 or 2)
+    return static_cast<acc_t>(dP[(((n * g.D2 + (d >> (g.kd - 1))) * g.H2 + (h >> 1)) * g.W2 + (w >> 1)) * C + j]) /
            acc_t(4 * g.kd);
   }
 };
@@ -289,7 +308,8 @@ struct TailElement {
   Up up;
   // (x, g, d, xhat) of element (r, j).
   C10_HOST_DEVICE void eval(int64_t r, int64_t j, acc_t& x, acc_t& g, acc_t& d, acc_t& xhat) const {
-    const int64_t n = r / HW;
+    int64_t n, p;
+    divmod(r, HW, n, p);
     x = static_cast<acc_t>(X[r * C + j]);
     g = gs.gate(n, j);
     d = bn_relu_grad<acc_t>(gs.scale(n, j) * x + b[j], up(r, j));
@@ -317,7 +337,8 @@ struct TailBackwardApply {
   T* dX;
   bool training;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    const int64_t r = i / e.C, j = i - r * e.C;
+    int64_t r, j;
+    divmod(i, e.C, r, j);
     acc_t x, g, d, xhat;
     e.eval(r, j, x, g, d, xhat);
     dX[i] = static_cast<T>(g * bn_backward<acc_t>(d, xhat, a[j], m[j], m[e.C + j], training));
@@ -332,70 +353,71 @@ struct GateGradTerm {
   const acc_t *a, *m;
   bool training;
   C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
-    const int64_t n = col / e.C, j = col - n * e.C;
+    int64_t n, j;
+    divmod(col, e.C, n, j);
     acc_t x, g, d, xhat;
     e.eval(n * e.HW + p, j, x, g, d, xhat);
     s[0] += x * bn_backward<acc_t>(d, xhat, a[j], m[j], m[e.C + j], training);
   }
 };
 
-// Per-sample moments as column reductions over the HW rows of each sample (column = n*C + j).
-template <typename T, typename acc_t>
-struct SampleValueTerm {
-  const T* X;
-  int64_t C, HW;
-  C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
-    const int64_t n = col / C, j = col - n * C;
-    s[0] += static_cast<acc_t>(X[(n * HW + p) * C + j]);
+// The pixels a floor-mode 2x2(x2) pool drops, numbered per sample: q in [0, per_sample()) -> the pixel's
+// offset in its sample, (d*H + h)*W + w. Three runs, in this order: the last column of an odd W in the
+// rows the pool reads (d < Dr, h < Hr, w >= Wr), the last row of an odd H (d < Dr, h >= Hr), the last
+// plane of an odd D (d >= Dr). Dr, Hr, Wr: the extent the pool reads.
+struct DroppedPixels {
+  int64_t D, H, W, Dr, Hr, Wr;
+  C10_HOST_DEVICE int64_t per_sample() const { return D * H * W - Dr * Hr * Wr; }
+  C10_HOST_DEVICE int64_t pixel(int64_t q) const {
+    const int64_t cols = Dr * Hr * (W - Wr);
+    if (q < cols) {
+      int64_t dh, w, d, h;
+      divmod(q, W - Wr, dh, w);
+      divmod(dh, Hr, d, h);
+      return (d * H + h) * W + Wr + w;
+    }
+    q -= cols;
+    const int64_t rows = Dr * (H - Hr) * W;
+    if (q < rows) {
+      int64_t dh, w, d, h;
+      divmod(q, W, dh, w);
+      divmod(dh, H - Hr, d, h);
+      return (d * H + Hr + h) * W + w;
+    }
+    return Dr * H * W + (q - rows);
   }
 };
 
+// Transition dWc NaN rule (common/nonfinite.h) as a column reduction over the dropped pixels (rows
+// r = n*per_sample + q): s0 counts the pixels of channel j whose relu(bn(x)) is not finite. Every
+// (chunk, channel) item is its own thread, so an odd-H/W transition no longer walks N*D*H rows per channel
+// in one thread.
 template <typename T, typename acc_t>
-struct SampleCenteredSquareTerm {
+struct DroppedNonfiniteTerm {
   const T* X;
-  int64_t C, HW;
-  const acc_t* mean;  // [N*C]
-  C10_HOST_DEVICE void operator()(int64_t p, int64_t col, acc_t* s) const {
-    const int64_t n = col / C, j = col - n * C;
-    const acc_t d = static_cast<acc_t>(X[(n * HW + p) * C + j]) - mean[col];
-    s[0] += d * d;
-  }
-};
-
-// Transition dWc NaN rule (common/nonfinite.h): flag[j] = 1 when relu(bn(x)) of some pixel the
-// floor-mode pool drops (last row of an odd H, last column of an odd W) is not finite in channel j.
-template <typename T, typename acc_t>
-struct DroppedPixelsNonfinite {
-  const T* X;
-  int64_t N;
-  PoolGeometry g;
+  DroppedPixels px;
   int64_t C;
   GatedScale<acc_t> a;
   const acc_t* b;
-  uint8_t* flag;
-  C10_HOST_DEVICE void operator()(int64_t j) const {
-    const int64_t Dr = g.D2 * g.kd, Hr = 2 * g.H2, Wr = 2 * g.W2;  // the extent the pool reads
-    bool bad = false;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t d = 0; d < g.D; ++d)
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = (d < Dr && h < Hr) ? Wr : 0; w < g.W; ++w) {  // only the dropped pixels
-            const int64_t pix = ((n * g.D + d) * g.H + h) * g.W + w;
-            const acc_t v = relu<acc_t>(a.scale(n, j) * static_cast<acc_t>(X[pix * C + j]) + b[j]);
-            bad = bad || dropped_pixel_poisons_dwc<acc_t>(v);
-          }
-    flag[j] = bad ? 1 : 0;
+  C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
+    int64_t n, q;
+    divmod(r, px.per_sample(), n, q);
+    const int64_t pix = n * px.D * px.H * px.W + px.pixel(q);
+    const acc_t v = relu<acc_t>(a.scale(n, j) * static_cast<acc_t>(X[pix * C + j]) + b[j]);
+    if (dropped_pixel_poisons_dwc<acc_t>(v)) s[0] += acc_t(1);
   }
 };
 
-// dW[o, j] = NaN for the flagged columns j of a [Cout, C] weight gradient.
-template <typename T>
+// dW[o, j] = NaN for the columns j of a [Cout, C] weight gradient whose count is not zero.
+template <typename T, typename acc_t>
 struct PoisonColumns {
-  const uint8_t* flag;
+  const acc_t* count;
   int64_t C;
   T* dW;
   C10_HOST_DEVICE void operator()(int64_t i) const {
-    if (flag[i % C] != 0) dW[i] = static_cast<T>(NAN);
+    int64_t o, j;
+    divmod(i, C, o, j);
+    if (count[j] != acc_t(0)) dW[i] = static_cast<T>(NAN);
   }
 };
 

@@ -87,8 +87,9 @@ inline Tensor as_param_dtype(const Tensor& grad, const Tensor& param) {
 // out = a @ b for a weight gradient whose K (a reduction over every pixel of the batch, N*H*W) is
 // large: float16/bfloat16 operands are accumulated *and* written in float (cuBLAS with a float C
 // matrix through aten::mm.dtype, so no split-K partial is ever rounded to half precision), then
-// rounded once to the operands' dtype into out. Where aten::mm.dtype has no kernel (torch < 2.8, the
-// host emulation) the same float GEMM runs on float copies of the operands. float/double: plain GEMM.
+// rounded once to the operands' dtype into out. Where aten::mm.dtype has no kernel (torch < 2.8: warned
+// once; the host emulation) the same float GEMM runs on float copies of the operands, without tensor
+// cores. float/double: plain GEMM.
 inline void mm_weight_grad_out(Tensor& out, const Tensor& a, const Tensor& b) {
   const auto st = a.scalar_type();
   if (st != at::kHalf && st != at::kBFloat16) {
@@ -103,6 +104,11 @@ inline void mm_weight_grad_out(Tensor& out, const Tensor& a, const Tensor& b) {
     out.copy_(op.call(a, b, at::kFloat));
     return;
   }
+  // The documented slow path of torch < 2.8 (docs/cuda.md), said once rather than taken silently.
+  TORCH_WARN_ONCE("densenet_fast: this torch has no CUDA kernel for aten::mm.dtype (torch < 2.8), so the ",
+                  "float16/bfloat16 weight-gradient GEMMs of the dense blocks and transitions run as float32 GEMMs ",
+                  "on float32 copies (no tensor cores: slower, same accuracy). torch >= 2.8 runs them on tensor ",
+                  "cores with float accumulation.");
 #endif
   out.copy_(at::mm(a.to(at::kFloat), b.to(at::kFloat)));
 }

@@ -153,11 +153,12 @@ inline std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward(
     mm_weight_grad_out(dWc2d, dO.t(), P);  // K = N*H2*W2: float accumulation for half data
     if (pg.H % 2 != 0 || pg.W % 2 != 0 || (pg.kd == 2 && pg.D % 2 != 0)) {  // NaN rule of the dropped pixels
       // (common/nonfinite.h)
-      const acc_t* fp = f.data_ptr<acc_t>();
-      Tensor flag = at::empty({C}, X.options().dtype(at::kByte).memory_format(at::MemoryFormat::Contiguous));
-      for_each(C, DroppedPixelsNonfinite<scalar_t, acc_t>{X.data_ptr<scalar_t>(), input.size(0), pg, C, gs, fp + C,
-                                                         flag.data_ptr<uint8_t>()});
-      for_each(Cout * C, PoisonColumns<scalar_t>{flag.data_ptr<uint8_t>(), C, dWc.data_ptr<scalar_t>()});
+      const DroppedPixels px{pg.D, pg.H, pg.W, pg.kd * pg.D2, 2 * pg.H2, 2 * pg.W2};
+      const Tensor bad = column_sums<acc_t, 1>(
+          input.size(0) * px.per_sample(), C,
+          DroppedNonfiniteTerm<scalar_t, acc_t>{X.data_ptr<scalar_t>(), px, C, gs, f.data_ptr<acc_t>() + C},
+          acc_options<scalar_t>(X));
+      for_each(Cout * C, PoisonColumns<scalar_t, acc_t>{bad.data_ptr<acc_t>(), C, dWc.data_ptr<scalar_t>()});
     }
     const Tensor dP = at::mm(dO, conv_weight.contiguous().view({Cout, C}));
     tail_bn_backward<scalar_t>(X, f, gs, mean, training, AvgPool2Up<scalar_t, acc_t>{dP.data_ptr<scalar_t>(), pg, C},
@@ -233,7 +234,7 @@ inline std::tuple<Tensor, Tensor> channel_moments(const Tensor& input) {
   return {mean, var};
 }
 
-// Per-sample, per-channel mean and biased variance [N, C] over the spatial positions (two passes, as
+// Per-sample, per-channel mean and biased variance [N, C] over the spatial positions (one pass, as
 // column reductions of N*C columns over HW rows), in stats_dtype(input) as the fake kernel declares.
 inline std::tuple<Tensor, Tensor> sample_moments(const Tensor& input) {
   check_cuda_input(input, "input");
@@ -247,12 +248,8 @@ inline std::tuple<Tensor, Tensor> sample_moments(const Tensor& input) {
     using acc_t = acc_type<scalar_t>;
     const auto acc_opts = acc_options<scalar_t>(input);
     const scalar_t* Xp = X.data_ptr<scalar_t>();
-    const Tensor s1 = column_sums<acc_t, 1>(HW, N * C, SampleValueTerm<scalar_t, acc_t>{Xp, C, HW}, acc_opts);
-    for_each(N * C, DivideByRows<acc_t, acc_t>{s1.data_ptr<acc_t>(), HW, nullptr, mean.data_ptr<acc_t>()});
-    const Tensor s2 = column_sums<acc_t, 1>(HW, N * C, SampleCenteredSquareTerm<scalar_t, acc_t>{Xp, C, HW,
-                                                                                            mean.data_ptr<acc_t>()},
-                                            acc_opts);
-    for_each(N * C, DivideByRows<acc_t, acc_t>{s2.data_ptr<acc_t>(), HW, nullptr, var.data_ptr<acc_t>()});
+    moments<acc_t, acc_t>(SampleValue<scalar_t, acc_t>{Xp, C, HW}, HW, N * C, mean.data_ptr<acc_t>(),
+                          var.data_ptr<acc_t>(), acc_opts);
   });
   return {mean, var};
 }

@@ -242,8 +242,10 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     dropout = training and 0.0 < drop_rate < 1.0  # an invalid drop_rate reaches the operator, which refuses it
     if dropout and dropout_mask is None and input.dim() in (4, 5) and L > 0:
         k = params.conv2_weight[0].shape[0]
-        dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]),
-                                   device=input.device).bernoulli_(1.0 - drop_rate).bool()
+        # channels_last, as the activations: the kernels read a mask by channel across threads (coalesced)
+        layout = torch.channels_last if input.dim() == 4 else torch.channels_last_3d
+        dropout_mask = torch.empty((input.shape[0], L * k, *input.shape[2:]), device=input.device,
+                                   memory_format=layout).bernoulli_(1.0 - drop_rate).bool()
     if not dropout:
         dropout_mask = None  # the operator applies no dropout without a mask
     running = list(params[6:]) if not training else [[], [], [], []]

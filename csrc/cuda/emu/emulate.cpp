@@ -189,6 +189,28 @@ std::tuple<int64_t, int64_t> for_each_config(int64_t n) {
   return {dnf::cuda_emu::for_each_blocks(n), dnf::cuda_emu::kThreads};
 }
 
+// The item counts of the for_each launches since the last call (and clears the log).
+std::vector<int64_t> take_launch_log() {
+  std::vector<int64_t> out;
+  out.swap(dnf::cuda_emu::launch_log());
+  return out;
+}
+
+// launch.cuh's index decode (32-bit division where a and b fit, else 64-bit).
+std::tuple<int64_t, int64_t> divmod(int64_t a, int64_t b) {
+  int64_t q, r;
+  dnf::cuda_emu::divmod(a, b, q, r);
+  return {q, r};
+}
+
+// The pixel offsets (within a sample) that a floor-mode pool over [D, H, W] drops, in DroppedPixels' order.
+std::vector<int64_t> dropped_pixels(int64_t D, int64_t H, int64_t W, int64_t kd) {
+  const dnf::cuda_emu::DroppedPixels px{D, H, W, kd * (D / kd), 2 * (H / 2), 2 * (W / 2)};
+  std::vector<int64_t> out;
+  for (int64_t q = 0; q < px.per_sample(); ++q) out.push_back(px.pixel(q));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -218,4 +240,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_compute_capabilities", &set_compute_capabilities);
   m.def("for_each_config", &for_each_config);
   m.def("gemm_blocks_run", &gemm_blocks_run);
+  m.def("take_launch_log", &take_launch_log);
+  m.def("divmod", &divmod);
+  m.def("dropped_pixels", &dropped_pixels);
 }
