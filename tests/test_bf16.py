@@ -271,10 +271,12 @@ def test_bf16_model_3d_readers_fused_vs_fp64_truth(train, monkeypatch):
     for name, model in models.items():
         model.load_state_dict(base.state_dict())
         dt = torch.float64 if name == "truth" else torch.bfloat16
-        with warnings.catch_warnings():
+        # The reference runs torch's native convolutions: oneDNN's bfloat16 3-D weight gradient is wrong on a
+        # depth-2 volume on AVX-512 CPUs without AMX (tests/test_cpu_feature_paths.py), which block 2 here is.
+        with warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=name != "ref"):
             warnings.simplefilter("error")  # no reference-path fallback warning
             y = model.train(train)(x.to(dt))
-        y.backward(g.to(dt))
+            y.backward(g.to(dt))
         out[name] = (y, {n: p.grad for n, p in model.named_parameters()})
         if name == "ours":
             assert calls["transition"] == 1 and calls["norm_relu_pool"] == 1, calls
