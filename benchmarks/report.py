@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -254,15 +255,17 @@ def machine_line(machine: Dict[str, Any]) -> str:
     return (f"{machine.get('cpu_model', 'CPU')}, {machine.get('logical_cores', '?')} logical cores"
             + (f", {ram / 1024 ** 3:.0f} GiB RAM" if ram else "") + (f", {' + '.join(flags)}" if flags else "")
             + f"; torch {machine.get('torch', '?')}"
-            + (f", {machine['torch_threads']} threads" if machine.get("torch_threads") else ""))
+            + (f", {machine['torch_threads']} thread{'s' if machine['torch_threads'] != 1 else ''}"
+               if machine.get("torch_threads") else ""))
 
 
 def memory_convention(machine: Dict[str, Any]) -> str:
     """How the run's memory was measured, in one sentence."""
     if machine.get("gpu"):
         return "Memory: CUDA `max_memory_allocated` of one training step, in a fresh process per implementation."
-    fixed = ", with glibc's mmap threshold fixed at 128 KiB so that RSS follows the live tensors" if (
-        machine.get("malloc_mmap_threshold")) else ""
+    fixed = (", with glibc's mmap threshold fixed at 128 KiB so that RSS follows the live tensors"
+             if machine.get("malloc_mmap_threshold") else
+             ", under glibc's default allocator (RSS includes heap fragmentation)")
     return ("Memory: growth of the resident set (RSS) over one training step after a warm-up step, gradients "
             f"included, in a fresh process per implementation{fixed}.")
 
@@ -313,6 +316,7 @@ def markdown_lines(machine: Dict[str, Any], settings: Dict[str, Any], rows: List
     if settings.get("mem_cap_bytes") and any(r["status"] == "oom" for r in rows):
         lines[-1] += (f" Rows marked (oom) needed more than the {settings['mem_cap_bytes'] / 1024 ** 3:.1f} GiB "
                       f"allowed per measurement (`--mem-cap`).")
+    lines[-1] = textwrap.fill(lines[-1], width=116, break_on_hyphens=False, break_long_words=False)
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
         shape = f"{size}³" if _is_3d(model) else f"{size}x{size}"
@@ -333,7 +337,8 @@ def markdown_lines(machine: Dict[str, Any], settings: Dict[str, Any], rows: List
             cols += [(f"Max batch in {budget / MIB:g} MiB", lambda r, b: _count(r, "max_batch", b)),
                      ("Step time at max batch, median (min)", lambda r, b: _ms(r, "budget_train", True)),
                      ("img/s at max batch", lambda r, b: "—" if r.get("budget_train_img_s") is None else
-                      f"{r['budget_train_img_s']:.2f}")]
+                      f"{r['budget_train_img_s']:.2f}" + ("" if b or r.get("budget_img_s_x") is None
+                                                           else f" ({r['budget_img_s_x']:.2f}x)"))]
         lines += ["| Implementation | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in group:
             base = r["impl"] == baseline_for(model)

@@ -1,6 +1,6 @@
 """Convert torchxrayvision's chest X-ray DenseNet-121 with ``densenet_fast.convert`` and run it.
 
-    python examples/xray_convert.py                 # random weights, a few seconds on 2 CPU cores
+    python examples/xray_convert.py                 # random weights: ~15 s (2 shared CPU cores)
     python examples/xray_convert.py --weights model.pt --size 224
 
 ``--weights`` takes a state dict file of ``torchxrayvision.models.DenseNet`` (e.g. saved from a
