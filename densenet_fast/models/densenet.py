@@ -38,18 +38,17 @@ def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
 
 
 def check_input_channels(x: Tensor, conv0: Optional[nn.Module]) -> None:
-    """ValueError (before any module ran) for an image whose channel count is not the stem's ``in_channels``,
-    naming the constructor argument that fixes it: torch's own convolution error does not."""
+    """RuntimeError (the type torch's convolution raises, with its wording first) before any module ran, for an
+    image whose channel count is not the stem's ``in_channels``, naming the constructor argument that fixes it."""
     if not isinstance(x, Tensor) or not isinstance(conv0, nn.modules.conv._ConvNd) or x.dim() != conv0.weight.dim():
         return
     want, got = conv0.in_channels, x.shape[1]
     if got != want:
-        spatial = ", ".join("DHW"[3 - (x.dim() - 2):])
         hint = (f"; for {got}-channel inputs build the model with in_channels={got} (e.g. "
                 f"densenet121(in_channels={got}, ...))" + (f" or repeat the channel: x.expand(-1, {want}, ...)"
                                                           if got == 1 else ""))
-        raise ValueError(f"input: expected [N, {want}, {spatial}] (the model was built with in_channels={want}), "
-                         f"got {list(x.shape)}{hint}")
+        raise RuntimeError(f"input: expected input{list(x.shape)} to have {want} channels, but got {got} channels "
+                           f"(the model was built with in_channels={want}){hint}")
 
 
 def positive_int(name: str, value: Any) -> int:
