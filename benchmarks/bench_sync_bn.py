@@ -249,23 +249,30 @@ def _impl_rows(case: dict) -> List[dict]:
         rows = [r for r in case["rows"] if r["impl"] == impl]
         ch = rows[0].get("channels")
         out.append({"impl": impl, "peak_mib": max(r["peak_bytes"] for r in rows) / 2**20,
-                    "step_s": statistics.median(r["step_median_s"] for r in rows), **rows[0]["collectives"],
+                    "step_s": statistics.median(r["step_median_s"] for r in rows),
+                    "step_min_s": min(r.get("step_min_s", r["step_median_s"]) for r in rows), **rows[0]["collectives"],
                     "channels": ch["forward"] + ch["backward"] if ch else None})
     return out
 
 
 COLUMNS = [("implementation", "impl", ""), ("step peak / rank", lambda r: f"{r['peak_mib']:.1f} MiB", ""),
-           ("step time (median)", lambda r: f"{r['step_s']:.2f} s", ""), ("all-reduce/gather calls", "calls", "d"),
+           ("step time, median (min)", lambda r: f"{r['step_s']:.2f} ({r['step_min_s']:.2f}) s", ""),
+           ("all-reduce/gather calls", "calls", "d"),
            ("values", "values", "d"), ("bytes", lambda r: f"{r['bytes'] / 1024:.0f} KiB", ""),
            ("channels fwd + bwd", "channels", "d")]
 
 
 def markdown(record: dict) -> str:
-    """Tables of the record: per case and implementation the largest rank's step peak, the median step time and
-    the collectives of one training step (what each rank contributes)."""
+    """Tables of the record: per case and implementation the largest rank's step peak, the step time (median over
+    ranks of each rank's median; the smallest minimum in parentheses) and the collectives of one training step
+    (what each rank contributes)."""
+    from benchmarks.report import is_busy, machine_line
+
     m = record["machine"]
-    lines = [f"{m.get('cpu_model')}, {m.get('logical_cores')} cores, gloo, CPU, one thread per process (shared "
-             f"machine: times are noisy; load average {', '.join(f'{v:.1f}' for v in m.get('load_average') or [])})."]
+    load = m.get("load_average") or []
+    lines = [f"Measured {m.get('timestamp', '?')[:10]} on {machine_line(m)}; gloo, one thread per process"
+             + (f"; other work on the machine (load average {', '.join(f'{v:.1f}' for v in load)}): the times are "
+                "noisy" if is_busy(m, None) else "") + "."]
     for case in record["cases"].values():
         st = case["settings"]
         shape = "x".join([str(st["size"])] * st["spatial_dims"])

@@ -3,7 +3,11 @@
 For each model and batch size: training-step peak memory and bytes saved for backward (each measured in
 a fresh subprocess per implementation), training-step and eval time (interleaved repeats in this
 process), images/s, ratios vs torchvision default on every row, optionally the largest batch under a
-memory budget. Writes a terminal table and <out>/<name>.{json,csv,md} (+ PNG plots for --sweep-batch).
+memory budget. Writes a terminal table and <out>/<name>.{json,csv,md,png}: every run draws its figure
+(bars for one comparison, lines for a batch or depth sweep, the budget's largest batches).
+
+--report regenerates every table and figure of the results folder from its JSON files, gathers them into
+<out>/README.md and, for the default folder, rewrites the generated numbers of README.md and docs/*.md.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ from benchmarks import report
 
 _BC_DEPTHS = (40, 100, 250)
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # README command 1: finishes in under a minute on 2 idle CPU cores (no torch.compile: compiling
-    # DenseNet-121 alone takes minutes there).
+    # README command 1: densenet121 at batch 2, three implementations, three repeats (no torch.compile:
+    # compiling DenseNet-121 alone takes minutes on a CPU).
     "quick": dict(model="densenet121", batch=2, impls="tv,tv-memeff,dnf", repeats=3, warmup=1, compile=False,
                   name="quick"),
     # The README table: DenseNet-121, 224x224, batch 8, CPU; fp32 rows for every family (eager and
@@ -119,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration; explicit flags override it")
-    p.add_argument("--quick", action="store_true", help="same as --preset quick (< 1 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="same as --preset quick: densenet121 224x224 batch 2; torchvision, memory_efficient and "
+                        "densenet_fast; 3 interleaved repeats")
     p.add_argument("--report", action="store_true",
-                   help="gather every run in --out into <out>/README.md (tables + figures), then exit")
+                   help="regenerate every table and figure in --out from its JSON, gather them into "
+                        "<out>/README.md and (default --out) rewrite the numbers of README.md and docs/, then exit")
     p.add_argument("--model", help="comma-separated: densenet121, densenet169, densenet201, densenet161, "
                                    "densenet_bc<depth>[_k<growth>] (DenseNet-BC, 32x32, e.g. densenet_bc100, "
                                    "densenet_bc250_k24), or 'all' (default densenet121)")
@@ -129,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep-batch", type=_int_list, metavar="B1,B2,...",
                    help="measure every batch size in the list and plot memory/time vs batch size")
     p.add_argument("--size", type=int, help="input height = width (default: 224, 32 for DenseNet-BC)")
-    p.add_argument("--impls", help="'all' or comma-separated subset of: tv, tv-memeff, timm, timm-ckpt, "
-                                   "tv-compile, dnf, dnf-compile, dnf-ref, dnf-convert")
+    p.add_argument("--impls", help="'all' or a comma-separated subset of the implementations --list prints "
+                                   "(tv, tv-memeff, timm, tv-compile, dnf, dnf-compile, dnf-convert, ...)")
     p.add_argument("--lowp-impls", help="implementations for the bfloat16/float16 rows (default: --impls)")
     p.add_argument("--repeats", type=int, help="timed repeats per implementation (default 5)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls per implementation (default 1, at least 1)")
@@ -582,18 +589,53 @@ def _warnings(rows: List[Dict[str, Any]], machine: Dict[str, Any],
     return out
 
 
+def _report(out: Path) -> int:
+    """--report: the results folder's tables, figures and README; for the committed folder also the generated
+    regions of README.md and docs/*.md (benchmarks/doc_numbers.py)."""
+    from benchmarks import doc_numbers
+
+    print(f"wrote {report.write_report(out)}")
+    if out.resolve() == doc_numbers.RESULTS.resolve():
+        sync = out / "sync-bn" / "cpu.json"
+        if sync.exists():
+            import json
+
+            from benchmarks import bench_sync_bn
+            (sync.parent / "cpu.md").write_text(bench_sync_bn.markdown(json.loads(sync.read_text())))
+        for path in doc_numbers.update_docs():
+            print(f"updated {path}")
+    return 0
+
+
+def _missing_weights_package(s: Settings) -> Optional[str]:
+    """Why the shared weights of a model cannot be made here (torchvision for 2-D models, MONAI for 3-D volumes:
+    every implementation loads them), as a message naming the pip install; None when they can."""
+    from benchmarks.impls import IMPLS, baseline_for
+
+    for model in s.models:
+        reason = IMPLS[baseline_for(model)].unavailable()
+        if reason is not None:
+            package = IMPLS[baseline_for(model)].requires
+            extra = "pip install -e \".[medical]\"" if package == "monai" else "pip install -e \".[bench]\""
+            return (f"{model} needs {package} (every implementation loads its weights), but {reason}: "
+                    f"pip install {package} (or {extra})")
+    return None
+
+
 def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list:
         return _list()
     if args.report:
-        path = report.write_report(args.out)
-        print(f"wrote {path}")
-        return 0
+        return _report(args.out)
     try:
         s = resolve(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    missing = _missing_weights_package(s)
+    if missing:
+        print(f"error: {missing}", file=sys.stderr)
         return 2
     import torch
 
@@ -633,10 +675,8 @@ def run_cli(argv: Optional[Sequence[str]] = None) -> int:
     report.write_markdown(paths[2], machine, settings, rows)
     load = (f", load average {load_start[0]:.1f} at start, {machine['load_average'][0]:.1f} at end"
             if load_start and machine.get("load_average") else "")
-    engine = machine["densenet_fast"].get("cpu_engine")
-    print(f"\n{machine.get('gpu') or machine['cpu_model']} ({machine['logical_cores']} cores{load}), "
-          f"torch {machine['torch']}, {s.threads} threads{f', densenet_fast CPU engine {engine}' if engine else ''}; "
-          f"{settings['elapsed_s']:.0f} s")
+    print(f"\n{report.machine_line(machine)}{load}; {settings['elapsed_s']:.0f} s (the CPU engine report is in "
+          f"{paths[0].name})")
     for line in _warnings(rows, machine, load_start):
         print("WARNING: " + line)
     print("wrote " + ", ".join(str(p) for p in paths))

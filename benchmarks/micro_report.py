@@ -60,6 +60,13 @@ def to_markdown(table: List[Dict[str, Any]], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def machine_text(data: Dict[str, Any]) -> str:
+    """The CPU of a pytest-benchmark JSON, as its ``machine_info`` records it."""
+    info = data.get("machine_info", {})
+    cpu = info.get("cpu", {})
+    return f"{cpu.get('brand_raw', info.get('processor', '?'))}, {cpu.get('count', '?')} CPUs"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -68,10 +75,7 @@ def main() -> None:
     args = p.parse_args()
     with open(args.json) as f:
         data = json.load(f)
-    info = data.get("machine_info", {})
-    cpu = info.get("cpu", {})
-    machine = f"{cpu.get('brand_raw', info.get('processor', '?'))}, {cpu.get('count', '?')} CPUs"
-    text = to_markdown(rows(data), machine)
+    text = to_markdown(rows(data), machine_text(data))
     print(text)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -28,8 +28,11 @@ Row = Dict[str, Any]
 # (row key, ratio key, axis label, scale)
 MEMORY = (("peak_bytes", "peak_x", "training-step peak memory (MiB)", 1 / MIB),
           ("saved_bytes", "saved_x", "saved for backward (MiB)", 1 / MIB))
-TIME = (("train_ms_median", "train_x", "training step, median (ms)", 1.0),
-        ("eval_ms_median", "eval_x", "eval forward, median (ms)", 1.0))
+TIME = (("train_ms_median", "train_x", "training step (ms): bar = median, — = min", 1.0),
+        ("eval_ms_median", "eval_x", "eval forward (ms): bar = median, — = min", 1.0))
+# a timed quantity's minimum, drawn beside its median (a busy machine inflates medians, rarely minima)
+_MIN_OF = {"train_ms_median": "train_ms_min", "eval_ms_median": "eval_ms_min",
+           "budget_train_ms_median": "budget_train_ms_min"}
 _COLORS = {"tv": "#d62728", "tv-memeff": "#ff7f0e", "timm": "#8c564b", "timm-ckpt": "#e377c2",
            "tv-compile": "#9467bd", "dnf": "#1f77b4", "dnf-compile": "#17becf", "dnf-ref": "#7f7f7f",
            "dnf-convert": "#2ca02c"}
@@ -71,7 +74,7 @@ def _finish(fig, path: Path, title: str) -> Path:
     plt = _pyplot()
     fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": legends placed below the axes are kept
     plt.close(fig)
     return path
 
@@ -84,6 +87,14 @@ def _ok(rows: Sequence[Row], key: str) -> List[Row]:
     return [r for r in rows if r.get(key) is not None]
 
 
+def _min_markers(ax, bars, shown: Sequence[Row], key: str) -> None:
+    """A black line across each timed bar at its minimum (the bar is the median; the label above says both)."""
+    low_key = _MIN_OF.get(key)
+    for bar, r in zip(bars, shown):
+        if low_key and r.get(low_key) is not None:
+            ax.hlines(r[low_key], bar.get_x(), bar.get_x() + bar.get_width(), colors="black", linewidth=2, zorder=3)
+
+
 # -- one comparison -----------------------------------------------------------------------------------
 def plot_bars(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str, Any], path: Path) -> Optional[Path]:
     """Bars per implementation of each measured quantity, one row of panels per model/batch/dtype."""
@@ -94,16 +105,20 @@ def plot_bars(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str, 
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(groups), len(panels), figsize=(4.2 * len(panels), 3.8 * len(groups)),
-                             squeeze=False)
+    most = max(len(g) for g in groups.values())  # wider panels for many bars: their labels must not overlap
+    fig, axes = plt.subplots(len(groups), len(panels), figsize=(max(4.2, 0.85 * most) * len(panels),
+                                                                3.8 * len(groups)), squeeze=False)
     for axrow, ((model, size, batch, device, dtype), group) in zip(axes, groups.items()):
         for ax, (key, ratio_key, label, scale) in zip(axrow, panels):
             shown = _ok(group, key)
             values = [r[key] * scale for r in shown]
             bars = ax.bar(range(len(shown)), values, color=[_color(r["impl"]) for r in shown])
+            _min_markers(ax, bars, shown, key)
             for bar, r in zip(bars, shown):
                 ratio = r.get(ratio_key) if r["impl"] != baseline_for(r["model"]) else None
-                text = _short(bar.get_height()) + (f"\n{ratio:.2f}x" if ratio is not None else "")
+                low = r.get(_MIN_OF.get(key, ""))
+                text = (_short(bar.get_height()) + (f" ({_short(low)})" if low is not None else "")
+                        + (f"\n{ratio:.2f}x" if ratio is not None else ""))
                 ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                             fontsize="x-small", xytext=(0, 2), textcoords="offset points")
             ax.set_xticks(range(len(shown)), [r["label"] for r in shown], rotation=35, ha="right", fontsize="x-small")
@@ -114,6 +129,15 @@ def plot_bars(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str, 
     title = (f"{_where(machine)} — memory: {_memory_method(machine)}; ratios vs torchvision"
              f"{_busy_note(machine, settings, rows)}")
     return _finish(fig, path, title)
+
+
+def _min_line(ax, rows: Sequence[Row], key: str, impl: str, x: str) -> None:
+    """The minima of a timed quantity as a thin dotted line in the implementation's colour (the solid line is
+    the median); nothing for memory."""
+    low_key = _MIN_OF.get(key)
+    pts = sorted((r[x], r[low_key]) for r in rows if r["impl"] == impl and low_key and r.get(low_key) is not None)
+    if pts:
+        ax.plot(*zip(*pts), linestyle=":", marker="_", markersize=8, linewidth=1, color=_color(impl))
 
 
 # -- batch-size sweep ---------------------------------------------------------------------------------
@@ -137,6 +161,7 @@ def plot_batch(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
                     failed = [r["batch"] for r in group if r["impl"] == impl and r["status"] == "oom"]
                     ax.plot(*zip(*pts), marker="o", color=_color(impl),
                             label=name + (f" (b≥{min(failed)}: over the memory cap)" if failed else ""))
+                    _min_line(ax, group, key, impl, "batch")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(batches, [str(b) for b in batches])  # the measured batch sizes, not 2^k
@@ -145,7 +170,7 @@ def plot_batch(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
             ax.set_ylabel(label, fontsize="small")
             ax.set_title(f"{model} {size}² {dtype}", fontsize="small")
             ax.grid(True, which="both", alpha=0.3)
-        axrow[0].legend(fontsize="x-small")
+        axrow[0].legend(fontsize="small")
     title = f"{_where(machine)} — memory: {_memory_method(machine)}{_busy_note(machine, settings, rows)}"
     return _finish(fig, path, title)
 
@@ -169,7 +194,7 @@ def plot_depth(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
     plt = _pyplot()
     growths = sorted({r["growth_rate"] for r in rows})
     styles = dict(zip(growths, ["-", "--", ":", "-."]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 7.0), squeeze=False)
     for ax, (key, _, label, scale) in zip(axes[0], panels):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             for k in growths:
@@ -182,6 +207,8 @@ def plot_depth(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
                 name = (f"{line[0]['label']} k={k}" + (f", slope {slope:.2f}" if slope is not None else "")
                         + (f" (depth ≥ {failed[0]}: over the cap)" if failed else ""))
                 ax.plot(*zip(*pts), marker="o", linestyle=styles[k], color=_color(impl), label=name)
+                if key in _MIN_OF:
+                    _min_line(ax, line, key, impl, "depth")
         depths = sorted({r["depth"] for r in rows})
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -190,7 +217,8 @@ def plot_depth(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str,
         ax.set_xlabel("DenseNet-BC depth")
         ax.set_ylabel(label, fontsize="small")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize="xx-small", loc="lower right")
+        # below the axes: inside, the legend covered densenet_fast's lowest lines
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     first = rows[0]
     cap = settings.get("mem_cap_bytes")
     title = (f"DenseNet-BC {first['size']}² batch {first['batch']} {first['dtype']} — {_where(machine)}; memory: "
@@ -210,7 +238,7 @@ def plot_budget(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str
         return None
     shown = list(best.values())
     panels = [("max_batch", "max_batch_x", "largest batch under the budget", "{:.0f}"),
-              ("budget_train_ms_median", None, "step time at that batch (ms)", "{:.0f}"),
+              ("budget_train_ms_median", None, "step time at that batch (ms): bar = median, — = min", "{:.0f}"),
               ("budget_train_img_s", "budget_img_s_x", "images/s at that batch", "{:.2f}")]
     panels = [p for p in panels if any(r.get(p[0]) is not None for r in shown)]
     plt = _pyplot()
@@ -218,10 +246,12 @@ def plot_budget(rows: Sequence[Row], machine: Dict[str, Any], settings: Dict[str
     for ax, (key, ratio_key, label, fmt) in zip(axes[0], panels):
         values = [r.get(key) or 0 for r in shown]
         bars = ax.bar(range(len(shown)), values, color=[_color(r["impl"]) for r in shown])
+        _min_markers(ax, bars, shown, key)
         for bar, r in zip(bars, shown):
             ratio = r.get(ratio_key) if ratio_key else None
-            text = ("—" if r.get(key) is None else fmt.format(r[key])) + (
-                f"\n{ratio:.2f}x" if ratio is not None and r["impl"] != baseline_for(r["model"]) else "")
+            low = r.get(_MIN_OF.get(key, ""))
+            text = ("—" if r.get(key) is None else fmt.format(r[key])) + (f" ({low:.0f})" if low is not None else "")
+            text += f"\n{ratio:.2f}x" if ratio is not None and r["impl"] != baseline_for(r["model"]) else ""
             ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                         fontsize="x-small", xytext=(0, 2), textcoords="offset points")
         ax.set_xticks(range(len(shown)), [r["label"] for r in shown], rotation=35, ha="right", fontsize="x-small")

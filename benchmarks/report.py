@@ -8,20 +8,24 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks.harness import cpu_model
 from benchmarks.impls import baseline_for
 
-__all__ = ["machine_info", "add_ratios", "format_table", "write_json", "write_csv", "write_markdown",
-           "write_report", "group_key", "is_busy", "max_load", "MIB"]
+__all__ = ["machine_info", "machine_line", "memory_convention", "markdown_lines", "add_ratios", "format_table",
+           "write_json", "write_csv", "write_markdown", "write_report", "DEFAULT_ALLOC_PEAK", "group_key", "is_busy",
+           "max_load", "MIB"]
 
 MIB = 1024 ** 2
 # (row key, ratio key): ratios are value / value of the torchvision-default row of the same group.
 RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms_median", "eval_x"),
+                                       ("train_ms_min", "train_x_min"), ("eval_ms_min", "eval_x_min"),
+                                       ("peak_bytes_default", "peak_bytes_default_x"),
                                        ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
                                        ("max_batch", "max_batch_x"), ("max_size", "max_size_x"),
                                        ("budget_train_img_s", "budget_img_s_x"))
@@ -86,12 +90,6 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
     return info
-
-
-def _mmap_note(machine: Dict[str, Any]) -> str:
-    if machine.get("gpu") or not machine.get("malloc_mmap_threshold"):  # GPU runs; runs from before the rule
-        return ""
-    return ", glibc mmap threshold fixed at 128 KiB so that RSS follows the live tensors"
 
 
 def max_load(machine: Dict[str, Any], load_start: Optional[Sequence[float]]) -> float:
@@ -169,18 +167,23 @@ def _mib(value: Optional[int]) -> Optional[float]:
 def _cells(row: Dict[str, Any]) -> List[str]:
     if row["status"] != "ok" and not any(row.get(k) is not None for k in ("train_ms_median", "peak_bytes")):
         return [row["impl"]] + ["-"] * (len(HEADERS) - 1)
-    train = (f"{_fmt(row.get('train_ms_median'), '.0f')} ({_fmt(row.get('train_ms_min'), '.0f')})"
-             + (" noisy" if row.get("train_noisy") else "") if row.get("train_ms_median") is not None else "-")
-    return [row["impl"], train, _fmt(row.get("train_img_s"), ".2f"), _x(row.get("train_x")),
-            _fmt(row.get("eval_ms_median"), ".0f"), _x(row.get("eval_x")),
+    def med_min(phase: str) -> str:
+        if row.get(f"{phase}_ms_median") is None:
+            return "-"
+        return (f"{_fmt(row.get(f'{phase}_ms_median'), '.0f')} ({_fmt(row.get(f'{phase}_ms_min'), '.0f')})"
+                + (" noisy" if row.get(f"{phase}_noisy") else ""))
+    return [row["impl"], med_min("train"), _fmt(row.get("train_img_s"), ".2f"), _x(row.get("train_x")),
+            med_min("eval"), _x(row.get("eval_x")),
             _fmt(_mib(row.get("peak_bytes")), ".0f"), _x(row.get("peak_x")),
+            _fmt(_mib(row.get("peak_bytes_default")), ".0f"), _x(row.get("peak_bytes_default_x")),
             _fmt(_mib(row.get("saved_bytes")), ".0f"), _x(row.get("saved_x")),
             _fmt(row.get("max_batch", row.get("max_size")), "d"), _x(row.get("max_batch_x", row.get("max_size_x"))),
             _fmt(row.get("budget_train_ms_median"), ".0f"), _fmt(row.get("budget_train_img_s"), ".2f"),
             _x(row.get("budget_img_s_x")), _fmt(row.get("max_abs_diff"), ".1e")]
 
 
-HEADERS = ["impl", "train ms med (min)", "img/s", "vs tv", "eval ms", "vs tv", "peak MiB", "vs tv",
+HEADERS = ["impl", "train ms med (min)", "img/s", "vs tv", "eval ms med (min)", "vs tv", "peak MiB", "vs tv",
+           "peak MiB default malloc", "vs tv",
            "saved MiB", "vs tv", "max batch", "vs tv", "ms at max", "img/s at max", "vs tv", "|dlogits|"]
 
 
@@ -233,74 +236,130 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _engine(machine: Dict[str, Any]) -> str:
-    engine = machine.get("densenet_fast", {}).get("cpu_engine")
-    return f" (CPU engine: {engine})" if engine else ""
+# The step peak under glibc's default allocator (no MALLOC_MMAP_THRESHOLD_), where a run records it beside the
+# fixed-threshold ``peak_bytes``; the tables show it as a column whenever a row has it.
+DEFAULT_ALLOC_PEAK = "peak_bytes_default"
+
+_ISA_FLAGS = (("isa", {"AVX512": "AVX-512", "AVX2": "AVX2"}), ("amx_bf16", {True: "AMX-BF16"}),
+              ("bf16_rows", {"avx512_bf16": "AVX512-BF16"}))
 
 
-def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
-    """A README-ready table per model/batch with the machine and settings it was measured with."""
-    cpu = (f"{machine['cpu_model']}, {machine['logical_cores']} logical cores, "
-           f"{machine['ram_bytes'] / 1024**3:.0f} GiB RAM")
-    where = machine.get("gpu") or cpu
-    timed = any(r.get("train_ms_median") is not None for r in rows)
-    timing = (f"times are the median (min) of {settings['repeats']} interleaved repeats" if timed
-              else "memory only, no timing")
-    lines = [f"<!-- generated by: {machine['command']} -->",
-             f"Measured {machine['timestamp'][:10]} on {where}; torch {machine['torch']} "
-             f"({machine['torch_threads']} threads), densenet_fast {machine['densenet_fast']['version']}"
-             f"{_engine(machine)}"
-             f"{' @ ' + machine['git_commit'] if machine.get('git_commit') else ''}. "
-             f"Step = forward + cross-entropy + backward; {timing}; memory is measured in a fresh process per "
-             f"implementation "
-             f"({'CUDA max_memory_allocated' if machine.get('gpu') else 'peak RSS growth'} of one training step"
-             f"{_mmap_note(machine)})."]
+def machine_line(machine: Dict[str, Any]) -> str:
+    """The machine in one readable line: CPU (or GPU), cores, the instruction sets the kernels use, torch.
+    The full engine report stays in the results JSON."""
+    if machine.get("gpu"):
+        return (f"{machine['gpu']} (CUDA {machine.get('cuda', '?')}); torch {machine.get('torch', '?')}")
+    engine = (machine.get("densenet_fast") or {}).get("cpu_engine") or {}
+    flags = [names[engine[key]] for key, names in _ISA_FLAGS if engine.get(key) in names]
+    ram = machine.get("ram_bytes")
+    return (f"{machine.get('cpu_model', 'CPU')}, {machine.get('logical_cores', '?')} logical cores"
+            + (f", {ram / 1024 ** 3:.0f} GiB RAM" if ram else "") + (f", {' + '.join(flags)}" if flags else "")
+            + f"; torch {machine.get('torch', '?')}"
+            + (f", {machine['torch_threads']} thread{'s' if machine['torch_threads'] != 1 else ''}"
+               if machine.get("torch_threads") else ""))
+
+
+def memory_convention(machine: Dict[str, Any]) -> str:
+    """How the run's memory was measured, in one sentence."""
+    if machine.get("gpu"):
+        return "Memory: CUDA `max_memory_allocated` of one training step, in a fresh process per implementation."
+    fixed = (", with glibc's mmap threshold fixed at 128 KiB so that RSS follows the live tensors"
+             if machine.get("malloc_mmap_threshold") else
+             ", under glibc's default allocator (RSS includes heap fragmentation)")
+    return ("Memory: growth of the resident set (RSS) over one training step after a warm-up step, gradients "
+            f"included, in a fresh process per implementation{fixed}.")
+
+
+def _ms(row: Dict[str, Any], phase: str, baseline: bool) -> str:
+    """``median (min) ms, ratio (ratio of minima)`` of a timed phase, or a dash."""
+    med, low = row.get(f"{phase}_ms_median"), row.get(f"{phase}_ms_min")
+    if med is None:
+        return "—"
+    text = f"{med:.0f} ({low:.0f}) ms" if low is not None else f"{med:.0f} ms"
+    ratio, ratio_min = row.get(f"{phase}_x"), row.get(f"{phase}_x_min")
+    if baseline or ratio is None:
+        return text
+    return text + f", {ratio:.2f}x" + (f" ({ratio_min:.2f}x)" if ratio_min is not None else "")
+
+
+def _mem(row: Dict[str, Any], key: str, ratio_key: Optional[str], baseline: bool) -> str:
+    value = row.get(key)
+    if value is None:
+        return "—"
+    ratio = None if baseline or ratio_key is None else row.get(ratio_key)
+    return f"{value / MIB:.0f} MiB" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
+def _count(row: Dict[str, Any], key: str, baseline: bool) -> str:
+    """A budget search's result (largest batch or size) with its ratio, or a dash."""
+    value, ratio = row.get(key), None if baseline else row.get(f"{key}_x")
+    return "—" if value is None else f"{value}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
+def _has(rows: Sequence[Dict[str, Any]], key: str) -> bool:
+    return any(r.get(key) is not None for r in rows)
+
+
+def markdown_lines(machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> List[str]:
+    """A table per model/batch/dtype, the machine line and how it was measured above them. Times are
+    ``median (min)`` over interleaved repeats; ratios are vs torchvision (MONAI for 3-D rows), by medians,
+    with the ratio of the minima in parentheses."""
+    add_ratios(rows)
+    timed = _has(rows, "train_ms_median") or _has(rows, "budget_train_ms_median")
+    timing = (f"times are median (min) of {settings.get('repeats', '?')} interleaved repeats" if timed
+              else "memory only")
+    lines = [f"Measured {machine.get('timestamp', '?')[:10]} on {machine_line(machine)}. "
+             f"Step = forward + cross-entropy + backward; {timing}. {memory_convention(machine)}"]
     if timed and is_busy(machine, settings.get("load_average_start")):
-        lines[-1] += (f" **The machine was busy (other work's load up to "
-                      f"{max_load(machine, settings.get('load_average_start')):.1f} on "
-                      f"{machine['logical_cores']} cores): the times are noisy.**")
+        lines[-1] += (f" **Other work's load was up to {max_load(machine, settings.get('load_average_start')):.1f}"
+                      f" on {machine.get('logical_cores')} cores: the times are noisy; prefer the minima.**")
     if settings.get("mem_cap_bytes") and any(r["status"] == "oom" for r in rows):
         lines[-1] += (f" Rows marked (oom) needed more than the {settings['mem_cap_bytes'] / 1024 ** 3:.1f} GiB "
                       f"allowed per measurement (`--mem-cap`).")
+    lines[-1] = textwrap.fill(lines[-1], width=116, break_on_hyphens=False, break_long_words=False)
     budget = settings.get("budget_bytes")
     for (model, size, batch, device, dtype), group in _groups(rows).items():
         shape = f"{size}³" if _is_3d(model) else f"{size}x{size}"
         lines += ["", f"**{model}**, {shape}, batch {batch}, {dtype}, {device}", ""]
-        head = ["Implementation", "Peak memory (train step)", "Saved for backward", "Step time", "img/s",
-                "Eval time"]
-        by_size = any(r.get("max_size") for r in group)
-        if budget and by_size:
-            head += [f"Max input size in {budget / 1024**2:g} MiB (batch {batch})"]
+        cols: List[Tuple[str, Callable[[Dict[str, Any], bool], str]]] = [
+            ("Peak memory (train step)", lambda r, b: _mem(r, "peak_bytes", "peak_x", b))]
+        if _has(group, DEFAULT_ALLOC_PEAK):
+            cols.append(("Peak, default allocator",
+                         lambda r, b: _mem(r, DEFAULT_ALLOC_PEAK, DEFAULT_ALLOC_PEAK + "_x", b)))
+        cols.append(("Saved for backward", lambda r, b: _mem(r, "saved_bytes", "saved_x", b)))
+        if _has(group, "train_ms_median"):
+            cols.append(("Step time, median (min)", lambda r, b: _ms(r, "train", b)))
+        if _has(group, "eval_ms_median"):
+            cols.append(("Eval time, median (min)", lambda r, b: _ms(r, "eval", b)))
+        if budget and _has(group, "max_size"):
+            cols.append((f"Max input size in {budget / MIB:g} MiB", lambda r, b: _count(r, "max_size", b)))
         elif budget:
-            head += [f"Max batch in {budget / 1024**2:g} MiB", "Step time at max batch", "img/s at max batch"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            cols += [(f"Max batch in {budget / MIB:g} MiB", lambda r, b: _count(r, "max_batch", b)),
+                     ("Step time at max batch, median (min)", lambda r, b: _ms(r, "budget_train", True)),
+                     ("img/s at max batch", lambda r, b: "—" if r.get("budget_train_img_s") is None else
+                      f"{r['budget_train_img_s']:.2f}" + ("" if b or r.get("budget_img_s_x") is None
+                                                           else f" ({r['budget_img_s_x']:.2f}x)"))]
+        lines += ["| Implementation | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for r in group:
-            def cell(value: Optional[float], unit: str, ratio: Optional[float], spec: str = ".0f") -> str:
-                if value is None:
-                    return "—"
-                text = f"{value:{spec}}" + (f" {unit}" if unit else "")
-                return text + (f" ({ratio:.2f}x)" if ratio is not None and r["impl"] != baseline_for(model) else "")
-            cells = [r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})",
-                     cell(_mib(r.get("peak_bytes")), "MiB", r.get("peak_x")),
-                     cell(_mib(r.get("saved_bytes")), "MiB", r.get("saved_x")),
-                     cell(r.get("train_ms_median"), "ms", r.get("train_x")),
-                     "—" if r.get("train_img_s") is None else f"{r['train_img_s']:.2f}",
-                     cell(r.get("eval_ms_median"), "ms", r.get("eval_x"))]
-            if budget and by_size:
-                cells += [cell(r.get("max_size"), "", r.get("max_size_x"), "d")]
-            elif budget:
-                cells += [cell(r.get("max_batch"), "", r.get("max_batch_x"), "d"),
-                          cell(r.get("budget_train_ms_median"), "ms", None),
-                          cell(r.get("budget_train_img_s"), "", r.get("budget_img_s_x"), ".2f")]
-            lines.append("| " + " | ".join(cells) + " |")
+            base = r["impl"] == baseline_for(model)
+            label = r["label"] if r["status"] == "ok" else f"{r['label']} ({r['status']})"
+            lines.append(f"| {label} | " + " | ".join(fn(r, base) for _, fn in cols) + " |")
         notes = [f"{r['label']}: {r['note']}" for r in group if r.get("note")]
-        notes += [f"{r['label']}: noisy {phase} time (median {r[f'{phase}_ms_median'] / r[f'{phase}_ms_min']:.1f}x "
-                  f"the min)" for r in group for phase in ("train", "eval", "budget_train") if r.get(f"{phase}_noisy")]
+        notes += [f"{r['label']}: noisy {phase.replace('_', ' ')} time (median "
+                  f"{r[f'{phase}_ms_median'] / r[f'{phase}_ms_min']:.1f}x the min)"
+                  for r in group for phase in ("train", "eval", "budget_train") if r.get(f"{phase}_noisy")]
         if notes:
             lines += [""] + [f"* {n}" for n in notes]
     bases = sorted({"MONAI's DenseNet" if _is_3d(r["model"]) else "torchvision default" for r in rows})
-    lines += ["", f"Ratios in parentheses: value / {' (2-D) or '.join(bases)}{' (3-D)' if len(bases) > 1 else ''}."]
-    path.write_text("\n".join(lines) + "\n")
+    lines += ["", f"Ratios: value / {' (2-D) or '.join(bases)}{' (3-D)' if len(bases) > 1 else ''}; for times by "
+                  "medians, the ratio of the minima in parentheses."]
+    return lines
+
+
+def write_markdown(path: Path, machine: Dict[str, Any], settings: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
+    """A README-ready table per model/batch with the machine and settings it was measured with."""
+    path.write_text("\n".join([f"<!-- generated by: {machine.get('command', '?')} -->"]
+                              + markdown_lines(machine, settings, rows)) + "\n")
 
 
 # The headline runs first (in this order), then any other run in the folder by name.
@@ -308,7 +367,7 @@ _REPORT_ORDER = ("readme-cpu", "mem-depth", "mem-batch", "budget", "quick")
 
 
 def _draw(data: Dict[str, Any], path: Path) -> Optional[Path]:
-    """The figure of a run saved without one (an older run, or matplotlib was missing), from its rows."""
+    """The figure of a run, drawn from its rows (None without matplotlib)."""
     from benchmarks import plots  # plots imports this module
 
     settings = dict(data.get("settings", {}))
@@ -327,11 +386,17 @@ def _ignored_by_git(path: Path) -> bool:
         return False
 
 
+def _write_micro_markdown(data: Dict[str, Any], md: Path) -> None:
+    from benchmarks import micro_report
+
+    md.write_text(micro_report.to_markdown(micro_report.rows(data), micro_report.machine_text(data)))
+
+
 def write_report(out_dir: Path) -> Path:
-    """Gathers every ``<name>.json`` of ``out_dir`` (but those git ignores) into ``out_dir/README.md``: per
-    ``python -m benchmarks`` run its command, figure (drawn from the JSON where the run has none) and tables
-    (its ``<name>.md``); per pytest-benchmark JSON (the operator micro-benchmarks) its micro_report table
-    (``<name>.md``). Returns the path."""
+    """Regenerates, from every ``<name>.json`` of ``out_dir`` (but those git ignores), its ``<name>.md`` table and
+    its figure, and gathers them into ``out_dir/README.md``: per ``python -m benchmarks`` run its command, figure
+    and tables; per pytest-benchmark JSON (the operator micro-benchmarks) its micro_report table. Without
+    matplotlib the committed figures are kept. Returns the path of the README."""
     out_dir = Path(out_dir)
     runs = sorted((p for p in out_dir.glob("*.json") if not _ignored_by_git(p)),
                   key=lambda p: (_REPORT_ORDER.index(p.stem) if p.stem in _REPORT_ORDER else len(_REPORT_ORDER),
@@ -348,19 +413,19 @@ def write_report(out_dir: Path) -> Path:
             lines += ["", f"## {path.stem}", "", f"`pytest benchmarks/ --benchmark-json={path.name}`, then "
                       f"`python -m benchmarks.micro_report {path.name} --markdown {md.name}`; file: "
                       f"[{path.name}]({path.name})", ""]
-            if md.exists():
-                lines += md.read_text().splitlines()
+            _write_micro_markdown(data, md)
+            lines += md.read_text().splitlines()
             continue
-        machine, settings = data.get("machine", {}), data.get("settings", {})
+        machine, settings, rows = data.get("machine", {}), data.get("settings", {}), data.get("rows", [])
         lines += ["", f"## {path.stem}", "", f"`{machine.get('command', '?')}` — {settings.get('elapsed_s', '?')} s; "
                   f"files: [{path.name}]({path.name}), [{path.stem}.csv]({path.stem}.csv)", ""]
-        figure = out_dir / (settings.get("figure_file") or f"{path.stem}.png")
-        if not figure.exists():
-            figure = _draw(data, figure)
+        figure = _draw(data, out_dir / (settings.get("figure_file") or f"{path.stem}.png"))
+        if figure is None and (out_dir / f"{path.stem}.png").exists():  # no matplotlib: the committed figure
+            figure = out_dir / f"{path.stem}.png"
         if figure is not None:
             lines += [f"![{path.stem}]({figure.name})", ""]
-        if md.exists():
-            lines += [line for line in md.read_text().splitlines() if not line.startswith("<!--")]
+        write_markdown(md, machine, settings, rows)
+        lines += markdown_lines(machine, settings, rows)
     target = out_dir / "README.md"
     target.write_text("\n".join(lines) + "\n")
     return target

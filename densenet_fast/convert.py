@@ -461,6 +461,10 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
     root = visit(model, "")
     if not report.converted:
         _explain_nothing_converted(root, report)
+        if warn and not report.left_alone and not report.notes and not _holds_fused_modules(root):
+            warnings.warn(f"densenet_fast.convert: no dense block found in {type(root).__name__}; nothing was "
+                          "converted (convert() fuses the dense blocks, transitions and heads of torchvision, timm, "
+                          "MONAI and torchxrayvision DenseNets, and timm SEModules)", UserWarning, stacklevel=2)
     if warn and report.left_alone:
         warnings.warn("densenet_fast.convert: left unconverted (they run unchanged, unfused):\n" + "\n".join(
             f"  {n or '<root>'}: {why}" for n, why in report.left_alone), UserWarning, stacklevel=2)
@@ -469,6 +473,11 @@ def convert(model: nn.Module, inplace: bool = True, *, fuse_head: bool = True, s
 
 
 _DENSE_LIKE = ("denseblock", "denselayer", "transition")
+
+
+def _holds_fused_modules(root: nn.Module) -> bool:
+    """Whether ``root`` already runs densenet_fast modules (a model of ours, or one converted before)."""
+    return any(type(m).__module__.startswith("densenet_fast") for m in root.modules())
 
 
 def _explain_nothing_converted(root: nn.Module, report: ConversionReport) -> None:

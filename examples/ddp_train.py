@@ -1,6 +1,6 @@
 """Data-parallel training of a densenet_fast DenseNet with DistributedDataParallel (gloo on CPU, NCCL on GPUs).
 
-    torchrun --nproc_per_node=2 examples/ddp_train.py                  # 2 CPU processes, gloo, ~15 s
+    torchrun --nproc_per_node=2 examples/ddp_train.py                  # 2 CPU processes, gloo: ~15 s (2 shared cores)
     torchrun --nproc_per_node=2 examples/ddp_train.py --converted      # a converted torchvision DenseNet
     torchrun --nproc_per_node=2 examples/ddp_train.py --sync-bn        # synchronised BatchNorm, also on CPU
     torchrun --nproc_per_node=4 examples/ddp_train.py --device cuda --sync-bn --steps 100

@@ -1,6 +1,6 @@
 """Fine-tune a torchvision DenseNet converted with ``densenet_fast.convert`` on a small synthetic dataset.
 
-    python examples/finetune_converted_torchvision.py                    # small DenseNet, ~10 s on 2 CPU cores
+    python examples/finetune_converted_torchvision.py                    # small DenseNet: ~25 s (2 shared CPU cores)
     python examples/finetune_converted_torchvision.py --arch densenet121 --image-size 224 --steps 50
     python examples/finetune_converted_torchvision.py --arch densenet121 --weights densenet121.pth
 

@@ -1,6 +1,6 @@
 """An FPN backbone (as Mask R-CNN / RetinaNet use) from ``densenet_fast.densenet121``; no downloads.
 
-    python examples/fpn_backbone.py            # a few seconds on 2 CPU cores
+    python examples/fpn_backbone.py            # ~20 s (2 shared CPU cores)
 
 ``torchvision.models.detection.backbone_utils.BackboneWithFPN`` takes the outputs of dense blocks 2-4
 (strides 8, 16, 32) through ``IntermediateLayerGetter`` and adds a feature pyramid (plus a max-pooled

@@ -1,6 +1,6 @@
 """Train densenet_fast's CIFAR DenseNet-BC (depth 100, k=12 by default) for a few steps on random data.
 
-    python examples/train_densenet_bc.py                          # 4 steps, batch 8: ~10 s on 2 idle CPU cores
+    python examples/train_densenet_bc.py                          # 4 steps, batch 8: ~25 s (2 shared CPU cores)
     python examples/train_densenet_bc.py --depth 190 --growth-rate 40 --batch-size 64 --steps 100
 
 The data are random CIFAR-shaped tensors ([N, 3, 32, 32], 10 classes) with random labels, so the

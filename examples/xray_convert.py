@@ -1,6 +1,6 @@
 """Convert torchxrayvision's chest X-ray DenseNet-121 with ``densenet_fast.convert`` and run it.
 
-    python examples/xray_convert.py                 # random weights, a few seconds on 2 CPU cores
+    python examples/xray_convert.py                 # random weights: ~15 s (2 shared CPU cores)
     python examples/xray_convert.py --weights model.pt --size 224
 
 ``--weights`` takes a state dict file of ``torchxrayvision.models.DenseNet`` (e.g. saved from a
@@ -22,7 +22,7 @@ try:
     import densenet_fast  # noqa: F401
 except ImportError:  # running from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torchxrayvision as xrv  # noqa: E402
+from _optional import require  # noqa: E402  (examples/_optional.py)
 
 from densenet_fast.convert import conversion_report, convert  # noqa: E402
 
@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image edge (the pretrained models use 224)")
     ap.add_argument("--batch", type=int, default=2, help="images")
     args = ap.parse_args()
+    xrv = require("torchxrayvision", "torchxrayvision")
     torch.manual_seed(0)
     model = xrv.models.DenseNet(weights=None)  # densenet121 layout, 18 pathologies, 1 input channel
     if args.weights:
@@ -52,8 +53,13 @@ def main() -> None:
     err = ((out - expected).abs().max() / expected.abs().max()).item()
     print(f"eval: logits {tuple(out.shape)} in {1e3 * (t1 - t0):.0f} ms; max relative difference to the "
           f"unconverted model {err:.1e}")
-    for name, p in zip(model.targets, torch.sigmoid(out[0]).tolist()):
-        print(f"  {name:28s} {p:.3f}")
+    if args.weights:
+        print("pathology probabilities of the first image:")
+        for name, p in zip(model.targets, torch.sigmoid(out[0]).tolist()):
+            print(f"  {name:28s} {p:.3f}")
+    else:
+        print("random weights: no pathology probabilities shown (they would mean nothing); pass --weights FILE "
+              "with a trained torchxrayvision DenseNet state dict to see them")
     model.train()
     t0 = time.perf_counter()
     loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), torch.rand(args.batch, len(model.targets)))

@@ -6,6 +6,7 @@ block DenseNet-BC-sized spec at 8x8 with two implementations and one repeat.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -267,7 +268,8 @@ def test_report_ratios_and_files(tmp_path):
                "ram_bytes": 2 ** 34, "torch": "t", "torch_threads": 2, "densenet_fast": {"version": "v"}}
     report.write_markdown(tmp_path / "r.md", machine, {"repeats": 3}, rows)
     md = (tmp_path / "r.md").read_text()
-    assert "| densenet_fast fused | 50 MiB (0.25x) | 10 MiB (0.10x) | 5 ms (0.50x) |" in md
+    assert "| densenet_fast fused | 50 MiB (0.25x) | 10 MiB (0.10x) | 5 (4) ms, 0.50x (0.44x) |" in md
+    assert "times are median (min) of 3 interleaved repeats" in md
     report.write_csv(tmp_path / "r.csv", rows)
     assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("model,size,batch")
 
@@ -373,7 +375,7 @@ def test_report_gathers_the_results_folder(tmp_path):
     assert text.index("## mem-depth") < text.index("## other")  # headline runs first
     assert "![mem-depth](mem-depth.png)" in text and "![other](other.png)" in text
     assert (tmp_path / "other.png").read_bytes().startswith(_PNG)
-    assert "CPU engine: {'float32': 'onednn'}" in text and "| densenet_fast fused |" in text
+    assert "{'float32'" not in text and "| densenet_fast fused |" in text  # one readable machine line
 
 
 def test_report_takes_micro_benchmark_json_and_skips_git_ignored_runs(tmp_path):
@@ -381,13 +383,16 @@ def test_report_takes_micro_benchmark_json_and_skips_git_ignored_runs(tmp_path):
     local --quick files) is left out."""
     import subprocess
 
-    (tmp_path / "micro-x.json").write_text(json.dumps({"benchmarks": [], "machine_info": {}}))
-    (tmp_path / "micro-x.md").write_text("| group | implementation |\n|---|---|\n| g | densenet_fast |\n")
+    bench = {"group": "g", "name": "t[densenet_fast]", "params": {"impl": "densenet_fast"},
+             "stats": {"min": 0.001, "median": 0.002}, "extra_info": {}}
+    (tmp_path / "micro-x.json").write_text(json.dumps({"benchmarks": [bench], "machine_info": {}}))
+    (tmp_path / "micro-x.md").write_text("stale\n")  # regenerated from the JSON
     (tmp_path / "quick.json").write_text(json.dumps({"benchmarks": []}))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     (tmp_path / ".gitignore").write_text("quick.*\n")
     text = report.write_report(tmp_path).read_text()
-    assert "## micro-x" in text and "| g | densenet_fast |" in text and "micro-x.csv" not in text
+    assert "## micro-x" in text and "| g | densenet_fast | 1.00 | 2.00 |" in text and "micro-x.csv" not in text
+    assert "stale" not in (tmp_path / "micro-x.md").read_text()
     assert "python -m benchmarks.micro_report micro-x.json --markdown micro-x.md" in text
     assert "quick" not in text
 
@@ -520,3 +525,94 @@ def test_micro_report_ratios_back_to_back_and_interleaved():
     assert rows[("gi", "onednn-conv1x1")]["vs_base"] == pytest.approx(1.0)
     md = micro_report.to_markdown(micro_report.rows(data), "test machine")
     assert "| gi | densenet_fast | 800.00 | 1600.00 | 5 | 1.25x | 0.94x |" in md
+
+
+# -- the numbers of README.md and docs/ (benchmarks/doc_numbers.py) ------------------------------------------------
+def test_docs_numbers_match_the_committed_results():
+    """Every generated region of README.md and docs/*.md is what `python -m benchmarks --report` writes from the
+    committed results: text and results cannot drift (run --report after a new run)."""
+    from benchmarks import doc_numbers
+
+    stale = [str(p.relative_to(ROOT)) for p in doc_numbers.doc_files()
+             if doc_numbers.render_file(p.read_text()) != p.read_text()]
+    assert not stale, f"generated numbers out of date in {stale}: run python -m benchmarks --report"
+    names = [name for p in doc_numbers.doc_files() for name, _ in doc_numbers.regions(p.read_text())]
+    assert "headline" in names and "run:readme-cpu" in names and "slopes:mem-depth" in names
+
+
+# a measured quantity: a time, a size in bytes, or a ratio such as 0.64x / 0.64×
+_MEASURED = re.compile(r"\b\d+(\.\d+)?\s?(ms|MiB|GiB|MB|GB|KiB|GFLOP/s|img/s)\b|\b\d+\.\d+\s?[x×]")
+
+
+def test_no_measured_number_outside_generated_regions():
+    """Prose carries no measured number: every one sits in a generated region (the settings of a preset, such as
+    a 512 MiB budget or a 128 KiB threshold, are allowed where they are named as settings)."""
+    from benchmarks import doc_numbers
+
+    allowed = ("128 KiB", "512 MiB")  # the mmap threshold and the monai3d-budget preset's budget: settings
+    found = []
+    for path in doc_numbers.doc_files():
+        text = doc_numbers._REGION.sub("", path.read_text())
+        for line in text.splitlines():
+            for m in _MEASURED.finditer(line):
+                if m.group(0) not in allowed:
+                    found.append(f"{path.name}: {m.group(0)!r} in {line.strip()[:80]!r}")
+    assert not found, found
+
+
+def test_readme_is_product_documentation():
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= 250
+    assert [n for n, line in enumerate(lines, 1) if len(line) > 120] == []
+    history = re.compile(r"session|sessions ago|last run|-dirty|\b[0-9a-f]{7}\b|engine issue|the issue's", re.I)
+    assert [line for line in lines if history.search(line)] == []
+    assert text.count("not yet measured on a GPU") >= 1
+    # the lead's two placeholders, each in one marked place
+    assert text.count("<!-- torch-range:") == 1 and "torch 2.4–2.14" in text
+    assert text.count("<!-- time-estimates:") == 1
+
+
+def test_headline_shows_the_default_allocator_column_when_recorded(tmp_path):
+    """The README table gains a "Peak, default allocator" column once a run records ``peak_bytes_default``
+    (benchmarks/measure.py), and keeps every line within 120 characters."""
+    from benchmarks import doc_numbers
+
+    data = json.loads((ROOT / "benchmarks/results/readme-cpu.json").read_text())
+    assert "Peak, default allocator" not in doc_numbers.render("headline")
+    for row in data["rows"]:
+        if row.get("peak_bytes") is not None:
+            row[report.DEFAULT_ALLOC_PEAK] = int(row["peak_bytes"] * 1.4)
+    (tmp_path / "readme-cpu.json").write_text(json.dumps(data))
+    text = doc_numbers.render("headline", tmp_path)
+    assert "| Peak, default allocator |" in text and "The default-allocator column" in text
+    dnf = next(r for r in data["rows"] if r["impl"] == "dnf" and r["dtype"] == "float32")
+    dnf_line = next(line for line in text.splitlines() if line.startswith("| **densenet_fast** | fp32"))
+    assert f"| {dnf[report.DEFAULT_ALLOC_PEAK] / report.MIB:.0f}, " in dnf_line
+    assert max(len(line) for line in text.splitlines()) <= 120
+    md = "\n".join(report.markdown_lines(data["machine"], data["settings"], data["rows"]))
+    assert "Peak, default allocator" in md
+
+
+def test_tables_and_figures_show_median_and_min():
+    data = json.loads((ROOT / "benchmarks/results/readme-cpu.json").read_text())
+    row = next(r for r in data["rows"] if r["impl"] == "dnf" and r["dtype"] == "float32")
+    md = "\n".join(report.markdown_lines(data["machine"], data["settings"], data["rows"]))
+    assert f"{row['train_ms_median']:.0f} ({row['train_ms_min']:.0f}) ms" in md
+    assert plots._MIN_OF["train_ms_median"] == "train_ms_min" and "min" in plots.TIME[0][2]
+
+
+def test_depth_figure_legend_sits_below_the_axes(tmp_path, monkeypatch):
+    """The mem-depth legend once covered densenet_fast's lowest line: it is drawn below each panel, readable."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    legends = []
+    monkeypatch.setattr(plt, "close", lambda fig: legends.extend(ax.get_legend() for ax in fig.axes))
+    plots.write_figure(_synthetic("depth"), _MACHINE, {"figure": "depth"}, tmp_path / "d.png")
+    assert legends and all(lg is not None for lg in legends)
+    for lg in legends:
+        assert lg.get_bbox_to_anchor().y1 < lg.axes.get_window_extent().y0 + 1  # anchored under the axes
+        assert lg.get_texts()[0].get_fontsize() >= 8  # "small"; it was "xx-small" (5.8 pt)

@@ -183,10 +183,15 @@ def test_unknown_dense_blocks_warn():
         convert(model)
 
 
-def test_plain_model_no_warning():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+def test_plain_model_warns_only_that_nothing_was_found():
+    """A model without dense blocks gets one warning, that no dense block was found (issue 29), and no list of
+    modules left alone."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    assert [str(w.message) for w in caught] == [
+        "densenet_fast.convert: no dense block found in Sequential; nothing was converted (convert() fuses the dense "
+        "blocks, transitions and heads of torchvision, timm, MONAI and torchxrayvision DenseNets, and timm SEModules)"]
 
 
 def test_smp_unet_densenet_encoder():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,20 @@ def remap_legacy_keys(state_dict: Mapping[str, Any]) -> "OrderedDict[str, Any]":
         match = _LEGACY_KEY.match(key)
         out[match.group(1) + match.group(2) if match else key] = value
     return out
+
+
+def check_input_channels(x: Tensor, conv0: Optional[nn.Module]) -> None:
+    """RuntimeError (the type torch's convolution raises, with its wording first) before any module ran, for an
+    image whose channel count is not the stem's ``in_channels``, naming the constructor argument that fixes it."""
+    if not isinstance(x, Tensor) or not isinstance(conv0, nn.modules.conv._ConvNd) or x.dim() != conv0.weight.dim():
+        return
+    want, got = conv0.in_channels, x.shape[1]
+    if got != want:
+        hint = (f"; for {got}-channel inputs build the model with in_channels={got} (e.g. "
+                f"densenet121(in_channels={got}, ...))" + (f" or repeat the channel: x.expand(-1, {want}, ...)"
+                                                          if got == 1 else ""))
+        raise RuntimeError(f"input: expected input{list(x.shape)} to have {want} channels, but got {got} channels "
+                           f"(the model was built with in_channels={want}){hint}")
 
 
 def positive_int(name: str, value: Any) -> int:
@@ -147,6 +161,7 @@ class DenseNet(nn.Module):
         any other module."""
         if x.dim() != 4:
             return
+        check_input_channels(x, self.features._modules.get("conv0"))
         n, h, w = x.shape[0], x.shape[2], x.shape[3]
 
         def out_size(size: int, m: nn.Module, i: int) -> int:  # floor-mode output size along dim i
@@ -194,6 +209,32 @@ class DenseNet(nn.Module):
 WeightsLike = Union[None, str, "os.PathLike[str]", Mapping[str, Tensor], Any]
 
 
+# torchvision's weights enum of each architecture (its names "DEFAULT", "IMAGENET1K_V1", ... are accepted too)
+_TV_WEIGHTS = {"densenet121": "DenseNet121_Weights", "densenet161": "DenseNet161_Weights",
+               "densenet169": "DenseNet169_Weights", "densenet201": "DenseNet201_Weights"}
+
+
+def resolve_weights(weights: WeightsLike, arch: str) -> WeightsLike:
+    """A string that is not a file but one of torchvision's weight names for ``arch`` ("DEFAULT",
+    "IMAGENET1K_V1", "DenseNet121_Weights.IMAGENET1K_V1") -> that torchvision weights enum, as torchvision's
+    own factories accept it; anything else is returned as is. FileNotFoundError for a string that is neither."""
+    if not isinstance(weights, str) or os.path.isfile(weights) or arch not in _TV_WEIGHTS:
+        return weights
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise FileNotFoundError(f"weights: {weights!r} is not a file; torchvision weight names such as 'DEFAULT' "
+                                "need torchvision (pip install torchvision)") from None
+    enum = getattr(tvm, _TV_WEIGHTS[arch])
+    try:
+        return enum.verify(weights)
+    except (ValueError, KeyError, TypeError):
+        names = ["DEFAULT"] + [w.name for w in enum]
+        raise FileNotFoundError(f"weights: expected a path to a saved state dict or one of torchvision's "
+                                f"{enum.__name__} names {names}, got {weights!r} (no such file, no such "
+                                "weights)") from None
+
+
 def load_weights(model: nn.Module, weights: WeightsLike, progress: bool = True) -> nn.Module:
     """Loads ``weights`` (a torchvision weights enum, a file path or a state dict) into ``model`` (strict)."""
     if weights is None:
@@ -221,8 +262,9 @@ def load_weights(model: nn.Module, weights: WeightsLike, progress: bool = True) 
     return model
 
 
-def _densenet(growth_rate: int, block_config: Sequence[int], num_init_features: int, weights: WeightsLike,
-              progress: bool, **kwargs: Any) -> DenseNet:
+def _densenet(arch: str, growth_rate: int, block_config: Sequence[int], num_init_features: int,
+              weights: WeightsLike, progress: bool, **kwargs: Any) -> DenseNet:
+    weights = resolve_weights(weights, arch)
     if weights is not None and hasattr(weights, "meta") and "categories" in getattr(weights, "meta", {}):
         kwargs.setdefault("num_classes", len(weights.meta["categories"]))
     model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
@@ -230,20 +272,21 @@ def _densenet(growth_rate: int, block_config: Sequence[int], num_init_features: 
 
 
 def densenet121(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32, blocks 6-12-24-16). ``weights``: torchvision enum, file path or state dict."""
-    return _densenet(32, (6, 12, 24, 16), 64, weights, progress, **kwargs)
+    """DenseNet-121 (k=32, blocks 6-12-24-16). ``weights``: a torchvision weights enum or name ("DEFAULT",
+    "IMAGENET1K_V1"), a file path or a state dict."""
+    return _densenet("densenet121", 32, (6, 12, 24, 16), 64, weights, progress, **kwargs)
 
 
 def densenet161(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem features)."""
-    return _densenet(48, (6, 12, 36, 24), 96, weights, progress, **kwargs)
+    return _densenet("densenet161", 48, (6, 12, 36, 24), 96, weights, progress, **kwargs)
 
 
 def densenet169(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32)."""
-    return _densenet(32, (6, 12, 32, 32), 64, weights, progress, **kwargs)
+    return _densenet("densenet169", 32, (6, 12, 32, 32), 64, weights, progress, **kwargs)
 
 
 def densenet201(*, weights: WeightsLike = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32)."""
-    return _densenet(32, (6, 12, 48, 32), 64, weights, progress, **kwargs)
+    return _densenet("densenet201", 32, (6, 12, 48, 32), 64, weights, progress, **kwargs)

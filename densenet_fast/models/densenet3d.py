@@ -8,11 +8,14 @@ norm + ReLU + global pool fused); MONAI's own module classes are not needed.
 """
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
-from typing import Sequence, Tuple, Union
+from typing import Any, Sequence, Tuple, Union
 
+import torch
 from torch import Tensor, nn
 
+from densenet_fast.models.densenet import check_input_channels, remap_legacy_keys
 from densenet_fast.nn.concat_block import ConcatDenseBlock, MonaiDenseLayer
 from densenet_fast.nn.converted import monai_pool_head
 from densenet_fast.nn.dense_block import (
@@ -26,10 +29,16 @@ from densenet_fast.nn.dense_block import (
 )
 from densenet_fast.nn.fused_features import FusedFeatures
 
-__all__ = ["DenseNet3d", "densenet121_3d", "densenet169_3d", "densenet201_3d", "densenet264_3d"]
+__all__ = ["DenseNet3d", "load_pretrained", "densenet121_3d", "densenet169_3d", "densenet201_3d", "densenet264_3d"]
 
 _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _ADAPTIVE_AVG = {2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
+
+
+# What to do with an act / norm the fused kernels do not compute: MONAI's own model, converted, runs such
+# blocks on MONAI's modules (convert() leaves them alone and reports it).
+_UNFUSED = ("build MONAI's own model (monai.networks.nets.DenseNet121(..., {arg}=...)) and pass it to "
+            "densenet_fast.convert(): blocks it cannot fuse keep MONAI's modules, and conversion_report() says which")
 
 
 def _check_act(act) -> None:
@@ -37,16 +46,22 @@ def _check_act(act) -> None:
     name, kw = (act, {}) if isinstance(act, str) else (act[0], act[1] if len(act) > 1 else {})
     if str(name).lower() != "relu" or set(kw) - {"inplace"}:
         raise ValueError(f"act: expected 'relu' or ('relu', {{'inplace': bool}}) (the fused kernels compute "
-                         f"BN + ReLU; convert() a MONAI DenseNet for other activations), got {act!r}")
+                         f"BN + ReLU), got {act!r}; for other activations " + _UNFUSED.format(arg="act"))
+
+
+# BatchNorm arguments MONAI's Norm factory passes on, and the values the fused kernels compute (None: any value)
+_NORM_ARGS = {"eps": None, "momentum": None, "affine": True, "track_running_stats": True}
 
 
 def _norm_kwargs(norm) -> dict:
     """eps/momentum of MONAI's ``norm="batch"`` / ``("batch", {...})``; anything else is refused."""
     name, kw = (norm, {}) if isinstance(norm, str) else (norm[0], dict(norm[1]) if len(norm) > 1 else {})
-    if str(name).lower() != "batch" or set(kw) - {"eps", "momentum"}:
+    bad = [k for k, v in kw.items() if k not in _NORM_ARGS or (_NORM_ARGS[k] is not None and v != _NORM_ARGS[k])]
+    if str(name).lower() != "batch" or bad:
         raise ValueError(f"norm: expected 'batch' or ('batch', {{'eps': ..., 'momentum': ...}}) (the fused kernels "
-                         f"compute BatchNorm), got {norm!r}")
-    return kw
+                         f"compute an affine BatchNorm with running statistics), got {norm!r}; for other norms "
+                         + _UNFUSED.format(arg="norm"))
+    return {k: v for k, v in kw.items() if _NORM_ARGS[k] is None}
 
 
 class DenseNet3d(nn.Module):
@@ -137,20 +152,67 @@ class DenseNet3d(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_channels(x, self.features._modules.get("conv0"))
         if self.features.impl != "fused" or not monai_pool_head(self.class_layers):
             return self.class_layers(self.features(x))
         return self.class_layers.out(self.features.forward_pooled(x, relu=True))
 
 
+# MONAI's pretrained 2-D weights: torchvision's ImageNet checkpoints (monai.networks.nets.densenet uses these URLs)
+_PRETRAINED_URLS = {
+    "densenet121": "https://download.pytorch.org/models/densenet121-a639ec97.pth",
+    "densenet169": "https://download.pytorch.org/models/densenet169-b2777c0a.pth",
+    "densenet201": "https://download.pytorch.org/models/densenet201-c1103571.pth",
+}
+_TV_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.((?:norm|relu|conv)[12]\.(?:weight|bias|running_mean|running_var))$")
+
+
+def load_pretrained(model: DenseNet3d, arch: str, progress: bool = True) -> DenseNet3d:
+    """MONAI's ``pretrained=True``: torchvision's ImageNet weights of ``arch`` loaded into a 2-D model as MONAI
+    loads them (keys renamed to ``denselayerN.layers.*``; only tensors whose name and shape match are taken, so
+    ``class_layers`` and a conv0 for other ``in_channels`` keep their initialisation)."""
+    if arch not in _PRETRAINED_URLS:
+        raise ValueError(f"pretrained: only 'densenet121', 'densenet169' and 'densenet201' have pretrained weights "
+                         f"(as in MONAI), got {arch!r}")
+    try:
+        state = torch.hub.load_state_dict_from_url(_PRETRAINED_URLS[arch], progress=progress, weights_only=True)
+    except Exception as err:  # no network, proxy, ...
+        raise RuntimeError(f"pretrained: could not download {_PRETRAINED_URLS[arch]} ({type(err).__name__}: {err}). "
+                           "Without network access, download it elsewhere, build the model with pretrained=False "
+                           "and load the file with the same key renaming (densenet_fast.models.densenet3d."
+                           "load_pretrained reads it through torch.hub's cache).") from err
+    own = model.state_dict()
+    renamed = {}
+    for key, value in remap_legacy_keys(state).items():
+        match = _TV_LAYER_KEY.match(key)
+        key = f"{match.group(1)}.layers.{match.group(2)}" if match else key
+        if key in own and own[key].shape == value.shape:
+            renamed[key] = value
+    own.update(renamed)
+    model.load_state_dict(own)
+    return model
+
+
 def _factory(block_config: Tuple[int, ...], name: str):
+    arch = name[:-3]
+
     def make(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, init_features: int = 64,
-             growth_rate: int = 32, **kwargs) -> DenseNet3d:
-        return DenseNet3d(spatial_dims, in_channels, out_channels, init_features, growth_rate,
-                          kwargs.pop("block_config", block_config), **kwargs)
+             growth_rate: int = 32, block_config: Sequence[int] = block_config, pretrained: bool = False,
+             progress: bool = True, **kwargs: Any) -> DenseNet3d:
+        if not isinstance(pretrained, bool):
+            raise TypeError(f"pretrained: expected a bool, got {type(pretrained).__name__} {pretrained!r}")
+        if pretrained and spatial_dims > 2:  # MONAI's rule and exception type
+            raise NotImplementedError(f"pretrained: there are no pretrained weights for spatial_dims={spatial_dims} "
+                                      "(only 2-D ImageNet weights exist, as in MONAI)")
+        model = DenseNet3d(spatial_dims, in_channels, out_channels, init_features, growth_rate, block_config,
+                           **kwargs)
+        return load_pretrained(model, arch, progress) if pretrained else model
 
     make.__name__ = make.__qualname__ = name
-    make.__doc__ = (f"MONAI ``DenseNet{name[8:11]}`` (block_config={block_config}) on the fused block: same "
-                    "arguments and ``state_dict``; forward([N, in_channels, D, H, W]) -> [N, out_channels].")
+    make.__doc__ = (f"MONAI ``DenseNet{name[8:11]}`` (block_config={block_config}) on the fused block: MONAI's "
+                    "arguments in MONAI's order (``pretrained=True``: torchvision's ImageNet weights for 2-D, as "
+                    "MONAI; further keyword arguments go to :class:`DenseNet3d`), same ``state_dict``; "
+                    "forward([N, in_channels, D, H, W]) -> [N, out_channels].")
     return make
 
 

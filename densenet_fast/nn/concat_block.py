@@ -66,8 +66,19 @@ class MonaiDenseLayer(nn.Module):
 
 
 class ConcatDenseBlock(DenseBlock):
-    """A dense block of concatenating layers (MONAI / torchxrayvision ``_DenseLayer``; children
-    ``denselayer1..L``). Same outputs as the Sequential it stands for: [N, C0 + L*k, (D,) H, W]."""
+    """A dense block of concatenating layers: what ``densenet_fast.convert()`` makes of a MONAI or
+    torchxrayvision ``_DenseBlock`` (and what ``densenet121_3d`` builds), named ``ConcatDenseBlock`` in the
+    conversion report.
+
+    Those libraries' layers return ``torch.cat([x, new_features], 1)``, where torchvision's return the new
+    features only. The block holds the original layer modules (shared, not copied) as children
+    ``denselayer1..L``, so parameters, buffers and ``state_dict`` keys are the original ones. ``impl="fused"``
+    runs the whole block through the fused operator (it reads each layer's ``norm1/conv1/norm2/conv2``);
+    the reference path calls the layers one after the other, as the original ``nn.Sequential`` did. Layers
+    with channel dropout run the reference path, with a warning.
+
+    forward(x: [N, C0, (D,) H, W]) -> [N, C0 + L*k, (D,) H, W], the same values as the Sequential it replaces.
+    """
 
     @classmethod
     def from_layers(cls, layers: "dict[str, nn.Module]") -> "ConcatDenseBlock":
