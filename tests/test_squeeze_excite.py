@@ -392,7 +392,7 @@ def test_bad_inputs_backward():
 def test_backend_env_validation(monkeypatch):
     args = [a.detach() for a in _op_args()]
     monkeypatch.setenv(se_ops.BACKEND_ENV, "cudnn")
-    with pytest.raises(ValueError, match=r"DENSENET_FAST_SE_BACKEND must be one of"):
+    with pytest.raises(ValueError, match=r"DENSENET_FAST_SE_BACKEND: expected one of"):
         torch.ops.densenet_fast.se_forward(*args)
     monkeypatch.setenv(se_ops.BACKEND_ENV, "torch")
     torch.ops.densenet_fast.se_forward(*args)
