@@ -19,12 +19,25 @@ def _major_minor(version: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+# The oldest torch densenet_fast supports: the floor of pyproject.toml's dependencies, built and tested by CI
+# (.ci/other_torch.sh); tests/test_torch_versions.py keeps the three in step.
+MIN_TORCH = (2, 6)
+
+
+def check_torch_version(version: str = torch.__version__) -> None:
+    """Raises ImportError naming the installed and the oldest supported torch when ``version`` is older."""
+    if _major_minor(version) < MIN_TORCH:
+        raise ImportError(f"densenet_fast needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, but torch {version} is "
+                          f"installed: pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'")
+
+
 def load_extension():
     """Imports ``densenet_fast._C`` (which registers ``torch.ops.densenet_fast.*``).
 
     Raises ImportError saying how to rebuild when the extension is missing or was compiled
     against another torch release (whose C++ ABI is not compatible).
     """
+    check_torch_version()
     _switches.check_all()
     isa = _switches.requested("DNF_CPU_ISA")
     try:
