@@ -1,5 +1,5 @@
 // The dense layer's 3x3 (3x3x3) convolution, stride 1, padding 1, through ATen (oneDNN), and the dtype a
-// bfloat16 block computes it in (docs/design.md §13).
+// bfloat16 block computes it in (docs/design.md §14).
 //
 // A bfloat16 block keeps its buffer, V and their gradients in bfloat16; each pass of its convolution
 // (forward, input gradient, weight gradient) computes in bfloat16 or, on the bfloat16 operands widened, in
