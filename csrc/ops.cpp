@@ -1,6 +1,6 @@
-// Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/;
-// fake (meta) implementations and autograd are registered from Python (densenet_fast/ops/). The one
-// kernel here, check_dense_block_args, reads only metadata and runs on every device.
+// Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/, the
+// autograd kernels (Autograd key) in autograd/; fake (meta) implementations are registered from Python
+// (densenet_fast/ops/). The one kernel here, check_dense_block_args, reads only metadata and runs on every device.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -121,11 +121,14 @@ TORCH_LIBRARY_IMPL(densenet_fast, CompositeExplicitAutograd, m) {
 
 // `import densenet_fast._C` loads this library, which registers the operators above. The module
 // also records what was compiled in, for densenet_fast.build_info().
+PyMethodDef* dnf_handover_methods();  // autograd/handover.cpp
+
 static struct PyModuleDef dnf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&dnf_module);
   if (mod == nullptr) return nullptr;
+  if (PyModule_AddFunctions(mod, dnf_handover_methods()) < 0) return nullptr;
   PyModule_AddStringConstant(mod, "TORCH_VERSION", DNF_TORCH_VERSION);
   PyModule_AddStringConstant(mod, "CUDA_ARCHS", DNF_CUDA_ARCHS);
   PyModule_AddIntConstant(mod, "WITH_CUDA", DNF_WITH_CUDA);
