@@ -21,7 +21,8 @@ import densenet_fast as dnf
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
                                         "ignore:`torch.jit.save` is deprecated:FutureWarning",
-                                        "ignore:`torch.jit.load` is deprecated:FutureWarning")
+                                        "ignore:`torch.jit.load` is deprecated:FutureWarning",
+                                        "ignore:densenet_fast.SEDenseNet. se_placement='layer'")
 
 TOL = 1e-12
 

@@ -42,7 +42,8 @@ struct DenseBlockFunction : public torch::autograd::Function<DenseBlockFunction>
     auto [buffer, mean, var, mean2, var2] =
         forward_op.call(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
     ctx->saved_data["L"] = static_cast<int64_t>(g1.size());
-    ctx->saved_data["R"] = static_cast<int64_t>(rm1.size());
+    ctx->saved_data["R"] = static_cast<int64_t>(training ? 0 : rm1.size());  // saved running-statistics lists
+    ctx->saved_data["R_in"] = static_cast<int64_t>(rm1.size());  // given (read in eval only)
     // The channel count of a model is static: a traced (symbolic) input is specialised on it.
     ctx->saved_data["C0"] = input.sym_size(1).guard_int(__FILE__, __LINE__);
     ctx->saved_data["p"] = p;
@@ -50,9 +51,12 @@ struct DenseBlockFunction : public torch::autograd::Function<DenseBlockFunction>
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_mask"] = mask.has_value() && mask->defined();
     // Saved: the buffer, the statistics and the parameters; the running statistics only in eval (in
-    // training they are updated in place after the forward, and the lists are empty).
+    // training the operator does not read them, and they are updated in place after the forward).
     variable_list saved = {buffer, mean, var, mean2, var2};
-    for (TensorList l : {g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2}) saved.insert(saved.end(), l.begin(), l.end());
+    for (TensorList l : {g1, b1, w1, g2, b2, w2}) saved.insert(saved.end(), l.begin(), l.end());
+    if (!training) {
+      for (TensorList l : {rm1, rv1, rm2, rv2}) saved.insert(saved.end(), l.begin(), l.end());
+    }
     if (mask.has_value() && mask->defined()) saved.push_back(*mask);
     ctx->save_for_backward(saved);
     // The statistics get no gradient: the readers' backward includes their terms.
@@ -90,7 +94,7 @@ struct DenseBlockFunction : public torch::autograd::Function<DenseBlockFunction>
     append(std::get<4>(result));
     append(std::get<5>(result));
     append(std::get<6>(result));
-    out.resize(out.size() + 4 * R + 4);
+    out.resize(out.size() + 4 * static_cast<size_t>(ctx->saved_data["R_in"].toInt()) + 4);
     return out;
   }
 };

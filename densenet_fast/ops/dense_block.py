@@ -202,7 +202,7 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
                                    device=input.device).bernoulli_(1.0 - drop_rate).bool()
     if not dropout:
         dropout_mask = None  # the operator applies no dropout without a mask
-    running = list(params[6:]) if not training else [[], [], [], []]
-    out = _ops.dense_block_forward(input, *params[:6], *running, dropout_mask, float(drop_rate),
-                                   bool(training), float(eps))
+    # The running statistics are passed in training too, where the operator ignores them: an AOTInductor package
+    # of torch 2.14 hands an empty Tensor[] argument to the operator as None (docs/deployment.md).
+    out = _ops.dense_block_forward(input, *params, dropout_mask, float(drop_rate), bool(training), float(eps))
     return BlockOutput(*out)
