@@ -91,6 +91,10 @@ TORCH_LIBRARY(densenet_fast, m) {
   // share of the all-reduced statistics; with ``other`` (same shape and dtype) the sums of input and of
   // input*other (the BN backward's sum dz, sum dz*xhat). Reads channel slices of channels_last buffers in place.
   m.def("channel_sums(Tensor input, Tensor? other=None) -> Tensor");
+  // The gradient hand-over tags (autograd/handover.h, docs/design.md §11), for densenet_fast/ops/common.py: action
+  // 0 tags `tensor` as a buffer with one fused reader, 1 asks for that tag, 2 tags a fresh reader gradient, 3 asks
+  // for that tag (1/0 for yes/no), 4 returns how many block backward passes took a handed-over gradient.
+  m.def("_handover(Tensor? tensor, int action) -> int");
   // dense_block_forward's argument checks on their own (common/checks.h), for Python entry points that
   // validate a block without calling the operator (the synchronised block, densenet_fast/ops/sync_block.py).
   m.def(
@@ -121,14 +125,11 @@ TORCH_LIBRARY_IMPL(densenet_fast, CompositeExplicitAutograd, m) {
 
 // `import densenet_fast._C` loads this library, which registers the operators above. The module
 // also records what was compiled in, for densenet_fast.build_info().
-PyMethodDef* dnf_handover_methods();  // autograd/handover.cpp
-
 static struct PyModuleDef dnf_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&dnf_module);
   if (mod == nullptr) return nullptr;
-  if (PyModule_AddFunctions(mod, dnf_handover_methods()) < 0) return nullptr;
   PyModule_AddStringConstant(mod, "TORCH_VERSION", DNF_TORCH_VERSION);
   PyModule_AddStringConstant(mod, "CUDA_ARCHS", DNF_CUDA_ARCHS);
   PyModule_AddIntConstant(mod, "WITH_CUDA", DNF_WITH_CUDA);

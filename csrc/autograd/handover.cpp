@@ -1,7 +1,6 @@
 #include "autograd/handover.h"
 
-#include <Python.h>
-#include <torch/csrc/autograd/python_variable.h>
+#include <torch/library.h>
 
 #include <atomic>
 #include <mutex>
@@ -59,37 +58,23 @@ void count_taken() { ++taken; }
 
 }  // namespace dnf::handover
 
-// Python access (densenet_fast._C): the Python synchronised block tags and reads the same registry.
+// Python access: the operator densenet_fast::_handover (csrc/ops.cpp), so that the library needs no libtorch_python
+// (a C++ program loads it without Python). The Python synchronised block tags and reads the same registry.
 namespace {
 
-PyObject* tensor_fn(PyObject* arg, void (*mark)(const at::Tensor&), bool (*test)(const at::Tensor&)) {
-  if (!THPVariable_Check(arg)) {
-    PyErr_Format(PyExc_TypeError, "expected a Tensor, got %s", Py_TYPE(arg)->tp_name);
-    return nullptr;
+int64_t handover_op(const std::optional<at::Tensor>& tensor, int64_t action) {
+  using namespace dnf::handover;
+  if (action == 4) return taken_count();
+  TORCH_CHECK(tensor.has_value() && tensor->defined(), "_handover: tensor: expected a tensor for action ", action);
+  switch (action) {
+    case 0: mark_sole_reader(*tensor); return 1;
+    case 1: return is_sole_reader(*tensor);
+    case 2: mark_fresh(*tensor); return 1;
+    case 3: return is_fresh(*tensor);
+    default: TORCH_CHECK(false, "_handover: action: expected 0..4, got ", action);
   }
-  const at::Tensor& t = THPVariable_Unpack(arg);
-  if (mark != nullptr) {
-    mark(t);
-    Py_RETURN_NONE;
-  }
-  if (test(t)) Py_RETURN_TRUE;
-  Py_RETURN_FALSE;
 }
-
-PyObject* py_mark_sole_reader(PyObject*, PyObject* a) { return tensor_fn(a, dnf::handover::mark_sole_reader, nullptr); }
-PyObject* py_is_sole_reader(PyObject*, PyObject* a) { return tensor_fn(a, nullptr, dnf::handover::is_sole_reader); }
-PyObject* py_mark_fresh(PyObject*, PyObject* a) { return tensor_fn(a, dnf::handover::mark_fresh, nullptr); }
-PyObject* py_is_fresh(PyObject*, PyObject* a) { return tensor_fn(a, nullptr, dnf::handover::is_fresh); }
-PyObject* py_taken_count(PyObject*, PyObject*) { return PyLong_FromLongLong(dnf::handover::taken_count()); }
-
-PyMethodDef methods[] = {
-    {"mark_sole_reader", py_mark_sole_reader, METH_O, "Tags a block buffer read by exactly one fused reader."},
-    {"is_sole_reader", py_is_sole_reader, METH_O, "Whether a tensor carries the sole-reader tag."},
-    {"mark_fresh", py_mark_fresh, METH_O, "Tags a reader's fresh input gradient (the block may update it)."},
-    {"is_fresh", py_is_fresh, METH_O, "Whether a gradient carries the fresh tag."},
-    {"handover_taken_count", py_taken_count, METH_NOARGS, "Block backward passes that took a handed-over gradient."},
-    {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
-PyMethodDef* dnf_handover_methods() { return methods; }
+TORCH_LIBRARY_IMPL(densenet_fast, CompositeExplicitAutograd, m) { m.impl("_handover", &handover_op); }

@@ -1,5 +1,6 @@
 // Gradient hand-over tags (docs/design.md §11), shared by the C++ autograd of the fused readers and the
-// dense block and by the Python synchronised block (densenet_fast/ops/common.py calls them through _C).
+// dense block and by the Python synchronised block (densenet_fast/ops/common.py, through the operator
+// densenet_fast::_handover).
 //
 // * sole reader: a block buffer that FusedFeatures hands to exactly one fused reader; that reader's input
 //   gradient is then something nothing else can read.

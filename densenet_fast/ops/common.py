@@ -15,7 +15,8 @@ from torch import Tensor
 
 from densenet_fast._extension import load_extension
 
-_C = load_extension()
+load_extension()
+_handover = torch.ops.densenet_fast._handover  # the hand-over tags (csrc/autograd/handover.h)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,25 +52,25 @@ def empty_cl(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = 
 # nothing else can read — the fresh input gradient of the block's only reader, inside FusedFeatures, where the
 # buffer never leaves the module (no hook, retain_grad or autograd.grad(inputs=...) can reach it) — the block
 # updates it in place instead of copying it: one block-sized tensor less at the step's peak. The tags live in
-# C++ (csrc/autograd/handover.h), where the operators' autograd reads and sets them.
+# C++ (csrc/autograd/handover.h), where the operators' autograd reads and sets them (densenet_fast::_handover).
 
 
 def mark_sole_reader(buffer: Tensor) -> Tensor:
     """Marks a block buffer that FusedFeatures hands to exactly one fused reader (and nothing else). Eager only:
     a traced graph has no hand-over (torch.compile keeps the copying backward)."""
     if not torch.compiler.is_compiling():
-        _C.mark_sole_reader(buffer)
+        _handover(buffer, 0)
     return buffer
 
 
 def is_sole_reader_input(input: Tensor) -> bool:
     """Whether a reader's input was marked by :func:`mark_sole_reader` (its input gradient may be handed over)."""
-    return _C.is_sole_reader(input)
+    return bool(_handover(input, 1))
 
 
 def mark_fresh(grad: Tensor) -> Tensor:
     """Tags a reader's freshly allocated input gradient as handed over (see :func:`owns_grad`)."""
-    _C.mark_fresh(grad)
+    _handover(grad, 2)
     return grad
 
 
@@ -78,7 +79,7 @@ def owns_grad(grad: Tensor) -> bool:
     (:func:`mark_fresh`) that autograd handed over unchanged, or summed in place with other consumers'
     gradients (then the sum is autograd's own): either way nothing else reads it afterwards, and the receiving
     backward may update it in place."""
-    return _C.is_fresh(grad)
+    return bool(_handover(grad, 3))
 
 
 def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
@@ -92,7 +93,7 @@ def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
 def handovers_taken() -> int:
     """How many fused dense-block backward passes so far updated a handed-over gradient in place (the C++
     autograd's counter; tests observe the hand-over with it)."""
-    return _C.handover_taken_count()
+    return _handover(None, 4)
 
 
 def check_rank(input: Tensor, name: str = "input") -> None:
