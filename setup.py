@@ -58,7 +58,8 @@ def want_cuda() -> bool:
 def extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     with_cuda = want_cuda()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/cpu/isa/*.cpp"))
+    sources = (["csrc/ops.cpp"] + sorted(glob.glob("csrc/autograd/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+               + sorted(glob.glob("csrc/cpu/isa/*.cpp")))
     archs = ""
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))

@@ -1,6 +1,6 @@
-// Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/;
-// fake (meta) implementations and autograd are registered from Python (densenet_fast/ops/). The one
-// kernel here, check_dense_block_args, reads only metadata and runs on every device.
+// Operator schemas of the densenet_fast library. Kernels live per dispatch key in cpu/ and cuda/, the
+// autograd kernels (Autograd key) in autograd/; fake (meta) implementations are registered from Python
+// (densenet_fast/ops/). The one kernel here, check_dense_block_args, reads only metadata and runs on every device.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -91,6 +91,10 @@ TORCH_LIBRARY(densenet_fast, m) {
   // share of the all-reduced statistics; with ``other`` (same shape and dtype) the sums of input and of
   // input*other (the BN backward's sum dz, sum dz*xhat). Reads channel slices of channels_last buffers in place.
   m.def("channel_sums(Tensor input, Tensor? other=None) -> Tensor");
+  // The gradient hand-over tags (autograd/handover.h, docs/design.md §11), for densenet_fast/ops/common.py: action
+  // 0 tags `tensor` as a buffer with one fused reader, 1 asks for that tag, 2 tags a fresh reader gradient, 3 asks
+  // for that tag (1/0 for yes/no), 4 returns how many block backward passes took a handed-over gradient.
+  m.def("_handover(Tensor? tensor, int action) -> int");
   // dense_block_forward's argument checks on their own (common/checks.h), for Python entry points that
   // validate a block without calling the operator (the synchronised block, densenet_fast/ops/sync_block.py).
   m.def(

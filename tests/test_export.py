@@ -1,5 +1,5 @@
 """Deployment paths: ONNX (torch.onnx.export dynamo=True + onnxruntime), torch.export, torch.fx feature
-extraction, torch.hub, BN folding for inference, TorchScript refusal.
+extraction, torch.hub, BN folding for inference (TorchScript: test_torchscript.py).
 
 References are torchvision/timm models with the same weights (and the eager densenet_fast model, itself
 tested against them in test_models.py / test_convert.py). Models are small (DenseNet-BC depth 10, small
@@ -301,18 +301,6 @@ def test_fold_bn_into_conv_and_bad_input():
         dnf.inference.fold_bn_into_conv(nn.Conv2d(5, 7, 1), nn.BatchNorm2d(6))
     with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):
         dnf.fold_for_inference("densenet121")
-
-
-# -- TorchScript ------------------------------------------------------------------------------------
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-@pytest.mark.parametrize("make", [lambda: dnf.densenet121(), lambda: dnf.convert(tv_small()),
-                                  lambda: dnf.DenseBlock(2, 8, 2, 4), lambda: dnf.Transition(8, 4),
-                                  lambda: dnf.SqueezeExcite(16)],
-                         ids=["densenet121", "torchvision_converted", "DenseBlock", "Transition", "SqueezeExcite"])
-def test_jit_script_points_to_torch_export(make):
-    with pytest.raises(RuntimeError, match=r"does not support TorchScript.*torch\.export\.export"):
-        torch.jit.script(make())
 
 
 def test_fx_symbolic_trace_leaf_and_root():

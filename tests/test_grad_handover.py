@@ -11,6 +11,7 @@ from conftest import rel_err
 import densenet_fast as dnf
 import densenet_fast.nn.fused_features as ff
 import densenet_fast.ops.dense_block as block_ops
+from densenet_fast.ops.common import handovers_taken
 
 KW = dict(growth_rate=5, block_config=(3, 2), num_init_features=13, bn_size=3, num_classes=7)
 
@@ -29,19 +30,17 @@ def test_handover_is_taken_and_changes_nothing(monkeypatch, dtype, train):
     ours = dnf.DenseNet(**KW).to(dtype).train(train)
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(3, 3, 29, 23, dtype=dtype)
-    taken = []
-    can = block_ops._can_reuse_grad
-    monkeypatch.setattr(block_ops, "_can_reuse_grad", lambda g, b: taken.append(can(g, b)) or taken[-1])
     with torch.no_grad():
         state = {k: v.clone() for k, v in ours.state_dict().items()}
+    before = handovers_taken()  # block backward passes that took a handed-over gradient (the C++ autograd)
     handed = _grads(ours, x)
-    assert taken == [True, True], taken  # both blocks: their only readers are a transition and the final norm
+    assert handovers_taken() - before == 2  # both blocks: their only readers are a transition and the final norm
     # The copying path (no hand-over marks), from the same state, gives bit-identical gradients.
     ours.load_state_dict(state)
     monkeypatch.setattr(ff, "mark_sole_reader", lambda t: t)
-    taken.clear()
+    before = handovers_taken()
     copied = _grads(ours, x)
-    assert taken == [False, False], taken
+    assert handovers_taken() == before
     for a, b in zip(handed, copied):
         assert torch.equal(a, b)
     if dtype == torch.float64:  # and torchvision's, to the fp64 budget
@@ -81,7 +80,8 @@ def test_inplace_op_opcheck(dtype):
     g = torch.randn(2, 11, 5, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
     args = (g, out.buffer.detach(), out.mean, out.var, out.mean2, out.var2, *[[t.detach() for t in ts] for ts in p[:6]],
             [], [], [], [], None, 0.0, True, 1e-5, 5)
-    # Eager-only operator (never traced: ops/dense_block.py _can_reuse_grad): schema, fake kernel, no autograd.
+    # Eager-only operator (never traced: can_reuse_grad in csrc/autograd/dense_block_autograd.cpp): schema, fake
+    # kernel, no autograd.
     torch.library.opcheck(torch.ops.densenet_fast.dense_block_backward_inplace, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # and it computes what the copying op computes

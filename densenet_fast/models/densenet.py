@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl, check_int
+from densenet_fast.nn.export_support import prepare_scriptable
 from densenet_fast.nn.fused_features import FusedFeatures
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 from densenet_fast.nn.sync_batchnorm import sync_group
@@ -70,6 +71,8 @@ class DenseNet(nn.Module):
 
     forward(x: [N, in_channels, H, W]) -> logits [N, num_classes].
     """
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: densenet_fast.nn.torchscript
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0, num_classes: int = 1000,

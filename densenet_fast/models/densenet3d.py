@@ -27,6 +27,7 @@ from densenet_fast.nn.dense_block import (
     check_int,
     check_spatial_dims,
 )
+from densenet_fast.nn.export_support import prepare_scriptable
 from densenet_fast.nn.fused_features import FusedFeatures
 
 __all__ = ["DenseNet3d", "load_pretrained", "densenet121_3d", "densenet169_3d", "densenet201_3d", "densenet264_3d"]
@@ -76,6 +77,8 @@ class DenseNet3d(nn.Module):
 
     forward(x: [N, in_channels, D, H, W]) -> logits [N, out_channels] ([N, in_channels, H, W] for spatial_dims=2).
     """
+
+    __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: densenet_fast.nn.torchscript
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, init_features: int = 64,
                  growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16), bn_size: int = 4,

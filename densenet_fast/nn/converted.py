@@ -21,6 +21,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from densenet_fast.nn.export_support import prepare_scriptable
 from densenet_fast.nn.fused_features import FusedFeatures, has_hooks
 
 # -- model classes (created lazily) --------------------------------------------------------------------
@@ -45,6 +46,8 @@ def _make_torchvision_class():
         """torchvision ``DenseNet`` after :func:`densenet_fast.convert`: forward fuses the final
         norm + ReLU + global pool when ``features`` is a :class:`FusedFeatures`."""
 
+        __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: densenet_fast.nn.torchscript
+
         def forward(self, x: Tensor) -> Tensor:
             features = self.features
             if not isinstance(features, FusedFeatures):
@@ -61,6 +64,8 @@ def _make_timm_class():
         """timm ``DenseNet`` after :func:`densenet_fast.convert`: ``forward`` fuses the final norm
         (BatchNormAct2d with ReLU) + global average pool when the head is a plain average pool;
         ``forward_features``/``forward_head`` are timm's."""
+
+        __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: densenet_fast.nn.torchscript
 
         def forward(self, x: Tensor) -> Tensor:
             features = self.features
@@ -101,7 +106,8 @@ def _make_monai_class(base_name: str):
 
     doc = (f"MONAI ``{base_name}`` after :func:`densenet_fast.convert`: forward fuses the final norm + the "
            "head's ReLU + global average pool when ``features`` is a :class:`FusedFeatures`.")
-    return type(f"FusedMonai{base_name}", (base,), {"forward": forward, "__doc__": doc})
+    return type(f"FusedMonai{base_name}", (base,), {"forward": forward, "__doc__": doc,
+                                                "__prepare_scriptable__": prepare_scriptable})
 
 
 def _make_xrv_class():
@@ -111,6 +117,8 @@ def _make_xrv_class():
     class FusedXRVDenseNet(_XRVDenseNet):
         """torchxrayvision ``DenseNet`` after :func:`densenet_fast.convert`: ``features2`` (the pooled
         features ``forward`` classifies) fuses the final norm + ReLU + global average pool."""
+
+        __prepare_scriptable__ = prepare_scriptable  # torch.jit.script: densenet_fast.nn.torchscript
 
         def features2(self, x: Tensor) -> Tensor:
             features = self.features

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from densenet_fast._warn import warn_once
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
-from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
+from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, prepare_scriptable
 from densenet_fast.nn.sync_batchnorm import (
     refuse_empty_batch,
     sync_group,
@@ -139,6 +139,8 @@ class DenseLayer(nn.Module):
     with ``spatial_dims=3``: [N, C, D, H, W] -> [N, k, D, H, W] (BatchNorm3d, Conv3d 1x1x1 and 3x3x3).
     """
 
+    __prepare_scriptable__ = prepare_scriptable
+
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  memory_efficient: bool = False, spatial_dims: int = 2) -> None:
         super().__init__()
@@ -187,7 +189,7 @@ class DenseBlock(nn.ModuleDict):
     """
 
     _version = 2
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = prepare_scriptable
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, memory_efficient: bool = False, impl: str = "fused",
@@ -361,7 +363,7 @@ class Transition(nn.Sequential):
         self.pool = AVG_POOL[spatial_dims](kernel_size=2, stride=2)
         self.impl = check_impl(impl)
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = prepare_scriptable
 
     def can_fuse(self, x: Tensor) -> bool:
         """Whether forward(x) runs the fused operator; warns once when impl="fused" cannot be honoured

@@ -7,8 +7,8 @@
 * ``torch.fx`` symbolic tracing (torchvision's ``create_feature_extractor``): ``DenseBlock``,
   ``Transition`` and ``SqueezeExcite`` record themselves as one ``call_module`` node (a leaf), so the
   traced module calls the fused modules and its tensors are the eager model's.
-* TorchScript (deprecated upstream): ``torch.jit.script`` raises a clear error pointing to
-  ``torch.export`` instead of failing inside the TorchScript parser.
+* TorchScript: ``torch.jit.script`` compiles a scriptable copy of each fused module and model
+  (:mod:`densenet_fast.nn.torchscript`), which runs the fused operators (docs/deployment.md).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import fx, nn
 
-__all__ = ["exporting_to_onnx", "fx_leaf_call", "refuse_torchscript"]
+__all__ = ["exporting_to_onnx", "fx_leaf_call", "prepare_scriptable"]
 
 
 def exporting_to_onnx() -> bool:
@@ -46,10 +46,9 @@ def fx_leaf_call(module: nn.Module, *args) -> Optional[fx.Proxy]:
     return tracer.create_proxy("call_module", path, args, {})
 
 
-def refuse_torchscript(module: nn.Module):
-    """``__prepare_scriptable__`` of the fused modules: torch.jit.script calls it before parsing."""
-    raise RuntimeError(
-        f"torch.jit.script: densenet_fast's {type(module).__name__} does not support TorchScript (deprecated "
-        "upstream; the fused operators need Python-side autograd and shape checks). Use "
-        "torch.export.export(model.eval(), (x,)) for a deployable graph, torch.onnx.export(model.eval(), (x,), "
-        "'model.onnx', dynamo=True) for ONNX, or torch.compile(model) for speed.")
+def prepare_scriptable(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of the fused modules and models: torch.jit.script calls it before compiling and
+    compiles the scriptable copy it returns (same children, parameters, buffers and state_dict)."""
+    from densenet_fast.nn.torchscript import scriptable  # imported on use: it imports the modules that use this
+
+    return scriptable(module)

@@ -35,7 +35,7 @@ from densenet_fast.nn.dense_block import (
     fused_norm_relu_pool,
     reader_device_ok,
 )
-from densenet_fast.nn.export_support import exporting_to_onnx, refuse_torchscript
+from densenet_fast.nn.export_support import exporting_to_onnx, prepare_scriptable
 from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.common import mark_sole_reader
@@ -187,7 +187,7 @@ class FusedFeatures(nn.Sequential):
 
     impl = "fused"  # "reference": run the children one after the other, as nn.Sequential does
     fold_se = True  # False: an SE before a transition / the final norm runs on its own (its gated output stored)
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = prepare_scriptable
 
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
         # ONNX export and torch.fx tracing see the children one by one (blocks/transitions then take

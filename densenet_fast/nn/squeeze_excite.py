@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from densenet_fast._warn import warn_once
 from densenet_fast.nn.dense_block import check_int
-from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, refuse_torchscript
+from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, prepare_scriptable
 from densenet_fast.ops.squeeze_excite import se_gate, se_gate_of
 
 __all__ = ["SqueezeExcite", "make_divisible"]
@@ -212,7 +212,7 @@ class SqueezeExcite(nn.Module):
         """Whether forward uses the fused ``densenet_fast::se_forward`` operator."""
         return self._unfused_reason() is None
 
-    __prepare_scriptable__ = refuse_torchscript
+    __prepare_scriptable__ = prepare_scriptable
 
     def forward(self, x: Tensor) -> Tensor:
         leaf = fx_leaf_call(self, x)

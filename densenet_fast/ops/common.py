@@ -13,6 +13,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from densenet_fast._extension import load_extension
+
+load_extension()
+_handover = torch.ops.densenet_fast._handover  # the hand-over tags (csrc/autograd/handover.h)
+
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of BN parameters and statistics for an input dtype (float32 for float16/bfloat16)."""
@@ -46,27 +51,26 @@ def empty_cl(shape: Sequence[int], like: Tensor, dtype: Optional[torch.dtype] = 
 # A block's backward needs a block-sized working gradient G. When the gradient autograd hands it is one that
 # nothing else can read — the fresh input gradient of the block's only reader, inside FusedFeatures, where the
 # buffer never leaves the module (no hook, retain_grad or autograd.grad(inputs=...) can reach it) — the block
-# updates it in place instead of copying it: one block-sized tensor less at the step's peak.
-_SOLE_READER = "_dnf_sole_reader"
-_FRESH = "_dnf_fresh_grad"
+# updates it in place instead of copying it: one block-sized tensor less at the step's peak. The tags live in
+# C++ (csrc/autograd/handover.h), where the operators' autograd reads and sets them (densenet_fast::_handover).
 
 
 def mark_sole_reader(buffer: Tensor) -> Tensor:
     """Marks a block buffer that FusedFeatures hands to exactly one fused reader (and nothing else). Eager only:
     a traced graph has no hand-over (torch.compile keeps the copying backward)."""
     if not torch.compiler.is_compiling():
-        setattr(buffer, _SOLE_READER, True)
+        _handover(buffer, 0)
     return buffer
 
 
 def is_sole_reader_input(input: Tensor) -> bool:
     """Whether a reader's input was marked by :func:`mark_sole_reader` (its input gradient may be handed over)."""
-    return getattr(input, _SOLE_READER, False)
+    return bool(_handover(input, 1))
 
 
 def mark_fresh(grad: Tensor) -> Tensor:
     """Tags a reader's freshly allocated input gradient as handed over (see :func:`owns_grad`)."""
-    setattr(grad, _FRESH, True)
+    _handover(grad, 2)
     return grad
 
 
@@ -75,7 +79,7 @@ def owns_grad(grad: Tensor) -> bool:
     (:func:`mark_fresh`) that autograd handed over unchanged, or summed in place with other consumers'
     gradients (then the sum is autograd's own): either way nothing else reads it afterwards, and the receiving
     backward may update it in place."""
-    return getattr(grad, _FRESH, False)
+    return bool(_handover(grad, 3))
 
 
 def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
@@ -84,6 +88,12 @@ def can_take_over(grad: Tensor, buffer: Tensor) -> bool:
     channels_last layout)."""
     return (owns_grad(grad) and grad.device == buffer.device and grad.dtype == buffer.dtype
             and grad.shape == buffer.shape and grad.is_contiguous(memory_format=cl_format(buffer)))
+
+
+def handovers_taken() -> int:
+    """How many fused dense-block backward passes so far updated a handed-over gradient in place (the C++
+    autograd's counter; tests observe the hand-over with it)."""
+    return _handover(None, 4)
 
 
 def check_rank(input: Tensor, name: str = "input") -> None:

@@ -1,7 +1,8 @@
-"""Python side of ``torch.ops.densenet_fast.dense_block_forward``: fake (meta) kernel and autograd.
+"""Python side of ``torch.ops.densenet_fast.dense_block_forward``: fake (meta) kernels and the entry point.
 
-The C++ kernels (csrc/cpu, csrc/cuda) implement the forward and the recompute-based backward; this
-module makes the operator traceable by ``torch.compile`` and differentiable.
+The C++ kernels (csrc/cpu, csrc/cuda) implement the forward and the recompute-based backward, and its
+autograd (csrc/autograd/dense_block_autograd.cpp: the in-place backward on a handed-over gradient, the
+double-backward error); this module makes the operator traceable by ``torch.compile`` and ``torch.export``.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import can_take_over, check_devices, check_rank, empty_cl, stats_dtype
+from densenet_fast.ops.common import check_devices, check_rank, empty_cl, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -90,51 +91,6 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
 
 
 torch.library.register_fake("densenet_fast::dense_block_backward_inplace")(_dense_block_backward_fake)
-
-
-def _can_reuse_grad(grad_buffer: Tensor, buffer: Tensor) -> bool:
-    """Whether ``dense_block_backward_inplace`` may take ``grad_buffer`` as its working gradient: handed over
-    by the block's only reader (ops/common.py, :func:`can_take_over`), on CPU (the working gradient has the
-    buffer's dtype there, bfloat16 included). Eager only: the in-place operator returns tensor lists, which
-    torch's functionalization cannot handle with a mutated argument (and a traced gradient carries no tag)."""
-    return (not torch.compiler.is_compiling() and buffer.device.type == "cpu"
-            and buffer.dtype in (torch.float32, torch.float64, torch.bfloat16) and can_take_over(grad_buffer, buffer))
-
-
-def _setup_context(ctx, inputs, output):
-    (input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, drop_rate, training, eps) = inputs
-    buffer, mean, var, mean2, var2 = output
-    ctx.L = len(g1)
-    ctx.n_running = len(rm1)
-    ctx.num_input_features = input.shape[1]
-    ctx.drop_rate, ctx.training, ctx.eps = drop_rate, training, eps
-    ctx.has_mask = mask is not None
-    extra = [mask] if mask is not None else []
-    # Saved: the block buffer, the statistics, the parameters (and running stats in eval). The
-    # running stats are not saved in training: they are updated in place after the forward.
-    ctx.save_for_backward(buffer, mean, var, mean2, var2, *g1, *b1, *w1, *g2, *b2, *w2,
-                          *rm1, *rv1, *rm2, *rv2, *extra)
-
-
-def _backward(ctx, grad_buffer, _gm, _gv, _gm2, _gv2):
-    saved = ctx.saved_tensors
-    buffer, mean, var, mean2, var2 = saved[:5]
-    L, R = ctx.L, ctx.n_running
-    params = [list(saved[5 + i * L:5 + (i + 1) * L]) for i in range(6)]
-    off = 5 + 6 * L
-    running = [list(saved[off + i * R:off + (i + 1) * R]) for i in range(4)]
-    mask = saved[-1] if ctx.has_mask else None
-    if grad_buffer is None:
-        grad_buffer = torch.zeros_like(buffer)
-    backward = _ops.dense_block_backward_inplace if _can_reuse_grad(grad_buffer, buffer) else _ops.dense_block_backward
-    grad_input, *grads = backward(
-        grad_buffer, buffer, mean, var, mean2, var2, *params, *running, mask, ctx.drop_rate,
-        ctx.training, ctx.eps, ctx.num_input_features)
-    no_grad_running = [[None] * R for _ in range(4)]  # running stats: no gradient
-    return (grad_input, *grads, *no_grad_running, None, None, None, None)
-
-
-torch.library.register_autograd("densenet_fast::dense_block_forward", _backward, setup_context=_setup_context)
 
 
 class BlockParams(NamedTuple):
@@ -248,7 +204,7 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
                                    memory_format=layout).bernoulli_(1.0 - drop_rate).bool()
     if not dropout:
         dropout_mask = None  # the operator applies no dropout without a mask
-    running = list(params[6:]) if not training else [[], [], [], []]
-    out = _ops.dense_block_forward(input, *params[:6], *running, dropout_mask, float(drop_rate),
-                                   bool(training), float(eps))
+    # The running statistics are passed in training too, where the operator ignores them: an AOTInductor package
+    # of torch 2.14 hands an empty Tensor[] argument to the operator as None (docs/deployment.md).
+    out = _ops.dense_block_forward(input, *params, dropout_mask, float(drop_rate), bool(training), float(eps))
     return BlockOutput(*out)

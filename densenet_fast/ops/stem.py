@@ -82,7 +82,7 @@ def _backward_composite(grad, input, mean, var, weight, bias, training, eps):
     return dx, dw.to(weight.dtype), db.to(bias.dtype)
 
 
-# -- fake kernels and autograd -----------------------------------------------------------------------
+# -- fake kernels (the autograd is C++: csrc/autograd/readers_autograd.cpp) -------------------------
 
 @torch.library.register_fake("densenet_fast::bn_relu_maxpool")
 def _forward_fake(input, mean, var, weight, bias, training, eps):
@@ -95,20 +95,6 @@ def _backward_fake(grad, input, mean, var, weight, bias, training, eps):
     check_bn_reader(input, mean, var, weight, bias, grad_output=grad)
     return (torch.empty_like(input, memory_format=_memory_format(input)), torch.empty_like(weight),
             torch.empty_like(bias))
-
-
-def _setup(ctx, inputs, output):
-    input, mean, var, weight, bias, training, eps = inputs
-    ctx.training, ctx.eps = training, eps
-    ctx.save_for_backward(input, mean, var, weight, bias)
-
-
-def _backward(ctx, grad):
-    dx, dw, db = _ops.bn_relu_maxpool_backward(grad, *ctx.saved_tensors, ctx.training, ctx.eps)
-    return dx, None, None, dw, db, None, None
-
-
-torch.library.register_autograd("densenet_fast::bn_relu_maxpool", _backward, setup_context=_setup)
 
 
 def bn_relu_maxpool_backward(grad: Tensor, input: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor,

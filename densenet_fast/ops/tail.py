@@ -1,4 +1,4 @@
-"""Fake kernels and autograd of the BN-ReLU readers that follow a dense block.
+"""Fake kernels and entry points of the BN-ReLU readers that follow a dense block.
 
 ``transition_forward``: avg_pool2x2(conv1x1(relu(bn(x)))) -> [N, C_out, H//2, W//2] (channels_last); on
 5-D input [N, C, D, H, W] the pool is 2x2x2 -> [N, C_out, D//2, H//2, W//2] (channels_last_3d);
@@ -11,6 +11,8 @@ Both take an optional SE gate ``gate [N, C]`` (docs/design.md §5): the BN input
 folded into the prologue (``relu((a*gate)*x + b)``), so ``y`` is never materialised; the statistics are those of
 ``y`` (:func:`gated_channel_moments`) and the backward returns the gate's gradient ``sum_hw x * dL/dy``.
 ``sample_moments`` gives the per-sample channel mean (the SE squeeze, differentiable) and variance of ``x``.
+
+Their autograd is C++ (csrc/autograd/readers_autograd.cpp), the double-backward error included.
 """
 from __future__ import annotations
 
@@ -19,14 +21,7 @@ from typing import Optional
 import torch
 
 from densenet_fast._extension import load_extension
-from densenet_fast.ops.common import (
-    check_bn_reader,
-    check_rank,
-    cl_format,
-    is_sole_reader_input,
-    mark_fresh,
-    stats_dtype,
-)
+from densenet_fast.ops.common import check_bn_reader, check_rank, cl_format, stats_dtype
 
 load_extension()
 _ops = torch.ops.densenet_fast
@@ -89,58 +84,6 @@ def _sample_moments_fake(input):
     sd = stats_dtype(input.dtype)
     shape = (input.shape[0], input.shape[1])
     return input.new_empty(shape, dtype=sd), input.new_empty(shape, dtype=sd)
-
-
-def _setup(ctx, inputs, output):
-    # inputs: (input, mean, var, weight, bias[, conv_weight], training, eps[, gate]). The gate, saved last,
-    # is the [N, C] vector from the SE: the only thing a gated reader saves beyond an ungated one.
-    i = next(k for k, v in enumerate(inputs) if isinstance(v, bool))
-    gate = inputs[i + 2] if len(inputs) > i + 2 else None
-    ctx.training, ctx.eps, ctx.gated = inputs[i], inputs[i + 1], gate is not None
-    ctx.hand_over = is_sole_reader_input(inputs[0])  # a block buffer only this reader reads (FusedFeatures)
-    ctx.save_for_backward(*inputs[:i], gate)
-
-
-def _fresh(ctx, gx: torch.Tensor) -> torch.Tensor:
-    # The block's backward may update it in place (ops/common.py, hand-over): nothing else reads it.
-    return mark_fresh(gx) if ctx.hand_over else gx
-
-
-def _transition_backward(ctx, grad):
-    *tensors, gate = ctx.saved_tensors
-    gx, gw, gb, gc, gg = _ops.transition_backward(grad, *tensors, ctx.training, ctx.eps, gate)
-    return _fresh(ctx, gx), None, None, gw, gb, gc, None, None, gg if ctx.gated else None
-
-
-def _norm_relu_pool_backward(ctx, grad):
-    *tensors, gate = ctx.saved_tensors
-    gx, gw, gb, gg = _ops.norm_relu_pool_backward(grad, *tensors, ctx.training, ctx.eps, gate)
-    return _fresh(ctx, gx), None, None, gw, gb, None, None, gg if ctx.gated else None
-
-
-def _sample_moments_setup(ctx, inputs, output):
-    (input,) = inputs
-    ctx.shape = input.shape
-    ctx.mark_non_differentiable(output[1])
-
-
-def _sample_moments_backward(ctx, grad_mean, grad_var):
-    # d mean_hw(x) / dx = 1/HW at every position: an expanded [N, C, 1..] -> input-shaped view, no copy
-    # (autograd adds it into the block buffer's gradient).
-    if grad_mean is None:
-        return None
-    spatial = ctx.shape[2:]
-    hw = 1
-    for s in spatial:
-        hw *= s
-    return (grad_mean / hw).reshape(*grad_mean.shape, *([1] * len(spatial))).expand(ctx.shape)
-
-
-torch.library.register_autograd("densenet_fast::transition_forward", _transition_backward, setup_context=_setup)
-torch.library.register_autograd("densenet_fast::norm_relu_pool_forward", _norm_relu_pool_backward,
-                                setup_context=_setup)
-torch.library.register_autograd("densenet_fast::sample_moments", _sample_moments_backward,
-                                setup_context=_sample_moments_setup)
 
 
 def _cpu_bf16(input: torch.Tensor) -> bool:
