@@ -57,11 +57,6 @@ CONFIGS = {
         AVX512_BF16, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNF_CPU_AMX_KERNEL": "0",
                       "DNF_CPU_BF16_CONV": "bf16", "DNF_CPU_GEMM": "blas"},
         {"kernels_isa": "avx512", "bf16_rows": "avx512_bf16", "amx_kernel": False}),
-    "amx-engines-only": (
-        "an AMX CPU without our own kernels: bfloat16 products on oneDNN's brgemm, float32 on MKL, bf16 3x3 passes",
-        AMX, {"DNF_CPU_AMX_KERNEL": "0", "DNF_CPU_F32_KERNEL": "0", "DNF_CPU_GEMM": "brgemm",
-              "DNF_CPU_BF16_CONV": "bf16"},
-        {"kernels_isa": "avx512", "bf16_rows": "avx512_bf16", "amx_kernel": False}),
     "avx512-portable-rows-fp32-conv": (
         "AVX-512 kernels with portable bfloat16 rows and our float32 kernel, the 3x3 passes of bf16 blocks in fp32",
         AVX512, {"DNF_CPU_BF16_ROWS": "portable", "DNF_CPU_F32_KERNEL": "1", "DNF_CPU_BF16_CONV": "fp32"},
@@ -73,6 +68,9 @@ CONFIGS = {
         {"kernels_isa": "avx2", "bf16_rows": "portable", "amx_kernel": False}),
 }
 
+# (every GEMM engine with and without our own 1x1 kernels: tests/test_cpu_engine.py::test_each_engine_forced;
+# every ISA build: ::test_each_isa_build)
+
 # The parity tests each configuration runs (fp64 exact, fp32/bf16 against the fp64 truth relative to the
 # reference's own error): blocks (2-D, 3-D), transitions, final norms, stems, whole models (2-D and 3-D).
 PARITY_TESTS = [
@@ -82,7 +80,6 @@ PARITY_TESTS = [
     "tests/test_dense_block_3d.py::test_transition_3d_matches_reference_fp64",
     "tests/test_dense_block_3d.py::test_final_norm_3d_matches_reference_fp64",
     "tests/test_dense_block_3d.py::test_fp32_block_3d_against_fp64_truth",
-    "tests/test_cpu_engine.py::test_engine_parity",
     "tests/test_cpu_engine.py::test_transition_engine_parity",
     "tests/test_stem.py::test_conv_stem_matches_torch",
     "tests/test_models.py::test_densenet_bc_fp32_parity",
