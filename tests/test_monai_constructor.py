@@ -48,7 +48,7 @@ CASES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:densenet_fast.ConcatDenseBlock: using the reference")  # dropout_prob > 0
+@pytest.mark.filterwarnings("ignore:densenet_fast.ConcatDenseBlock")  # dropout_prob > 0
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_each_argument_builds_monais_model(kw):
     """Ours and MONAI's, built with the same arguments, have the same state_dict keys and shapes, the same
