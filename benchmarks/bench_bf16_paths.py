@@ -6,7 +6,7 @@ Per configuration: one fresh process times the four steps interleaved (warm-up, 
 then one fresh process per step measures its steady peak RSS growth (a warm-up step, VmHWM reset, one step with
 its gradients allocated in it), with glibc's mmap threshold fixed at 128 KiB and with the default allocator.
 
-    python -m benchmarks.bench_bf16_paths                      # writes benchmarks/results/bf16-paths-cpu.{json,md}
+    python -m benchmarks.bench_bf16_paths                      # writes benchmarks/results/bf16-paths/cpu.{json,md}
     python -m benchmarks.bench_bf16_paths --repeats 3 --batch 4 --out /tmp/bf16  # quicker
 """
 from __future__ import annotations
@@ -143,7 +143,7 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(RESULTS / "bf16-paths-cpu"), help="path stem of the .json and .md written")
+    p.add_argument("--out", default=str(RESULTS / "bf16-paths" / "cpu"), help="path stem of the .json and .md written")
     p.add_argument("--child", choices=["time", "memory"], dest="mode", help=argparse.SUPPRESS)
     p.add_argument("--steps", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
