@@ -37,12 +37,14 @@ pip install -q --no-build-isolation --no-deps -e . > "$CACHE/build-$TORCH.log" 2
        echo "build against torch $TORCH failed"; exit 1; }
 python -c "import densenet_fast as d; i = d.build_info(); print('built against', i['torch_built'], 'runs', i['torch_runtime'])"
 
+# The two-process gloo tests (DDP, SyncBatchNorm) run in the main suite only: under torch 2.6 one spawned rank
+# once waited at shutdown for a peer that had exited (gloo's 30-minute timeout), which a CI leg cannot afford.
 stamp "parity, conversion and training-stack tests"
 set +e
 python -m pytest -q -p no:cacheprovider -x \
   tests/test_dense_block_op.py tests/test_dense_block_3d.py tests/test_models.py tests/test_convert.py \
   tests/test_training_stack.py tests/test_bf16.py tests/test_torch_versions.py \
-  -k "not imagenet_configs_match and not imagenet_fp32_within"
+  -k "not imagenet_configs_match and not imagenet_fp32_within and not ddp and not fused_sync_batchnorm"
 rc=$?
 set -e
 case $rc in
