@@ -76,7 +76,7 @@ void choose(RankChoice& c, int64_t dims) {
     // A densenet121 layer of block 3 (2-D: 14x14, batch 4; 3-D: a volume of as many rows), the float32 passes
     // timed with their widening casts. Three rounds alternating, the best of each; float32 must win by 10%.
     const std::vector<int64_t> sp = dims == 2 ? std::vector<int64_t>{14, 14} : std::vector<int64_t>{6, 6, 6};
-    const int64_t n = dims == 2 ? 4 : 4;
+    const int64_t n = 4;
     auto shape = [&](int64_t ch) {
       std::vector<int64_t> s{n, ch};
       s.insert(s.end(), sp.begin(), sp.end());
