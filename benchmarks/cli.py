@@ -357,11 +357,12 @@ def _worker_failure(s: Settings, result: Dict[str, Any]) -> Tuple[str, str]:
 
 
 def _measure_memory(s: Settings, rows: Dict[str, Dict[str, Any]], weights: str, progress: Progress) -> None:
-    """Peak memory + saved bytes, one fresh subprocess per implementation."""
+    """Peak memory + saved bytes, one fresh subprocess per implementation; on CPU also the peak under glibc's
+    default allocator, in fresh child processes (benchmarks/worker.py, "memory_default")."""
     from benchmarks.runner import run_workers
 
     names = [n for n, r in rows.items() if r["status"] == "ok"]
-    jobs = [_job(s, rows[n], weights, ["memory", "saved"]) for n in names]
+    jobs = [_job(s, rows[n], weights, ["memory", "saved", "memory_default"]) for n in names]
     for name, result in zip(names, run_workers(jobs, s.jobs, s.timeout, on_done=progress.tick)):
         if "error" in result:
             _fail(rows[name], *_worker_failure(s, result))

@@ -6,19 +6,56 @@ training-step peak memory and/or the bytes saved for backward, and prints one li
 allocator state, caches and thread pools out of another's numbers.
 
 Job keys: model, impl, batch, size, device, dtype, threads, weights (path of a torch.save'd state dict),
-tasks (subset of ["memory", "saved"]), warmup, seed, mem_cap (optional, CPU: bytes this process may
-allocate, enforced with RLIMIT_DATA so that an allocation beyond it fails with "can't allocate memory" and
-the run is recorded as out of memory instead of pushing a shared machine into its OOM killer).
+tasks (subset of ["memory", "saved", "memory_default"]), warmup, seed, mem_cap (optional, CPU: bytes this
+process may allocate, enforced with RLIMIT_DATA so that an allocation beyond it fails with "can't allocate memory"
+and the run is recorded as out of memory instead of pushing a shared machine into its OOM killer),
+default_alloc_runs (optional, default DEFAULT_ALLOC_RUNS).
+
+"memory_default" (CPU): the same step's peak under glibc's default allocator, as a user runs it: the worker runs
+``default_alloc_runs`` fresh child workers without the fixed mmap threshold of ``benchmarks.runner`` (no
+``MALLOC_*`` or ``GLIBC_TUNABLES`` variable) and records their peaks, median and spread
+(:func:`default_allocator_peaks`).
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
+import statistics
+import subprocess
 import sys
 import traceback
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 MARKER = "BENCH_RESULT "
+DEFAULT_ALLOC_RUNS = 5  # fresh processes per default-allocator figure (the spread needs several)
+
+
+def default_allocator_env(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` without the variables that tune glibc's allocator (``MALLOC_*``, ``GLIBC_TUNABLES``)."""
+    return {k: v for k, v in env.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
+def default_allocator_peaks(job: Dict[str, Any], runs: int) -> Dict[str, Any]:
+    """The step's peak memory in ``runs`` fresh child workers under glibc's default allocator, one after the
+    other. Record fields: ``peak_bytes_default_alloc`` (median), ``peak_bytes_default_alloc_max``,
+    ``peak_bytes_default_alloc_runs`` (every run) and ``peak_default_alloc_spread`` ((max - min) / min); or
+    ``default_alloc_error`` when a run failed."""
+    child = {**job, "tasks": ["memory"]}
+    child.pop("default_alloc_runs", None)
+    env = default_allocator_env(dict(os.environ))
+    peaks: List[int] = []
+    for _ in range(runs):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(child)], capture_output=True,
+                              text=True, env=env)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith(MARKER)), None)
+        result = json.loads(line[len(MARKER):]) if line else {"error": f"worker exited with {proc.returncode}"}
+        if "peak_bytes" not in result:
+            return {"default_alloc_error": result.get("error", "no peak measured")}
+        peaks.append(int(result["peak_bytes"]))
+    return {"peak_bytes_default_alloc": int(statistics.median(peaks)), "peak_bytes_default_alloc_max": max(peaks),
+            "peak_bytes_default_alloc_runs": peaks,
+            "peak_default_alloc_spread": (max(peaks) - min(peaks)) / min(peaks) if min(peaks) > 0 else None}
 
 
 def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -28,6 +65,10 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     from benchmarks.impls import IMPLS, build_model
     from benchmarks.specs import get_spec
 
+    out: Dict[str, Any] = {}
+    tasks = job.get("tasks", ["memory", "saved"])
+    if "memory_default" in tasks and job["device"] == "cpu":  # before this process allocates anything
+        out.update(default_allocator_peaks(job, int(job.get("default_alloc_runs", DEFAULT_ALLOC_RUNS))))
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     if job.get("mem_cap") and job["device"] == "cpu":
@@ -41,8 +82,6 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     del state
     x, y = measure.make_inputs(job["batch"], job["size"], spec.num_classes, device, job.get("seed", 0),
                                spec.spatial_dims, spec.in_channels)
-    out: Dict[str, Any] = {}
-    tasks = job.get("tasks", ["memory", "saved"])
     warmup = job.get("warmup", 1)
     # The saved-bytes step is a full training step, so it doubles as the memory warm-up — unless the
     # peak cannot be reset (then the memory step must be the process's first).

@@ -22,6 +22,7 @@
 #include "common/nonfinite.h"
 #include "cpu/conv3x3.h"
 #include "cpu/kernels.h"
+#include "cpu/workspace.h"
 
 #include <type_traits>
 
@@ -30,9 +31,22 @@ namespace dnf::cpu::DNF_ISA {
 using at::Tensor;
 using at::TensorList;
 
-// A [rows, C] matrix of the block's geometry (common/layout.h).
-Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts) {
-  return ::dnf::empty_cl(g.shape(C), opts);
+// A [rows, C] matrix of the block's geometry (common/layout.h), from the mapped pool (cpu/workspace.h).
+Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts, OnFree on_free = OnFree::kKeep) {
+  return empty_cl_mapped(g.shape(C), opts, on_free);
+}
+
+// Samples per call of the 3x3 input gradient in the backward (BlockBackward::conv3x3_backward): each call's
+// output is a transient of ATen's allocator (glibc's heap), kept to about kInputGradChunkBytes, at least one
+// sample (densenet121 at batch 8, 224x224: one sample of block 1's 1.5 MiB per call instead of 12.25 MiB).
+constexpr int64_t kInputGradChunkBytes = int64_t(2) << 20;
+
+// Equal chunks (a single size for glibc to reuse): densenet121's block 2 at batch 8 takes 4 + 4 samples, not 5 + 3.
+int64_t input_grad_chunk(int64_t N, int64_t sample_bytes) {
+  N = std::max<int64_t>(1, N);
+  const int64_t most = std::clamp<int64_t>(kInputGradChunkBytes / std::max<int64_t>(1, sample_bytes), 1, N);
+  const int64_t chunks = (N + most - 1) / most;
+  return (N + chunks - 1) / chunks;
 }
 
 // Per-layer BN statistics: the block's shared batch statistics in training, the layer's own
@@ -190,7 +204,9 @@ class BlockBackward {
       : geom_(geom), buffer_(buffer), op_(op), out_(out), M_(geom.rows()), X_(buffer.data_ptr<T>()),
         G_(G.data_ptr<T>()), f_opts_(buffer.options().dtype(c10::CppTypeToScalarType<F>::value)),
         S1_(geom.Ct, 0), S2_(geom.Ct, 0), shared_invstd_(op.training ? geom.Ct : 0),
-        Y_(empty_cl(geom, geom.inter, buffer.options())) {
+        Y_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
+        V_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
+        dout_(empty_cl(geom, geom.k, buffer.options(), OnFree::kUnmap)) {
     if (op.training) {
       const F* v = op.var.data_ptr<F>();
       for (int64_t j = 0; j < geom.Ct; ++j) shared_invstd_[j] = invstd_from_var<F>(v[j], op.eps);
@@ -202,12 +218,13 @@ class BlockBackward {
     if (std::is_same_v<T, c10::BFloat16>) bf16_conv_compute(geom_.dims, ConvPass::kForward);
     for (int64_t l = geom_.L - 1; l >= 0; --l) {
       const LayerFold<F> f = fold_layer(l);
-      Tensor v = recompute_bottleneck(f);
-      Tensor dv = conv3x3_backward(l, std::move(v));
-      const std::vector<F> m = bn2_backward_sums(l, f, dv.data_ptr<T>());
-      gemm1x1_bn1_backward(l, f, dv.data_ptr<T>(), m.data(), m.data() + geom_.inter);
+      recompute_bottleneck(f);
+      const std::vector<F> m = conv3x3_backward(l, f);
+      gemm1x1_bn1_backward(l, f, V_.data_ptr<T>(), m.data(), m.data() + geom_.inter);
     }
-    // The block's input channels: every layer reads them.
+    // The block's input channels: every layer reads them. The layers' working tensors go first (they would
+    // coexist with the input gradient at the backward's peak).
+    Y_.reset(), V_.reset(), dout_.reset();
     Tensor grad_input = empty_cl(geom_, geom_.C0, buffer_.options());
     finalized_columns(0, geom_.C0, op_.training, grad_input.data_ptr<T>());
     return grad_input;
@@ -237,61 +254,65 @@ class BlockBackward {
     return f;
   }
 
-  // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)) into Y_, and V = relu(bn2(Y)) on each tile.
-  Tensor recompute_bottleneck(const LayerFold<F>& f) {
+  // Stage 1. Recompute the bottleneck: Y = W1 * relu(bn1(X)) into Y_, and V = relu(bn2(Y)) into V_ on each tile.
+  void recompute_bottleneck(const LayerFold<F>& f) {
     RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
-    Tensor v = empty_cl(geom_, geom_.inter, buffer_.options());
     const Tensor& W1 = f.W1;
     bn_relu_gemm<T, F>(X_, M_, geom_.Ct, f.c, f.a1.data(), f.b1.data(), W1.data_ptr<T>(), geom_.inter,
-                       Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), v.data_ptr<T>());
-    return v;
+                       Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), V_.data_ptr<T>());
   }
 
   // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
-  // then the 3x3 conv backward (oneDNN through ATen): the weight gradient while V exists, then V is freed
-  // and the input gradient dV allocated (one [rows, inter] tensor less at the backward's peak).
-  Tensor conv3x3_backward(int64_t l, Tensor v) {
+  // then the 3x3 conv backward (oneDNN through ATen): the weight gradient from V, then the input gradient dV
+  // a few samples at a time (kInputGradChunkBytes), each chunk handed to stage 3, which writes dz over V's
+  // rows: V's storage becomes dz's, and dV never exists whole (docs/design.md §11).
+  std::vector<F> conv3x3_backward(int64_t l, const LayerFold<F>& f) {
     const int64_t c = geom_.in_channels(l);
-    Tensor dout = empty_cl(geom_, geom_.k, buffer_.options());
-    finalized_columns(c, geom_.k, op_.training && block_channels_have_reader(l, geom_.L), dout.data_ptr<T>());
-    dout = apply_dropout(dout, op_.mask, l, geom_.k, op_.drop_rate);
+    finalized_columns(c, geom_.k, op_.training && block_channels_have_reader(l, geom_.L), dout_.data_ptr<T>());
+    const Tensor dout = apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
     // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
     // ATen would make (and drop) the layout copy in each of the two calls.
     const Tensor W2 = op_.w2[l].to(buffer_.scalar_type()).contiguous(cl_format(geom_.dims));
     // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
     // float32: conv3x3.h)
-    out_.w2[l] = conv3x3_weight_grad(dout, v, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
-    v.reset();
-    return conv3x3_input_grad(dout, W2, geom_.dims).contiguous(cl_format(geom_.dims));
+    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
+    const int64_t sample_rows = M_ / geom_.N;
+    const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)));
+    ThreadPartials<acc_t> partials(2 * geom_.inter);
+    for (int64_t n0 = 0; n0 < geom_.N; n0 += per_chunk) {
+      const int64_t nb = std::min(per_chunk, geom_.N - n0);
+      const Tensor dv = conv3x3_input_grad(dout.narrow(0, n0, nb), W2, geom_.dims).contiguous(cl_format(geom_.dims));
+      bn2_backward_rows(f, dv.data_ptr<T>(), n0 * sample_rows, (n0 + nb) * sample_rows, partials);
+    }
+    return bn2_backward_means(l, partials);
   }
 
-  // Stage 3. BN2 + ReLU backward, first half: dV becomes dz = relu'(V) dV (rounded to T) and the
-  // per-channel sums of dz and dz*xhat2 (the BN2 parameter gradients), V = relu(bn2(Y)) recomputed exactly
-  // as stage 1 rounded it. Returns the sums' means [m1 (inter), m2 (inter)] (zeros in eval) for the second
-  // half (dz -> dY), which runs on each tile of stage 4.
-  std::vector<F> bn2_backward_sums(int64_t l, const LayerFold<F>& f, T* dV) {
+  // Stage 3. BN2 + ReLU backward, first half, on rows [r0, r1) (dV: those rows of the input gradient):
+  // V_'s rows become dz = relu'(V) dV (rounded to T), and the per-channel sums of dz and dz*xhat2 (the BN2
+  // parameter gradients) are added to `partials`, V = relu(bn2(Y)) recomputed exactly as stage 1 rounded it.
+  void bn2_backward_rows(const LayerFold<F>& f, const T* dV, int64_t r0, int64_t r1, ThreadPartials<acc_t>& partials) {
     RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
     const int64_t inter = geom_.inter;
     const T* Y = Y_.data_ptr<T>();
+    T* dZ = V_.data_ptr<T>();
     const F *a2 = f.a2.data(), *b2 = f.b2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
-    std::vector<acc_t> sums(2 * inter);
-    ThreadPartials<acc_t> partials(2 * inter);
-    at::parallel_for(0, M_, 256, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(r0, r1, 256, [&](int64_t t0, int64_t t1) {
       // Sums over at most 256 rows, then added to the thread's partials.
       std::vector<acc_t> ts(2 * inter);
       acc_t* ts1 = ts.data();
       acc_t* ts2 = ts.data() + inter;
       acc_t* s = partials.mine();
-      for (int64_t q0 = r0; q0 < r1; q0 += 256) {
+      for (int64_t q0 = t0; q0 < t1; q0 += 256) {
         std::fill(ts.begin(), ts.end(), acc_t(0));
-        for (int64_t r = q0; r < std::min(r1, q0 + 256); ++r) {
+        for (int64_t r = q0; r < std::min(t1, q0 + 256); ++r) {
           const T* yr = Y + r * inter;
-          T* dvr = dV + r * inter;
+          const T* dvr = dV + (r - r0) * inter;
+          T* dzr = dZ + r * inter;
           DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
             const F yj = to_f<F>(yr[j]);
             const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
             const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
-            dvr[j] = from_f<T>(dz);
+            dzr[j] = from_f<T>(dz);
             ts1[j] += dz;
             ts2[j] += dz * (yj - mu2[j]) * is2[j];
           }
@@ -299,6 +320,13 @@ class BlockBackward {
         for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
       }
     });
+  }
+
+  // Stage 3, the sums' end: the BN2 parameter gradients, and the sums' means [m1 (inter), m2 (inter)] (zeros in
+  // eval) for the second half (dz -> dY), which runs on each tile of stage 4.
+  std::vector<F> bn2_backward_means(int64_t l, const ThreadPartials<acc_t>& partials) {
+    const int64_t inter = geom_.inter;
+    std::vector<acc_t> sums(2 * inter);
     partials.reduce_into(sums.data());
     out_.b2[l] = at::empty({inter}, f_opts_);
     out_.g2[l] = at::empty({inter}, f_opts_);
@@ -438,7 +466,11 @@ class BlockBackward {
   // Merged BN1 backward of all readers of a channel: S1 = sum gamma*dbeta, S2 = sum gamma*dgamma.
   std::vector<acc_t> S1_, S2_;
   std::vector<F> shared_invstd_;  // of the block's batch statistics (training)
-  Tensor Y_;                      // the recomputed bottleneck [rows, inter], as the forward rounded it
+  // The layer's working tensors, allocated once per block and reused by every layer, unmapped when the block's
+  // backward returns (OnFree::kUnmap):
+  Tensor Y_;     // the recomputed bottleneck [rows, inter], as the forward rounded it
+  Tensor V_;     // V = relu(bn2(Y)) [rows, inter] for the 3x3 weight gradient, then dz and dY in its place
+  Tensor dout_;  // the layer's output gradient [rows, k]
 };
 
 using BackwardResult = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,

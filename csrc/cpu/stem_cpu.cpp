@@ -22,6 +22,7 @@
 #include "common/checks.h"
 #include "common/nonfinite.h"
 #include "cpu/kernels.h"
+#include "cpu/workspace.h"
 
 namespace dnf::cpu::DNF_ISA {
 
@@ -160,7 +161,7 @@ Tensor bn_relu_maxpool_cpu(const Tensor& input, const Tensor& mean, const Tensor
   const bool cl = is_channels_last(input);
   const Tensor X = input.contiguous(layout_of(input, cl));
   const StemGeom g(X, cl);
-  Tensor out = at::empty(g.out_shape(input.dim()), input.options().memory_format(layout_of(input, cl)));
+  Tensor out = empty_mapped(g.out_shape(input.dim()), input.options(), layout_of(input, cl));
   DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_maxpool_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
@@ -258,7 +259,7 @@ std::tuple<Tensor, Tensor, Tensor> bn_relu_maxpool_backward_cpu(const Tensor& gr
   check_shape(grad_output, g.out_shape(input.dim()), "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const Tensor dO = grad_output.contiguous(layout_of(input, cl));
-  Tensor dX = at::zeros_like(X, layout_of(input, cl));
+  Tensor dX = empty_mapped(X.sizes(), X.options(), layout_of(input, cl)).zero_();
   const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dgamma = at::empty({g.C}, f_opts), dbeta = at::empty({g.C}, f_opts);
   DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "bn_relu_maxpool_backward_cpu", [&] {

@@ -14,6 +14,7 @@
 
 #include "common/checks.h"
 #include "cpu/kernels.h"
+#include "cpu/workspace.h"
 
 namespace dnf::cpu::DNF_ISA {
 
@@ -39,7 +40,7 @@ Tensor block_layer_bottleneck_cpu(const Tensor& buffer, int64_t channels, const 
   const Tensor X = buffer.contiguous(cl_format(g.dims));
   std::vector<int64_t> shape = buffer.sizes().vec();
   shape[1] = g.inter;
-  Tensor y = at::empty(shape, buffer.options().memory_format(cl_format(g.dims)));
+  Tensor y = empty_mapped(shape, buffer.options(), cl_format(g.dims));
   AT_DISPATCH_FLOATING_TYPES(buffer.scalar_type(), "block_layer_bottleneck_cpu", [&] {
     using T = scalar_t;
     gemm_engine(buffer.scalar_type());  // chosen once, outside the parallel region

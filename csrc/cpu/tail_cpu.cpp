@@ -21,6 +21,7 @@
 #include "common/checks.h"
 #include "common/nonfinite.h"
 #include "cpu/kernels.h"
+#include "cpu/workspace.h"
 
 namespace dnf::cpu::DNF_ISA {
 
@@ -144,7 +145,7 @@ Tensor transition_forward_cpu(const Tensor& input, const Tensor& mean, const Ten
   const PoolDims pd(input);
   const int64_t C = input.size(1), M2 = pd.N * pd.D2 * pd.H2 * pd.W2, Cout = conv_weight.size(0);
   const Tensor X = input.contiguous(cl_format(input));
-  Tensor out = at::empty(pd.out_shape(Cout, input.dim() - 2), input.options().memory_format(cl_format(input)));
+  Tensor out = empty_mapped(pd.out_shape(Cout, input.dim() - 2), input.options(), cl_format(input));
   DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "transition_forward_cpu", [&] {
     using T = scalar_t;
     using F = typename Opmath<T>::type;
@@ -295,7 +296,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
   check_float_tensor(grad_output, "grad_output", input);
   const Tensor X = input.contiguous(cl_format(input));
   const Tensor dO = grad_output.contiguous(cl_format(input));
-  Tensor dX = at::empty_like(X, cl_format(input));
+  Tensor dX = empty_mapped(X.sizes(), X.options(), cl_format(input));
   const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dgamma = at::empty({C}, f_opts), dbeta = at::empty({C}, f_opts);
   Tensor dWc = at::empty(conv_weight.sizes(), f_opts);
@@ -310,7 +311,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> transition_backward_cpu(
     const Gate<F> gs(gate, a, N, C);
     const T* dOp = dO.data_ptr<T>();
     // dP = dOut * Wc (pooled-input gradient, a quarter of the block's size, in F) and dWc = dOut^T * P.
-    Tensor dP = at::empty({M2, C}, f_opts);
+    Tensor dP = empty_mapped({M2, C}, f_opts, at::MemoryFormat::Contiguous);
     F* dPp = dP.data_ptr<F>();
     const int64_t tr = tile_rows(C, sizeof(F));
     const int64_t ntiles = (M2 + tr - 1) / tr;
@@ -407,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
   check_shape(grad_output, {N, C}, "grad_output");
   check_float_tensor(grad_output, "grad_output", input);
   const Tensor X = input.contiguous(cl_format(input));
-  Tensor dX = at::empty_like(X, cl_format(input));
+  Tensor dX = empty_mapped(X.sizes(), X.options(), cl_format(input));
   const auto f_opts = input.options().dtype(stats_dtype(input.scalar_type()));
   Tensor dgamma = at::empty({C}, f_opts), dbeta = at::empty({C}, f_opts);
   Tensor dgate = gate_grad_like(gate, input);

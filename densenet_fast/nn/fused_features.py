@@ -36,7 +36,7 @@ from densenet_fast.nn.dense_block import (
     reader_device_ok,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, prepare_scriptable
-from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
+from densenet_fast.nn.se_fold import can_fold, folded_norm_relu_pool, folded_transition
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.common import mark_sole_reader
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
@@ -190,8 +190,13 @@ class FusedFeatures(nn.Sequential):
     __prepare_scriptable__ = prepare_scriptable
 
     def _run(self, x: Tensor, pool_relu: Optional[bool]):
-        # ONNX export and torch.fx tracing see the children one by one (blocks/transitions then take
-        # their own ONNX or leaf path), as nn.Sequential runs them.
+        # torch.fx tracing records the fused stem and pooled head as nodes that compute what eager computes
+        # (nn/fused_fx.py); ONNX export sees the children one by one (blocks/transitions then take their own
+        # ONNX path), as nn.Sequential runs them.
+        if isinstance(x, fx.Proxy) and self.impl == "fused":
+            from densenet_fast.nn.fused_fx import trace_features
+
+            return trace_features(self, x, pool_relu)
         if self.impl != "fused" or isinstance(x, fx.Proxy) or exporting_to_onnx():
             return super().forward(x), False
         mods = list(self._modules.values())
@@ -216,12 +221,14 @@ class FusedFeatures(nn.Sequential):
                 if synced:
                     pass  # the SE runs on its own; its reader synchronises (no gate in the sync readers)
                 elif isinstance(nxt, Transition) and not has_hooks(nxt) and nxt.can_fuse(x):
-                    x = folded_transition(m, nxt, x)  # SE -> transition, the gate in its prologue
+                    # SE -> transition, the gate in its prologue; a block's buffer: the block may take the
+                    # transition's input gradient over (hand-over)
+                    x = folded_transition(m, nxt, x, hand_over=stats is not None)
                     i += 2
                     continue
                 elif i + 1 == len(mods) - 1 and self._fuses_final_norm(nxt, x, pool_relu):
-                    gate, mean, var = gate_and_stats(m, nxt, x)  # SE -> final norm (+ ReLU + pool)
-                    return fused_norm_relu_pool(nxt, x, mean, var, gate=gate), True
+                    # SE -> final norm (+ ReLU + pool)
+                    return folded_norm_relu_pool(m, nxt, x, hand_over=stats is not None), True
             if last and self._fuses_final_norm(m, x, pool_relu):
                 if stats is not None and m.training == bool(stats.mean.numel()):
                     mean, var, count = _stats_for(m, stats)
