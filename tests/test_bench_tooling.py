@@ -575,7 +575,7 @@ def test_readme_is_product_documentation():
 
 
 def test_headline_shows_the_default_allocator_column_when_recorded(tmp_path):
-    """The README table gains a "Peak, default allocator" column once a run records ``peak_bytes_default``
+    """The README table gains a "Peak, default allocator" column once a run records ``peak_bytes_default_alloc``
     (benchmarks/measure.py), and keeps every line within 120 characters."""
     from benchmarks import doc_numbers
 
