@@ -143,19 +143,24 @@ void fold_channels(int64_t c, const F* gamma, const F* beta, const F* mean, cons
 }
 
 // U[r, j] = relu(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns
-// (computed in F, stored as T: the GEMM operand).
+// (computed in F, stored as T: the GEMM operand); with per-channel slopes s (LeakyReLU / PReLU),
+// leaky(a[j]*x + b[j], s[j]) instead (portable loop: the native bfloat16 rows compute ReLU only).
 // U's rows are ldu >= c apart; columns c..ldu-1 are zeroed (the brgemm path's even-k padding).
 template <typename T, typename F>
 inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const F* a,
-                         const F* b, T* U, int64_t ldu = -1) {
+                         const F* b, T* U, int64_t ldu = -1, const F* s = nullptr) {
   if (ldu < 0) ldu = c;
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
-    if (native_bf16_rows()) return bn_relu_rows_native(x + r0 * ld, ld, rows, c, a, b, U, ldu);
+    if (s == nullptr && native_bf16_rows()) return bn_relu_rows_native(x + r0 * ld, ld, rows, c, a, b, U, ldu);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
     T* ur = U + r * ldu;
-    DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
+    if (s == nullptr) {
+      DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
+    } else {
+      DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(leaky<F>(to_f<F>(xr[j]) * a[j] + b[j], s[j]));
+    }
     for (int64_t j = c; j < ldu; ++j) ur[j] = T(0);
   }
 }
@@ -169,16 +174,21 @@ inline void narrow_rows(const F* x, int64_t n, T* out) {
   DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(x[i]);
 }
 
-// V = relu(a*Y + b) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y.
+// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y.
 template <typename T, typename F>
-inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
+inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V,
+                         const F* s = nullptr) {
   if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
-    if (native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
+    if (s == nullptr && native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
   }
   for (int64_t r = r0; r < r0 + rows; ++r) {
     const T* yr = Y + r * c;
     T* vr = V + r * c;
-    DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(to_f<F>(yr[j]) * a[j] + b[j]));
+    if (s == nullptr) {
+      DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(to_f<F>(yr[j]) * a[j] + b[j]));
+    } else {
+      DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(leaky<F>(to_f<F>(yr[j]) * a[j] + b[j], s[j]));
+    }
   }
 }
 
@@ -186,16 +196,20 @@ inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const 
 // under autocast) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the normalised
 // input exists only as one cache-sized tile per thread. With V, also V = relu(a2*Y + b2) on each tile while
 // it is in cache (the backward's recompute, whose BN2 statistics are known), from the rounded Y.
+// s1, s2: per-channel slopes of a LeakyReLU / PReLU in place of either ReLU (nullptr: ReLU). With slopes the
+// product runs on the engine path below (BLAS / oneDNN / brgemm, the portable prologue): our AMX and AVX-512
+// float32 kernels compute a ReLU prologue only (docs/design.md §3, "Other activations").
 template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
                   const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
-                  T* V = nullptr) {
+                  T* V = nullptr, const F* s1 = nullptr, const F* s2 = nullptr) {
   if (rows == 0) return;
+  const bool relu_only = s1 == nullptr && (V == nullptr || s2 == nullptr);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // On AMX CPUs our own AMX kernel, prologue and narrowing pipelined per 32 rows (cpu/amx_gemm.h), whatever
     // the engine chosen for the other products (it beats all three on this stage: they multiply a tile
     // whose prologue and narrowing run before and after); each thread takes one contiguous range of blocks.
-    if (amx_kernel_fits(n_out) && use_amx_kernel()) {
+    if (relu_only && amx_kernel_fits(n_out) && use_amx_kernel()) {
       const AmxWeight P = amx_pack_weight(W, n_out, c);
       at::parallel_for(0, (rows + 31) / 32, 1, [&](int64_t b0, int64_t b1) {
         amx_bn_relu_gemm_rows(X, ld, b0 * 32, std::min(rows, b1 * 32), c, a, b, P, Y, a2, b2, V);
@@ -206,7 +220,7 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
   if constexpr (std::is_same_v<T, float>) {
     // Our own AVX-512 kernel where it measured faster than the engine (cpu/f32_gemm.h): prologue and product per
     // kF32Rows rows, the operand never repacked; each thread takes one contiguous range of blocks.
-    if (use_f32_kernel()) {
+    if (relu_only && use_f32_kernel()) {
       const F32Weight P = f32_pack_weight(W, n_out, c);
       at::parallel_for(0, (rows + kF32Rows - 1) / kF32Rows, 1, [&](int64_t b0, int64_t b1) {
         f32_bn_relu_gemm_rows(X, ld, b0 * kF32Rows, std::min(rows, b1 * kF32Rows), c, a, b, P, Y, a2, b2, V);
@@ -244,23 +258,23 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
     std::vector<F> Yt(std::is_same_v<T, F> ? 0 : tr * n_out);  // the product's float tile (bfloat16)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
-      bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), ldu);
+      bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), ldu, s1);
       if constexpr (std::is_same_v<T, F>) {
         multiply(U.data(), nr, Y + r0 * n_out);
       } else {
         multiply(U.data(), nr, Yt.data());
         narrow_rows<T, F>(Yt.data(), nr * n_out, Y + r0 * n_out);
       }
-      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V);
+      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V, s2);
     }
     if (use_brgemm) brgemm_release_thread();
   });
 }
 
-// V = relu(a*Y + b) on a [rows, c] matrix; V may alias Y.
+// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) on a [rows, c] matrix; V may alias Y.
 template <typename T, typename F>
-void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V); });
+void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V, const F* s = nullptr) {
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V, s); });
 }
 
 // Per-thread partial sums, reduced in thread order (deterministic for a given thread count).
