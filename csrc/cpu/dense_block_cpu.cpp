@@ -37,14 +37,18 @@ Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts
 }
 
 // Samples per call of the 3x3 input gradient in the backward (BlockBackward::conv3x3_backward): each call's
-// output is a transient of ATen's allocator (glibc's heap), kept to about kInputGradChunkBytes, at least one
-// sample (densenet121 at batch 8, 224x224: one sample of block 1's 1.5 MiB per call instead of 12.25 MiB).
+// output is a transient of ATen's allocator (glibc's heap), kept to about kInputGradChunkBytes (densenet121 at
+// batch 8, 224x224: one sample of block 1, 1.5 MiB per call instead of 12.25 MiB). Equal chunks (a single size
+// for glibc to reuse): block 2 at batch 8 takes 4 + 4 samples, not 5 + 3. `one_sample_ok`: ATen runs a
+// one-sample transposed convolution through oneDNN only when k * (first two spatial sizes) > 20480; otherwise it
+// takes its native path, whose column buffer holds 27 * C_out * D*H*W values (191 MiB for one sample of MONAI
+// DenseNet121's first block at 96^3): then at least two samples.
 constexpr int64_t kInputGradChunkBytes = int64_t(2) << 20;
 
-// Equal chunks (a single size for glibc to reuse): densenet121's block 2 at batch 8 takes 4 + 4 samples, not 5 + 3.
-int64_t input_grad_chunk(int64_t N, int64_t sample_bytes) {
+int64_t input_grad_chunk(int64_t N, int64_t sample_bytes, bool one_sample_ok) {
   N = std::max<int64_t>(1, N);
-  const int64_t most = std::clamp<int64_t>(kInputGradChunkBytes / std::max<int64_t>(1, sample_bytes), 1, N);
+  const int64_t least = one_sample_ok ? 1 : std::min<int64_t>(2, N);
+  const int64_t most = std::clamp<int64_t>(kInputGradChunkBytes / std::max<int64_t>(1, sample_bytes), least, N);
   const int64_t chunks = (N + most - 1) / most;
   return (N + chunks - 1) / chunks;
 }
@@ -314,7 +318,9 @@ class BlockBackward {
     // float32: conv3x3.h)
     out_.w2[l] = conv3x3_weight_grad(dout, V_, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
-    const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)));
+    const int64_t lead_spatial = geom_.dims == 3 ? geom_.D * geom_.H : geom_.H * geom_.W;
+    const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)),
+                                               geom_.k * lead_spatial > 20480);
     // the sums of dz and dz*xhat2, and with slopes of the slope gradient terms (leaky_slope_grad)
     ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
     for (int64_t n0 = 0; n0 < geom_.N; n0 += per_chunk) {
