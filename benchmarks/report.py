@@ -290,6 +290,13 @@ def _mem(row: Dict[str, Any], key: str, ratio_key: Optional[str], baseline: bool
     return f"{value / MIB:.0f} MiB" + (f" ({ratio:.2f}x)" if ratio is not None else "")
 
 
+def _mem_default_alloc(row: Dict[str, Any], baseline: bool) -> str:
+    """The default-allocator peak (median of fresh processes) with its ratio, then the range of the runs."""
+    cell = _mem(row, DEFAULT_ALLOC_PEAK, DEFAULT_ALLOC_PEAK + "_x", baseline)
+    runs = row.get(DEFAULT_ALLOC_PEAK + "_runs") or []
+    return cell + (f"; {min(runs) / MIB:.0f}–{max(runs) / MIB:.0f} ({len(runs)} runs)" if len(runs) > 1 else "")
+
+
 def _count(row: Dict[str, Any], key: str, baseline: bool) -> str:
     """A budget search's result (largest batch or size) with its ratio, or a dash."""
     value, ratio = row.get(key), None if baseline else row.get(f"{key}_x")
@@ -324,8 +331,7 @@ def markdown_lines(machine: Dict[str, Any], settings: Dict[str, Any], rows: List
         cols: List[Tuple[str, Callable[[Dict[str, Any], bool], str]]] = [
             ("Peak memory (train step)", lambda r, b: _mem(r, "peak_bytes", "peak_x", b))]
         if _has(group, DEFAULT_ALLOC_PEAK):
-            cols.append(("Peak, default allocator",
-                         lambda r, b: _mem(r, DEFAULT_ALLOC_PEAK, DEFAULT_ALLOC_PEAK + "_x", b)))
+            cols.append(("Peak, default allocator: median, range of the runs", _mem_default_alloc))
         cols.append(("Saved for backward", lambda r, b: _mem(r, "saved_bytes", "saved_x", b)))
         if _has(group, "train_ms_median"):
             cols.append(("Step time, median (min)", lambda r, b: _ms(r, "train", b)))
