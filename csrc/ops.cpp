@@ -50,6 +50,22 @@ TORCH_LIBRARY(densenet_fast, m) {
     m.def(torch::schema(("dense_block_act_backward(Tensor grad_buffer, Tensor" + act_rest.substr(0, act_rest.size() - 1) +
                          ", Tensor grad_slopes)").c_str()));
   }
+  // The block with InstanceNorm in place of both BatchNorms of every layer (CPU kernels, cpu/dense_block_in_cpu.cpp;
+  // docs/design.md §3, "InstanceNorm blocks"): every (sample, channel) normalised with its own statistics, train and
+  // eval alike (no running statistics). norm weights/biases [c_l] / [bn_size*k] (ones/zeros for affine=False).
+  // Returns the buffer and the per-sample statistics: mean/var [N, C0 + L*k] of the buffer, mean2/var2 [L, N,
+  // bn_size*k] of every layer's norm2. slopes: as dense_block_act_forward's (LeakyReLU / PReLU), None for ReLU.
+  m.def(
+      "dense_block_in_forward(Tensor input, Tensor[] norm1_weight, Tensor[] norm1_bias, Tensor[] conv1_weight, "
+      "Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, float eps, Tensor? slopes=None) "
+      "-> (Tensor buffer, Tensor mean, Tensor var, Tensor mean2, Tensor var2)");
+  // Its recompute-based backward; grad_slopes is an empty [0] tensor without slopes.
+  m.def(
+      "dense_block_in_backward(Tensor grad_buffer, Tensor buffer, Tensor mean, Tensor var, Tensor mean2, "
+      "Tensor var2, Tensor[] norm1_weight, Tensor[] norm1_bias, Tensor[] conv1_weight, Tensor[] norm2_weight, "
+      "Tensor[] norm2_bias, Tensor[] conv2_weight, float eps, int num_input_features, Tensor? slopes=None) "
+      "-> (Tensor grad_input, Tensor[] grad_norm1_weight, Tensor[] grad_norm1_bias, Tensor[] grad_conv1_weight, "
+      "Tensor[] grad_norm2_weight, Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight, Tensor grad_slopes)");
   // `training` = mean/var are the batch statistics of the BN input: the backward then includes their
   // own gradient terms (mean/var get no gradient). In eval they are running statistics.
   // `gate`: an optional SE gate [N, C] (docs/design.md §5); the BN input is then y = gate[n, c] * input,

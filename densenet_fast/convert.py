@@ -22,7 +22,9 @@ Blocks that cannot be fused exactly (activations other than ReLU, LeakyReLU and 
 unusual convolutions, ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
 Dense blocks with LeakyReLU / PReLU activations (MONAI's ``act="leakyrelu"`` / ``"prelu"``) are fused (CPU
 kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU only,
-are left alone.
+are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without running
+statistics: ``dense_block_in_forward``, CPU kernels); their transitions, stem and final norm stay MONAI's modules
+(the fused readers compute BatchNorm only), with that reason in the report.
 
 SyncBatchNorm: a block whose norms are ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before
 or after ``convert``, or timm's ``convert_sync_batchnorm``) converts like any other. In distributed training its
@@ -46,6 +48,7 @@ from densenet_fast.nn import converted as _conv
 from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
 from densenet_fast.nn.dense_block import DenseBlock, Transition, activation_problem, block_activations, check_impl
 from densenet_fast.nn.fused_features import FusedFeatures, norm_relu_kind
+from densenet_fast.nn.instance_block import instance_norm_problem, is_instance_block
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
 __all__ = ["convert", "ConversionReport", "conversion_report", "set_impl"]
@@ -318,7 +321,7 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
     if not layers:
         return "empty block"
     dims = first = None
-    eps, sync = set(), set()
+    eps, sync, kinds = set(), set(), set()
     for i, layer in enumerate(layers):
         where = f"layer {i + 1}"
         if not _is(layer, mod, "_DenseLayer") or not _same_forward(layer, mod, "_DenseLayer"):
@@ -335,11 +338,48 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
         n1, c1, n2, c2 = unit.norm1, unit.conv1, unit.norm2, unit.conv2
         if i == 0:
             first = (n1.num_features, c2.out_channels, c1.out_channels)
-        p = _layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), (unit.relu1, unit.relu2), dims, first,
-                           eps, sync)
+        if is_instance_block([unit]) or isinstance(n1, _IN) or isinstance(n2, _IN):
+            kinds.add("instance")
+            p = _instance_layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), dims, first, eps)
+            sync.add(False)
+        else:
+            kinds.add("batch")
+            p = _layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), (unit.relu1, unit.relu2), dims, first,
+                               eps, sync)
         if p:
             return p
+    if len(kinds) != 1:
+        return "it mixes InstanceNorm and BatchNorm layers"
     return _shared_norms_problem(eps, sync) or _activations_problem([layer_unit(layer) for layer in layers])
+
+
+_IN = nn.modules.instancenorm._InstanceNorm
+
+
+def _instance_layer_problem(where: str, i: int, layer: nn.Module, first_layer: nn.Module, parts: tuple, dims: int,
+                            first: tuple, eps: set) -> Optional[str]:
+    """Why one dense layer with InstanceNorms cannot be fused (the fused InstanceNorm block: both norms
+    InstanceNorm without running statistics, the usual convolutions and geometry); adds the norms' eps to ``eps``."""
+    n1, c1, n2, c2 = parts
+    for norm, name in ((n1, "norm1"), (n2, "norm2")):
+        p = instance_norm_problem(norm, f"{where} {name}", dims)
+        if p:
+            return p
+        eps.add(norm.eps)
+    for conv, name, k, pad in ((c1, "conv1", 1, 0), (c2, "conv2", 3, 1)):
+        p = _conv_problem(conv, f"{where} {name}", k, pad, dims)
+        if p:
+            return p
+    return _layer_geometry_problem(where, i, layer, first_layer, parts, first)
+
+
+def _norm_note(units: List[nn.Module]) -> str:
+    """The conversion report's note on an InstanceNorm block."""
+    if not is_instance_block(units):
+        return ""
+    affine = sorted({str(u.norm1.affine) for u in units} | {str(u.norm2.affine) for u in units})
+    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU kernels; other devices and TorchScript run the "
+            "reference path)")
 
 
 def _concat_transition_problem(t: nn.Module) -> Optional[str]:
@@ -349,6 +389,9 @@ def _concat_transition_problem(t: nn.Module) -> Optional[str]:
     if names != ["norm", "relu", "conv", "pool"]:
         return f"children {names} are not ['norm', 'relu', 'conv', 'pool']"
     dims = _spatial_dims(t.conv)
+    if isinstance(t.norm, _IN):
+        return (f"norm is {type(t.norm).__name__}: the fused transition computes BatchNorm only (its dense blocks "
+                "are fused; MONAI's transition keeps its InstanceNorm)")
     return (_norm_problem(t.norm, "norm", t.relu, dims) or _conv_problem(t.conv, "conv", 1, 0, dims)
             or _pool_problem(t.pool, dims))
 
@@ -385,7 +428,7 @@ def _leaf_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[n
         new = _adopt(ConcatDenseBlock.from_layers(OrderedDict(m._modules)), m)
         dims = _spatial_dims(new._layers()[0].conv1)
         report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
-                                       f"{dims}-D{_activation_note(new._layers())})"))
+                                       f"{dims}-D{_norm_note(new._layers())}{_activation_note(new._layers())})"))
     _sync_note(new, name, report)
     return new
 

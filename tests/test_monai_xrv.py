@@ -5,6 +5,7 @@
 * fp64 parity with the unconverted model: outputs and every gradient over 2 SGD steps in training,
   then running statistics / ``num_batches_tracked`` and eval outputs;
 * MONAI ``act``/``norm`` options: BN + ReLU variants are converted (LeakyReLU / PReLU: tests/test_leaky_act.py),
+  InstanceNorm: tests/test_instance_norm.py;
   anything else is left alone and reported;
 * a model holding dense-block-like modules of unknown classes: nothing converted -> a warning that says why.
 
@@ -124,7 +125,7 @@ def test_monai_bn_relu_options_converted(spatial_dims, act, norm):
 
 @pytest.mark.parametrize("kw,reason", [
     (dict(act="elu"), r"followed by ELU, not nn.ReLU"),  # LeakyReLU / PReLU: tests/test_leaky_act.py
-    (dict(norm="instance"), r"is InstanceNorm3d, not BatchNorm3d"),
+    (dict(norm=("group", {"num_groups": 2})), r"is GroupNorm, not BatchNorm3d"),  # InstanceNorm: test_instance_norm.py
     (dict(dropout_prob=0.2), r"dropout_prob > 0: channel dropout \(Dropout3d\)"),
 ])
 def test_monai_other_options_left_alone(kw, reason):

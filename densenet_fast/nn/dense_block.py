@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from densenet_fast._warn import warn_once
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
 from densenet_fast.nn.export_support import exporting_to_onnx, fx_leaf_call, prepare_scriptable
+from densenet_fast.nn.instance_block import instance_block_problem, instance_fused_forward, is_instance_block
 from densenet_fast.nn.sync_batchnorm import (
     refuse_empty_batch,
     sync_group,
@@ -272,7 +273,9 @@ class DenseBlock(nn.ModuleDict):
             return False
         norms = [m for layer in layers for m in (layer.norm1, layer.norm2)]
         reason = sync_problem(norms)
-        if reason is not None:
+        if is_instance_block(layers):  # InstanceNorm: the dense_block_in operator (nn/instance_block.py)
+            reason = instance_block_problem(layers, x)
+        elif reason is not None:
             pass
         elif not fusable_norms(norms):
             reason = "its BatchNorms are not all affine with running statistics and one eps"
@@ -318,6 +321,8 @@ class DenseBlock(nn.ModuleDict):
             dims = "D, H, W" if rank == 5 else "H, W"
             raise ValueError(f"input: expected a {rank}-D tensor with {first.num_features} channels [N, "
                              f"{first.num_features}, {dims}], got shape {tuple(x.shape)}")
+        if is_instance_block(layers):
+            return instance_fused_forward(layers, x)
         training = first.training
         group = sync_group(m for layer in layers for m in (layer.norm1, layer.norm2))
         if group is not None:

@@ -238,6 +238,8 @@ class FusedFeatures(nn.Sequential):
                 return fused_norm_relu_pool(m, x), True
             if isinstance(m, DenseBlock) and not has_hooks(m) and m.can_fuse(x):
                 pending = m.fused_forward(x)
+                if pending.mean.dim() == 2:  # an InstanceNorm block's per-sample statistics: no fused BN reader
+                    x, pending = pending.buffer, None
                 i += 1
                 continue
             if stats is None and i + 1 < len(mods) and isinstance(m, nn.Conv3d):

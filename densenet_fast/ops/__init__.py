@@ -1,6 +1,7 @@
 """Registered operators (``torch.ops.densenet_fast.*``): fake kernels, autograd and Python entry points."""
 from densenet_fast.ops import (
     _no_double_backward,  # noqa: F401,E402  (clear error on double backward)
+    instance_block,  # noqa: F401  (fake kernels of the InstanceNorm block)
     squeeze_excite,  # noqa: F401  (registers the SE operators)
 )
 from densenet_fast.ops.dense_block import BlockOutput, BlockParams, fused_dense_block
