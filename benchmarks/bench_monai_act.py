@@ -6,17 +6,19 @@ Per row: the step's peak RSS growth after a warm-up step (``measure.step_peak_me
 included, glibc's mmap threshold fixed at 128 KiB as ``benchmarks/runner.py`` fixes it) and the bytes autograd
 saves for the backward (``measure.saved_tensor_bytes``), and for the converted model what ``convert()`` fused and
 left alone (``dnf.conversion_report``). With LeakyReLU / PReLU ``convert()`` fuses the dense blocks (slope kernels)
-and leaves the transitions and the head on MONAI's modules; with ``norm="instance"`` it leaves everything alone.
+and leaves the transitions and the head on MONAI's modules; with ``norm="instance"`` (affine or not) it fuses the
+dense blocks (the InstanceNorm kernels) and leaves the stem, transitions and head on MONAI's modules.
 
 Usage::
 
     python -m benchmarks.bench_monai_act [--dims 2|3] [--batch N] [--size S] [--threads T]
-        [--rows relu,leakyrelu,prelu,relu:instance,leakyrelu:instance] [--name cpu-2d]
+        [--rows relu,leakyrelu,prelu,relu:instance,relu:instance_affine,leakyrelu:instance] [--name cpu-2d]
         [--out benchmarks/results/monai-act]
 
 writes ``<out>/<name>.json`` (machine, settings, rows) and ``<out>/<name>.md`` (:func:`markdown`, the table the
 ``monai-act:<name>`` regions of docs/medical.md show; ``benchmarks/doc_numbers.py``). Defaults: 2-D 128², batch 4
-(``--name cpu-2d``); ``--dims 3``: 64³, batch 1, the three activations with batch norm (``--name cpu-3d``).
+(``--name cpu-2d``); ``--dims 3``: 64³, batch 1, the three activations with batch norm and ReLU with instance norm
+(``--name cpu-3d``).
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ if str(ROOT) not in sys.path:  # running from a source checkout
     sys.path.insert(0, str(ROOT))
 
 ACTS = {"relu": "relu", "leakyrelu": ("leakyrelu", {"negative_slope": 0.1}), "prelu": "prelu"}
-NORMS = {"batch": "batch", "instance": "instance"}  # instance: convert() leaves every block alone (for reference)
+NORMS = {"batch": "batch", "instance": "instance", "instance_affine": ("instance", {"affine": True})}
 # per spatial_dims: the rows ("act" or "act:norm"), the input edge, the batch, the results name
 DEFAULTS: Dict[int, Dict[str, Any]] = {
-    2: {"rows": "relu,leakyrelu,prelu,relu:instance,leakyrelu:instance", "size": 128, "batch": 4, "name": "cpu-2d"},
-    3: {"rows": "relu,leakyrelu,prelu", "size": 64, "batch": 1, "name": "cpu-3d"},
+    2: {"rows": "relu,leakyrelu,prelu,relu:instance,relu:instance_affine,leakyrelu:instance", "size": 128,
+        "batch": 4, "name": "cpu-2d"},
+    3: {"rows": "relu,leakyrelu,prelu,relu:instance", "size": 64, "batch": 1, "name": "cpu-3d"},
 }
 OUT = ROOT / "benchmarks" / "results" / "monai-act"
 
@@ -63,6 +66,12 @@ def _act_text(act: str) -> str:
     """The ``act=`` argument as the MONAI user writes it."""
     spec = ACTS[act]
     return f'"{spec}"' if isinstance(spec, str) else f'("{spec[0]}", {json.dumps(spec[1])})'
+
+
+def _norm_text(norm: str) -> str:
+    """The ``norm=`` argument as the MONAI user writes it."""
+    spec = NORMS[norm]
+    return f'"{spec}"' if isinstance(spec, str) else f'("{spec[0]}", {json.dumps(spec[1])})'.replace("true", "True")
 
 
 def _worker(act: str, norm: str, convert: bool, dims: int, batch: int, size: int, threads: int) -> Dict[str, Any]:
@@ -180,7 +189,7 @@ def markdown(data: Dict[str, Any]) -> str:
              "| ratio | `convert()` fused |", "|---" * 9 + "|"]
     for base, conv in _pairs(data):
         lines.append("| " + " | ".join([
-            f"`{_act_text(base['act'])}`", f'`"{base["norm"]}"`', mib(base["peak_bytes"]),
+            f"`{_act_text(base['act'])}`", f"`{_norm_text(base['norm'])}`", mib(base["peak_bytes"]),
             mib(conv and conv["peak_bytes"]), ratio(conv, base, "peak_bytes"), mib(base["saved_bytes"]),
             mib(conv and conv["saved_bytes"]), ratio(conv, base, "saved_bytes"),
             _fused_text(conv) if conv else "—"]) + " |")

@@ -336,8 +336,8 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
         if dims is None:
             dims = _spatial_dims(unit.conv1)
         n1, c1, n2, c2 = unit.norm1, unit.conv1, unit.norm2, unit.conv2
-        if i == 0:
-            first = (n1.num_features, c2.out_channels, c1.out_channels)
+        if i == 0:  # from the convolutions: a GroupNorm has no num_features (its norm problem is reported below)
+            first = (c1.in_channels, c2.out_channels, c1.out_channels)
         if is_instance_block([unit]) or isinstance(n1, _IN) or isinstance(n2, _IN):
             kinds.add("instance")
             p = _instance_layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), dims, first, eps)
