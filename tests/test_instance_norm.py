@@ -249,3 +249,11 @@ def test_compile_fullgraph_block():
     out.square().sum().backward(), expected.square().sum().backward()
     for (n, p), (_, q) in zip(blk.named_parameters(), ref.named_parameters()):
         assert rel_err(p.grad, q.grad) <= 1e-9, n
+
+
+def test_double_backward_names_the_operator():
+    x, params, _ = _op_args()
+    x.requires_grad_(True)
+    (g,) = torch.autograd.grad(_op(x, *params, 1e-5)[0].square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"double backward through densenet_fast::dense_block_in_forward"):
+        g.sum().backward()
