@@ -257,3 +257,23 @@ def test_double_backward_names_the_operator():
     (g,) = torch.autograd.grad(_op(x, *params, 1e-5)[0].square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match=r"double backward through densenet_fast::dense_block_in_forward"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_monai_instance_bf16_model_vs_fp64_truth(norm):
+    """A ``.bfloat16()`` model (bf16 InstanceNorm parameters read in fp32 by the kernels): output and all parameter
+    gradients (summed over two seeds) no worse than 1.5x MONAI's own ``.bfloat16()`` model against the fp64 truth."""
+    errs = torch.zeros(2, 2, dtype=torch.float64)
+    for seed in range(2):
+        base = _monai(2, NORMS[norm], torch.float32).train()
+        ours = convert(copy.deepcopy(base), warn=False).bfloat16()
+        truth = copy.deepcopy(base).double()
+        x = torch.randn((3,) + SHAPES[2][1:], generator=torch.Generator().manual_seed(20 + seed))
+        g = torch.randn(3, 3, generator=torch.Generator().manual_seed(30 + seed))
+        t = _step(truth, x.double(), g.double())
+        for i, m in enumerate((ours, copy.deepcopy(base).bfloat16())):
+            r = _step(m, x.bfloat16(), g)
+            errs[i] += torch.tensor([rel_l2_err(r[0], t[0]), rel_l2_err(r[2], t[2])])
+    for k, what in enumerate(("output", "parameter gradients")):
+        ours, ref = errs[0, k].item(), errs[1, k].item()
+        assert ours <= 1.5 * ref + 1e-4, f"{what}: ours {ours:.3e} > 1.5 x MONAI {ref:.3e}"
