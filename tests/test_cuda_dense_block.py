@@ -828,12 +828,11 @@ def test_act_ops_match_cpu_fp32(cuda, training, spatial_dims):
 @pytest.mark.parametrize("act", list(MONAI_ACTS))
 def test_monai_act_autocast_bf16_vs_fp64_truth(cuda, act):
     """Under CUDA bf16 autocast: output and every gradient no worse than 1.5x MONAI's own bf16 error against the
-    fp64 truth."""
+    fp64 truth, summed over three seeds (a pre-activation next to 0 whose sign bf16 flips makes one seed a lottery
+    for either side, tests/test_leaky_act.py)."""
     base = _monai_act(2, MONAI_ACTS[act], torch.float32).to(cuda).train()
     ours = dnf.convert(copy.deepcopy(base), warn=False)
     truth = copy.deepcopy(base).double()
-    x = torch.randn(4, 2, 29, 35, generator=torch.Generator().manual_seed(2)).to(cuda)
-    g = torch.randn(4, 3, generator=torch.Generator().manual_seed(3)).to(cuda)
 
     def step(m, xin, gin, autocast):
         m.zero_grad(set_to_none=True)
@@ -842,11 +841,17 @@ def test_monai_act_autocast_bf16_vs_fp64_truth(cuda, act):
         y.backward(gin.to(y.dtype))
         return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
 
-    yo, go = step(ours, x, g, True)
-    yr, gr = step(base, x, g, True)
-    yt, gt = step(truth, x.double(), g.double(), False)
-    for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
-        err_o, err_r = rel_l2_err(a, t), rel_l2_err(b, t)
+    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
+    for seed in range(3):
+        x = torch.randn(4, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(cuda)
+        g = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + seed)).to(cuda)
+        yo, go = step(ours, x, g, True)
+        yr, gr = step(base, x, g, True)
+        yt, gt = step(truth, x.double(), g.double(), False)
+        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
+            errs[what][0] += rel_l2_err(a, t)
+            errs[what][1] += rel_l2_err(b, t)
+    for what, (err_o, err_r) in errs.items():
         assert err_o <= 1.5 * err_r + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_r:.3e}"
 
 
