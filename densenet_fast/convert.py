@@ -378,8 +378,8 @@ def _norm_note(units: List[nn.Module]) -> str:
     if not is_instance_block(units):
         return ""
     affine = sorted({str(u.norm1.affine) for u in units} | {str(u.norm2.affine) for u in units})
-    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU kernels; other devices and TorchScript run the "
-            "reference path)")
+    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU kernels, when scripted too; other devices run "
+            "the reference path)")
 
 
 def _concat_transition_problem(t: nn.Module) -> Optional[str]:

@@ -5,7 +5,8 @@
   ``convert()`` fuses its blocks (stem, transitions and head stay MONAI's, reported), fp64 ≤ 1e-9 against the
   unconverted model over two SGD steps (outputs and every gradient), batch 1 and 2, odd sizes; fp32 no worse than
   2x MONAI's own fp32 error and bf16 autocast no worse than 1.5x MONAI's own bf16 error against the fp64 truth;
-* what stays on the reference path: ``track_running_stats=True``, non-CPU tensors, TorchScript copies.
+* what stays on the reference path: ``track_running_stats=True``, non-CPU tensors;
+* TorchScript copies call the operator (tests/test_torchscript.py: eval, training, a fresh process).
 """
 from __future__ import annotations
 
@@ -212,10 +213,12 @@ def test_non_cpu_takes_the_reference_path_with_a_reason():
     assert reason is not None and "only the CPU kernels fuse" in reason
 
 
-def test_torchscript_runs_the_reference_path():
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_torchscript_runs_the_operator():
     model = convert(_monai(2, NORMS["instance_affine"]), warn=False).eval()
     x = _inputs(SHAPES[2], 1)[0]
     scripted = torch.jit.script(model)
+    assert "densenet_fast::dense_block_in_forward" in str(scripted.inlined_graph)
     with torch.no_grad():
         assert rel_err(scripted(x), model(x)) <= 1e-12
 

@@ -59,6 +59,20 @@ def _act(model):
     return model
 
 
+IN_OPS = {"densenet_fast::dense_block_in_forward"}
+
+
+def _in_affine(model):
+    """Non-trivial InstanceNorm affine parameters (randomize_bn sets the BatchNorms' only)."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.instancenorm._InstanceNorm) and m.affine:
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.2, generator=g)
+    return model
+
+
 IMAGE = (2, 3, 29, 35)  # odd sizes: the floor-mode pools drop a row/column
 VOLUME = (2, 1, 13, 15, 17)
 # name -> (model factory, input shape, fused operators that must run)
@@ -88,6 +102,12 @@ MODELS = {
                                                        act=("leakyrelu", {"negative_slope": 0.1})), warn=False)),
                        IMAGE, ACT_OPS),
     "monai_prelu_3d": (lambda: _act(dnf.convert(_monai(act="prelu"), warn=False)), VOLUME, ACT_OPS),
+    # MONAI's norm="instance": the blocks run dense_block_in_forward (stem, transitions and head stay MONAI's)
+    "monai_in_2d": (lambda: dnf.convert(_monai(spatial_dims=2, in_channels=3, norm="instance"), warn=False), IMAGE,
+                    IN_OPS),
+    "monai_in_leaky_3d": (lambda: _in_affine(dnf.convert(_monai(norm=("instance", {"affine": True}),
+                                                                act=("leakyrelu", {"negative_slope": 0.1})),
+                                                         warn=False)), VOLUME, IN_OPS),
 }
 
 
@@ -131,10 +151,11 @@ def test_scripted_model_trains_like_eager(name):
     eager, twin, shape, ops = _pair(name)
     scripted = torch.jit.script(twin.train())
     eager.train()
-    # The act models keep MONAI's stem and transitions unfused: from its second call the profiling executor runs
-    # them as its own differentiable graphs, whose gradients differ from eager by ~4e-9 (the unconverted MONAI model
-    # scripted too); without its optimisations they are eager's bit for bit, so our operators are compared exactly.
-    unoptimised = name.startswith("monai_") and ops == ACT_OPS
+    # The act and InstanceNorm models keep MONAI's stem and transitions unfused: from its second call the profiling
+    # executor runs them as its own differentiable graphs, whose gradients differ from eager by ~4e-9 (the unconverted
+    # MONAI model scripted too); without its optimisations they are eager's bit for bit, so our operators are
+    # compared exactly.
+    unoptimised = ops in (ACT_OPS, IN_OPS)
     for step in range(2):  # two SGD steps; the running statistics are compared at the end
         x = _input(shape, seed=step)
         losses = []
@@ -171,7 +192,8 @@ _LOAD_AND_RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["densenet_bc", "torchvision", "monai_3d", "monai_prelu_3d"])
+@pytest.mark.parametrize("name", ["densenet_bc", "torchvision", "monai_3d", "monai_prelu_3d", "monai_in_2d",
+                                  "monai_in_leaky_3d"])
 def test_scripted_model_saves_and_runs_in_a_fresh_process(tmp_path, name):
     eager, twin, shape, ops = _pair(name)
     scripted = torch.jit.script(twin.eval())
@@ -200,9 +222,19 @@ def _act_block():
     return blk
 
 
-@pytest.mark.parametrize("make", [lambda: dnf.DenseBlock(3, 8, 2, 4), _act_block, lambda: dnf.Transition(8, 4),
-                                  lambda: dnf.SqueezeExcite(16)],
-                         ids=["DenseBlock", "DenseBlockAct", "Transition", "SqueezeExcite"])
+def _in_block():
+    """A DenseBlock with InstanceNorms: affine=False in its first layer, affine=True in the others (the scripted
+    copy resolves each layer's parameters when it compiles it)."""
+    blk = dnf.DenseBlock(3, 8, 2, 4)
+    for i, layer in enumerate(blk.values()):
+        layer.norm1 = torch.nn.InstanceNorm2d(layer.norm1.num_features, affine=i > 0)
+        layer.norm2 = torch.nn.InstanceNorm2d(layer.norm2.num_features, affine=i > 0)
+    return _in_affine(blk)
+
+
+@pytest.mark.parametrize("make", [lambda: dnf.DenseBlock(3, 8, 2, 4), _act_block, _in_block,
+                                  lambda: dnf.Transition(8, 4), lambda: dnf.SqueezeExcite(16)],
+                         ids=["DenseBlock", "DenseBlockAct", "DenseBlockIN", "Transition", "SqueezeExcite"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_scripted_modules(make, train):
     torch.manual_seed(0)
@@ -227,6 +259,45 @@ def test_scripted_act_block_runs_the_slope_operator():
     ran = _ops_run(lambda: scripted(x).sum().backward())
     assert {"densenet_fast::dense_block_act_forward", "densenet_fast::dense_block_act_backward"} <= ran
     assert "densenet_fast::dense_block_act_forward" in str(scripted.inlined_graph)
+
+
+@pytest.mark.parametrize("name", ["monai_in_2d", "monai_in_leaky_3d", "DenseBlockIN"])
+def test_scripted_instance_blocks_run_the_in_operator(name):
+    """Scripted InstanceNorm blocks call dense_block_in_forward, not the reference path: it is in the compiled graph,
+    and a training step runs it and its backward (nothing else of ours: MONAI's stem, transitions and head stay
+    MONAI's modules)."""
+    if name == "DenseBlockIN":
+        model, shape = _in_block().double(), (2, 8, 9, 7)
+    else:
+        model, _, shape, _ = _pair(name)
+    scripted = torch.jit.script(model.train())
+    assert "densenet_fast::dense_block_in_forward" in str(scripted.inlined_graph)
+    x = _input(shape).requires_grad_(True)
+    ran = _ops_run(lambda: scripted(x).square().sum().backward())
+    assert ran == {"densenet_fast::dense_block_in_forward", "densenet_fast::dense_block_in_backward"}
+
+
+def test_scripted_instance_block_before_a_fused_transition():
+    """An InstanceNorm block before a fused BatchNorm transition (densenet_bc with its first block's norms swapped):
+    the scripted plan hands the block's per-sample statistics to no reader, the transition computes its batch
+    statistics, as eager FusedFeatures does; outputs, gradients and running statistics equal eager's."""
+    torch.manual_seed(0)
+    eager = randomize_bn(dnf.densenet_bc(depth=16, num_classes=5))
+    for layer in eager.features.denseblock1.values():
+        layer.norm1 = torch.nn.InstanceNorm2d(layer.norm1.num_features, affine=True)
+        layer.norm2 = torch.nn.InstanceNorm2d(layer.norm2.num_features, affine=True)
+    eager = _in_affine(eager).double().train()
+    twin = copy.deepcopy(eager)
+    scripted = torch.jit.script(twin)
+    xs = [_input(IMAGE).requires_grad_(True) for _ in range(2)]
+    eager(xs[0]).square().sum().backward()
+    ran = _ops_run(lambda: scripted(xs[1]).square().sum().backward())
+    assert {"densenet_fast::dense_block_in_forward", "densenet_fast::transition_forward"} <= ran
+    assert rel_err(xs[1].grad, xs[0].grad) <= TOL
+    for (n, p), (_, q) in zip(eager.named_parameters(), twin.named_parameters()):
+        assert rel_err(q.grad, p.grad) <= TOL, n
+    for (n, a), (_, b) in zip(eager.state_dict().items(), twin.state_dict().items()):
+        assert rel_err(b, a) <= TOL if a.is_floating_point() else torch.equal(a, b), n
 
 
 def test_scripted_graph_holds_the_fused_operators():

@@ -36,9 +36,10 @@ def instance_norm_problem(norm: nn.Module, what: str, dims: int) -> Optional[str
     return None
 
 
-def instance_block_problem(units: List[nn.Module], x: Tensor) -> Optional[str]:
-    """Why an InstanceNorm block cannot run the fused operator on ``x`` (None if it can)."""
-    from densenet_fast.nn.dense_block import block_activations, fused_device_ok, layer_drop_rate
+def instance_layers_problem(units: List[nn.Module]) -> Optional[str]:
+    """Why an InstanceNorm block's layers are not what the fused operator computes, whatever the input (None if
+    they are; TorchScript copies decide this when scripted)."""
+    from densenet_fast.nn.dense_block import block_activations, layer_drop_rate
 
     dims = units[0].conv1.weight.dim() - 2
     norms = [m for u in units for m in (u.norm1, u.norm2)]
@@ -54,6 +55,16 @@ def instance_block_problem(units: List[nn.Module], x: Tensor) -> Optional[str]:
     acts = block_activations(units)
     if isinstance(acts, str):
         return acts
+    return None
+
+
+def instance_block_problem(units: List[nn.Module], x: Tensor) -> Optional[str]:
+    """Why an InstanceNorm block cannot run the fused operator on ``x`` (None if it can)."""
+    from densenet_fast.nn.dense_block import fused_device_ok
+
+    problem = instance_layers_problem(units)
+    if problem:
+        return problem
     if x.device.type != "cpu":
         return (f"its norms are InstanceNorm, which only the CPU kernels fuse ({x.device.type} runs the reference "
                 "path; docs/medical.md)")

@@ -16,7 +16,9 @@ whose ``forward`` TorchScript can compile:
 * ``DenseBlock``, ``Transition``, ``SqueezeExcite``, ``DenseLayer`` and the BatchNorms of a fused stem / final
   norm get the methods the plan calls (``dnf_fused``, ``dnf_stem``, ``dnf_pool``, ...). A block whose layers use
   LeakyReLU / PReLU calls ``dense_block_act_forward`` with the slopes ``dnf_slopes`` packs (each activation's type
-  is resolved when the layer is compiled: ``hasattr(act, "weight")`` is static in TorchScript).
+  is resolved when the layer is compiled: ``hasattr(act, "weight")`` is static in TorchScript). A block whose norms
+  are InstanceNorm (instance_block.py's rules, decided when scripted) calls ``dense_block_in_forward`` (with the
+  slopes too for LeakyReLU / PReLU); its per-sample statistics go to no fused reader, as in eager.
 * The model classes get a ``forward`` that calls ``features.forward_pooled`` (the fused final norm + ReLU + pool)
   and their head.
 
@@ -198,29 +200,69 @@ def _block_slopes(self, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.cat(s)
 
 
-def _block_variant(nested: bool, act: bool) -> Dict[str, Callable]:
-    """The methods a block copy gets: ``_block_fused`` (and ``_block_slopes`` for LeakyReLU / PReLU blocks, whose
-    fused method calls ``dense_block_act_forward`` with them) rewritten for MONAI's / torchxrayvision's layers, whose
-    norms, activations and convs are children of ``layer.layers`` (``nested``)."""
-    key = ("concat" if nested else "plain") + ("_act" if act else "")
+def _in_affine(weight: Optional[Tensor], bias: Optional[Tensor], channels: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+    """densenet_fast.nn.instance_block._affine: an InstanceNorm's weight and bias, ones and zeros for affine=False
+    (its None parameters: the branch is resolved when each layer is compiled)."""
+    if weight is not None and bias is not None:
+        return weight, bias
+    return (torch.ones([channels], dtype=x.dtype, device=x.device),
+            torch.zeros([channels], dtype=x.dtype, device=x.device))
+
+
+def _in_block_fused(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """densenet_fast.nn.instance_block.instance_fused_forward: (buffer, per-sample mean, var [N, C]) of an
+    InstanceNorm block's dense_block_in_forward. No running statistics: train and eval run the same."""
+    g1: List[Tensor] = []
+    b1: List[Tensor] = []
+    w1: List[Tensor] = []
+    g2: List[Tensor] = []
+    b2: List[Tensor] = []
+    w2: List[Tensor] = []
+    eps = 1e-5
+    first = True
+    for layer in self.values():
+        if first:
+            eps = layer.norm1.eps
+            first = False
+        a = _in_affine(layer.norm1.weight, layer.norm1.bias, layer.norm1.num_features, x)
+        g1.append(a[0])
+        b1.append(a[1])
+        w1.append(layer.conv1.weight)
+        a = _in_affine(layer.norm2.weight, layer.norm2.bias, layer.norm2.num_features, x)
+        g2.append(a[0])
+        b2.append(a[1])
+        w2.append(layer.conv2.weight)
+    out = torch.ops.densenet_fast.dense_block_in_forward(x, g1, b1, w1, g2, b2, w2, eps, None)
+    return out[0], out[1], out[2]
+
+
+def _block_variant(nested: bool, act: bool, instance: bool) -> Dict[str, Callable]:
+    """The methods a block copy gets: ``_block_fused`` (BatchNorm) or ``_in_block_fused`` (InstanceNorm, ``instance``)
+    -- with ``_block_slopes`` for LeakyReLU / PReLU blocks (``act``), whose fused method then passes them to
+    ``dense_block_act_forward`` / ``dense_block_in_forward`` -- rewritten for MONAI's / torchxrayvision's layers,
+    whose norms, activations and convs are children of ``layer.layers`` (``nested``)."""
+    key = (nested, act, instance)
     if key not in _VARIANTS:
         def rewrite(fn: Callable) -> str:
             source = inspect.getsource(fn)
             if nested:
                 source = re.sub(r"\b(layer|lay)\.(norm|conv|relu)", r"\1.layers.\2", source)
             if act:
+                slopes = "self.dnf_slopes(x.dtype, x.device)"
                 source = source.replace("densenet_fast.dense_block_forward(", "densenet_fast.dense_block_act_forward(")
-                source = source.replace("drop_rate, training, eps)",
-                                        "drop_rate, training, eps, self.dnf_slopes(x.dtype, x.device))")
+                source = source.replace("drop_rate, training, eps)", f"drop_rate, training, eps, {slopes})")
+                source = source.replace("w2, eps, None)", f"w2, eps, {slopes})")  # dense_block_in_forward
+                assert fn is _block_slopes or slopes in source, "the fused method's call no longer matches the rewrite"
             return source
-        methods = dict(dnf_fused=torch.jit.export(_compile_method(rewrite(_block_fused), "_block_fused")))
+        fused = _in_block_fused if instance else _block_fused
+        methods = dict(dnf_fused=torch.jit.export(_compile_method(rewrite(fused), fused.__name__)))
         if act:
             methods["dnf_slopes"] = _compile_method(rewrite(_block_slopes), "_block_slopes")
         _VARIANTS[key] = methods
     return _VARIANTS[key]
 
 
-_VARIANTS: Dict[str, Dict[str, Callable]] = {}
+_VARIANTS: Dict[Tuple[bool, bool, bool], Dict[str, Callable]] = {}
 
 
 def _block_forward(self, init_features: Tensor) -> Tensor:
@@ -461,6 +503,7 @@ def _block_copy(block: nn.Module) -> nn.Module:
     from densenet_fast.nn.batchnorm_stats import fusable_norms
     from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
     from densenet_fast.nn.dense_block import block_activations, layer_drop_rate
+    from densenet_fast.nn.instance_block import instance_layers_problem, is_instance_block
 
     concat = isinstance(block, ConcatDenseBlock)
     layers = list(block.values())
@@ -468,17 +511,21 @@ def _block_copy(block: nn.Module) -> nn.Module:
     nested = concat and any(u is not layer for u, layer in zip(units, layers))  # MONAI's layer.layers.norm1
     norms = [m for u in units for m in (u.norm1, u.norm2)]
     acts = block_activations(units)  # None: ReLU; a list: LeakyReLU / PReLU (dense_block_act_forward); str: neither
+    instance = is_instance_block(units)  # InstanceNorm: dense_block_in_forward (instance_block.py's rules)
+    norms_ok = instance_layers_problem(units) is None if instance else (
+        fusable_norms(norms) and all(_plain_bn(m) for m in norms))
     ok = (getattr(block, "impl", "fused") == "fused" and not isinstance(block, SEDenseBlock) and len(units) > 0
-          and fusable_norms(norms) and all(_plain_bn(m) for m in norms)
-          and len({layer_drop_rate(layer) for layer in layers}) == 1
+          and norms_ok and len({layer_drop_rate(layer) for layer in layers}) == 1
           and not (concat and any("dropout" in u._modules for u in units))
           and not isinstance(acts, str))
     act = ok and acts is not None
-    methods = dict(_block_variant(nested, act), forward=_block_forward,
+    instance = ok and instance
+    methods = dict(_block_variant(nested, act, instance), forward=_block_forward,
                    dnf_reference=_concat_block_reference if concat else _block_reference)
-    role = ("Nested" if nested else "Concat" if concat else "") + ("Act" if act else "")
-    new = _copy(block, role, methods, dnf_fusable=ok,
-                dnf_cuda=_cuda_kernels("dense_block_act_forward" if act else "dense_block_forward"),
+    role = ("Nested" if nested else "Concat" if concat else "") + ("Instance" if instance else "") + (
+        "Act" if act else "")
+    op = "dense_block_in_forward" if instance else "dense_block_act_forward" if act else "dense_block_forward"
+    new = _copy(block, role, methods, dnf_fusable=ok, dnf_cuda=_cuda_kernels(op), dnf_instance=instance,
                 dnf_alpha=_alpha_form(norms),
                 dnf_drop_rate=layer_drop_rate(layers[0]) if layers else 0.0,
                 dnf_rank=units[0].conv1.weight.dim() if units else 4)
@@ -612,9 +659,10 @@ def _features_source(ff: nn.Module, pooled: bool) -> Tuple[str, Dict[str, nn.Mod
                 return _pooled_tail(src, ff, pooled), readers
         # a fused block, and the reader its buffer and statistics go to
         if fused_block(m):
-            nxt = mods[i + 1] if not last else None
-            nname = names[i + 1] if not last else None
             copy_ = _block_copy(m)
+            # an InstanceNorm block's per-sample statistics have no fused reader (as FusedFeatures._run)
+            nxt = mods[i + 1] if not last and not copy_.dnf_instance else None
+            nname = names[i + 1] if nxt is not None else None
             src.add(f"if fusable(x, {copy_.dnf_cuda}) and x.dim() == {copy_.dnf_rank}:")
             src.depth += 1
             src.add(f"s = self.{name}.dnf_fused(x)")
