@@ -33,10 +33,10 @@ TORCH_LIBRARY(densenet_fast, m) {
       "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)";
   m.def(torch::schema(("dense_block_backward(Tensor grad_buffer, Tensor" + backward_rest).c_str()));
   m.def(torch::schema(("dense_block_backward_inplace(Tensor(a!) grad_buffer, Tensor" + backward_rest).c_str()));
-  // The block with LeakyReLU / PReLU in place of both ReLUs of every layer (CPU kernels; docs/design.md §3, "Other
-  // activations"): act(z) = z > 0 ? z : slope*z per channel. `slopes`: 1-D, in the BatchNorm dtype, per layer l the
-  // C0 + l*k slopes of norm1's activation then the bn_size*k of norm2's (a LeakyReLU's slope or a single-parameter
-  // PReLU's weight repeated). The backward also returns the slopes' gradient (PReLU's weight gradient, packed alike).
+  // The block with LeakyReLU / PReLU in place of both ReLUs of every layer (CPU and CUDA kernels; docs/design.md §3,
+  // "Other activations"): act(z) = z > 0 ? z : slope*z per channel. `slopes`: 1-D, in the BatchNorm dtype, per layer
+  // l the C0 + l*k slopes of norm1's activation then the bn_size*k of norm2's (a LeakyReLU's slope or a
+  // single-parameter PReLU's weight repeated). The backward also returns the slopes' gradient (PReLU's weight gradient, packed alike).
   m.def(
       "dense_block_act_forward(Tensor input, Tensor[] norm1_weight, Tensor[] norm1_bias, "
       "Tensor[] conv1_weight, Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "

@@ -21,8 +21,8 @@ reference path (used when the fused kernels cannot run) calls them exactly as to
 Blocks that cannot be fused exactly (activations other than ReLU, LeakyReLU and PReLU, blur-pool transitions,
 unusual convolutions, ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
 Dense blocks with LeakyReLU / PReLU activations (MONAI's ``act="leakyrelu"`` / ``"prelu"``) are fused (CPU
-kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU only,
-are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without running
+and CUDA kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU
+only, are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without running
 statistics: ``dense_block_in_forward``, CPU kernels); their transitions, stem and final norm stay MONAI's modules
 (the fused readers compute BatchNorm only), with that reason in the report.
 
@@ -255,7 +255,7 @@ def _activation_note(units: List[nn.Module]) -> str:
     if not isinstance(acts, list):
         return ""
     kinds = sorted({type(a).__name__ for pair in acts for a in pair})
-    return f", {' / '.join(kinds)} activations fused (CPU kernels; other devices run the reference path)"
+    return f", {' / '.join(kinds)} activations fused (CPU and CUDA kernels)"
 
 
 def _convert_block(block: nn.Module) -> DenseBlock:

@@ -752,3 +752,118 @@ def test_compile_fullgraph(cuda):
     eager = f(x, *flat)
     compiled = torch.compile(f, fullgraph=True)(x, *flat)
     torch.testing.assert_close(compiled, eager)
+
+
+# --- LeakyReLU / PReLU blocks (dense_block_act_forward / _backward) ----------------------------------------------
+
+def test_act_kernels_registered():
+    if not dnf.build_info()["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    for op in ("dense_block_act_forward", "dense_block_act_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{op}", "CUDA"), op
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::dense_block_act_forward", "AutocastCUDA")
+
+
+def _monai_act(spatial_dims, act, dtype):
+    from test_leaky_act import _monai
+    return _monai(spatial_dims, act, dtype)
+
+
+MONAI_ACTS = {"leakyrelu": ("leakyrelu", {"negative_slope": 0.1}), "prelu": "prelu"}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("act", list(MONAI_ACTS))
+def test_monai_act_fp64_parity_on_cuda(cuda, spatial_dims, act):
+    """A converted MONAI DenseNet121 with act=leakyrelu / prelu on CUDA, fp64: its blocks run the CUDA act operators
+    (no fallback warning), and outputs, every gradient (PReLU weights included) and the running statistics match the
+    unconverted MONAI model over two SGD steps to 1e-9."""
+    import warnings
+
+    from convert_utils import assert_state_close
+    from test_monai_xrv import SHAPES, _inputs, _train_steps
+
+    from densenet_fast._warn import forget
+
+    model = _monai_act(spatial_dims, MONAI_ACTS[act], torch.float64).to(cuda)
+    ref = copy.deepcopy(model)
+    dnf.convert(model, warn=False)
+    forget("block:")
+    inputs = [x.to(cuda) for x in _inputs(SHAPES[spatial_dims])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"densenet_fast\.DenseBlock")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _train_steps([model, ref], inputs, 1e-9)
+    ran = {e.name for e in prof.events()}
+    assert {"densenet_fast::dense_block_act_forward", "densenet_fast::dense_block_act_backward"} <= ran
+    assert_state_close(model, ref, 1e-9)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_act_ops_match_cpu_fp32(cuda, training, spatial_dims):
+    """The CUDA act operators against the CPU ones (the specification) in fp32, per-channel slopes of both signs:
+    buffer, statistics and every gradient, the slopes' included."""
+    from test_cuda_emulation import ACT_GEOMS, act_operands, monai_act_block, run_act
+
+    shape = ACT_GEOMS[spatial_dims]
+    block = monai_act_block(spatial_dims, "prelu_c", shape[1], seed=4).train(training)
+    P, slopes = act_operands(block, training)
+    P = {n: [t.float() for t in lst] for n, lst in P.items()}
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(x.shape[0], shape[1] + 9, *shape[2:], generator=torch.Generator().manual_seed(6))
+    spec = run_act(OPS, x, P, slopes.float(), training, grad)
+    to = lambda t: t.to(cuda)  # noqa: E731
+    got = run_act(OPS, to(x), {n: [to(t) for t in lst] for n, lst in P.items()}, to(slopes.float()), training,
+                  to(grad))
+    for a, b in zip(got[0], spec[0]):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if b.numel():
+            assert rel_l2_err(a.cpu(), b) <= 1e-5
+    flat = lambda r: [r[0]] + [t for lst in r[1:7] for t in lst] + [r[7]]  # noqa: E731
+    for a, b in zip(flat(got[1]), flat(spec[1])):
+        assert rel_l2_err(a.cpu(), b) <= 1e-4
+
+
+@pytest.mark.parametrize("act", list(MONAI_ACTS))
+def test_monai_act_autocast_bf16_vs_fp64_truth(cuda, act):
+    """Under CUDA bf16 autocast: output and every gradient no worse than 1.5x MONAI's own bf16 error against the
+    fp64 truth, summed over three seeds (a pre-activation next to 0 whose sign bf16 flips makes one seed a lottery
+    for either side, tests/test_leaky_act.py)."""
+    base = _monai_act(2, MONAI_ACTS[act], torch.float32).to(cuda).train()
+    ours = dnf.convert(copy.deepcopy(base), warn=False)
+    truth = copy.deepcopy(base).double()
+
+    def step(m, xin, gin, autocast):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xin)
+        y.backward(gin.to(y.dtype))
+        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
+    for seed in range(3):
+        x = torch.randn(4, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(cuda)
+        g = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + seed)).to(cuda)
+        yo, go = step(ours, x, g, True)
+        yr, gr = step(base, x, g, True)
+        yt, gt = step(truth, x.double(), g.double(), False)
+        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
+            errs[what][0] += rel_l2_err(a, t)
+            errs[what][1] += rel_l2_err(b, t)
+    for what, (err_o, err_r) in errs.items():
+        assert err_o <= 1.5 * err_r + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_r:.3e}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_act_block(cuda, training):
+    from test_cuda_emulation import ACT_GEOMS, act_operands, monai_act_block
+
+    block = monai_act_block(2, "prelu_c", ACT_GEOMS[2][1], seed=4).train(training)
+    P, slopes = act_operands(block, training)
+    P = {n: [t.float().to(cuda) for t in lst] for n, lst in P.items()}
+    running = [P[n] for n in ("rm1", "rv1", "rm2", "rv2")] if not training else [[], [], [], []]
+    x = torch.randn(ACT_GEOMS[2], device=cuda)
+    args = (x, *[P[n] for n in ("g1", "b1", "w1", "g2", "b2", "w2")], *running, None, 0.0, training, 1e-5,
+            slopes.float().to(cuda))
+    torch.library.opcheck(OPS.dense_block_act_forward, args)

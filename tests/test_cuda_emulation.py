@@ -13,7 +13,8 @@ It also drives the real host side of every launch (launch.cuh's grid arithmetic 
 threads run in a permuted order; bn_gemm_tile.cuh's launch_bn_relu_gemm with the thread blocks of the
 fused GEMM emulated), compiles autocast.cpp's cast logic for the CPU device, and covers shapes with
 many reduction chunks and two tree levels, grid.y > 1 in the fused GEMM, float16/bfloat16 models,
-the fused path's dispatch rule and the NaN/Inf rules of csrc/common/nonfinite.h against the CPU kernels.
+the fused path's dispatch rule and the NaN/Inf rules of csrc/common/nonfinite.h against the CPU kernels, and the
+LeakyReLU / PReLU block (dense_block_act_*) against MONAI's own module in fp64 and the CPU act operators.
 
 The emulation module is JIT-built once (about a minute) into torch's extension cache.
 """
@@ -783,6 +784,203 @@ def test_fused_path_block(emu, fused_env, dtype):
     e = {key: statistics.median(rel_l2_err(a, b) for a, b in zip(gs, ref_grads)) for key, (_, gs) in results.items()}
     assert e["fused", "fused"] <= 1.5 * e["simple", "simple"] + 2e-3, e
     assert e["fused", "simple"] <= 1.5 * e["simple", "simple"] + 2e-3, e
+
+
+# --- LeakyReLU / PReLU blocks (dense_block_act_forward / _backward) ----------------------------------------------
+#
+# The emulated CUDA act operators against MONAI's own _DenseBlock built with act="leakyrelu" / "prelu" (the real
+# module, fp64: output, input gradient, every parameter gradient including the PReLU weights, running statistics)
+# and against the CPU act operators (the specification: buffer, statistics, every gradient, the slopes').
+
+ACT_KINDS = {  # name -> (MONAI act argument, PReLU with one parameter per channel)
+    "leaky": (("leakyrelu", {"negative_slope": 0.1}), False),
+    "leaky_neg": (("leakyrelu", {"negative_slope": -0.3}), False),  # gradient by z, not by the output's sign
+    "prelu1": ("prelu", False),
+    "prelu_c": ("prelu", True),
+}
+ACT_GEOMS = {2: (3, 5, 7, 6), 3: (2, 3, 5, 3, 4)}  # input shapes, odd sizes
+
+
+def monai_act_block(spatial_dims, kind, C0, L=3, k=3, bs=2, seed=0):
+    """MONAI's _DenseBlock with LeakyReLU / PReLU layers, fp64, random BN statistics and slopes (momentum 1: the
+    running statistics after one training step are the batch's, unbiased)."""
+    densenet = pytest.importorskip("monai.networks.nets.densenet")
+    act, per_channel = ACT_KINDS[kind]
+    torch.manual_seed(seed)
+    block = densenet._DenseBlock(spatial_dims, L, C0, bs, k, 0.0, act=act, norm="batch").double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in block:
+            seq = layer.layers
+            for norm, relu in ((seq.norm1, "relu1"), (seq.norm2, "relu2")):
+                c = norm.num_features
+                norm.momentum = 1.0
+                norm.weight.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                norm.bias.copy_(0.3 * torch.randn(c, generator=g, dtype=torch.float64))
+                norm.running_mean.copy_(0.3 * torch.randn(c, generator=g, dtype=torch.float64))
+                norm.running_var.copy_(0.5 + torch.rand(c, generator=g, dtype=torch.float64))
+                if per_channel:
+                    seq._modules[relu] = torch.nn.PReLU(c).double()
+                if isinstance(seq._modules[relu], torch.nn.PReLU):
+                    seq._modules[relu].weight.uniform_(-0.2, 0.5, generator=g)
+    return block
+
+
+def act_operands(block, training):
+    """(P, slopes) of a MONAI block in emu_backward's order; slopes packed as pack_slopes does, a leaf."""
+    seqs = [layer.layers for layer in block]
+    P = {"g1": [s.norm1.weight for s in seqs], "b1": [s.norm1.bias for s in seqs],
+         "w1": [s.conv1.weight for s in seqs], "g2": [s.norm2.weight for s in seqs],
+         "b2": [s.norm2.bias for s in seqs], "w2": [s.conv2.weight for s in seqs],
+         "rm1": [s.norm1.running_mean for s in seqs], "rv1": [s.norm1.running_var for s in seqs],
+         "rm2": [s.norm2.running_mean for s in seqs], "rv2": [s.norm2.running_var for s in seqs]}
+    P = {n: [t.detach().clone() for t in lst] for n, lst in P.items()}
+
+    def slope(act, c):
+        if isinstance(act, torch.nn.PReLU):
+            return act.weight.detach().expand(c).clone()
+        return torch.full((c,), act.negative_slope, dtype=torch.float64)
+
+    slopes = block_ops.pack_slopes([slope(s.relu1, s.norm1.num_features) for s in seqs],
+                                   [slope(s.relu2, s.norm2.num_features) for s in seqs])
+    return P, slopes
+
+
+def act_slope_grads(block, grad_slopes):
+    """The PReLU weights' gradients from the packed slopes' gradient (a one-parameter PReLU: the sum)."""
+    out, at = [], 0
+    for layer in block:
+        s = layer.layers
+        for norm, act in ((s.norm1, s.relu1), (s.norm2, s.relu2)):
+            g = grad_slopes[at:at + norm.num_features]
+            at += norm.num_features
+            if isinstance(act, torch.nn.PReLU):
+                out.append(g if act.weight.numel() > 1 else g.sum().reshape(1))
+    assert at == grad_slopes.numel()
+    return out
+
+
+def run_act(ops, x, P, slopes, training, grad):
+    running = [P[n] for n in RUNNING] if not training else [[], [], [], []]
+    out = ops.dense_block_act_forward(x, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5, slopes)
+    back = ops.dense_block_act_backward(grad, *out, *[P[n] for n in ORDER], *running, None, 0.0, training, 1e-5,
+                                        x.shape[1], slopes)
+    return out, back
+
+
+@pytest.mark.parametrize("kind", list(ACT_KINDS))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_act_block_matches_monai_fp64(emu, kind, training, spatial_dims):
+    shape = ACT_GEOMS[spatial_dims]
+    block = monai_act_block(spatial_dims, kind, shape[1]).train(training)
+    P, slopes = act_operands(block, training)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_(True)
+    want = block(xr)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want.backward(grad)
+    out, back = run_act(emu, x, P, slopes, training, grad)
+    assert rel_l2_err(out[0], want) <= 1e-9
+    assert out[0].is_contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    assert rel_l2_err(back[0], xr.grad) <= 1e-9
+    seqs = [layer.layers for layer in block]
+    for i, name in enumerate(("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias",
+                              "conv2.weight")):
+        for layer, (got, s) in enumerate(zip(back[1 + i], seqs)):
+            assert rel_l2_err(got, s.get_parameter(name).grad) <= 1e-9, f"layer {layer + 1} {name}"
+    prelu = [a.weight.grad for s in seqs for a in (s.relu1, s.relu2) if isinstance(a, torch.nn.PReLU)]
+    assert len(prelu) == (0 if kind.startswith("leaky") else 2 * len(seqs))
+    for got, w in zip(act_slope_grads(block, back[7]), prelu):
+        assert rel_l2_err(got, w) <= 1e-9
+    if training:  # momentum 1: MONAI's running statistics are this batch's (variance unbiased)
+        n = x.numel() // x.shape[1]
+        for layer, s in enumerate(seqs):
+            c = s.norm1.num_features
+            assert rel_l2_err(out[1][:c], s.norm1.running_mean) <= 1e-9
+            assert rel_l2_err(out[2][:c] * n / (n - 1), s.norm1.running_var) <= 1e-9
+            assert rel_l2_err(out[3][layer], s.norm2.running_mean) <= 1e-9
+            assert rel_l2_err(out[4][layer] * n / (n - 1), s.norm2.running_var) <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_act_block_matches_cpu_operator(emu, dtype, training, spatial_dims):
+    """The emulated CUDA act operators against the CPU ones (per-channel PReLU slopes of both signs): every output
+    and every gradient, the slopes' included; fp64 to roundoff, fp32 closely."""
+    shape = ACT_GEOMS[spatial_dims]
+    block = monai_act_block(spatial_dims, "prelu_c", shape[1], seed=4).train(training)
+    P, slopes = act_operands(block, training)
+    P = {n: [t.to(dtype) for t in lst] for n, lst in P.items()}
+    x = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(x.shape[0], shape[1] + 9, *shape[2:], dtype=dtype, generator=torch.Generator().manual_seed(6))
+    ours, spec = run_act(emu, x, P, slopes.to(dtype), training, grad), run_act(OPS, x, P, slopes.to(dtype), training,
+                                                                                grad)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for a, b in zip(ours[0], spec[0]):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        if b.numel():
+            assert rel_l2_err(a, b) <= tol
+    flat = lambda r: [r[0]] + [t for lst in r[1:7] for t in lst] + [r[7]]  # noqa: E731
+    for a, b in zip(flat(ours[1]), flat(spec[1])):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_l2_err(a, b) <= (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_act_block_half_and_autocast(emu):
+    """bfloat16 data: slopes in float32 (the BN dtype), the outputs' metadata as the fake kernel declares; the
+    autocast logic casts input and conv weights only (slopes and BN tensors stay float32), as for the ReLU block."""
+    block = monai_act_block(2, "prelu_c", 5, seed=7).train()
+    P, slopes = act_operands(block, True)
+    P32 = {n: [t.float() for t in lst] for n, lst in P.items()}
+    x = torch.randn(ACT_GEOMS[2], generator=torch.Generator().manual_seed(8))
+    train = [[], [], [], []]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = emu.autocast_dense_block_act_forward(x, *[P32[n] for n in ORDER], *train, None, 0.0, True, 1e-5,
+                                                   slopes.float())
+    cast = {n: [t.bfloat16() if n in ("w1", "w2") else t for t in lst] for n, lst in P32.items()}
+    want = emu.dense_block_act_forward(x.bfloat16(), *[cast[n] for n in ORDER], *train, None, 0.0, True, 1e-5,
+                                       slopes.float())
+    fake = block_ops._dense_block_act_forward_fake(x.bfloat16(), *[cast[n] for n in ORDER], *train, None, 0.0, True,
+                                                   1e-5, slopes.float())
+    for a, b, f in zip(got, want, fake):
+        assert torch.equal(a, b)
+        assert a.dtype == f.dtype and a.shape == f.shape and a.stride() == f.stride()
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    ref = block.float()(x)  # MONAI in float32: the bf16 block is within bf16 rounding of it
+    assert rel_l2_err(got[0].float(), ref) <= 2e-2
+    with pytest.raises(RuntimeError, match="slopes: expected dtype Float"):
+        emu.dense_block_act_forward(x.bfloat16(), *[cast[n] for n in ORDER], *train, None, 0.0, True, 1e-5,
+                                    slopes.bfloat16())
+
+
+def test_act_block_bad_slopes(emu):
+    block = monai_act_block(2, "leaky", 5)
+    P, slopes = act_operands(block, True)
+    x = torch.randn(ACT_GEOMS[2], dtype=torch.float64)
+    args = (x, *[P[n] for n in ORDER], [], [], [], [], None, 0.0, True, 1e-5)
+    with pytest.raises(RuntimeError, match=r"slopes \(per layer: .*\): expected shape \[\d+\], got \[\d+\]"):
+        emu.dense_block_act_forward(*args, slopes[:-1])
+    with pytest.raises(RuntimeError, match="slopes: expected dtype Double"):
+        emu.dense_block_act_forward(*args, slopes.float())
+
+
+def test_act_block_takes_the_simple_path_under_fused_gemm(emu, fused_env):
+    """DNF_CUDA_BN_GEMM=fused: the fused 1x1 kernel computes a ReLU prologue, so a LeakyReLU / PReLU block takes the
+    simple path (no fused thread block runs) and gives the simple path's results bit for bit."""
+    block = monai_act_block(2, "prelu_c", 5, seed=9).train()
+    P, slopes = act_operands(block, True)
+    P = {n: [t.bfloat16() if n in ("w1", "w2") else t.float() for t in lst] for n, lst in P.items()}
+    x = torch.randn(ACT_GEOMS[2], generator=torch.Generator().manual_seed(10)).bfloat16()
+    grad = torch.randn(x.shape[0], 14, *x.shape[2:], generator=torch.Generator().manual_seed(11)).bfloat16()
+    before = emu.gemm_blocks_run()
+    fused = run_act(emu, x, P, slopes.float(), True, grad)
+    assert emu.gemm_blocks_run() == before
+    fused_env.setenv("DNF_CUDA_BN_GEMM", "simple")
+    simple = run_act(emu, x, P, slopes.float(), True, grad)
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], simple[0]))
+    assert torch.equal(fused[1][7], simple[1][7]) and torch.equal(fused[1][0], simple[1][0])
 
 
 # --- NaN/Inf: one rule (csrc/common/nonfinite.h), the same results as the CPU kernels ---------------

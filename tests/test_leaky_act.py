@@ -6,7 +6,7 @@
 * MONAI DenseNet121 (2-D and 3-D) built with ``act=("leakyrelu", ...)`` / ``act="prelu"``: ``convert()`` fuses its
   blocks (transitions and head stay unfused, reported), fp64 parity with the unconverted model over two SGD
   steps; fp32 parity; bf16 autocast no worse than 1.5x MONAI's own bf16 error against the fp64 truth;
-* what stays on the reference path: mixed ReLU / LeakyReLU blocks, other activations, TorchScript copies.
+* what stays on the reference path: mixed ReLU / LeakyReLU blocks, other activations.
 """
 from __future__ import annotations
 
@@ -136,12 +136,14 @@ def test_mixed_or_other_activations_take_the_reference_path():
         assert not blk.can_fuse(torch.randn(2, 5, 4, 4))
 
 
-def test_torchscript_copy_runs_the_reference_path():
+def test_torchscript_copy_runs_the_slope_operator():
+    """A scripted LeakyReLU block calls dense_block_act_forward (tests/test_torchscript.py: models, training)."""
     from densenet_fast.nn.torchscript import scriptable
 
-    blk = _block("leaky", torch.float64).eval()
-    x = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    blk = _block("prelu_c", torch.float64).eval()
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     scripted = torch.jit.script(scriptable(blk))
+    assert "densenet_fast::dense_block_act_forward" in str(scripted.inlined_graph)
     assert rel_err(scripted(x), blk(x)) <= 1e-12
 
 

@@ -1,6 +1,6 @@
-// AutocastCUDA kernels: under torch.autocast("cuda", dtype=D) the dense block and the transition
-// run with their input and conv weights cast to D (cached casts, as for F.conv2d), while every
-// BatchNorm tensor (weights, biases, running statistics) stays float32: the kernels compute BN in
+// AutocastCUDA kernels: under torch.autocast("cuda", dtype=D) the dense block (ReLU and LeakyReLU / PReLU) and the
+// transition run with their input and conv weights cast to D (cached casts, as for F.conv2d), while every
+// BatchNorm tensor (weights, biases, running statistics, activation slopes) stays float32: the kernels compute BN in
 // float32 for float16/bfloat16 data and the argument checks expect float32 BN tensors there.
 // float64 inputs, and tensors autocast does not handle, pass through unchanged. The other operators
 // (BN-only readers, statistics, backward ops) fall through to their CUDA kernels in the dtypes given.
@@ -36,6 +36,9 @@ constexpr auto kAutocastKey = c10::DispatchKey::AutocastCUDA;
 using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
     TensorList, TensorList, const std::optional<Tensor>&, double, bool, double);
+using BlockActForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
+    TensorList, TensorList, const std::optional<Tensor>&, double, bool, double, const Tensor&);
 using TransitionForwardFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, bool, double, const std::optional<Tensor>&);
 
@@ -53,6 +56,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward(
   const std::vector<Tensor> w2c = at::autocast::cached_cast(dtype, w2, kDevice);
   return call(at::autocast::cached_cast(dtype, input, kDevice), g1, b1, w1c, g2, b2, w2c, rm1, rv1, rm2, rv2, mask, p,
               training, eps);
+}
+
+// The LeakyReLU / PReLU block: as dense_block_forward, its slopes (BN dtype) stay float32.
+template <class Call>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_act_forward(
+    const Call& call, const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2,
+    TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2, const std::optional<Tensor>& mask,
+    double p, bool training, double eps, const Tensor& slopes) {
+  return dense_block_forward(
+      [&](const Tensor& x, TensorList a1, TensorList a2, TensorList a3, TensorList a4, TensorList a5, TensorList a6,
+          TensorList a7, TensorList a8, TensorList a9, TensorList a10, const std::optional<Tensor>& m, double q,
+          bool t, double e) { return call(x, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, m, q, t, e, slopes); },
+      input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
 }
 
 // The SE gate, like the BN tensors, stays float32.
@@ -82,6 +98,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_kernel(
                              rv1, rm2, rv2, mask, p, training, eps);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_act_forward_kernel(
+    const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2, TensorList w2,
+    TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2, const std::optional<Tensor>& mask, double p,
+    bool training, double eps, const Tensor& slopes) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("densenet_fast::dense_block_act_forward", "")
+                       .typed<BlockActForwardFn>();
+  return dense_block_act_forward([&](const auto&... a) { return op.call(a...); }, input, g1, b1, w1, g2, b2, w2, rm1,
+                                 rv1, rm2, rv2, mask, p, training, eps, slopes);
+}
+
 Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                                  const Tensor& bias, const Tensor& conv_weight, bool training, double eps,
                                  const std::optional<Tensor>& gate) {
@@ -96,6 +123,7 @@ Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const 
 
 TORCH_LIBRARY_IMPL(densenet_fast, AutocastCUDA, m) {
   m.impl("dense_block_forward", &dense_block_forward_kernel);
+  m.impl("dense_block_act_forward", &dense_block_act_forward_kernel);
   m.impl("transition_forward", &transition_forward_kernel);
 }
 #endif

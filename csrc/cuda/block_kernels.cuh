@@ -27,7 +27,8 @@ struct FoldBn {
   }
 };
 
-// out[r, j] = relu(a[j]*x[r, j] + b[j]) for j < width; x and out may alias (in place).
+// out[r, j] = relu(a[j]*x[r, j] + b[j]) for j < width; x and out may alias (in place). With per-channel
+// slopes (a LeakyReLU / PReLU block, dense_block_act_*): leaky(a[j]*x + b[j], slope[j]) (common/bn_math.h).
 template <typename T, typename acc_t>
 struct BnReluApply {
   const T* x;
@@ -35,10 +36,12 @@ struct BnReluApply {
   T* out;
   int64_t ldo, width;
   const acc_t *a, *b;
+  const acc_t* slope = nullptr;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     int64_t r, j;
     divmod(i, width, r, j);
-    out[r * ldo + j] = static_cast<T>(relu<acc_t>(a[j] * static_cast<acc_t>(x[r * ldx + j]) + b[j]));
+    const acc_t z = a[j] * static_cast<acc_t>(x[r * ldx + j]) + b[j];
+    out[r * ldo + j] = static_cast<T>(slope == nullptr ? relu<acc_t>(z) : leaky<acc_t>(z, slope[j]));
   }
 };
 
@@ -90,17 +93,27 @@ struct GradOfNewFeatures {
 };
 
 // BN2 + ReLU backward sums of a [rows, width] bottleneck: dz = dV through the ReLU of V (relu_grad:
-// NaN passes, as threshold_backward); s0 += dz, s1 += dz * xhat2.
-template <typename T, typename acc_t>
+// NaN passes, as threshold_backward); s0 += dz, s1 += dz * xhat2. kAct (LeakyReLU / PReLU, three sums):
+// dz and the slope's term s2 follow the pre-activation z = a*Y + b (torch's rule, as the CPU kernels).
+template <typename T, typename acc_t, bool kAct = false>
 struct Bn2BackwardTerm {
   const T *V, *dV, *Y;
   const acc_t *mean, *invstd;
   int64_t width;
+  const acc_t *a = nullptr, *b = nullptr, *slope = nullptr;  // kAct only
   C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
     const int64_t i = r * width + j;
-    const acc_t dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), static_cast<acc_t>(dV[i]));
+    const acc_t y = static_cast<acc_t>(Y[i]), dv = static_cast<acc_t>(dV[i]);
+    acc_t dz;
+    if constexpr (kAct) {
+      const acc_t z = a[j] * y + b[j];
+      dz = leaky_grad<acc_t>(z, slope[j], dv);
+      s[2] += leaky_slope_grad<acc_t>(z, dv);
+    } else {
+      dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), dv);
+    }
     s[0] += dz;
-    s[1] += dz * (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
+    s[1] += dz * (y - mean[j]) * invstd[j];
   }
 };
 
@@ -130,7 +143,8 @@ struct BnGradEpilogue {
   }
 };
 
-// In place dV -> dY: the full BN2 + ReLU backward of one element (eval: a*dz, common/nonfinite.h).
+// In place dV -> dY: the full BN2 + ReLU backward of one element (eval: a*dz, common/nonfinite.h). With
+// slopes (b and slope set): the LeakyReLU / PReLU gradient by the pre-activation z = a*Y + b.
 template <typename T, typename acc_t>
 struct Bn2BackwardApply {
   const T *V, *Y;
@@ -138,11 +152,14 @@ struct Bn2BackwardApply {
   const acc_t *mean, *invstd, *a, *m;
   int64_t width;
   bool training;
+  const acc_t *b = nullptr, *slope = nullptr;
   C10_HOST_DEVICE void operator()(int64_t i) const {
     int64_t r, j;
     divmod(i, width, r, j);
-    const acc_t dz = relu_grad<acc_t>(static_cast<acc_t>(V[i]), static_cast<acc_t>(dV[i]));
-    const acc_t xhat = (static_cast<acc_t>(Y[i]) - mean[j]) * invstd[j];
+    const acc_t y = static_cast<acc_t>(Y[i]), dv = static_cast<acc_t>(dV[i]);
+    const acc_t dz = slope == nullptr ? relu_grad<acc_t>(static_cast<acc_t>(V[i]), dv)
+                                      : leaky_grad<acc_t>(a[j] * y + b[j], slope[j], dv);
+    const acc_t xhat = (y - mean[j]) * invstd[j];
     dV[i] = static_cast<T>(bn_backward<acc_t>(dz, xhat, a[j], m[j], m[width + j], training));
   }
 };
@@ -150,8 +167,9 @@ struct Bn2BackwardApply {
 // BN1 + ReLU backward of one layer over its input columns [0, c): dU is the gradient of
 // U = relu(a*X + b) ([rows, c]); the ReLU mask is recomputed from X exactly as the forward rounded
 // U. Adds a*d to the block gradient buffer G (each (r, j) is visited once) and accumulates
-// s0 += d, s1 += d * xhat.
-template <typename T, typename acc_t>
+// s0 += d, s1 += d * xhat. kAct (LeakyReLU / PReLU, three sums): d and the slope's term s2 follow the
+// pre-activation z = a*X + b, in acc_t as the prologue computed it (as the CPU kernels).
+template <typename T, typename acc_t, bool kAct = false>
 struct Bn1BackwardTerm {
   const T* X;
   int64_t ld;
@@ -159,10 +177,19 @@ struct Bn1BackwardTerm {
   int64_t c;
   const acc_t *a, *b, *mean, *invstd;
   acc_t* G;
+  const acc_t* slope = nullptr;  // kAct only
   C10_HOST_DEVICE void operator()(int64_t r, int64_t j, acc_t* s) const {
     const acc_t x = static_cast<acc_t>(X[r * ld + j]);
-    const T u = static_cast<T>(relu<acc_t>(a[j] * x + b[j]));
-    const acc_t d = relu_grad<acc_t>(static_cast<acc_t>(u), static_cast<acc_t>(dU[r * c + j]));
+    const acc_t du = static_cast<acc_t>(dU[r * c + j]);
+    acc_t d;
+    if constexpr (kAct) {
+      const acc_t z = a[j] * x + b[j];
+      d = leaky_grad<acc_t>(z, slope[j], du);
+      s[2] += leaky_slope_grad<acc_t>(z, du);
+    } else {
+      const T u = static_cast<T>(relu<acc_t>(a[j] * x + b[j]));
+      d = relu_grad<acc_t>(static_cast<acc_t>(u), du);
+    }
     G[r * ld + j] += a[j] * d;
     s[0] += d;
     s[1] += d * (x - mean[j]) * invstd[j];

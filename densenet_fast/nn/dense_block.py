@@ -57,6 +57,13 @@ def fused_device_ok(x: Tensor, block: bool = False) -> bool:
     return False
 
 
+def act_kernel_ok(x: Tensor) -> bool:
+    """Whether ``dense_block_act_forward`` (LeakyReLU / PReLU blocks) has a kernel for ``x``'s device: CPU, and CUDA
+    where the extension was built with its CUDA kernels."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "densenet_fast::dense_block_act_forward", "CUDA"))
+
+
 def cpu_bf16_reader_ok(x: Tensor, norm: nn.Module) -> bool:
     """A ``.bfloat16()`` model's BN reader (transition, final norm, stem) on CPU outside autocast: the reader
     kernels read the bfloat16 input and take its bfloat16 BN (and conv) tensors natively, with float32 BN math
@@ -289,7 +296,7 @@ class DenseBlock(nn.ModuleDict):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif isinstance(block_activations(layers), str):
             reason = block_activations(layers)
-        elif block_activations(layers) is not None and x.device.type != "cpu":
+        elif block_activations(layers) is not None and not act_kernel_ok(x):
             reason = f"its activations are LeakyReLU / PReLU, which the {x.device.type} kernels do not compute"
         elif block_activations(layers) is not None and sync_group(norms) is not None:
             reason = ("its activations are LeakyReLU / PReLU, which the synchronised (SyncBatchNorm) path does not "

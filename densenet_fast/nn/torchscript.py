@@ -14,7 +14,9 @@ whose ``forward`` TorchScript can compile:
   and otherwise runs the modules one by one, as ``nn.Sequential`` does (the documented rule of the scripted
   modules: other dtypes, autocast included, take the reference path).
 * ``DenseBlock``, ``Transition``, ``SqueezeExcite``, ``DenseLayer`` and the BatchNorms of a fused stem / final
-  norm get the methods the plan calls (``dnf_fused``, ``dnf_stem``, ``dnf_pool``, ...).
+  norm get the methods the plan calls (``dnf_fused``, ``dnf_stem``, ``dnf_pool``, ...). A block whose layers use
+  LeakyReLU / PReLU calls ``dense_block_act_forward`` with the slopes ``dnf_slopes`` packs (each activation's type
+  is resolved when the layer is compiled: ``hasattr(act, "weight")`` is static in TorchScript).
 * The model classes get a ``forward`` that calls ``features.forward_pooled`` (the fused final norm + ReLU + pool)
   and their head.
 
@@ -176,15 +178,49 @@ def _block_fused(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return out[0], out[1], out[2]
 
 
-def _concat_block_fused() -> Callable:
-    """_block_fused for MONAI's / torchxrayvision's layers, whose norms and convs are children of ``layer.layers``."""
-    if "concat" not in _VARIANTS:
-        source = re.sub(r"\b(layer|lay)\.(norm|conv)", r"\1.layers.\2", inspect.getsource(_block_fused))
-        _VARIANTS["concat"] = _compile_method(source, "_block_fused")
-    return _VARIANTS["concat"]
+def _block_slopes(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """densenet_fast.nn.dense_block.block_slopes: the packed per-channel slopes of the layers' LeakyReLU / PReLU
+    activations (a PReLU's weight, differentiable; a LeakyReLU's constant), per layer relu1's then relu2's."""
+    s: List[Tensor] = []
+    for layer in self.values():
+        c = layer.norm1.num_features
+        if hasattr(layer.relu1, "weight"):  # PReLU (resolved when compiled: each layer is its own type)
+            w = layer.relu1.weight.to(dtype)
+            s.append(w.expand([c]) if w.numel() == 1 else w)
+        else:
+            s.append(torch.full([c], float(layer.relu1.negative_slope), dtype=dtype, device=device))
+        c = layer.norm2.num_features
+        if hasattr(layer.relu2, "weight"):
+            w = layer.relu2.weight.to(dtype)
+            s.append(w.expand([c]) if w.numel() == 1 else w)
+        else:
+            s.append(torch.full([c], float(layer.relu2.negative_slope), dtype=dtype, device=device))
+    return torch.cat(s)
 
 
-_VARIANTS: Dict[str, Callable] = {}
+def _block_variant(nested: bool, act: bool) -> Dict[str, Callable]:
+    """The methods a block copy gets: ``_block_fused`` (and ``_block_slopes`` for LeakyReLU / PReLU blocks, whose
+    fused method calls ``dense_block_act_forward`` with them) rewritten for MONAI's / torchxrayvision's layers, whose
+    norms, activations and convs are children of ``layer.layers`` (``nested``)."""
+    key = ("concat" if nested else "plain") + ("_act" if act else "")
+    if key not in _VARIANTS:
+        def rewrite(fn: Callable) -> str:
+            source = inspect.getsource(fn)
+            if nested:
+                source = re.sub(r"\b(layer|lay)\.(norm|conv|relu)", r"\1.layers.\2", source)
+            if act:
+                source = source.replace("densenet_fast.dense_block_forward(", "densenet_fast.dense_block_act_forward(")
+                source = source.replace("drop_rate, training, eps)",
+                                        "drop_rate, training, eps, self.dnf_slopes(x.dtype, x.device))")
+            return source
+        methods = dict(dnf_fused=torch.jit.export(_compile_method(rewrite(_block_fused), "_block_fused")))
+        if act:
+            methods["dnf_slopes"] = _compile_method(rewrite(_block_slopes), "_block_slopes")
+        _VARIANTS[key] = methods
+    return _VARIANTS[key]
+
+
+_VARIANTS: Dict[str, Dict[str, Callable]] = {}
 
 
 def _block_forward(self, init_features: Tensor) -> Tensor:
@@ -407,8 +443,8 @@ def _copy(module: nn.Module, role: str, methods: Dict[str, Callable], **attrs) -
     return new
 
 
-def _cuda_kernels() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::dense_block_forward", "CUDA")
+def _cuda_kernels(op: str = "dense_block_forward") -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{op}", "CUDA")
 
 
 def _alpha_form(norms: List[nn.Module]) -> bool:
@@ -431,16 +467,19 @@ def _block_copy(block: nn.Module) -> nn.Module:
     units = [layer_unit(layer) for layer in layers] if concat else layers
     nested = concat and any(u is not layer for u, layer in zip(units, layers))  # MONAI's layer.layers.norm1
     norms = [m for u in units for m in (u.norm1, u.norm2)]
+    acts = block_activations(units)  # None: ReLU; a list: LeakyReLU / PReLU (dense_block_act_forward); str: neither
     ok = (getattr(block, "impl", "fused") == "fused" and not isinstance(block, SEDenseBlock) and len(units) > 0
           and fusable_norms(norms) and all(_plain_bn(m) for m in norms)
           and len({layer_drop_rate(layer) for layer in layers}) == 1
           and not (concat and any("dropout" in u._modules for u in units))
-          and block_activations(units) is None)  # LeakyReLU / PReLU blocks: the reference path when scripted
-    fused = _concat_block_fused() if nested else _block_fused
-    methods = dict(forward=_block_forward, dnf_fused=torch.jit.export(fused),
+          and not isinstance(acts, str))
+    act = ok and acts is not None
+    methods = dict(_block_variant(nested, act), forward=_block_forward,
                    dnf_reference=_concat_block_reference if concat else _block_reference)
-    new = _copy(block, "Nested" if nested else "Concat" if concat else "", methods, dnf_fusable=ok,
-                dnf_cuda=_cuda_kernels(), dnf_alpha=_alpha_form(norms),
+    role = ("Nested" if nested else "Concat" if concat else "") + ("Act" if act else "")
+    new = _copy(block, role, methods, dnf_fusable=ok,
+                dnf_cuda=_cuda_kernels("dense_block_act_forward" if act else "dense_block_forward"),
+                dnf_alpha=_alpha_form(norms),
                 dnf_drop_rate=layer_drop_rate(layers[0]) if layers else 0.0,
                 dnf_rank=units[0].conv1.weight.dim() if units else 4)
     for name, layer in layers_by_name(new):
@@ -575,7 +614,8 @@ def _features_source(ff: nn.Module, pooled: bool) -> Tuple[str, Dict[str, nn.Mod
         if fused_block(m):
             nxt = mods[i + 1] if not last else None
             nname = names[i + 1] if not last else None
-            src.add(f"if {ok} and x.dim() == {_block_copy(m).dnf_rank}:")
+            copy_ = _block_copy(m)
+            src.add(f"if fusable(x, {copy_.dnf_cuda}) and x.dim() == {copy_.dnf_rank}:")
             src.depth += 1
             src.add(f"s = self.{name}.dnf_fused(x)")
             if nxt is not None and fused_transition(nxt):

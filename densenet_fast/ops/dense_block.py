@@ -219,7 +219,7 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
     Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
     actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``), drop_rate
     in eval too. ``slopes`` (:func:`pack_slopes`, BatchNorm dtype): the block's activations are LeakyReLU / PReLU
-    with these per-channel slopes instead of ReLU (``dense_block_act_forward``; CPU kernels only). The
+    with these per-channel slopes instead of ReLU (``dense_block_act_forward``; CPU and CUDA kernels). The
     operator is functional: it never writes to its arguments and its outputs are new tensors, so
     arguments may alias each other (e.g. the input sharing storage with a parameter).
     """

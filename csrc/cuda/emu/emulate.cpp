@@ -122,6 +122,23 @@ std::tuple<Tensor, Vec, Vec, Vec, Vec, Vec, Vec> block_backward(const Tensor& gr
                                              rm2, rv2, mask, p, training, eps, c0);
 }
 
+// The LeakyReLU / PReLU block (dense_block_act_forward / dense_block_act_backward).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_act_forward(const Tensor& input, Vec g1, Vec b1, Vec w1,
+                                                                     Vec g2, Vec b2, Vec w2, Vec rm1, Vec rv1, Vec rm2,
+                                                                     Vec rv2, c10::optional<Tensor> mask, double p,
+                                                                     bool training, double eps, const Tensor& slopes) {
+  return dnf::cuda_emu::dense_block_act_forward(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training,
+                                                eps, slopes);
+}
+
+std::tuple<Tensor, Vec, Vec, Vec, Vec, Vec, Vec, Tensor> block_act_backward(
+    const Tensor& grad, const Tensor& buffer, const Tensor& mean, const Tensor& var, const Tensor& mean2,
+    const Tensor& var2, Vec g1, Vec b1, Vec w1, Vec g2, Vec b2, Vec w2, Vec rm1, Vec rv1, Vec rm2, Vec rv2,
+    c10::optional<Tensor> mask, double p, bool training, double eps, int64_t c0, const Tensor& slopes) {
+  return dnf::cuda_emu::dense_block_act_backward(grad, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2, rm1,
+                                                 rv1, rm2, rv2, mask, p, training, eps, c0, slopes);
+}
+
 // autocast.cpp's AutocastCUDA logic for the CPU device (call under torch.autocast("cpu")).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_forward(const Tensor& input, Vec g1, Vec b1, Vec w1,
                                                                           Vec g2, Vec b2, Vec w2, Vec rm1, Vec rv1,
@@ -130,6 +147,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_forward(const 
   return dnf::cuda_emu::autocast::dense_block_forward(
       [](const auto&... a) { return dnf::cuda_emu::dense_block_forward(a...); }, input, g1, b1, w1, g2, b2, w2, rm1,
       rv1, rm2, rv2, mask, p, training, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_act_forward(
+    const Tensor& input, Vec g1, Vec b1, Vec w1, Vec g2, Vec b2, Vec w2, Vec rm1, Vec rv1, Vec rm2, Vec rv2,
+    c10::optional<Tensor> mask, double p, bool training, double eps, const Tensor& slopes) {
+  return dnf::cuda_emu::autocast::dense_block_act_forward(
+      [](const auto&... a) { return dnf::cuda_emu::dense_block_act_forward(a...); }, input, g1, b1, w1, g2, b2, w2,
+      rm1, rv1, rm2, rv2, mask, p, training, eps, slopes);
 }
 
 Tensor autocast_transition_forward(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
@@ -220,6 +245,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_block_forward", &block_forward);
   m.def("dense_block_backward", &block_backward);
   m.def("autocast_dense_block_forward", &autocast_block_forward);
+  m.def("dense_block_act_forward", &block_act_forward);
+  m.def("dense_block_act_backward", &block_act_backward);
+  m.def("autocast_dense_block_act_forward", &autocast_block_act_forward);
   m.def("autocast_transition_forward", &autocast_transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("conv_weight"), py::arg("training"), py::arg("eps"), gate);
   m.def("transition_forward", &dnf::cuda_emu::transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
