@@ -22,9 +22,9 @@ Blocks that cannot be fused exactly (activations other than ReLU, LeakyReLU and 
 unusual convolutions, ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
 Dense blocks with LeakyReLU / PReLU activations (MONAI's ``act="leakyrelu"`` / ``"prelu"``) are fused (CPU
 and CUDA kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU
-only, are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without running
-statistics: ``dense_block_in_forward``, CPU kernels); their transitions, stem and final norm stay MONAI's modules
-(the fused readers compute BatchNorm only), with that reason in the report.
+only, are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without
+running statistics: ``dense_block_in_forward``, CPU and CUDA kernels); their transitions, stem and final norm stay
+MONAI's modules (the fused readers compute BatchNorm only), with that reason in the report.
 
 SyncBatchNorm: a block whose norms are ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before
 or after ``convert``, or timm's ``convert_sync_batchnorm``) converts like any other. In distributed training its
@@ -378,7 +378,7 @@ def _norm_note(units: List[nn.Module]) -> str:
     if not is_instance_block(units):
         return ""
     affine = sorted({str(u.norm1.affine) for u in units} | {str(u.norm2.affine) for u in units})
-    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU kernels; other devices and TorchScript run the "
+    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU and CUDA kernels; TorchScript runs the "
             "reference path)")
 
 
