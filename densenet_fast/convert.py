@@ -21,10 +21,10 @@ reference path (used when the fused kernels cannot run) calls them exactly as to
 Blocks that cannot be fused exactly (activations other than ReLU, LeakyReLU and PReLU, blur-pool transitions,
 unusual convolutions, ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
 Dense blocks with LeakyReLU / PReLU activations (MONAI's ``act="leakyrelu"`` / ``"prelu"``) are fused (CPU
-and CUDA kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU only,
-are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without running
-statistics: ``dense_block_in_forward``, CPU kernels); their transitions, stem and final norm stay MONAI's modules
-(the fused readers compute BatchNorm only), with that reason in the report.
+and CUDA kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU
+only, are left alone. So are MONAI dense blocks with InstanceNorm (``norm="instance"``, affine or not, without
+running statistics: ``dense_block_in_forward``, CPU and CUDA kernels); their transitions, stem and final norm stay
+MONAI's modules (the fused readers compute BatchNorm only), with that reason in the report.
 
 SyncBatchNorm: a block whose norms are ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before
 or after ``convert``, or timm's ``convert_sync_batchnorm``) converts like any other. In distributed training its
@@ -378,8 +378,7 @@ def _norm_note(units: List[nn.Module]) -> str:
     if not is_instance_block(units):
         return ""
     affine = sorted({str(u.norm1.affine) for u in units} | {str(u.norm2.affine) for u in units})
-    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU kernels, when scripted too; other devices run "
-            "the reference path)")
+    return (f", InstanceNorm (affine={'/'.join(affine)}) fused (CPU and CUDA kernels, when scripted too)")
 
 
 def _concat_transition_problem(t: nn.Module) -> Optional[str]:

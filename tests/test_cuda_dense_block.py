@@ -867,3 +867,120 @@ def test_opcheck_act_block(cuda, training):
     args = (x, *[P[n] for n in ("g1", "b1", "w1", "g2", "b2", "w2")], *running, None, 0.0, training, 1e-5,
             slopes.float().to(cuda))
     torch.library.opcheck(OPS.dense_block_act_forward, args)
+
+
+# --- InstanceNorm blocks (dense_block_in_forward / _backward) ------------------------------------------------------
+
+def test_in_kernels_registered():
+    if not dnf.build_info()["cuda"]:
+        pytest.skip("extension built without CUDA kernels")
+    for op in ("dense_block_in_forward", "dense_block_in_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"densenet_fast::{op}", "CUDA"), op
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("densenet_fast::dense_block_in_forward", "AutocastCUDA")
+
+
+MONAI_IN = {"instance": ("instance", "relu"), "instance_affine": (("instance", {"affine": True}), "relu"),
+            "instance_leaky": (("instance", {"affine": True}), ("leakyrelu", {"negative_slope": 0.1}))}
+
+
+def _monai_in(spatial_dims, kind, dtype):
+    from test_instance_norm import _monai
+    norm, act = MONAI_IN[kind]
+    return _monai(spatial_dims, norm, dtype, act=act)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("kind", list(MONAI_IN))
+def test_monai_instance_fp64_parity_on_cuda(cuda, kind, spatial_dims, batch):
+    """A converted MONAI DenseNet with norm="instance" (affine or not, ReLU or LeakyReLU) on CUDA, fp64: its blocks
+    run the CUDA InstanceNorm operators (no fallback warning), and outputs and every gradient match the unconverted
+    MONAI model over two SGD steps to 1e-9."""
+    import warnings
+
+    from convert_utils import assert_state_close
+    from test_monai_xrv import SHAPES, _inputs, _train_steps
+
+    from densenet_fast._warn import forget
+
+    model = _monai_in(spatial_dims, kind, torch.float64).to(cuda)
+    ref = copy.deepcopy(model)
+    dnf.convert(model, warn=False)
+    forget("block:")
+    inputs = [x.to(cuda) for x in _inputs((batch,) + SHAPES[spatial_dims][1:])]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"densenet_fast\.(Concat)?DenseBlock")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            _train_steps([model, ref], inputs, 1e-9)
+    ran = {e.name for e in prof.events()}
+    assert {"densenet_fast::dense_block_in_forward", "densenet_fast::dense_block_in_backward"} <= ran
+    assert_state_close(model, ref, 1e-9)
+
+
+@pytest.mark.parametrize("slopes_on", [False, True], ids=["relu", "prelu"])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_in_ops_match_cpu_fp32(cuda, spatial_dims, slopes_on):
+    """The CUDA InstanceNorm operators against the CPU ones (the specification) in fp32: buffer, per-sample
+    statistics and every gradient (the slopes' included)."""
+    from test_cuda_emulation import IN_GEOMS, in_operands, monai_in_block, run_in
+
+    C0, *spatial = IN_GEOMS[spatial_dims]
+    P, _ = in_operands(monai_in_block(spatial_dims, "instance_affine", "relu", C0, seed=4))
+    P = {n: [t.float() for t in lst] for n, lst in P.items()}
+    slopes = None
+    if slopes_on:
+        n = sum(t.numel() for t in P["g1"] + P["g2"])
+        slopes = torch.rand(n, generator=torch.Generator().manual_seed(7)) * 0.7 - 0.2
+    x = torch.randn(3, C0, *spatial, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(3, C0 + 9, *spatial, generator=torch.Generator().manual_seed(6))
+    spec = run_in(OPS, x, P, slopes, grad)
+    to = lambda t: None if t is None else t.to(cuda)  # noqa: E731
+    got = run_in(OPS, to(x), {n: [to(t) for t in lst] for n, lst in P.items()}, to(slopes), to(grad))
+    for a, b in zip(got[0], spec[0]):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        assert rel_l2_err(a.cpu(), b) <= 1e-5
+    flat = lambda r: [r[0]] + [t for lst in r[1:7] for t in lst] + [r[7]]  # noqa: E731
+    for a, b in zip(flat(got[1]), flat(spec[1])):
+        assert a.shape == b.shape
+        if b.numel():
+            assert rel_l2_err(a.cpu(), b) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["instance", "instance_leaky"])
+def test_monai_instance_autocast_bf16_vs_fp64_truth_on_cuda(cuda, kind):
+    """Under CUDA bf16 autocast: output and every parameter gradient no worse than 1.5x MONAI's own bf16 error
+    against the fp64 truth, summed over three seeds."""
+    base = _monai_in(2, kind, torch.float32).to(cuda).train()
+    ours = dnf.convert(copy.deepcopy(base), warn=False)
+    truth = copy.deepcopy(base).double()
+
+    def step(m, xin, gin, autocast):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xin)
+        y.backward(gin.to(y.dtype))
+        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
+    for seed in range(3):
+        x = torch.randn(3, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(cuda)
+        g = torch.randn(3, 3, generator=torch.Generator().manual_seed(10 + seed)).to(cuda)
+        yo, go = step(ours, x, g, True)
+        yr, gr = step(base, x, g, True)
+        yt, gt = step(truth, x.double(), g.double(), False)
+        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
+            errs[what][0] += rel_l2_err(a, t)
+            errs[what][1] += rel_l2_err(b, t)
+    for what, (err_o, err_r) in errs.items():
+        assert err_o <= 1.5 * err_r + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_r:.3e}"
+
+
+def test_opcheck_in_block(cuda):
+    from test_cuda_emulation import IN_GEOMS, in_operands, monai_in_block
+
+    C0, *spatial = IN_GEOMS[2]
+    P, slopes = in_operands(monai_in_block(2, "instance_affine", "leaky", C0, seed=4))
+    P = {n: [t.float().to(cuda) for t in lst] for n, lst in P.items()}
+    x = torch.randn(3, C0, *spatial, device=cuda)
+    args = (x, *[P[n] for n in ("g1", "b1", "w1", "g2", "b2", "w2")], 1e-5, slopes.float().to(cuda))
+    torch.library.opcheck(OPS.dense_block_in_forward, args)

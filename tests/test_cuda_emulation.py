@@ -14,7 +14,8 @@ threads run in a permuted order; bn_gemm_tile.cuh's launch_bn_relu_gemm with the
 fused GEMM emulated), compiles autocast.cpp's cast logic for the CPU device, and covers shapes with
 many reduction chunks and two tree levels, grid.y > 1 in the fused GEMM, float16/bfloat16 models,
 the fused path's dispatch rule and the NaN/Inf rules of csrc/common/nonfinite.h against the CPU kernels, and the
-LeakyReLU / PReLU block (dense_block_act_*) against MONAI's own module in fp64 and the CPU act operators.
+LeakyReLU / PReLU block (dense_block_act_*) and the InstanceNorm block (dense_block_in_*) against MONAI's own
+modules in fp64 and the CPU operators.
 
 The emulation module is JIT-built once (about a minute) into torch's extension cache.
 """
@@ -981,6 +982,164 @@ def test_act_block_takes_the_simple_path_under_fused_gemm(emu, fused_env):
     simple = run_act(emu, x, P, slopes.float(), True, grad)
     assert all(torch.equal(a, b) for a, b in zip(fused[0], simple[0]))
     assert torch.equal(fused[1][7], simple[1][7]) and torch.equal(fused[1][0], simple[1][0])
+
+
+# --- the InstanceNorm block (dense_block_in_*): MONAI's module in fp64, the CPU operators -------------------------
+
+IN_NORMS = {"instance": "instance", "instance_affine": ("instance", {"affine": True})}
+IN_ACTS = {"relu": "relu", "leaky": ("leakyrelu", {"negative_slope": 0.1})}
+IN_GEOMS = {2: (5, 7, 6), 3: (3, 5, 3, 4)}  # C0 and spatial sizes, odd
+
+
+def monai_in_block(spatial_dims, norm, act, C0, L=3, k=3, bs=2, seed=0):
+    """MONAI's _DenseBlock with InstanceNorm layers, fp64; an affine norm gets random weights and biases."""
+    densenet = pytest.importorskip("monai.networks.nets.densenet")
+    torch.manual_seed(seed)
+    block = densenet._DenseBlock(spatial_dims, L, C0, bs, k, 0.0, act=IN_ACTS[act], norm=IN_NORMS[norm]).double()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in block:
+            for nm in (layer.layers.norm1, layer.layers.norm2):
+                if nm.affine:
+                    nm.weight.copy_(0.5 + torch.rand(nm.num_features, generator=g, dtype=torch.float64))
+                    nm.bias.copy_(0.3 * torch.randn(nm.num_features, generator=g, dtype=torch.float64))
+    return block
+
+
+def in_operands(block):
+    """(P, slopes) of a MONAI InstanceNorm block: ORDER's lists (ones / zeros for affine=False norms), the packed
+    LeakyReLU slopes or None."""
+    seqs = [layer.layers for layer in block]
+
+    def wb(nm):
+        if nm.affine:
+            return nm.weight.detach().clone(), nm.bias.detach().clone()
+        c = nm.num_features
+        return torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)
+
+    n1, n2 = [wb(s.norm1) for s in seqs], [wb(s.norm2) for s in seqs]
+    P = {"g1": [w for w, _ in n1], "b1": [b for _, b in n1], "w1": [s.conv1.weight.detach().clone() for s in seqs],
+         "g2": [w for w, _ in n2], "b2": [b for _, b in n2], "w2": [s.conv2.weight.detach().clone() for s in seqs]}
+    if not isinstance(seqs[0].relu1, torch.nn.LeakyReLU):
+        return P, None
+    slopes = block_ops.pack_slopes(
+        [torch.full((s.norm1.num_features,), s.relu1.negative_slope, dtype=torch.float64) for s in seqs],
+        [torch.full((s.norm2.num_features,), s.relu2.negative_slope, dtype=torch.float64) for s in seqs])
+    return P, slopes
+
+
+def run_in(ops, x, P, slopes, grad):
+    out = ops.dense_block_in_forward(x, *[P[n] for n in ORDER], 1e-5, slopes)
+    back = ops.dense_block_in_backward(grad, *out, *[P[n] for n in ORDER], 1e-5, x.shape[1], slopes)
+    return out, back
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("act", list(IN_ACTS))
+@pytest.mark.parametrize("norm", list(IN_NORMS))
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_in_block_matches_monai_fp64(emu, spatial_dims, norm, act, batch):
+    """The emulated CUDA InstanceNorm operators against MONAI's _DenseBlock(norm="instance" / affine, act ReLU /
+    LeakyReLU) in fp64: the output, the per-sample statistics, the input gradient and every parameter gradient."""
+    C0, *spatial = IN_GEOMS[spatial_dims]
+    block = monai_in_block(spatial_dims, norm, act, C0).train()
+    P, slopes = in_operands(block)
+    x = torch.randn(batch, C0, *spatial, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_(True)
+    want = block(xr)
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want.backward(grad)
+    out, back = run_in(emu, x, P, slopes, grad)
+    assert rel_l2_err(out[0], want) <= 1e-9
+    assert out[0].is_contiguous(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    dims = tuple(range(2, want.dim()))
+    assert rel_l2_err(out[1], want.detach().mean(dims)) <= 1e-9
+    assert rel_l2_err(out[2], want.detach().var(dims, unbiased=False)) <= 1e-9
+    assert out[3].shape == out[4].shape == (3, batch, 2 * 3)
+    assert rel_l2_err(back[0], xr.grad) <= 1e-9
+    seqs = [layer.layers for layer in block]
+    for i, name in enumerate(("norm1.weight", "norm1.bias", "conv1.weight", "norm2.weight", "norm2.bias",
+                              "conv2.weight")):
+        for layer, (got, s) in enumerate(zip(back[1 + i], seqs)):
+            if name.startswith("norm") and not s.norm1.affine:
+                assert got.shape == P[ORDER[i]][layer].shape  # ones / zeros of an affine=False norm
+                continue
+            assert rel_l2_err(got, s.get_parameter(name).grad) <= 1e-9, f"layer {layer + 1} {name}"
+    assert back[7].shape == ((0,) if slopes is None else slopes.shape)
+
+
+@pytest.mark.parametrize("slopes_on", [False, True], ids=["relu", "prelu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_in_block_matches_cpu_operator(emu, spatial_dims, dtype, slopes_on):
+    """The emulated CUDA InstanceNorm operators against the CPU ones (affine norms; per-channel slopes of both
+    signs, their gradient included): every output and every gradient, fp64 to roundoff, fp32 closely."""
+    C0, *spatial = IN_GEOMS[spatial_dims]
+    P, _ = in_operands(monai_in_block(spatial_dims, "instance_affine", "relu", C0, seed=4))
+    P = {n: [t.to(dtype) for t in lst] for n, lst in P.items()}
+    slopes = None
+    if slopes_on:
+        n = sum(t.numel() for t in P["g1"] + P["g2"])
+        slopes = (torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(7)) * 0.7 - 0.2).to(dtype)
+    x = torch.randn(3, C0, *spatial, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    grad = torch.randn(3, C0 + 9, *spatial, dtype=dtype, generator=torch.Generator().manual_seed(6))
+    ours, spec = run_in(emu, x, P, slopes, grad), run_in(OPS, x, P, slopes, grad)
+    tol = 1e-9 if dtype == torch.float64 else 2e-5
+    for a, b in zip(ours[0], spec[0]):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert rel_l2_err(a, b) <= tol
+    flat = lambda r: [r[0]] + [t for lst in r[1:7] for t in lst] + [r[7]]  # noqa: E731
+    for a, b in zip(flat(ours[1]), flat(spec[1])):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if b.numel():
+            assert rel_l2_err(a, b) <= (1e-9 if dtype == torch.float64 else 1e-4)
+
+
+def test_in_block_half_and_autocast(emu):
+    """bfloat16 data: norm tensors in float32, the outputs' metadata as the fake kernel declares; the autocast logic
+    casts input and conv weights only (norm weights and slopes stay float32). Against MONAI in float32."""
+    from densenet_fast.ops import instance_block as in_ops
+
+    block = monai_in_block(2, "instance_affine", "leaky", 5, seed=7).train()
+    P, slopes = in_operands(block)
+    P32 = {n: [t.float() for t in lst] for n, lst in P.items()}
+    x = torch.randn(2, 5, 7, 6, generator=torch.Generator().manual_seed(8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = emu.autocast_dense_block_in_forward(x, *[P32[n] for n in ORDER], 1e-5, slopes.float())
+    cast = {n: [t.bfloat16() if n in ("w1", "w2") else t for t in lst] for n, lst in P32.items()}
+    want = emu.dense_block_in_forward(x.bfloat16(), *[cast[n] for n in ORDER], 1e-5, slopes.float())
+    fake = in_ops._dense_block_in_forward_fake(x.bfloat16(), *[cast[n] for n in ORDER], 1e-5, slopes.float())
+    for a, b, f in zip(got, want, fake):
+        assert torch.equal(a, b)
+        assert a.dtype == f.dtype and a.shape == f.shape and a.stride() == f.stride()
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    assert rel_l2_err(got[0].float(), block.float()(x)) <= 2e-2
+    grad = torch.randn(got[0].shape, generator=torch.Generator().manual_seed(9)).bfloat16()
+    back = emu.dense_block_in_backward(grad, *got, *[cast[n] for n in ORDER], 1e-5, 5, slopes.float())
+    fake_back = in_ops._dense_block_in_backward_fake(grad, *got, *[cast[n] for n in ORDER], 1e-5, 5, slopes.float())
+    flat = lambda r: [r[0]] + [t for lst in r[1:7] for t in lst] + [r[7]]  # noqa: E731
+    for a, f in zip(flat(back), flat(fake_back)):
+        assert a.dtype == f.dtype and a.shape == f.shape and a.is_contiguous() == f.is_contiguous()
+
+
+def test_in_block_errors(emu):
+    """The CPU operators' argument errors: slopes, one spatial element (F.instance_norm's ValueError), the backward's
+    per-sample statistics."""
+    P, slopes = in_operands(monai_in_block(2, "instance", "leaky", 5))
+    Pl = [P[n] for n in ORDER]
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"slopes \(per layer: .*\): expected shape \[\d+\], got \[\d+\]"):
+        emu.dense_block_in_forward(x, *Pl, 1e-5, slopes[:-1])
+    with pytest.raises(RuntimeError, match="slopes: expected dtype Double"):
+        emu.dense_block_in_forward(x, *Pl, 1e-5, slopes.float())
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element when training"):
+        emu.dense_block_in_forward(x[:, :, :1, :1], *Pl, 1e-5)
+    out = emu.dense_block_in_forward(x, *Pl, 1e-5)
+    grad = torch.randn(out[0].shape, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"mean: expected shape \[2, 14\]"):
+        emu.dense_block_in_backward(grad, out[0], out[1][0], *out[2:], *Pl, 1e-5, 5)
+    with pytest.raises(RuntimeError, match=r"mean2: expected shape \[3, 2, 6\]"):
+        emu.dense_block_in_backward(grad, *out[:3], out[3][0], out[4], *Pl, 1e-5, 5)
 
 
 # --- NaN/Inf: one rule (csrc/common/nonfinite.h), the same results as the CPU kernels ---------------

@@ -1,5 +1,5 @@
-// AutocastCUDA kernels: under torch.autocast("cuda", dtype=D) the dense block (ReLU and LeakyReLU / PReLU) and the
-// transition run with their input and conv weights cast to D (cached casts, as for F.conv2d), while every
+// AutocastCUDA kernels: under torch.autocast("cuda", dtype=D) the dense block (ReLU and LeakyReLU / PReLU, BatchNorm
+// and InstanceNorm) and the transition run with their input and conv weights cast to D (cached casts, as for F.conv2d), while every
 // BatchNorm tensor (weights, biases, running statistics, activation slopes) stays float32: the kernels compute BN in
 // float32 for float16/bfloat16 data and the argument checks expect float32 BN tensors there.
 // float64 inputs, and tensors autocast does not handle, pass through unchanged. The other operators
@@ -39,6 +39,9 @@ using BlockForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
 using BlockActForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
     TensorList, TensorList, const std::optional<Tensor>&, double, bool, double, const Tensor&);
+using BlockInForwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList, double,
+    const std::optional<Tensor>&);
 using TransitionForwardFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, bool, double, const std::optional<Tensor>&);
 
@@ -69,6 +72,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_act_forward(
           TensorList a7, TensorList a8, TensorList a9, TensorList a10, const std::optional<Tensor>& m, double q,
           bool t, double e) { return call(x, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, m, q, t, e, slopes); },
       input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps);
+}
+
+// The InstanceNorm block: as dense_block_forward (no running statistics or dropout); its norm weights, biases and
+// slopes stay float32.
+template <class Call>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_in_forward(
+    const Call& call, const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2,
+    TensorList w2, double eps, const std::optional<Tensor>& slopes) {
+  return dense_block_forward(
+      [&](const Tensor& x, TensorList a1, TensorList a2, TensorList a3, TensorList a4, TensorList a5, TensorList a6,
+          TensorList, TensorList, TensorList, TensorList, const std::optional<Tensor>&, double, bool,
+          double e) { return call(x, a1, a2, a3, a4, a5, a6, e, slopes); },
+      input, g1, b1, w1, g2, b2, w2, {}, {}, {}, {}, std::nullopt, 0.0, true, eps);
 }
 
 // The SE gate, like the BN tensors, stays float32.
@@ -109,6 +125,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_act_forward_kerne
                                  rv1, rm2, rv2, mask, p, training, eps, slopes);
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_in_forward_kernel(
+    const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2, TensorList w2,
+    double eps, const std::optional<Tensor>& slopes) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("densenet_fast::dense_block_in_forward", "")
+                       .typed<BlockInForwardFn>();
+  return dense_block_in_forward([&](const auto&... a) { return op.call(a...); }, input, g1, b1, w1, g2, b2, w2, eps,
+                                slopes);
+}
+
 Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const Tensor& var, const Tensor& weight,
                                  const Tensor& bias, const Tensor& conv_weight, bool training, double eps,
                                  const std::optional<Tensor>& gate) {
@@ -124,6 +150,7 @@ Tensor transition_forward_kernel(const Tensor& input, const Tensor& mean, const 
 TORCH_LIBRARY_IMPL(densenet_fast, AutocastCUDA, m) {
   m.impl("dense_block_forward", &dense_block_forward_kernel);
   m.impl("dense_block_act_forward", &dense_block_act_forward_kernel);
+  m.impl("dense_block_in_forward", &dense_block_in_forward_kernel);
   m.impl("transition_forward", &transition_forward_kernel);
 }
 #endif

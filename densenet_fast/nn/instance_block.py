@@ -3,8 +3,9 @@
 ``DenseBlock`` / ``ConcatDenseBlock`` call :func:`instance_block_problem` and :func:`instance_fused_forward` for a
 block whose ``norm1``/``norm2`` are all ``nn.InstanceNorm2d`` / ``nn.InstanceNorm3d`` (docs/design.md §3,
 "InstanceNorm blocks"). Fused: ``affine`` False or True (mixed too), no running statistics, one eps, ReLU or
-LeakyReLU / PReLU activations, CPU float32 / float64 / bfloat16 (autocast). Everything else takes the reference path
-with a one-time warning that says why (CUDA tensors included: no CUDA kernel yet).
+LeakyReLU / PReLU activations, CPU float32 / float64 / bfloat16 (autocast), and CUDA where the extension was built
+with its CUDA kernels (float32 / float64, float16 / bfloat16 under autocast or as a .half() / .bfloat16() model).
+Everything else takes the reference path with a one-time warning that says why.
 """
 from __future__ import annotations
 
@@ -65,12 +66,19 @@ def instance_block_problem(units: List[nn.Module], x: Tensor) -> Optional[str]:
     problem = instance_layers_problem(units)
     if problem:
         return problem
-    if x.device.type != "cpu":
-        return (f"its norms are InstanceNorm, which only the CPU kernels fuse ({x.device.type} runs the reference "
-                "path; docs/medical.md)")
+    if not in_kernel_ok(x):
+        return (f"its norms are InstanceNorm, which the {x.device.type} kernels do not fuse (CPU, and CUDA where "
+                "the extension was built with CUDA; docs/medical.md)")
     if not fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
         return f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
     return None
+
+
+def in_kernel_ok(x: Tensor) -> bool:
+    """Whether ``dense_block_in_forward`` has a kernel for ``x``'s device: CPU, and CUDA where the extension was built
+    with its CUDA kernels."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "densenet_fast::dense_block_in_forward", "CUDA"))
 
 
 def _affine(norm: nn.Module, channels: int, dtype: torch.dtype, device: torch.device):
@@ -82,7 +90,7 @@ def _affine(norm: nn.Module, channels: int, dtype: torch.dtype, device: torch.de
 
 def instance_fused_forward(units: List[nn.Module], x: Tensor) -> _in_ops.InstanceBlockOutput:
     """Runs an InstanceNorm block (``units``: the layers' norm1/conv1/norm2/conv2 holders) through
-    ``dense_block_in_forward`` on the CPU; ``x`` [N, C0, (D,) H, W]. Nothing to update afterwards (no running
+    ``dense_block_in_forward`` (CPU or CUDA); ``x`` [N, C0, (D,) H, W]. Nothing to update afterwards (no running
     statistics)."""
     from densenet_fast.nn.dense_block import _kernel_autocast, block_activations, block_slopes
 

@@ -1,9 +1,9 @@
 """Python side of ``torch.ops.densenet_fast.dense_block_in_forward`` (the InstanceNorm dense block): fake kernels and
 the entry point.
 
-The CPU kernels are in csrc/cpu/dense_block_in_cpu.cpp, the autograd in csrc/autograd/dense_block_in_autograd.cpp
-(docs/design.md §3, "InstanceNorm blocks"). There is no CUDA kernel: the modules run a CUDA block on the reference
-path, with a warning (densenet_fast/nn/instance_block.py).
+The CPU kernels are in csrc/cpu/dense_block_in_cpu.cpp, the CUDA ones in csrc/cuda/dense_block_in_impl.h (an
+AutocastCUDA kernel too), the autograd in csrc/autograd/dense_block_in_autograd.cpp (docs/design.md §3,
+"InstanceNorm blocks").
 """
 from __future__ import annotations
 
@@ -93,9 +93,9 @@ class InstanceBlockOutput(NamedTuple):
 def fused_instance_block(input: Tensor, params: InstanceBlockParams, *, eps: float = 1e-5,
                          slopes: Optional[Tensor] = None) -> InstanceBlockOutput:
     """A whole dense block with InstanceNorm (no running statistics: train and eval compute the same) as one fused
-    operator (CPU): input [N, C0, (D,) H, W] -> :class:`InstanceBlockOutput`. ``slopes`` (``pack_slopes``): LeakyReLU
-    / PReLU activations instead of ReLU. Arguments are validated by the operator (RuntimeError naming the argument,
-    ValueError for a single spatial element, as ``F.instance_norm``)."""
+    operator (CPU or CUDA): input [N, C0, (D,) H, W] -> :class:`InstanceBlockOutput`. ``slopes`` (``pack_slopes``):
+    LeakyReLU / PReLU activations instead of ReLU. Arguments are validated by the operator (RuntimeError naming the
+    argument, ValueError for a single spatial element, as ``F.instance_norm``)."""
     if not isinstance(input, Tensor):
         raise TypeError(f"input: expected a Tensor, got {type(input).__name__}")
     if not isinstance(params, tuple) or len(params) != len(InstanceBlockParams._fields):

@@ -18,6 +18,7 @@
 #include "cuda/bn_gemm.h"
 #include "cuda/bn_gemm_tile.cuh"
 #include "cuda/dense_block_impl.h"
+#include "cuda/dense_block_in_impl.h"
 #include "cuda/tail_impl.h"
 
 namespace dnf::cuda_emu {
@@ -139,6 +140,30 @@ std::tuple<Tensor, Vec, Vec, Vec, Vec, Vec, Vec, Tensor> block_act_backward(
                                                  rv1, rm2, rv2, mask, p, training, eps, c0, slopes);
 }
 
+// The InstanceNorm block (dense_block_in_forward / dense_block_in_backward).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> block_in_forward(const Tensor& input, Vec g1, Vec b1, Vec w1,
+                                                                    Vec g2, Vec b2, Vec w2, double eps,
+                                                                    c10::optional<Tensor> slopes) {
+  return dnf::cuda_emu::dense_block_in_forward(input, g1, b1, w1, g2, b2, w2, eps, slopes);
+}
+
+std::tuple<Tensor, Vec, Vec, Vec, Vec, Vec, Vec, Tensor> block_in_backward(
+    const Tensor& grad, const Tensor& buffer, const Tensor& mean, const Tensor& var, const Tensor& mean2,
+    const Tensor& var2, Vec g1, Vec b1, Vec w1, Vec g2, Vec b2, Vec w2, double eps, int64_t c0,
+    c10::optional<Tensor> slopes) {
+  return dnf::cuda_emu::dense_block_in_backward(grad, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2, eps, c0,
+                                                slopes);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_in_forward(const Tensor& input, Vec g1, Vec b1,
+                                                                             Vec w1, Vec g2, Vec b2, Vec w2,
+                                                                             double eps,
+                                                                             c10::optional<Tensor> slopes) {
+  return dnf::cuda_emu::autocast::dense_block_in_forward(
+      [](const auto&... a) { return dnf::cuda_emu::dense_block_in_forward(a...); }, input, g1, b1, w1, g2, b2, w2, eps,
+      slopes);
+}
+
 // autocast.cpp's AutocastCUDA logic for the CPU device (call under torch.autocast("cpu")).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> autocast_block_forward(const Tensor& input, Vec g1, Vec b1, Vec w1,
                                                                           Vec g2, Vec b2, Vec w2, Vec rm1, Vec rv1,
@@ -248,6 +273,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_block_act_forward", &block_act_forward);
   m.def("dense_block_act_backward", &block_act_backward);
   m.def("autocast_dense_block_act_forward", &autocast_block_act_forward);
+  const auto slopes = py::arg("slopes") = py::none();
+  m.def("dense_block_in_forward", &block_in_forward, py::arg("input"), py::arg("g1"), py::arg("b1"), py::arg("w1"),
+        py::arg("g2"), py::arg("b2"), py::arg("w2"), py::arg("eps"), slopes);
+  m.def("dense_block_in_backward", &block_in_backward, py::arg("grad"), py::arg("buffer"), py::arg("mean"),
+        py::arg("var"), py::arg("mean2"), py::arg("var2"), py::arg("g1"), py::arg("b1"), py::arg("w1"), py::arg("g2"),
+        py::arg("b2"), py::arg("w2"), py::arg("eps"), py::arg("c0"), slopes);
+  m.def("autocast_dense_block_in_forward", &autocast_block_in_forward, py::arg("input"), py::arg("g1"),
+        py::arg("b1"), py::arg("w1"), py::arg("g2"), py::arg("b2"), py::arg("w2"), py::arg("eps"), slopes);
   m.def("autocast_transition_forward", &autocast_transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
         py::arg("weight"), py::arg("bias"), py::arg("conv_weight"), py::arg("training"), py::arg("eps"), gate);
   m.def("transition_forward", &dnf::cuda_emu::transition_forward, py::arg("input"), py::arg("mean"), py::arg("var"),
