@@ -24,6 +24,7 @@
 #include "cpu/kernels.h"
 #include "cpu/workspace.h"
 
+#include <chrono>
 #include <type_traits>
 
 namespace dnf::cpu::DNF_ISA {
@@ -77,11 +78,13 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   T* X = buffer.data_ptr<T>();
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
   // Y: the bottleneck pre-activation (T, as torchvision's conv1 output); V = relu(bn2(Y)), the 3x3 conv
-  // input, written in place of Y once its statistics are taken.
+  // input, written in place of Y once its statistics are taken, or, where a bfloat16 block's 3x3 forward
+  // computes in float32 (conv3x3.h), as float: rounded to bfloat16 and widened again, the pass's widened copy
+  // of V made in the same loop.
   Tensor y = empty_cl(g, inter, buffer.options());
-  Tensor v = y;
+  const bool v_float = std::is_same_v<T, c10::BFloat16> && bf16_conv_compute(g.dims, ConvPass::kForward) == at::kFloat;
+  Tensor v = v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
-  T* V = Y;
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t c = g.in_channels(l);
@@ -109,9 +112,14 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
     {
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
-      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V);
+      if (v_float) {
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>());
+      } else {
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>());
+      }
     }
-    Tensor out = apply_dropout(conv3x3(v, w2[l].to(v.scalar_type()), g.dims), mask, l, g.k, p);
+    const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
+    Tensor out = apply_dropout(conv3x3(v, W2, g.dims), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
@@ -270,12 +278,16 @@ class BlockBackward {
     const int64_t c = geom_.in_channels(l);
     finalized_columns(c, geom_.k, op_.training && block_channels_have_reader(l, geom_.L), dout_.data_ptr<T>());
     const Tensor dout = apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
-    // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
-    // ATen would make (and drop) the layout copy in each of the two calls.
-    const Tensor W2 = op_.w2[l].to(buffer_.scalar_type()).contiguous(cl_format(geom_.dims));
+    // In each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the activations'
+    // layout, once per layer (conv3x3.h).
+    const at::ScalarType st = buffer_.scalar_type();
+    const Tensor W2 = conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
+    const bool same = st != at::kBFloat16 || bf16_conv_compute(geom_.dims, ConvPass::kWeightGrad) ==
+                                                 bf16_conv_compute(geom_.dims, ConvPass::kInputGrad);
+    const Tensor W2w = same ? W2 : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kWeightGrad);
     // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
     // float32: conv3x3.h)
-    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
+    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
     const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)));
     ThreadPartials<acc_t> partials(2 * geom_.inter);
@@ -343,9 +355,21 @@ class BlockBackward {
   // Stage 4. Per tile of rows: dY from dz (BN2 backward, second half, with the means m1, m2 of stage 3),
   // then the 1x1 conv + BN1/ReLU backward with the recomputed input tile U: dW1 += dY^T U, dU = dY W1
   // masked by U > 0, G[:, :c] += a1*dU, and the per-channel sums of dU and dU*xhat1 (the BN1 parameter
-  // gradients, and the layer's share of the merged finalisation S1, S2).
+  // gradients, and the layer's share of the merged finalisation S1, S2). A bfloat16 stage computed in float32
+  // (bf16_gemm_compute()) multiplies the same bfloat16 values of U, dY and W1 widened to float (the products of
+  // bfloat16 values are exact in float: only the order of the float sums differs).
   void gemm1x1_bn1_backward(int64_t l, const LayerFold<F>& f, T* dV, const F* m1, const F* m2) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (bf16_gemm_compute() == at::kFloat) return gemm1x1_bn1_backward_as<F>(l, f, dV, m1, m2);
+    }
+    gemm1x1_bn1_backward_as<T>(l, f, dV, m1, m2);
+  }
+
+  // Stage 4 with the products' operands of type Op (T, or F for a bfloat16 stage computed in float32).
+  template <typename Op>
+  void gemm1x1_bn1_backward_as(int64_t l, const LayerFold<F>& f, T* dV, const F* m1, const F* m2) {
     RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
+    constexpr bool kInPlace = std::is_same_v<Op, T>;  // dY written over dz (V_'s rows) as the products' operand
     const int64_t c = f.c, inter = geom_.inter, Ct = geom_.Ct;
     const bool training = op_.training;
     const T* Y = Y_.data_ptr<T>();
@@ -354,41 +378,50 @@ class BlockBackward {
     const F *a1 = f.a1.data(), *b1 = f.b1.data(), *mu1 = f.mean1, *is1 = f.invstd1.data();
     const F *a2 = f.a2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
     const Tensor& W1t = f.W1;
-    const T* W1 = W1t.data_ptr<T>();
+    std::vector<Op> W1wide;  // W1 widened once per layer (a bfloat16 stage computed in float32)
+    const Op* W1 = nullptr;
+    if constexpr (kInPlace) {
+      W1 = W1t.data_ptr<T>();
+    } else {
+      W1wide = widened(W1t.data_ptr<T>(), inter * c);
+      W1 = W1wide.data();
+    }
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M_ + tr - 1) / tr;
     ThreadPartials<F> dw_partials(inter * c);
     ThreadPartials<acc_t> sum_partials(2 * c);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> U(tr * c);
+      std::vector<Op> U(tr * c), dYt(kInPlace ? 0 : tr * inter);
       std::vector<F> dU(tr * c), ts(2 * c);
       F* dw = dw_partials.mine();
       acc_t* s = sum_partials.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tr, nr = std::min(tr, M_ - r0);
+        Op* dY = dYt.data();
+        if constexpr (kInPlace) dY = dV + r0 * inter;
         for (int64_t r = r0; r < r0 + nr; ++r) {
           const T* yr = Y + r * inter;
-          T* dvr = dV + r * inter;
+          const T* dvr = dV + r * inter;
+          Op* dyr = dY + (r - r0) * inter;
           if (training) {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F xhat = (to_f<F>(yr[j]) - mu2[j]) * is2[j];
-              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
+              dyr[j] = stored_as<T, Op>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
             }
           } else {
             // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dyr[j] = stored_as<T, Op>(a2[j] * to_f<F>(dvr[j]));
           }
         }
         bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data());
-        gemm_acc('N', 'T', c, inter, nr, U.data(), c, dV + r0 * inter, inter, F(1), dw, c);
-        gemm_acc('N', 'N', c, nr, inter, W1, c, dV + r0 * inter, inter, F(0), dU.data(), c);
+        gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
           T* gr = G + (r0 + r) * Ct;
-          const T* ur = U.data() + r * c;
+          const Op* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           DNF_SIMD for (int64_t j = 0; j < c; ++j) {
             const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
@@ -473,6 +506,51 @@ class BlockBackward {
   Tensor dout_;  // the layer's output gradient [rows, k]
 };
 
+// Seconds of a bfloat16 block's 1x1 stage computed in float32 (fp32) or in bfloat16, for gemm_engine.cpp's
+// choice (bf16_gemm_compute()): a densenet121 layer of block 3 at batch 8 (1568 rows, 512 -> 128 channels), the
+// forward product with its BN-ReLU prologue and V (the backward's recompute), then, per tile on the threads, the
+// backward's prologue and its two products. The best of three runs after a warm-up.
+double time_bf16_1x1_stage(bool fp32) {
+  using B = c10::BFloat16;
+  const int64_t M = 1568, c = 512, n = 128;
+  const std::vector<B> X(M * c, B(0.25f)), W(n * c, B(0.03f)), dY(M * n, B(0.01f));
+  const std::vector<float> a(c, 0.5f), b(c, 0.1f), a2(n, 0.5f), b2(n, 0.1f);
+  std::vector<B> Y(M * n), V(M * n);
+  const int64_t tr = tile_rows(std::max(c, n), sizeof(float)), ntiles = (M + tr - 1) / tr;
+  auto backward = [&](auto op) {  // op: a value of the products' operand type
+    using Op = decltype(op);
+    std::vector<Op> Wop(n * c), dYop(tr * n);
+    for (int64_t i = 0; i < n * c; ++i) Wop[i] = from_f<Op>(to_f<float>(W[i]));
+    for (int64_t i = 0; i < tr * n; ++i) dYop[i] = from_f<Op>(to_f<float>(dY[i]));
+    ThreadPartials<float> dw(n * c);
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<Op> U(tr * c);
+      std::vector<float> dU(tr * c);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t nr = std::min(tr, M - t * tr);
+        bn_relu_tile<B, float>(X.data(), c, t * tr, nr, c, a.data(), b.data(), U.data());
+        gemm1x1_backward_products<Op, float>(U.data(), dYop.data(), Wop.data(), nr, c, n, dw.mine(), dU.data());
+      }
+    });
+  };
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (fp32) {
+      bn_relu_gemm_widened(X.data(), M, c, c, a.data(), b.data(), W.data(), n, Y.data(), a2.data(), b2.data(),
+                           V.data());
+      backward(0.0f);
+    } else {
+      bn_relu_gemm_stored<B, float>(X.data(), M, c, c, a.data(), b.data(), W.data(), n, Y.data(), a2.data(), b2.data(),
+                                    V.data());
+      backward(B(0.0f));
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (rep > 0) best = std::min(best, secs);  // the first pays for first touch
+  }
+  return best;
+}
+
 using BackwardResult = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                                   std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
 
@@ -541,6 +619,10 @@ DNF_DECLARE_ISA_VARIANTS(dense_block_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_inplace_cpu)
 DNF_DECLARE_ISA_VARIANTS(bn_relu_conv1x1_cpu)
+DNF_DECLARE_ISA_VARIANTS(time_bf16_1x1_stage)
+
+// The bfloat16 1x1 stage's timing on the registered ISA build (gemm_engine.cpp: bf16_gemm_compute()).
+double time_bf16_1x1_stage(bool fp32) { return DNF_PICK_ISA(time_bf16_1x1_stage)(fp32); }
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("dense_block_forward", DNF_PICK_ISA(dense_block_forward_cpu));
