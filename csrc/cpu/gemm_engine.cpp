@@ -226,7 +226,7 @@ void choose_bf16_gemm(Bf16GemmChoice& c) {
     return;
   }
   double secs[2] = {1e30, 1e30};  // bf16, fp32
-  for (int round = 0; round < 3; ++round)  // alternating, the best of each (as the engine choice)
+  for (int round = 0; round < 5; ++round)  // alternating, the best of each (as the 3x3 passes' choice, conv3x3.cpp)
     for (int f = 0; f < 2; ++f) secs[f] = std::min(secs[f], time_bf16_1x1_stage(f == 1));
   // float32 must win by 3%: a tie keeps the products in bfloat16 (no widened copies).
   c.dtype = secs[1] < 0.97 * secs[0] ? at::kFloat : at::kBFloat16;
