@@ -50,7 +50,7 @@ NO_BF16_TORCH = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS":
 CONFIGS = {
     "avx512-no-bf16": (
         "Intel Xeon with AVX-512 but no AVX512_BF16/AMX (issue 27's CPU): every bfloat16 instruction taken away, "
-        "a bf16 block's 1x1 stage in fp32 (what it measured faster there; bf16: the portable-rows config below)",
+        "a bf16 block's 1x1 stage forced to fp32 (forced to bf16: the portable-rows config below)",
         AVX512, dict(NO_BF16_TORCH, DNF_CPU_BF16_ROWS="portable", DNF_CPU_BF16_GEMM="fp32"),
         {"kernels_isa": "avx512", "bf16_rows": "portable", "amx_kernel": False}),
     "avx512-bf16-no-amx": (
