@@ -597,12 +597,13 @@ def _report(out: Path) -> int:
 
     print(f"wrote {report.write_report(out)}")
     if out.resolve() == doc_numbers.RESULTS.resolve():
-        sync = out / "sync-bn" / "cpu.json"
-        if sync.exists():
-            import json
+        import json
 
-            from benchmarks import bench_sync_bn
-            (sync.parent / "cpu.md").write_text(bench_sync_bn.markdown(json.loads(sync.read_text())))
+        from benchmarks import bench_monai_act, bench_sync_bn
+        # the results folders of the scripts with their own records: each .md from its .json
+        for folder, markdown in (("sync-bn", bench_sync_bn.markdown), ("monai-act", bench_monai_act.markdown)):
+            for record in sorted((out / folder).glob("*.json")):
+                record.with_suffix(".md").write_text(markdown(json.loads(record.read_text())))
         for path in doc_numbers.update_docs():
             print(f"updated {path}")
     return 0

@@ -151,6 +151,13 @@ def _sync_bn(name: str, results: Path) -> str:
     return bench_sync_bn.markdown(_load(name, results / "sync-bn")).rstrip("\n")
 
 
+def _monai_act(name: str, results: Path) -> str:
+    """``monai-act:NAME``: ``benchmarks/results/monai-act/NAME.json`` as ``benchmarks.bench_monai_act`` writes it."""
+    from benchmarks import bench_monai_act
+
+    return bench_monai_act.markdown(_load(name, results / "monai-act")).rstrip("\n")
+
+
 # NAME (before the first ':') -> generator(argument after the ':', results folder)
 BLOCKS: Dict[str, Callable[[Optional[str], Path], str]] = {
     "headline": lambda arg, results: _headline(results),
@@ -158,6 +165,7 @@ BLOCKS: Dict[str, Callable[[Optional[str], Path], str]] = {
     "slopes": _slopes,
     "micro": _micro,
     "sync-bn": _sync_bn,
+    "monai-act": _monai_act,
 }
 
 

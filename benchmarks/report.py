@@ -25,7 +25,7 @@ MIB = 1024 ** 2
 # (row key, ratio key): ratios are value / value of the torchvision-default row of the same group.
 RATIOS: Tuple[Tuple[str, str], ...] = (("train_ms_median", "train_x"), ("eval_ms_median", "eval_x"),
                                        ("train_ms_min", "train_x_min"), ("eval_ms_min", "eval_x_min"),
-                                       ("peak_bytes_default", "peak_bytes_default_x"),
+                                       ("peak_bytes_default_alloc", "peak_bytes_default_alloc_x"),
                                        ("peak_bytes", "peak_x"), ("saved_bytes", "saved_x"),
                                        ("max_batch", "max_batch_x"), ("max_size", "max_size_x"),
                                        ("budget_train_img_s", "budget_img_s_x"))
@@ -175,7 +175,7 @@ def _cells(row: Dict[str, Any]) -> List[str]:
     return [row["impl"], med_min("train"), _fmt(row.get("train_img_s"), ".2f"), _x(row.get("train_x")),
             med_min("eval"), _x(row.get("eval_x")),
             _fmt(_mib(row.get("peak_bytes")), ".0f"), _x(row.get("peak_x")),
-            _fmt(_mib(row.get("peak_bytes_default")), ".0f"), _x(row.get("peak_bytes_default_x")),
+            _fmt(_mib(row.get("peak_bytes_default_alloc")), ".0f"), _x(row.get("peak_bytes_default_alloc_x")),
             _fmt(_mib(row.get("saved_bytes")), ".0f"), _x(row.get("saved_x")),
             _fmt(row.get("max_batch", row.get("max_size")), "d"), _x(row.get("max_batch_x", row.get("max_size_x"))),
             _fmt(row.get("budget_train_ms_median"), ".0f"), _fmt(row.get("budget_train_img_s"), ".2f"),
@@ -238,7 +238,7 @@ def write_csv(path: Path, rows: List[Dict[str, Any]]) -> None:
 
 # The step peak under glibc's default allocator (no MALLOC_MMAP_THRESHOLD_), where a run records it beside the
 # fixed-threshold ``peak_bytes``; the tables show it as a column whenever a row has it.
-DEFAULT_ALLOC_PEAK = "peak_bytes_default"
+DEFAULT_ALLOC_PEAK = "peak_bytes_default_alloc"
 
 _ISA_FLAGS = (("isa", {"AVX512": "AVX-512", "AVX2": "AVX2"}), ("amx_bf16", {True: "AMX-BF16"}),
               ("bf16_rows", {"avx512_bf16": "AVX512-BF16"}))
@@ -290,6 +290,13 @@ def _mem(row: Dict[str, Any], key: str, ratio_key: Optional[str], baseline: bool
     return f"{value / MIB:.0f} MiB" + (f" ({ratio:.2f}x)" if ratio is not None else "")
 
 
+def _mem_default_alloc(row: Dict[str, Any], baseline: bool) -> str:
+    """The default-allocator peak (median of fresh processes) with its ratio, then the range of the runs."""
+    cell = _mem(row, DEFAULT_ALLOC_PEAK, DEFAULT_ALLOC_PEAK + "_x", baseline)
+    runs = row.get(DEFAULT_ALLOC_PEAK + "_runs") or []
+    return cell + (f"; {min(runs) / MIB:.0f}–{max(runs) / MIB:.0f} ({len(runs)} runs)" if len(runs) > 1 else "")
+
+
 def _count(row: Dict[str, Any], key: str, baseline: bool) -> str:
     """A budget search's result (largest batch or size) with its ratio, or a dash."""
     value, ratio = row.get(key), None if baseline else row.get(f"{key}_x")
@@ -324,8 +331,7 @@ def markdown_lines(machine: Dict[str, Any], settings: Dict[str, Any], rows: List
         cols: List[Tuple[str, Callable[[Dict[str, Any], bool], str]]] = [
             ("Peak memory (train step)", lambda r, b: _mem(r, "peak_bytes", "peak_x", b))]
         if _has(group, DEFAULT_ALLOC_PEAK):
-            cols.append(("Peak, default allocator",
-                         lambda r, b: _mem(r, DEFAULT_ALLOC_PEAK, DEFAULT_ALLOC_PEAK + "_x", b)))
+            cols.append(("Peak, default allocator: median, range of the runs", _mem_default_alloc))
         cols.append(("Saved for backward", lambda r, b: _mem(r, "saved_bytes", "saved_x", b)))
         if _has(group, "train_ms_median"):
             cols.append(("Step time, median (min)", lambda r, b: _ms(r, "train", b)))

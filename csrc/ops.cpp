@@ -33,6 +33,23 @@ TORCH_LIBRARY(densenet_fast, m) {
       "Tensor[] grad_norm2_bias, Tensor[] grad_conv2_weight)";
   m.def(torch::schema(("dense_block_backward(Tensor grad_buffer, Tensor" + backward_rest).c_str()));
   m.def(torch::schema(("dense_block_backward_inplace(Tensor(a!) grad_buffer, Tensor" + backward_rest).c_str()));
+  // The block with LeakyReLU / PReLU in place of both ReLUs of every layer (CPU kernels; docs/design.md §3, "Other
+  // activations"): act(z) = z > 0 ? z : slope*z per channel. `slopes`: 1-D, in the BatchNorm dtype, per layer l the
+  // C0 + l*k slopes of norm1's activation then the bn_size*k of norm2's (a LeakyReLU's slope or a single-parameter
+  // PReLU's weight repeated). The backward also returns the slopes' gradient (PReLU's weight gradient, packed alike).
+  m.def(
+      "dense_block_act_forward(Tensor input, Tensor[] norm1_weight, Tensor[] norm1_bias, "
+      "Tensor[] conv1_weight, Tensor[] norm2_weight, Tensor[] norm2_bias, Tensor[] conv2_weight, "
+      "Tensor[] norm1_running_mean, Tensor[] norm1_running_var, Tensor[] norm2_running_mean, "
+      "Tensor[] norm2_running_var, Tensor? dropout_mask, float drop_rate, bool training, float eps, Tensor slopes) "
+      "-> (Tensor buffer, Tensor mean, Tensor var, Tensor mean2, Tensor var2)");
+  {
+    std::string act_rest = backward_rest;
+    const std::string ret = "int num_input_features) -> (";
+    act_rest.replace(act_rest.find(ret), ret.size(), "int num_input_features, Tensor slopes) -> (");
+    m.def(torch::schema(("dense_block_act_backward(Tensor grad_buffer, Tensor" + act_rest.substr(0, act_rest.size() - 1) +
+                         ", Tensor grad_slopes)").c_str()));
+  }
   // `training` = mean/var are the batch statistics of the BN input: the backward then includes their
   // own gradient terms (mean/var get no gradient). In eval they are running statistics.
   // `gate`: an optional SE gate [N, C] (docs/design.md §5); the BN input is then y = gate[n, c] * input,

@@ -11,6 +11,7 @@ load_extension()
 
 from densenet_fast import ops  # noqa: E402  (registers fake kernels and autograd)
 from densenet_fast.convert import ConversionReport, conversion_report, convert, set_impl  # noqa: E402
+from densenet_fast.cpu_pool import cpu_pool_release, cpu_pool_stats  # noqa: E402
 from densenet_fast.inference import fold_for_inference  # noqa: E402
 from densenet_fast.models import (  # noqa: E402
     DenseNet,
@@ -36,4 +37,4 @@ __all__ = ["__version__", "build_info", "ops", "DenseNet", "densenet121", "dense
            "densenet201", "densenet_bc", "SEDenseNet", "se_densenet121", "se_densenet169", "se_densenet201",
            "DenseBlock", "DenseLayer", "Transition", "SqueezeExcite", "convert", "conversion_report", "set_impl",
            "ConversionReport", "fold_for_inference", "DenseNet3d", "densenet121_3d", "densenet169_3d",
-           "densenet201_3d", "densenet264_3d", "DistributedDataParallel"]
+           "densenet201_3d", "densenet264_3d", "DistributedDataParallel", "cpu_pool_stats", "cpu_pool_release"]

@@ -71,7 +71,8 @@ def build_info() -> dict[str, Any]:
     "blas"|"aten"|"brgemm", ...}, "amx_bf16": bool,
     "isa": torch's CPU capability, "kernels_isa": "base"|"avx2"|"avx512", the build of our element loops}``;
     the engine is chosen on first use, forced by ``DNF_CPU_GEMM=blas|aten|brgemm``; the loops' ISA at load, forced by
-    ``DNF_CPU_ISA=base|avx2|avx512``).
+    ``DNF_CPU_ISA=base|avx2|avx512``); ``cpu_pool``: whether the CPU kernels' large activations come from
+    densenet_fast's mapped pool (:mod:`densenet_fast.cpu_pool`; ``DNF_CPU_POOL=0`` turns it off).
     """
     ext = load_extension()
     return {
@@ -85,6 +86,8 @@ def build_info() -> dict[str, Any]:
             "densenet_fast::dense_block_forward", "CUDA"),
         "cuda_available": torch.cuda.is_available(),
         "cpu_engine": cpu_engine(),
+        # large CPU activations from the mapped pool (densenet_fast/cpu_pool.py), or torch's allocator (DNF_CPU_POOL=0)
+        "cpu_pool": bool(json.loads(torch.ops.densenet_fast.cpu_pool_stats())["enabled"]),
     }
 
 

@@ -26,6 +26,9 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "DNF_CPU_BF16_GEMM": ("auto", "bf16", "fp32"),
     # compute dtype of a bfloat16 block's 3x3 convolution passes (csrc/cpu/conv3x3.h)
     "DNF_CPU_BF16_CONV": ("auto", "bf16", "fp32"),
+    # the CPU kernels' large activations from densenet_fast's mapped pool (1) or the default allocator (0)
+    # (csrc/cpu/workspace.h)
+    "DNF_CPU_POOL": ("1", "0"),
     # how the 3-D stem's backward recomputes conv0 (densenet_fast/ops/stem.py)
     "DNF_CONV_STEM_BACKWARD": ("batch", "sample"),
     # kernels of the SE ops (densenet_fast/ops/squeeze_excite.py)

@@ -18,8 +18,11 @@ built before the conversion keeps working. Dense layers themselves (``_DenseLaye
 ``DenseLayer``) are kept as they are: the fused block reads their ``norm1/conv1/norm2/conv2``, and its
 reference path (used when the fused kernels cannot run) calls them exactly as torchvision/timm do.
 
-Blocks that cannot be fused exactly (non-ReLU activations, blur-pool transitions, unusual convolutions,
-``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
+Blocks that cannot be fused exactly (activations other than ReLU, LeakyReLU and PReLU, blur-pool transitions,
+unusual convolutions, ``track_running_stats=False``, ...) are left alone, listed in the report and warned about.
+Dense blocks with LeakyReLU / PReLU activations (MONAI's ``act="leakyrelu"`` / ``"prelu"``) are fused (CPU
+kernels, docs/design.md §3); their transitions and final norm, which the fused readers compute with ReLU only,
+are left alone.
 
 SyncBatchNorm: a block whose norms are ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm`` before
 or after ``convert``, or timm's ``convert_sync_batchnorm``) converts like any other. In distributed training its
@@ -41,7 +44,7 @@ from torch import nn
 from densenet_fast.models.densenet import DenseNet as _DnfDenseNet
 from densenet_fast.nn import converted as _conv
 from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
-from densenet_fast.nn.dense_block import DenseBlock, Transition, check_impl
+from densenet_fast.nn.dense_block import DenseBlock, Transition, activation_problem, block_activations, check_impl
 from densenet_fast.nn.fused_features import FusedFeatures, norm_relu_kind
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 
@@ -105,9 +108,11 @@ def _is_sync_bn(bn: nn.Module) -> bool:
     return isinstance(bn, nn.SyncBatchNorm)
 
 
-def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module], dims: int = 2) -> Optional[str]:
+def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module], dims: int = 2,
+                  leaky_ok: bool = False) -> Optional[str]:
     """Why ``bn`` (+ the ReLU that follows it, if separate) is not BN->ReLU the fused kernels compute
-    (``dims``: 2 for BatchNorm2d, 3 for BatchNorm3d)."""
+    (``dims``: 2 for BatchNorm2d, 3 for BatchNorm3d). ``leaky_ok``: a separate LeakyReLU / PReLU is fine too
+    (a dense layer's activations: the block kernels take their slopes; the transition and final norm do not)."""
     if _is_sync_bn(bn):
         if not (bn.affine and bn.track_running_stats):
             return f"{what} is a SyncBatchNorm without affine parameters or running statistics"
@@ -124,7 +129,12 @@ def _norm_problem(bn: nn.Module, what: str, separate_relu: Optional[nn.Module], 
     if not (bn.affine and bn.track_running_stats):
         return f"{what} needs affine=True and track_running_stats=True"
     kind = norm_relu_kind(bn)
+    if kind == "bn" and leaky_ok and isinstance(separate_relu, (nn.LeakyReLU, nn.PReLU)):
+        return activation_problem(separate_relu, bn.num_features, f"the activation after {what}")
     if kind == "bn":
+        if isinstance(separate_relu, (nn.LeakyReLU, nn.PReLU)):
+            return (f"{what} is followed by {type(separate_relu).__name__}: the fused transition and final norm "
+                    "compute ReLU only")
         if separate_relu is None or type(separate_relu) is not nn.ReLU:
             return f"{what} is followed by {type(separate_relu).__name__}, not nn.ReLU"
         return None
@@ -182,7 +192,7 @@ def _layer_problem(where: str, i: int, layer: nn.Module, first_layer: nn.Module,
     the norms' eps and synchronisation to ``eps`` / ``sync`` (checked across the block afterwards)."""
     n1, c1, n2, c2 = parts
     for bn, name, relu in ((n1, "norm1", relus[0]), (n2, "norm2", relus[1])):
-        p = _norm_problem(bn, f"{where} {name}", relu, dims)
+        p = _norm_problem(bn, f"{where} {name}", relu, dims, leaky_ok=not _is_sync_bn(bn))
         if p:
             return p
         eps.add(bn.eps)
@@ -227,7 +237,22 @@ def _block_problem(block: nn.Module) -> Optional[str]:
         p = _layer_problem(where, i, layer, layers[0], (n1, c1, n2, c2), relus, 2, first, eps, sync)
         if p:
             return p
-    return _shared_norms_problem(eps, sync)
+    return _shared_norms_problem(eps, sync) or _activations_problem(layers)
+
+
+def _activations_problem(units: List[nn.Module]) -> Optional[str]:
+    """Why a block's activations cannot run as one fused operator (all ReLU, or all LeakyReLU / PReLU)."""
+    acts = block_activations(units)
+    return acts if isinstance(acts, str) else None
+
+
+def _activation_note(units: List[nn.Module]) -> str:
+    """The conversion report's note on a block with LeakyReLU / PReLU activations."""
+    acts = block_activations(units)
+    if not isinstance(acts, list):
+        return ""
+    kinds = sorted({type(a).__name__ for pair in acts for a in pair})
+    return f", {' / '.join(kinds)} activations fused (CPU kernels; other devices run the reference path)"
 
 
 def _convert_block(block: nn.Module) -> DenseBlock:
@@ -314,7 +339,7 @@ def _concat_block_problem(block: nn.Module, mod: str) -> Optional[str]:
                            eps, sync)
         if p:
             return p
-    return _shared_norms_problem(eps, sync)
+    return _shared_norms_problem(eps, sync) or _activations_problem([layer_unit(layer) for layer in layers])
 
 
 def _concat_transition_problem(t: nn.Module) -> Optional[str]:
@@ -348,7 +373,7 @@ def _leaf_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[n
             report.left_alone.append((name, f"{type(m).__name__}: {problem}"))
             return m
         new = _convert_block(m)
-        report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers)"))
+        report.converted.append((name, f"DenseBlock <- {src} ({len(new)} layers{_activation_note(new._layers())})"))
     else:
         src = _concat_source(m, "_DenseBlock")
         if src is None:
@@ -360,7 +385,7 @@ def _leaf_block(m: nn.Module, name: str, report: ConversionReport) -> Optional[n
         new = _adopt(ConcatDenseBlock.from_layers(OrderedDict(m._modules)), m)
         dims = _spatial_dims(new._layers()[0].conv1)
         report.converted.append((name, f"ConcatDenseBlock <- {_SOURCES[src]} _DenseBlock ({len(new)} layers, "
-                                       f"{dims}-D)"))
+                                       f"{dims}-D{_activation_note(new._layers())})"))
     _sync_note(new, name, report)
     return new
 

@@ -540,6 +540,48 @@ def test_docs_numbers_match_the_committed_results():
     assert "headline" in names and "run:readme-cpu" in names and "slopes:mem-depth" in names
 
 
+def test_monai_act_renderer_makes_the_table_from_its_json(tmp_path):
+    """``monai-act:NAME`` regions render ``monai-act/NAME.json`` (benchmarks/bench_monai_act.py): one line per
+    (act, norm), MONAI vs converted with converted / MONAI ratios and what convert() fused; a busy machine is said."""
+    from benchmarks import bench_monai_act, doc_numbers
+
+    assert bench_monai_act.parse_rows("relu,prelu:instance") == [("relu", "batch"), ("prelu", "instance")]
+    with pytest.raises(ValueError):
+        bench_monai_act.parse_rows("gelu")
+
+    def row(act, norm, model, peak, saved, **extra):
+        return dict(act=act, norm=norm, model=model, peak_bytes=peak * 2**20, saved_bytes=saved * 2**20,
+                    param_grad_bytes=4 * 2**20, **extra)
+    rows = [row("relu", "batch", "MONAI", 200, 160),
+            row("relu", "batch", "converted", 50, 16, blocks_fused=4,
+                converted=[["features.denseblock1", "ConcatDenseBlock <- x"]] * 4 + [["features", "FusedFeatures"]],
+                left_alone=[["features.transition1", "LeakyReLU"]] * 3 + [["", "head"]]),
+            row("leakyrelu", "instance", "MONAI", 300, 240),
+            row("leakyrelu", "instance", "converted", 300, 240, blocks_fused=0, converted=[],
+                left_alone=[["features.denseblock1", "InstanceNorm"]] * 4)]
+    data = {"machine": dict(_MACHINE, timestamp="2026-01-02T03:04:05", torch_threads=2),
+            "settings": {"spatial_dims": 2, "size": 32, "batch": 2, "load_average_start": [0.1, 0.1, 0.1]},
+            "rows": rows}
+    (tmp_path / "monai-act").mkdir()
+    (tmp_path / "monai-act" / "x.json").write_text(json.dumps(data))
+    text = doc_numbers.render("monai-act:x", tmp_path)
+    assert text == bench_monai_act.markdown(data).rstrip("\n")
+    lines, flat = text.splitlines(), " ".join(text.split())  # flat: the wrapped prose on one line
+    assert flat.startswith("MONAI DenseNet121 2-D, 1 channel 32², batch 2, float32, CPU, memory only; measured "
+                           "2026-01-02 on Test CPU, 2 logical cores") and "loaded" not in text
+    assert max(len(line) for line in lines if not line.startswith("|")) <= 116
+    assert ('| `"relu"` | `"batch"` | 200.0 MiB | 50.0 MiB | 0.25 | 160.0 MiB | 16.0 MiB | 0.10 '
+            "| 4 dense blocks (left alone: 3 transitions, final norm + head) |") in lines
+    assert any(line.startswith('| `("leakyrelu", {"negative_slope": 0.1})` | `"instance"` | 300.0 MiB | 300.0 MiB | '
+                               "1.00 |") and line.endswith("| nothing |") for line in lines)
+    assert "the parameter gradients alone: 4.0 MiB" in flat
+    busy = dict(data, settings=dict(data["settings"], load_average_start=[1.8, 1.0, 1.0]))
+    busy_text = " ".join(bench_monai_act.markdown(busy).split())
+    assert "other work loaded the machine (load up to 1.8 on 2 cores)" in busy_text
+    doc = "a\n<!-- generated: monai-act:x -->\nold\n<!-- end generated -->\nb\n"
+    assert doc_numbers.render_file(doc, tmp_path) == doc.replace("\nold\n", f"\n{text}\n")
+
+
 # a measured quantity: a time, a size in bytes, or a ratio such as 0.64x / 0.64×
 _MEASURED = re.compile(r"\b\d+(\.\d+)?\s?(ms|MiB|GiB|MB|GB|KiB|GFLOP/s|img/s)\b|\b\d+\.\d+\s?[x×]")
 
@@ -575,7 +617,7 @@ def test_readme_is_product_documentation():
 
 
 def test_headline_shows_the_default_allocator_column_when_recorded(tmp_path):
-    """The README table gains a "Peak, default allocator" column once a run records ``peak_bytes_default``
+    """The README table gains a "Peak, default allocator" column once a run records ``peak_bytes_default_alloc``
     (benchmarks/measure.py), and keeps every line within 120 characters."""
     from benchmarks import doc_numbers
 

@@ -77,6 +77,9 @@ CONFIGS = {
 # reference's own error): blocks (2-D, 3-D), transitions, final norms, stems, whole models (2-D and 3-D).
 PARITY_TESTS = [
     "tests/test_bf16.py",  # bf16: blocks, readers, stem, .bfloat16() and autocast models, 2-D and 3-D
+    # LeakyReLU / PReLU blocks in bf16: the slope prologue on the bf16 and the fp32-compute 1x1 stage
+    "tests/test_leaky_act.py::test_block_bf16_vs_fp64_truth",
+    "tests/test_leaky_act.py::test_monai_act_autocast_bf16_vs_fp64_truth",
     "tests/test_cpu_feature_paths.py::test_bf16_3d_depth_two_matches_monai",
     "tests/test_dense_block_3d.py::test_block_3d_matches_reference_fp64",
     "tests/test_dense_block_3d.py::test_transition_3d_matches_reference_fp64",

@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -148,3 +151,49 @@ def test_worker_records_default_allocator_peaks(tmp_path):
     assert len(runs) == 2 and all(r > 0 for r in runs), out
     assert min(runs) <= out["peak_bytes_default_alloc"] <= out["peak_bytes_default_alloc_max"] == max(runs)
     assert out["peak_default_alloc_spread"] == pytest.approx((max(runs) - min(runs)) / min(runs))
+
+
+def test_se_folded_reader_hands_its_input_gradient_to_the_block():
+    """SE-DenseNet (gate folded into the transition / final norm): the block takes its reader's fresh input
+    gradient over (dense_block_backward_inplace), as without SE: no block-sized copy at the backward's peak."""
+    from densenet_fast.ops.common import handovers_taken
+
+    model = randomize_bn(dnf.densenet_bc(depth=16, num_classes=5, se_ratio=0.5)).train()
+    before = handovers_taken()  # block backward passes that took a handed-over gradient (the C++ autograd)
+    model(image_batch(3, size=16)).sum().backward()
+    assert handovers_taken() - before == 3  # every block: its only reader is a folded transition / final norm
+
+
+_POOL_PROBE = """
+import hashlib, json, torch, densenet_fast as dnf
+torch.manual_seed(0)
+model = dnf.densenet_bc(depth=16, num_classes=5).train()
+x = torch.randn(4, 3, 40, 40)
+model(x).sum().backward()
+digest = hashlib.sha256(b"".join(p.grad.numpy().tobytes() for p in model.parameters())).hexdigest()
+print(json.dumps({"pool": dnf.build_info()["cpu_pool"], "stats": dnf.cpu_pool_stats(), "grads": digest}))
+"""
+
+
+@pytest.mark.parametrize("switch", ["0", "1", ""])
+def test_pool_switch_sends_tensors_to_torchs_allocator_with_identical_results(switch):
+    """DNF_CPU_POOL=0 (an allocator of the user's own): no mapping is made, build_info says so, and the step's
+    gradients are bitwise those of the pool (same kernels, other memory)."""
+    def run(value):
+        env = {**os.environ, "DNF_CPU_POOL": value}
+        out = subprocess.run([sys.executable, "-c", _POOL_PROBE], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    got, pooled = run(switch), run("1")
+    on = switch != "0"
+    assert got["pool"] is on and got["stats"]["enabled"] is on
+    assert (got["stats"]["maps"] > 0) is on  # the block buffers are >= 1 MiB here
+    assert got["grads"] == pooled["grads"]
+
+
+def test_pool_switch_refuses_a_bad_value():
+    out = subprocess.run([sys.executable, "-c", "import densenet_fast"], env={**os.environ, "DNF_CPU_POOL": "off"},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "DNF_CPU_POOL: expected one of 1, 0 (or unset), got 'off'" in out.stderr

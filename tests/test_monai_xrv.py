@@ -4,7 +4,8 @@
   (class swapped to a subclass: ``isinstance`` holds), same Parameters/buffers and ``state_dict`` keys;
 * fp64 parity with the unconverted model: outputs and every gradient over 2 SGD steps in training,
   then running statistics / ``num_batches_tracked`` and eval outputs;
-* MONAI ``act``/``norm`` options: BN + ReLU variants are converted, anything else is left alone and reported;
+* MONAI ``act``/``norm`` options: BN + ReLU variants are converted (LeakyReLU / PReLU: tests/test_leaky_act.py),
+  anything else is left alone and reported;
 * a model holding dense-block-like modules of unknown classes: nothing converted -> a warning that says why.
 
 MONAI and torchxrayvision are in the ``test`` extra; the tests skip only if the import fails.
@@ -122,7 +123,7 @@ def test_monai_bn_relu_options_converted(spatial_dims, act, norm):
 
 
 @pytest.mark.parametrize("kw,reason", [
-    (dict(act="leakyrelu"), r"followed by LeakyReLU, not nn.ReLU"),
+    (dict(act="elu"), r"followed by ELU, not nn.ReLU"),  # LeakyReLU / PReLU: tests/test_leaky_act.py
     (dict(norm="instance"), r"is InstanceNorm3d, not BatchNorm3d"),
     (dict(dropout_prob=0.2), r"dropout_prob > 0: channel dropout \(Dropout3d\)"),
 ])

@@ -37,6 +37,27 @@ C10_HOST_DEVICE inline T relu_grad(T out, T grad) {
   return out <= T(0) ? T(0) : grad;
 }
 
+// A LeakyReLU / PReLU with slope s of the channel, as torch.nn.functional.leaky_relu and torch.prelu compute it:
+// z where z > 0, s*z elsewhere (NaN propagates). ReLU is not this with s = 0 (relu(-inf) = 0, 0*-inf = NaN): the
+// kernels keep relu() for it.
+template <typename T>
+C10_HOST_DEVICE inline T leaky(T z, T s) {
+  return z > T(0) ? z : s * z;
+}
+
+// Gradient through leaky(z, s) given its input z, as torch's leaky_relu_backward and prelu's input gradient: the
+// slope where z <= 0 (z = 0 included).
+template <typename T>
+C10_HOST_DEVICE inline T leaky_grad(T z, T s, T grad) {
+  return z > T(0) ? grad : s * grad;
+}
+
+// One element's term of a PReLU slope gradient (torch's prelu weight gradient: z*grad where z <= 0, else 0).
+template <typename T>
+C10_HOST_DEVICE inline T leaky_slope_grad(T z, T grad) {
+  return z > T(0) ? T(0) : z * grad;
+}
+
 // Final correction of a channel's gradient once every training-mode BN reader has contributed.
 template <typename T>
 C10_HOST_DEVICE inline T finalize_grad(T g, T xhat, T invstd_over_n, T s1, T s2) {

@@ -221,6 +221,26 @@ inline BlockGeometry check_dense_block_backward_args(
   return g;
 }
 
+// Where layer l's activation slopes start in the packed `slopes` of dense_block_act_forward: per layer, the
+// c_l slopes of the activation after norm1, then the inter slopes of the one after norm2.
+inline int64_t slope_offset(const BlockGeometry& g, int64_t l) {
+  return l * (g.C0 + g.inter) + g.k * l * (l - 1) / 2;
+}
+
+// The packed per-channel slopes of a block's LeakyReLU / PReLU activations (dense_block_act_*): a 1-D tensor of
+// sum_l (c_l + inter) values in the BatchNorm dtype of `ref`, on its device.
+inline void check_block_slopes(const at::Tensor& slopes, const BlockGeometry& g, const at::Tensor& ref) {
+  TORCH_CHECK(slopes.defined(), "slopes: expected a tensor, got None");
+  const at::ScalarType want = stats_dtype(ref.scalar_type());
+  TORCH_CHECK(slopes.scalar_type() == want, "slopes: expected dtype ", want,
+              " (the BatchNorm dtype for input's dtype), got ", slopes.scalar_type());
+  TORCH_CHECK(slopes.device() == ref.device(), "slopes: expected a tensor on ", ref.device(),
+              " (the device of input), got ", slopes.device());
+  check_shape(slopes, {slope_offset(g, g.L)},
+              "slopes (per layer: C0 + l*growth_rate slopes of norm1's activation, then bn_size*growth_rate of "
+              "norm2's)");
+}
+
 // Validates the arguments of the BN-ReLU "tail" readers (transition and final norm).
 inline void check_tail_args(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
                             const at::Tensor& weight, const at::Tensor& bias, double eps) {

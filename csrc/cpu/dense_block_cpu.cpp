@@ -38,14 +38,18 @@ Tensor empty_cl(const BlockGeometry& g, int64_t C, const at::TensorOptions& opts
 }
 
 // Samples per call of the 3x3 input gradient in the backward (BlockBackward::conv3x3_backward): each call's
-// output is a transient of ATen's allocator (glibc's heap), kept to about kInputGradChunkBytes, at least one
-// sample (densenet121 at batch 8, 224x224: one sample of block 1's 1.5 MiB per call instead of 12.25 MiB).
+// output is a transient of ATen's allocator (glibc's heap), kept to about kInputGradChunkBytes (densenet121 at
+// batch 8, 224x224: one sample of block 1, 1.5 MiB per call instead of 12.25 MiB). Equal chunks (a single size
+// for glibc to reuse): block 2 at batch 8 takes 4 + 4 samples, not 5 + 3. `one_sample_ok`: ATen runs a
+// one-sample transposed convolution through oneDNN only when k * (first two spatial sizes) > 20480; otherwise it
+// takes its native path, whose column buffer holds 27 * C_out * D*H*W values (191 MiB for one sample of MONAI
+// DenseNet121's first block at 96^3): then at least two samples.
 constexpr int64_t kInputGradChunkBytes = int64_t(2) << 20;
 
-// Equal chunks (a single size for glibc to reuse): densenet121's block 2 at batch 8 takes 4 + 4 samples, not 5 + 3.
-int64_t input_grad_chunk(int64_t N, int64_t sample_bytes) {
+int64_t input_grad_chunk(int64_t N, int64_t sample_bytes, bool one_sample_ok) {
   N = std::max<int64_t>(1, N);
-  const int64_t most = std::clamp<int64_t>(kInputGradChunkBytes / std::max<int64_t>(1, sample_bytes), 1, N);
+  const int64_t least = one_sample_ok ? 1 : std::min<int64_t>(2, N);
+  const int64_t most = std::clamp<int64_t>(kInputGradChunkBytes / std::max<int64_t>(1, sample_bytes), least, N);
   const int64_t chunks = (N + most - 1) / most;
   return (N + chunks - 1) / chunks;
 }
@@ -70,8 +74,11 @@ template <typename T>
 void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorList b1, TensorList w1,
                   TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                   TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
-                  bool training, double eps, Tensor& mean, Tensor& var, Tensor& mean2, Tensor& var2) {
+                  bool training, double eps, Tensor& mean, Tensor& var, Tensor& mean2, Tensor& var2,
+                  const Tensor& slopes) {
   using F = typename Opmath<T>::type;
+  // LeakyReLU / PReLU slopes (dense_block_act_forward), packed per layer (slope_offset); none: ReLU.
+  const F* S = slopes.defined() ? slopes.data_ptr<F>() : nullptr;
   const int64_t M = g.rows(), Ct = g.Ct, inter = g.inter;
   gemm_engine(buffer.scalar_type());  // chosen (and measured) once, outside the parallel regions
   if (std::is_same_v<T, c10::BFloat16>) bf16_conv_compute(g.dims, ConvPass::kForward);
@@ -96,7 +103,8 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
                      layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
     {
       RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
-      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y);
+      bn_relu_gemm<T, F>(X, M, Ct, c, a.data(), b.data(), W1.data_ptr<T>(), inter, Y, nullptr, nullptr, nullptr,
+                         S ? S + slope_offset(g, l) : nullptr);
     }
     const F* mu2;
     const F* v2;
@@ -112,10 +120,11 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
     {
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+      const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
       if (v_float) {
-        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>());
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
       } else {
-        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>());
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>(), s2);
       }
     }
     const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
@@ -125,13 +134,18 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
-    const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2, TensorList b2,
-    TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2, TensorList rv2,
-    const c10::optional<Tensor>& mask, double p, bool training, double eps) {
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// slopes: undefined for ReLU (dense_block_forward), the packed LeakyReLU / PReLU slopes otherwise.
+ForwardResult forward_entry(const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2,
+                            TensorList b2, TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2,
+                            TensorList rv2, const c10::optional<Tensor>& mask, double p, bool training, double eps,
+                            const Tensor& slopes_in) {
   const BlockGeometry g = check_dense_block_args(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask,
                                                  p, training, eps);
   check_cpu_dtype(input);
+  if (slopes_in.defined()) check_block_slopes(slopes_in, g, input);
+  const Tensor slopes = slopes_in.defined() ? slopes_in.contiguous() : slopes_in;
   Tensor buffer = empty_cl(g, g.Ct, input.options());
   buffer.narrow(1, 0, g.C0).copy_(input);
   const auto opts = input.options().dtype(stats_dtype(input.scalar_type()));
@@ -139,9 +153,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dense_block_forward_cpu(
   Tensor mean2 = at::empty({training ? g.L : 0, g.inter}, opts), var2 = at::empty({training ? g.L : 0, g.inter}, opts);
   DNF_DISPATCH_CPU_KERNEL(input.scalar_type(), "dense_block_forward_cpu", [&] {
     forward_impl<scalar_t>(g, buffer, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
-                           mean, var, mean2, var2);
+                           mean, var, mean2, var2, slopes);
   });
   return {buffer, mean, var, mean2, var2};
+}
+
+ForwardResult dense_block_forward_cpu(const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2,
+                                      TensorList b2, TensorList w2, TensorList rm1, TensorList rv1, TensorList rm2,
+                                      TensorList rv2, const c10::optional<Tensor>& mask, double p, bool training,
+                                      double eps) {
+  return forward_entry(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, Tensor());
+}
+
+ForwardResult dense_block_act_forward_cpu(const Tensor& input, TensorList g1, TensorList b1, TensorList w1,
+                                          TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
+                                          TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
+                                          bool training, double eps, const Tensor& slopes) {
+  return forward_entry(input, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps, slopes);
 }
 
 // The fused 1x1 stage alone (bn_relu_conv1x1 in csrc/ops.cpp): bn_relu_gemm on a channels_last input.
@@ -183,6 +211,7 @@ struct BlockOperands {
   c10::optional<Tensor> mask;          // dropout mask of the new channels, [N, L*k, ...]
   double drop_rate, eps;
   bool training;
+  Tensor slopes;                       // packed LeakyReLU / PReLU slopes (slope_offset); undefined: ReLU
 };
 
 // One layer's folded BN maps and 1x1 weight, built once per layer of the backward.
@@ -192,6 +221,9 @@ struct LayerFold {
   std::vector<F> a1, b1, invstd1, a2, b2, invstd2;
   const F* mean1 = nullptr;                     // BN1 / BN2 statistics the layer normalised with
   const F* mean2 = nullptr;
+  const F* s1 = nullptr;                        // activation slopes after BN1 / BN2 (nullptr: ReLU)
+  const F* s2 = nullptr;
+  int64_t slope_off = 0;                        // where s1 starts in the packed slopes
   Tensor gamma1, W1;                            // BN1 scale (its sums feed S2), conv1 in the buffer's dtype
   std::vector<Tensor> keep;                     // owners of the eval statistics' float copies
 };
@@ -208,13 +240,18 @@ class BlockBackward {
 
  public:
   BlockBackward(const BlockGeometry& geom, const Tensor& buffer, const Tensor& G, const BlockOperands& op,
-                BlockGrads& out)
-      : geom_(geom), buffer_(buffer), op_(op), out_(out), M_(geom.rows()), X_(buffer.data_ptr<T>()),
+                BlockGrads& out, Tensor* grad_slopes = nullptr)
+      : geom_(geom), buffer_(buffer), op_(op), out_(out), grad_slopes_(grad_slopes), M_(geom.rows()),
+        X_(buffer.data_ptr<T>()),
         G_(G.data_ptr<T>()), f_opts_(buffer.options().dtype(c10::CppTypeToScalarType<F>::value)),
         S1_(geom.Ct, 0), S2_(geom.Ct, 0), shared_invstd_(op.training ? geom.Ct : 0),
         Y_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
         V_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
         dout_(empty_cl(geom, geom.k, buffer.options(), OnFree::kUnmap)) {
+    if (op.slopes.defined()) {
+      TORCH_INTERNAL_ASSERT(grad_slopes_ != nullptr);
+      *grad_slopes_ = at::zeros({slope_offset(geom, geom.L)}, f_opts_);
+    }
     if (op.training) {
       const F* v = op.var.data_ptr<F>();
       for (int64_t j = 0; j < geom.Ct; ++j) shared_invstd_[j] = invstd_from_var<F>(v[j], op.eps);
@@ -259,6 +296,11 @@ class BlockBackward {
                              : layer_stat<F>(false, op_.var2, op_.rv2, l, f.keep);
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), f.mean2, var2, op_.eps, f.a2.data(),
                      f.b2.data(), f.invstd2.data());
+    if (op_.slopes.defined()) {
+      f.slope_off = slope_offset(geom_, l);
+      f.s1 = op_.slopes.data_ptr<F>() + f.slope_off;
+      f.s2 = f.s1 + f.c;
+    }
     return f;
   }
 
@@ -267,7 +309,7 @@ class BlockBackward {
     RECORD_FUNCTION("dnf_cpu::bn1_relu_gemm", {});
     const Tensor& W1 = f.W1;
     bn_relu_gemm<T, F>(X_, M_, geom_.Ct, f.c, f.a1.data(), f.b1.data(), W1.data_ptr<T>(), geom_.inter,
-                       Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), V_.data_ptr<T>());
+                       Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), V_.data_ptr<T>(), f.s1, f.s2);
   }
 
   // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
@@ -289,14 +331,17 @@ class BlockBackward {
     // float32: conv3x3.h)
     out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
-    const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)));
-    ThreadPartials<acc_t> partials(2 * geom_.inter);
+    const int64_t lead_spatial = geom_.dims == 3 ? geom_.D * geom_.H : geom_.H * geom_.W;
+    const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)),
+                                               geom_.k * lead_spatial > 20480);
+    // the sums of dz and dz*xhat2, and with slopes of the slope gradient terms (leaky_slope_grad)
+    ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
     for (int64_t n0 = 0; n0 < geom_.N; n0 += per_chunk) {
       const int64_t nb = std::min(per_chunk, geom_.N - n0);
       const Tensor dv = conv3x3_input_grad(dout.narrow(0, n0, nb), W2, geom_.dims).contiguous(cl_format(geom_.dims));
       bn2_backward_rows(f, dv.data_ptr<T>(), n0 * sample_rows, (n0 + nb) * sample_rows, partials);
     }
-    return bn2_backward_means(l, partials);
+    return bn2_backward_means(l, f, partials);
   }
 
   // Stage 3. BN2 + ReLU backward, first half, on rows [r0, r1) (dV: those rows of the input gradient):
@@ -307,12 +352,13 @@ class BlockBackward {
     const int64_t inter = geom_.inter;
     const T* Y = Y_.data_ptr<T>();
     T* dZ = V_.data_ptr<T>();
-    const F *a2 = f.a2.data(), *b2 = f.b2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
+    const F *a2 = f.a2.data(), *b2 = f.b2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data(), *s2 = f.s2;
     at::parallel_for(r0, r1, 256, [&](int64_t t0, int64_t t1) {
       // Sums over at most 256 rows, then added to the thread's partials.
-      std::vector<acc_t> ts(2 * inter);
+      std::vector<acc_t> ts(partials.width);
       acc_t* ts1 = ts.data();
       acc_t* ts2 = ts.data() + inter;
+      acc_t* ts3 = ts.data() + (s2 ? 2 * inter : 0);
       acc_t* s = partials.mine();
       for (int64_t q0 = t0; q0 < t1; q0 += 256) {
         std::fill(ts.begin(), ts.end(), acc_t(0));
@@ -320,26 +366,44 @@ class BlockBackward {
           const T* yr = Y + r * inter;
           const T* dvr = dV + (r - r0) * inter;
           T* dzr = dZ + r * inter;
-          DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
-            const F yj = to_f<F>(yr[j]);
-            const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
-            const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
-            dzr[j] = from_f<T>(dz);
-            ts1[j] += dz;
-            ts2[j] += dz * (yj - mu2[j]) * is2[j];
+          if (s2 == nullptr) {
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
+              const F yj = to_f<F>(yr[j]);
+              const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
+              const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
+              dzr[j] = from_f<T>(dz);
+              ts1[j] += dz;
+              ts2[j] += dz * (yj - mu2[j]) * is2[j];
+            }
+          } else {
+            // LeakyReLU / PReLU: the gradient and the slope's follow the pre-activation z (torch's rule)
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
+              const F yj = to_f<F>(yr[j]);
+              const F zj = yj * a2[j] + b2[j];
+              const F dvj = to_f<F>(dvr[j]);
+              const F dz = leaky_grad<F>(zj, s2[j], dvj);
+              dzr[j] = from_f<T>(dz);
+              ts1[j] += dz;
+              ts2[j] += dz * (yj - mu2[j]) * is2[j];
+              ts3[j] += leaky_slope_grad<F>(zj, dvj);
+            }
           }
         }
-        for (int64_t j = 0; j < 2 * inter; ++j) s[j] += ts[j];
+        for (int64_t j = 0; j < partials.width; ++j) s[j] += ts[j];
       }
     });
   }
 
   // Stage 3, the sums' end: the BN2 parameter gradients, and the sums' means [m1 (inter), m2 (inter)] (zeros in
   // eval) for the second half (dz -> dY), which runs on each tile of stage 4.
-  std::vector<F> bn2_backward_means(int64_t l, const ThreadPartials<acc_t>& partials) {
+  std::vector<F> bn2_backward_means(int64_t l, const LayerFold<F>& f, const ThreadPartials<acc_t>& partials) {
     const int64_t inter = geom_.inter;
-    std::vector<acc_t> sums(2 * inter);
+    std::vector<acc_t> sums(partials.width);
     partials.reduce_into(sums.data());
+    if (f.s2 != nullptr) {
+      F* ds2 = grad_slopes_->data_ptr<F>() + f.slope_off + f.c;
+      for (int64_t j = 0; j < inter; ++j) ds2[j] = static_cast<F>(sums[2 * inter + j]);
+    }
     out_.b2[l] = at::empty({inter}, f_opts_);
     out_.g2[l] = at::empty({inter}, f_opts_);
     std::vector<F> means(2 * inter);
@@ -375,8 +439,9 @@ class BlockBackward {
     const T* Y = Y_.data_ptr<T>();
     const T* X = X_;
     T* G = G_;
-    const F *a1 = f.a1.data(), *b1 = f.b1.data(), *mu1 = f.mean1, *is1 = f.invstd1.data();
+    const F *a1 = f.a1.data(), *b1 = f.b1.data(), *mu1 = f.mean1, *is1 = f.invstd1.data(), *s1 = f.s1;
     const F *a2 = f.a2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
+    const int64_t nsums = s1 ? 3 : 2;  // sums of dU, dU*xhat1, and with slopes the slope gradient terms
     const Tensor& W1t = f.W1;
     std::vector<Op> W1wide;  // W1 widened once per layer (a bfloat16 stage computed in float32)
     const Op* W1 = nullptr;
@@ -389,10 +454,10 @@ class BlockBackward {
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M_ + tr - 1) / tr;
     ThreadPartials<F> dw_partials(inter * c);
-    ThreadPartials<acc_t> sum_partials(2 * c);
+    ThreadPartials<acc_t> sum_partials(nsums * c);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<Op> U(tr * c), dYt(kInPlace ? 0 : tr * inter);
-      std::vector<F> dU(tr * c), ts(2 * c);
+      std::vector<F> dU(tr * c), ts(nsums * c);
       F* dw = dw_partials.mine();
       acc_t* s = sum_partials.mine();
       for (int64_t t = t0; t < t1; ++t) {
@@ -413,24 +478,38 @@ class BlockBackward {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) dyr[j] = stored_as<T, Op>(a2[j] * to_f<F>(dvr[j]));
           }
         }
-        bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data());
+        bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data(), -1, s1);
         gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;
+        F* ts3 = ts.data() + (s1 ? 2 * c : 0);
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
           T* gr = G + (r0 + r) * Ct;
           const Op* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
-          DNF_SIMD for (int64_t j = 0; j < c; ++j) {
-            const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
-            ts1[j] += d;
-            ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is1[j];
-            gr[j] = from_f<T>(to_f<F>(gr[j]) + a1[j] * d);
+          if (s1 == nullptr) {
+            DNF_SIMD for (int64_t j = 0; j < c; ++j) {
+              const F d = relu_grad<F>(to_f<F>(ur[j]), dur[j]);
+              ts1[j] += d;
+              ts2[j] += d * (to_f<F>(xr[j]) - mu1[j]) * is1[j];
+              gr[j] = from_f<T>(to_f<F>(gr[j]) + a1[j] * d);
+            }
+          } else {
+            // LeakyReLU / PReLU: by the pre-activation z, recomputed in F as the prologue computed it
+            DNF_SIMD for (int64_t j = 0; j < c; ++j) {
+              const F xj = to_f<F>(xr[j]);
+              const F zj = xj * a1[j] + b1[j];
+              const F d = leaky_grad<F>(zj, s1[j], dur[j]);
+              ts1[j] += d;
+              ts2[j] += d * (xj - mu1[j]) * is1[j];
+              ts3[j] += leaky_slope_grad<F>(zj, dur[j]);
+              gr[j] = from_f<T>(to_f<F>(gr[j]) + a1[j] * d);
+            }
           }
         }
-        for (int64_t j = 0; j < 2 * c; ++j) s[j] += ts[j];
+        for (int64_t j = 0; j < nsums * c; ++j) s[j] += ts[j];
       }
     });
     out_.w1[l] = at::empty(conv_weight_shape(inter, c, 1, geom_.dims), op_.w1[l].options());
@@ -439,8 +518,12 @@ class BlockBackward {
     } else {
       dw_partials.reduce_into(out_.w1[l].data_ptr<F>());  // float32 master weight of a bfloat16 block
     }
-    std::vector<acc_t> sums(2 * c);
+    std::vector<acc_t> sums(nsums * c);
     sum_partials.reduce_into(sums.data());
+    if (s1 != nullptr) {
+      F* ds1 = grad_slopes_->data_ptr<F>() + f.slope_off;
+      for (int64_t j = 0; j < c; ++j) ds1[j] = static_cast<F>(sums[2 * c + j]);
+    }
     out_.b1[l] = at::empty({c}, f_opts_);
     out_.g1[l] = at::empty({c}, f_opts_);
     const Tensor& gamma1 = f.gamma1;
@@ -492,6 +575,7 @@ class BlockBackward {
   const Tensor& buffer_;
   const BlockOperands& op_;
   BlockGrads& out_;
+  Tensor* grad_slopes_;  // the slopes' gradient (with slopes), filled layer by layer
   const int64_t M_;
   const T* X_;
   T* G_;
@@ -560,11 +644,13 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
                               const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1, TensorList w1,
                               TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
                               TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
-                              bool training, double eps, int64_t num_input_features, bool reuse_grad) {
+                              bool training, double eps, int64_t num_input_features, bool reuse_grad,
+                              const Tensor& slopes = Tensor(), Tensor* grad_slopes = nullptr) {
   const BlockGeometry g = check_dense_block_backward_args(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2,
                                                           b2, w2, rm1, rv1, rm2, rv2, mask, p, training, eps,
                                                           num_input_features);
   check_cpu_dtype(buffer);
+  if (slopes.defined()) check_block_slopes(slopes, g, buffer);
   const Tensor X = buffer.contiguous(cl_format(g.dims));
   // The working gradient, in the buffer's dtype (BlockBackward).
   const at::ScalarType gt = buffer.scalar_type();
@@ -581,11 +667,11 @@ BackwardResult backward_entry(const Tensor& grad_buffer, const Tensor& buffer, c
   }
   const BlockOperands op{g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2,
                          mean.contiguous(), var.contiguous(), mean2.contiguous(), var2.contiguous(),
-                         mask, p, eps, training};
+                         mask, p, eps, training, slopes.defined() ? slopes.contiguous() : slopes};
   BlockGrads out(g.L);
   Tensor grad_input;
   DNF_DISPATCH_CPU_KERNEL(buffer.scalar_type(), "dense_block_backward_cpu", [&] {
-    grad_input = BlockBackward<scalar_t>(g, X, G, op, out).run();
+    grad_input = BlockBackward<scalar_t>(g, X, G, op, out, grad_slopes).run();
   });
   return {grad_input, out.g1, out.b1, out.w1, out.g2, out.b2, out.w2};
 }
@@ -610,6 +696,22 @@ BackwardResult dense_block_backward_inplace_cpu(const Tensor& grad_buffer, const
                         p, training, eps, num_input_features, /*reuse_grad=*/true);
 }
 
+// The backward of dense_block_act_forward: dense_block_backward's results and the packed slopes' gradient.
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
+           std::vector<Tensor>, std::vector<Tensor>, Tensor>
+dense_block_act_backward_cpu(const Tensor& grad_buffer, const Tensor& buffer, const Tensor& mean, const Tensor& var,
+                             const Tensor& mean2, const Tensor& var2, TensorList g1, TensorList b1, TensorList w1,
+                             TensorList g2, TensorList b2, TensorList w2, TensorList rm1, TensorList rv1,
+                             TensorList rm2, TensorList rv2, const c10::optional<Tensor>& mask, double p,
+                             bool training, double eps, int64_t num_input_features, const Tensor& slopes) {
+  TORCH_CHECK(slopes.defined(), "slopes: expected a tensor, got None");
+  Tensor grad_slopes;
+  auto [gi, dg1, db1, dw1, dg2, db2, dw2] =
+      backward_entry(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2, rm1, rv1, rm2, rv2, mask, p,
+                     training, eps, num_input_features, /*reuse_grad=*/false, slopes, &grad_slopes);
+  return {gi, dg1, db1, dw1, dg2, db2, dw2, grad_slopes};
+}
+
 }  // namespace dnf::cpu::DNF_ISA
 
 #ifdef DNF_ISA_REGISTERS
@@ -619,6 +721,8 @@ DNF_DECLARE_ISA_VARIANTS(dense_block_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_backward_inplace_cpu)
 DNF_DECLARE_ISA_VARIANTS(bn_relu_conv1x1_cpu)
+DNF_DECLARE_ISA_VARIANTS(dense_block_act_forward_cpu)
+DNF_DECLARE_ISA_VARIANTS(dense_block_act_backward_cpu)
 DNF_DECLARE_ISA_VARIANTS(time_bf16_1x1_stage)
 
 // The bfloat16 1x1 stage's timing on the registered ISA build (gemm_engine.cpp: bf16_gemm_compute()).
@@ -629,6 +733,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("dense_block_backward", DNF_PICK_ISA(dense_block_backward_cpu));
   m.impl("dense_block_backward_inplace", DNF_PICK_ISA(dense_block_backward_inplace_cpu));
   m.impl("bn_relu_conv1x1", DNF_PICK_ISA(bn_relu_conv1x1_cpu));
+  m.impl("dense_block_act_forward", DNF_PICK_ISA(dense_block_act_forward_cpu));
+  m.impl("dense_block_act_backward", DNF_PICK_ISA(dense_block_act_backward_cpu));
 }
 
 }  // namespace dnf::cpu

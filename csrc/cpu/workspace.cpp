@@ -1,5 +1,6 @@
 // The mapped pool of the CPU kernels' large activations (workspace.h; docs/design.md §11).
 #include "cpu/workspace.h"
+#include "cpu/switches.h"
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/Allocator.h>
@@ -83,7 +84,8 @@ class MappedPool final : public c10::Allocator {
     std::ostringstream s;
     s << "{\"live_bytes\": " << live_bytes_ << ", \"free_bytes\": " << free_bytes_
       << ", \"high_water_bytes\": " << high_water_ << ", \"maps\": " << maps_ << ", \"unmaps\": " << unmaps_
-      << ", \"reuses\": " << reuses_ << ", \"mapped_min_bytes\": " << kMappedMinBytes << "}";
+      << ", \"reuses\": " << reuses_ << ", \"mapped_min_bytes\": " << kMappedMinBytes
+      << ", \"enabled\": " << (pool_enabled() ? "true" : "false") << "}";
     return s.str();
   }
 
@@ -211,8 +213,16 @@ class UnmappingAllocator final : public c10::Allocator {
   void copy_data(void* dest, const void* src, size_t count) const override { default_copy_data(dest, src, count); }
 };
 
+// DNF_CPU_POOL=0: every tensor from the default CPU allocator (for an allocator of the user's own, such as
+// jemalloc or tcmalloc, and to measure the pool against glibc's heap). Read once per process.
+bool pool_enabled() {
+  static const bool on = cpu_switch("DNF_CPU_POOL", {"0", "1"}) != "0";
+  return on;
+}
+
 at::Tensor empty_mapped(at::IntArrayRef shape, const at::TensorOptions& opts, at::MemoryFormat format, OnFree on_free) {
   TORCH_INTERNAL_ASSERT(opts.device().is_cpu(), "empty_mapped: a CPU tensor, got device ", opts.device());
+  if (!pool_enabled()) return at::empty(shape, opts.memory_format(format));
   static UnmappingAllocator* unmapping = new UnmappingAllocator();
   c10::Allocator* alloc = on_free == OnFree::kUnmap ? static_cast<c10::Allocator*>(unmapping)
                                                     : static_cast<c10::Allocator*>(&MappedPool::instance());

@@ -7,7 +7,8 @@
 // mappings for reuse (no page faults in steady state) but never holds more than the high-water mark of its
 // live bytes: a request it cannot serve first unmaps free mappings (least recently freed first) until
 // live + free + request <= max(high-water mark, live + request). Its resident bytes are therefore at most
-// the peak of its live tensors. Small tensors go to the default CPU allocator.
+// the peak of its live tensors. Small tensors go to the default CPU allocator, and so does every tensor when
+// DNF_CPU_POOL=0.
 //
 // Declarations only (no inline code), so the per-ISA builds may include it anywhere (csrc/cpu/isa.h).
 #pragma once
@@ -42,5 +43,8 @@ void release_free_mappings();
 // The pool's counters as JSON (live, free and high-water bytes, mappings made, reuses):
 // torch.ops.densenet_fast.cpu_pool_stats().
 std::string mapped_pool_stats();
+
+// Whether the pool serves large tensors (DNF_CPU_POOL unset or 1), else the default CPU allocator does.
+bool pool_enabled();
 
 }  // namespace dnf::cpu

@@ -28,7 +28,7 @@ from densenet_fast.nn.sync_batchnorm import (
 from densenet_fast.ops import dense_block as _block_ops
 from densenet_fast.ops import sync_block as _sync_ops
 from densenet_fast.ops import tail as _tail_ops
-from densenet_fast.ops.common import check_drop_rate
+from densenet_fast.ops.common import check_drop_rate, stats_dtype
 
 IMPLS = ("fused", "reference")
 
@@ -130,6 +130,54 @@ def check_spatial_dims(spatial_dims) -> int:
 def layer_drop_rate(layer: nn.Module) -> float:
     """Dropout probability of a dense layer (0 for layers without one, e.g. MONAI's without a dropout child)."""
     return float(getattr(layer, "drop_rate", 0.0))
+
+
+_LEAKY = (nn.LeakyReLU, nn.PReLU)
+
+
+def activation_problem(act: Optional[nn.Module], channels: int, what: str) -> Optional[str]:
+    """Why ``act`` (a dense layer's ``relu1``/``relu2``; None: the norm applies it, as timm's BatchNormAct2d)
+    is not an activation the fused block computes: ReLU, LeakyReLU, or PReLU with 1 or ``channels`` parameters."""
+    if act is None or type(act) is nn.ReLU or type(act) is nn.LeakyReLU:
+        return None
+    if type(act) is nn.PReLU:
+        if act.num_parameters not in (1, channels) or act.weight.dim() != 1:
+            return f"{what} is a PReLU with {act.num_parameters} parameters for {channels} channels"
+        return None
+    return f"{what} is {type(act).__name__}, not ReLU, LeakyReLU or PReLU"
+
+
+def block_activations(layers: List[nn.Module]) -> Union[str, List[Tuple[nn.Module, nn.Module]], None]:
+    """The activations of a block's layers: None when they are all ReLU (the ReLU kernels), the list of
+    ``(relu1, relu2)`` pairs when they are all LeakyReLU / PReLU (the slope kernels), else why not fusable."""
+    acts = [(getattr(layer, "relu1", None), getattr(layer, "relu2", None)) for layer in layers]
+    for i, (layer, (a1, a2)) in enumerate(zip(layers, acts)):
+        p = (activation_problem(a1, layer.norm1.num_features, f"layer {i + 1} relu1")
+             or activation_problem(a2, layer.norm2.num_features, f"layer {i + 1} relu2"))
+        if p:
+            return p
+    leaky = {isinstance(a, _LEAKY) for pair in acts for a in pair}
+    if leaky == {False}:
+        return None
+    if leaky != {True}:
+        return "its layers mix ReLU with LeakyReLU / PReLU activations"
+    return acts
+
+
+def _slope(act: nn.Module, channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The per-channel slope of a LeakyReLU (a constant) or a PReLU (its weight, differentiable)."""
+    if type(act) is nn.LeakyReLU:
+        return torch.full((channels,), float(act.negative_slope), dtype=dtype, device=device)
+    w = act.weight.to(dtype)
+    return w.expand(channels) if w.numel() == 1 else w
+
+
+def block_slopes(layers: List[nn.Module], acts: List[Tuple[nn.Module, nn.Module]], dtype: torch.dtype,
+                 device: torch.device) -> Tensor:
+    """The packed ``slopes`` of ``dense_block_act_forward`` for a block's LeakyReLU / PReLU activations."""
+    return _block_ops.pack_slopes(
+        [_slope(a1, layer.norm1.num_features, dtype, device) for layer, (a1, _) in zip(layers, acts)],
+        [_slope(a2, layer.norm2.num_features, dtype, device) for layer, (_, a2) in zip(layers, acts)])
 
 
 class DenseLayer(nn.Module):
@@ -236,6 +284,13 @@ class DenseBlock(nn.ModuleDict):
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
         elif not fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
+        elif isinstance(block_activations(layers), str):
+            reason = block_activations(layers)
+        elif block_activations(layers) is not None and x.device.type != "cpu":
+            reason = f"its activations are LeakyReLU / PReLU, which the {x.device.type} kernels do not compute"
+        elif block_activations(layers) is not None and sync_group(norms) is not None:
+            reason = ("its activations are LeakyReLU / PReLU, which the synchronised (SyncBatchNorm) path does not "
+                      "compute")
         elif sync_group(norms) is not None:
             reason = sync_input_problem(x)
         if reason is not None:
@@ -273,9 +328,11 @@ class DenseBlock(nn.ModuleDict):
             # CPU: bf16 under bf16 autocast, fp32 under fp16 autocast; BN tensors in fp32 for a bf16 model.
             x = _block_ops.cpu_autocast_input(x, "block")
             params = _block_ops.cast_block_params(params, x.dtype)
+        acts = block_activations(layers)  # LeakyReLU / PReLU: their slopes (can_fuse refused anything else)
+        slopes = None if acts is None else block_slopes(layers, acts, stats_dtype(x.dtype), x.device)
         with _kernel_autocast(x):
             out = _block_ops.fused_dense_block(x, params, training=training, eps=first.eps,
-                                               drop_rate=layer_drop_rate(layers[0]))
+                                               drop_rate=layer_drop_rate(layers[0]), slopes=slopes)
         if training:
             count = values_per_channel(x)
             widths = [layer.norm1.num_features for layer in layers]

@@ -36,7 +36,7 @@ from densenet_fast.nn.dense_block import (
     reader_device_ok,
 )
 from densenet_fast.nn.export_support import exporting_to_onnx, prepare_scriptable
-from densenet_fast.nn.se_fold import can_fold, folded_norm_relu_pool, folded_transition
+from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.common import mark_sole_reader
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
@@ -227,8 +227,10 @@ class FusedFeatures(nn.Sequential):
                     i += 2
                     continue
                 elif i + 1 == len(mods) - 1 and self._fuses_final_norm(nxt, x, pool_relu):
-                    # SE -> final norm (+ ReLU + pool)
-                    return folded_norm_relu_pool(m, nxt, x, hand_over=stats is not None), True
+                    # SE -> final norm (+ ReLU + pool); a block's buffer: hand-over, as for the transition
+                    gate, mean, var = gate_and_stats(m, nxt, x)
+                    x = mark_sole_reader(x) if stats is not None else x
+                    return fused_norm_relu_pool(nxt, x, mean, var, gate=gate), True
             if last and self._fuses_final_norm(m, x, pool_relu):
                 if stats is not None and m.training == bool(stats.mean.numel()):
                     mean, var, count = _stats_for(m, stats)

@@ -26,13 +26,13 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from densenet_fast.nn.dense_block import Transition, fused_device_ok, fused_norm_relu_pool
+from densenet_fast.nn.dense_block import Transition, fused_device_ok
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 from densenet_fast.ops import tail as _tail_ops
 from densenet_fast.ops.common import mark_sole_reader
 from densenet_fast.ops.dense_block import cpu_autocast_input
 
-__all__ = ["can_fold", "gate_and_stats", "folded_transition", "folded_norm_relu_pool"]
+__all__ = ["can_fold", "gate_and_stats", "folded_transition"]
 
 
 def can_fold(se: nn.Module, x: Tensor) -> bool:
@@ -56,19 +56,8 @@ def gate_and_stats(se: SqueezeExcite, bn: nn.BatchNorm2d, x: Tensor) -> tuple[Te
     return gate, mean, var
 
 
-def _reader_input(x: Tensor, hand_over: bool) -> Tensor:
-    return mark_sole_reader(x) if hand_over else x
-
-
 def folded_transition(se: SqueezeExcite, tr: Transition, x: Tensor, hand_over: bool = False) -> Tensor:
     """``tr(se(x))`` with the gate folded into the transition's prologue. ``hand_over``: ``x`` is a fused block's
     buffer that nothing outside FusedFeatures reads (the block may take the transition's input gradient over)."""
     gate, mean, var = gate_and_stats(se, tr.norm, x)
-    return tr.fused_forward(_reader_input(x, hand_over), mean, var, gate=gate)
-
-
-def folded_norm_relu_pool(se: SqueezeExcite, bn: nn.BatchNorm2d, x: Tensor, hand_over: bool = False) -> Tensor:
-    """``flatten(adaptive_avg_pool(relu(bn(se(x))), 1), 1)`` [N, C] with the gate folded into the final norm's
-    prologue; ``hand_over`` as in :func:`folded_transition`."""
-    gate, mean, var = gate_and_stats(se, bn, x)
-    return fused_norm_relu_pool(bn, _reader_input(x, hand_over), mean, var, gate=gate)
+    return tr.fused_forward(mark_sole_reader(x) if hand_over else x, mean, var, gate=gate)

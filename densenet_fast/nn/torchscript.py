@@ -424,7 +424,7 @@ def _block_copy(block: nn.Module) -> nn.Module:
     from densenet_fast.models.se_densenet import SEDenseBlock
     from densenet_fast.nn.batchnorm_stats import fusable_norms
     from densenet_fast.nn.concat_block import ConcatDenseBlock, layer_unit
-    from densenet_fast.nn.dense_block import layer_drop_rate
+    from densenet_fast.nn.dense_block import block_activations, layer_drop_rate
 
     concat = isinstance(block, ConcatDenseBlock)
     layers = list(block.values())
@@ -434,7 +434,8 @@ def _block_copy(block: nn.Module) -> nn.Module:
     ok = (getattr(block, "impl", "fused") == "fused" and not isinstance(block, SEDenseBlock) and len(units) > 0
           and fusable_norms(norms) and all(_plain_bn(m) for m in norms)
           and len({layer_drop_rate(layer) for layer in layers}) == 1
-          and not (concat and any("dropout" in u._modules for u in units)))
+          and not (concat and any("dropout" in u._modules for u in units))
+          and block_activations(units) is None)  # LeakyReLU / PReLU blocks: the reference path when scripted
     fused = _concat_block_fused() if nested else _block_fused
     methods = dict(forward=_block_forward, dnf_fused=torch.jit.export(fused),
                    dnf_reference=_concat_block_reference if concat else _block_reference)

@@ -62,6 +62,20 @@ def _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, nor
             input.new_empty((n_layers, inter), dtype=sd))
 
 
+@torch.library.register_fake("densenet_fast::dense_block_act_forward")
+def _dense_block_act_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+                                  conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps, slopes):
+    L, k, inter = _block_geometry(input, norm1_weight, conv1_weight, conv2_weight)
+    C0 = input.shape[1]
+    want = L * (C0 + inter) + k * L * (L - 1) // 2
+    torch._check(slopes.dim() == 1 and slopes.shape[0] == want,
+                 lambda: f"slopes: expected shape [{want}] (per layer: C0 + l*growth_rate slopes of norm1's "
+                 f"activation, then bn_size*growth_rate of norm2's), got {list(slopes.shape)}")
+    check_devices(input, dict(slopes=slopes))
+    return _dense_block_forward_fake(input, norm1_weight, norm1_bias, conv1_weight, norm2_weight, norm2_bias,
+                                     conv2_weight, rm1, rv1, rm2, rv2, dropout_mask, drop_rate, training, eps)
+
+
 @torch.library.register_fake("densenet_fast::bn_relu_conv1x1")
 def _bn_relu_conv1x1_fake(input, scale, shift, weight):
     check_rank(input)
@@ -91,6 +105,17 @@ def _dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm
 
 
 torch.library.register_fake("densenet_fast::dense_block_backward_inplace")(_dense_block_backward_fake)
+
+
+@torch.library.register_fake("densenet_fast::dense_block_act_backward")
+def _dense_block_act_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
+                                   conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
+                                   dropout_mask, drop_rate, training, eps, num_input_features, slopes):
+    check_devices(buffer, dict(slopes=slopes))
+    return (*_dense_block_backward_fake(grad_buffer, buffer, mean, var, mean2, var2, norm1_weight, norm1_bias,
+                                        conv1_weight, norm2_weight, norm2_bias, conv2_weight, rm1, rv1, rm2, rv2,
+                                        dropout_mask, drop_rate, training, eps, num_input_features),
+            torch.empty_like(slopes, memory_format=torch.contiguous_format))
 
 
 class BlockParams(NamedTuple):
@@ -172,8 +197,16 @@ def cast_block_params(params: "BlockParams", dtype: torch.dtype) -> "BlockParams
                        bn(p.norm2_running_mean), bn(p.norm2_running_var))
 
 
+def pack_slopes(slope1: Sequence[Tensor], slope2: Sequence[Tensor]) -> Tensor:
+    """The ``slopes`` argument of ``dense_block_act_forward``: per layer, the slopes of the activation after
+    norm1 (``[C0 + l*k]``) then after norm2 (``[bn_size*k]``), concatenated (differentiable: a PReLU weight
+    expanded to its channels gets the sum of their gradients)."""
+    return torch.cat([t for pair in zip(slope1, slope2) for t in pair])
+
+
 def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps: float = 1e-5,
-                drop_rate: float = 0.0, dropout_mask: Optional[Tensor] = None) -> BlockOutput:
+                drop_rate: float = 0.0, dropout_mask: Optional[Tensor] = None,
+                slopes: Optional[Tensor] = None) -> BlockOutput:
     """Runs a whole dense block as one fused operator.
 
     Args:
@@ -185,7 +218,8 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
 
     Every argument is validated by the operator (RuntimeError naming the argument, the expected and the
     actual value; ValueError for a single value per channel in training, as ``nn.BatchNorm2d``), drop_rate
-    in eval too. The
+    in eval too. ``slopes`` (:func:`pack_slopes`, BatchNorm dtype): the block's activations are LeakyReLU / PReLU
+    with these per-channel slopes instead of ReLU (``dense_block_act_forward``; CPU kernels only). The
     operator is functional: it never writes to its arguments and its outputs are new tensors, so
     arguments may alias each other (e.g. the input sharing storage with a parameter).
     """
@@ -206,5 +240,9 @@ def fused_dense_block(input: Tensor, params: BlockParams, *, training: bool, eps
         dropout_mask = None  # the operator applies no dropout without a mask
     # The running statistics are passed in training too, where the operator ignores them: an AOTInductor package
     # of torch 2.14 hands an empty Tensor[] argument to the operator as None (docs/deployment.md).
-    out = _ops.dense_block_forward(input, *params, dropout_mask, float(drop_rate), bool(training), float(eps))
+    if slopes is not None:
+        out = _ops.dense_block_act_forward(input, *params, dropout_mask, float(drop_rate), bool(training), float(eps),
+                                           slopes)
+    else:
+        out = _ops.dense_block_forward(input, *params, dropout_mask, float(drop_rate), bool(training), float(eps))
     return BlockOutput(*out)
