@@ -4,6 +4,7 @@
 #include "cpu/switches.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <chrono>
@@ -194,3 +195,14 @@ std::string bf16_conv_report() {
 }
 
 }  // namespace dnf::cpu
+
+// bf16_conv_compute(dims, pass) -> "float32" | "bfloat16": for the Python side (a 2-D model's conv0 under CPU
+// bfloat16 autocast follows the 2-D choice: densenet_fast/nn/fused_features.py); runs the rank's one-time choice.
+TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
+  m.def("bf16_conv_compute(int dims, int pass_) -> str", [](int64_t dims, int64_t pass) -> std::string {
+    TORCH_CHECK(pass >= 0 && pass <= 2, "bf16_conv_compute: pass_: expected 0 (forward), 1 (input_grad) or 2 "
+                "(weight_grad), got ", pass);
+    return dnf::cpu::bf16_conv_compute(dims, static_cast<dnf::cpu::ConvPass>(pass)) == at::kFloat ? "float32"
+                                                                                                 : "bfloat16";
+  });
+}
