@@ -151,6 +151,7 @@ def main(argv: List[str] | None = None) -> int:
         print(json.dumps(_worker(args)))
         return 0
     record = run(args)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
     Path(args.out + ".md").write_text(render(record) + "\n")
     print(f"wrote {args.out}.json and .md")

@@ -99,7 +99,9 @@ def cpu_engine() -> dict[str, Any]:
     backward recompute) runs on densenet_fast's own AMX kernel whatever the engine (``amx_kernel``: AMX and
     AVX512_BF16 CPUs; ``DNF_CPU_AMX_KERNEL=0`` turns it off), and whether the float32 fused 1x1 stage runs on its
     own AVX-512 kernel (``f32_kernel``: ``{"on": bool, "how": measured rates or forced}``; it runs where it
-    measured faster than the float32 engine; ``DNF_CPU_F32_KERNEL=0|1`` forces it). Runs the one-time choices."""
+    measured faster than the float32 engine; ``DNF_CPU_F32_KERNEL=0|1`` forces it), the compute dtype of a bfloat16
+    block's 1x1 stage (``bf16_gemm``: ``{"compute": "bfloat16" | "float32", "how": measured times or forced}``;
+    ``DNF_CPU_BF16_GEMM=bf16|fp32`` forces it) and of its 3x3 passes (``bf16_conv``). Runs the one-time choices."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
@@ -110,5 +112,6 @@ def cpu_engine() -> dict[str, Any]:
     out["bf16_rows"] = raw["bf16_rows"]
     out["amx_kernel"] = bool(raw["amx_kernel"])
     out["f32_kernel"] = {"on": bool(raw["f32_kernel"][0]), "how": raw["f32_kernel"][1]}
+    out["bf16_gemm"] = {"compute": raw["bf16_gemm"][0], "how": raw["bf16_gemm"][1]}
     out["bf16_conv"] = raw["bf16_conv"]
     return out

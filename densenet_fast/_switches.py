@@ -22,6 +22,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "DNF_CPU_F32_KERNEL": ("auto", "0", "1"),
     # bfloat16 narrowing of the element loops: AVX512_BF16 instructions or portable code (csrc/cpu/bf16_rows.h)
     "DNF_CPU_BF16_ROWS": ("auto", "native", "portable"),
+    # compute dtype of a bfloat16 block's 1x1 stage (csrc/cpu/gemm_engine.h: bf16_gemm_compute)
+    "DNF_CPU_BF16_GEMM": ("auto", "bf16", "fp32"),
     # compute dtype of a bfloat16 block's 3x3 convolution passes (csrc/cpu/conv3x3.h)
     "DNF_CPU_BF16_CONV": ("auto", "bf16", "fp32"),
     # the CPU kernels' large activations from densenet_fast's mapped pool (1) or the default allocator (0)

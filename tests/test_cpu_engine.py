@@ -4,6 +4,7 @@ multiples of any ISA blocking (C0 = 13, growth 5, bn_size 3, odd H x W), NCHW an
 fp64 to ~1e-10, fp32 and bf16 autocast against the fp64 truth relative to torchvision's own error."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -118,6 +119,9 @@ def test_build_info_reports_the_engine():
     assert isinstance(f32["on"], bool) and f32["how"], f32
     if f32["on"]:  # it runs only where it was measured faster (or forced)
         assert f32["how"].startswith("measured own=") or f32["how"] == "forced by DNF_CPU_F32_KERNEL", f32
+    bf16_gemm = info["bf16_gemm"]
+    assert bf16_gemm["compute"] in ("bfloat16", "float32"), bf16_gemm
+    assert bf16_gemm["how"].startswith("measured bf16=") or bf16_gemm["how"] == "forced by DNF_CPU_BF16_GEMM"
 
 
 def _run(env_value: str, *args: str, own_kernels: bool = True, **env_extra: str) -> subprocess.CompletedProcess:
@@ -161,6 +165,23 @@ def test_each_engine_forced(engine):
     uses_f32_kernel = own and _has_f32_kernel()
     assert r.stdout.split()[:4] == [f32, engine, str(uses_amx_kernel), str(uses_f32_kernel)]
     assert "forced by DNF_CPU_GEMM" in r.stdout
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["own-kernels", "without-own-kernels"])
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+def test_bf16_gemm_compute_forced(compute, own):
+    """DNF_CPU_BF16_GEMM forces the compute dtype of a bfloat16 block's 1x1 stage (build_info reports it), and the
+    parity tests above pass either way: float32 on our AVX-512 kernel (bfloat16 rows widened in, rounded once out)
+    or, with our own kernels off, on the float32 engine's tile loop; bfloat16 on the AMX kernel or the engine."""
+    env = {"DNF_CPU_BF16_GEMM": compute}
+    r = _run("auto", "-m", "pytest", "tests/test_cpu_engine.py", "-q", "-x", "-p", "no:cacheprovider",
+             "-k", "parity and 5-7 or packed or conv1x1_stage", "-W", "ignore", own_kernels=own, **env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    code = "import json, densenet_fast as d; print(json.dumps(d.build_info()['cpu_engine']['bf16_gemm']))"
+    r = _run("auto", "-c", code, own_kernels=own, **env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {
+        "compute": "float32" if compute == "fp32" else "bfloat16", "how": "forced by DNF_CPU_BF16_GEMM"}
 
 
 def test_brgemm_unavailable_is_a_clear_error():

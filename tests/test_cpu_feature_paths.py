@@ -1,9 +1,9 @@
 """Every CPU feature path on one machine (issue 27).
 
 The CPU kernels pick their code by CPU features: the ISA build of the element loops, native or portable
-bfloat16 rows, our AMX kernel, our float32 kernel, the GEMM engine, and the compute dtype of a bfloat16 block's
-3x3 passes; torch's own kernels (oneDNN, MKL) pick theirs the same way. Each configuration below stands in for a
-CPU (or forces a path): our switches plus ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` /
+bfloat16 rows, our AMX kernel, our float32 kernel, the GEMM engine, and the compute dtypes of a bfloat16 block's
+1x1 stage and 3x3 passes; torch's own kernels (oneDNN, MKL) pick theirs the same way. Each configuration below
+stands in for a CPU (or forces a path): our switches plus ``ONEDNN_MAX_CPU_ISA`` / ``MKL_ENABLE_INSTRUCTIONS`` /
 ``ATEN_CPU_CAPABILITY``, which take native bfloat16 and AMX away from torch itself. In a fresh process each
 runs the parity tests of blocks, tails, stem and whole models (2-D and 3-D; fp64, fp32, bf16) against the real
 references, after checking that ``build_info()`` names the paths the configuration asks for.
@@ -49,8 +49,9 @@ NO_BF16_TORCH = {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS":
 # name -> (what it stands in for, needed CPU features, environment, expected build_info()["cpu_engine"] entries)
 CONFIGS = {
     "avx512-no-bf16": (
-        "Intel Xeon with AVX-512 but no AVX512_BF16/AMX (issue 27's CPU): every bfloat16 instruction taken away",
-        AVX512, dict(NO_BF16_TORCH, DNF_CPU_BF16_ROWS="portable"),
+        "Intel Xeon with AVX-512 but no AVX512_BF16/AMX (issue 27's CPU): every bfloat16 instruction taken away, "
+        "a bf16 block's 1x1 stage forced to fp32 (forced to bf16: the portable-rows config below)",
+        AVX512, dict(NO_BF16_TORCH, DNF_CPU_BF16_ROWS="portable", DNF_CPU_BF16_GEMM="fp32"),
         {"kernels_isa": "avx512", "bf16_rows": "portable", "amx_kernel": False}),
     "avx512-bf16-no-amx": (
         "AVX512_BF16 without AMX (Cooper Lake, AMD Zen 4/5): oneDNN's jit_bf16 kernels, bf16 3x3 passes forced",
@@ -59,12 +60,13 @@ CONFIGS = {
         {"kernels_isa": "avx512", "bf16_rows": "avx512_bf16", "amx_kernel": False}),
     "avx512-portable-rows-fp32-conv": (
         "AVX-512 kernels with portable bfloat16 rows and our float32 kernel, the 3x3 passes of bf16 blocks in fp32",
-        AVX512, {"DNF_CPU_BF16_ROWS": "portable", "DNF_CPU_F32_KERNEL": "1", "DNF_CPU_BF16_CONV": "fp32"},
+        AVX512, {"DNF_CPU_BF16_ROWS": "portable", "DNF_CPU_F32_KERNEL": "1", "DNF_CPU_BF16_CONV": "fp32",
+                 "DNF_CPU_BF16_GEMM": "bf16"},
         {"kernels_isa": "avx512", "bf16_rows": "portable", "amx_kernel": False}),
     "avx2": (
         "an AVX2 CPU (no AVX-512): our AVX2 build, torch's AVX2 kernels, oneDNN and MKL capped at AVX2",
         AVX2, {"DNF_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-               "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNF_CPU_GEMM": "aten"},
+               "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNF_CPU_GEMM": "aten", "DNF_CPU_BF16_GEMM": "fp32"},
         {"kernels_isa": "avx2", "bf16_rows": "portable", "amx_kernel": False}),
 }
 
@@ -75,6 +77,9 @@ CONFIGS = {
 # reference's own error): blocks (2-D, 3-D), transitions, final norms, stems, whole models (2-D and 3-D).
 PARITY_TESTS = [
     "tests/test_bf16.py",  # bf16: blocks, readers, stem, .bfloat16() and autocast models, 2-D and 3-D
+    # LeakyReLU / PReLU blocks in bf16: the slope prologue on the bf16 and the fp32-compute 1x1 stage
+    "tests/test_leaky_act.py::test_block_bf16_vs_fp64_truth",
+    "tests/test_leaky_act.py::test_monai_act_autocast_bf16_vs_fp64_truth",
     "tests/test_cpu_feature_paths.py::test_bf16_3d_depth_two_matches_monai",
     "tests/test_dense_block_3d.py::test_block_3d_matches_reference_fp64",
     "tests/test_dense_block_3d.py::test_transition_3d_matches_reference_fp64",
@@ -110,6 +115,9 @@ def test_parity_on_every_cpu_feature_path(config):
     engine = json.loads(r.stdout.strip().splitlines()[-1])
     for key, value in expected.items():
         assert engine[key] == value, f"{config}: build_info cpu_engine[{key!r}] = {engine[key]!r}, want {value!r}"
+    if env.get("DNF_CPU_BF16_GEMM"):
+        want = "float32" if env["DNF_CPU_BF16_GEMM"] == "fp32" else "bfloat16"
+        assert engine["bf16_gemm"] == {"compute": want, "how": "forced by DNF_CPU_BF16_GEMM"}, engine["bf16_gemm"]
     if env.get("DNF_CPU_BF16_CONV"):
         want = "float32" if env["DNF_CPU_BF16_CONV"] == "fp32" else "bfloat16"
         assert engine["bf16_conv"]["2d"]["forward"] == want and engine["bf16_conv"]["3d"]["input_grad"] == want

@@ -4,6 +4,7 @@
 #include "cpu/switches.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <chrono>
@@ -74,7 +75,9 @@ void choose(RankChoice& c, int64_t dims) {
     how << "forced by DNF_CPU_BF16_CONV";
   } else {
     // A densenet121 layer of block 3 (2-D: 14x14, batch 4; 3-D: a volume of as many rows), the float32 passes
-    // timed with their widening casts. Three rounds alternating, the best of each; float32 must win by 10%.
+    // timed with their widening casts. Five rounds alternating, the best of each; float32 must win by 10%. (With
+    // three, a process started while the other agents' builds held the 2 cores picked bfloat16 for the forward,
+    // 3.5x slower than float32 unloaded: each run is shorter than a time slice, so more runs find a clean one.)
     const std::vector<int64_t> sp = dims == 2 ? std::vector<int64_t>{14, 14} : std::vector<int64_t>{6, 6, 6};
     const int64_t n = 4;
     auto shape = [&](int64_t ch) {
@@ -97,7 +100,7 @@ void choose(RankChoice& c, int64_t dims) {
     };
     double secs[3][2];
     for (auto& s : secs) s[0] = s[1] = 1e30;
-    for (int round = 0; round < 3; ++round)
+    for (int round = 0; round < 5; ++round)
       for (int p = 0; p < 3; ++p)
         for (int f = 0; f < 2; ++f) secs[p][f] = std::min(secs[p][f], best_of([&] { run(p, f == 1); }));
     how << "measured";
@@ -134,7 +137,32 @@ at::Tensor in_compute(const at::Tensor& x, int64_t dims, ConvPass pass) {
   return bf16_conv_compute(dims, pass) == at::kFloat ? x.to(at::kFloat) : x;
 }
 
+// dst (channels_last) = src (contiguous [K, C, S]) rounded to bfloat16, as O: one serial loop over the ~37K values
+// of a densenet121 weight where the casts and the layout copy were three parallel copies (each one ~5 ms whenever
+// another process held one of the two cores).
+template <typename O>
+void round_to_cl(const float* src, int64_t K, int64_t C, int64_t S, O* dst) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t s = 0; s < S; ++s) dst[(k * S + s) * C + c] = O(c10::BFloat16(src[(k * C + c) * S + s]));
+}
+
 }  // namespace
+
+at::Tensor conv3x3_weight(const at::Tensor& master, at::ScalarType storage, int64_t dims, ConvPass pass) {
+  const auto cl = dims == 2 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+  if (storage != at::kBFloat16) return master.to(storage).contiguous(cl);
+  const at::Tensor m = master.to(at::kFloat).contiguous();  // a float32 master: itself
+  const at::ScalarType compute = bf16_conv_compute(dims, pass);
+  at::Tensor out = at::empty(m.sizes(), m.options().dtype(compute).memory_format(cl));
+  const int64_t K = m.size(0), C = m.size(1), S = K * C == 0 ? 0 : m.numel() / (K * C);
+  if (compute == at::kFloat) {
+    round_to_cl(m.data_ptr<float>(), K, C, S, out.data_ptr<float>());
+  } else {
+    round_to_cl(m.data_ptr<float>(), K, C, S, out.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
 
 at::ScalarType bf16_conv_compute(int64_t dims, ConvPass pass) { return rank(dims).dtype[int(pass)]; }
 
@@ -167,3 +195,14 @@ std::string bf16_conv_report() {
 }
 
 }  // namespace dnf::cpu
+
+// bf16_conv_compute(dims, pass) -> "float32" | "bfloat16": for the Python side (a 2-D model's conv0 under CPU
+// bfloat16 autocast follows the 2-D choice: densenet_fast/nn/fused_features.py); runs the rank's one-time choice.
+TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
+  m.def("bf16_conv_compute(int dims, int pass_) -> str", [](int64_t dims, int64_t pass) -> std::string {
+    TORCH_CHECK(pass >= 0 && pass <= 2, "bf16_conv_compute: pass_: expected 0 (forward), 1 (input_grad) or 2 "
+                "(weight_grad), got ", pass);
+    return dnf::cpu::bf16_conv_compute(dims, static_cast<dnf::cpu::ConvPass>(pass)) == at::kFloat ? "float32"
+                                                                                                 : "bfloat16";
+  });
+}

@@ -29,6 +29,11 @@ at::Tensor conv3x3_weight_grad(const at::Tensor& dout, const at::Tensor& x, cons
 // dX, the transposed convolution of dout (needs only the weight), in dout's dtype.
 at::Tensor conv3x3_input_grad(const at::Tensor& dout, const at::Tensor& w, int64_t dims);
 
+// The 3x3 weight as pass `pass` of a block storing `storage` multiplies with it: the master weight (float32 for a
+// bfloat16 block under autocast) rounded to `storage`, in the pass's compute dtype, channels_last (the input's
+// layout: ATen would copy it to that layout in each call).
+at::Tensor conv3x3_weight(const at::Tensor& master, at::ScalarType storage, int64_t dims, ConvPass pass);
+
 // The dtype pass `pass` of a bfloat16 block of rank `dims` computes in (kBFloat16 or kFloat). The first call
 // per rank measures (call it outside parallel regions); thread-safe.
 at::ScalarType bf16_conv_compute(int64_t dims, ConvPass pass);

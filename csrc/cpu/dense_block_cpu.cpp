@@ -24,6 +24,7 @@
 #include "cpu/kernels.h"
 #include "cpu/workspace.h"
 
+#include <chrono>
 #include <type_traits>
 
 namespace dnf::cpu::DNF_ISA {
@@ -64,6 +65,30 @@ const F* layer_stat(bool training, const Tensor& shared, TensorList running, int
 }
 
 // Multiplies the conv output of layer l by its dropout mask, as F.dropout does: x * (mask / (1-p)).
+// A value stored as T (read from T, or from F holding an unrounded T result) as F: to_f, rounding an F to T first
+// (the value a T store would have read back).
+template <typename T, typename F, typename D>
+inline F read_as_stored(D v) {
+  if constexpr (std::is_same_v<D, T>) {
+    return to_f<F>(v);
+  } else {
+    return to_f<F>(from_f<T>(static_cast<F>(v)));
+  }
+}
+
+// A layer's 1x1 weight in the storage dtype st: a float32 master weight of a bfloat16 block rounded in one serial
+// loop (an ATen cast is a parallel copy, and each parallel region of a 2-thread step costs a scheduling slice
+// whenever another process holds a core: design §14, "Fewer conversions"); otherwise w.to(st).
+Tensor weight_in(const Tensor& w, at::ScalarType st) {
+  if (st != at::kBFloat16 || w.scalar_type() != at::kFloat) return w.to(st).contiguous();
+  const Tensor m = w.contiguous();
+  Tensor out = at::empty(m.sizes(), m.options().dtype(st));
+  const float* src = m.data_ptr<float>();
+  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0, n = m.numel(); i < n; ++i) dst[i] = from_f<c10::BFloat16>(src[i]);
+  return out;
+}
+
 Tensor apply_dropout(const Tensor& x, const c10::optional<Tensor>& mask, int64_t l, int64_t k, double p) {
   if (!mask.has_value() || !mask->defined()) return x;
   return x * mask->narrow(1, l * k, k).to(x.scalar_type()).div_(1.0 - p);
@@ -84,18 +109,20 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   T* X = buffer.data_ptr<T>();
   if (training) column_moments<T>(X, M, Ct, 0, g.C0, mean.data_ptr<F>(), var.data_ptr<F>());
   // Y: the bottleneck pre-activation (T, as torchvision's conv1 output); V = relu(bn2(Y)), the 3x3 conv
-  // input, written in place of Y once its statistics are taken.
+  // input, written in place of Y once its statistics are taken, or, where a bfloat16 block's 3x3 forward
+  // computes in float32 (conv3x3.h), as float: rounded to bfloat16 and widened again, the pass's widened copy
+  // of V made in the same loop.
   Tensor y = empty_cl(g, inter, buffer.options());
-  Tensor v = y;
+  const bool v_float = std::is_same_v<T, c10::BFloat16> && bf16_conv_compute(g.dims, ConvPass::kForward) == at::kFloat;
+  Tensor v = v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
-  T* V = Y;
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
     const int64_t c = g.in_channels(l);
     std::vector<Tensor> keep;
     const Tensor gamma1 = g1[l].contiguous(), beta1 = b1[l].contiguous();
     const Tensor gamma2 = g2[l].contiguous(), beta2 = b2[l].contiguous();
-    const Tensor W1 = w1[l].to(buffer.scalar_type()).contiguous();  // float32 master weights: cast here
+    const Tensor W1 = weight_in(w1[l], buffer.scalar_type());  // float32 master weights: cast here
     fold_channels<F>(c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), layer_stat<F>(training, mean, rm1, l, keep),
                      layer_stat<F>(training, var, rv1, l, keep), eps, a.data(), b.data(), is.data());
     {
@@ -117,9 +144,15 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
     {
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
-      bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), V, S ? S + slope_offset(g, l) + c : nullptr);
+      const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
+      if (v_float) {
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
+      } else {
+        bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>(), s2);
+      }
     }
-    Tensor out = apply_dropout(conv3x3(v, w2[l].to(v.scalar_type()), g.dims), mask, l, g.k, p);
+    const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
+    Tensor out = apply_dropout(conv3x3(v, W2, g.dims), mask, l, g.k, p);
     buffer.narrow(1, c, g.k).copy_(out);
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
@@ -238,7 +271,7 @@ class BlockBackward {
         S1_(geom.Ct, 0), S2_(geom.Ct, 0), shared_invstd_(op.training ? geom.Ct : 0),
         Y_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
         V_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
-        dout_(empty_cl(geom, geom.k, buffer.options(), OnFree::kUnmap)) {
+        dout_(empty_cl(geom, geom.k, buffer.options().dtype(dout_dtype(geom.dims)), OnFree::kUnmap)) {
     if (op.slopes.defined()) {
       TORCH_INTERNAL_ASSERT(grad_slopes_ != nullptr);
       *grad_slopes_ = at::zeros({slope_offset(geom, geom.L)}, f_opts_);
@@ -247,6 +280,20 @@ class BlockBackward {
       const F* v = op.var.data_ptr<F>();
       for (int64_t j = 0; j < geom.Ct; ++j) shared_invstd_[j] = invstd_from_var<F>(v[j], op.eps);
     }
+  }
+
+  // The dtype of the layer's output gradient dout_: T, or float where both 3x3 backward passes of a bfloat16 block
+  // compute in float32 (conv3x3.h): its values rounded to bfloat16 and widened again, written so by
+  // finalized_columns, so neither pass converts it and the input gradient comes back as float, rounded to
+  // bfloat16 where stage 3 reads it (the values the bfloat16 passes would see, no conversion pass of their own).
+  static at::ScalarType dout_dtype(int64_t dims) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (bf16_conv_compute(dims, ConvPass::kInputGrad) == at::kFloat &&
+          bf16_conv_compute(dims, ConvPass::kWeightGrad) == at::kFloat) {
+        return at::kFloat;
+      }
+    }
+    return c10::CppTypeToScalarType<T>::value;
   }
 
   Tensor run() {
@@ -276,7 +323,7 @@ class BlockBackward {
     f.a2.resize(inter), f.b2.resize(inter), f.invstd2.resize(inter);
     f.gamma1 = op_.g1[l].contiguous();
     const Tensor beta1 = op_.b1[l].contiguous(), gamma2 = op_.g2[l].contiguous(), beta2 = op_.b2[l].contiguous();
-    f.W1 = op_.w1[l].to(buffer_.scalar_type()).contiguous();  // float32 master weights: cast here
+    f.W1 = weight_in(op_.w1[l], buffer_.scalar_type());  // float32 master weights: cast here
     f.mean1 = layer_stat<F>(training, op_.mean, op_.rm1, l, f.keep);
     const Tensor& gamma1 = f.gamma1;
     fold_channels<F>(f.c, gamma1.data_ptr<F>(), beta1.data_ptr<F>(), f.mean1,
@@ -303,22 +350,37 @@ class BlockBackward {
                        Y_.data_ptr<T>(), f.a2.data(), f.b2.data(), V_.data_ptr<T>(), f.s1, f.s2);
   }
 
-  // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T,
-  // then the 3x3 conv backward (oneDNN through ATen): the weight gradient from V, then the input gradient dV
+  // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T (or as
+  // T widened: dout_dtype), then the 3x3 conv backward (oneDNN through ATen): the weight gradient from V, then the input gradient dV
   // a few samples at a time (kInputGradChunkBytes), each chunk handed to stage 3, which writes dz over V's
   // rows: V's storage becomes dz's, and dV never exists whole (docs/design.md §11).
   std::vector<F> conv3x3_backward(int64_t l, const LayerFold<F>& f) {
     const int64_t c = geom_.in_channels(l);
-    finalized_columns(c, geom_.k, op_.training && block_channels_have_reader(l, geom_.L), dout_.data_ptr<T>());
-    const Tensor dout = apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
-    // In the activations' dtype (float32 master weights of a bfloat16 block are cast here) and layout, once:
-    // ATen would make (and drop) the layout copy in each of the two calls.
-    const Tensor W2 = op_.w2[l].to(buffer_.scalar_type()).contiguous(cl_format(geom_.dims));
+    const bool fin = op_.training && block_channels_have_reader(l, geom_.L);
+    if (dout_.scalar_type() == buffer_.scalar_type()) {
+      finalized_columns(c, geom_.k, fin, dout_.data_ptr<T>());
+    } else {
+      finalized_columns(c, geom_.k, fin, dout_.data_ptr<F>());
+    }
+    // (a float dout_ dropped out in T, as the bfloat16 path rounds the scaled gradient)
+    const bool wide = dout_.scalar_type() != buffer_.scalar_type();
+    const bool drop = op_.mask.has_value() && op_.mask->defined();
+    const Tensor dout = wide && drop
+        ? apply_dropout(dout_.to(buffer_.scalar_type()), op_.mask, l, geom_.k, op_.drop_rate).to(dout_.scalar_type())
+        : apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
+    // In each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the activations'
+    // layout, once per layer (conv3x3.h).
+    const at::ScalarType st = buffer_.scalar_type();
+    const Tensor W2 = conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
+    const bool same = st != at::kBFloat16 || bf16_conv_compute(geom_.dims, ConvPass::kWeightGrad) ==
+                                                 bf16_conv_compute(geom_.dims, ConvPass::kInputGrad);
+    const Tensor W2w = same ? W2 : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kWeightGrad);
     // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
     // float32: conv3x3.h)
-    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
+    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
     const int64_t lead_spatial = geom_.dims == 3 ? geom_.D * geom_.H : geom_.H * geom_.W;
+    // (chunks sized by T: a float pass's chunk is float, as its result was before the cast to T)
     const int64_t per_chunk = input_grad_chunk(geom_.N, sample_rows * geom_.inter * int64_t(sizeof(T)),
                                                geom_.k * lead_spatial > 20480);
     // the sums of dz and dz*xhat2, and with slopes of the slope gradient terms (leaky_slope_grad)
@@ -326,7 +388,11 @@ class BlockBackward {
     for (int64_t n0 = 0; n0 < geom_.N; n0 += per_chunk) {
       const int64_t nb = std::min(per_chunk, geom_.N - n0);
       const Tensor dv = conv3x3_input_grad(dout.narrow(0, n0, nb), W2, geom_.dims).contiguous(cl_format(geom_.dims));
-      bn2_backward_rows(f, dv.data_ptr<T>(), n0 * sample_rows, (n0 + nb) * sample_rows, partials);
+      if (dv.scalar_type() == buffer_.scalar_type()) {
+        bn2_backward_rows(f, dv.data_ptr<T>(), n0 * sample_rows, (n0 + nb) * sample_rows, partials);
+      } else {
+        bn2_backward_rows(f, dv.data_ptr<F>(), n0 * sample_rows, (n0 + nb) * sample_rows, partials);
+      }
     }
     return bn2_backward_means(l, f, partials);
   }
@@ -334,7 +400,9 @@ class BlockBackward {
   // Stage 3. BN2 + ReLU backward, first half, on rows [r0, r1) (dV: those rows of the input gradient):
   // V_'s rows become dz = relu'(V) dV (rounded to T), and the per-channel sums of dz and dz*xhat2 (the BN2
   // parameter gradients) are added to `partials`, V = relu(bn2(Y)) recomputed exactly as stage 1 rounded it.
-  void bn2_backward_rows(const LayerFold<F>& f, const T* dV, int64_t r0, int64_t r1, ThreadPartials<acc_t>& partials) {
+  // dV: T, or the float input gradient of a float32 pass (dout_dtype), rounded to T as it is read.
+  template <typename D>
+  void bn2_backward_rows(const LayerFold<F>& f, const D* dV, int64_t r0, int64_t r1, ThreadPartials<acc_t>& partials) {
     RECORD_FUNCTION("dnf_cpu::bn2_backward", {});
     const int64_t inter = geom_.inter;
     const T* Y = Y_.data_ptr<T>();
@@ -351,13 +419,13 @@ class BlockBackward {
         std::fill(ts.begin(), ts.end(), acc_t(0));
         for (int64_t r = q0; r < std::min(t1, q0 + 256); ++r) {
           const T* yr = Y + r * inter;
-          const T* dvr = dV + (r - r0) * inter;
+          const D* dvr = dV + (r - r0) * inter;
           T* dzr = dZ + r * inter;
           if (s2 == nullptr) {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F yj = to_f<F>(yr[j]);
               const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
-              const F dz = relu_grad<F>(vj, to_f<F>(dvr[j]));
+              const F dz = relu_grad<F>(vj, read_as_stored<T, F>(dvr[j]));
               dzr[j] = from_f<T>(dz);
               ts1[j] += dz;
               ts2[j] += dz * (yj - mu2[j]) * is2[j];
@@ -367,7 +435,7 @@ class BlockBackward {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F yj = to_f<F>(yr[j]);
               const F zj = yj * a2[j] + b2[j];
-              const F dvj = to_f<F>(dvr[j]);
+              const F dvj = read_as_stored<T, F>(dvr[j]);
               const F dz = leaky_grad<F>(zj, s2[j], dvj);
               dzr[j] = from_f<T>(dz);
               ts1[j] += dz;
@@ -406,9 +474,21 @@ class BlockBackward {
   // Stage 4. Per tile of rows: dY from dz (BN2 backward, second half, with the means m1, m2 of stage 3),
   // then the 1x1 conv + BN1/ReLU backward with the recomputed input tile U: dW1 += dY^T U, dU = dY W1
   // masked by U > 0, G[:, :c] += a1*dU, and the per-channel sums of dU and dU*xhat1 (the BN1 parameter
-  // gradients, and the layer's share of the merged finalisation S1, S2).
+  // gradients, and the layer's share of the merged finalisation S1, S2). A bfloat16 stage computed in float32
+  // (bf16_gemm_compute()) multiplies the same bfloat16 values of U, dY and W1 widened to float (the products of
+  // bfloat16 values are exact in float: only the order of the float sums differs).
   void gemm1x1_bn1_backward(int64_t l, const LayerFold<F>& f, T* dV, const F* m1, const F* m2) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (bf16_gemm_compute() == at::kFloat) return gemm1x1_bn1_backward_as<F>(l, f, dV, m1, m2);
+    }
+    gemm1x1_bn1_backward_as<T>(l, f, dV, m1, m2);
+  }
+
+  // Stage 4 with the products' operands of type Op (T, or F for a bfloat16 stage computed in float32).
+  template <typename Op>
+  void gemm1x1_bn1_backward_as(int64_t l, const LayerFold<F>& f, T* dV, const F* m1, const F* m2) {
     RECORD_FUNCTION("dnf_cpu::gemm1x1_bn1_backward", {});
+    constexpr bool kInPlace = std::is_same_v<Op, T>;  // dY written over dz (V_'s rows) as the products' operand
     const int64_t c = f.c, inter = geom_.inter, Ct = geom_.Ct;
     const bool training = op_.training;
     const T* Y = Y_.data_ptr<T>();
@@ -418,34 +498,43 @@ class BlockBackward {
     const F *a2 = f.a2.data(), *mu2 = f.mean2, *is2 = f.invstd2.data();
     const int64_t nsums = s1 ? 3 : 2;  // sums of dU, dU*xhat1, and with slopes the slope gradient terms
     const Tensor& W1t = f.W1;
-    const T* W1 = W1t.data_ptr<T>();
+    std::vector<Op> W1wide;  // W1 widened once per layer (a bfloat16 stage computed in float32)
+    const Op* W1 = nullptr;
+    if constexpr (kInPlace) {
+      W1 = W1t.data_ptr<T>();
+    } else {
+      W1wide = widened(W1t.data_ptr<T>(), inter * c);
+      W1 = W1wide.data();
+    }
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M_ + tr - 1) / tr;
     ThreadPartials<F> dw_partials(inter * c);
     ThreadPartials<acc_t> sum_partials(nsums * c);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<T> U(tr * c);
+      std::vector<Op> U(tr * c), dYt(kInPlace ? 0 : tr * inter);
       std::vector<F> dU(tr * c), ts(nsums * c);
       F* dw = dw_partials.mine();
       acc_t* s = sum_partials.mine();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r0 = t * tr, nr = std::min(tr, M_ - r0);
+        Op* dY = dYt.data();
+        if constexpr (kInPlace) dY = dV + r0 * inter;
         for (int64_t r = r0; r < r0 + nr; ++r) {
           const T* yr = Y + r * inter;
-          T* dvr = dV + r * inter;
+          const T* dvr = dV + r * inter;
+          Op* dyr = dY + (r - r0) * inter;
           if (training) {
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F xhat = (to_f<F>(yr[j]) - mu2[j]) * is2[j];
-              dvr[j] = from_f<T>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
+              dyr[j] = stored_as<T, Op>(bn_backward_train<F>(to_f<F>(dvr[j]), xhat, a2[j], m1[j], m2[j]));
             }
           } else {
             // Eval: dY = a*dz exactly (no xhat term, so a non-finite Y does not poison dY).
-            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dvr[j] = from_f<T>(a2[j] * to_f<F>(dvr[j]));
+            DNF_SIMD for (int64_t j = 0; j < inter; ++j) dyr[j] = stored_as<T, Op>(a2[j] * to_f<F>(dvr[j]));
           }
         }
         bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data(), -1, s1);
-        gemm_acc('N', 'T', c, inter, nr, U.data(), c, dV + r0 * inter, inter, F(1), dw, c);
-        gemm_acc('N', 'N', c, nr, inter, W1, c, dV + r0 * inter, inter, F(0), dU.data(), c);
+        gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;
@@ -453,7 +542,7 @@ class BlockBackward {
         for (int64_t r = 0; r < nr; ++r) {
           const T* xr = X + (r0 + r) * Ct;
           T* gr = G + (r0 + r) * Ct;
-          const T* ur = U.data() + r * c;
+          const Op* ur = U.data() + r * c;
           const F* dur = dU.data() + r * c;
           if (s1 == nullptr) {
             DNF_SIMD for (int64_t j = 0; j < c; ++j) {
@@ -507,7 +596,9 @@ class BlockBackward {
   // gradient (the 3x3 backward's operand) or the block's input gradient. G itself is not updated:
   // nothing reads these columns afterwards. The last layer's channels have no reader in the block:
   // passed through as given (0 * a non-finite xhat must not turn their gradient into NaN).
-  void finalized_columns(int64_t c0, int64_t width, bool finalize, T* dst) {
+  // dst: T, or F holding the T values widened (a float dout_, dout_dtype).
+  template <typename O>
+  void finalized_columns(int64_t c0, int64_t width, bool finalize, O* dst) {
     RECORD_FUNCTION("dnf_cpu::finalize", {});
     const int64_t Ct = geom_.Ct, M = M_;
     const F* mu = op_.training ? op_.mean.data_ptr<F>() + c0 : nullptr;
@@ -524,14 +615,16 @@ class BlockBackward {
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = X + r * Ct + c0;
         const T* gr = G + r * Ct + c0;
-        T* dr = dst + r * width;
+        O* dr = dst + r * width;
         if (finalize) {
           DNF_SIMD for (int64_t j = 0; j < width; ++j) {
             const F xhat = (to_f<F>(xr[j]) - mu[j]) * is[j];
-            dr[j] = from_f<T>(finalize_grad<F>(to_f<F>(gr[j]), xhat, isn[j], s1[j], s2[j]));
+            dr[j] = stored_as<T, O>(finalize_grad<F>(to_f<F>(gr[j]), xhat, isn[j], s1[j], s2[j]));
           }
-        } else {
+        } else if constexpr (std::is_same_v<O, T>) {
           std::copy(gr, gr + width, dr);
+        } else {
+          DNF_SIMD for (int64_t j = 0; j < width; ++j) dr[j] = to_f<O>(gr[j]);
         }
       }
     });
@@ -553,8 +646,53 @@ class BlockBackward {
   // backward returns (OnFree::kUnmap):
   Tensor Y_;     // the recomputed bottleneck [rows, inter], as the forward rounded it
   Tensor V_;     // V = relu(bn2(Y)) [rows, inter] for the 3x3 weight gradient, then dz and dY in its place
-  Tensor dout_;  // the layer's output gradient [rows, k]
+  Tensor dout_;  // the layer's output gradient [rows, k] (T, or float: dout_dtype)
 };
+
+// Seconds of a bfloat16 block's 1x1 stage computed in float32 (fp32) or in bfloat16, for gemm_engine.cpp's
+// choice (bf16_gemm_compute()): a densenet121 layer of block 3 at batch 8 (1568 rows, 512 -> 128 channels), the
+// forward product with its BN-ReLU prologue and V (the backward's recompute), then, per tile on the threads, the
+// backward's prologue and its two products. The best of three runs after a warm-up.
+double time_bf16_1x1_stage(bool fp32) {
+  using B = c10::BFloat16;
+  const int64_t M = 1568, c = 512, n = 128;
+  const std::vector<B> X(M * c, B(0.25f)), W(n * c, B(0.03f)), dY(M * n, B(0.01f));
+  const std::vector<float> a(c, 0.5f), b(c, 0.1f), a2(n, 0.5f), b2(n, 0.1f);
+  std::vector<B> Y(M * n), V(M * n);
+  const int64_t tr = tile_rows(std::max(c, n), sizeof(float)), ntiles = (M + tr - 1) / tr;
+  auto backward = [&](auto op) {  // op: a value of the products' operand type
+    using Op = decltype(op);
+    std::vector<Op> Wop(n * c), dYop(tr * n);
+    for (int64_t i = 0; i < n * c; ++i) Wop[i] = from_f<Op>(to_f<float>(W[i]));
+    for (int64_t i = 0; i < tr * n; ++i) dYop[i] = from_f<Op>(to_f<float>(dY[i]));
+    ThreadPartials<float> dw(n * c);
+    at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<Op> U(tr * c);
+      std::vector<float> dU(tr * c);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t nr = std::min(tr, M - t * tr);
+        bn_relu_tile<B, float>(X.data(), c, t * tr, nr, c, a.data(), b.data(), U.data());
+        gemm1x1_backward_products<Op, float>(U.data(), dYop.data(), Wop.data(), nr, c, n, dw.mine(), dU.data());
+      }
+    });
+  };
+  double best = 1e30;
+  for (int rep = 0; rep < 4; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    if (fp32) {
+      bn_relu_gemm_widened(X.data(), M, c, c, a.data(), b.data(), W.data(), n, Y.data(), a2.data(), b2.data(),
+                           V.data());
+      backward(0.0f);
+    } else {
+      bn_relu_gemm_stored<B, float>(X.data(), M, c, c, a.data(), b.data(), W.data(), n, Y.data(), a2.data(), b2.data(),
+                                    V.data());
+      backward(B(0.0f));
+    }
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (rep > 0) best = std::min(best, secs);  // the first pays for first touch
+  }
+  return best;
+}
 
 using BackwardResult = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>,
                                   std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>;
@@ -644,6 +782,10 @@ DNF_DECLARE_ISA_VARIANTS(dense_block_backward_inplace_cpu)
 DNF_DECLARE_ISA_VARIANTS(bn_relu_conv1x1_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_act_forward_cpu)
 DNF_DECLARE_ISA_VARIANTS(dense_block_act_backward_cpu)
+DNF_DECLARE_ISA_VARIANTS(time_bf16_1x1_stage)
+
+// The bfloat16 1x1 stage's timing on the registered ISA build (gemm_engine.cpp: bf16_gemm_compute()).
+double time_bf16_1x1_stage(bool fp32) { return DNF_PICK_ISA(time_bf16_1x1_stage)(fp32); }
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("dense_block_forward", DNF_PICK_ISA(dense_block_forward_cpu));

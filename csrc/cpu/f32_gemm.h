@@ -9,6 +9,8 @@
 // it measured faster than the process's GEMM engine (gemm_engine.cpp); any n and c.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cstdint>
 #include <string>
 
@@ -39,6 +41,13 @@ F32Weight f32_pack_weight(const float* W, int64_t n, int64_t k);
 // Rows [r0, r1) of the product above (X rows ld apart, Y / V rows n apart). Called once per thread and range.
 void f32_bn_relu_gemm_rows(const float* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
                            const float* b, const F32Weight& W, float* Y, const float* a2, const float* b2, float* V);
+
+// The same for a bfloat16 stage computed in float32 (bf16_gemm_compute(), gemm_engine.h): X widened by the
+// prologue, W packed from the widened weight, Y rounded to bfloat16 once and V computed from the rounded Y (as
+// every other path of the stage does), with the portable rounding (kernels.h: from_f).
+void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
+                           c10::BFloat16* V);
 
 // U[r, j] = relu(a[j] * X[r, j] + b[j]), r < rows, j < c (U rows ldu apart): the prologue alone, with the
 // same instructions, for the measurement against the engine.

@@ -23,6 +23,10 @@
 #include <vector>
 
 namespace dnf::cpu {
+
+// dense_block_cpu.cpp: a bfloat16 block's 1x1 stage timed on the registered ISA build, computed in float32 or not.
+double time_bf16_1x1_stage(bool fp32);
+
 namespace {
 
 struct Choice {
@@ -207,7 +211,37 @@ void choose_f32_kernel(F32KernelChoice& c) {
   c.how = how.str();
 }
 
+struct Bf16GemmChoice {
+  std::once_flag once;
+  at::ScalarType dtype = at::kBFloat16;
+  std::string how;
+} g_bf16_gemm;
+
+// DNF_CPU_BF16_GEMM: unset or "auto" = measure; "bf16" or "fp32" = force that compute dtype.
+void choose_bf16_gemm(Bf16GemmChoice& c) {
+  const std::string v = cpu_switch("DNF_CPU_BF16_GEMM", {"bf16", "fp32"});
+  if (!v.empty()) {
+    c.dtype = v == "fp32" ? at::kFloat : at::kBFloat16;
+    c.how = "forced by DNF_CPU_BF16_GEMM";
+    return;
+  }
+  double secs[2] = {1e30, 1e30};  // bf16, fp32
+  for (int round = 0; round < 5; ++round)  // alternating, the best of each (as the 3x3 passes' choice, conv3x3.cpp)
+    for (int f = 0; f < 2; ++f) secs[f] = std::min(secs[f], time_bf16_1x1_stage(f == 1));
+  // float32 must win by 3%: a tie keeps the products in bfloat16 (no widened copies).
+  c.dtype = secs[1] < 0.97 * secs[0] ? at::kFloat : at::kBFloat16;
+  std::ostringstream how;
+  how << "measured bf16=" << int64_t(secs[0] * 1e6) << "us fp32=" << int64_t(secs[1] * 1e6)
+      << "us (densenet121 block-3 layer, 1568 rows 512->128: forward 1x1 with its prologue, backward products)";
+  c.how = how.str();
+}
+
 }  // namespace
+
+at::ScalarType bf16_gemm_compute() {
+  std::call_once(g_bf16_gemm.once, [] { choose_bf16_gemm(g_bf16_gemm); });
+  return g_bf16_gemm.dtype;
+}
 
 const char* engine_name(GemmEngine e) {
   return e == GemmEngine::kBlas ? "blas" : e == GemmEngine::kAten ? "aten" : "brgemm";
@@ -297,13 +331,17 @@ std::string engine_report() {
   out << ", \"bf16_rows\": \"" << bf16_rows_name() << "\"";     // bfloat16 narrowing (bf16_rows.h)
   out << ", \"amx_kernel\": " << (use_amx_kernel() ? "true" : "false");  // amx_gemm.h: any engine
   out << ", \"f32_kernel\": [" << (use_f32_kernel() ? "true" : "false") << ", \"" << f32_kernel_report() << "\"]";
+  bf16_gemm_compute();  // a bfloat16 block's 1x1 stage (gemm_engine.h)
+  out << ", \"bf16_gemm\": [\"" << (g_bf16_gemm.dtype == at::kFloat ? "float32" : "bfloat16") << "\", \""
+      << g_bf16_gemm.how << "\"]";
   out << ", \"bf16_conv\": " << bf16_conv_report() << "}";  // conv3x3.h: a bfloat16 block's 3x3 passes
   return out.str();
 }
 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   // JSON: {dtype: [engine, how chosen], "amx_bf16": bool, "kernels_isa": str, "bf16_rows": str, "amx_kernel": bool,
-  // "f32_kernel": [bool, how chosen], "bf16_conv": {rank: {pass: dtype, "how": ...}}}; runs the one-time choices.
+  // "f32_kernel": [bool, how chosen], "bf16_gemm": [dtype, how chosen],
+  // "bf16_conv": {rank: {pass: dtype, "how": ...}}}; runs the one-time choices.
   m.def("cpu_engine_report() -> str", [] { return engine_report(); });
 }
 

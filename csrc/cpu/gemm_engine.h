@@ -38,6 +38,14 @@ GemmEngine gemm_engine(at::ScalarType dtype);
 // One line per dtype: engine, how it was chosen and the measured rates, for build_info().
 std::string engine_report();
 
+// The compute dtype of a bfloat16 block's 1x1 stage (the forward product with its BN-ReLU prologue, the backward's
+// recompute, its weight- and input-gradient products): kBFloat16 (bfloat16 operands, float accumulation: the
+// engine, or the AMX kernel) or kFloat (the bfloat16 values widened: our float32 kernel or the float32 engine; the
+// storage, and so the memory, stays bfloat16). Without bfloat16 hardware MKL and our rows emulate bfloat16, so it
+// is measured once per process, both ways on a densenet121 layer; DNF_CPU_BF16_GEMM=bf16|fp32 forces it. Call it
+// first outside parallel regions; thread-safe.
+at::ScalarType bf16_gemm_compute();
+
 // B = W^T of Y[m, n] = U[m, k] W^T for W [n, k] row-major (a 1x1 conv weight), packed once per call for
 // cpublas::brgemm: VNNI pairs along k (k padded to kp = k rounded up to even with a zero row), in blocks of
 // nb columns (64, 32 or 16: n must be a multiple of 16, see brgemm_packs).

@@ -71,6 +71,17 @@ inline c10::BFloat16 from_f<c10::BFloat16, float>(float v) {
   return c10::BFloat16(static_cast<uint16_t>(v != v ? 0x7FC0u : rounded), c10::BFloat16::from_bits());
 }
 
+// v rounded to the storage type T, held as O: T itself, or F (a bfloat16 value widened again, for a pass that
+// computes in float32 on it).
+template <typename T, typename O, typename F>
+inline O stored_as(F v) {
+  if constexpr (std::is_same_v<O, T>) {
+    return from_f<T>(v);
+  } else {
+    return to_f<O>(from_f<T>(v));
+  }
+}
+
 // Accumulation type of reductions: double, so statistics of long rows stay exact to well below the
 // parity budgets (the stem BN gradient of a 121-layer network amplifies any roundoff).
 template <typename T> struct Acc { using type = double; };
@@ -142,27 +153,54 @@ void fold_channels(int64_t c, const F* gamma, const F* beta, const F* mean, cons
   }
 }
 
-// U[r, j] = relu(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns
-// (computed in F, stored as T: the GEMM operand); with per-channel slopes s (LeakyReLU / PReLU),
-// leaky(a[j]*x + b[j], s[j]) instead (portable loop: the native bfloat16 rows compute ReLU only).
+// The activation after a folded BN on channel j: relu(z), or with per-channel slopes s (LeakyReLU / PReLU)
+// leaky(z, s[j]).
+template <bool kSlopes, typename F>
+inline F bn_act(F z, const F* s, int64_t j) {
+  if constexpr (kSlopes) {
+    return leaky<F>(z, s[j]);
+  } else {
+    return relu<F>(z);
+  }
+}
+
+// out[j] = act(a[j]*x[j] + b[j]), j < c: computed in F, rounded to T and held as O (T, or F for a bfloat16 pass
+// computed in float32: stored_as). The one loop of bn_relu_tile and bn_relu_rows.
+template <bool kSlopes, typename T, typename F, typename O>
+inline void bn_act_row(const T* x, int64_t c, const F* a, const F* b, const F* s, O* out) {
+  DNF_SIMD for (int64_t j = 0; j < c; ++j) {
+    out[j] = stored_as<T, O>(bn_act<kSlopes, F>(to_f<F>(x[j]) * a[j] + b[j], s, j));
+  }
+}
+
+// U[r, j] = act(a[j]*x[r0+r, j] + b[j]) for a tile of `rows` rows and the first c columns (computed in F, rounded to
+// T: the GEMM operand, held as T or, for a bfloat16 stage computed in float32, widened again to F); act is ReLU,
+// or with per-channel slopes s, LeakyReLU / PReLU (portable loop: the native bfloat16 rows compute ReLU only).
 // U's rows are ldu >= c apart; columns c..ldu-1 are zeroed (the brgemm path's even-k padding).
-template <typename T, typename F>
+template <typename T, typename F, typename O>
 inline void bn_relu_tile(const T* x, int64_t ld, int64_t r0, int64_t rows, int64_t c, const F* a,
-                         const F* b, T* U, int64_t ldu = -1, const F* s = nullptr) {
+                         const F* b, O* U, int64_t ldu = -1, const F* s = nullptr) {
   if (ldu < 0) ldu = c;
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<O, T> && std::is_same_v<F, float>) {
     if (s == nullptr && native_bf16_rows()) return bn_relu_rows_native(x + r0 * ld, ld, rows, c, a, b, U, ldu);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + (r0 + r) * ld;
-    T* ur = U + r * ldu;
+    O* ur = U + r * ldu;
     if (s == nullptr) {
-      DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(relu<F>(to_f<F>(xr[j]) * a[j] + b[j]));
+      bn_act_row<false, T, F, O>(xr, c, a, b, s, ur);
     } else {
-      DNF_SIMD for (int64_t j = 0; j < c; ++j) ur[j] = from_f<T>(leaky<F>(to_f<F>(xr[j]) * a[j] + b[j], s[j]));
+      bn_act_row<true, T, F, O>(xr, c, a, b, s, ur);
     }
-    for (int64_t j = c; j < ldu; ++j) ur[j] = T(0);
+    for (int64_t j = c; j < ldu; ++j) ur[j] = O(0);
   }
+}
+
+// The float values of n bfloat16 values (a weight, widened once per call for a stage computed in float32).
+inline std::vector<float> widened(const c10::BFloat16* x, int64_t n) {
+  std::vector<float> out(n);
+  DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = to_f<float>(x[i]);
+  return out;
 }
 
 // out[i] = x[i] in the storage type, i < n.
@@ -174,36 +212,79 @@ inline void narrow_rows(const F* x, int64_t n, T* out) {
   DNF_SIMD for (int64_t i = 0; i < n; ++i) out[i] = from_f<T>(x[i]);
 }
 
-// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) for rows [r0, r0+rows) of [*, c] matrices; V may alias Y.
-template <typename T, typename F>
-inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, T* V,
+// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) for rows [r0, r0+rows) of [*, c] matrices, V of Y's type or
+// F; V may alias Y.
+template <typename T, typename F, typename O = T>
+inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const F* a, const F* b, O* V,
                          const F* s = nullptr) {
-  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<F, float>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<O, T> && std::is_same_v<F, float>) {
     if (s == nullptr && native_bf16_rows()) return bn_relu_rows_native(Y + r0 * c, c, rows, c, a, b, V + r0 * c, c);
   }
   for (int64_t r = r0; r < r0 + rows; ++r) {
-    const T* yr = Y + r * c;
-    T* vr = V + r * c;
     if (s == nullptr) {
-      DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(relu<F>(to_f<F>(yr[j]) * a[j] + b[j]));
+      bn_act_row<false, T, F, O>(Y + r * c, c, a, b, s, V + r * c);
     } else {
-      DNF_SIMD for (int64_t j = 0; j < c; ++j) vr[j] = from_f<T>(leaky<F>(to_f<F>(yr[j]) * a[j] + b[j], s[j]));
+      bn_act_row<true, T, F, O>(Y + r * c, c, a, b, s, V + r * c);
     }
   }
 }
 
-// Y[rows, n_out] (T: the product is accumulated in F and rounded once, as a bfloat16 convolution's output
-// under autocast) = relu(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the normalised
-// input exists only as one cache-sized tile per thread. With V, also V = relu(a2*Y + b2) on each tile while
-// it is in cache (the backward's recompute, whose BN2 statistics are known), from the rounded Y.
-// s1, s2: per-channel slopes of a LeakyReLU / PReLU in place of either ReLU (nullptr: ReLU). With slopes the
-// product runs on the engine path below (BLAS / oneDNN / brgemm, the portable prologue): our AMX and AVX-512
-// float32 kernels compute a ReLU prologue only (docs/design.md §3, "Other activations").
+// The tile loop of bn_relu_gemm below, its operands of type Op: T's own (bfloat16 products on the bfloat16 engine)
+// or, for a bfloat16 stage computed in float32, F (the bfloat16 values widened: the prologue's rounded rows, W).
+// s1, s2: LeakyReLU / PReLU slopes of the prologue and of V (nullptr: ReLU).
+template <typename T, typename F, typename Op>
+void bn_relu_gemm_tiles(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b, const Op* W,
+                        int64_t n_out, T* Y, const F* a2, const F* b2, T* V, const F* s1, const F* s2) {
+  // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
+  // densenet121's block 4 at batch 8 has 392 rows, 3 tiles of 132 rows on 2 threads ran at 0.76x of 4 of 98).
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t target = tile_rows(c, sizeof(Op), kGemmTileBytes);
+  const int64_t rounds = ((rows + target - 1) / target + nt - 1) / nt;
+  const int64_t tr = (rows + rounds * nt - 1) / (rounds * nt);
+  const int64_t ntiles = (rows + tr - 1) / tr;
+  // The brgemm engine multiplies with W^T packed once for all tiles. Rules: the output width a multiple of 16,
+  // and at least kBrgemmMinRowsPerThread rows per thread (below that packing the weight costs more than the
+  // faster tiles save: densenet121's blocks 3-4 at batch 8, 0.38x / 0.37x of oneDNN vs 0.46x / 0.62x on the
+  // BLAS); otherwise the BLAS.
+  PackedWeightT packed;
+  bool use_brgemm = false;
+  if constexpr (std::is_same_v<Op, c10::BFloat16>) {
+    use_brgemm = gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && brgemm_packs(n_out) &&
+                 rows >= kBrgemmMinRowsPerThread * nt;
+    if (use_brgemm) packed = pack_weight_t(W, n_out, c);
+  }
+  const int64_t ldu = use_brgemm ? packed.kp : c;  // the brgemm path's even-k padding
+  auto multiply = [&](const Op* U, int64_t nr, F* y) {  // y[nr, n_out] = U[nr, c] W^T
+    if constexpr (std::is_same_v<Op, c10::BFloat16>) {
+      if (use_brgemm) return brgemm_rows(nr, U, ldu, packed, y, n_out);
+    }
+    gemm_acc('T', 'N', n_out, nr, c, W, c, U, c, F(0), y, n_out);
+  };
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<Op> U(tr * ldu);
+    std::vector<F> Yt(std::is_same_v<T, F> ? 0 : tr * n_out);  // the product's float tile (bfloat16)
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
+      bn_relu_tile<T, F>(X, ld, r0, nr, c, a, b, U.data(), ldu, s1);
+      if constexpr (std::is_same_v<T, F>) {
+        multiply(U.data(), nr, Y + r0 * n_out);
+      } else {
+        multiply(U.data(), nr, Yt.data());
+        narrow_rows<T, F>(Yt.data(), nr * n_out, Y + r0 * n_out);
+      }
+      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V, s2);
+    }
+    if (use_brgemm) brgemm_release_thread();
+  });
+}
+
+// bn_relu_gemm (below) with the product in the storage type's own operands. With slopes the product runs on the
+// tile loop (BLAS / oneDNN / brgemm, the portable prologue): our AMX and AVX-512 float32 kernels compute a ReLU
+// prologue only (docs/design.md §3, "Other activations").
 template <typename T, typename F>
-void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
-                  const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
-                  T* V = nullptr, const F* s1 = nullptr, const F* s2 = nullptr) {
-  if (rows == 0) return;
+void bn_relu_gemm_stored(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b, const T* W,
+                         int64_t n_out, T* Y, const F* a2, const F* b2, T* V, const F* s1 = nullptr,
+                         const F* s2 = nullptr) {
   const bool relu_only = s1 == nullptr && (V == nullptr || s2 == nullptr);
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // On AMX CPUs our own AMX kernel, prologue and narrowing pipelined per 32 rows (cpu/amx_gemm.h), whatever
@@ -228,52 +309,61 @@ void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, c
       return;
     }
   }
-  // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
-  // densenet121's block 4 at batch 8 has 392 rows, 3 tiles of 132 rows on 2 threads ran at 0.76x of 4 of 98).
-  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t target = tile_rows(c, sizeof(T), kGemmTileBytes);
-  const int64_t rounds = ((rows + target - 1) / target + nt - 1) / nt;
-  const int64_t tr = (rows + rounds * nt - 1) / (rounds * nt);
-  const int64_t ntiles = (rows + tr - 1) / tr;
-  // The brgemm engine multiplies with W^T packed once for all tiles. Rules: the output width a multiple of 16,
-  // and at least kBrgemmMinRowsPerThread rows per thread (below that packing the weight costs more than the
-  // faster tiles save: densenet121's blocks 3-4 at batch 8, 0.38x / 0.37x of oneDNN vs 0.46x / 0.62x on the
-  // BLAS); otherwise the BLAS.
-  PackedWeightT packed;
-  bool use_brgemm = false;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    use_brgemm = gemm_engine(at::kBFloat16) == GemmEngine::kBrgemm && brgemm_packs(n_out) &&
-                 rows >= kBrgemmMinRowsPerThread * nt;
-    if (use_brgemm) packed = pack_weight_t(W, n_out, c);
-  }
-  const int64_t ldu = use_brgemm ? packed.kp : c;  // the brgemm path's even-k padding
-  auto multiply = [&](const T* U, int64_t nr, F* y) {  // y[nr, n_out] = U[nr, c] W^T
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (use_brgemm) return brgemm_rows(nr, U, ldu, packed, y, n_out);
-    }
-    gemm_acc('T', 'N', n_out, nr, c, W, c, U, c, F(0), y, n_out);
-  };
-  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> U(tr * ldu);
-    std::vector<F> Yt(std::is_same_v<T, F> ? 0 : tr * n_out);  // the product's float tile (bfloat16)
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t * tr, nr = std::min(tr, rows - r0);
-      bn_relu_tile(X, ld, r0, nr, c, a, b, U.data(), ldu, s1);
-      if constexpr (std::is_same_v<T, F>) {
-        multiply(U.data(), nr, Y + r0 * n_out);
-      } else {
-        multiply(U.data(), nr, Yt.data());
-        narrow_rows<T, F>(Yt.data(), nr * n_out, Y + r0 * n_out);
-      }
-      if (V != nullptr) bn_relu_rows<T, F>(Y, r0, nr, n_out, a2, b2, V, s2);
-    }
-    if (use_brgemm) brgemm_release_thread();
-  });
+  bn_relu_gemm_tiles<T, F, T>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
 }
 
-// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) on a [rows, c] matrix; V may alias Y.
+// bn_relu_gemm of a bfloat16 stage computed in float32 (bf16_gemm_compute(), gemm_engine.h): the weight widened
+// once per call, the prologue writes its bfloat16-rounded rows as float, the product runs on our float32 kernel
+// (ReLU only) or the float32 engine, and Y (and V, from the rounded Y) are rounded to bfloat16 once: the values of
+// the bfloat16 path, only the order of the float sums differs.
+inline void bn_relu_gemm_widened(const c10::BFloat16* X, int64_t rows, int64_t ld, int64_t c, const float* a,
+                                 const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y,
+                                 const float* a2, const float* b2, c10::BFloat16* V, const float* s1 = nullptr,
+                                 const float* s2 = nullptr) {
+  const std::vector<float> Wf = widened(W, n_out * c);
+  const bool relu_only = s1 == nullptr && (V == nullptr || s2 == nullptr);
+  if (relu_only && use_f32_kernel()) {
+    const F32Weight P = f32_pack_weight(Wf.data(), n_out, c);
+    at::parallel_for(0, (rows + kF32Rows - 1) / kF32Rows, 1, [&](int64_t b0, int64_t b1) {
+      f32_bn_relu_gemm_rows(X, ld, b0 * kF32Rows, std::min(rows, b1 * kF32Rows), c, a, b, P, Y, a2, b2, V);
+    });
+    return;
+  }
+  bn_relu_gemm_tiles<c10::BFloat16, float, float>(X, rows, ld, c, a, b, Wf.data(), n_out, Y, a2, b2, V, s1, s2);
+}
+
+// Y[rows, n_out] (T: the product is accumulated in F and rounded once, as a bfloat16 convolution's output
+// under autocast) = act(a*X[:, :c] + b) @ W^T with W [n_out, c] row-major, tile by tile: the normalised
+// input exists only as one cache-sized tile per thread. With V, also V = act(a2*Y + b2) on each tile while
+// it is in cache (the backward's recompute, whose BN2 statistics are known), from the rounded Y.
+// s1, s2: per-channel slopes of a LeakyReLU / PReLU in place of either ReLU (nullptr: ReLU). A bfloat16
+// stage computes in bfloat16 or float32, as measured (bf16_gemm_compute()); call it outside parallel regions.
 template <typename T, typename F>
-void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, T* V, const F* s = nullptr) {
+void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
+                  const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
+                  T* V = nullptr, const F* s1 = nullptr, const F* s2 = nullptr) {
+  if (rows == 0) return;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_gemm_compute() == at::kFloat) {
+      return bn_relu_gemm_widened(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+    }
+  }
+  bn_relu_gemm_stored<T, F>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+}
+
+// The two products of the 1x1 backward on a tile of nr rows, operands of type Op (T's own, or float for a
+// bfloat16 stage computed in float32): dw[inter, c] += dY^T U and dU[nr, c] = dY W, column-major as the BLAS
+// sees them (U [nr, c], dY [nr, inter], W [inter, c] row-major).
+template <typename Op, typename F>
+inline void gemm1x1_backward_products(const Op* U, const Op* dY, const Op* W, int64_t nr, int64_t c, int64_t inter,
+                                      F* dw, F* dU) {
+  gemm_acc('N', 'T', c, inter, nr, U, c, dY, inter, F(1), dw, c);
+  gemm_acc('N', 'N', c, nr, inter, W, c, dY, inter, F(0), dU, c);
+}
+
+// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) on a [rows, c] matrix, V of Y's type or F; V may alias Y.
+template <typename T, typename F, typename O>
+void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, O* V, const F* s = nullptr) {
   at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V, s); });
 }
 

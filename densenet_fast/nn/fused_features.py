@@ -25,6 +25,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules import module as _module_mod
 
 from densenet_fast.nn.batchnorm_stats import fusable_norms, update_running_stats
+from densenet_fast.nn.conv0_bf16 import conv0_in_float32, conv0_widened
 from densenet_fast.nn.dense_block import (
     DenseBlock,
     Transition,
@@ -147,7 +148,10 @@ def _conv0_channels_last(conv: nn.Conv2d, x: Tensor) -> Tensor:
     stem kernels vectorise over the channels in channels_last (the contiguous path takes ~10x the stem's time)
     and the first block takes it without a transpose. The weight in channels_last makes ATen run oneDNN in
     channels_last (the image's channels_last copy is then a transient of the convolution), while autograd
-    keeps the image as given: nothing more is saved than for ``conv(x)``."""
+    keeps the image as given: nothing more is saved than for ``conv(x)``. Under CPU bfloat16 autocast on a CPU
+    whose bfloat16 convolutions measured slower than float32: :mod:`densenet_fast.nn.conv0_bf16`."""
+    if conv0_in_float32(conv, x):
+        return conv0_widened(conv, x)
     return conv._conv_forward(x, conv.weight.contiguous(memory_format=torch.channels_last), conv.bias)
 
 

@@ -46,15 +46,43 @@ namespace {
 // plain _mm512_max_ps's undefined pass-through operand "may be used uninitialized".)
 inline __m512 relu16(__m512 v) { return _mm512_maskz_max_ps(__mmask16(0xFFFF), _mm512_setzero_ps(), v); }
 
-// relu(a*x + b) of 16 channels (those of mask m).
-inline __m512 bn_relu16(const float* x, const float* a, const float* b, __mmask16 m) {
-  return relu16(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b)));
+// 16 values (those of mask m, the rest zero) as float: a float row, or a bfloat16 row widened.
+inline __m512 load16(const float* x, __mmask16 m) { return _mm512_maskz_loadu_ps(m, x); }
+inline __m512 load16(const c10::BFloat16* x, __mmask16 m) {
+  const __m512i w = _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), _mm256_maskz_loadu_epi16(m, x));
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(__mmask16(0xFFFF), w, 16));
 }
 
-// Y[r, 0:width] (and V) for MR rows of the operand U (rows ldu apart) times one weight panel ([k, 32]).
-template <int MR>
-void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int64_t width, float* Y, int64_t ldy,
-                 const float* a2, const float* b2, float* V) {
+// The bfloat16 bits of v rounded to nearest even, NaN a quiet NaN: kernels.h's from_f, 16 lanes at a time (the
+// CPUs this stage computes in float32 for have no vcvtneps2bf16).
+inline __m512i bf16_bits(__m512 v) {
+  constexpr __mmask16 all = 0xFFFF;  // the zero-masked shifts: see relu16
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_maskz_srli_epi32(all, u, 16), _mm512_set1_epi32(1));
+  const __m512i biased = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  const __m512i r = _mm512_maskz_srli_epi32(all, biased, 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
+// v as the output stores it (float: itself; bfloat16: rounded), and the store of those 16 lanes (mask m).
+inline __m512 as_stored(__m512 v, const float*) { return v; }
+inline __m512 as_stored(__m512 v, const c10::BFloat16*) {
+  return _mm512_castsi512_ps(_mm512_maskz_slli_epi32(__mmask16(0xFFFF), bf16_bits(v), 16));
+}
+inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __mmask16 m, __m512 v) { _mm512_mask_cvtepi32_storeu_epi16(p, m, bf16_bits(v)); }
+
+// relu(a*x + b) of 16 channels (those of mask m).
+template <typename S>
+inline __m512 bn_relu16(const S* x, const float* a, const float* b, __mmask16 m) {
+  return relu16(_mm512_fmadd_ps(load16(x, m), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b)));
+}
+
+// Y[r, 0:width] (and V) for MR rows of the operand U (rows ldu apart) times one weight panel ([k, 32]); Y and V
+// of the storage type S.
+template <int MR, typename S>
+void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int64_t width, S* Y, int64_t ldy,
+                 const float* a2, const float* b2, S* V) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
@@ -70,26 +98,62 @@ void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int
   const __mmask16 m0 = first_n16(width), m1 = first_n16(width - 16);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    _mm512_mask_storeu_ps(Y + r * ldy, m0, lo[r]);
-    _mm512_mask_storeu_ps(Y + r * ldy + 16, m1, hi[r]);
+    store16(Y + r * ldy, m0, lo[r]);
+    store16(Y + r * ldy + 16, m1, hi[r]);
   }
   if (V == nullptr) return;
-  // V from the accumulators while they are in registers (float: Y is exactly these values).
+  // V from the accumulators while they are in registers, as Y was stored (rounded, for bfloat16).
   const __m512 a0 = _mm512_maskz_loadu_ps(m0, a2), a1 = _mm512_maskz_loadu_ps(m1, a2 + 16);
   const __m512 c0 = _mm512_maskz_loadu_ps(m0, b2), c1 = _mm512_maskz_loadu_ps(m1, b2 + 16);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    _mm512_mask_storeu_ps(V + r * ldy, m0, relu16(_mm512_fmadd_ps(lo[r], a0, c0)));
-    _mm512_mask_storeu_ps(V + r * ldy + 16, m1, relu16(_mm512_fmadd_ps(hi[r], a1, c1)));
+    store16(V + r * ldy, m0, relu16(_mm512_fmadd_ps(as_stored(lo[r], Y), a0, c0)));
+    store16(V + r * ldy + 16, m1, relu16(_mm512_fmadd_ps(as_stored(hi[r], Y), a1, c1)));
   }
 }
 
-using Microkernel = decltype(&microkernel<1>);
-template <size_t... I>
-constexpr std::array<Microkernel, sizeof...(I)> microkernels(std::index_sequence<I...>) {
-  return {&microkernel<int(I) + 1>...};
+template <typename S>
+using Microkernel = decltype(&microkernel<1, S>);
+template <typename S, size_t... I>
+constexpr std::array<Microkernel<S>, sizeof...(I)> microkernels(std::index_sequence<I...>) {
+  return {&microkernel<int(I) + 1, S>...};
 }
-constexpr auto kMicrokernels = microkernels(std::make_index_sequence<kF32Rows>());  // [mr - 1]: the last block's rows
+// [mr - 1]: the last block's rows
+template <typename S>
+constexpr auto kMicrokernels = microkernels<S>(std::make_index_sequence<kF32Rows>());
+
+// U = relu(a*X + b) of rows rows (X of the storage type S), rounded to S (the operand of a bfloat16 stage holds
+// bfloat16 values, as on every other path), as float.
+template <typename S>
+void bn_relu_rows_as_f32(const S* X, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b, float* U,
+                         int64_t ldu) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* xr = X + r * ld;
+    float* ur = U + r * ldu;
+    for (int64_t j = 0; j < c; j += 16) {
+      const __mmask16 m = first_n16(c - j);
+      _mm512_mask_storeu_ps(ur + j, m, as_stored(bn_relu16(xr + j, a + j, b + j, m), xr));
+    }
+  }
+}
+
+template <typename S>
+void bn_relu_gemm_rows(const S* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a, const float* b,
+                       const F32Weight& W, S* Y, const float* a2, const float* b2, S* V) {
+  if (r1 <= r0) return;
+  TORCH_CHECK(W.k == c, "densenet_fast: f32_bn_relu_gemm_rows: weight packed for k = ", W.k, ", got c = ", c);
+  const int64_t n = W.n, ldu = (c + 15) / 16 * 16;  // operand rows on 64-byte boundaries
+  AlignedBuffer<float> U(kF32Rows * ldu, /*zeroed=*/false);  // every value read is written by the prologue
+  for (int64_t r = r0; r < r1; r += kF32Rows) {
+    const int64_t mr = std::min<int64_t>(kF32Rows, r1 - r);
+    bn_relu_rows_as_f32(X + r * ld, ld, mr, c, a, b, U.data(), ldu);
+    for (int64_t p = 0; p < W.panels; ++p) {
+      const int64_t col = p * kF32Panel;
+      kMicrokernels<S>[mr - 1](U.data(), ldu, c, W.panel(p), std::min(kF32Panel, n - col), Y + r * n + col, n,
+                               a2 ? a2 + col : nullptr, b2 ? b2 + col : nullptr, V ? V + r * n + col : nullptr);
+    }
+  }
+}
 
 }  // namespace
 
@@ -110,31 +174,18 @@ void pack_panel(const float* W, int64_t k, int64_t cols, int64_t p, float* out) 
 
 void f32_bn_relu_rows(const float* X, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b, float* U,
                       int64_t ldu) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = X + r * ld;
-    float* ur = U + r * ldu;
-    for (int64_t j = 0; j < c; j += 16) {
-      const __mmask16 m = first_n16(c - j);
-      _mm512_mask_storeu_ps(ur + j, m, bn_relu16(xr + j, a + j, b + j, m));
-    }
-  }
+  bn_relu_rows_as_f32(X, ld, rows, c, a, b, U, ldu);
 }
 
 void f32_bn_relu_gemm_rows(const float* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
                            const float* b, const F32Weight& W, float* Y, const float* a2, const float* b2, float* V) {
-  if (r1 <= r0) return;
-  TORCH_CHECK(W.k == c, "densenet_fast: f32_bn_relu_gemm_rows: weight packed for k = ", W.k, ", got c = ", c);
-  const int64_t n = W.n, ldu = (c + 15) / 16 * 16;  // operand rows on 64-byte boundaries
-  AlignedBuffer<float> U(kF32Rows * ldu, /*zeroed=*/false);  // every value read is written by the prologue
-  for (int64_t r = r0; r < r1; r += kF32Rows) {
-    const int64_t mr = std::min<int64_t>(kF32Rows, r1 - r);
-    f32_bn_relu_rows(X + r * ld, ld, mr, c, a, b, U.data(), ldu);
-    for (int64_t p = 0; p < W.panels; ++p) {
-      const int64_t col = p * kF32Panel;
-      kMicrokernels[mr - 1](U.data(), ldu, c, W.panel(p), std::min(kF32Panel, n - col), Y + r * n + col, n,
-                            a2 ? a2 + col : nullptr, b2 ? b2 + col : nullptr, V ? V + r * n + col : nullptr);
-    }
-  }
+  bn_relu_gemm_rows(X, ld, r0, r1, c, a, b, W, Y, a2, b2, V);
+}
+
+void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
+                           c10::BFloat16* V) {
+  bn_relu_gemm_rows(X, ld, r0, r1, c, a, b, W, Y, a2, b2, V);
 }
 
 }  // namespace dnf::cpu
@@ -146,6 +197,10 @@ bool f32_kernel_available() { return false; }
 F32Weight f32_pack_weight(const float*, int64_t, int64_t) { TORCH_CHECK(false, "densenet_fast: no AVX-512 build"); }
 void f32_bn_relu_gemm_rows(const float*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
                            const F32Weight&, float*, const float*, const float*, float*) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+void f32_bn_relu_gemm_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                           const F32Weight&, c10::BFloat16*, const float*, const float*, c10::BFloat16*) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
 void f32_bn_relu_rows(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t) {
