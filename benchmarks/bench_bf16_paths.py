@@ -96,8 +96,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     record: Dict[str, Any] = {"cpu_model": cpu_model(), "threads": args.threads, "batch": args.batch,
                               "torch": torch.__version__, "configs": {}}
     for name, config in CONFIGS.items():
+        load_before = os.getloadavg()
         timed = _run_child(config, args, "time", ",".join(STEPS))
         entry: Dict[str, Any] = {"env": config, "ms": timed["ms"], "cpu_engine": timed["cpu_engine"],
+                                 "load_avg": {"before": list(load_before), "after": list(os.getloadavg())},
                                  "peak_mb": {}, "peak_mb_default_allocator": {}}
         for step in STEPS:
             for threshold, key in ((True, "peak_mb"), (False, "peak_mb_default_allocator")):
@@ -109,7 +111,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def render_config(name: str, e: Dict[str, Any]) -> str:
     ms = {s: (min(v), _median(v)) for s, v in e["ms"].items()}
-    rows = [f"### {name}", "", "| step | ms median (min) | peak MiB (default allocator) |", "|---|---|---|"]
+    rows = [f"### {name}", ""]
+    if "load_avg" in e:  # the machine's 1/5/15-minute load averages around the timing (2 threads want 2 idle cores)
+        rows += ["Load average before / after the timing: " + " / ".join(
+            ", ".join(f"{v:.2f}" for v in e["load_avg"][k]) for k in ("before", "after")), ""]
+    rows += ["| step | ms median (min) | peak MiB (default allocator) |", "|---|---|---|"]
     for s in STEPS:
         rows.append(f"| {s} | {ms[s][1]:.0f} ({ms[s][0]:.0f}) | {e['peak_mb'][s]:.0f} "
                     f"({e['peak_mb_default_allocator'][s]:.0f}) |")
