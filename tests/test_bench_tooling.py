@@ -659,3 +659,25 @@ def test_depth_figure_legend_sits_below_the_axes(tmp_path, monkeypatch):
     for lg in legends:
         assert lg.get_bbox_to_anchor().y1 < lg.axes.get_window_extent().y0 + 1  # anchored under the axes
         assert lg.get_texts()[0].get_fontsize() >= 8  # "small"; it was "xx-small" (5.8 pt)
+
+
+def test_bf16_paths_renderer_states_ratios_and_load():
+    """benchmarks/bench_bf16_paths.py: the target ratios (bf16 vs our fp32 and torchvision's bf16 step, peaks) from
+    the sorted times, and the load averages around the timing when the record has them (older records do not)."""
+    from benchmarks import bench_bf16_paths as b
+
+    ms = {"densenet_fast fp32": [1000.0, 1100.0, 1300.0], "densenet_fast bf16": [900.0, 1000.0, 1200.0],
+          "torchvision fp32": [3000.0, 3000.0, 3000.0], "torchvision bf16": [2500.0, 2600.0, 2700.0]}
+    peaks = {"densenet_fast fp32": 100.0, "densenet_fast bf16": 60.0, "torchvision fp32": 900.0,
+             "torchvision bf16": 480.0}
+    conv = {"forward": "float32", "input_grad": "float32", "weight_grad": "float32"}
+    entry = {"ms": ms, "peak_mb": peaks, "peak_mb_default_allocator": peaks,
+             "cpu_engine": {"bf16_conv": {"2d": conv}, "bf16_rows": "portable", "amx_kernel": False}}
+    text = b.render_config("stand-in", entry)
+    assert "0.91x by medians, 0.90x by minima (target <= 1.0)" in text
+    assert "0.38x by medians, 0.36x by minima (target <= 0.5)" in text
+    assert "1/8.0 (default allocator 1/8.0; target <= 1/6)" in text
+    assert "Load average" not in text
+    entry["load_avg"] = {"before": [0.5, 0.75, 1.0], "after": [1.25, 1.0, 1.0]}
+    assert "Load average before / after the timing: 0.50, 0.75, 1.00 / 1.25, 1.00, 1.00" in b.render_config(
+        "stand-in", entry)
