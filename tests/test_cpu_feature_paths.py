@@ -225,3 +225,31 @@ def test_bf16_3d_depth_two_matches_monai(autocast, volume):
         err_o = rel_l2_err(results["ours"][sl], results["truth"][sl])
         err_t = rel_l2_err(results["ref"][sl], results["truth"][sl])
         assert err_o <= 1.5 * err_t + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_t:.3e}"
+
+
+_BF16_CONV = r"""
+import json, torch, densenet_fast as d
+for dims in (2, 3):
+    torch.ops.densenet_fast.bf16_conv_compute(dims, 0)  # makes the choice of that rank
+print(json.dumps(d.build_info()["cpu_engine"]["bf16_conv"]))
+"""
+
+
+@pytest.mark.skipif(not AVX512, reason="the stand-in caps oneDNN at AVX512_CORE")
+@pytest.mark.parametrize("isa", ["AVX512_CORE", "avx512_core_vnni", "native"])
+def test_bf16_conv_is_float32_by_rule_without_native_bf16(isa):
+    """Where oneDNN has no bfloat16 instructions (here: ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16, any case) every
+    3x3 pass of a bfloat16 block computes in float32 by rule, without the timing a loaded start can get wrong;
+    with them (native, on a CPU with AVX512_BF16 or AMX) the choice is measured."""
+    env = {} if isa == "native" else {"ONEDNN_MAX_CPU_ISA": isa}
+    r = _python(env, "-c", _BF16_CONV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    conv = json.loads(r.stdout.strip().splitlines()[-1])
+    for rank in ("2d", "3d"):
+        if isa != "native" or not AVX512_BF16:
+            assert [conv[rank][p] for p in ("forward", "input_grad", "weight_grad")] == ["float32"] * 3, conv
+            assert conv[rank]["how"].startswith("rule: float32, "), conv
+            if isa != "native":
+                assert f"ONEDNN_MAX_CPU_ISA={isa} caps oneDNN" in conv[rank]["how"], conv
+        else:
+            assert conv[rank]["how"].startswith("measured "), conv

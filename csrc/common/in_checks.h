@@ -1,6 +1,5 @@
-// Argument checks of the InstanceNorm dense block (dense_block_in_forward / _backward) for the CUDA kernels and
-// their host emulation: those of csrc/cpu/dense_block_in_cpu.cpp (check_in_args and its backward's checks) without
-// the CPU dtype rule, with the same messages.
+// Argument checks of the InstanceNorm dense block (dense_block_in_forward / _backward), one set for the CPU kernels
+// (csrc/cpu/dense_block_in_cpu.cpp adds its dtype rule), the CUDA kernels and their host emulation.
 #pragma once
 
 #include <c10/util/accumulate.h>

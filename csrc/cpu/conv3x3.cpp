@@ -8,7 +8,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <mutex>
 #include <sstream>
 #include <vector>
@@ -67,12 +69,39 @@ double probe_3d_weight_grad() {
   return (got - want).abs().max().item<double>() / std::max(want.abs().max().item<double>(), 1e-30);
 }
 
+// Whether oneDNN computes bfloat16 convolutions natively: the CPU has AVX512_BF16 or AMX and ONEDNN_MAX_CPU_ISA
+// (or its old name DNNL_MAX_CPU_ISA) does not cap oneDNN below them. Elsewhere oneDNN emulates bfloat16 at a
+// fraction of its float32 rate (every pass ~3.5x slower on an AVX-512 Xeon without them, docs/design.md §14).
+bool onednn_native_bf16(std::string* why) {
+  if (!__builtin_cpu_supports("avx512bf16")) {  // every CPU with AMX-BF16 has it too
+    *why = "the CPU has neither AVX512_BF16 nor AMX";
+    return false;
+  }
+  for (const char* name : {"ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"}) {
+    const char* raw = std::getenv(name);
+    if (raw == nullptr) continue;
+    std::string v(raw);
+    for (auto& ch : v) ch = char(std::toupper(static_cast<unsigned char>(ch)));
+    for (const char* cap : {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+      if (v == cap) {
+        *why = std::string(name) + "=" + raw + " caps oneDNN below its bfloat16 instructions";
+        return false;
+      }
+  }
+  return true;
+}
+
 void choose(RankChoice& c, int64_t dims) {
   const std::string forced = cpu_switch("DNF_CPU_BF16_CONV", {"bf16", "fp32"});
   std::ostringstream how;
   if (!forced.empty()) {
     for (auto& d : c.dtype) d = forced == "fp32" ? at::kFloat : at::kBFloat16;
     how << "forced by DNF_CPU_BF16_CONV";
+  } else if (std::string why; !onednn_native_bf16(&why)) {
+    // No timing where the answer is known: a process started under load once timed emulated bfloat16 faster
+    // (15.5 vs 24.9 ms, against 0.8 vs 0.2 ms unloaded) and ran its step 1.65x slower.
+    for (auto& d : c.dtype) d = at::kFloat;
+    how << "rule: float32, " << why;
   } else {
     // A densenet121 layer of block 3 (2-D: 14x14, batch 4; 3-D: a volume of as many rows), the float32 passes
     // timed with their widening casts. Five rounds alternating, the best of each; float32 must win by 10%. (With

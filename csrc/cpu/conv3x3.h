@@ -6,7 +6,8 @@
 // float32, chosen once per process and rank:
 //   * speed: on CPUs without bfloat16 dot products oneDNN emulates bfloat16 at a fraction of its float32 rate
 //     (its weight gradient ~6x slower than float32 measured on an AVX-512 Xeon with native bfloat16 taken away), so
-//     each pass runs in whichever dtype measured faster on a densenet121-sized layer;
+//     each pass runs in float32 where oneDNN has no bfloat16 instructions (no AVX512_BF16/AMX, or
+//     ONEDNN_MAX_CPU_ISA below them) and elsewhere in whichever dtype measured faster on a densenet121-sized layer;
 //   * correctness: oneDNN's jit_bf16 backward-weights convolution (the kernel of AVX-512 CPUs without AMX) returns
 //     garbage for a 3-D input of depth 2 (oneDNN 3.12 in torch 2.14.1); a probe of that case decides whether a
 //     3-D weight gradient may run in bfloat16 at all.

@@ -18,6 +18,7 @@
 
 #include "common/block_grads.h"
 #include "common/checks.h"
+#include "common/in_checks.h"
 #include "common/layout.h"
 #include "common/nonfinite.h"
 #include "cpu/conv3x3.h"
@@ -32,20 +33,11 @@ namespace {
 using at::Tensor;
 using at::TensorList;
 
-// The checks of dense_block_in_forward (those of dense_block_forward without running statistics or dropout, plus
-// InstanceNorm's own: more than one spatial element per sample), returning the geometry.
+// The checks of dense_block_in_forward (common/in_checks.h, shared with the CUDA kernels) and the CPU dtype rule.
 BlockGeometry check_in_args(const Tensor& input, TensorList g1, TensorList b1, TensorList w1, TensorList g2,
                             TensorList b2, TensorList w2, double eps, const c10::optional<Tensor>& slopes) {
-  if (input.defined() && (input.dim() == 4 || input.dim() == 5) && input.numel() > 0) {
-    // ValueError with F.instance_norm's own message.
-    TORCH_CHECK_VALUE(c10::multiply_integers(input.sizes().slice(2)) > 1,
-                      "Expected more than 1 spatial element when training, got input size torch.Size(",
-                      input.sizes(), ")");
-  }
-  const BlockGeometry g = check_dense_block_args(input, g1, b1, w1, g2, b2, w2, {}, {}, {}, {}, c10::nullopt, 0.0,
-                                                 /*training=*/true, eps);
+  const BlockGeometry g = check_in_block_args(input, g1, b1, w1, g2, b2, w2, eps, slopes);
   check_cpu_dtype(input);
-  if (slopes.has_value() && slopes->defined()) check_block_slopes(*slopes, g, input);
   return g;
 }
 
@@ -484,24 +476,9 @@ InBackwardResult dense_block_in_backward_cpu(const Tensor& grad_buffer, const Te
                                              TensorList g1, TensorList b1, TensorList w1, TensorList g2,
                                              TensorList b2, TensorList w2, double eps, int64_t num_input_features,
                                              const c10::optional<Tensor>& slopes_in) {
-  TORCH_CHECK(buffer.dim() == 4 || buffer.dim() == 5,
-              "buffer: expected a 4-D tensor [N, C, H, W] or a 5-D tensor [N, C, D, H, W], got ", buffer.dim(),
-              "-D with shape ", buffer.sizes());
-  TORCH_CHECK(num_input_features >= 1 && num_input_features < buffer.size(1),
-              "num_input_features: expected a value in [1, ", buffer.size(1), "), got ", num_input_features);
-  const BlockGeometry g =
-      check_in_args(buffer.narrow(1, 0, num_input_features), g1, b1, w1, g2, b2, w2, eps, slopes_in);
-  TORCH_CHECK(g.Ct == buffer.size(1), "buffer: expected ", g.Ct, " channels (C0 + L*k), got ", buffer.size(1));
-  check_shape(grad_buffer, buffer.sizes(), "grad_buffer");
-  check_float_tensor(grad_buffer, "grad_buffer", buffer);
-  for (auto item : {std::make_pair("mean", &mean), std::make_pair("var", &var)}) {
-    check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
-    check_shape(*item.second, {g.N, g.Ct}, item.first);
-  }
-  for (auto item : {std::make_pair("mean2", &mean2), std::make_pair("var2", &var2)}) {
-    check_float_tensor(*item.second, item.first, buffer, /*bn_tensor=*/true);
-    check_shape(*item.second, {g.L, g.N, g.inter}, item.first);
-  }
+  const BlockGeometry g = check_in_backward_args(grad_buffer, buffer, mean, var, mean2, var2, g1, b1, w1, g2, b2, w2,
+                                                eps, num_input_features, slopes_in);
+  check_cpu_dtype(buffer);
   const Tensor slopes = slopes_in.has_value() && slopes_in->defined() ? slopes_in->contiguous() : Tensor();
   const Tensor X = buffer.contiguous(cl_format(g.dims));
   Tensor G = empty_in(g, g.Ct, buffer.options());

@@ -23,7 +23,7 @@ _IN = nn.modules.instancenorm._InstanceNorm
 
 def is_instance_block(units: List[nn.Module]) -> bool:
     """Whether every layer's norm1 and norm2 is an InstanceNorm (of any configuration)."""
-    return bool(units) and all(isinstance(getattr(u, n, None), _IN) for u in units for n in ("norm1", "norm2"))
+    return len(units) > 0 and all(isinstance(getattr(u, n, None), _IN) for u in units for n in ("norm1", "norm2"))
 
 
 def instance_norm_problem(norm: nn.Module, what: str, dims: int) -> Optional[str]:
