@@ -48,6 +48,10 @@ void f32_bn_relu_gemm_rows(const float* X, int64_t ld, int64_t r0, int64_t r1, i
 void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
                            const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
                            c10::BFloat16* V);
+// ... with V's bfloat16 values widened to float (the input of a 3x3 pass computed in float32, conv3x3.h).
+void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
+                           float* V);
 
 // U[r, j] = relu(a[j] * X[r, j] + b[j]), r < rows, j < c (U rows ldu apart): the prologue alone, with the
 // same instructions, for the measurement against the engine.

@@ -231,10 +231,11 @@ inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const 
 
 // The tile loop of bn_relu_gemm below, its operands of type Op: T's own (bfloat16 products on the bfloat16 engine)
 // or, for a bfloat16 stage computed in float32, F (the bfloat16 values widened: the prologue's rounded rows, W).
-// s1, s2: LeakyReLU / PReLU slopes of the prologue and of V (nullptr: ReLU).
-template <typename T, typename F, typename Op>
+// s1, s2: LeakyReLU / PReLU slopes of the prologue and of V (nullptr: ReLU). V: of type VO, T or (a bfloat16
+// block whose 3x3 pass computes in float32) F holding the bfloat16 values.
+template <typename T, typename F, typename Op, typename VO = T>
 void bn_relu_gemm_tiles(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b, const Op* W,
-                        int64_t n_out, T* Y, const F* a2, const F* b2, T* V, const F* s1, const F* s2) {
+                        int64_t n_out, T* Y, const F* a2, const F* b2, VO* V, const F* s1, const F* s2) {
   // Tiles of about kGemmTileBytes, their count a multiple of the threads (no thread idles in the last round:
   // densenet121's block 4 at batch 8 has 392 rows, 3 tiles of 132 rows on 2 threads ran at 0.76x of 4 of 98).
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
@@ -281,12 +282,21 @@ void bn_relu_gemm_tiles(const T* X, int64_t rows, int64_t ld, int64_t c, const F
 // bn_relu_gemm (below) with the product in the storage type's own operands. With slopes the product runs on the
 // tile loop (BLAS / oneDNN / brgemm, the portable prologue): our AMX and AVX-512 float32 kernels compute a ReLU
 // prologue only (docs/design.md §3, "Other activations").
-template <typename T, typename F>
+template <typename T, typename F, typename VO = T>
 void bn_relu_gemm_stored(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b, const T* W,
-                         int64_t n_out, T* Y, const F* a2, const F* b2, T* V, const F* s1 = nullptr,
+                         int64_t n_out, T* Y, const F* a2, const F* b2, VO* V, const F* s1 = nullptr,
                          const F* s2 = nullptr) {
   const bool relu_only = s1 == nullptr && (V == nullptr || s2 == nullptr);
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && !std::is_same_v<VO, T>) {
+    // A widened V (a float32 3x3 pass): our AMX kernel writes bfloat16 only, so it computes Y and V follows in
+    // one pass over Y (AMX CPUs run their 3x3 passes in bfloat16 unless DNF_CPU_BF16_CONV=fp32 forces float32).
+    if (relu_only && V != nullptr && amx_kernel_fits(n_out) && use_amx_kernel()) {
+      bn_relu_gemm_stored<T, F, T>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, nullptr, s1, nullptr);
+      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, n_out, a2, b2, V); });
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<VO, T>) {
     // On AMX CPUs our own AMX kernel, prologue and narrowing pipelined per 32 rows (cpu/amx_gemm.h), whatever
     // the engine chosen for the other products (it beats all three on this stage: they multiply a tile
     // whose prologue and narrowing run before and after); each thread takes one contiguous range of blocks.
@@ -298,7 +308,7 @@ void bn_relu_gemm_stored(const T* X, int64_t rows, int64_t ld, int64_t c, const 
       return;
     }
   }
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<VO, T>) {
     // Our own AVX-512 kernel where it measured faster than the engine (cpu/f32_gemm.h): prologue and product per
     // kF32Rows rows, the operand never repacked; each thread takes one contiguous range of blocks.
     if (relu_only && use_f32_kernel()) {
@@ -309,17 +319,18 @@ void bn_relu_gemm_stored(const T* X, int64_t rows, int64_t ld, int64_t c, const 
       return;
     }
   }
-  bn_relu_gemm_tiles<T, F, T>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+  bn_relu_gemm_tiles<T, F, T, VO>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
 }
 
 // bn_relu_gemm of a bfloat16 stage computed in float32 (bf16_gemm_compute(), gemm_engine.h): the weight widened
 // once per call, the prologue writes its bfloat16-rounded rows as float, the product runs on our float32 kernel
 // (ReLU only) or the float32 engine, and Y (and V, from the rounded Y) are rounded to bfloat16 once: the values of
 // the bfloat16 path, only the order of the float sums differs.
-inline void bn_relu_gemm_widened(const c10::BFloat16* X, int64_t rows, int64_t ld, int64_t c, const float* a,
-                                 const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y,
-                                 const float* a2, const float* b2, c10::BFloat16* V, const float* s1 = nullptr,
-                                 const float* s2 = nullptr) {
+template <typename VO = c10::BFloat16>
+void bn_relu_gemm_widened(const c10::BFloat16* X, int64_t rows, int64_t ld, int64_t c, const float* a,
+                          const float* b, const c10::BFloat16* W, int64_t n_out, c10::BFloat16* Y,
+                          const float* a2, const float* b2, VO* V, const float* s1 = nullptr,
+                          const float* s2 = nullptr) {
   const std::vector<float> Wf = widened(W, n_out * c);
   const bool relu_only = s1 == nullptr && (V == nullptr || s2 == nullptr);
   if (relu_only && use_f32_kernel()) {
@@ -329,7 +340,7 @@ inline void bn_relu_gemm_widened(const c10::BFloat16* X, int64_t rows, int64_t l
     });
     return;
   }
-  bn_relu_gemm_tiles<c10::BFloat16, float, float>(X, rows, ld, c, a, b, Wf.data(), n_out, Y, a2, b2, V, s1, s2);
+  bn_relu_gemm_tiles<c10::BFloat16, float, float, VO>(X, rows, ld, c, a, b, Wf.data(), n_out, Y, a2, b2, V, s1, s2);
 }
 
 // Y[rows, n_out] (T: the product is accumulated in F and rounded once, as a bfloat16 convolution's output
@@ -338,17 +349,25 @@ inline void bn_relu_gemm_widened(const c10::BFloat16* X, int64_t rows, int64_t l
 // it is in cache (the backward's recompute, whose BN2 statistics are known), from the rounded Y.
 // s1, s2: per-channel slopes of a LeakyReLU / PReLU in place of either ReLU (nullptr: ReLU). A bfloat16
 // stage computes in bfloat16 or float32, as measured (bf16_gemm_compute()); call it outside parallel regions.
+// V of type VO: T, or F holding T's values (bn_relu_gemm_into<T, F, F>: the input of a float32 3x3 pass).
+template <typename T, typename F, typename VO>
+void bn_relu_gemm_into(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
+                       const T* W, int64_t n_out, T* Y, const F* a2, const F* b2, VO* V, const F* s1 = nullptr,
+                       const F* s2 = nullptr) {
+  if (rows == 0) return;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_gemm_compute() == at::kFloat) {
+      return bn_relu_gemm_widened<VO>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+    }
+  }
+  bn_relu_gemm_stored<T, F, VO>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+}
+
 template <typename T, typename F>
 void bn_relu_gemm(const T* X, int64_t rows, int64_t ld, int64_t c, const F* a, const F* b,
                   const T* W, int64_t n_out, T* Y, const F* a2 = nullptr, const F* b2 = nullptr,
                   T* V = nullptr, const F* s1 = nullptr, const F* s2 = nullptr) {
-  if (rows == 0) return;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_gemm_compute() == at::kFloat) {
-      return bn_relu_gemm_widened(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
-    }
-  }
-  bn_relu_gemm_stored<T, F>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
+  bn_relu_gemm_into<T, F, T>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, V, s1, s2);
 }
 
 // The two products of the 1x1 backward on a tile of nr rows, operands of type Op (T's own, or float for a

@@ -43,16 +43,17 @@ def check_impl(impl: str) -> str:
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def fused_device_ok(x: Tensor, block: bool = False) -> bool:
+def fused_device_ok(x: Tensor, block: bool = False, dtype: Optional[torch.dtype] = None) -> bool:
     """The fused kernels exist for CPU (float32/float64; bfloat16 for the dense block, ``block=True``) and,
     when compiled in, CUDA (float32/float64, float16/bfloat16: under autocast, or a .half()/.bfloat16()
     model whose BN tensors the kernels take in that dtype and compute with in float32, as torch's
-    batch_norm does)."""
+    batch_norm does). ``dtype``: the dtype the operator computes in, where not x's (``cpu_autocast_dtype``)."""
+    dtype = x.dtype if dtype is None else dtype
     if x.device.type == "cpu":
         # bfloat16: the dense block (block=True); the readers' bfloat16 rules are reader_device_ok's.
-        return x.dtype in (torch.float32, torch.float64) or (block and x.dtype == torch.bfloat16)
+        return dtype in (torch.float32, torch.float64) or (block and dtype == torch.bfloat16)
     if x.device.type == "cuda":
-        return x.dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
+        return dtype in _CUDA_DTYPES and torch._C._dispatch_has_kernel_for_dispatch_key(
             "densenet_fast::dense_block_forward", "CUDA")
     return False
 
@@ -75,7 +76,7 @@ def cpu_bf16_reader_ok(x: Tensor, norm: nn.Module) -> bool:
 def reader_device_ok(x: Tensor, norm: nn.Module) -> bool:
     """Whether a fused BN reader (transition, final norm) has a kernel for ``x``: :func:`fused_device_ok` on the
     dtype it computes in under autocast, or a ``.bfloat16()`` model on CPU (:func:`cpu_bf16_reader_ok`)."""
-    return fused_device_ok(_block_ops.cpu_autocast_input(x, "float32")) or cpu_bf16_reader_ok(x, norm)
+    return fused_device_ok(x, dtype=_block_ops.cpu_autocast_dtype(x, "float32")) or cpu_bf16_reader_ok(x, norm)
 
 
 def _check_module_input(x: Tensor, weight: Tensor, owner: str) -> None:
@@ -292,7 +293,7 @@ class DenseBlock(nn.ModuleDict):
             reason = "its layers have different drop rates"
         elif layer_drop_rate(layers[0]) > 0 and {layer.training for layer in layers} != {norms[0].training}:
             reason = "dropout is active but its layers' train/eval mode differs from its BatchNorms' mode"
-        elif not fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
+        elif not fused_device_ok(x, block=True, dtype=_block_ops.cpu_autocast_dtype(x, "block")):
             reason = f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
         elif isinstance(block_activations(layers), str):
             reason = block_activations(layers)

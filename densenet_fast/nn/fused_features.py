@@ -175,7 +175,9 @@ def _stats_for(reader_norm: nn.Module, stats) -> tuple:
     """(mean, var, count) of a fused block's output for the reader normalised by ``reader_norm``, or Nones when
     the reader must compute its own: a synchronised block's global statistics serve a synchronising reader
     only, a block's per-process statistics a non-synchronising one only."""
-    count = getattr(stats, "count", None)
+    # a field, not getattr: every NamedTuple has a tuple's count() method, which once made every reader of an
+    # unsynchronised block recompute its statistics
+    count = stats.count if "count" in getattr(stats, "_fields", ()) else None
     if (count is not None) != (sync_group([reader_norm]) is not None):
         return None, None, None
     return stats.mean, stats.var, count

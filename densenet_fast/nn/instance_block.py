@@ -69,7 +69,7 @@ def instance_block_problem(units: List[nn.Module], x: Tensor) -> Optional[str]:
     if not in_kernel_ok(x):
         return (f"its norms are InstanceNorm, which the {x.device.type} kernels do not fuse (CPU, and CUDA where "
                 "the extension was built with CUDA; docs/medical.md)")
-    if not fused_device_ok(_block_ops.cpu_autocast_input(x, "block"), block=True):
+    if not fused_device_ok(x, block=True, dtype=_block_ops.cpu_autocast_dtype(x, "block")):
         return f"no fused kernel for {x.device.type} tensors of dtype {x.dtype}"
     return None
 

@@ -30,7 +30,7 @@ from densenet_fast.nn.dense_block import Transition, fused_device_ok
 from densenet_fast.nn.squeeze_excite import SqueezeExcite
 from densenet_fast.ops import tail as _tail_ops
 from densenet_fast.ops.common import mark_sole_reader
-from densenet_fast.ops.dense_block import cpu_autocast_input
+from densenet_fast.ops.dense_block import cpu_autocast_dtype
 
 __all__ = ["can_fold", "gate_and_stats", "folded_transition"]
 
@@ -41,8 +41,8 @@ def can_fold(se: nn.Module, x: Tensor) -> bool:
     an input the tail kernels take as it is (float32/float64 CPU; CUDA). A CPU bfloat16 buffer under autocast
     is not folded: the CPU tail kernels compute bfloat16 in float32 on a transient copy and take no gate."""
     return (type(se) is SqueezeExcite and se.fused and isinstance(x, Tensor) and x.dim() == 4
-            and x.shape[0] > 0 and x.shape[1] == se.fc1.in_channels and cpu_autocast_input(x, "tail") is x
-            and cpu_autocast_input(x, "float32") is x and fused_device_ok(x))
+            and x.shape[0] > 0 and x.shape[1] == se.fc1.in_channels and cpu_autocast_dtype(x, "tail") == x.dtype
+            and cpu_autocast_dtype(x, "float32") == x.dtype and fused_device_ok(x))
 
 
 def gate_and_stats(se: SqueezeExcite, bn: nn.BatchNorm2d, x: Tensor) -> tuple[Tensor, Optional[Tensor],

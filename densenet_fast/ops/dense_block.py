@@ -149,11 +149,11 @@ class BlockOutput(NamedTuple):
     var2: Tensor
 
 
-def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
-    """The dtype a CPU fused operator computes in under ``torch.autocast("cpu")``: x, cast where its rule says.
+def cpu_autocast_dtype(x: Tensor, rule: str) -> torch.dtype:
+    """The dtype a CPU fused operator computes in under ``torch.autocast("cpu")``, for input ``x``.
 
-    One table for every fused CPU operator (docs/design.md §7), outside autocast, for float64 and for non-CPU
-    inputs x is returned unchanged:
+    One table for every fused CPU operator (docs/design.md §7); outside autocast, for float64 and for non-CPU
+    inputs it is ``x.dtype``:
 
     * ``"block"`` (the dense block): bfloat16 under bf16 autocast (bf16 buffer and GEMM operands, fp32
       accumulation and BN, as autocast runs convolutions in bf16); float32 under fp16 autocast (no fp16 CPU
@@ -164,17 +164,22 @@ def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
     * ``"float32"`` (the other readers, e.g. the stem): bfloat16 and float16 -> float32.
     """
     if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return x
+        return x.dtype
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return x
+        return x.dtype
     if rule == "block":
-        target = torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32
-    elif rule == "tail":
-        target = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    elif rule == "float32":
-        target = torch.float32
-    else:
-        raise ValueError(f"rule: expected 'block', 'tail' or 'float32', got {rule!r}")
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else torch.float32
+    if rule == "tail":
+        return torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    if rule == "float32":
+        return torch.float32
+    raise ValueError(f"rule: expected 'block', 'tail' or 'float32', got {rule!r}")
+
+
+def cpu_autocast_input(x: Tensor, rule: str) -> Tensor:
+    """x cast to :func:`cpu_autocast_dtype` (x itself where it has that dtype). Checks that only need the dtype
+    call :func:`cpu_autocast_dtype`: a cast copies the whole tensor."""
+    target = cpu_autocast_dtype(x, rule)
     return x if x.dtype == target else x.to(target)
 
 

@@ -5,6 +5,7 @@
 
 #include <array>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #if DNF_MULTI_ISA
@@ -78,11 +79,11 @@ inline __m512 bn_relu16(const S* x, const float* a, const float* b, __mmask16 m)
   return relu16(_mm512_fmadd_ps(load16(x, m), _mm512_maskz_loadu_ps(m, a), _mm512_maskz_loadu_ps(m, b)));
 }
 
-// Y[r, 0:width] (and V) for MR rows of the operand U (rows ldu apart) times one weight panel ([k, 32]); Y and V
-// of the storage type S.
-template <int MR, typename S>
+// Y[r, 0:width] (and V) for MR rows of the operand U (rows ldu apart) times one weight panel ([k, 32]); Y of the
+// storage type S, V of S or float (a bfloat16 V widened: its values rounded to S first).
+template <int MR, typename S, typename SV>
 void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int64_t width, S* Y, int64_t ldy,
-                 const float* a2, const float* b2, S* V) {
+                 const float* a2, const float* b2, SV* V) {
   __m512 lo[MR], hi[MR];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
@@ -107,20 +108,27 @@ void microkernel(const float* U, int64_t ldu, int64_t k, const float* panel, int
   const __m512 c0 = _mm512_maskz_loadu_ps(m0, b2), c1 = _mm512_maskz_loadu_ps(m1, b2 + 16);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    store16(V + r * ldy, m0, relu16(_mm512_fmadd_ps(as_stored(lo[r], Y), a0, c0)));
-    store16(V + r * ldy + 16, m1, relu16(_mm512_fmadd_ps(as_stored(hi[r], Y), a1, c1)));
+    const __m512 v0 = relu16(_mm512_fmadd_ps(as_stored(lo[r], Y), a0, c0));
+    const __m512 v1 = relu16(_mm512_fmadd_ps(as_stored(hi[r], Y), a1, c1));
+    if constexpr (std::is_same_v<S, SV>) {
+      store16(V + r * ldy, m0, v0);
+      store16(V + r * ldy + 16, m1, v1);
+    } else {
+      store16(V + r * ldy, m0, as_stored(v0, Y));
+      store16(V + r * ldy + 16, m1, as_stored(v1, Y));
+    }
   }
 }
 
-template <typename S>
-using Microkernel = decltype(&microkernel<1, S>);
-template <typename S, size_t... I>
-constexpr std::array<Microkernel<S>, sizeof...(I)> microkernels(std::index_sequence<I...>) {
-  return {&microkernel<int(I) + 1, S>...};
+template <typename S, typename SV>
+using Microkernel = decltype(&microkernel<1, S, SV>);
+template <typename S, typename SV, size_t... I>
+constexpr std::array<Microkernel<S, SV>, sizeof...(I)> microkernels(std::index_sequence<I...>) {
+  return {&microkernel<int(I) + 1, S, SV>...};
 }
 // [mr - 1]: the last block's rows
-template <typename S>
-constexpr auto kMicrokernels = microkernels<S>(std::make_index_sequence<kF32Rows>());
+template <typename S, typename SV>
+constexpr auto kMicrokernels = microkernels<S, SV>(std::make_index_sequence<kF32Rows>());
 
 // U = relu(a*X + b) of rows rows (X of the storage type S), rounded to S (the operand of a bfloat16 stage holds
 // bfloat16 values, as on every other path), as float.
@@ -137,9 +145,9 @@ void bn_relu_rows_as_f32(const S* X, int64_t ld, int64_t rows, int64_t c, const 
   }
 }
 
-template <typename S>
+template <typename S, typename SV>
 void bn_relu_gemm_rows(const S* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a, const float* b,
-                       const F32Weight& W, S* Y, const float* a2, const float* b2, S* V) {
+                       const F32Weight& W, S* Y, const float* a2, const float* b2, SV* V) {
   if (r1 <= r0) return;
   TORCH_CHECK(W.k == c, "densenet_fast: f32_bn_relu_gemm_rows: weight packed for k = ", W.k, ", got c = ", c);
   const int64_t n = W.n, ldu = (c + 15) / 16 * 16;  // operand rows on 64-byte boundaries
@@ -149,7 +157,7 @@ void bn_relu_gemm_rows(const S* X, int64_t ld, int64_t r0, int64_t r1, int64_t c
     bn_relu_rows_as_f32(X + r * ld, ld, mr, c, a, b, U.data(), ldu);
     for (int64_t p = 0; p < W.panels; ++p) {
       const int64_t col = p * kF32Panel;
-      kMicrokernels<S>[mr - 1](U.data(), ldu, c, W.panel(p), std::min(kF32Panel, n - col), Y + r * n + col, n,
+      kMicrokernels<S, SV>[mr - 1](U.data(), ldu, c, W.panel(p), std::min(kF32Panel, n - col), Y + r * n + col, n,
                                a2 ? a2 + col : nullptr, b2 ? b2 + col : nullptr, V ? V + r * n + col : nullptr);
     }
   }
@@ -188,6 +196,12 @@ void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
   bn_relu_gemm_rows(X, ld, r0, r1, c, a, b, W, Y, a2, b2, V);
 }
 
+void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64_t r1, int64_t c, const float* a,
+                           const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
+                           float* V) {
+  bn_relu_gemm_rows(X, ld, r0, r1, c, a, b, W, Y, a2, b2, V);
+}
+
 }  // namespace dnf::cpu
 
 #else  // no x86-64 GCC/Clang build: never available
@@ -201,6 +215,10 @@ void f32_bn_relu_gemm_rows(const float*, int64_t, int64_t, int64_t, int64_t, con
 }
 void f32_bn_relu_gemm_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
                            const F32Weight&, c10::BFloat16*, const float*, const float*, c10::BFloat16*) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+void f32_bn_relu_gemm_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t, const float*, const float*,
+                           const F32Weight&, c10::BFloat16*, const float*, const float*, float*) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
 void f32_bn_relu_rows(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t) {
