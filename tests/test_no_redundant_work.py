@@ -58,3 +58,31 @@ def test_bf16_autocast_casts_no_block_buffer(name):
              and e.input_shapes[0][0] == 2]
     conv0 = model.features.conv0.out_channels
     assert all(s[1] in (3, conv0) for s in casts), f"casts of block-sized tensors: {casts}"
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 9, 7), (3, 5, 1, 2), (1, 130, 4, 4)])
+def test_channel_moments_reads_bfloat16(shape):
+    """The stem's statistics under CPU bfloat16 autocast: conv0's bfloat16 output reduced as it is (no float32
+    copy), float32 moments equal to those of the widened input, and to the float64 truth."""
+    torch.manual_seed(1)
+    x = (torch.randn(shape) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    mean, var = dnf.ops.channel_moments(x)
+    assert mean.dtype == var.dtype == torch.float32
+    want_mean, want_var = dnf.ops.channel_moments(x.float())
+    torch.testing.assert_close(mean, want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var, want_var, rtol=1e-6, atol=1e-6)
+    v64, m64 = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    torch.testing.assert_close(mean.double(), m64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), v64, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_stem_reduces_conv0_output_in_place():
+    """The stem's statistics under bfloat16 autocast: at most one cast of conv0's width in the forward (conv0's own
+    output rounding where it computes in float32), none for the statistics."""
+    torch.manual_seed(0)
+    model = dnf.densenet121().train()
+    events = _profiled_forward(model, torch.randn(2, 3, 40, 40), True)
+    casts = [tuple(e.input_shapes[0]) for e in events
+             if e.name == "aten::_to_copy" and e.input_shapes and len(e.input_shapes[0]) == 4
+             and e.input_shapes[0][1] == model.features.conv0.out_channels]
+    assert len(casts) <= 1, casts

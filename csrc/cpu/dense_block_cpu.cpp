@@ -64,7 +64,6 @@ const F* layer_stat(bool training, const Tensor& shared, TensorList running, int
   return keep.back().data_ptr<F>();
 }
 
-// Multiplies the conv output of layer l by its dropout mask, as F.dropout does: x * (mask / (1-p)).
 // A value stored as T (read from T, or from F holding an unrounded T result) as F: to_f, rounding an F to T first
 // (the value a T store would have read back).
 template <typename T, typename F, typename D>
@@ -75,6 +74,11 @@ inline F read_as_stored(D v) {
     return to_f<F>(from_f<T>(static_cast<F>(v)));
   }
 }
+
+// The largest F that T rounds to zero: 0, or for bfloat16 2^-134 (half of bfloat16's smallest subnormal, 2^-133;
+// the tie rounds to the even 0). x > kRoundsToZero <=> from_f<T>(x) > 0, for x >= 0.
+template <typename T, typename F>
+inline constexpr F kRoundsToZero = std::is_same_v<T, c10::BFloat16> ? F(0x1p-134) : F(0);
 
 // A layer's 1x1 weight in the storage dtype st: a float32 master weight of a bfloat16 block rounded in one serial
 // loop (an ATen cast is a parallel copy, and each parallel region of a 2-thread step costs a scheduling slice
@@ -89,6 +93,7 @@ Tensor weight_in(const Tensor& w, at::ScalarType st) {
   return out;
 }
 
+// Multiplies the conv output of layer l by its dropout mask, as F.dropout does: x * (mask / (1-p)).
 Tensor apply_dropout(const Tensor& x, const c10::optional<Tensor>& mask, int64_t l, int64_t k, double p) {
   if (!mask.has_value() || !mask->defined()) return x;
   return x * mask->narrow(1, l * k, k).to(x.scalar_type()).div_(1.0 - p);
@@ -440,11 +445,15 @@ class BlockBackward {
           const D* dvr = dV + (r - r0) * inter;
           T* dzr = dZ + r * inter;
           if (s2 == nullptr) {
+            // relu' needs only the sign of V = relu(bn2(Y)) as stage 1 stored it: for T = bfloat16 a value
+            // <= kRoundsToZero rounds to 0 (NaN passes the gradient, as relu_grad does), so V is not rounded
+            // here; dz is dV rounded to T once, the value a T pass would have seen (read_as_stored), and summed
+            // as stored.
             DNF_SIMD for (int64_t j = 0; j < inter; ++j) {
               const F yj = to_f<F>(yr[j]);
-              const F vj = to_f<F>(from_f<T>(relu<F>(yj * a2[j] + b2[j])));  // = V (bn_relu_rows)
-              const F dz = relu_grad<F>(vj, read_as_stored<T, F>(dvr[j]));
-              dzr[j] = from_f<T>(dz);
+              const F vj = relu<F>(yj * a2[j] + b2[j]);
+              const F dz = to_f<F>(from_f<T>(vj <= kRoundsToZero<T, F> ? F(0) : to_f<F>(dvr[j])));
+              dzr[j] = from_f<T>(dz);  // exact
               ts1[j] += dz;
               ts2[j] += dz * (yj - mu2[j]) * is2[j];
             }

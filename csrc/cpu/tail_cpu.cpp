@@ -69,7 +69,7 @@ struct Gate {
   const T* g_row(int64_t n) const { return g.data() + n * stride; }
 };
 
-// The statistics ops take float32/float64 (the readers check_cpu_dtype: also bfloat16).
+// sample_moments takes float32/float64 (the readers and channel_moments check_cpu_dtype: also bfloat16).
 void check_cpu(const Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "input: expected dtype float32 or float64 on CPU, got ", input.scalar_type());
@@ -429,13 +429,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_relu_pool_backward_cpu(
 
 std::tuple<Tensor, Tensor> channel_moments_cpu(const Tensor& input) {
   check_input_4d(input, "input", /*training=*/false);
-  check_cpu(input);
+  check_cpu_dtype(input);
   const int64_t C = input.size(1);
   const Tensor X = input.contiguous(cl_format(input));
-  Tensor mean = at::empty({C}, input.options()), var = at::empty({C}, input.options());
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_moments_cpu", [&] {
-    column_moments<scalar_t>(X.data_ptr<scalar_t>(), X.numel() / C, C, 0, C, mean.data_ptr<scalar_t>(),
-                             var.data_ptr<scalar_t>());
+  // bfloat16 (conv0's output under CPU autocast): read as it is, the moments in float32 (no float32 copy).
+  const auto opts = input.options().dtype(stats_dtype(input.scalar_type()));
+  Tensor mean = at::empty({C}, opts), var = at::empty({C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "channel_moments_cpu", [&] {
+    using F = typename Opmath<scalar_t>::type;
+    column_moments<scalar_t>(X.data_ptr<scalar_t>(), X.numel() / C, C, 0, C, mean.data_ptr<F>(), var.data_ptr<F>());
   });
   return {mean, var};
 }

@@ -399,9 +399,8 @@ def bn_stats(bn: nn.BatchNorm2d, x: Tensor, batch_mean: Optional[Tensor] = None,
         return bn.running_mean, bn.running_var, False
     check_batch_for_training(x, True)
     if batch_mean is None or batch_mean.numel() == 0:
-        # The CPU statistics kernel takes float32/float64: a bfloat16 input is reduced on a float32 copy.
-        xs = x.detach().float() if x.device.type == "cpu" and x.dtype == torch.bfloat16 else x.detach()
-        batch_mean, batch_var = _tail_ops.channel_moments(xs)
+        # (a CPU bfloat16 input is reduced as it is, with float32 moments)
+        batch_mean, batch_var = _tail_ops.channel_moments(x.detach())
     if update:
         commit_bn_stats(bn, x, batch_mean, batch_var, True)
     return batch_mean, batch_var, True
