@@ -32,10 +32,13 @@ def forced(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("chunk_bytes", [conv0_bf16.CHUNK_BYTES, 1], ids=["whole-batch", "per-sample-chunks"])
 @pytest.mark.parametrize("needs_input_grad", [False, True], ids=["image", "input_grad"])
 @pytest.mark.parametrize("shape", [(3, 3, 23, 17), (2, 5, 31, 30)])
-def test_conv0_widened_vs_fp64_truth(shape, needs_input_grad):
-    """The conv alone: output (bfloat16, channels_last), weight gradient and input gradient vs autocast's conv."""
+def test_conv0_widened_vs_fp64_truth(shape, needs_input_grad, chunk_bytes, monkeypatch):
+    """The conv alone: output (bfloat16, channels_last), weight gradient and input gradient vs autocast's conv;
+    also computed one sample per chunk (the float32 operands of a large batch exist a few samples at a time)."""
+    monkeypatch.setattr(conv0_bf16, "CHUNK_BYTES", chunk_bytes)
     N, C, H, W = shape
     conv = torch.nn.Conv2d(C, 11, 7, 2, 3, bias=False)
     truth = torch.nn.Conv2d(C, 11, 7, 2, 3, bias=False).double()

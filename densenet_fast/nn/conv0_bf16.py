@@ -7,6 +7,11 @@ On a CPU without bfloat16 dot products (no AVX512_BF16, no AMX) oneDNN emulates 
 and weight rounded to bfloat16) widened to float32 and rounds its output to bfloat16 once: autocast's output up
 to the order of the float sums, and autograd saves the same bfloat16 image and weight. The weight gradient is
 the float32 product's, not rounded to bfloat16 (autocast's is).
+
+The float32 operands exist a few samples at a time (about ``CHUNK_BYTES`` of conv0's float32 output per chunk):
+a whole-batch float32 copy of conv0's output and of its gradient (25.7 MB each for densenet121 at batch 8,
+224x224) was the largest transient of the bfloat16 step's forward and of its backward's end, and under glibc's
+default allocator it raised the step's steady peak by about as much.
 """
 from __future__ import annotations
 
@@ -20,6 +25,15 @@ from torch import Tensor, nn
 from densenet_fast._extension import load_extension
 
 __all__ = ["conv0_in_float32", "conv0_widened"]
+
+CHUNK_BYTES = 8 << 20
+
+
+def _samples_per_chunk(out_shape: Tuple[int, ...]) -> int:
+    per_sample = 4
+    for d in out_shape[1:]:
+        per_sample *= d
+    return max(1, CHUNK_BYTES // max(per_sample, 1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,22 +63,47 @@ class _Conv0Widened(torch.autograd.Function):
                 dilation: Tuple[int, ...], groups: int) -> Tensor:
         xb = x.to(torch.bfloat16)
         wb = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        wf = wb.float()
+        y = None
         with torch.autocast("cpu", enabled=False):
-            y = F.conv2d(xb.float(), wb.float(), None, stride, padding, dilation, groups)
+            for n0, n1 in _chunks(x.shape[0], None, wf, xb, stride, padding, dilation):
+                part = F.conv2d(xb[n0:n1].float(), wf, None, stride, padding, dilation, groups)
+                if y is None:
+                    y = torch.empty((x.shape[0],) + tuple(part.shape[1:]), dtype=torch.bfloat16,
+                                    memory_format=torch.channels_last)
+                y[n0:n1].copy_(part)
         ctx.save_for_backward(xb, wb)
         ctx.conf = (list(stride), list(padding), list(dilation), groups)
-        return y.to(torch.bfloat16)
+        return y
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         xb, wb = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+        wf = wb.float()
+        gxs, gw = [], None
         with torch.autocast("cpu", enabled=False):
-            gx, gw, _ = torch.ops.aten.convolution_backward(gy.float(), xb.float(), wb.float(), None, stride,
-                                                            padding, dilation, False, [0] * len(stride), groups,
-                                                            mask)
+            for n0, n1 in _chunks(gy.shape[0], gy.shape, wf, xb, stride, padding, dilation):
+                gxi, gwi, _ = torch.ops.aten.convolution_backward(
+                    gy[n0:n1].float(), xb[n0:n1].float(), wf, None, stride, padding, dilation, False,
+                    [0] * len(stride), groups, mask)
+                if gxi is not None:
+                    gxs.append(gxi)
+                if gwi is not None:
+                    gw = gwi if gw is None else gw.add_(gwi)
+        gx = None if not gxs else gxs[0] if len(gxs) == 1 else torch.cat(gxs)
         return gx, (None if gw is None else gw.contiguous()), None, None, None, None
+
+
+def _chunks(n: int, out_shape, w: Tensor, x: Tensor, stride, padding, dilation):
+    """[n0, n1) sample ranges of about CHUNK_BYTES of float32 output each (equal sizes but the last)."""
+    if out_shape is None:
+        out_shape = (n, w.shape[0]) + tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation))
+    step = _samples_per_chunk(tuple(out_shape))
+    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
 def conv0_widened(conv: nn.Conv2d, x: Tensor) -> Tensor:
