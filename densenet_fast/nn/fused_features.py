@@ -41,6 +41,7 @@ from densenet_fast.nn.se_fold import can_fold, folded_transition, gate_and_stats
 from densenet_fast.nn.sync_batchnorm import refuse_empty_batch, sync_group, sync_input_problem, sync_reader
 from densenet_fast.ops.common import mark_sole_reader
 from densenet_fast.ops.stem import bn_relu_maxpool, conv_bn_relu_maxpool
+from densenet_fast.ops.sync_block import SyncBlockOutput
 
 __all__ = ["FusedFeatures", "has_hooks", "norm_relu_kind"]
 
@@ -175,9 +176,9 @@ def _stats_for(reader_norm: nn.Module, stats) -> tuple:
     """(mean, var, count) of a fused block's output for the reader normalised by ``reader_norm``, or Nones when
     the reader must compute its own: a synchronised block's global statistics serve a synchronising reader
     only, a block's per-process statistics a non-synchronising one only."""
-    # a field, not getattr: every NamedTuple has a tuple's count() method, which once made every reader of an
-    # unsynchronised block recompute its statistics
-    count = stats.count if "count" in getattr(stats, "_fields", ()) else None
+    # by type, not getattr(stats, "count"): every NamedTuple has a tuple's count() method, which once made every
+    # reader of an unsynchronised block recompute its statistics
+    count = stats.count if isinstance(stats, SyncBlockOutput) else None
     if (count is not None) != (sync_group([reader_norm]) is not None):
         return None, None, None
     return stats.mean, stats.var, count
