@@ -24,6 +24,30 @@ def rel_l2_err(actual, expected) -> float:
     return (num / den).sqrt().item() if den > 0 else num.sqrt().item()
 
 
+def assert_bf16_autocast_no_worse(ours, ref, truth, inputs, factor: float = 1.5, ref_name: str = "MONAI") -> None:
+    """``ours`` and ``ref`` (the same float32 weights) trained one step each under bf16 autocast on the inputs'
+    device, ``truth`` (their float64 copy) without: the relative L2 errors of the output and of all parameter
+    gradients against the truth, summed over the ``(x, g)`` pairs of ``inputs`` (x the input, g the output
+    gradient), ours no worse than ``factor`` x ref's."""
+    def step(m, x, g, autocast):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = m(x)
+        y.backward(g.to(y.dtype))
+        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
+
+    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
+    for x, g in inputs:
+        yo, go = step(ours, x, g, True)
+        yr, gr = step(ref, x, g, True)
+        yt, gt = step(truth, x.double(), g.double(), False)
+        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
+            errs[what][0] += rel_l2_err(a, t)
+            errs[what][1] += rel_l2_err(b, t)
+    for what, (err_o, err_r) in errs.items():
+        assert err_o <= factor * err_r + 1e-6, f"{what}: ours {err_o:.3e} > {factor} x {ref_name} {err_r:.3e}"
+
+
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = rel_err(actual, expected)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from conftest import rel_l2_err  # noqa: E402
+from conftest import assert_bf16_autocast_no_worse, rel_l2_err  # noqa: E402
 
 import densenet_fast as dnf  # noqa: E402
 from densenet_fast.ops import dense_block as block_ops  # noqa: E402
@@ -825,6 +825,13 @@ def test_act_ops_match_cpu_fp32(cuda, training, spatial_dims):
         assert rel_l2_err(a.cpu(), b) <= 1e-4
 
 
+def _seeded_inputs(batch: int, device) -> list:
+    """Three seeded (input [batch, 2, 29, 35], output gradient [batch, 3]) pairs on ``device``."""
+    return [(torch.randn(batch, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(device),
+             torch.randn(batch, 3, generator=torch.Generator().manual_seed(10 + seed)).to(device))
+            for seed in range(3)]
+
+
 @pytest.mark.parametrize("act", list(MONAI_ACTS))
 def test_monai_act_autocast_bf16_vs_fp64_truth(cuda, act):
     """Under CUDA bf16 autocast: output and every gradient no worse than 1.5x MONAI's own bf16 error against the
@@ -832,27 +839,7 @@ def test_monai_act_autocast_bf16_vs_fp64_truth(cuda, act):
     for either side, tests/test_leaky_act.py)."""
     base = _monai_act(2, MONAI_ACTS[act], torch.float32).to(cuda).train()
     ours = dnf.convert(copy.deepcopy(base), warn=False)
-    truth = copy.deepcopy(base).double()
-
-    def step(m, xin, gin, autocast):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            y = m(xin)
-        y.backward(gin.to(y.dtype))
-        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
-
-    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
-    for seed in range(3):
-        x = torch.randn(4, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(cuda)
-        g = torch.randn(4, 3, generator=torch.Generator().manual_seed(10 + seed)).to(cuda)
-        yo, go = step(ours, x, g, True)
-        yr, gr = step(base, x, g, True)
-        yt, gt = step(truth, x.double(), g.double(), False)
-        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
-            errs[what][0] += rel_l2_err(a, t)
-            errs[what][1] += rel_l2_err(b, t)
-    for what, (err_o, err_r) in errs.items():
-        assert err_o <= 1.5 * err_r + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_r:.3e}"
+    assert_bf16_autocast_no_worse(ours, base, copy.deepcopy(base).double(), _seeded_inputs(4, cuda))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -952,27 +939,7 @@ def test_monai_instance_autocast_bf16_vs_fp64_truth_on_cuda(cuda, kind):
     against the fp64 truth, summed over three seeds."""
     base = _monai_in(2, kind, torch.float32).to(cuda).train()
     ours = dnf.convert(copy.deepcopy(base), warn=False)
-    truth = copy.deepcopy(base).double()
-
-    def step(m, xin, gin, autocast):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            y = m(xin)
-        y.backward(gin.to(y.dtype))
-        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
-
-    errs = {"output": [0.0, 0.0], "all parameter gradients": [0.0, 0.0]}
-    for seed in range(3):
-        x = torch.randn(3, 2, 29, 35, generator=torch.Generator().manual_seed(2 + seed)).to(cuda)
-        g = torch.randn(3, 3, generator=torch.Generator().manual_seed(10 + seed)).to(cuda)
-        yo, go = step(ours, x, g, True)
-        yr, gr = step(base, x, g, True)
-        yt, gt = step(truth, x.double(), g.double(), False)
-        for a, b, t, what in ((yo, yr, yt, "output"), (go, gr, gt, "all parameter gradients")):
-            errs[what][0] += rel_l2_err(a, t)
-            errs[what][1] += rel_l2_err(b, t)
-    for what, (err_o, err_r) in errs.items():
-        assert err_o <= 1.5 * err_r + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_r:.3e}"
+    assert_bf16_autocast_no_worse(ours, base, copy.deepcopy(base).double(), _seeded_inputs(3, cuda))
 
 
 def test_opcheck_in_block(cuda):

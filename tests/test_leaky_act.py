@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from conftest import rel_err, rel_l2_err
+from conftest import assert_bf16_autocast_no_worse, rel_err, rel_l2_err
 from convert_utils import assert_state_close, randomize_bn, train_steps
 from torch import nn
 
@@ -204,24 +204,9 @@ def test_monai_act_autocast_bf16_vs_fp64_truth(act, train):
     fp64 truth (test_bf16.py's criterion)."""
     base = _monai(2, act, torch.float32).train(train)
     ours = convert(copy.deepcopy(base), warn=False)
-    truth = copy.deepcopy(base).double()
     x = torch.randn(4, 2, 29, 35, generator=torch.Generator().manual_seed(2))
     g = torch.randn(4, 3, generator=torch.Generator().manual_seed(3))
-
-    def step(m, xin, gin, autocast):
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            y = m(xin)
-        y.backward(gin.to(y.dtype))
-        return y, torch.cat([p.grad.double().flatten() for p in m.parameters()])
-
-    yo, go = step(ours, x, g, True)
-    yr, gr = step(base, x, g, True)
-    yt, gt = step(truth, x.double(), g.double(), False)
-    for a, b, what in ((yo, yr, "output"), (go, gr, "all parameter gradients")):
-        ref_truth = yt if what == "output" else gt
-        err_o, err_t = rel_l2_err(a, ref_truth), rel_l2_err(b, ref_truth)
-        assert err_o <= 1.5 * err_t + 1e-6, f"{what}: ours {err_o:.3e} > 1.5 x MONAI {err_t:.3e}"
+    assert_bf16_autocast_no_worse(ours, base, copy.deepcopy(base).double(), [(x, g)])
 
 
 def test_every_grad_helper_sees_prelu_weights():
