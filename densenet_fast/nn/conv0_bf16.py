@@ -16,7 +16,7 @@ default allocator it raised the step's steady peak by about as much.
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +29,13 @@ __all__ = ["conv0_in_float32", "conv0_widened"]
 CHUNK_BYTES = 8 << 20
 
 
-def _samples_per_chunk(out_shape: Tuple[int, ...]) -> int:
+def _chunks(out_shape: Tuple[int, ...]) -> List[Tuple[int, int]]:
+    """[n0, n1) sample ranges of about CHUNK_BYTES of float32 output each (equal sizes but the last)."""
     per_sample = 4
     for d in out_shape[1:]:
         per_sample *= d
-    return max(1, CHUNK_BYTES // max(per_sample, 1))
+    step = max(1, CHUNK_BYTES // max(per_sample, 1))
+    return [(n0, min(out_shape[0], n0 + step)) for n0 in range(0, out_shape[0], step)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,14 +66,13 @@ class _Conv0Widened(torch.autograd.Function):
         xb = x.to(torch.bfloat16)
         wb = weight.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
         wf = wb.float()
-        y = None
+        spatial = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+                   for s, k, st, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+        y = torch.empty([x.shape[0], weight.shape[0]] + spatial, dtype=torch.bfloat16, device=x.device,
+                        memory_format=torch.channels_last)
         with torch.autocast("cpu", enabled=False):
-            for n0, n1 in _chunks(x.shape[0], None, wf, xb, stride, padding, dilation):
-                part = F.conv2d(xb[n0:n1].float(), wf, None, stride, padding, dilation, groups)
-                if y is None:
-                    y = torch.empty((x.shape[0],) + tuple(part.shape[1:]), dtype=torch.bfloat16,
-                                    memory_format=torch.channels_last)
-                y[n0:n1].copy_(part)
+            for n0, n1 in _chunks(tuple(y.shape)):
+                y[n0:n1].copy_(F.conv2d(xb[n0:n1].float(), wf, None, stride, padding, dilation, groups))
         ctx.save_for_backward(xb, wb)
         ctx.conf = (list(stride), list(padding), list(dilation), groups)
         return y
@@ -84,7 +85,7 @@ class _Conv0Widened(torch.autograd.Function):
         wf = wb.float()
         gxs, gw = [], None
         with torch.autocast("cpu", enabled=False):
-            for n0, n1 in _chunks(gy.shape[0], gy.shape, wf, xb, stride, padding, dilation):
+            for n0, n1 in _chunks(tuple(gy.shape)):
                 gxi, gwi, _ = torch.ops.aten.convolution_backward(
                     gy[n0:n1].float(), xb[n0:n1].float(), wf, None, stride, padding, dilation, False,
                     [0] * len(stride), groups, mask)
@@ -94,16 +95,6 @@ class _Conv0Widened(torch.autograd.Function):
                     gw = gwi if gw is None else gw.add_(gwi)
         gx = None if not gxs else gxs[0] if len(gxs) == 1 else torch.cat(gxs)
         return gx, (None if gw is None else gw.contiguous()), None, None, None, None
-
-
-def _chunks(n: int, out_shape, w: Tensor, x: Tensor, stride, padding, dilation):
-    """[n0, n1) sample ranges of about CHUNK_BYTES of float32 output each (equal sizes but the last)."""
-    if out_shape is None:
-        out_shape = (n, w.shape[0]) + tuple(
-            (s + 2 * p - d * (k - 1) - 1) // st + 1
-            for s, k, st, p, d in zip(x.shape[2:], w.shape[2:], stride, padding, dilation))
-    step = _samples_per_chunk(tuple(out_shape))
-    return [(n0, min(n, n0 + step)) for n0 in range(0, n, step)]
 
 
 def conv0_widened(conv: nn.Conv2d, x: Tensor) -> Tensor:
