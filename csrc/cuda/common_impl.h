@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "common/block_grads.h"
 #include "common/checks.h"
 #include "common/layout.h"
 #include "cuda/launch.cuh"
@@ -82,6 +83,17 @@ const acc_t* vec_ptr(const Tensor& t, std::vector<Tensor>& keep) {
 // A BN gradient computed in acc_t, returned in the dtype of its parameter (as the fake kernels declare).
 inline Tensor as_param_dtype(const Tensor& grad, const Tensor& param) {
   return grad.scalar_type() == param.scalar_type() ? grad : grad.to(param.scalar_type());
+}
+
+// Every layer's norm gradients (out.g1, b1, g2, b2) in their parameters' dtypes (the BN and InstanceNorm blocks).
+inline void norm_grads_as_param_dtypes(BlockGrads& out, at::TensorList g1, at::TensorList b1, at::TensorList g2,
+                                       at::TensorList b2) {
+  for (size_t l = 0; l < g1.size(); ++l) {
+    out.g1[l] = as_param_dtype(out.g1[l], g1[l]);
+    out.b1[l] = as_param_dtype(out.b1[l], b1[l]);
+    out.g2[l] = as_param_dtype(out.g2[l], g2[l]);
+    out.b2[l] = as_param_dtype(out.b2[l], b2[l]);
+  }
 }
 
 // out = a @ b for a weight gradient whose K (a reduction over every pixel of the batch, N*H*W) is

@@ -241,12 +241,7 @@ void dense_block_backward_impl(const BlockGeometry& g, const Tensor& buffer, Ten
                                       out.g1[l].data_ptr<acc_t>(), nullptr, gamma1, S1, S2});
   }
   finalize(0, g.C0);
-  for (int64_t l = 0; l < g.L; ++l) {  // BN gradients in their parameters' dtypes
-    out.g1[l] = as_param_dtype(out.g1[l], g1[l]);
-    out.b1[l] = as_param_dtype(out.b1[l], b1[l]);
-    out.g2[l] = as_param_dtype(out.g2[l], g2[l]);
-    out.b2[l] = as_param_dtype(out.b2[l], b2[l]);
-  }
+  norm_grads_as_param_dtypes(out, g1, b1, g2, b2);
 }
 
 // slopes: undefined for dense_block_forward (ReLU), the packed LeakyReLU / PReLU slopes for dense_block_act_forward.

@@ -207,12 +207,7 @@ void in_backward_impl(const BlockGeometry& g, const Tensor& buffer, Tensor& G, c
     if (ds1.defined()) grad_slopes.narrow(0, slope_offset(g, l), c).copy_(ds1);
   }
   finalize(0, g.C0);
-  for (int64_t l = 0; l < g.L; ++l) {  // norm gradients in their parameters' dtypes
-    out.g1[l] = as_param_dtype(out.g1[l], g1[l]);
-    out.b1[l] = as_param_dtype(out.b1[l], b1[l]);
-    out.g2[l] = as_param_dtype(out.g2[l], g2[l]);
-    out.b2[l] = as_param_dtype(out.b2[l], b2[l]);
-  }
+  norm_grads_as_param_dtypes(out, g1, b1, g2, b2);
 }
 
 inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
