@@ -229,6 +229,12 @@ inline void bn_relu_rows(const T* Y, int64_t r0, int64_t rows, int64_t c, const 
   }
 }
 
+// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) on a [rows, c] matrix, V of Y's type or F; V may alias Y.
+template <typename T, typename F, typename O>
+void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, O* V, const F* s = nullptr) {
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V, s); });
+}
+
 // The tile loop of bn_relu_gemm below, its operands of type Op: T's own (bfloat16 products on the bfloat16 engine)
 // or, for a bfloat16 stage computed in float32, F (the bfloat16 values widened: the prologue's rounded rows, W).
 // s1, s2: LeakyReLU / PReLU slopes of the prologue and of V (nullptr: ReLU). V: of type VO, T or (a bfloat16
@@ -292,7 +298,7 @@ void bn_relu_gemm_stored(const T* X, int64_t rows, int64_t ld, int64_t c, const 
     // one pass over Y (AMX CPUs run their 3x3 passes in bfloat16 unless DNF_CPU_BF16_CONV=fp32 forces float32).
     if (relu_only && V != nullptr && amx_kernel_fits(n_out) && use_amx_kernel()) {
       bn_relu_gemm_stored<T, F, T>(X, rows, ld, c, a, b, W, n_out, Y, a2, b2, nullptr, s1, nullptr);
-      at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, n_out, a2, b2, V); });
+      bn_relu_out<T, F>(Y, rows, n_out, a2, b2, V);
       return;
     }
   }
@@ -378,12 +384,6 @@ inline void gemm1x1_backward_products(const Op* U, const Op* dY, const Op* W, in
                                       F* dw, F* dU) {
   gemm_acc('N', 'T', c, inter, nr, U, c, dY, inter, F(1), dw, c);
   gemm_acc('N', 'N', c, nr, inter, W, c, dY, inter, F(0), dU, c);
-}
-
-// V = relu(a*Y + b) (leaky(a*Y + b, s) with slopes s) on a [rows, c] matrix, V of Y's type or F; V may alias Y.
-template <typename T, typename F, typename O>
-void bn_relu_out(const T* Y, int64_t rows, int64_t c, const F* a, const F* b, O* V, const F* s = nullptr) {
-  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) { bn_relu_rows<T, F>(Y, r0, r1 - r0, c, a, b, V, s); });
 }
 
 // Per-thread partial sums, reduced in thread order (deterministic for a given thread count).
