@@ -101,7 +101,10 @@ def cpu_engine() -> dict[str, Any]:
     own AVX-512 kernel (``f32_kernel``: ``{"on": bool, "how": measured rates or forced}``; it runs where it
     measured faster than the float32 engine; ``DNF_CPU_F32_KERNEL=0|1`` forces it), the compute dtype of a bfloat16
     block's 1x1 stage (``bf16_gemm``: ``{"compute": "bfloat16" | "float32", "how": measured times or forced}``;
-    ``DNF_CPU_BF16_GEMM=bf16|fp32`` forces it) and of its 3x3 passes (``bf16_conv``). Runs the one-time choices."""
+    ``DNF_CPU_BF16_GEMM=bf16|fp32`` forces it) and of its 3x3 passes (``bf16_conv``), and which engine runs a
+    float32 block's 3x3 passes (``conv3x3``: ``{"how": ..., "shapes": {"2d 56x56 128->32": {"forward": ["own" |
+    "onednn", oneDNN us, own us], "input_grad": ..., "weight_grad": ...}}}``, each shape measured on its first use;
+    ``DNF_CPU_CONV3X3=own|onednn`` forces it). Runs the one-time choices."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}
@@ -114,4 +117,5 @@ def cpu_engine() -> dict[str, Any]:
     out["f32_kernel"] = {"on": bool(raw["f32_kernel"][0]), "how": raw["f32_kernel"][1]}
     out["bf16_gemm"] = {"compute": raw["bf16_gemm"][0], "how": raw["bf16_gemm"][1]}
     out["bf16_conv"] = raw["bf16_conv"]
+    out["conv3x3"] = json.loads(torch.ops.densenet_fast.own_conv3x3_report())
     return out

@@ -26,6 +26,9 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "DNF_CPU_BF16_GEMM": ("auto", "bf16", "fp32"),
     # compute dtype of a bfloat16 block's 3x3 convolution passes (csrc/cpu/conv3x3.h)
     "DNF_CPU_BF16_CONV": ("auto", "bf16", "fp32"),
+    # engine of a float32 dense layer's 3x3 passes: measured per shape, or our AVX-512 kernel, or oneDNN
+    # (csrc/cpu/conv3x3_own.h)
+    "DNF_CPU_CONV3X3": ("auto", "own", "onednn"),
     # the CPU kernels' large activations from densenet_fast's mapped pool (1) or the default allocator (0)
     # (csrc/cpu/workspace.h)
     "DNF_CPU_POOL": ("1", "0"),

@@ -63,6 +63,10 @@ CONFIGS = {
         AVX512, {"DNF_CPU_BF16_ROWS": "portable", "DNF_CPU_F32_KERNEL": "1", "DNF_CPU_BF16_CONV": "fp32",
                  "DNF_CPU_BF16_GEMM": "bf16"},
         {"kernels_isa": "avx512", "bf16_rows": "portable", "amx_kernel": False}),
+    "own-3x3": (
+        "our float32 3x3 kernel on every shape (csrc/cpu/conv3x3_f32.h), wherever it measured slower than oneDNN",
+        AVX512, {"DNF_CPU_CONV3X3": "own"},
+        {"kernels_isa": "avx512", "conv3x3": {"how": "own: forced by DNF_CPU_CONV3X3", "shapes": {}}}),
     "avx2": (
         "an AVX2 CPU (no AVX-512): our AVX2 build, torch's AVX2 kernels, oneDNN and MKL capped at AVX2",
         AVX2, {"DNF_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -88,6 +92,8 @@ PARITY_TESTS = [
     "tests/test_cpu_engine.py::test_transition_engine_parity",
     "tests/test_stem.py::test_conv_stem_matches_torch",
     "tests/test_models.py::test_densenet_bc_fp32_parity",
+    "tests/test_models.py::test_imagenet_fp32_within_reference_error",
+    "tests/test_leaky_act.py::test_monai_act_parity_fp32",
 ]
 PARITY_FILTER = "not opcheck and not cuda"
 

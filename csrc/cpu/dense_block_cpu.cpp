@@ -21,6 +21,7 @@
 #include "common/layout.h"
 #include "common/nonfinite.h"
 #include "cpu/conv3x3.h"
+#include "cpu/conv3x3_own.h"
 #include "cpu/kernels.h"
 #include "cpu/workspace.h"
 
@@ -119,7 +120,11 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   // of V made in the same loop.
   Tensor y = empty_cl(g, inter, buffer.options());
   const bool v_float = std::is_same_v<T, c10::BFloat16> && bf16_conv_compute(g.dims, ConvPass::kForward) == at::kFloat;
-  Tensor v = v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
+  // A float32 block whose 3x3 forward runs on our kernel (conv3x3_own.h): V in the padded frame the kernel reads,
+  // written by BN2 + ReLU (its padding pixels zero), and the kernel's output written into the buffer's columns.
+  const ConvFrame frame = conv_frame(g.N, g.D, g.H, g.W, g.dims);
+  const bool own = std::is_same_v<T, float> && own_conv3x3(frame, inter, g.k, ConvPass::kForward);
+  Tensor v = own ? zero_padded_lines(frame, inter) : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
@@ -150,15 +155,36 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     {
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
-      if (v_float) {
+      if (own) {
+        F* Vp = v.data_ptr<F>();
+        at::parallel_for(0, frame.lines(), 16, [&](int64_t l0, int64_t l1) {
+          for (int64_t line = l0; line < l1; ++line)
+            bn_relu_rows<T, F>(Y + line * g.W * inter, 0, g.W, inter, a2.data(), bb2.data(),
+                               Vp + (line * (g.W + 2) + 1) * inter, s2);
+        });
+      } else if (v_float) {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
       } else {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>(), s2);
       }
     }
-    const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
-    Tensor out = apply_dropout(conv3x3(v, W2, g.dims), mask, l, g.k, p);
-    buffer.narrow(1, c, g.k).copy_(out);
+    if constexpr (std::is_same_v<T, float>) {
+      if (own) {
+        RECORD_FUNCTION("dnf_cpu::conv3x3", {});
+        const Tensor w = w2[l].contiguous();
+        own_conv3x3_forward(v.data_ptr<float>(), frame, conv3x3_pack_forward(w.data_ptr<float>(), g.k, inter, frame.taps()),
+                            X + c, Ct);
+        if (mask.has_value() && mask->defined()) {
+          Tensor cols = buffer.narrow(1, c, g.k);
+          cols.copy_(apply_dropout(cols, mask, l, g.k, p));
+        }
+      }
+    }
+    if (!own) {
+      const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
+      Tensor out = apply_dropout(conv3x3(v, W2, g.dims), mask, l, g.k, p);
+      buffer.narrow(1, c, g.k).copy_(out);
+    }
     if (training) column_moments<T>(X, M, Ct, c, g.k, mean.data_ptr<F>() + c, var.data_ptr<F>() + c);
   }
 }
@@ -276,7 +302,13 @@ class BlockBackward {
         S1_(geom.Ct, 0), S2_(geom.Ct, 0), shared_invstd_(op.training ? geom.Ct : 0),
         Y_(empty_cl(geom, geom.inter, buffer.options(), OnFree::kUnmap)),
         V_(empty_cl(geom, geom.inter, buffer.options().dtype(v_dtype(geom.dims)), OnFree::kUnmap)),
-        dout_(empty_cl(geom, geom.k, buffer.options().dtype(dout_dtype(geom.dims)), OnFree::kUnmap)) {
+        dout_(empty_cl(geom, geom.k, buffer.options().dtype(dout_dtype(geom.dims)), OnFree::kUnmap)),
+        frame_(conv_frame(geom.N, geom.D, geom.H, geom.W, geom.dims)) {
+    if constexpr (std::is_same_v<T, float>) {
+      for (const ConvPass p : {ConvPass::kInputGrad, ConvPass::kWeightGrad})
+        own_[int(p)] = own_conv3x3(frame_, geom.inter, geom.k, p);
+      if (own_[int(ConvPass::kInputGrad)]) dout_padded_ = zero_padded_lines(frame_, geom.k);
+    }
     if (op.slopes.defined()) {
       TORCH_INTERNAL_ASSERT(grad_slopes_ != nullptr);
       *grad_slopes_ = at::zeros({slope_offset(geom, geom.L)}, f_opts_);
@@ -391,8 +423,35 @@ class BlockBackward {
     const Tensor dout = wide && drop
         ? apply_dropout(dout_.to(buffer_.scalar_type()), op_.mask, l, geom_.k, op_.drop_rate).to(dout_.scalar_type())
         : apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
-    // In each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the activations'
-    // layout, once per layer (conv3x3.h).
+    const bool own_wg = std::is_same_v<T, float> && own_[int(ConvPass::kWeightGrad)];
+    const bool own_ig = std::is_same_v<T, float> && own_[int(ConvPass::kInputGrad)];
+    // The weight gradient first: the input gradient's stage 3 writes dz over V_.
+    if constexpr (std::is_same_v<T, float>) {
+      if (own_wg) {  // our kernel (conv3x3_own.h) on V_ and dout's dense rows
+        RECORD_FUNCTION("dnf_cpu::conv3x3_weight_grad", {});
+        const Tensor d = dout.contiguous(cl_format(geom_.dims));
+        out_.w2[l] = at::empty(op_.w2[l].sizes(), f_opts_);
+        conv3x3_f32_weight_grad(V_.data_ptr<float>(), geom_.inter, d.data_ptr<float>(), geom_.k, frame_,
+                                out_.w2[l].data_ptr<float>());
+      }
+      if (own_ig && !own_wg) out_.w2[l] = conv3x3_weight_grad(dout, V_, conv3x3_weight(op_.w2[l], at::kFloat,
+                                                              geom_.dims, ConvPass::kWeightGrad), geom_.dims);
+      if (own_ig) {
+        // dV over V_ (stage 3 recomputes V from Y), from dout padded, then dz over dV row by row
+        RECORD_FUNCTION("dnf_cpu::conv3x3_input_grad", {});
+        const Tensor w = op_.w2[l].contiguous();
+        const Tensor d = dout.contiguous(cl_format(geom_.dims));
+        pad_lines(d.data_ptr<float>(), frame_, geom_.k, dout_padded_.data_ptr<float>());
+        own_conv3x3_forward(dout_padded_.data_ptr<float>(), frame_,
+                            conv3x3_pack_input_grad(w.data_ptr<float>(), geom_.k, geom_.inter, frame_.taps()),
+                            V_.data_ptr<float>(), geom_.inter);
+        ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
+        bn2_backward_rows(f, static_cast<const float*>(V_.data_ptr<float>()), 0, M_, partials);
+        return bn2_backward_means(l, f, partials);
+      }
+    }
+    // oneDNN, in each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the
+    // activations' layout, once per layer (conv3x3.h).
     const at::ScalarType st = buffer_.scalar_type();
     const Tensor W2 = conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
     const bool same = st != at::kBFloat16 || bf16_conv_compute(geom_.dims, ConvPass::kWeightGrad) ==
@@ -400,7 +459,7 @@ class BlockBackward {
     const Tensor W2w = same ? W2 : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kWeightGrad);
     // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
     // float32: conv3x3.h)
-    out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
+    if (!own_wg) out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
     const int64_t lead_spatial = geom_.dims == 3 ? geom_.D * geom_.H : geom_.H * geom_.W;
     // (chunks sized by T: a float pass's chunk is float, as its result was before the cast to T)
@@ -674,6 +733,11 @@ class BlockBackward {
   Tensor Y_;     // the recomputed bottleneck [rows, inter], as the forward rounded it
   Tensor V_;     // V = relu(bn2(Y)) [rows, inter] for the 3x3 weight gradient (v_dtype), then dz and dY in T over it
   Tensor dout_;  // the layer's output gradient [rows, k] (T, or float: dout_dtype)
+  // A float32 block whose 3x3 backward passes run on our kernel (conv3x3_own.h): [pass] for the input and weight
+  // gradients, and the output gradient in the padded frame the input gradient's kernel reads.
+  ConvFrame frame_;
+  bool own_[3] = {false, false, false};
+  Tensor dout_padded_;
 };
 
 // Seconds of a bfloat16 block's 1x1 stage computed in float32 (fp32) or in bfloat16, for gemm_engine.cpp's

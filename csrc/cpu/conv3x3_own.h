@@ -1,0 +1,47 @@
+// Which engine runs a float32 dense layer's 3x3 passes, oneDNN (through ATen, cpu/conv3x3.h) or our own kernel
+// (cpu/conv3x3_f32.h), and the tensor-level calls of our kernel (docs/design.md §15).
+//
+// Chosen per shape (rank, D, H, W, input and output channels) and pass, the first time the shape is seen: our
+// kernel where it is available (the AVX-512 kernels are the registered ones) and measured on one sample no slower
+// than 1.1x oneDNN (the margin: oneDNN's result still has to be copied into the block buffer, ours is written
+// there). DNF_CPU_CONV3X3=own|onednn forces either (own: where available). build_info()["cpu_engine"]["conv3x3"]
+// reports every choice made.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/conv3x3.h"
+#include "cpu/conv3x3_f32.h"
+
+namespace dnf::cpu {
+
+// The frame of a [N, C, (D,) H, W] activation.
+ConvFrame conv_frame(int64_t N, int64_t D, int64_t H, int64_t W, int64_t dims);
+
+// Whether pass `pass` of a float32 3x3 convolution on frame f with cin inputs and cout outputs runs on our kernel.
+// The first call per shape measures (call it outside parallel regions); thread-safe.
+bool own_conv3x3(const ConvFrame& f, int64_t cin, int64_t cout, ConvPass pass);
+// JSON object {"how": ..., "shapes": {"2d 56x56 128->32": {"forward": "own"|"onednn", ..., "times": ...}}}.
+std::string own_conv3x3_report();
+
+// Seconds [forward, input_grad, weight_grad] x [oneDNN, own] of the passes on x [N, cin, ...], dout [N, cout, ...]
+// (channels_last) and w [cout, cin, 3..] (contiguous), the best of `rounds` alternating rounds.
+std::vector<double> time_passes_for_op(const ConvFrame& f, const at::Tensor& x, const at::Tensor& dout,
+                                       const at::Tensor& w, int64_t rounds);
+
+// A float [f.padded_rows(), c] matrix, zero (its padding pixels stay so; the caller fills the rest).
+at::Tensor zero_padded_lines(const ConvFrame& f, int64_t c);
+// The padded rows of src's [f.rows(), c] dense rows into dst (padded, its padding already zero).
+void pad_lines(const float* src, const ConvFrame& f, int64_t c, float* dst);
+
+// out rows [f.rows(), cout] (ld_out apart) = the forward of the padded input Xp with weight w [cout, cin, 3..];
+// on the intra-op threads.
+void own_conv3x3_forward(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out);
+// Lines [l0, l1) only (out: line l0's first row); on the intra-op threads.
+void own_conv3x3_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out,
+                       int64_t l0, int64_t l1);
+
+}  // namespace dnf::cpu
