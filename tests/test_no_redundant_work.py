@@ -86,3 +86,23 @@ def test_bf16_autocast_stem_reduces_conv0_output_in_place():
              if e.name == "aten::_to_copy" and e.input_shapes and len(e.input_shapes[0]) == 4
              and e.input_shapes[0][1] == model.features.conv0.out_channels]
     assert len(casts) <= 1, casts
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fp32_training_step_copies(name, monkeypatch):
+    """A float32 training step of the features (forward and backward; the classifier is torch's nn.Linear) makes at
+    most 10 ``aten::copy_`` calls with our 3x3 kernel (issue 32; 665 before it, most of them oneDNN's weight
+    layouts and output copies per layer and a Python float copied per running-statistics update): each block's
+    input copied into its buffer, and conv0's weight laid out for oneDNN."""
+    if dnf.build_info()["cpu_engine"]["kernels_isa"] != "avx512":
+        pytest.skip("our 3x3 kernel is the AVX-512 build's")
+    monkeypatch.setenv("DNF_CPU_CONV3X3", "own")
+    torch.manual_seed(0)
+    features = MODELS[name]().train().features
+    x = torch.randn(2, 3, 48, 48)
+    features(x).sum().backward()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        features(x).sum().backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("densenet_fast::dense_block_forward") >= 3  # the fused path ran
+    assert names.count("aten::copy_") <= 10, names.count("aten::copy_")

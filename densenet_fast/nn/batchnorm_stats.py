@@ -25,15 +25,18 @@ def update_running_stats(norms: Sequence[nn.modules.batchnorm._BatchNorm], means
     rms = [bn.running_mean for bn in norms]
     rvs = [bn.running_var for bn in norms]
     means = [m.detach() for m in means]
-    unbiased = [v.detach() * bessel for v in variances]
+    variances = [v.detach() for v in variances]
     if len(momenta) == 1 and None not in momenta:
         (m,) = momenta
-        # running = (1 - m) * running + m * batch, as the ATen batch_norm kernels compute it.
-        torch._foreach_mul_(rms, 1.0 - m)
+        # running = (1 - m) * running + m * batch (the unbiased variance: m * bessel * biased), with tensor-tensor
+        # adds only: a CPU tensor times a Python float first copies the float into a 0-dim tensor of the
+        # tensor's dtype (an aten::copy_ per norm, 363 in a densenet121 step).
+        torch._foreach_add_(rms, rms, alpha=-m)
         torch._foreach_add_(rms, means, alpha=m)
-        torch._foreach_mul_(rvs, 1.0 - m)
-        torch._foreach_add_(rvs, unbiased, alpha=m)
+        torch._foreach_add_(rvs, rvs, alpha=-m)
+        torch._foreach_add_(rvs, variances, alpha=m * bessel)
         return
+    unbiased = [v * bessel for v in variances]
     for bn, rm, rv, mean, var in zip(norms, rms, rvs, means, unbiased):
         # momentum=None: cumulative moving average with factor 1/num_batches_tracked (a tensor, no sync).
         factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(rm.dtype)

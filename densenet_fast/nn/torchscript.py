@@ -77,16 +77,16 @@ def update_running(running_mean: Tensor, running_var: Tensor, num_batches_tracke
     bessel = count / (count - 1) if count > 1 else 1.0
     num_batches_tracked.add_(1)
     m = mean.detach()
+    if momentum is not None and alpha_form:
+        running_mean.add_(running_mean, alpha=-momentum)
+        running_mean.add_(m, alpha=momentum)
+        running_var.add_(running_var, alpha=-momentum)
+        running_var.add_(var.detach(), alpha=momentum * bessel)
+        return
     v = var.detach() * bessel
     if momentum is not None:
-        if alpha_form:
-            running_mean.mul_(1.0 - momentum)
-            running_mean.add_(m, alpha=momentum)
-            running_var.mul_(1.0 - momentum)
-            running_var.add_(v, alpha=momentum)
-        else:
-            running_mean.mul_(1.0 - momentum).add_(m * momentum)
-            running_var.mul_(1.0 - momentum).add_(v * momentum)
+        running_mean.mul_(1.0 - momentum).add_(m * momentum)
+        running_var.mul_(1.0 - momentum).add_(v * momentum)
     else:
         factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
         running_mean.mul_(1.0 - factor).add_(m * factor)
