@@ -20,6 +20,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "DNF_CPU_AMX_KERNEL": ("auto", "0", "1"),
     # densenet_fast's AVX-512 kernel for the float32 1x1 stage (csrc/cpu/f32_gemm.h)
     "DNF_CPU_F32_KERNEL": ("auto", "0", "1"),
+    # the float32 1x1 backward's products on that kernel too (1, where the forward's run there) or on the engine (0)
+    "DNF_CPU_F32_BACKWARD": ("1", "0"),
     # bfloat16 narrowing of the element loops: AVX512_BF16 instructions or portable code (csrc/cpu/bf16_rows.h)
     "DNF_CPU_BF16_ROWS": ("auto", "native", "portable"),
     # compute dtype of a bfloat16 block's 1x1 stage (csrc/cpu/gemm_engine.h: bf16_gemm_compute)

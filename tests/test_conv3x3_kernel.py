@@ -102,9 +102,9 @@ def test_bad_inputs_named():
         OWN(x, torch.randn(3, 4, 5, 5), 0)
 
 
-def _block_truth_and_runs(drop, act_slopes=False, spatial=(9, 11), engines=("own", "onednn")):
-    """A fused fp32 block (3 layers, odd sizes) run with each 3x3 engine forced, and torchvision's block in fp64 and
-    fp32 with the same weights (and, with dropout, the same mask): (truth, torchvision fp32, {engine: result})."""
+def _block_truth_and_runs(drop, spatial=(9, 11), switch="DNF_CPU_CONV3X3", engines=("own", "onednn")):
+    """A fused fp32 block (3 layers, odd sizes) run with each value of `switch`, and torchvision's block in fp64 and
+    fp32 with the same weights (and, with dropout, the same mask): (truth, torchvision fp32, {value: result})."""
     torch.manual_seed(1)
     ref, ours = tv_block_pair(3, 10, 3, 7, torch.float64, drop_rate=0.3 if drop else 0.0)
     x = torch.randn(2, 10, *spatial, dtype=torch.float64)
@@ -136,7 +136,7 @@ def _block_truth_and_runs(drop, act_slopes=False, spatial=(9, 11), engines=("own
     ref32 = run_ref(torch.float32)
     ours = ours.float()
     for engine in engines:
-        os.environ["DNF_CPU_CONV3X3"] = engine
+        os.environ[switch] = engine
         try:
             for p in ours.parameters():
                 p.grad = None
@@ -146,17 +146,21 @@ def _block_truth_and_runs(drop, act_slopes=False, spatial=(9, 11), engines=("own
             out.buffer.backward(g.float())
             results[engine] = [out.buffer.detach(), xx.grad] + [p.grad.clone() for p in ours.parameters()]
         finally:
-            del os.environ["DNF_CPU_CONV3X3"]
+            del os.environ[switch]
     return truth, ref32, results
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["no-dropout", "dropout"])
-def test_block_on_each_engine_against_torchvision(drop):
-    """The fp32 block with its 3x3 passes forced onto our kernel and onto oneDNN: output, input gradient and every
-    parameter gradient within 2x torchvision's fp32 error of the fp64 truth (with dropout: torchvision given the
-    same mask). (3-D blocks and whole 2-D / 3-D models on our kernel: tests/test_cpu_feature_paths.py, config
-    "own-3x3".)"""
-    truth, ref32, results = _block_truth_and_runs(drop)
+@pytest.mark.parametrize("switch,values",
+                         [("DNF_CPU_CONV3X3", ("own", "onednn")), ("DNF_CPU_F32_BACKWARD", ("1", "0"))],
+                         ids=["conv3x3", "f32-backward"])
+@pytest.mark.parametrize("spatial", [(9, 11), (14, 3)], ids=str)
+def test_block_on_each_engine_against_torchvision(drop, switch, values, spatial):
+    """The fp32 block with its 3x3 passes forced onto our kernel and onto oneDNN, and its 1x1 backward products on
+    our kernel (cpu/f32_gemm.h) and on the GEMM engine: output, input gradient and every parameter gradient within
+    2x torchvision's fp32 error of the fp64 truth (with dropout: torchvision given the same mask). (3-D blocks and
+    whole 2-D / 3-D models on our 3x3 kernel: tests/test_cpu_feature_paths.py, config "own-3x3".)"""
+    truth, ref32, results = _block_truth_and_runs(drop, spatial, switch, values)
     for engine, res in results.items():
         for i, (o, r, t) in enumerate(zip(res, ref32, truth)):
             err, ref_err = rel_l2_err(o, t), rel_l2_err(r, t)

@@ -23,6 +23,7 @@
 #include "cpu/conv3x3.h"
 #include "cpu/conv3x3_own.h"
 #include "cpu/kernels.h"
+#include "cpu/switches.h"
 #include "cpu/workspace.h"
 
 #include <chrono>
@@ -594,6 +595,14 @@ class BlockBackward {
     }
     const int64_t tr = tile_rows(std::max(c, inter), sizeof(F));
     const int64_t ntiles = (M_ + tr - 1) / tr;
+    // A float32 block's products on our AVX-512 kernel where the forward's run there (cpu/f32_gemm.h): W1 packed
+    // once per layer.
+    F32Weight W1p;
+    const bool own = std::is_same_v<Op, float> && std::is_same_v<T, float> && use_f32_kernel() &&
+                     cpu_switch("DNF_CPU_F32_BACKWARD", {"0", "1"}) != "0";
+    if constexpr (std::is_same_v<Op, float>) {
+      if (own) W1p = f32_pack_kn(W1, inter, c);
+    }
     ThreadPartials<F> dw_partials(inter * c);
     ThreadPartials<acc_t> sum_partials(nsums * c);
     at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
@@ -620,7 +629,16 @@ class BlockBackward {
           }
         }
         bn_relu_tile<T, F>(X, Ct, r0, nr, c, a1, b1, U.data(), -1, s1);
-        gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
+        if constexpr (std::is_same_v<Op, float> && std::is_same_v<F, float>) {
+          if (own) {
+            f32_gemm_tn_acc(dY, U.data(), nr, inter, c, dw);
+            f32_gemm_rows(dY, nr, W1p, dU.data());
+          } else {
+            gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
+          }
+        } else {
+          gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
+        }
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;

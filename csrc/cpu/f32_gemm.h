@@ -53,6 +53,14 @@ void f32_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
                            const float* b, const F32Weight& W, c10::BFloat16* Y, const float* a2, const float* b2,
                            float* V);
 
+// The two products of the float32 1x1 backward on a tile (kernels.h: gemm1x1_backward_products), on the same
+// register blocking (docs/design.md §15): dU [nr, n] = dY [nr, k] B, B [k, n] packed by f32_pack_kn; and
+// dW [k, n] += dY^T U, U [nr, n], accumulated in registers over the tile's rows (14 x 32 blocks of dW). Serial:
+// called per tile on the threads. Every row pitch is the matrix's width.
+F32Weight f32_pack_kn(const float* B, int64_t k, int64_t n);
+void f32_gemm_rows(const float* A, int64_t rows, const F32Weight& B, float* C);
+void f32_gemm_tn_acc(const float* A, const float* U, int64_t nr, int64_t k, int64_t n, float* C);
+
 // U[r, j] = relu(a[j] * X[r, j] + b[j]), r < rows, j < c (U rows ldu apart): the prologue alone, with the
 // same instructions, for the measurement against the engine.
 void f32_bn_relu_rows(const float* X, int64_t ld, int64_t rows, int64_t c, const float* a, const float* b, float* U,

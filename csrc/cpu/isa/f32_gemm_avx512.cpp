@@ -36,6 +36,20 @@ F32Weight f32_pack_weight(const float* W, int64_t n, int64_t k) {
   return P;
 }
 
+F32Weight f32_pack_kn(const float* B, int64_t k, int64_t n) {
+  TORCH_CHECK(n > 0 && k > 0, "densenet_fast: f32_pack_kn needs n, k > 0, got ", n, ", ", k);
+  F32Weight P;
+  P.k = k, P.n = n, P.panels = (n + kF32Panel - 1) / kF32Panel;
+  P.data = AlignedBuffer<float>(P.panels * k * kF32Panel, /*zeroed=*/true);
+  for (int64_t p = 0; p < P.panels; ++p) {
+    const int64_t cols = std::min(kF32Panel, n - p * kF32Panel);
+    float* out = P.data.data() + p * k * kF32Panel;
+    for (int64_t kk = 0; kk < k; ++kk)
+      std::copy(B + kk * n + p * kF32Panel, B + kk * n + p * kF32Panel + cols, out + kk * kF32Panel);
+  }
+  return P;
+}
+
 }  // namespace dnf::cpu
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
@@ -163,7 +177,61 @@ void bn_relu_gemm_rows(const S* X, int64_t ld, int64_t r0, int64_t r1, int64_t c
   }
 }
 
+// C[i0 + r, j0 : j0 + 32] += sum over the nr rows p of A[p, i0 + r] * U[p, j0 : j0 + 32] (MR values of i; the
+// columns of mask m0 / m1).
+template <int MR>
+void tn_block(const float* A, int64_t lda, const float* U, int64_t ldu, int64_t nr, int64_t i0, int64_t j0,
+              __mmask16 m0, __mmask16 m1, float* C, int64_t ldc) {
+  __m512 lo[MR], hi[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) lo[r] = hi[r] = _mm512_setzero_ps();
+  const float* a = A + i0;
+  const float* u = U + j0;
+  for (int64_t p = 0; p < nr; ++p, a += lda, u += ldu) {
+    const __m512 u0 = _mm512_maskz_loadu_ps(m0, u), u1 = _mm512_maskz_loadu_ps(m1, u + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r]);
+      lo[r] = _mm512_fmadd_ps(x, u0, lo[r]);
+      hi[r] = _mm512_fmadd_ps(x, u1, hi[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + (i0 + r) * ldc + j0;
+    _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), lo[r]));
+    _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), hi[r]));
+  }
+}
+template <size_t... I>
+constexpr auto tn_blocks(std::index_sequence<I...>) {
+  return std::array<decltype(&tn_block<1>), sizeof...(I)>{&tn_block<int(I) + 1>...};
+}
+constexpr auto kTnBlocks = tn_blocks(std::make_index_sequence<kF32Rows>());
+
 }  // namespace
+
+void f32_gemm_rows(const float* A, int64_t rows, const F32Weight& B, float* C) {
+  const int64_t k = B.k, n = B.n;
+  for (int64_t r = 0; r < rows; r += kF32Rows) {
+    const int64_t mr = std::min<int64_t>(kF32Rows, rows - r);
+    for (int64_t p = 0; p < B.panels; ++p) {
+      const int64_t col = p * kF32Panel;
+      kMicrokernels<float, float>[mr - 1](A + r * k, k, k, B.panel(p), std::min(kF32Panel, n - col), C + r * n + col,
+                                          n, nullptr, nullptr, static_cast<float*>(nullptr));
+    }
+  }
+}
+
+void f32_gemm_tn_acc(const float* A, const float* U, int64_t nr, int64_t k, int64_t n, float* C) {
+  for (int64_t j0 = 0; j0 < n; j0 += kF32Panel) {
+    const __mmask16 m0 = first_n16(n - j0), m1 = first_n16(n - j0 - 16);
+    for (int64_t i0 = 0; i0 < k; i0 += kF32Rows) {
+      const int64_t mr = std::min<int64_t>(kF32Rows, k - i0);
+      kTnBlocks[mr - 1](A, k, U, n, nr, i0, j0, m0, m1, C, n);
+    }
+  }
+}
 
 // Per k, the panel row is two 16-lane gathers of 32 weight rows' k-th values (element by element: densenet121's
 // block-3 weight, 128 x 992, took ~5% of the stage).
@@ -222,6 +290,13 @@ void f32_bn_relu_gemm_rows(const c10::BFloat16*, int64_t, int64_t, int64_t, int6
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
 void f32_bn_relu_rows(const float*, int64_t, int64_t, int64_t, const float*, const float*, float*, int64_t) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+F32Weight f32_pack_kn(const float*, int64_t, int64_t) { TORCH_CHECK(false, "densenet_fast: no AVX-512 build"); }
+void f32_gemm_rows(const float*, int64_t, const F32Weight&, float*) {
+  TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
+}
+void f32_gemm_tn_acc(const float*, const float*, int64_t, int64_t, int64_t, float*) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
 }  // namespace dnf::cpu
