@@ -54,4 +54,8 @@ void conv3x3_f32_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight&
 void conv3x3_f32_weight_grad(const float* X, int64_t cin, const float* dout, int64_t cout, const ConvFrame& f,
                              float* dW);
 
+// GFLOP/s of a bare AVX-512 FMA loop (`iters` x 16 FMAs of 16 lanes per thread) on all intra-op threads at once:
+// the machine's float32 FMA peak, for the benchmarks' roofline.
+double fma_peak_gflops(int64_t iters);
+
 }  // namespace dnf::cpu

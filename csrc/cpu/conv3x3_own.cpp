@@ -282,6 +282,12 @@ std::vector<double> own_conv3x3_times_op(const at::Tensor& x, const at::Tensor& 
 TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   m.def("own_conv3x3(Tensor a, Tensor b, int pass_) -> Tensor", &own_conv3x3_op);
   m.def("own_conv3x3_report() -> str", [] { return dnf::cpu::own_conv3x3_report(); });
+  // GFLOP/s of a bare AVX-512 FMA loop on the intra-op threads (the benchmarks' peak; AVX-512 builds only).
+  m.def("fma_peak_gflops(int iters) -> float", [](int64_t iters) {
+    TORCH_CHECK(dnf::cpu::f32_kernel_available(), "fma_peak_gflops: needs the AVX-512 kernels");
+    TORCH_CHECK(iters > 0, "fma_peak_gflops: iters: expected > 0, got ", iters);
+    return dnf::cpu::fma_peak_gflops(iters);
+  });
   // Seconds [forward, input_grad, weight_grad] x [oneDNN, own] of x [N, C, ...], dout [N, K, ...], w [K, C, 3..]
   // (float32), the best of `rounds` alternating rounds (benchmarks/bench_conv3x3.py).
   m.def("own_conv3x3_times(Tensor x, Tensor dout, Tensor w, int rounds) -> float[]", &own_conv3x3_times_op);

@@ -206,6 +206,29 @@ void conv3x3_f32_weight_grad(const float* X, int64_t cin, const float* dout, int
   });
 }
 
+double fma_peak_gflops(int64_t iters) {
+  // 16 independent accumulators per thread (enough to cover the FMA latency on two ports), all threads at once.
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sink(threads * 16, 0.f);
+  const auto t0 = std::chrono::steady_clock::now();
+  at::parallel_for(0, threads, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(0.001f * float(i));
+      const __m512 m = _mm512_set1_ps(0.999999f), a = _mm512_set1_ps(1e-7f);
+      for (int64_t it = 0; it < iters; ++it) {
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(acc[i], m, a);
+      }
+      for (int i = 0; i < 16; ++i) sink[t * 16 + i] = _mm512_reduce_add_ps(acc[i]);
+    }
+  });
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  volatile float keep = sink[0];
+  (void)keep;
+  return 2.0 * 16 * 16 * double(iters) * double(threads) / secs / 1e9;
+}
+
 }  // namespace dnf::cpu
 
 #else  // no x86-64 GCC/Clang build: never used (f32_kernel_available() is false)
@@ -223,6 +246,7 @@ void conv3x3_f32_lines(const float*, const ConvFrame&, const Conv3x3Weight&, flo
 void conv3x3_f32_weight_grad(const float*, int64_t, const float*, int64_t, const ConvFrame&, float*) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
+double fma_peak_gflops(int64_t) { TORCH_CHECK(false, "densenet_fast: no AVX-512 build"); }
 }  // namespace dnf::cpu
 
 #endif
