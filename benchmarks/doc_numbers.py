@@ -158,6 +158,13 @@ def _monai_act(name: str, results: Path) -> str:
     return bench_monai_act.markdown(_load(name, results / "monai-act")).rstrip("\n")
 
 
+def _conv3x3(name: str, results: Path) -> str:
+    """``conv3x3:NAME``: ``benchmarks/results/conv3x3/NAME.json`` as ``benchmarks.bench_conv3x3`` writes it."""
+    from benchmarks import bench_conv3x3
+
+    return bench_conv3x3.markdown(_load(name, results / "conv3x3")).rstrip("\n")
+
+
 # NAME (before the first ':') -> generator(argument after the ':', results folder)
 BLOCKS: Dict[str, Callable[[Optional[str], Path], str]] = {
     "headline": lambda arg, results: _headline(results),
@@ -166,6 +173,7 @@ BLOCKS: Dict[str, Callable[[Optional[str], Path], str]] = {
     "micro": _micro,
     "sync-bn": _sync_bn,
     "monai-act": _monai_act,
+    "conv3x3": _conv3x3,
 }
 
 

@@ -208,3 +208,27 @@ def test_choice_reported_per_shape():
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep == {"how": "onednn: forced by DNF_CPU_CONV3X3", "shapes": {}}
+
+
+def test_deterministic_algorithms_take_our_kernel_untimed():
+    """A timed choice may differ between two processes, and with it a float32 result's last bits; under
+    torch.use_deterministic_algorithms(True) every shape runs on our kernel without timing, so two processes give
+    the same bits."""
+    code = ("import hashlib, json, torch, densenet_fast as d\n"
+            "torch.use_deterministic_algorithms(True)\n"
+            "torch.manual_seed(0)\n"
+            "m = d.DenseBlock(3, 8, 2, 6)\n"
+            "x = torch.randn(2, 8, 9, 13)\n"
+            "m(x).sum().backward()\n"
+            "h = hashlib.sha256(b''.join(p.grad.numpy().tobytes() for p in m.parameters())).hexdigest()\n"
+            "print(json.dumps({'conv3x3': d.build_info()['cpu_engine']['conv3x3'], 'grads': h}))")
+    env = {k: v for k, v in os.environ.items() if k != "DNF_CPU_CONV3X3"}
+    outs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    assert outs[0]["conv3x3"] == {"how": "own: rule under torch.use_deterministic_algorithms(True) (no timed choice)",
+                                  "shapes": {}}
+    assert outs[0]["grads"] == outs[1]["grads"]

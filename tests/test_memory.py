@@ -180,7 +180,8 @@ def test_pool_switch_sends_tensors_to_torchs_allocator_with_identical_results(sw
     """DNF_CPU_POOL=0 (an allocator of the user's own): no mapping is made, build_info says so, and the step's
     gradients are bitwise those of the pool (same kernels, other memory)."""
     def run(value):
-        env = {**os.environ, "DNF_CPU_POOL": value}
+        # (the 3x3 engine pinned: its per-shape choice is timed in each process, tests/test_conv3x3_kernel.py)
+        env = {**os.environ, "DNF_CPU_POOL": value, "DNF_CPU_CONV3X3": "own"}
         out = subprocess.run([sys.executable, "-c", _POOL_PROBE], env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return json.loads(out.stdout.strip().splitlines()[-1])

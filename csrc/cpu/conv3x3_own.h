@@ -4,8 +4,9 @@
 // Chosen per shape (rank, D, H, W, input and output channels) and pass, the first time the shape is seen: our
 // kernel where it is available (the AVX-512 kernels are the registered ones) and measured on one sample no slower
 // than 1.1x oneDNN (the margin: oneDNN's result still has to be copied into the block buffer, ours is written
-// there). DNF_CPU_CONV3X3=own|onednn forces either (own: where available). build_info()["cpu_engine"]["conv3x3"]
-// reports every choice made.
+// there). DNF_CPU_CONV3X3=own|onednn forces either (own: where available); under
+// torch.use_deterministic_algorithms(True) our kernel runs untimed (a timed choice may differ between processes, and
+// with it the result's last bits). build_info()["cpu_engine"]["conv3x3"] reports every choice made.
 #pragma once
 
 #include <ATen/ATen.h>
