@@ -220,6 +220,7 @@ def main(argv=None) -> None:
     os.environ.pop("DNF_CPU_CONV3X3", None)
     import torch
 
+    import densenet_fast  # noqa: F401 - loads the operators
     from benchmarks.harness import cpu_model
 
     torch.set_num_threads(a.threads)

@@ -582,6 +582,39 @@ def test_monai_act_renderer_makes_the_table_from_its_json(tmp_path):
     assert doc_numbers.render_file(doc, tmp_path) == doc.replace("\nold\n", f"\n{text}\n")
 
 
+def test_conv3x3_renderer_makes_the_tables_from_its_json(tmp_path):
+    """``conv3x3:NAME`` regions render ``conv3x3/NAME.json`` (benchmarks/bench_conv3x3.py): the peak, a row per
+    shape and pass with ours / oneDNN and the share of the peak, the steps against torchvision, the stages."""
+    from benchmarks import bench_conv3x3, doc_numbers
+
+    def passes(onednn, own):
+        return {"onednn_ms": onednn, "own_ms": own, "own_gflops": 2.0 / own * 1e3, "onednn_gflops": 1.0,
+                "own_peak_share": 2.0 / own * 1e3 / 400}
+    shape = {"shape": "block 1", "batch": 8, "cin": 128, "cout": 32, "spatial": [56, 56], "gflop": 2.0,
+             **{p: passes(5.0, 4.0) for p in bench_conv3x3.PASSES}}
+    stage = {"self_ms": {**{s: 10.0 for s in bench_conv3x3.STAGES}, "copy_ calls": 8, "profiled total": 800.0},
+             "gemm_rates": {"3x3 (3 passes)": {"gflop": 60.0, "ms": 300.0, "gflops": 200.0, "peak_share": 0.5}}}
+    step = {"batch": 8, "step_gflop": 134.0, "load_avg": {"before": [0.5], "after": [1.0]},
+            "steps": {"densenet_fast": {"ms": [800.0, 810.0], "min_ms": 800.0, "median_ms": 805.0,
+                                        "peak_share_at_min": 0.4},
+                      "torchvision": {"ms": [1200.0, 1210.0], "min_ms": 1200.0, "median_ms": 1207.5,
+                                      "peak_share_at_min": 0.28}},
+            "stages": {"densenet_fast": stage}}
+    data = {"cpu_model": "Test CPU", "threads": 2, "torch": "2.14.1", "peak_gflops": 400.0, "shapes": [shape],
+            "step": step}
+    (tmp_path / "conv3x3").mkdir()
+    (tmp_path / "conv3x3" / "x.json").write_text(json.dumps(data))
+    text = doc_numbers.render("conv3x3:x", tmp_path)
+    assert text == bench_conv3x3.markdown(data).rstrip("\n")
+    assert "FMA peak (bare AVX-512 FMA loop, all threads): **400 GFLOP/s**" in text
+    assert "| block 1 [8, 128→32, 56x56] | 2.00 | forward | 5.00 | 4.00 | 0.80x | 500 (125%) |" in text
+    assert "| densenet_fast | 805 (800) | 0.67x | 40% |" in text
+    assert "| copy_ calls | 8 calls |" in text and "| rate: 3x3 (3 passes), 60.0 GFLOP | 200 GFLOP/s (50%) |" in text
+    flops = bench_conv3x3.densenet121_gemm_flops(8)
+    assert flops["3x3 (3 passes)"] == pytest.approx(3 * 2 * 8 * 128 * 32 * 9 * (6 * 56**2 + 12 * 28**2 + 24 * 14**2
+                                                                                 + 16 * 7**2))
+
+
 # a measured quantity: a time, a size in bytes, or a ratio such as 0.64x / 0.64×
 _MEASURED = re.compile(r"\b\d+(\.\d+)?\s?(ms|MiB|GiB|MB|GB|KiB|GFLOP/s|img/s)\b|\b\d+\.\d+\s?[x×]")
 
