@@ -44,10 +44,11 @@ Conv3x3Weight conv3x3_pack_forward(const float* w, int64_t cout, int64_t cin, in
 Conv3x3Weight conv3x3_pack_input_grad(const float* w, int64_t cout, int64_t cin, int64_t taps);
 
 // out[(line - l0) * W + w, 0:cout] (rows ld_out apart: `out` is the row of line l0's first pixel) for lines
-// [l0, l1): the convolution of the padded input Xp ([f.padded_rows(), W.cin], zero at each line's two padding
-// pixels). Serial: call once per thread and range.
+// [l0, l1): the convolution of the padded input Xp ([lines, W + 2, W.cin], zero at each line's two padding pixels),
+// whose first line is line xp_line0 of the frame (a window of lines: it must hold every line the taps of [l0, l1)
+// read inside the volume). Serial: call once per thread and range.
 void conv3x3_f32_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& W, float* out, int64_t ld_out,
-                       int64_t l0, int64_t l1);
+                       int64_t l0, int64_t l1, int64_t xp_line0 = 0);
 
 // dW [cout, cin, taps] = the weight gradient of out = conv(X, w): X [f.rows(), cin] and dout [f.rows(), cout],
 // dense rows. Runs on the intra-op threads (call outside parallel regions).

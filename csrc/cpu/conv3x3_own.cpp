@@ -211,9 +211,9 @@ void pad_lines(const float* src, const ConvFrame& f, int64_t c, float* dst) {
 }
 
 void own_conv3x3_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out,
-                       int64_t l0, int64_t l1) {
+                       int64_t l0, int64_t l1, int64_t xp_line0) {
   at::parallel_for(l0, l1, 1, [&](int64_t t0, int64_t t1) {
-    conv3x3_f32_lines(Xp, f, w, out + (t0 - l0) * f.W * ld_out, ld_out, t0, t1);
+    conv3x3_f32_lines(Xp, f, w, out + (t0 - l0) * f.W * ld_out, ld_out, t0, t1, xp_line0);
   });
 }
 

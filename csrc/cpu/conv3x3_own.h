@@ -41,8 +41,12 @@ void pad_lines(const float* src, const ConvFrame& f, int64_t c, float* dst);
 // out rows [f.rows(), cout] (ld_out apart) = the forward of the padded input Xp with weight w [cout, cin, 3..];
 // on the intra-op threads.
 void own_conv3x3_forward(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out);
-// Lines [l0, l1) only (out: line l0's first row); on the intra-op threads.
+// Lines [l0, l1) only (out: line l0's first row), Xp a window of the padded lines from line xp_line0 (it holds
+// every line the taps read: conv3x3_halo_lines() on each side); on the intra-op threads.
 void own_conv3x3_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out,
-                       int64_t l0, int64_t l1);
+                       int64_t l0, int64_t l1, int64_t xp_line0 = 0);
+// The lines a window of output lines reads beyond its ends: one (the rows above and below) in 2-D, a slice and
+// one line (the depth neighbours) in 3-D.
+inline int64_t conv3x3_halo_lines(const ConvFrame& f) { return f.dims == 3 ? f.H + 1 : 1; }
 
 }  // namespace dnf::cpu

@@ -121,11 +121,17 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   // of V made in the same loop.
   Tensor y = empty_cl(g, inter, buffer.options());
   const bool v_float = std::is_same_v<T, c10::BFloat16> && bf16_conv_compute(g.dims, ConvPass::kForward) == at::kFloat;
-  // A float32 block whose 3x3 forward runs on our kernel (conv3x3_own.h): V in the padded frame the kernel reads,
-  // written by BN2 + ReLU (its padding pixels zero), and the kernel's output written into the buffer's columns.
+  // A float32 block whose 3x3 forward runs on our kernel (conv3x3_own.h): V never exists whole. Per window of
+  // lines, BN2 + ReLU writes V's lines (with the halo the taps read) into a small staging frame padded as the
+  // kernel reads it (its padding pixels zero), and the kernel writes the window's k new channels into the buffer.
   const ConvFrame frame = conv_frame(g.N, g.D, g.H, g.W, g.dims);
   const bool own = std::is_same_v<T, float> && own_conv3x3(frame, inter, g.k, ConvPass::kForward);
-  Tensor v = own ? zero_padded_lines(frame, inter) : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
+  const int64_t halo = conv3x3_halo_lines(frame);
+  // ~2 MiB of lines per window, and at least 4 halos (V's halo lines are computed twice: at most 1.5x)
+  const int64_t window = std::max<int64_t>({1, 4 * halo, (int64_t(2) << 20) / ((g.W + 2) * inter * 4)});
+  ConvFrame stage = frame;
+  stage.N = 1, stage.D = 1, stage.H = std::min(frame.lines(), window + 2 * halo);
+  Tensor v = own ? zero_padded_lines(stage, inter) : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
@@ -157,12 +163,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
       if (own) {
-        F* Vp = v.data_ptr<F>();
-        at::parallel_for(0, frame.lines(), 16, [&](int64_t l0, int64_t l1) {
-          for (int64_t line = l0; line < l1; ++line)
-            bn_relu_rows<T, F>(Y + line * g.W * inter, 0, g.W, inter, a2.data(), bb2.data(),
-                               Vp + (line * (g.W + 2) + 1) * inter, s2);
-        });
+        // (per window, below)
       } else if (v_float) {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
       } else {
@@ -171,10 +172,24 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
     }
     if constexpr (std::is_same_v<T, float>) {
       if (own) {
-        RECORD_FUNCTION("dnf_cpu::conv3x3", {});
         const Tensor w = w2[l].contiguous();
-        own_conv3x3_forward(v.data_ptr<float>(), frame, conv3x3_pack_forward(w.data_ptr<float>(), g.k, inter, frame.taps()),
-                            X + c, Ct);
+        const Conv3x3Weight P = conv3x3_pack_forward(w.data_ptr<float>(), g.k, inter, frame.taps());
+        float* Vs = v.data_ptr<float>();
+        const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
+        for (int64_t l0 = 0; l0 < frame.lines(); l0 += window) {
+          const int64_t l1 = std::min(frame.lines(), l0 + window);
+          const int64_t s0 = std::max<int64_t>(0, l0 - halo), s1 = std::min(frame.lines(), l1 + halo);
+          {
+            RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+            at::parallel_for(s0, s1, 8, [&](int64_t a, int64_t b) {
+              for (int64_t line = a; line < b; ++line)
+                bn_relu_rows<T, F>(Y + line * g.W * inter, 0, g.W, inter, a2.data(), bb2.data(),
+                                   Vs + ((line - s0) * (g.W + 2) + 1) * inter, s2);
+            });
+          }
+          RECORD_FUNCTION("dnf_cpu::conv3x3", {});
+          own_conv3x3_lines(Vs, frame, P, X + l0 * g.W * Ct + c, Ct, l0, l1, s0);
+        }
         if (mask.has_value() && mask->defined()) {
           Tensor cols = buffer.narrow(1, c, g.k);
           cols.copy_(apply_dropout(cols, mask, l, g.k, p));

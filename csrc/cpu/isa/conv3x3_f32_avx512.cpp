@@ -159,14 +159,14 @@ struct EvenSplit {
 }  // namespace
 
 void conv3x3_f32_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& Wt, float* out, int64_t ld_out,
-                       int64_t l0, int64_t l1) {
+                       int64_t l0, int64_t l1, int64_t xp_line0) {
   TORCH_CHECK(Wt.taps == f.taps(), "densenet_fast: conv3x3_f32_lines: weight packed for ", Wt.taps,
               " taps, frame has ", f.taps());
   const int64_t cin = Wt.cin, Wp = f.W + 2;
   const EvenSplit tiles(f.W);  // 56 -> 4 x 14, 96 -> 7 x 13-14, 7 -> 1 x 7
   for (int64_t line = l0; line < l1; ++line) {
     const LineTaps lt = line_taps(f, line, cin);
-    const float* base = Xp + line * Wp * cin;
+    const float* base = Xp + (line - xp_line0) * Wp * cin;
     for (int64_t i = 0; i < tiles.parts; ++i) {
       const int64_t w0 = tiles.start(i), mr = tiles.size(i);
       for (int64_t p = 0; p < Wt.panels; ++p) {
@@ -240,7 +240,8 @@ Conv3x3Weight conv3x3_pack_forward(const float*, int64_t, int64_t, int64_t) {
 Conv3x3Weight conv3x3_pack_input_grad(const float*, int64_t, int64_t, int64_t) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
-void conv3x3_f32_lines(const float*, const ConvFrame&, const Conv3x3Weight&, float*, int64_t, int64_t, int64_t) {
+void conv3x3_f32_lines(const float*, const ConvFrame&, const Conv3x3Weight&, float*, int64_t, int64_t, int64_t,
+                       int64_t) {
   TORCH_CHECK(false, "densenet_fast: no AVX-512 build");
 }
 void conv3x3_f32_weight_grad(const float*, int64_t, const float*, int64_t, const ConvFrame&, float*) {
