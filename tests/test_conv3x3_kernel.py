@@ -197,6 +197,7 @@ def test_choice_reported_per_shape():
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
     assert rep["how"].startswith("measured per shape")
+    assert rep["how"].endswith("rule: 3-D input gradients on oneDNN")
     passes = rep["shapes"]["2d 9x13 12->6"]
     for name in ("forward", "input_grad", "weight_grad"):
         engine, onednn_us, own_us = passes[name]
@@ -229,8 +230,8 @@ def test_deterministic_algorithms_take_our_kernel_untimed():
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    assert outs[0]["conv3x3"] == {"how": "own: rule under torch.use_deterministic_algorithms(True) (no timed choice)",
-                                  "shapes": {}}
+    assert outs[0]["conv3x3"] == {"how": "own: rule under torch.use_deterministic_algorithms(True) (no timed choice; "
+                                         "3-D input gradients on oneDNN)", "shapes": {}}
     assert outs[0]["grads"] == outs[1]["grads"]
 
 

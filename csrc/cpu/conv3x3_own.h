@@ -34,6 +34,7 @@ std::vector<double> time_passes_for_op(const ConvFrame& f, const at::Tensor& x, 
                                        const at::Tensor& w, int64_t rounds);
 
 // A float [f.padded_rows(), c] matrix, zero (its padding pixels stay so; the caller fills the rest).
+// From the mapped pool, returned to the OS when freed (OnFree::kUnmap: a call's private workspace, workspace.h).
 at::Tensor zero_padded_lines(const ConvFrame& f, int64_t c);
 // The padded rows of src's [f.rows(), c] dense rows into dst (padded, its padding already zero).
 void pad_lines(const float* src, const ConvFrame& f, int64_t c, float* dst);
