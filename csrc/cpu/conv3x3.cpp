@@ -1,6 +1,7 @@
 // The dense layer's 3x3 convolution and the compute dtype of a bfloat16 block's passes (conv3x3.h).
 #include "cpu/conv3x3.h"
 
+#include "cpu/best_of.h"
 #include "cpu/switches.h"
 
 #include <ATen/CPUGeneratorImpl.h>
@@ -41,19 +42,6 @@ struct RankChoice {
   std::string how;
 };
 RankChoice g_rank[2];  // 2-D, 3-D
-
-// Seconds of the fastest of `reps` runs of fn (the first, which pays for oneDNN's primitive creation, dropped).
-template <typename Fn>
-double best_of(Fn fn, int reps = 4) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (r > 0) best = std::min(best, s);
-  }
-  return best;
-}
 
 // Relative max error of oneDNN's bfloat16 3-D weight gradient on a depth-2 volume against the float32 one of
 // the same (bfloat16-valued) operands; inf when it is not finite.

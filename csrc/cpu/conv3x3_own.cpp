@@ -2,6 +2,7 @@
 #include "cpu/conv3x3_own.h"
 
 #include "cpu/f32_gemm.h"
+#include "cpu/best_of.h"
 #include "cpu/switches.h"
 #include "cpu/workspace.h"
 
@@ -33,19 +34,6 @@ std::vector<int64_t> act_shape(const ConvFrame& f, int64_t c) {
 }
 at::MemoryFormat cl(int64_t dims) {
   return dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
-}
-
-// Seconds of the fastest of `reps` runs of fn, the first (warm-up) dropped.
-template <typename Fn>
-double best_of(Fn fn, int reps = 4) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    fn();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (r > 0) best = std::min(best, s);
-  }
-  return best;
 }
 
 using ShapeKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;  // dims, D, H, W, cin, cout
