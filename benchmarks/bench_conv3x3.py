@@ -159,7 +159,7 @@ def measure_step(batch: int, repeats: int, peak: float) -> Dict[str, Any]:
         best = {s: min(r[s] for r in runs) for s in runs[0]}
         rates = {}
         for s, f in gemm_flops.items():
-            ms = best.get(s) if s in best else None
+            ms = best.get(s)
             if s == "3x3 (3 passes)":
                 ms = best["3x3, our kernel (3 passes)"] + best["3x3 + conv0 on oneDNN, with copies"]
             rates[s] = {"gflop": f / 1e9, "ms": ms, "gflops": f / (ms / 1e3) / 1e9 if ms else None,

@@ -246,7 +246,8 @@ at::Tensor own_conv3x3_op(const at::Tensor& a, const at::Tensor& b, int64_t pass
                             dw.data_ptr<float>());
     return dw;
   }
-  for (int64_t d = 2; d < b.dim(); ++d) TORCH_CHECK(b.size(d) == 3, "own_conv3x3: b: expected a 3x3 kernel, got ", b.sizes());
+  for (int64_t d = 2; d < b.dim(); ++d)
+    TORCH_CHECK(b.size(d) == 3, "own_conv3x3: b: expected a 3x3 kernel, got ", b.sizes());
   const at::Tensor w = b.contiguous();
   const int64_t cin_w = w.size(1), cout_w = w.size(0);
   const int64_t c_in = pass == 0 ? cin_w : cout_w, c_out = pass == 0 ? cout_w : cin_w;

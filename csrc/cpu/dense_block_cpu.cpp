@@ -131,7 +131,8 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   const int64_t window = std::max<int64_t>({1, 4 * halo, (int64_t(2) << 20) / ((g.W + 2) * inter * 4)});
   ConvFrame stage = frame;
   stage.N = 1, stage.D = 1, stage.H = std::min(frame.lines(), window + 2 * halo);
-  Tensor v = own ? zero_padded_lines(stage, inter) : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
+  Tensor v = own ? zero_padded_lines(stage, inter)
+                 : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
   for (int64_t l = 0; l < g.L; ++l) {
@@ -159,12 +160,10 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       v2 = layer_stat<F>(false, var2, rv2, l, keep);
     }
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
-    {
+    if (!own) {  // (ours: per window of lines, below)
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
-      if (own) {
-        // (per window, below)
-      } else if (v_float) {
+      if (v_float) {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
       } else {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<T>(), s2);
@@ -321,9 +320,9 @@ class BlockBackward {
         dout_(empty_cl(geom, geom.k, buffer.options().dtype(dout_dtype(geom.dims)), OnFree::kUnmap)),
         frame_(conv_frame(geom.N, geom.D, geom.H, geom.W, geom.dims)) {
     if constexpr (std::is_same_v<T, float>) {
-      for (const ConvPass p : {ConvPass::kInputGrad, ConvPass::kWeightGrad})
-        own_[int(p)] = own_conv3x3(frame_, geom.inter, geom.k, p);
-      if (own_[int(ConvPass::kInputGrad)]) dout_padded_ = zero_padded_lines(frame_, geom.k);
+      own_input_grad_ = own_conv3x3(frame_, geom.inter, geom.k, ConvPass::kInputGrad);
+      own_weight_grad_ = own_conv3x3(frame_, geom.inter, geom.k, ConvPass::kWeightGrad);
+      if (own_input_grad_) dout_padded_ = zero_padded_lines(frame_, geom.k);
     }
     if (op.slopes.defined()) {
       TORCH_INTERNAL_ASSERT(grad_slopes_ != nullptr);
@@ -422,9 +421,10 @@ class BlockBackward {
   }
 
   // Stage 2. The layer's output gradient (its channels are final: every reader is done), dense, in T (or as
-  // T widened: dout_dtype), then the 3x3 conv backward (oneDNN through ATen): the weight gradient from V, then the input gradient dV
-  // a few samples at a time (kInputGradChunkBytes), each chunk handed to stage 3, which writes dz over V's
-  // rows: V's storage becomes dz's, and dV never exists whole (docs/design.md §11).
+  // T widened: dout_dtype), then the 3x3 conv backward: the weight gradient from V, then the input gradient dV.
+  // On oneDNN (through ATen) dV comes a few samples at a time (kInputGradChunkBytes), each chunk handed to stage 3,
+  // which writes dz over V's rows: V's storage becomes dz's, and dV never exists whole (docs/design.md §11); on our
+  // kernel (conv3x3_own.h) dV is written over V's rows and stage 3 turns it into dz in place.
   std::vector<F> conv3x3_backward(int64_t l, const LayerFold<F>& f) {
     const int64_t c = geom_.in_channels(l);
     const bool fin = op_.training && block_channels_have_reader(l, geom_.L);
@@ -439,24 +439,31 @@ class BlockBackward {
     const Tensor dout = wide && drop
         ? apply_dropout(dout_.to(buffer_.scalar_type()), op_.mask, l, geom_.k, op_.drop_rate).to(dout_.scalar_type())
         : apply_dropout(dout_, op_.mask, l, geom_.k, op_.drop_rate);
-    const bool own_wg = std::is_same_v<T, float> && own_[int(ConvPass::kWeightGrad)];
-    const bool own_ig = std::is_same_v<T, float> && own_[int(ConvPass::kInputGrad)];
+    // oneDNN's weights, in each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the
+    // activations' layout, once per layer (conv3x3.h); our kernel packs its own.
+    const at::ScalarType st = buffer_.scalar_type();
+    const Tensor W2 = own_input_grad_ ? Tensor() : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
+    const Tensor d = own_input_grad_ || own_weight_grad_ ? dout.contiguous(cl_format(geom_.dims)) : Tensor();
     // The weight gradient first: the input gradient's stage 3 writes dz over V_.
+    if (own_weight_grad_) {  // our kernel (conv3x3_own.h) on V_ and dout's dense rows
+      RECORD_FUNCTION("dnf_cpu::conv3x3_weight_grad", {});
+      out_.w2[l] = at::empty(op_.w2[l].sizes(), f_opts_);
+      conv3x3_f32_weight_grad(V_.data_ptr<float>(), geom_.inter, d.data_ptr<float>(), geom_.k, frame_,
+                              out_.w2[l].data_ptr<float>());
+    } else {
+      const bool same = W2.defined() &&
+                        (st != at::kBFloat16 || bf16_conv_compute(geom_.dims, ConvPass::kWeightGrad) ==
+                                                    bf16_conv_compute(geom_.dims, ConvPass::kInputGrad));
+      const Tensor W2w = same ? W2 : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kWeightGrad);
+      // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
+      // float32: conv3x3.h)
+      out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
+    }
     if constexpr (std::is_same_v<T, float>) {
-      if (own_wg) {  // our kernel (conv3x3_own.h) on V_ and dout's dense rows
-        RECORD_FUNCTION("dnf_cpu::conv3x3_weight_grad", {});
-        const Tensor d = dout.contiguous(cl_format(geom_.dims));
-        out_.w2[l] = at::empty(op_.w2[l].sizes(), f_opts_);
-        conv3x3_f32_weight_grad(V_.data_ptr<float>(), geom_.inter, d.data_ptr<float>(), geom_.k, frame_,
-                                out_.w2[l].data_ptr<float>());
-      }
-      if (own_ig && !own_wg) out_.w2[l] = conv3x3_weight_grad(dout, V_, conv3x3_weight(op_.w2[l], at::kFloat,
-                                                              geom_.dims, ConvPass::kWeightGrad), geom_.dims);
-      if (own_ig) {
+      if (own_input_grad_) {
         // dV over V_ (stage 3 recomputes V from Y), from dout padded, then dz over dV row by row
         RECORD_FUNCTION("dnf_cpu::conv3x3_input_grad", {});
         const Tensor w = op_.w2[l].contiguous();
-        const Tensor d = dout.contiguous(cl_format(geom_.dims));
         pad_lines(d.data_ptr<float>(), frame_, geom_.k, dout_padded_.data_ptr<float>());
         own_conv3x3_forward(dout_padded_.data_ptr<float>(), frame_,
                             conv3x3_pack_input_grad(w.data_ptr<float>(), geom_.k, geom_.inter, frame_.taps()),
@@ -466,16 +473,6 @@ class BlockBackward {
         return bn2_backward_means(l, f, partials);
       }
     }
-    // oneDNN, in each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the
-    // activations' layout, once per layer (conv3x3.h).
-    const at::ScalarType st = buffer_.scalar_type();
-    const Tensor W2 = conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
-    const bool same = st != at::kBFloat16 || bf16_conv_compute(geom_.dims, ConvPass::kWeightGrad) ==
-                                                 bf16_conv_compute(geom_.dims, ConvPass::kInputGrad);
-    const Tensor W2w = same ? W2 : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kWeightGrad);
-    // in the weight's own dtype and layout, as the fake kernel declares (a bfloat16 block's pass may compute in
-    // float32: conv3x3.h)
-    if (!own_wg) out_.w2[l] = conv3x3_weight_grad(dout, V_, W2w, geom_.dims).to(op_.w2[l].scalar_type()).contiguous();
     const int64_t sample_rows = M_ / geom_.N;
     const int64_t lead_spatial = geom_.dims == 3 ? geom_.D * geom_.H : geom_.H * geom_.W;
     // (chunks sized by T: a float pass's chunk is float, as its result was before the cast to T)
@@ -648,12 +645,9 @@ class BlockBackward {
           if (own) {
             f32_gemm_tn_acc(dY, U.data(), nr, inter, c, dw);
             f32_gemm_rows(dY, nr, W1p, dU.data());
-          } else {
-            gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
           }
-        } else {
-          gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
         }
+        if (!own) gemm1x1_backward_products<Op, F>(U.data(), dY, W1, nr, c, inter, dw, dU.data());
         std::fill(ts.begin(), ts.end(), F(0));
         F* ts1 = ts.data();
         F* ts2 = ts.data() + c;
@@ -766,10 +760,10 @@ class BlockBackward {
   Tensor Y_;     // the recomputed bottleneck [rows, inter], as the forward rounded it
   Tensor V_;     // V = relu(bn2(Y)) [rows, inter] for the 3x3 weight gradient (v_dtype), then dz and dY in T over it
   Tensor dout_;  // the layer's output gradient [rows, k] (T, or float: dout_dtype)
-  // A float32 block whose 3x3 backward passes run on our kernel (conv3x3_own.h): [pass] for the input and weight
-  // gradients, and the output gradient in the padded frame the input gradient's kernel reads.
+  // A float32 block whose 3x3 backward passes run on our kernel (conv3x3_own.h): which do, and the output gradient
+  // in the padded frame the input gradient's kernel reads.
   ConvFrame frame_;
-  bool own_[3] = {false, false, false};
+  bool own_input_grad_ = false, own_weight_grad_ = false;
   Tensor dout_padded_;
 };
 
