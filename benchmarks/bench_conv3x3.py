@@ -1,6 +1,6 @@
-"""Our float32 3x3 kernel against oneDNN, and the fp32 step's roofline (issue 32).
+"""Our float32 3x3 kernel against oneDNN, and the fp32 step's roofline (issue 32); our bfloat16 AMX 3x3 passes.
 
-Three measurements in one process (2 threads by default), float32 on the CPU:
+Three measurements in one process (2 threads by default), float32 on the CPU, and a fourth in bfloat16 on AMX CPUs:
 
 1. the machine's FMA peak: a bare AVX-512 FMA loop on all threads (``torch.ops.densenet_fast.fma_peak_gflops``);
 2. per dense-layer 3x3 shape (densenet121's four blocks at batch 8, densenet161's block 3, MONAI's 3-D block 1),
@@ -9,7 +9,12 @@ Three measurements in one process (2 threads by default), float32 on the CPU:
 3. densenet121's training step (224², batch 8): densenet_fast with the 3x3 engine chosen per shape (the default),
    with oneDNN forced (``DNF_CPU_CONV3X3=onednn``, the previous state) and torchvision, interleaved (minimum and
    median); the step's FLOPs (torch's FLOP counter on torchvision's step) over its time against the peak; and the
-   profiled self time of each stage of the two densenet_fast steps with the FLOP rate of the GEMM stages.
+   profiled self time of each stage of the two densenet_fast steps with the FLOP rate of the GEMM stages;
+4. on AMX CPUs, bfloat16: per shape whose channels are multiples of 32, the forward and the input gradient on our
+   AMX kernel (``own_conv3x3`` on a bfloat16 input; it also lays the input out in its padded frame) and on oneDNN
+   (``F.conv2d`` / ``F.conv_transpose2d`` on bfloat16 channels_last tensors), alternating rounds, the best of each;
+   and densenet121's step under CPU bfloat16 autocast with the default engines, with ``DNF_CPU_CONV3X3=onednn`` and
+   torchvision, interleaved.
 
     python -m benchmarks.bench_conv3x3              # writes benchmarks/results/conv3x3/cpu.{json,md}
     python -m benchmarks.bench_conv3x3 --repeats 3 --out /tmp/c3
@@ -104,6 +109,77 @@ def measure_shapes(repeats: int, peak: float) -> List[Dict[str, Any]]:
                       "onednn_gflops": flops / onednn / 1e9, "own_peak_share": flops / own / 1e9 / peak}
         rows.append(row)
     return rows
+
+
+def _best_alternating(fns: Dict[str, Any], repeats: int) -> Dict[str, float]:
+    import time
+
+    best = {k: float("inf") for k in fns}
+    for k, f in fns.items():
+        f()  # warm-up (the first call packs, allocates, creates oneDNN's primitive)
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def measure_bf16(batch: int, repeats: int) -> Dict[str, Any]:
+    """Our AMX 3x3 passes against oneDNN's in bfloat16, and densenet121's autocast step (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    import densenet_fast as dnf
+    from benchmarks.measure import make_inputs, train_step
+    from benchmarks.timing import interleaved_times
+
+    own = torch.ops.densenet_fast.own_conv3x3
+    rows = []
+    for name, (n, cin, cout, sp) in SHAPES.items():
+        if cin % 32 or cout % 32:
+            continue
+        g = torch.Generator().manual_seed(0)
+        fmt = torch.channels_last if len(sp) == 2 else torch.channels_last_3d
+        x = torch.randn(n, cin, *sp, generator=g).relu().bfloat16().contiguous(memory_format=fmt)
+        w = torch.randn(cout, cin, *([3] * len(sp)), generator=g) * 0.05
+        d = torch.randn(n, cout, *sp, generator=g).bfloat16().contiguous(memory_format=fmt)
+        wb = w.bfloat16().contiguous(memory_format=fmt)
+        conv = F.conv2d if len(sp) == 2 else F.conv3d
+        tconv = F.conv_transpose2d if len(sp) == 2 else F.conv_transpose3d
+        fwd = _best_alternating({"onednn": lambda: conv(x, wb, padding=1), "own": lambda: own(x, w, 0)}, repeats)
+        ig = _best_alternating({"onednn": lambda: tconv(d, wb, padding=1), "own": lambda: own(d, w, 1)}, repeats)
+        flops = _conv_flops(n, cin, cout, sp)
+        rows.append({"shape": name, "batch": n, "cin": cin, "cout": cout, "spatial": list(sp), "gflop": flops / 1e9,
+                     **{p: {"onednn_ms": t["onednn"] * 1e3, "own_ms": t["own"] * 1e3,
+                            "own_gflops": flops / t["own"] / 1e9} for p, t in (("forward", fwd), ("input_grad", ig))}})
+    torch.manual_seed(0)
+    x, y = make_inputs(batch, 224, 1000, torch.device("cpu"))
+    ours, tv = dnf.densenet121(), torchvision.models.densenet121()
+    tv.load_state_dict(ours.state_dict())
+
+    def ours_with(engine: str):
+        def run():
+            if engine:
+                os.environ["DNF_CPU_CONV3X3"] = engine
+            try:
+                train_step(ours, x, y, torch.bfloat16)
+            finally:
+                os.environ.pop("DNF_CPU_CONV3X3", None)
+        return run
+
+    fns = {"densenet_fast bf16": ours_with(""), "densenet_fast bf16, 3x3 on oneDNN": ours_with("onednn"),
+           "torchvision bf16": lambda: train_step(tv, x, y, torch.bfloat16)}
+    load_before = os.getloadavg()
+    times = interleaved_times(fns, repeats=repeats, warmup=1, device=torch.device("cpu"))
+    steps = {}
+    for name, ts in times.items():
+        ms = sorted(1e3 * t for t in ts)
+        steps[name] = {"ms": ms, "min_ms": ms[0], "median_ms": statistics.median(ms)}
+    return {"shapes": rows, "step": {"batch": batch, "steps": steps, "load_avg": {
+        "before": list(load_before), "after": list(os.getloadavg())}},
+        "engines": dnf.build_info()["cpu_engine"]["conv3x3"]["bfloat16_forward"]}
 
 
 def measure_step(batch: int, repeats: int, peak: float) -> Dict[str, Any]:
@@ -207,6 +283,27 @@ def markdown(data: Dict[str, Any]) -> str:
             cells.append(f"{r['gflops']:.0f} GFLOP/s ({100 * r['peak_share']:.0f}%)")
         lines.append(f"| rate: {g}, {st['stages'][names[0]]['gemm_rates'][g]['gflop']:.1f} GFLOP | "
                      + " | ".join(cells) + " |")
+    if data.get("bf16"):
+        b = data["bf16"]
+        lines += ["", "bfloat16 on AMX: our kernel against oneDNN (the best of alternating rounds; ours includes "
+                  "laying the input out in its padded frame):", "",
+                  "| 3x3 shape (bfloat16) | GFLOP | pass | oneDNN, ms | ours, ms | ours / oneDNN | ours, GFLOP/s |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in b["shapes"]:
+            for i, p in enumerate(("forward", "input_grad")):
+                c = r[p]
+                head = f"{r['shape']} [{r['batch']}, {r['cin']}→{r['cout']}, {'x'.join(map(str, r['spatial']))}]"
+                lines.append(f"| {head if i == 0 else ''} | {r['gflop']:.2f} | {p} | {c['onednn_ms']:.2f} | "
+                             f"{c['own_ms']:.2f} | {c['own_ms'] / c['onednn_ms']:.2f}x | {c['own_gflops']:.0f} |")
+        bs = b["step"]
+        tvb = bs["steps"]["torchvision bf16"]
+        lines += ["", f"densenet121 224², batch {bs['batch']}, training step under CPU bfloat16 autocast, "
+                  f"{len(tvb['ms'])} interleaved rounds; load average before/after "
+                  f"{bs['load_avg']['before'][0]:.1f}/{bs['load_avg']['after'][0]:.1f}:", "",
+                  "| step | median (min), ms | vs torchvision (medians) |", "|---|---|---|"]
+        for name, sb in bs["steps"].items():
+            lines.append(f"| {name} | {sb['median_ms']:.0f} ({sb['min_ms']:.0f}) | "
+                         f"{sb['median_ms'] / tvb['median_ms']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +326,8 @@ def main(argv=None) -> None:
                             "peak_gflops": peak, "command": "python -m benchmarks.bench_conv3x3"}
     data["shapes"] = measure_shapes(a.repeats, peak)
     data["step"] = measure_step(a.batch, a.repeats, peak)
+    if densenet_fast.build_info()["cpu_engine"]["amx_kernel"]:
+        data["bf16"] = measure_bf16(a.batch, a.repeats)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "cpu.json").write_text(json.dumps(data, indent=1) + "\n")
     (a.out / "cpu.md").write_text(markdown(data))

@@ -584,7 +584,8 @@ def test_monai_act_renderer_makes_the_table_from_its_json(tmp_path):
 
 def test_conv3x3_renderer_makes_the_tables_from_its_json(tmp_path):
     """``conv3x3:NAME`` regions render ``conv3x3/NAME.json`` (benchmarks/bench_conv3x3.py): the peak, a row per
-    shape and pass with ours / oneDNN and the share of the peak, the steps against torchvision, the stages."""
+    shape and pass with ours / oneDNN and the share of the peak, the steps against torchvision, the stages, and the
+    bfloat16 passes and step where measured."""
     from benchmarks import bench_conv3x3, doc_numbers
 
     def passes(onednn, own):
@@ -600,8 +601,14 @@ def test_conv3x3_renderer_makes_the_tables_from_its_json(tmp_path):
                       "torchvision": {"ms": [1200.0, 1210.0], "min_ms": 1200.0, "median_ms": 1207.5,
                                       "peak_share_at_min": 0.28}},
             "stages": {"densenet_fast": stage}}
+    bf16_shape = {**{k: shape[k] for k in ("shape", "batch", "cin", "cout", "spatial", "gflop")},
+                  **{p: {"onednn_ms": 2.0, "own_ms": 1.0, "own_gflops": 2000.0} for p in ("forward", "input_grad")}}
+    bf16 = {"shapes": [bf16_shape], "engines": "own: where input and output channels are multiples of 32, else onednn",
+            "step": {"batch": 8, "load_avg": {"before": [0.5], "after": [1.0]},
+                     "steps": {"densenet_fast bf16": {"ms": [350.0], "min_ms": 350.0, "median_ms": 350.0},
+                               "torchvision bf16": {"ms": [875.0], "min_ms": 875.0, "median_ms": 875.0}}}}
     data = {"cpu_model": "Test CPU", "threads": 2, "torch": "2.14.1", "peak_gflops": 400.0, "shapes": [shape],
-            "step": step}
+            "step": step, "bf16": bf16}
     (tmp_path / "conv3x3").mkdir()
     (tmp_path / "conv3x3" / "x.json").write_text(json.dumps(data))
     text = doc_numbers.render("conv3x3:x", tmp_path)
@@ -610,6 +617,8 @@ def test_conv3x3_renderer_makes_the_tables_from_its_json(tmp_path):
     assert "| block 1 [8, 128→32, 56x56] | 2.00 | forward | 5.00 | 4.00 | 0.80x | 500 (125%) |" in text
     assert "| densenet_fast | 805 (800) | 0.67x | 40% |" in text
     assert "| copy_ calls | 8 calls |" in text and "| rate: 3x3 (3 passes), 60.0 GFLOP | 200 GFLOP/s (50%) |" in text
+    assert "| block 1 [8, 128→32, 56x56] | 2.00 | forward | 2.00 | 1.00 | 0.50x | 2000 |" in text
+    assert "| densenet_fast bf16 | 350 (350) | 0.40x |" in text
     flops = bench_conv3x3.densenet121_gemm_flops(8)
     assert flops["3x3 (3 passes)"] == pytest.approx(3 * 2 * 8 * 128 * 32 * 9 * (6 * 56**2 + 12 * 28**2 + 24 * 14**2
                                                                                  + 16 * 7**2))

@@ -1,6 +1,7 @@
 // The engine of a float32 dense layer's 3x3 passes and the tensor-level calls of our kernel (conv3x3_own.h).
 #include "cpu/conv3x3_own.h"
 
+#include "cpu/amx_gemm.h"
 #include "cpu/f32_gemm.h"
 #include "cpu/best_of.h"
 #include "cpu/switches.h"
@@ -165,6 +166,16 @@ std::string own_conv3x3_report() {
   } else {
     out << "measured per shape on its first use (own where <= 1.1x oneDNN); rule: 3-D input gradients on oneDNN";
   }
+  out << "\", \"bfloat16_forward\": \"";
+  if (!amx_kernel_available()) {
+    out << "onednn: our bfloat16 kernel needs AMX";
+  } else if (!use_amx_kernel()) {
+    out << "onednn: the AMX kernels are off (DNF_CPU_AMX_KERNEL=0)";
+  } else if (forced == "onednn") {
+    out << "onednn: forced by DNF_CPU_CONV3X3";
+  } else {
+    out << "own: where input and output channels are multiples of 32, else onednn";
+  }
   out << "\", \"shapes\": {";
   std::lock_guard<std::mutex> lock(g_mutex);
   bool first = true;
@@ -214,6 +225,28 @@ void own_conv3x3_forward(const float* Xp, const ConvFrame& f, const Conv3x3Weigh
   own_conv3x3_lines(Xp, f, w, out, ld_out, 0, f.lines());
 }
 
+bool own_bf16_conv3x3_forward(int64_t cin, int64_t cout) {
+  return amx_conv3x3_fits(cin, cout) && use_amx_kernel() && cpu_switch("DNF_CPU_CONV3X3", {"own", "onednn"}) != "onednn";
+}
+
+AmxConvFrame amx_conv_frame(int64_t N, int64_t D, int64_t H, int64_t W, int64_t dims) {
+  AmxConvFrame g;
+  g.N = N, g.D = dims == 3 ? D : 1, g.H = H, g.W = W, g.dims = dims;
+  return g;
+}
+
+int64_t amx_frame_line_row(const AmxConvFrame& g, int64_t line) {
+  const int64_t h = line % g.H, d = (line / g.H) % g.D, n = line / (g.H * g.D);
+  return g.row(n, d, h, 0);
+}
+
+at::Tensor zero_amx_frame(const AmxConvFrame& g, int64_t cin) {
+  at::Tensor t = empty_mapped({g.rows(), cin}, at::TensorOptions().dtype(at::kBFloat16), at::MemoryFormat::Contiguous,
+                              OnFree::kUnmap);
+  std::memset(t.data_ptr(), 0, t.nbytes());  // fresh pages: the kernel's page faults, on the calling thread
+  return t;
+}
+
 }  // namespace dnf::cpu
 
 namespace {
@@ -221,11 +254,56 @@ namespace {
 // own_conv3x3(a, b, pass_) on float32 tensors of the 3x3 convolution (stride 1, padding 1), for tests and
 // benchmarks: pass_ 0: the forward of input a [N, C, (D,) H, W] with weight b [K, C, 3, 3(, 3)]; 1: the input
 // gradient of output gradient a [N, K, ...] through weight b; 2: the weight gradient of output gradient a with
-// input b ([N, C, ...]); the result channels_last for 0 and 1, [K, C, 3..] for 2.
+// input b ([N, C, ...]); the result channels_last for 0 and 1, [K, C, 3..] for 2. A bfloat16 a: the forward or the
+// input gradient on the AMX kernel, b the float32 master weight, the result bfloat16.
+// The bfloat16 forward (pass_ 0 on a bfloat16 input a, weight b its float32 master) on our AMX kernel
+// (cpu/conv3x3_bf16.h).
+at::Tensor own_conv3x3_bf16_forward(const at::Tensor& a, const at::Tensor& b) {
+  using namespace dnf::cpu;
+  TORCH_CHECK(b.scalar_type() == at::kFloat, "own_conv3x3: b: expected the float32 master weight of a bfloat16 "
+              "input, got ", b.scalar_type());
+  TORCH_CHECK(amx_kernel_available(), "own_conv3x3: the bfloat16 kernel needs AMX (DNF_CPU_ISA=avx512 on an AMX CPU)");
+  const int64_t dims = a.dim() - 2;
+  TORCH_CHECK(dims == 2 || dims == 3, "own_conv3x3: a: expected 4 or 5 dims, got ", a.dim());
+  TORCH_CHECK(b.dim() == a.dim() && b.size(1) == a.size(1), "own_conv3x3: b: expected [K, ", a.size(1),
+              ", 3..] with ", a.dim(), " dims, got ", b.sizes());
+  for (int64_t d = 2; d < b.dim(); ++d)
+    TORCH_CHECK(b.size(d) == 3, "own_conv3x3: b: expected a 3x3 kernel, got ", b.sizes());
+  const int64_t cin = a.size(1), cout = b.size(0);
+  TORCH_CHECK(amx_conv3x3_fits(cin, cout), "own_conv3x3: the bfloat16 kernel needs input and output channels "
+              "multiples of 32, got ", cin, " and ", cout);
+  const AmxConvFrame g = amx_conv_frame(a.size(0), dims == 3 ? a.size(2) : 1, a.size(-2), a.size(-1), dims);
+  const auto fmt = dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const at::Tensor A = a.contiguous(fmt);
+  const at::Tensor frame = zero_amx_frame(g, cin);
+  const c10::BFloat16* src = A.data_ptr<c10::BFloat16>();
+  c10::BFloat16* dst = frame.data_ptr<c10::BFloat16>();
+  for (int64_t line = 0; line < g.N * g.D * g.H; ++line)
+    std::memcpy(dst + amx_frame_line_row(g, line) * cin, src + line * g.W * cin, sizeof(c10::BFloat16) * g.W * cin);
+  std::vector<int64_t> os = a.sizes().vec();
+  os[1] = cout;
+  at::Tensor out = at::empty(os, a.options().memory_format(fmt));
+  const at::Tensor w = b.contiguous();
+  amx_conv3x3_frame(dst, g, amx_conv3x3_pack(w.data_ptr<float>(), cout, cin, g.taps()),
+                    out.data_ptr<c10::BFloat16>(), cout);
+  return out;
+}
+
 at::Tensor own_conv3x3_op(const at::Tensor& a, const at::Tensor& b, int64_t pass) {
   using namespace dnf::cpu;
   TORCH_CHECK(pass >= 0 && pass <= 2, "own_conv3x3: pass_: expected 0, 1 or 2, got ", pass);
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "own_conv3x3: expected CPU tensors");
+  if (a.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(pass <= 1, "own_conv3x3: a bfloat16 input has the forward and the input gradient (pass_ 0 or 1), "
+                "got pass_ ", pass);
+    if (pass == 0) return own_conv3x3_bf16_forward(a, b);
+    // the input gradient: the forward with the weight transposed and its taps mirrored (as the block runs it)
+    TORCH_CHECK(b.dim() == a.dim() && b.size(0) == a.size(1), "own_conv3x3: b: expected [", a.size(1), ", C, 3..] "
+                "with ", a.dim(), " dims, got ", b.sizes());
+    std::vector<int64_t> spatial;
+    for (int64_t d = 2; d < b.dim(); ++d) spatial.push_back(d);
+    return own_conv3x3_bf16_forward(a, b.transpose(0, 1).flip(spatial).contiguous());
+  }
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
               "own_conv3x3: expected float32 tensors, got ", a.scalar_type(), " and ", b.scalar_type());
   const int64_t dims = a.dim() - 2;

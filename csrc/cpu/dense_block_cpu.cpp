@@ -90,8 +90,7 @@ Tensor weight_in(const Tensor& w, at::ScalarType st) {
   const Tensor m = w.contiguous();
   Tensor out = at::empty(m.sizes(), m.options().dtype(st));
   const float* src = m.data_ptr<float>();
-  c10::BFloat16* dst = out.data_ptr<c10::BFloat16>();
-  for (int64_t i = 0, n = m.numel(); i < n; ++i) dst[i] = from_f<c10::BFloat16>(src[i]);
+  narrow_rows(src, m.numel(), out.data_ptr<c10::BFloat16>());  // per layer and pass: on the main thread
   return out;
 }
 
@@ -131,7 +130,13 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   const int64_t window = std::max<int64_t>({1, 4 * halo, (int64_t(2) << 20) / ((g.W + 2) * inter * 4)});
   ConvFrame stage = frame;
   stage.N = 1, stage.D = 1, stage.H = std::min(frame.lines(), window + 2 * halo);
+  // A bfloat16 block whose 3x3 forward runs on our AMX kernel (conv3x3_bf16.h): V is written a few samples at a time
+  // (~2 MiB) into a frame padded on every side, and the kernel writes the k new channels into the buffer.
+  const bool own_bf16 = std::is_same_v<T, c10::BFloat16> && !v_float && own_bf16_conv3x3_forward(inter, g.k);
+  AmxConvFrame bframe = amx_conv_frame(g.N, g.D, g.H, g.W, g.dims);
+  bframe.N = std::clamp<int64_t>((int64_t(2) << 20) / (bframe.sample_rows() * inter * 2), 1, g.N);
   Tensor v = own ? zero_padded_lines(stage, inter)
+                 : own_bf16 ? zero_amx_frame(bframe, inter)
                  : v_float ? empty_cl(g, inter, buffer.options().dtype(at::kFloat)) : y;
   T* Y = y.data_ptr<T>();
   std::vector<F> a(Ct), b(Ct), is(Ct), a2(inter), bb2(inter), is2(inter);
@@ -160,7 +165,7 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       v2 = layer_stat<F>(false, var2, rv2, l, keep);
     }
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
-    if (!own) {  // (ours: per window of lines, below)
+    if (!own && !own_bf16) {  // (ours: per window of lines or samples, below)
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
       const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
       if (v_float) {
@@ -195,7 +200,35 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
         }
       }
     }
-    if (!own) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (own_bf16) {
+        const Tensor w = w2[l].to(at::kFloat).contiguous();  // the float32 master (a bfloat16 weight: exact)
+        const AmxConvWeight P = amx_conv3x3_pack(w.data_ptr<float>(), g.k, inter, frame.taps());
+        T* Vb = v.data_ptr<T>();
+        const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
+        const int64_t sample_lines = g.D * g.H;
+        for (int64_t n0 = 0; n0 < g.N; n0 += bframe.N) {
+          AmxConvFrame win = bframe;
+          win.N = std::min(bframe.N, g.N - n0);
+          const T* Yw = Y + n0 * sample_lines * g.W * inter;
+          {
+            RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
+            at::parallel_for(0, win.N * sample_lines, 8, [&](int64_t a, int64_t b) {
+              for (int64_t line = a; line < b; ++line)
+                bn_relu_rows<T, F>(Yw + line * g.W * inter, 0, g.W, inter, a2.data(), bb2.data(),
+                                   Vb + amx_frame_line_row(win, line) * inter, s2);
+            });
+          }
+          RECORD_FUNCTION("dnf_cpu::conv3x3", {});
+          amx_conv3x3_frame(Vb, win, P, X + n0 * sample_lines * g.W * Ct + c, Ct);
+        }
+        if (mask.has_value() && mask->defined()) {
+          Tensor cols = buffer.narrow(1, c, g.k);
+          cols.copy_(apply_dropout(cols, mask, l, g.k, p));
+        }
+      }
+    }
+    if (!own && !own_bf16) {
       const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
       Tensor out = apply_dropout(conv3x3(v, W2, g.dims), mask, l, g.k, p);
       buffer.narrow(1, c, g.k).copy_(out);
@@ -324,6 +357,18 @@ class BlockBackward {
       own_weight_grad_ = own_conv3x3(frame_, geom.inter, geom.k, ConvPass::kWeightGrad);
       if (own_input_grad_) dout_padded_ = zero_padded_lines(frame_, geom.k);
     }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // The input gradient on our AMX kernel (conv3x3_bf16.h): the transposed convolution as a forward one (k
+      // inputs, the C_in outputs, taps mirrored) on the output gradient in a frame padded on every side (k
+      // channels: the whole batch in one frame), its result rounded to bfloat16 once as oneDNN's is.
+      own_bf16_input_grad_ = V_.scalar_type() == at::kBFloat16 && dout_.scalar_type() == at::kBFloat16 &&
+                             bf16_conv_compute(geom.dims, ConvPass::kInputGrad) == at::kBFloat16 &&
+                             own_bf16_conv3x3_forward(geom.k, geom.inter);
+      if (own_bf16_input_grad_) {
+        bframe_ = amx_conv_frame(geom.N, geom.D, geom.H, geom.W, geom.dims);
+        dout_frame_ = zero_amx_frame(bframe_, geom.k);
+      }
+    }
     if (op.slopes.defined()) {
       TORCH_INTERNAL_ASSERT(grad_slopes_ != nullptr);
       *grad_slopes_ = at::zeros({slope_offset(geom, geom.L)}, f_opts_);
@@ -442,7 +487,8 @@ class BlockBackward {
     // oneDNN's weights, in each pass's dtype (float32 master weights of a bfloat16 block are rounded here) and the
     // activations' layout, once per layer (conv3x3.h); our kernel packs its own.
     const at::ScalarType st = buffer_.scalar_type();
-    const Tensor W2 = own_input_grad_ ? Tensor() : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
+    const Tensor W2 = own_input_grad_ || own_bf16_input_grad_
+        ? Tensor() : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
     const Tensor d = own_input_grad_ || own_weight_grad_ ? dout.contiguous(cl_format(geom_.dims)) : Tensor();
     // The weight gradient first: the input gradient's stage 3 writes dz over V_.
     if (own_weight_grad_) {  // our kernel (conv3x3_own.h) on V_ and dout's dense rows
@@ -470,6 +516,28 @@ class BlockBackward {
                             V_.data_ptr<float>(), geom_.inter);
         ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
         bn2_backward_rows(f, static_cast<const float*>(V_.data_ptr<float>()), 0, M_, partials);
+        return bn2_backward_means(l, f, partials);
+      }
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (own_bf16_input_grad_) {
+        // dV over V_ (stage 3 recomputes V from Y), then dz over dV row by row, as the float32 kernel's path
+        RECORD_FUNCTION("dnf_cpu::conv3x3_input_grad", {});
+        const Tensor d = dout.contiguous(cl_format(geom_.dims));
+        const T* dp = d.data_ptr<T>();
+        T* fp = dout_frame_.data_ptr<T>();
+        const int64_t k = geom_.k, W = geom_.W;
+        at::parallel_for(0, geom_.N * geom_.D * geom_.H, 16, [&](int64_t l0, int64_t l1) {
+          for (int64_t line = l0; line < l1; ++line)
+            std::memcpy(fp + amx_frame_line_row(bframe_, line) * k, dp + line * W * k, sizeof(T) * W * k);
+        });
+        std::vector<int64_t> spatial(geom_.dims);
+        for (int64_t i = 0; i < geom_.dims; ++i) spatial[i] = 2 + i;
+        const Tensor wt = op_.w2[l].to(at::kFloat).transpose(0, 1).flip(spatial).contiguous();
+        amx_conv3x3_frame(fp, bframe_, amx_conv3x3_pack(wt.data_ptr<float>(), geom_.inter, k, frame_.taps()),
+                          V_.data_ptr<T>(), geom_.inter);
+        ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
+        bn2_backward_rows(f, static_cast<const T*>(V_.data_ptr<T>()), 0, M_, partials);
         return bn2_backward_means(l, f, partials);
       }
     }
@@ -763,8 +831,10 @@ class BlockBackward {
   // A float32 block whose 3x3 backward passes run on our kernel (conv3x3_own.h): which do, and the output gradient
   // in the padded frame the input gradient's kernel reads.
   ConvFrame frame_;
-  bool own_input_grad_ = false, own_weight_grad_ = false;
+  bool own_input_grad_ = false, own_weight_grad_ = false, own_bf16_input_grad_ = false;
   Tensor dout_padded_;
+  AmxConvFrame bframe_;  // the bfloat16 input gradient's frame (own_bf16_input_grad_) and its k-channel buffer
+  Tensor dout_frame_;
 };
 
 // Seconds of a bfloat16 block's 1x1 stage computed in float32 (fp32) or in bfloat16, for gemm_engine.cpp's

@@ -265,14 +265,14 @@ class InBlockBackward {
     const F* mu2 = f.mean2 + n * inter;
     const F* is2 = f.invstd2.data() + n * inter;
     const F* s2 = f.s2;
-    const int64_t nchunks = (S_ + kReduceChunk - 1) / kReduceChunk;
+    const int64_t chunk = reduce_chunk<T>(S_), nchunks = (S_ + chunk - 1) / chunk;
     std::vector<acc_t> part(nchunks * nsums * inter, acc_t(0));
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
         acc_t* ts1 = part.data() + ch * nsums * inter;
         acc_t* ts2 = ts1 + inter;
         acc_t* ts3 = ts1 + (s2 ? 2 * inter : 0);
-        for (int64_t r = ch * kReduceChunk; r < std::min(S_, (ch + 1) * kReduceChunk); ++r) {
+        for (int64_t r = ch * chunk; r < std::min(S_, (ch + 1) * chunk); ++r) {
           const T* yr = Y + r * inter;
           const T* dvr = dV + r * inter;
           T* dzr = dZ + r * inter;

@@ -176,12 +176,12 @@ Tensor channel_sums_cpu(const Tensor& input, const std::optional<Tensor>& other)
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "channel_sums_cpu", [&] {
     const scalar_t* xp = X.data_ptr<scalar_t>();
     const scalar_t* yp = Y.data_ptr<scalar_t>();
-    const int64_t nchunks = (rows + kReduceChunk - 1) / kReduceChunk;
+    const int64_t chunk = reduce_chunk<scalar_t>(rows), nchunks = (rows + chunk - 1) / chunk;
     std::vector<double> part(nchunks * 2 * C, 0.0);
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t ch = b; ch < e; ++ch) {
         double* s = part.data() + ch * 2 * C;
-        for (int64_t r = ch * kReduceChunk; r < std::min(rows, (ch + 1) * kReduceChunk); ++r) {
+        for (int64_t r = ch * chunk; r < std::min(rows, (ch + 1) * chunk); ++r) {
           const scalar_t* row = xp + r * ldx;
           const scalar_t* orow = yp + r * ldy;
           for (int64_t j = 0; j < C; ++j) {

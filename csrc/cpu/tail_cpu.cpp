@@ -181,12 +181,12 @@ void bn_relu_backward(const T* X, int64_t N, int64_t HW, int64_t C, const Gate<F
                       F* dgate) {
   using acc_t = typename Acc<T>::type;
   const int64_t M = N * HW;
-  const int64_t nchunks = (M + kReduceChunk - 1) / kReduceChunk;
+  const int64_t chunk = reduce_chunk<T>(M), nchunks = (M + chunk - 1) / chunk;
   std::vector<acc_t> part(nchunks * 2 * C, acc_t(0));
   at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
       acc_t* s = part.data() + ch * 2 * C;
-      for (int64_t r = ch * kReduceChunk; r < std::min(M, (ch + 1) * kReduceChunk); ++r) {
+      for (int64_t r = ch * chunk; r < std::min(M, (ch + 1) * chunk); ++r) {
         const F* u = up(r);
         const T* xr = X + r * C;
         const F *ag = gs.a_row(r / HW), *g = gs.g_row(r / HW);
@@ -215,15 +215,15 @@ void bn_relu_backward(const T* X, int64_t N, int64_t HW, int64_t C, const Gate<F
     m1[j] = training ? static_cast<F>(sums[j] / M) : F(0);
     m2[j] = training ? static_cast<F>(sums[C + j] / M) : F(0);
   }
-  // Fixed chunks inside each sample, so the gate gradient's sums do not depend on the thread count.
-  const int64_t per_sample = (HW + kReduceChunk - 1) / kReduceChunk;
+  // Chunks inside each sample, so the gate gradient's sums do not depend on the thread count.
+  const int64_t per_sample = (HW + chunk - 1) / chunk;
   std::vector<acc_t> gpart(dgate != nullptr ? N * per_sample * C : 0, acc_t(0));
   at::parallel_for(0, N * per_sample, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / per_sample, k = i % per_sample;
       const F *ag = gs.a_row(n), *g = gs.g_row(n);
       acc_t* gp = dgate != nullptr ? gpart.data() + i * C : nullptr;
-      for (int64_t r = n * HW + k * kReduceChunk; r < n * HW + std::min(HW, (k + 1) * kReduceChunk); ++r) {
+      for (int64_t r = n * HW + k * chunk; r < n * HW + std::min(HW, (k + 1) * chunk); ++r) {
         const F* u = up(r);
         const T* xr = X + r * C;
         T* dr = dX + r * C;
@@ -455,7 +455,7 @@ std::tuple<Tensor, Tensor> sample_moments_cpu(const Tensor& input) {
     using T = scalar_t;
     using acc_t = typename Acc<T>::type;
     const T* Xp = X.data_ptr<T>();
-    const int64_t per_sample = (HW + kReduceChunk - 1) / kReduceChunk;
+    const int64_t chunk = reduce_chunk<T>(N * HW), per_sample = (HW + chunk - 1) / chunk;
     std::vector<acc_t> part(N * per_sample * C);
     std::vector<T> mu(N * C);
     // part[(n, k), j] = sum over chunk k of sample n of term(x, mu[n, j]).
@@ -466,7 +466,7 @@ std::tuple<Tensor, Tensor> sample_moments_cpu(const Tensor& input) {
           acc_t* s = part.data() + i * C;
           std::fill(s, s + C, acc_t(0));
           const T* m = mu.data() + n * C;
-          for (int64_t p = k * kReduceChunk; p < std::min(HW, (k + 1) * kReduceChunk); ++p) {
+          for (int64_t p = k * chunk; p < std::min(HW, (k + 1) * chunk); ++p) {
             const T* xr = Xp + (n * HW + p) * C;
             DNF_SIMD for (int64_t j = 0; j < C; ++j) s[j] += term(xr[j], m[j]);
           }
