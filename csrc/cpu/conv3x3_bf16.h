@@ -52,6 +52,9 @@ struct AmxConvWeight {
   }
 };
 AmxConvWeight amx_conv3x3_pack(const float* w, int64_t cout, int64_t cin, int64_t taps);
+// The input gradient's weight from the same w [cout, cin, taps]: the transposed convolution as a forward one with cin
+// outputs and cout inputs, its taps mirrored.
+AmxConvWeight amx_conv3x3_pack_input_grad(const float* w, int64_t cout, int64_t cin, int64_t taps);
 
 // out[pixel p of the frame's samples, 0:cout] (rows ld_out apart, in channels_last order) = the convolution of the
 // padded frame Vp ([f.rows(), cin], its padding zero, 64-byte aligned); on the intra-op threads (call outside

@@ -256,20 +256,22 @@ namespace {
 // gradient of output gradient a [N, K, ...] through weight b; 2: the weight gradient of output gradient a with
 // input b ([N, C, ...]); the result channels_last for 0 and 1, [K, C, 3..] for 2. A bfloat16 a: the forward or the
 // input gradient on the AMX kernel, b the float32 master weight, the result bfloat16.
-// The bfloat16 forward (pass_ 0 on a bfloat16 input a, weight b its float32 master) on our AMX kernel
-// (cpu/conv3x3_bf16.h).
-at::Tensor own_conv3x3_bf16_forward(const at::Tensor& a, const at::Tensor& b) {
+// The bfloat16 forward (pass_ 0 on a bfloat16 input a, weight b its float32 master) or input gradient (pass_ 1, a the
+// output gradient) on our AMX kernel (cpu/conv3x3_bf16.h).
+at::Tensor own_conv3x3_bf16(const at::Tensor& a, const at::Tensor& b, bool input_grad) {
   using namespace dnf::cpu;
   TORCH_CHECK(b.scalar_type() == at::kFloat, "own_conv3x3: b: expected the float32 master weight of a bfloat16 "
               "input, got ", b.scalar_type());
   TORCH_CHECK(amx_kernel_available(), "own_conv3x3: the bfloat16 kernel needs AMX (DNF_CPU_ISA=avx512 on an AMX CPU)");
   const int64_t dims = a.dim() - 2;
   TORCH_CHECK(dims == 2 || dims == 3, "own_conv3x3: a: expected 4 or 5 dims, got ", a.dim());
-  TORCH_CHECK(b.dim() == a.dim() && b.size(1) == a.size(1), "own_conv3x3: b: expected [K, ", a.size(1),
-              ", 3..] with ", a.dim(), " dims, got ", b.sizes());
+  const int64_t c_dim = input_grad ? 0 : 1;  // b's dimension of a's channels
+  TORCH_CHECK(b.dim() == a.dim() && b.size(c_dim) == a.size(1), "own_conv3x3: b: expected ",
+              input_grad ? "[" + std::to_string(a.size(1)) + ", C, 3..]" : "[K, " + std::to_string(a.size(1)) + ", 3..]",
+              " with ", a.dim(), " dims, got ", b.sizes());
   for (int64_t d = 2; d < b.dim(); ++d)
     TORCH_CHECK(b.size(d) == 3, "own_conv3x3: b: expected a 3x3 kernel, got ", b.sizes());
-  const int64_t cin = a.size(1), cout = b.size(0);
+  const int64_t cin = a.size(1), cout = b.size(1 - c_dim);
   TORCH_CHECK(amx_conv3x3_fits(cin, cout), "own_conv3x3: the bfloat16 kernel needs input and output channels "
               "multiples of 32, got ", cin, " and ", cout);
   const AmxConvFrame g = amx_conv_frame(a.size(0), dims == 3 ? a.size(2) : 1, a.size(-2), a.size(-1), dims);
@@ -284,7 +286,9 @@ at::Tensor own_conv3x3_bf16_forward(const at::Tensor& a, const at::Tensor& b) {
   os[1] = cout;
   at::Tensor out = at::empty(os, a.options().memory_format(fmt));
   const at::Tensor w = b.contiguous();
-  amx_conv3x3_frame(dst, g, amx_conv3x3_pack(w.data_ptr<float>(), cout, cin, g.taps()),
+  const float* wp = w.data_ptr<float>();
+  amx_conv3x3_frame(dst, g, input_grad ? amx_conv3x3_pack_input_grad(wp, cin, cout, g.taps())
+                                       : amx_conv3x3_pack(wp, cout, cin, g.taps()),
                     out.data_ptr<c10::BFloat16>(), cout);
   return out;
 }
@@ -296,13 +300,7 @@ at::Tensor own_conv3x3_op(const at::Tensor& a, const at::Tensor& b, int64_t pass
   if (a.scalar_type() == at::kBFloat16) {
     TORCH_CHECK(pass <= 1, "own_conv3x3: a bfloat16 input has the forward and the input gradient (pass_ 0 or 1), "
                 "got pass_ ", pass);
-    if (pass == 0) return own_conv3x3_bf16_forward(a, b);
-    // the input gradient: the forward with the weight transposed and its taps mirrored (as the block runs it)
-    TORCH_CHECK(b.dim() == a.dim() && b.size(0) == a.size(1), "own_conv3x3: b: expected [", a.size(1), ", C, 3..] "
-                "with ", a.dim(), " dims, got ", b.sizes());
-    std::vector<int64_t> spatial;
-    for (int64_t d = 2; d < b.dim(); ++d) spatial.push_back(d);
-    return own_conv3x3_bf16_forward(a, b.transpose(0, 1).flip(spatial).contiguous());
+    return own_conv3x3_bf16(a, b, pass == 1);
   }
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat,
               "own_conv3x3: expected float32 tensors, got ", a.scalar_type(), " and ", b.scalar_type());

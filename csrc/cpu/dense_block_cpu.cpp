@@ -531,10 +531,8 @@ class BlockBackward {
           for (int64_t line = l0; line < l1; ++line)
             std::memcpy(fp + amx_frame_line_row(bframe_, line) * k, dp + line * W * k, sizeof(T) * W * k);
         });
-        std::vector<int64_t> spatial(geom_.dims);
-        for (int64_t i = 0; i < geom_.dims; ++i) spatial[i] = 2 + i;
-        const Tensor wt = op_.w2[l].to(at::kFloat).transpose(0, 1).flip(spatial).contiguous();
-        amx_conv3x3_frame(fp, bframe_, amx_conv3x3_pack(wt.data_ptr<float>(), geom_.inter, k, frame_.taps()),
+        const Tensor w = op_.w2[l].to(at::kFloat).contiguous();  // the float32 master (a bfloat16 weight: exact)
+        amx_conv3x3_frame(fp, bframe_, amx_conv3x3_pack_input_grad(w.data_ptr<float>(), k, geom_.inter, frame_.taps()),
                           V_.data_ptr<T>(), geom_.inter);
         ThreadPartials<acc_t> partials((f.s2 ? 3 : 2) * geom_.inter);
         bn2_backward_rows(f, static_cast<const T*>(V_.data_ptr<T>()), 0, M_, partials);

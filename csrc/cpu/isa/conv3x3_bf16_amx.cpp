@@ -7,25 +7,27 @@
 
 namespace dnf::cpu {
 
-AmxConvWeight amx_conv3x3_pack(const float* w, int64_t cout, int64_t cin, int64_t taps) {
-  TORCH_CHECK(amx_conv3x3_fits(cin, cout), "densenet_fast: amx_conv3x3_pack needs cin and cout multiples of 32, got ",
-              cin, " and ", cout);
+namespace {
+
+// The packed weight of a forward convolution with `cout` outputs and `cin` inputs whose value at (output o, input i,
+// tap t) is value(o, i, t) (a float32 master value, rounded here once, as conv3x3_weight in cpu/conv3x3.cpp rounds
+// oneDNN's weight): tile (t, kb, cb) holds value(cb*16 + col, kb*32 + 2p + e, t) at (p*16 + col)*2 + e.
+template <typename Value>
+AmxConvWeight pack(int64_t cout, int64_t cin, int64_t taps, Value value) {
+  TORCH_CHECK(amx_conv3x3_fits(cin, cout), "densenet_fast: amx_conv3x3_pack needs input and output channels "
+              "multiples of 32, got ", cin, " and ", cout);
   AmxConvWeight P;
   P.taps = taps, P.cin = cin, P.cout = cout;
-  const int64_t ksteps = cin / 32, cblocks = cout / 16, n = taps * cin * cout;
-  // Tile (t, kb, cb) holds w[cb*16 + col, kb*32 + 2p + e, t] at (p*16 + col)*2 + e; rounded once, as conv3x3_weight
-  // (cpu/conv3x3.cpp) rounds oneDNN's weight.
+  const int64_t ksteps = cin / 32, cblocks = cout / 16;
   // Per call (every layer of every step), so on the threads: one tile per task.
-  P.data = AlignedBuffer<c10::BFloat16>(n, /*zeroed=*/false);
+  P.data = AlignedBuffer<c10::BFloat16>(taps * cin * cout, /*zeroed=*/false);
   const bool native = native_bf16_rows();
   at::parallel_for(0, taps * ksteps * cblocks, 1, [&](int64_t i0, int64_t i1) {
     alignas(64) float tile[512];
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t cb = i % cblocks, kb = (i / cblocks) % ksteps, t = i / (cblocks * ksteps);
-      for (int64_t col = 0; col < 16; ++col) {
-        const float* wr = w + ((cb * 16 + col) * cin + kb * 32) * taps + t;
-        for (int64_t q = 0; q < 32; ++q) tile[((q / 2) * 16 + col) * 2 + q % 2] = wr[q * taps];
-      }
+      for (int64_t col = 0; col < 16; ++col)
+        for (int64_t q = 0; q < 32; ++q) tile[((q / 2) * 16 + col) * 2 + q % 2] = value(cb * 16 + col, kb * 32 + q, t);
       c10::BFloat16* dst = P.data.data() + i * 512;
       if (native) {
         narrow_native(tile, 512, dst);
@@ -35,6 +37,17 @@ AmxConvWeight amx_conv3x3_pack(const float* w, int64_t cout, int64_t cin, int64_
     }
   });
   return P;
+}
+
+}  // namespace
+
+AmxConvWeight amx_conv3x3_pack(const float* w, int64_t cout, int64_t cin, int64_t taps) {
+  return pack(cout, cin, taps, [&](int64_t o, int64_t i, int64_t t) { return w[(o * cin + i) * taps + t]; });
+}
+
+AmxConvWeight amx_conv3x3_pack_input_grad(const float* w, int64_t cout, int64_t cin, int64_t taps) {
+  return pack(cin, cout, taps,
+              [&](int64_t o, int64_t i, int64_t t) { return w[(i * cin + o) * taps + (taps - 1 - t)]; });
 }
 
 }  // namespace dnf::cpu
