@@ -179,7 +179,7 @@ def measure_bf16(batch: int, repeats: int) -> Dict[str, Any]:
         steps[name] = {"ms": ms, "min_ms": ms[0], "median_ms": statistics.median(ms)}
     return {"shapes": rows, "step": {"batch": batch, "steps": steps, "load_avg": {
         "before": list(load_before), "after": list(os.getloadavg())}},
-        "engines": dnf.build_info()["cpu_engine"]["conv3x3"]["bfloat16_forward"]}
+        "engines": dnf.build_info()["cpu_engine"]["conv3x3"]["bfloat16"]}
 
 
 def measure_step(batch: int, repeats: int, peak: float) -> Dict[str, Any]:

@@ -104,8 +104,8 @@ def cpu_engine() -> dict[str, Any]:
     ``DNF_CPU_BF16_GEMM=bf16|fp32`` forces it) and of its 3x3 passes (``bf16_conv``), and which engine runs a
     float32 block's 3x3 passes (``conv3x3``: ``{"how": ..., "shapes": {"2d 56x56 128->32": {"forward": ["own" |
     "onednn", oneDNN us, own us], "input_grad": ..., "weight_grad": ...}}}``, each shape measured on its first use;
-    ``DNF_CPU_CONV3X3=own|onednn`` forces it; ``"bfloat16_forward"`` says where a bfloat16 block's 3x3 forward runs
-    on our AMX kernel). Runs the one-time choices."""
+    ``DNF_CPU_CONV3X3=own|onednn`` forces it; ``"bfloat16"`` says where a bfloat16 block's 3x3 forward and input
+    gradient run on our AMX kernel). Runs the one-time choices."""
     load_extension()
     raw = json.loads(torch.ops.densenet_fast.cpu_engine_report())
     names = {"Float": "float32", "Double": "float64", "BFloat16": "bfloat16"}

@@ -217,6 +217,28 @@ def test_switch_decides_the_engine():
     assert "dnf_cpu::conv3x3_input_grad" not in seen["onednn"][1]
 
 
+def test_3d_input_gradient_rule():
+    """A 3-D block's input gradient stays on oneDNN unless DNF_CPU_CONV3X3=own (design.md §16: its peak memory); its
+    forward runs on our kernel either way."""
+    if dnf.build_info()["cpu_engine"]["bf16_conv"]["3d"]["input_grad"] != "bfloat16":
+        pytest.skip("this process measured the 3-D input gradient faster in float32 (oneDNN runs it then)")
+    block = dnf.DenseBlock(2, 32, 4, 32, spatial_dims=3).train()
+    x = torch.randn(2, 32, 4, 5, 6, requires_grad=True)
+    seen = {}
+    for engine in ("", "own"):
+        os.environ["DNF_CPU_CONV3X3"] = engine
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = block(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                y.float().sum().backward()
+        finally:
+            del os.environ["DNF_CPU_CONV3X3"]
+        seen[engine] = {e.key for e in prof.key_averages()}
+    assert "dnf_cpu::conv3x3_input_grad" not in seen[""]
+    assert "dnf_cpu::conv3x3_input_grad" in seen["own"]
+
+
 def test_reported():
     """build_info() says where the bfloat16 forward runs, and that the switch turns it off."""
     import json
@@ -225,10 +247,11 @@ def test_reported():
     code = "import json, densenet_fast as d; print(json.dumps(d.build_info()['cpu_engine']['conv3x3']))"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "DNF_CPU_CONV3X3"}
-    for forced, expected in ((None, "own: where input and output channels are multiples of 32"),
+    for forced, expected in ((None, "own: where input and output channels are multiples of 32, else onednn; rule: 3-D "
+                                    "input gradients on oneDNN"),
                              ("onednn", "onednn: forced by DNF_CPU_CONV3X3")):
         e = dict(env, DNF_CPU_CONV3X3=forced) if forced else env
         r = subprocess.run([sys.executable, "-c", code], cwd=root, env=e, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(r.stdout.strip().splitlines()[-1])["bfloat16_forward"].startswith(expected)
+        assert json.loads(r.stdout.strip().splitlines()[-1])["bfloat16"].startswith(expected)
 

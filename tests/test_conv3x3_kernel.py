@@ -208,7 +208,7 @@ def test_choice_reported_per_shape():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(r.stdout.strip().splitlines()[-1])
-    bf16_forward = rep.pop("bfloat16_forward")
+    bf16_forward = rep.pop("bfloat16")
     assert rep == {"how": "onednn: forced by DNF_CPU_CONV3X3", "shapes": {}}
     assert bf16_forward.startswith("onednn: ")
 
@@ -232,7 +232,7 @@ def test_deterministic_algorithms_take_our_kernel_untimed():
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         outs.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    outs[0]["conv3x3"].pop("bfloat16_forward")
+    outs[0]["conv3x3"].pop("bfloat16")
     assert outs[0]["conv3x3"] == {"how": "own: rule under torch.use_deterministic_algorithms(True) (no timed choice; "
                                          "3-D input gradients on oneDNN)", "shapes": {}}
     assert outs[0]["grads"] == outs[1]["grads"]

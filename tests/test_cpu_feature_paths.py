@@ -119,7 +119,7 @@ def test_parity_on_every_cpu_feature_path(config):
     r = _python(env, "-c", "import json, densenet_fast as d; print(json.dumps(d.build_info()['cpu_engine']))")
     assert r.returncode == 0, r.stderr[-3000:]
     engine = json.loads(r.stdout.strip().splitlines()[-1])
-    engine.get("conv3x3", {}).pop("bfloat16_forward", None)  # (AMX CPUs only: tests/test_conv3x3_bf16.py)
+    engine.get("conv3x3", {}).pop("bfloat16", None)  # (AMX CPUs only: tests/test_conv3x3_bf16.py)
     for key, value in expected.items():
         assert engine[key] == value, f"{config}: build_info cpu_engine[{key!r}] = {engine[key]!r}, want {value!r}"
     if env.get("DNF_CPU_BF16_GEMM"):

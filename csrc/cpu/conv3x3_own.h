@@ -47,9 +47,11 @@ void own_conv3x3_forward(const float* Xp, const ConvFrame& f, const Conv3x3Weigh
 // every line the taps read: conv3x3_halo_lines() on each side); on the intra-op threads.
 void own_conv3x3_lines(const float* Xp, const ConvFrame& f, const Conv3x3Weight& w, float* out, int64_t ld_out,
                        int64_t l0, int64_t l1, int64_t xp_line0 = 0);
-// Whether a bfloat16 block's 3x3 forward with cin inputs and cout outputs runs on our AMX kernel (conv3x3_bf16.h):
-// wherever it is available and fits, unless DNF_CPU_CONV3X3=onednn (the backward passes stay on oneDNN).
-bool own_bf16_conv3x3_forward(int64_t cin, int64_t cout);
+// Whether pass `pass` (the forward or the input gradient) of a bfloat16 block's 3x3 with cin inputs and cout outputs
+// (the pass's own: the input gradient's are the layer's k and C_in) runs on our AMX kernel (conv3x3_bf16.h): wherever
+// it is available and fits, unless DNF_CPU_CONV3X3=onednn; rule: a 3-D input gradient stays on oneDNN unless forced.
+// The weight gradient stays on oneDNN.
+bool own_bf16_conv3x3(int64_t cin, int64_t cout, ConvPass pass, int64_t dims);
 AmxConvFrame amx_conv_frame(int64_t N, int64_t D, int64_t H, int64_t W, int64_t dims);
 // The frame row of the first pixel of line `line` ((n*D + d)*H + h) of g's samples.
 int64_t amx_frame_line_row(const AmxConvFrame& g, int64_t line);
