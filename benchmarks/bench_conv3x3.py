@@ -11,8 +11,9 @@ Three measurements in one process (2 threads by default), float32 on the CPU, an
    median); the step's FLOPs (torch's FLOP counter on torchvision's step) over its time against the peak; and the
    profiled self time of each stage of the two densenet_fast steps with the FLOP rate of the GEMM stages;
 4. on AMX CPUs, bfloat16: per shape whose channels are multiples of 32, the forward and the input gradient on our
-   AMX kernel (``own_conv3x3`` on a bfloat16 input; it also lays the input out in its padded frame) and on oneDNN
-   (``F.conv2d`` / ``F.conv_transpose2d`` on bfloat16 channels_last tensors), alternating rounds, the best of each;
+   AMX kernel and on oneDNN (``own_conv3x3_bf16_times``: ours on a frame laid out beforehand, as the block's BN2 +
+   ReLU writes it; the input gradient's frame fill and both weight packings timed), alternating rounds, the best of
+   each;
    and densenet121's step under CPU bfloat16 autocast with the default engines, with ``DNF_CPU_CONV3X3=onednn`` and
    torchvision, interleaved.
 
@@ -111,31 +112,15 @@ def measure_shapes(repeats: int, peak: float) -> List[Dict[str, Any]]:
     return rows
 
 
-def _best_alternating(fns: Dict[str, Any], repeats: int) -> Dict[str, float]:
-    import time
-
-    best = {k: float("inf") for k in fns}
-    for k, f in fns.items():
-        f()  # warm-up (the first call packs, allocates, creates oneDNN's primitive)
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
-
-
 def measure_bf16(batch: int, repeats: int) -> Dict[str, Any]:
     """Our AMX 3x3 passes against oneDNN's in bfloat16, and densenet121's autocast step (see the module docstring)."""
     import torch
-    import torch.nn.functional as F
     import torchvision
 
     import densenet_fast as dnf
     from benchmarks.measure import make_inputs, train_step
     from benchmarks.timing import interleaved_times
 
-    own = torch.ops.densenet_fast.own_conv3x3
     rows = []
     for name, (n, cin, cout, sp) in SHAPES.items():
         if cin % 32 or cout % 32:
@@ -145,11 +130,8 @@ def measure_bf16(batch: int, repeats: int) -> Dict[str, Any]:
         x = torch.randn(n, cin, *sp, generator=g).relu().bfloat16().contiguous(memory_format=fmt)
         w = torch.randn(cout, cin, *([3] * len(sp)), generator=g) * 0.05
         d = torch.randn(n, cout, *sp, generator=g).bfloat16().contiguous(memory_format=fmt)
-        wb = w.bfloat16().contiguous(memory_format=fmt)
-        conv = F.conv2d if len(sp) == 2 else F.conv3d
-        tconv = F.conv_transpose2d if len(sp) == 2 else F.conv_transpose3d
-        fwd = _best_alternating({"onednn": lambda: conv(x, wb, padding=1), "own": lambda: own(x, w, 0)}, repeats)
-        ig = _best_alternating({"onednn": lambda: tconv(d, wb, padding=1), "own": lambda: own(d, w, 1)}, repeats)
+        secs = torch.ops.densenet_fast.own_conv3x3_bf16_times(x, d, w, repeats)
+        fwd, ig = {"onednn": secs[0], "own": secs[1]}, {"onednn": secs[2], "own": secs[3]}
         flops = _conv_flops(n, cin, cout, sp)
         rows.append({"shape": name, "batch": n, "cin": cin, "cout": cout, "spatial": list(sp), "gflop": flops / 1e9,
                      **{p: {"onednn_ms": t["onednn"] * 1e3, "own_ms": t["own"] * 1e3,
@@ -285,8 +267,8 @@ def markdown(data: Dict[str, Any]) -> str:
                      + " | ".join(cells) + " |")
     if data.get("bf16"):
         b = data["bf16"]
-        lines += ["", "bfloat16 on AMX: our kernel against oneDNN (the best of alternating rounds; ours includes "
-                  "laying the input out in its padded frame):", "",
+        lines += ["", "bfloat16 on AMX: our kernel against oneDNN (the best of alternating rounds; ours on a frame "
+                  "laid out beforehand, as the block's BN2 + ReLU writes it):", "",
                   "| 3x3 shape (bfloat16) | GFLOP | pass | oneDNN, ms | ours, ms | ours / oneDNN | ours, GFLOP/s |",
                   "|---|---|---|---|---|---|---|"]
         for r in b["shapes"]:

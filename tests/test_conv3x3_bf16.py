@@ -255,3 +255,15 @@ def test_reported():
         assert r.returncode == 0, r.stderr[-2000:]
         assert json.loads(r.stdout.strip().splitlines()[-1])["bfloat16"].startswith(expected)
 
+
+
+def test_times_op_for_the_benchmark():
+    """own_conv3x3_bf16_times (benchmarks/bench_conv3x3.py): four positive times; bad dtypes and channels named."""
+    x, w = _inputs(2, 64, 32, (6, 5))
+    d = torch.randn(2, 32, 6, 5).bfloat16()
+    secs = torch.ops.densenet_fast.own_conv3x3_bf16_times(x, d, w, 2)
+    assert len(secs) == 4 and all(0 < s < 10 for s in secs)
+    with pytest.raises(RuntimeError, match="bfloat16 x and dout and a float32 w"):
+        torch.ops.densenet_fast.own_conv3x3_bf16_times(x.float(), d, w, 2)
+    with pytest.raises(RuntimeError, match="multiples of 32, got 64, 16"):
+        torch.ops.densenet_fast.own_conv3x3_bf16_times(x, d[:, :16], w[:16], 2)

@@ -89,9 +89,7 @@ std::array<std::array<double, 2>, 3> time_passes(const ConvFrame& f, const at::T
   return secs;
 }
 
-// The choice for a shape: its passes timed on random data, five rounds alternating; on one sample where a sample has
-// at least 2048 pixels (both engines parallelise within a sample: a 96^3 MONAI volume's first block then costs
-// ~1 s once instead of ~2), else on two.
+// The choice for a shape: its passes timed on random data, five rounds alternating.
 ShapeChoice measure(const ConvFrame& shape, int64_t cin, int64_t cout) {
   ConvFrame f = shape;
   // The block's own batch (up to 32 MiB of input): on one sample of densenet121's 56x56 layer the input stays in L2
@@ -347,6 +345,57 @@ at::Tensor own_conv3x3_op(const at::Tensor& a, const at::Tensor& b, int64_t pass
   return out;
 }
 
+// Seconds [forward oneDNN, forward own, input_grad oneDNN, input_grad own] of the bfloat16 passes on x [N, C, ...],
+// dout [N, K, ...] (bfloat16) and w [K, C, 3..] (float32 master), the best of `rounds` alternating rounds. Ours runs
+// on frames laid out once beforehand (the block's BN2 + ReLU writes the forward's; the input gradient's frame fill is
+// timed, as in the block) and packs its weight in each run; oneDNN gets the weight rounded and laid out once.
+std::vector<double> own_conv3x3_bf16_times_op(const at::Tensor& x, const at::Tensor& dout, const at::Tensor& w,
+                                              int64_t rounds) {
+  using namespace dnf::cpu;
+  TORCH_CHECK(amx_kernel_available(), "own_conv3x3_bf16_times: needs AMX");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && dout.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat,
+              "own_conv3x3_bf16_times: expected bfloat16 x and dout and a float32 w");
+  const int64_t dims = x.dim() - 2;
+  TORCH_CHECK((dims == 2 || dims == 3) && dout.dim() == x.dim() && w.dim() == x.dim(),
+              "own_conv3x3_bf16_times: expected 4-D or 5-D x, dout, w of one rank");
+  const int64_t C = x.size(1), K = dout.size(1);
+  TORCH_CHECK(amx_conv3x3_fits(C, K), "own_conv3x3_bf16_times: channels must be multiples of 32, got ", C, ", ", K);
+  const auto fmt = dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
+  const AmxConvFrame g = amx_conv_frame(x.size(0), dims == 3 ? x.size(2) : 1, x.size(-2), x.size(-1), dims);
+  const at::Tensor X = x.contiguous(fmt), D = dout.contiguous(fmt), wc = w.contiguous();
+  const at::Tensor wb = w.to(at::kBFloat16).contiguous(fmt);
+  const at::Tensor fx = zero_amx_frame(g, C), fd = zero_amx_frame(g, K);
+  auto fill = [&](const at::Tensor& src, const at::Tensor& frame, int64_t c) {
+    const c10::BFloat16* sp = src.data_ptr<c10::BFloat16>();
+    c10::BFloat16* fp = frame.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, g.N * g.D * g.H, 16, [&](int64_t l0, int64_t l1) {
+      for (int64_t line = l0; line < l1; ++line)
+        std::memcpy(fp + amx_frame_line_row(g, line) * c, sp + line * g.W * c, sizeof(c10::BFloat16) * g.W * c);
+    });
+  };
+  fill(X, fx, C);
+  at::Tensor out = at::empty(D.sizes(), D.options().memory_format(fmt));
+  at::Tensor dx = at::empty(X.sizes(), X.options().memory_format(fmt));
+  const float* wp = wc.data_ptr<float>();
+  auto run = [&](int pass, bool own) {
+    if (!own) {
+      at::convolution(pass == 0 ? X : D, wb, {}, ones(dims), ones(dims), ones(dims), pass == 1, zeros(dims), 1);
+    } else if (pass == 0) {
+      amx_conv3x3_frame(fx.data_ptr<c10::BFloat16>(), g, amx_conv3x3_pack(wp, K, C, g.taps()),
+                        out.data_ptr<c10::BFloat16>(), K);
+    } else {
+      fill(D, fd, K);
+      amx_conv3x3_frame(fd.data_ptr<c10::BFloat16>(), g, amx_conv3x3_pack_input_grad(wp, K, C, g.taps()),
+                        dx.data_ptr<c10::BFloat16>(), C);
+    }
+  };
+  std::vector<double> secs(4, 1e30);
+  for (int64_t round = 0; round < rounds; ++round)
+    for (int p = 0; p < 2; ++p)
+      for (int e = 0; e < 2; ++e) secs[2 * p + e] = std::min(secs[2 * p + e], best_of([&] { run(p, e == 1); }));
+  return secs;
+}
+
 std::vector<double> own_conv3x3_times_op(const at::Tensor& x, const at::Tensor& dout, const at::Tensor& w,
                                          int64_t rounds) {
   using namespace dnf::cpu;
@@ -376,4 +425,8 @@ TORCH_LIBRARY_FRAGMENT(densenet_fast, m) {
   // Seconds [forward, input_grad, weight_grad] x [oneDNN, own] of x [N, C, ...], dout [N, K, ...], w [K, C, 3..]
   // (float32), the best of `rounds` alternating rounds (benchmarks/bench_conv3x3.py).
   m.def("own_conv3x3_times(Tensor x, Tensor dout, Tensor w, int rounds) -> float[]", &own_conv3x3_times_op);
+  // The same for the bfloat16 forward and input gradient on our AMX kernel: [forward oneDNN, forward own,
+  // input_grad oneDNN, input_grad own] (benchmarks/bench_conv3x3.py).
+  m.def("own_conv3x3_bf16_times(Tensor x, Tensor dout, Tensor w, int rounds) -> float[]",
+        &own_conv3x3_bf16_times_op);
 }
