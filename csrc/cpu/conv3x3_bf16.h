@@ -1,13 +1,13 @@
-// densenet_fast's own bfloat16 3x3 (3x3x3) convolution forward of the dense layer on AMX (stride 1, padding 1, no
-// bias; docs/design.md §15): float accumulation, each output rounded to bfloat16 once, as oneDNN's bfloat16
-// convolution under CPU autocast.
+// densenet_fast's own bfloat16 3x3 (3x3x3) convolution of the dense layer on AMX, its forward and (as a forward
+// with the weight transposed and mirrored) its input gradient (stride 1, padding 1, no bias; docs/design.md §16):
+// float accumulation, each output rounded to bfloat16 once, as oneDNN's bfloat16 convolution under CPU autocast.
 //
 // An implicit GEMM on the tile unit: the input is a few samples at a time in a frame that pads each by a zero pixel
-// on every side (`AmxConvFrame`), so the rows a tap reads are the output rows shifted by a constant and every tap is one
-// 16-row tile load straight from the frame (no packing of the activation). Per block of 32 consecutive frame rows
-// and 32 output channels, 4 float result tiles sum every tap and input channel; the rows that are padding in the
-// output are computed and dropped (2/W of the work in 2-D). The k new channels are rounded and written straight
-// into their columns of the block buffer. Each output value is summed by one thread in one order: bitwise the same
+// on every side (`AmxConvFrame`), so the rows a tap reads are the output rows shifted by a constant and every tap
+// is one 16-row tile load straight from the frame (no packing of the activation). Per block of 32 consecutive frame
+// rows and 32 output channels, 4 float result tiles sum every tap and input channel; the rows that are padding in
+// the output are computed and dropped (2/W of the work in 2-D). The k new channels are rounded and written straight
+// into their columns of the block buffer (the input gradient's over V's rows). Each output value is summed by one thread in one order: bitwise the same
 // on any thread count.
 // Runs where amx_kernel_available() (cpu/amx_gemm.h) and amx_conv3x3_fits(): input and output channels multiples
 // of 32.

@@ -273,7 +273,8 @@ at::Tensor own_conv3x3_bf16(const at::Tensor& a, const at::Tensor& b, bool input
   TORCH_CHECK(dims == 2 || dims == 3, "own_conv3x3: a: expected 4 or 5 dims, got ", a.dim());
   const int64_t c_dim = input_grad ? 0 : 1;  // b's dimension of a's channels
   TORCH_CHECK(b.dim() == a.dim() && b.size(c_dim) == a.size(1), "own_conv3x3: b: expected ",
-              input_grad ? "[" + std::to_string(a.size(1)) + ", C, 3..]" : "[K, " + std::to_string(a.size(1)) + ", 3..]",
+              input_grad ? "[" + std::to_string(a.size(1)) + ", C, 3..]"
+                         : "[K, " + std::to_string(a.size(1)) + ", 3..]",
               " with ", a.dim(), " dims, got ", b.sizes());
   for (int64_t d = 2; d < b.dim(); ++d)
     TORCH_CHECK(b.size(d) == 3, "own_conv3x3: b: expected a 3x3 kernel, got ", b.sizes());

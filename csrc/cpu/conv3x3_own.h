@@ -1,10 +1,11 @@
 // Which engine runs a float32 dense layer's 3x3 passes, oneDNN (through ATen, cpu/conv3x3.h) or our own kernel
-// (cpu/conv3x3_f32.h), and the tensor-level calls of our kernel (docs/design.md §15).
+// (cpu/conv3x3_f32.h), and the tensor-level calls of our kernel (docs/design.md §15); and the same for a bfloat16
+// layer's forward and input gradient on our AMX kernel (cpu/conv3x3_bf16.h, §16).
 //
 // Chosen per shape (rank, D, H, W, input and output channels) and pass, the first time the shape is seen: our
 // kernel where it is available (the AVX-512 kernels are the registered ones) and measured on the block's batch (up
-// to 32 MiB of input) no slower than 1.1x oneDNN (the margin: oneDNN's result still has to be copied into the block buffer, ours is written
-// there). DNF_CPU_CONV3X3=own|onednn forces either (own: where available); under
+// to 32 MiB of input) no slower than 1.1x oneDNN (the margin: oneDNN's result still has to be copied into the block
+// buffer, ours is written there). DNF_CPU_CONV3X3=own|onednn forces either (own: where available); under
 // torch.use_deterministic_algorithms(True) our kernel runs untimed (a timed choice may differ between processes, and
 // with it the result's last bits). build_info()["cpu_engine"]["conv3x3"] reports every choice made.
 #pragma once

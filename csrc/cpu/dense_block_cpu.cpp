@@ -132,7 +132,8 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
   stage.N = 1, stage.D = 1, stage.H = std::min(frame.lines(), window + 2 * halo);
   // A bfloat16 block whose 3x3 forward runs on our AMX kernel (conv3x3_bf16.h): V is written a few samples at a time
   // (~2 MiB) into a frame padded on every side, and the kernel writes the k new channels into the buffer.
-  const bool own_bf16 = std::is_same_v<T, c10::BFloat16> && !v_float && own_bf16_conv3x3(inter, g.k, ConvPass::kForward, g.dims);
+  const bool own_bf16 =
+      std::is_same_v<T, c10::BFloat16> && !v_float && own_bf16_conv3x3(inter, g.k, ConvPass::kForward, g.dims);
   AmxConvFrame bframe = amx_conv_frame(g.N, g.D, g.H, g.W, g.dims);
   bframe.N = std::clamp<int64_t>((int64_t(2) << 20) / (bframe.sample_rows() * inter * 2), 1, g.N);
   Tensor v = own ? zero_padded_lines(stage, inter)
