@@ -3,6 +3,7 @@
 #include "cpu/isa/prelude.h"
 #include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/isa/amx_tile_config.h"
 #include "cpu/switches.h"
 
 #include <cstdlib>
@@ -74,13 +75,6 @@ AmxWeight amx_pack_weight(const c10::BFloat16* W, int64_t n, int64_t k) {
 
 namespace dnf::cpu {
 namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 constexpr int64_t kRows = 32;  // rows per block: two 16-row A tiles
 
@@ -159,8 +153,7 @@ void amx_bn_relu_gemm_rows(const c10::BFloat16* X, int64_t ld, int64_t r0, int64
   if (r1 <= r0) return;
   const int64_t kp = W.kp, n = W.n, ksteps = kp / 32, nblocks = (r1 - r0 + kRows - 1) / kRows;
   // Tiles 0-3: the 32 x 32 float result block; 4-5: the two 16-row halves of U; 6-7: two 16-column weight tiles.
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  const TileConfig cfg = TileConfig::full(8);
   _tile_loadconfig(&cfg);
   // Two operands and two float results, 64-byte aligned (a tile row across two cache lines loads at half
   // speed: block 2's product ran 2.9x slower from a 16-byte aligned operand). The results' second copy is

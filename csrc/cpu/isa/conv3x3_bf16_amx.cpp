@@ -3,6 +3,7 @@
 #include "cpu/isa/prelude.h"
 #include "cpu/amx_gemm.h"
 #include "cpu/bf16_rows.h"
+#include "cpu/isa/amx_tile_config.h"
 #include "cpu/conv3x3_bf16.h"
 
 namespace dnf::cpu {
@@ -58,16 +59,6 @@ AmxConvWeight amx_conv3x3_pack_input_grad(const float* w, int64_t cout, int64_t 
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
 
 namespace dnf::cpu {
-namespace {
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-}  // namespace
 
 void amx_conv3x3_frame(const c10::BFloat16* Vp, const AmxConvFrame& f, const AmxConvWeight& W, c10::BFloat16* out,
                        int64_t ld_out) {
@@ -86,8 +77,7 @@ void amx_conv3x3_frame(const c10::BFloat16* Vp, const AmxConvFrame& f, const Amx
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     // Tiles 0-3: the 32 x 32 float result block; 4-5: its two 16-row halves of the input; 6-7: two 16-channel
     // weight tiles.
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+    const TileConfig cfg = TileConfig::full(8);
     _tile_loadconfig(&cfg);
     alignas(64) float res[32 * 32];
     for (int64_t bi = b0; bi < b1; ++bi) {
