@@ -246,6 +246,13 @@ int64_t amx_frame_line_row(const AmxConvFrame& g, int64_t line) {
   return g.row(n, d, h, 0);
 }
 
+void fill_amx_frame(const c10::BFloat16* src, const AmxConvFrame& g, int64_t c, c10::BFloat16* frame) {
+  at::parallel_for(0, g.N * g.D * g.H, 16, [&](int64_t l0, int64_t l1) {
+    for (int64_t line = l0; line < l1; ++line)
+      std::memcpy(frame + amx_frame_line_row(g, line) * c, src + line * g.W * c, sizeof(c10::BFloat16) * g.W * c);
+  });
+}
+
 at::Tensor zero_amx_frame(const AmxConvFrame& g, int64_t cin) {
   at::Tensor t = empty_mapped({g.rows(), cin}, at::TensorOptions().dtype(at::kBFloat16), at::MemoryFormat::Contiguous,
                               OnFree::kUnmap);
@@ -285,10 +292,8 @@ at::Tensor own_conv3x3_bf16(const at::Tensor& a, const at::Tensor& b, bool input
   const auto fmt = dims == 3 ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::ChannelsLast;
   const at::Tensor A = a.contiguous(fmt);
   const at::Tensor frame = zero_amx_frame(g, cin);
-  const c10::BFloat16* src = A.data_ptr<c10::BFloat16>();
   c10::BFloat16* dst = frame.data_ptr<c10::BFloat16>();
-  for (int64_t line = 0; line < g.N * g.D * g.H; ++line)
-    std::memcpy(dst + amx_frame_line_row(g, line) * cin, src + line * g.W * cin, sizeof(c10::BFloat16) * g.W * cin);
+  fill_amx_frame(A.data_ptr<c10::BFloat16>(), g, cin, dst);
   std::vector<int64_t> os = a.sizes().vec();
   os[1] = cout;
   at::Tensor out = at::empty(os, a.options().memory_format(fmt));
@@ -367,12 +372,7 @@ std::vector<double> own_conv3x3_bf16_times_op(const at::Tensor& x, const at::Ten
   const at::Tensor wb = w.to(at::kBFloat16).contiguous(fmt);
   const at::Tensor fx = zero_amx_frame(g, C), fd = zero_amx_frame(g, K);
   auto fill = [&](const at::Tensor& src, const at::Tensor& frame, int64_t c) {
-    const c10::BFloat16* sp = src.data_ptr<c10::BFloat16>();
-    c10::BFloat16* fp = frame.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, g.N * g.D * g.H, 16, [&](int64_t l0, int64_t l1) {
-      for (int64_t line = l0; line < l1; ++line)
-        std::memcpy(fp + amx_frame_line_row(g, line) * c, sp + line * g.W * c, sizeof(c10::BFloat16) * g.W * c);
-    });
+    fill_amx_frame(src.data_ptr<c10::BFloat16>(), g, c, frame.data_ptr<c10::BFloat16>());
   };
   fill(X, fx, C);
   at::Tensor out = at::empty(D.sizes(), D.options().memory_format(fmt));

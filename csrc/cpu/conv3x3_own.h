@@ -58,6 +58,9 @@ AmxConvFrame amx_conv_frame(int64_t N, int64_t D, int64_t H, int64_t W, int64_t 
 int64_t amx_frame_line_row(const AmxConvFrame& g, int64_t line);
 // A bfloat16 [g.rows(), cin] frame, zero; from the mapped pool, returned to the OS when freed.
 at::Tensor zero_amx_frame(const AmxConvFrame& g, int64_t cin);
+// g's samples' dense rows src ([pixels, c], channels_last order) into the frame's interior (its padding untouched);
+// on the intra-op threads.
+void fill_amx_frame(const c10::BFloat16* src, const AmxConvFrame& g, int64_t c, c10::BFloat16* frame);
 
 // The lines a window of output lines reads beyond its ends: one (the rows above and below) in 2-D, a slice and
 // one line (the depth neighbours) in 3-D.

@@ -166,9 +166,9 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
       v2 = layer_stat<F>(false, var2, rv2, l, keep);
     }
     fold_channels<F>(inter, gamma2.data_ptr<F>(), beta2.data_ptr<F>(), mu2, v2, eps, a2.data(), bb2.data(), is2.data());
+    const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;  // BN2's slopes (LeakyReLU / PReLU blocks)
     if (!own && !own_bf16) {  // (ours: per window of lines or samples, below)
       RECORD_FUNCTION("dnf_cpu::bn2_relu", {});
-      const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
       if (v_float) {
         bn_relu_out<T, F>(Y, M, inter, a2.data(), bb2.data(), v.data_ptr<F>(), s2);
       } else {
@@ -180,7 +180,6 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
         const Tensor w = w2[l].contiguous();
         const Conv3x3Weight P = conv3x3_pack_forward(w.data_ptr<float>(), g.k, inter, frame.taps());
         float* Vs = v.data_ptr<float>();
-        const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
         for (int64_t l0 = 0; l0 < frame.lines(); l0 += window) {
           const int64_t l1 = std::min(frame.lines(), l0 + window);
           const int64_t s0 = std::max<int64_t>(0, l0 - halo), s1 = std::min(frame.lines(), l1 + halo);
@@ -195,10 +194,6 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
           RECORD_FUNCTION("dnf_cpu::conv3x3", {});
           own_conv3x3_lines(Vs, frame, P, X + l0 * g.W * Ct + c, Ct, l0, l1, s0);
         }
-        if (mask.has_value() && mask->defined()) {
-          Tensor cols = buffer.narrow(1, c, g.k);
-          cols.copy_(apply_dropout(cols, mask, l, g.k, p));
-        }
       }
     }
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
@@ -206,7 +201,6 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
         const Tensor w = w2[l].to(at::kFloat).contiguous();  // the float32 master (a bfloat16 weight: exact)
         const AmxConvWeight P = amx_conv3x3_pack(w.data_ptr<float>(), g.k, inter, frame.taps());
         T* Vb = v.data_ptr<T>();
-        const F* s2 = S ? S + slope_offset(g, l) + c : nullptr;
         const int64_t sample_lines = g.D * g.H;
         for (int64_t n0 = 0; n0 < g.N; n0 += bframe.N) {
           AmxConvFrame win = bframe;
@@ -223,11 +217,11 @@ void forward_impl(const BlockGeometry& g, Tensor& buffer, TensorList g1, TensorL
           RECORD_FUNCTION("dnf_cpu::conv3x3", {});
           amx_conv3x3_frame(Vb, win, P, X + n0 * sample_lines * g.W * Ct + c, Ct);
         }
-        if (mask.has_value() && mask->defined()) {
-          Tensor cols = buffer.narrow(1, c, g.k);
-          cols.copy_(apply_dropout(cols, mask, l, g.k, p));
-        }
       }
+    }
+    if ((own || own_bf16) && mask.has_value() && mask->defined()) {  // our kernels wrote the columns: scaled in place
+      Tensor cols = buffer.narrow(1, c, g.k);
+      cols.copy_(apply_dropout(cols, mask, l, g.k, p));
     }
     if (!own && !own_bf16) {
       const Tensor W2 = conv3x3_weight(w2[l], buffer.scalar_type(), g.dims, ConvPass::kForward);
@@ -490,7 +484,8 @@ class BlockBackward {
     const at::ScalarType st = buffer_.scalar_type();
     const Tensor W2 = own_input_grad_ || own_bf16_input_grad_
         ? Tensor() : conv3x3_weight(op_.w2[l], st, geom_.dims, ConvPass::kInputGrad);
-    const Tensor d = own_input_grad_ || own_weight_grad_ ? dout.contiguous(cl_format(geom_.dims)) : Tensor();
+    const Tensor d = own_input_grad_ || own_weight_grad_ || own_bf16_input_grad_
+        ? dout.contiguous(cl_format(geom_.dims)) : Tensor();
     // The weight gradient first: the input gradient's stage 3 writes dz over V_.
     if (own_weight_grad_) {  // our kernel (conv3x3_own.h) on V_ and dout's dense rows
       RECORD_FUNCTION("dnf_cpu::conv3x3_weight_grad", {});
@@ -524,14 +519,9 @@ class BlockBackward {
       if (own_bf16_input_grad_) {
         // dV over V_ (stage 3 recomputes V from Y), then dz over dV row by row, as the float32 kernel's path
         RECORD_FUNCTION("dnf_cpu::conv3x3_input_grad", {});
-        const Tensor d = dout.contiguous(cl_format(geom_.dims));
-        const T* dp = d.data_ptr<T>();
         T* fp = dout_frame_.data_ptr<T>();
-        const int64_t k = geom_.k, W = geom_.W;
-        at::parallel_for(0, geom_.N * geom_.D * geom_.H, 16, [&](int64_t l0, int64_t l1) {
-          for (int64_t line = l0; line < l1; ++line)
-            std::memcpy(fp + amx_frame_line_row(bframe_, line) * k, dp + line * W * k, sizeof(T) * W * k);
-        });
+        const int64_t k = geom_.k;
+        fill_amx_frame(d.data_ptr<T>(), bframe_, k, fp);
         const Tensor w = op_.w2[l].to(at::kFloat).contiguous();  // the float32 master (a bfloat16 weight: exact)
         amx_conv3x3_frame(fp, bframe_, amx_conv3x3_pack_input_grad(w.data_ptr<float>(), k, geom_.inter, frame_.taps()),
                           V_.data_ptr<T>(), geom_.inter);

@@ -123,10 +123,8 @@ void column_moments(const T* x, int64_t rows, int64_t ld, int64_t c0, int64_t wi
   const int64_t chunk = reduce_chunk<T>(rows), nchunks = (rows + chunk - 1) / chunk;
   // per chunk: the sum of its values, and of their squared deviations from its mean rounded to F (mu_c below)
   std::vector<acc_t> sums(nchunks * width), m2s(nchunks * width);
-  auto center = [&](int64_t ch, int64_t j) {
-    const int64_t n = std::min(rows, (ch + 1) * chunk) - ch * chunk;
-    return static_cast<F>(sums[ch * width + j] / acc_t(n));
-  };
+  auto rows_in = [&](int64_t ch) { return std::min(rows, (ch + 1) * chunk) - ch * chunk; };
+  auto center = [&](int64_t ch, int64_t j) { return static_cast<F>(sums[ch * width + j] / acc_t(rows_in(ch))); };
   at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
     std::vector<chunk_t> s(width);
     std::vector<F> mu(width);
@@ -161,7 +159,7 @@ void column_moments(const T* x, int64_t rows, int64_t ld, int64_t c0, int64_t wi
     // sum (x - m)^2 = sum (x - mu_c)^2 + 2 (mu_c - m) sum (x - mu_c) + n_c (mu_c - m)^2, chunk by chunk
     acc_t m2 = 0;
     for (int64_t ch = 0; ch < nchunks; ++ch) {
-      const acc_t n = acc_t(std::min(rows, (ch + 1) * chunk) - ch * chunk);
+      const acc_t n = acc_t(rows_in(ch));
       const acc_t mu_c = static_cast<acc_t>(center(ch, j)), dm = mu_c - m;
       m2 += m2s[ch * width + j] + 2 * dm * (sums[ch * width + j] - n * mu_c) + n * dm * dm;
     }
